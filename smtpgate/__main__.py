@@ -1,0 +1,3 @@
+from smtpgate.cli import main
+
+raise SystemExit(main())

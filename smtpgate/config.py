@@ -1,0 +1,438 @@
+"""config - the effective configuration: defaults, then a TOML file, then the environment.
+
+SYNOPSIS
+    load(environ=os.environ) -> Config
+    Config.describe() -> list[tuple[str, str, str]]     (key, value shown, source)
+    ConfigError(setting, message)
+
+DESCRIPTION
+    Every setting has one name used three ways: the TOML key (`greet_wait`),
+    the environment variable (`SMTPGATE_GREET_WAIT`), and the field of
+    `Config`. The seed image's variables keep their own names (REDIS,
+    HOSTNAME, DOMAIN, LETSENCRYPT, DOVECOT, TIMEZONE, RSPAMD).
+
+    Precedence: the defaults below, then the TOML file named by
+    SMTPGATE_CONFIG, then the environment. A bad value raises ConfigError
+    naming the setting the way the user wrote it (the variable or the key)
+    and what is wrong with it; nothing is half-loaded.
+
+    Settings named after Postfix keep Postfix's meaning and default
+    (greet_wait ~ postscreen_greet_wait, message_size_limit, ...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A setting has a value smtpgate cannot use."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+# --- value parsers: text (or a TOML value) in, typed value out, ValueError with a reason --------
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("is empty")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r} has no closing ']'")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not host:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"{text!r} is not host:port (write IPv6 as [addr]:port)")
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} is not host:port")
+        return HostPort(_check_host(host, text), default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return HostPort(_check_host(host, text), int(port_text))
+
+
+def _check_host(host: str, text: str) -> str:
+    if not host or any(c.isspace() or c in "/@," for c in host):
+        raise ValueError(f"{text!r} is not host:port")
+    return host
+
+
+def parse_listen(value: Any, default_port: int) -> tuple[HostPort, ...]:
+    """Comma-separated listen addresses; an empty value turns the listener off."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return tuple(parse_hostport(i, default_port) for i in (str(i).strip() for i in items) if i)
+
+
+def parse_hostport_list(value: Any, default_port: int) -> tuple[HostPort, ...]:
+    return parse_listen(value, default_port)
+
+
+def parse_networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    nets = []
+    for item in items:
+        text = str(item).strip()
+        if text.startswith("["):  # Postfix writes [::1]/128
+            text = text[1:].replace("]", "", 1)
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network") from None
+    return tuple(nets)
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "true", "on"):
+        return True
+    if text in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{value!r} is not yes or no")
+
+
+def int_between(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a whole number")
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if number < low or (high is not None and number > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"{number} is out of range ({bound})")
+        return number
+
+    return parse
+
+
+def seconds(low: float = 0.0, high: float | None = None) -> Callable[[Any], float]:
+    """Seconds, with Postfix's unit letters allowed: 6s, 5m, 1h, 1d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def parse(value: Any) -> float:
+        text = str(value).strip().lower()
+        scale = 1
+        if text and text[-1] in units:
+            text, scale = text[:-1], units[text[-1]]
+        try:
+            number = float(text) * scale
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration (seconds, or 6s, 5m, 1h, 1d)") from None
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"{value!r} is out of range ({low} to {high} seconds)")
+        return number
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def text(value: Any) -> str:
+    return str(value).strip()
+
+
+def optional_path(value: Any) -> str:
+    return str(value).strip()
+
+
+def parse_redis_url(value: Any) -> str:
+    """REDIS: host, host:port, or a redis://, rediss://, unix:// URL; returned as a URL."""
+    raw = str(value).strip()
+    if not raw:
+        raise ValueError("is empty")
+    if "://" in raw:
+        scheme = raw.split("://", 1)[0].lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{raw!r}: scheme {scheme!r} is not redis, rediss or unix")
+        if len(raw.split("://", 1)[1]) == 0:
+            raise ValueError(f"{raw!r} names no server")
+        return raw
+    hp = parse_hostport(raw, 6379)
+    return f"redis://{hp}/0"
+
+
+def parse_dnsbl_sites(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    sites = tuple(str(i).strip() for i in items if str(i).strip())
+    from smtpgate.dnsbl_sites import parse_sites  # the grammar lives with the DNSBL check
+
+    parse_sites(" ".join(sites))
+    return sites
+
+
+def parse_reply_map(value: Any) -> dict[str, str]:
+    """DNSBL zone names as shown in replies: `key.zen.dq.spamhaus.net=zen.spamhaus.org`."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    result = {}
+    for item in str(value).replace(",", " ").split():
+        zone, sep, shown = item.partition("=")
+        if not sep or not zone or not shown:
+            raise ValueError(f"{item!r} is not zone=shown-name")
+        result[zone] = shown
+    return result
+
+
+# --- the settings ------------------------------------------------------------------------------
+
+_ACTIONS = ("ignore", "enforce", "drop")
+
+
+def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None = None) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc, "env": env})
+
+
+SECRET_FIELDS = frozenset({"redis"})
+
+
+@dataclass(frozen=True)
+class Config:
+    # the seed image's environment
+    redis: str = setting(
+        "redis://127.0.0.1:6379/0", parse_redis_url,
+        "Redis: host, host:port, or redis://, rediss:// (TLS), unix:// URL", env="REDIS")
+    hostname: str = setting(
+        "", text, "name in the banner and EHLO reply (default: this host's FQDN)", env="HOSTNAME")
+    domain: str = setting("", text, "the mail domain (default: hostname)", env="DOMAIN")
+    letsencrypt: str = setting(
+        "", text, "folder under /etc/letsencrypt/live holding fullchain.pem and privkey.pem",
+        env="LETSENCRYPT")
+    dovecot: str = setting("127.0.0.1", text, "host of Dovecot's auth service", env="DOVECOT")
+    timezone: str = setting("", text, "time zone for log time stamps", env="TIMEZONE")
+
+    # listeners and the next hop
+    next_hop: HostPort = setting(
+        HostPort("127.0.0.1", 10025), lambda v: parse_hostport(v, 25),
+        "Postfix smtpd that receives accepted mail with XCLIENT, host:port")
+    mx_listen: tuple[HostPort, ...] = setting(
+        (HostPort("0.0.0.0", 25),), lambda v: parse_listen(v, 25),
+        "MX listeners, comma-separated host:port; empty turns it off")
+    submission_listen: tuple[HostPort, ...] = setting(
+        (HostPort("0.0.0.0", 587),), lambda v: parse_listen(v, 587),
+        "submission listeners (STARTTLS required before AUTH); empty turns it off")
+    submissions_listen: tuple[HostPort, ...] = setting(
+        (), lambda v: parse_listen(v, 465), "implicit-TLS submission listeners (465); off by default")
+    submission_next_hop: HostPort | None = setting(
+        None, lambda v: parse_hostport(v, 25) if str(v).strip() else None,
+        "Postfix service for authenticated submission (default: next_hop)")
+    metrics_listen: tuple[HostPort, ...] = setting(
+        (HostPort("127.0.0.1", 9425),), lambda v: parse_listen(v, 9425),
+        "HTTP listener for /metrics and /healthz; empty turns it off")
+    workers: int = setting(0, int_between(0, 256), "worker processes; 0 means one per CPU")
+    proxy_protocol: str = setting(
+        "off", one_of("off", "v1", "v2", "auto"), "PROXY protocol on the listeners")
+    proxy_trusted: tuple[IPNetwork, ...] = setting(
+        (), parse_networks, "networks allowed to send a PROXY header")
+
+    # TLS
+    tls_cert: str = setting("", optional_path, "PEM certificate chain (overrides LETSENCRYPT)")
+    tls_key: str = setting("", optional_path, "PEM private key (overrides LETSENCRYPT)")
+    tls_optional: bool = setting(
+        False, parse_bool, "start without STARTTLS (with a warning) when no certificate is readable")
+
+    # lookups
+    nameservers: tuple[HostPort, ...] = setting(
+        (), lambda v: parse_hostport_list(v, 53), "DNS resolvers host[:port]; empty: the system's")
+    dns_timeout: float = setting(5.0, seconds(0.1, 60), "time limit for one DNS lookup")
+    redis_timeout: float = setting(2.0, seconds(0.05, 60), "time limit for one Redis round trip")
+
+    # postscreen's knobs
+    mynetworks: tuple[IPNetwork, ...] = setting(
+        tuple(parse_networks("127.0.0.0/8 [::1]/128")), parse_networks,
+        "networks trusted like Postfix's mynetworks (permit at every stage)")
+    greet_wait: float = setting(6.0, seconds(0, 60), "postscreen_greet_wait: pregreet window")
+    greet_action: str = setting("enforce", one_of(*_ACTIONS), "postscreen_greet_action")
+    greet_ttl: float = setting(86400.0, seconds(0), "postscreen_greet_ttl: a pass is cached this long")
+    access_reject_action: str = setting(
+        "drop", one_of(*_ACTIONS), "postscreen_denylist_action for PSA reject and static denies")
+    dnsbl_sites: tuple[str, ...] = setting(
+        (), parse_dnsbl_sites, "postscreen_dnsbl_sites: zone=filter*weight, space-separated")
+    dnsbl_threshold: int = setting(1, int_between(1), "postscreen_dnsbl_threshold")
+    dnsbl_allowlist_threshold: int = setting(
+        0, int_between(-1000, 0), "postscreen_dnsbl_allowlist_threshold (negative; 0 is off)")
+    dnsbl_action: str = setting("drop", one_of(*_ACTIONS), "postscreen_dnsbl_action")
+    dnsbl_timeout: float = setting(10.0, seconds(0.1, 60), "postscreen_dnsbl_timeout")
+    dnsbl_reply_map: dict[str, str] = setting(
+        {}, parse_reply_map, "zone names to show in replies instead of the queried ones")
+    pipelining_action: str = setting("enforce", one_of(*_ACTIONS), "postscreen_pipelining_action")
+    non_smtp_command_action: str = setting(
+        "drop", one_of(*_ACTIONS), "postscreen_non_smtp_command_action")
+    bare_newline_action: str = setting("ignore", one_of(*_ACTIONS), "postscreen_bare_newline_action")
+    client_connection_count_limit: int = setting(
+        50, int_between(0), "concurrent sessions per client (0: no limit)")
+    client_connection_rate_limit: int = setting(
+        0, int_between(0), "new sessions per client per minute (0: no limit)")
+    connection_limit: int = setting(
+        10000, int_between(1), "sessions in flight across all processes, then 421 4.3.2")
+    ipv6_prefix: int = setting(64, int_between(1, 128), "IPv6 clients are counted per this prefix")
+
+    # smtpd's restrictions
+    smtpd_delay_reject: bool = setting(True, parse_bool, "report client and HELO rejects at RCPT")
+    unknown_client_reject_code: int = setting(
+        450, int_between(400, 599), "reject_unknown_client_hostname code")
+    unknown_helo_reject_code: int = setting(
+        450, int_between(400, 599), "reject_unknown_helo_hostname code")
+    sender_login_check: bool = setting(True, parse_bool, "reject_sender_login_mismatch on submission")
+
+    # protocol limits (Postfix's names and defaults)
+    message_size_limit: int = setting(26214400, int_between(0), "largest message in bytes (0: none)")
+    smtpd_timeout: float = setting(300.0, seconds(1, 3600), "idle time limit per command")
+    smtpd_recipient_limit: int = setting(1000, int_between(1), "recipients per message")
+    smtpd_soft_error_limit: int = setting(10, int_between(1), "errors before replies slow down")
+    smtpd_hard_error_limit: int = setting(20, int_between(1), "errors before 421 and close")
+    line_length_limit: int = setting(2048, int_between(512), "longest command line in bytes")
+    next_hop_timeout: float = setting(
+        300.0, seconds(1, 600), "time limit for one reply from the next hop")
+    auth_failure_limit: int = setting(
+        5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(setting, value as shown, where it came from) for check-config; secrets masked."""
+        rows = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = _show(value)
+            if f.name in SECRET_FIELDS:
+                shown = mask_secret(shown)
+            rows.append((f.name, shown, self._sources.get(f.name, "default")))
+        return rows
+
+    @property
+    def _sources(self) -> dict[str, str]:
+        return getattr(self, "_source_map", {})
+
+    @property
+    def tls_paths(self) -> tuple[str, str] | None:
+        if self.tls_cert or self.tls_key:
+            return self.tls_cert, self.tls_key
+        if self.letsencrypt:
+            base = f"/etc/letsencrypt/live/{self.letsencrypt}"
+            return f"{base}/fullchain.pem", f"{base}/privkey.pem"
+        return None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
+
+
+def mask_secret(url: str) -> str:
+    """Hide a password in a URL: redis://:secret@host -> redis://:***@host."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _ = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ':***' if user else ''}@{host}"
+
+
+def env_name(f_name: str, f_env: str | None) -> str:
+    return f_env or f"SMTPGATE_{f_name.upper()}"
+
+
+def load(environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    specs = {f.name: f for f in fields(Config)}
+
+    path = environ.get("SMTPGATE_CONFIG", "").strip()
+    if path:
+        for key, raw in _read_toml(path).items():
+            if key not in specs:
+                raise ConfigError(f"{path}: {key}", "unknown setting")
+            values[key] = _parse(specs[key], raw, f"{path}: {key}")
+            sources[key] = path
+
+    for name, spec in specs.items():
+        var = env_name(name, spec.metadata["env"])
+        if var in environ:
+            values[name] = _parse(spec, environ[var], var)
+            sources[name] = "environment"
+
+    if not values.get("hostname"):
+        values["hostname"] = socket.getfqdn()
+    if not values.get("domain"):
+        values["domain"] = values["hostname"]
+    _check_tls_pair(values)
+    config = Config(**values)
+    object.__setattr__(config, "_source_map", sources)
+    return config
+
+
+def _parse(spec: Any, raw: Any, label: str) -> Any:
+    try:
+        return spec.metadata["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(label, str(exc)) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("SMTPGATE_CONFIG", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("SMTPGATE_CONFIG", f"{path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "dnsbl_reply_map":
+            flat.update(value)  # sections are for readability only
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_tls_pair(values: dict[str, Any]) -> None:
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        missing = "SMTPGATE_TLS_KEY" if values.get("tls_cert") else "SMTPGATE_TLS_CERT"
+        raise ConfigError(missing, "must be set together with its pair (cert and key)")

@@ -1,0 +1,55 @@
+"""verdict - what a check decides, and the SMTP reply that carries it.
+
+SYNOPSIS
+    Reply(code, status, text)            str(reply) == "550 5.1.1 text"
+    Outcome.PERMIT | PASS | FAIL | SKIP
+    Verdict(check, outcome, reply=None, reason="", ttl=0.0)
+
+DESCRIPTION
+    Every check is a pure function returning a Verdict. PERMIT means an
+    explicit allow (a `permit` key): later checks of the same class are
+    skipped. PASS means the check found nothing wrong. FAIL carries the
+    reply to send; a 4xx reply is a temporary failure. SKIP means the check
+    did not apply (not configured, trusted client). `reason` is the evidence
+    for the log and `smtpgate explain` (which key, which zone and answer);
+    `ttl` is how long a pass may be cached, 0 for not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+class Outcome(StrEnum):
+    PERMIT = "permit"
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    check: str
+    outcome: Outcome
+    reply: Reply | None = None
+    reason: str = ""
+    ttl: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome is Outcome.FAIL
