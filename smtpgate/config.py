@@ -203,17 +203,17 @@ def parse_dnsbl_sites(value: Any) -> tuple[str, ...]:
     return sites
 
 
-def parse_reply_map(value: Any) -> dict[str, str]:
+def parse_reply_map(value: Any) -> tuple[tuple[str, str], ...]:
     """DNSBL zone names as shown in replies: `key.zen.dq.spamhaus.net=zen.spamhaus.org`."""
     if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
+        return tuple((str(k), str(v)) for k, v in value.items())
     result = {}
     for item in str(value).replace(",", " ").split():
         zone, sep, shown = item.partition("=")
         if not sep or not zone or not shown:
             raise ValueError(f"{item!r} is not zone=shown-name")
         result[zone] = shown
-    return result
+    return tuple(result.items())
 
 
 # --- the settings ------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ class Config:
         "", text, "folder under /etc/letsencrypt/live holding fullchain.pem and privkey.pem",
         env="LETSENCRYPT")
     dovecot: str = setting("127.0.0.1", text, "host of Dovecot's auth service", env="DOVECOT")
+    dovecot_auth_port: int = setting(11330, int_between(1, 65535), "port of Dovecot's auth service")
     timezone: str = setting("", text, "time zone for log time stamps", env="TIMEZONE")
 
     # listeners and the next hop
@@ -254,7 +255,8 @@ class Config:
         (HostPort("0.0.0.0", 587),), lambda v: parse_listen(v, 587),
         "submission listeners (STARTTLS required before AUTH); empty turns it off")
     submissions_listen: tuple[HostPort, ...] = setting(
-        (), lambda v: parse_listen(v, 465), "implicit-TLS submission listeners (465); off by default")
+        (), lambda v: parse_listen(v, 465),
+        "implicit-TLS submission listeners (465); off by default")
     submission_next_hop: HostPort | None = setting(
         None, lambda v: parse_hostport(v, 25) if str(v).strip() else None,
         "Postfix service for authenticated submission (default: next_hop)")
@@ -271,7 +273,8 @@ class Config:
     tls_cert: str = setting("", optional_path, "PEM certificate chain (overrides LETSENCRYPT)")
     tls_key: str = setting("", optional_path, "PEM private key (overrides LETSENCRYPT)")
     tls_optional: bool = setting(
-        False, parse_bool, "start without STARTTLS (with a warning) when no certificate is readable")
+        False, parse_bool,
+        "start without STARTTLS (with a warning) when no certificate is readable")
 
     # lookups
     nameservers: tuple[HostPort, ...] = setting(
@@ -285,7 +288,8 @@ class Config:
         "networks trusted like Postfix's mynetworks (permit at every stage)")
     greet_wait: float = setting(6.0, seconds(0, 60), "postscreen_greet_wait: pregreet window")
     greet_action: str = setting("enforce", one_of(*_ACTIONS), "postscreen_greet_action")
-    greet_ttl: float = setting(86400.0, seconds(0), "postscreen_greet_ttl: a pass is cached this long")
+    greet_ttl: float = setting(
+        86400.0, seconds(0), "postscreen_greet_ttl: a pass is cached this long")
     access_reject_action: str = setting(
         "drop", one_of(*_ACTIONS), "postscreen_denylist_action for PSA reject and static denies")
     dnsbl_sites: tuple[str, ...] = setting(
@@ -295,12 +299,13 @@ class Config:
         0, int_between(-1000, 0), "postscreen_dnsbl_allowlist_threshold (negative; 0 is off)")
     dnsbl_action: str = setting("drop", one_of(*_ACTIONS), "postscreen_dnsbl_action")
     dnsbl_timeout: float = setting(10.0, seconds(0.1, 60), "postscreen_dnsbl_timeout")
-    dnsbl_reply_map: dict[str, str] = setting(
-        {}, parse_reply_map, "zone names to show in replies instead of the queried ones")
+    dnsbl_reply_map: tuple[tuple[str, str], ...] = setting(
+        (), parse_reply_map, "zone names to show in replies instead of the queried ones")
     pipelining_action: str = setting("enforce", one_of(*_ACTIONS), "postscreen_pipelining_action")
     non_smtp_command_action: str = setting(
         "drop", one_of(*_ACTIONS), "postscreen_non_smtp_command_action")
-    bare_newline_action: str = setting("ignore", one_of(*_ACTIONS), "postscreen_bare_newline_action")
+    bare_newline_action: str = setting(
+        "ignore", one_of(*_ACTIONS), "postscreen_bare_newline_action")
     client_connection_count_limit: int = setting(
         50, int_between(0), "concurrent sessions per client (0: no limit)")
     client_connection_rate_limit: int = setting(
@@ -315,10 +320,12 @@ class Config:
         450, int_between(400, 599), "reject_unknown_client_hostname code")
     unknown_helo_reject_code: int = setting(
         450, int_between(400, 599), "reject_unknown_helo_hostname code")
-    sender_login_check: bool = setting(True, parse_bool, "reject_sender_login_mismatch on submission")
+    sender_login_check: bool = setting(
+        True, parse_bool, "reject_sender_login_mismatch on submission")
 
     # protocol limits (Postfix's names and defaults)
-    message_size_limit: int = setting(26214400, int_between(0), "largest message in bytes (0: none)")
+    message_size_limit: int = setting(
+        26214400, int_between(0), "largest message in bytes (0: none)")
     smtpd_timeout: float = setting(300.0, seconds(1, 3600), "idle time limit per command")
     smtpd_recipient_limit: int = setting(1000, int_between(1), "recipients per message")
     smtpd_soft_error_limit: int = setting(10, int_between(1), "errors before replies slow down")
@@ -356,7 +363,7 @@ class Config:
 
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
-        return ", ".join(str(v) for v in value)
+        return ", ".join("=".join(v) if isinstance(v, tuple) else str(v) for v in value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, bool):

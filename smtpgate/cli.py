@@ -1,0 +1,92 @@
+"""cli - the `smtpgate` command: serve, check-config, table, explain.
+
+SYNOPSIS
+    main(argv: list[str] | None = None) -> int
+
+DESCRIPTION
+    Every command reads the effective configuration first (smtpgate.config);
+    a bad setting ends the command with exit status 1 and one line naming
+    the setting and what is wrong with it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from smtpgate import __version__
+from smtpgate.config import ConfigError, load
+
+
+class PostfixStyleFormatter(logging.Formatter):
+    """`Nov 25 15:00:01 smtpgate/smtpd[123]: connect from ...`, as Postfix writes its log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
+        component = record.name.rsplit(".", 1)[-1] if "." in record.name else record.name
+        return f"{stamp} smtpgate/{component}[{record.process}]: {record.getMessage()}"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PostfixStyleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="smtpgate", description=__doc__.split("\n")[0])
+    top.add_argument("--version", action="version", version=f"smtpgate {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the listeners until SIGTERM")
+    sub.add_parser("check-config", help="print the effective configuration")
+    table = sub.add_parser("table", help="get, set, delete or list Redis table keys")
+    table.add_argument("args", nargs=argparse.REMAINDER,
+                       help="get|set|del|list PREFIX [KEY [VALUE]]")
+    explain = sub.add_parser("explain", help="run the policy as a dry run for a client")
+    explain.add_argument("--ip", required=True)
+    explain.add_argument("--helo")
+    explain.add_argument("--from", dest="sender")
+    explain.add_argument("--rcpt", action="append", default=[])
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load()
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        return check_config(config)
+    if args.command == "serve":
+        setup_logging()
+        from smtpgate.server import serve
+        from smtpgate.tls import TlsError
+
+        try:
+            return serve(config)
+        except (TlsError, OSError) as exc:
+            print(f"smtpgate: fatal: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "table":
+        from smtpgate.table_cli import run
+
+        return run(args.args, config)
+    if args.command == "explain":
+        from smtpgate.explain import run as explain
+
+        return explain(args, config)
+    return 2
+
+
+def check_config(config) -> int:
+    rows = config.describe()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}} = {value}" + (f"    # {source}" if source != "default" else ""))
+    return 0

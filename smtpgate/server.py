@@ -1,0 +1,190 @@
+"""server - the listeners, the worker processes, and the shutdown and reload phases.
+
+SYNOPSIS
+    Gate(config, tls, policy, auth)             the runtime state every session shares
+    await build_gate(config) -> Gate
+    await start_listeners(gate) -> list[asyncio.Server]
+    serve(config) -> int                        run until SIGTERM; the `serve` command
+
+DESCRIPTION
+    One process per worker (SMTPGATE_WORKERS, default one per CPU); every
+    worker binds the same ports with SO_REUSEPORT and the kernel spreads
+    connections between them. The parent only supervises: it forwards
+    SIGTERM and SIGHUP to the workers and restarts one that died.
+
+    SIGTERM: stop accepting, let sessions in flight finish for up to
+    drain_grace seconds, then tell the rest 421 and close. SIGHUP: reload
+    the TLS certificate (new sessions get it; running ones keep theirs).
+
+    "smtpgate: ready" is written to stderr once every listener is bound,
+    for scripts and tests that wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpgate.config import Config, HostPort
+from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
+from smtpgate.tls import TlsProvider, load_tls
+
+log = logging.getLogger("smtpgate.master")
+
+DRAIN_GRACE = 30.0
+
+
+@dataclass
+class Gate:
+    config: Config
+    tls: TlsProvider | None
+    policy: Any
+    auth: Any = None
+    sessions: set[Session] = field(default_factory=set)
+    draining: bool = False
+
+
+async def build_gate(config: Config) -> Gate:
+    from smtpgate.policy import Policy
+
+    tls = load_tls(config)
+    policy = await Policy.create(config)
+    auth = None
+    if config.submission_listen or config.submissions_listen:
+        from smtpgate.dovecot_auth import DovecotAuth
+
+        auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
+    return Gate(config=config, tls=tls, policy=policy, auth=auth)
+
+
+def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
+    """A context for port 465 that hands each handshake the provider's current certificate."""
+    base = provider.context()
+
+    def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = provider.context()
+
+    base.sni_callback = pick
+    return base
+
+
+async def start_listeners(gate: Gate) -> list[asyncio.Server]:
+    config = gate.config
+    plan: list[tuple[str, HostPort]] = [(MX, a) for a in config.mx_listen]
+    plan += [(SUBMISSION, a) for a in config.submission_listen]
+    if config.submissions_listen and gate.tls is None:
+        raise OSError("SMTPGATE_SUBMISSIONS_LISTEN needs a TLS certificate")
+    plan += [(SUBMISSIONS, a) for a in config.submissions_listen]
+    servers = []
+    for kind, address in plan:
+        def handler(reader, writer, kind=kind):
+            return Session(gate, reader, writer, kind).run()
+
+        tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
+        try:
+            server = await asyncio.start_server(
+                handler, address.host, address.port, reuse_port=True, backlog=1024,
+                limit=65536, ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
+        except OSError as exc:
+            for started in servers:
+                started.close()
+            raise OSError(f"cannot listen on {address} ({kind}): {exc.strerror or exc}") from None
+        servers.append(server)
+        log.info("listening on %s (%s)", address, kind)
+    return servers
+
+
+async def run_worker(config: Config) -> int:
+    gate = await build_gate(config)
+    servers = await start_listeners(gate)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: gate.tls and gate.tls.reload_if_changed())
+    print("smtpgate: ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    gate.draining = True
+    for server in servers:
+        server.close()
+    log.info("stopping: %d sessions in flight", len(gate.sessions))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_GRACE):
+            while gate.sessions:
+                await asyncio.sleep(0.1)
+    await gate.policy.close()
+    return 0
+
+
+def serve(config: Config) -> int:
+    workers = config.workers or os.cpu_count() or 1
+    if workers == 1:
+        return _run_loop(config)
+    return _supervise(config, workers)
+
+
+def _run_loop(config: Config) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        return asyncio.run(run_worker(config))
+    if os.environ.get("SMTPGATE_UVLOOP", "yes").lower() in ("no", "0", "off"):
+        return asyncio.run(run_worker(config))
+    return uvloop.run(run_worker(config))
+
+
+def _supervise(config: Config, workers: int) -> int:
+    children: set[int] = set()
+    stopping = False
+
+    started: dict[int, float] = {}
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _run_loop(config)
+            except Exception as exc:
+                print(f"smtpgate: fatal: {exc}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        children.add(pid)
+        started[pid] = time.monotonic()
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for _ in range(workers):
+        spawn()
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        if code and not stopping and time.monotonic() - started.pop(pid, 0) < 5:
+            log.error("fatal: worker %d failed at start (status %d)", pid, code)
+            forward(signal.SIGTERM, None)
+            status = 1
+        elif code and not stopping:
+            log.warning("warning: worker %d exited with status %d; restarting", pid, code)
+            status = 1
+            spawn()
+    return 0 if stopping else status

@@ -1,0 +1,102 @@
+"""tls - the server's TLS context, renewed when the certificate files change.
+
+SYNOPSIS
+    TlsProvider(cert_path, key_path)       raises TlsError naming the path
+    provider.context() -> ssl.SSLContext   (the current one; cheap)
+    load_tls(config) -> TlsProvider | None
+
+DESCRIPTION
+    certbot renews /etc/letsencrypt/live/NAME/*.pem in place (new symlink
+    targets). context() looks at the files' modification times at most once
+    a second and builds a new context when they changed, so new sessions get
+    the new certificate without a restart; sessions already running keep
+    theirs. A renewal that leaves an unreadable or mismatched pair keeps the
+    old context and logs why.
+
+    TLS 1.2 is the lowest version offered, as the image's
+    smtpd_tls_protocols = >=TLSv1.2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+
+from smtpgate.config import Config
+
+log = logging.getLogger("smtpgate.tls")
+
+
+class TlsError(Exception):
+    pass
+
+
+def build_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    for path in (cert_path, key_path):
+        if not os.access(path, os.R_OK):
+            reason = "does not exist" if not os.path.exists(path) else "is not readable"
+            raise TlsError(f"TLS certificate file {path} {reason}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(
+            f"cannot load TLS certificate {cert_path} with key {key_path}: {exc}") from None
+    return context
+
+
+class TlsProvider:
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self._context = build_context(cert_path, key_path)
+        self._stamp = self._file_stamp()
+        self._checked = time.monotonic()
+
+    def _file_stamp(self) -> tuple[float, float]:
+        try:
+            return (os.stat(self.cert_path).st_mtime, os.stat(self.key_path).st_mtime)
+        except OSError:
+            return (0.0, 0.0)
+
+    def context(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            self.reload_if_changed()
+        return self._context
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            self._context = build_context(self.cert_path, self.key_path)
+        except TlsError as exc:
+            log.warning("warning: keeping the previous certificate: %s", exc)
+            return False
+        self._stamp = stamp
+        log.info("loaded renewed TLS certificate %s", self.cert_path)
+        return True
+
+
+def load_tls(config: Config) -> TlsProvider | None:
+    """The provider, or None when no certificate is configured and tls_optional allows it."""
+    paths = config.tls_paths
+    if paths is None:
+        if config.tls_optional:
+            log.warning("warning: no TLS certificate configured: STARTTLS is not offered")
+            return None
+        raise TlsError("no TLS certificate: set LETSENCRYPT or SMTPGATE_TLS_CERT and "
+                       "SMTPGATE_TLS_KEY (or SMTPGATE_TLS_OPTIONAL=yes to run without STARTTLS)")
+    try:
+        return TlsProvider(*paths)
+    except TlsError as exc:
+        if config.tls_optional:
+            log.warning("warning: %s: STARTTLS is not offered", exc)
+            return None
+        raise
