@@ -55,6 +55,9 @@ MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
+TOO_LONG = b"<too long>"  # a marker, compared by identity
+
+
 class Closing(Exception):
     """The session ends after the queued replies are written."""
 
@@ -167,7 +170,8 @@ class Session:
             line = await self._read_command_line()
             if line is None:
                 return
-            await self._dispatch(line)
+            if line is not TOO_LONG:
+                await self._dispatch(line)
             if self.errors >= self.config.smtpd_hard_error_limit:
                 self.reply(replies.too_many_errors(self.config.hostname))
                 return
@@ -201,10 +205,10 @@ class Session:
         except asyncio.LimitOverrunError:
             await self._discard_long_line()
             self.reply(replies.LINE_TOO_LONG)
-            return b""
+            return TOO_LONG
         if len(line) > limit:
             self.reply(replies.LINE_TOO_LONG)
-            return b""
+            return TOO_LONG
         if not line.endswith(b"\r\n"):
             self.bare_newline = True
             return line[:-1]
@@ -377,6 +381,8 @@ class Session:
             line = await self._read_command_line()
             if line is None:
                 raise Closing
+            if line is TOO_LONG:
+                return None
             text = line.decode("ascii", "replace").strip()
         if text == "*":
             self.reply(replies.AUTH_CANCELLED)

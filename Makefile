@@ -1,0 +1,20 @@
+# The two commands of the README's quick start, and the rest of the daily loop.
+.PHONY: setup run test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	.venv/bin/python scripts/local_stack.py
+
+test: setup
+	.venv/bin/ruff check smtpgate tests scripts benchmarks
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check smtpgate tests scripts benchmarks
+	.venv/bin/hadolint Dockerfile
+
+bench:
+	bash scripts/setup.sh --bench
+	.venv/bin/python -m benchmarks.run
