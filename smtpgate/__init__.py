@@ -1,3 +1,3 @@
-"""smtpgate - the internet-facing SMTP front end of a Postfix, Redis, rspamd and Dovecot mail server."""
+"""smtpgate - the internet-facing SMTP front end of a Postfix, Redis, rspamd and Dovecot server."""
 
 __version__ = "0.1.0"

@@ -260,6 +260,9 @@ class Config:
     submission_next_hop: HostPort | None = setting(
         None, lambda v: parse_hostport(v, 25) if str(v).strip() else None,
         "Postfix service for authenticated submission (default: next_hop)")
+    socketmap_listen: tuple[HostPort, ...] = setting(
+        (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
+        "Postfix socketmap service over the Redis tables; empty turns it off")
     metrics_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 9425),), lambda v: parse_listen(v, 9425),
         "HTTP listener for /metrics and /healthz; empty turns it off")
@@ -320,6 +323,11 @@ class Config:
         450, int_between(400, 599), "reject_unknown_client_hostname code")
     unknown_helo_reject_code: int = setting(
         450, int_between(400, 599), "reject_unknown_helo_hostname code")
+    unknown_address_reject_code: int = setting(
+        450, int_between(400, 599), "reject_unknown_recipient_domain code")
+    recipient_delimiter: str = setting("+", text, "recipient_delimiter for VALI/VBOX lookups")
+    allow_trusted_routing: bool = setting(
+        False, parse_bool, "let trusted clients use user%host and source-routed recipients")
     sender_login_check: bool = setting(
         True, parse_bool, "reject_sender_login_mismatch on submission")
 
@@ -428,7 +436,7 @@ def _read_toml(path: str) -> dict[str, Any]:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError("SMTPGATE_CONFIG", f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("SMTPGATE_CONFIG", f"{path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():

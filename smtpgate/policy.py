@@ -1,48 +1,561 @@
-"""policy - the checks of each stage, in order, with their facts fetched and their actions applied.
+"""policy - each stage's checks, in order: facts fetched, decisions taken, actions applied.
 
-(being built; see the stage methods)
+SYNOPSIS
+    await Policy.create(config) -> Policy
+    await policy.connect(session, banner) -> Reply | None       None: send the banner
+    await policy.helo(session) -> Reply | None
+    await policy.mail(session, path) -> Reply | None
+    await policy.rcpt(session, path) -> Reply | None             None: ask Postfix
+    await policy.data(session) -> Reply | None
+    await policy.protocol(session, test, line, pending) -> Reply | None
+    await policy.auth_allowed(session) -> Reply | None
+    await policy.authenticate(session, mechanism, plain, login) -> Reply
+    await policy.session_closed(session) ; await policy.close()
+
+DESCRIPTION
+    The checks themselves are pure (smtpgate.checks.*); this module is the
+    I/O edge around them: it asks the tables (Redis), the resolver (DNS),
+    the DNSBL querier, the screening cache and the counters, hands the
+    facts to each decide(), and turns verdicts into replies. Every verdict
+    taken is appended to session.record (the decision record).
+
+    On the MX listener, in postscreen's order at connect: connection limits,
+    the permanent access list (mynetworks, PSA), the screening cache, then
+    pregreet and DNSBL together during the greet wait. `drop` answers at
+    once and hangs up; `enforce` keeps the session and answers every RCPT
+    with the reject, so the log names sender and recipient; `ignore` logs.
+    Client (FCrDNS, REV) and HELO (HLO, DNS) restrictions are reported at
+    RCPT when smtpd_delay_reject is on (Postfix's default), else at once.
+
+    Submission listeners skip screening, FCrDNS and HELO checks; only a PSA
+    reject applies. They require AUTH before MAIL and check the sender
+    against LOGMAP.
+
+    A lookup that cannot be answered (Redis down, DNS timing out) is a
+    temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
+    permit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from smtpgate import replies
+from smtpgate.address import Path
+from smtpgate.checks import (
+    access_list,
+    client_fcrdns,
+    destination,
+    helo,
+    limits,
+    pregreet,
+    protocol,
+    recipient,
+    sender,
+    sender_login,
+)
+from smtpgate.checks import dnsbl as dnsbl_check
+from smtpgate.checks.action import hangs_up
 from smtpgate.config import Config
-from smtpgate.verdict import Reply
+from smtpgate.dnsbl import DnsblQuerier
+from smtpgate.dnsbl_sites import parse_sites
+from smtpgate.fcrdns import client_hostname, helo_facts
+from smtpgate.resolver import Resolver
+from smtpgate.screening_cache import (
+    ConnectionCounter,
+    ScreeningCache,
+    ScreeningStoreError,
+    allowlisted,
+    passed,
+)
+from smtpgate.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL, TableError, Tables
+from smtpgate.verdict import Outcome, Reply, Verdict
+
+if TYPE_CHECKING:
+    from smtpgate.session import Session
+
+log = logging.getLogger("smtpgate.policy")
+
+MX = "mx"
+SCREENING_TESTS = ("pregreet", "dnsbl")
+TEMPFAIL = "tempfail"
+
+
+class Screening:
+    """What one session's screening found, kept between stages."""
+
+    def __init__(self) -> None:
+        self.lease = None
+        self.permitted = False  # PSA permit or mynetworks: skip screening
+        self.trusted = False  # mynetworks: permit at every stage
+        self.psa_reject_enforced: Reply | None = None
+        self.rev_ip: str | None = None
+        self.fcrdns_task: asyncio.Task | None = None
+        self.helo_reject: Reply | None = None
+        self.protocol_failed: set[str] = set()
+        self.cached_passes: dict[str, float] = {}
+        self.recorded_rcpt_pass = False
 
 
 class Policy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, tables: Tables, resolver: Resolver,
+                 redis_client: aioredis.Redis) -> None:
         self.config = config
+        self.tables = tables
+        self.resolver = resolver
+        self.redis = redis_client
+        self.sites = parse_sites(" ".join(config.dnsbl_sites))
+        self.querier = DnsblQuerier(
+            resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
+            allowlist_threshold=config.dnsbl_allowlist_threshold)
+        self.cache = ScreeningCache(redis_client, timeout=config.redis_timeout)
+        self.counter = ConnectionCounter(redis_client, ipv6_prefix=config.ipv6_prefix,
+                                         timeout=config.redis_timeout)
+        self._auth_limits = None
+        self._refresher: asyncio.Task | None = None
 
     @classmethod
     async def create(cls, config: Config) -> Policy:
-        return cls(config)
-
-    async def connect(self, session, banner: str) -> Reply | None:
-        return None
-
-    async def helo(self, session) -> Reply | None:
-        return None
-
-    async def mail(self, session, sender: str) -> Reply | None:
-        return None
-
-    async def rcpt(self, session, path) -> Reply | None:
-        return None
-
-    async def data(self, session) -> Reply | None:
-        return None
-
-    async def protocol_violation(self, session, test: str, verb: str) -> None:
-        return None
-
-    async def auth_allowed(self, session, login: str | None) -> Reply | None:
-        return None
-
-    async def authenticate(self, session, mechanism: str, plain: bytes, login: str) -> Reply:
-        raise NotImplementedError
-
-    async def session_closed(self, session) -> None:
-        return None
+        tables = Tables.from_config(config)
+        await tables.start()
+        resolver = Resolver(config.nameservers, config.dns_timeout)
+        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
+        redis_client = aioredis.Redis.from_url(
+            config.redis, socket_timeout=config.redis_timeout,
+            socket_connect_timeout=config.redis_timeout,
+            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+        policy = cls(config, tables, resolver, redis_client)
+        policy._refresher = asyncio.get_running_loop().create_task(
+            policy.counter.run_refresher())
+        return policy
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.tables.close()
+        await self.redis.aclose()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _state(self, session: Session) -> Screening:
+        if session.screening is None:
+            session.screening = Screening()
+        return session.screening
+
+    def _trusted_network(self, ip: str) -> bool:
+        return access_list.decide(ip, None, mynetworks=self.config.mynetworks).outcome \
+            is Outcome.PERMIT
+
+    @staticmethod
+    def _note(session: Session, verdict: Verdict) -> Verdict:
+        session.record.append(verdict)
+        if verdict.reason and verdict.outcome is not Outcome.SKIP:
+            log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
+        return verdict
+
+    # --- connect ---------------------------------------------------------------------------
+
+    async def connect(self, session: Session, banner: str) -> Reply | None:
+        state = self._state(session)
+        ip, port = session.client_ip, session.client_port
+        state.trusted = self._trusted_network(ip)
+        try:
+            state.lease = await self.counter.connect(ip)
+            verdict = self._note(session, limits.decide(
+                ip, client_count=state.lease.client_count, client_rate=state.lease.client_rate,
+                total=state.lease.total, count_limit=self.config.client_connection_count_limit,
+                rate_limit=self.config.client_connection_rate_limit,
+                connection_limit=self.config.connection_limit,
+                hostname=self.config.hostname, exempt=state.trusted))
+            if verdict.failed:
+                return verdict.reply
+            facts = await self.tables.connect_facts(ip)
+        except (ScreeningStoreError, TableError) as exc:
+            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, session.client_label,
+                        exc)
+            return CONNECT_TEMPFAIL
+        psa = facts.psa
+        if psa is not None and psa.invalid:
+            return CONNECT_TEMPFAIL
+        state.rev_ip = facts.rev.value if facts.rev is not None else None
+        action = self.config.access_reject_action
+        verdict = self._note(session, access_list.decide(
+            ip, psa.value if psa else None, mynetworks=self.config.mynetworks, action=action,
+            psa_key=psa.key if psa else ""))
+        if verdict.outcome is Outcome.PERMIT:
+            state.permitted = True
+        elif verdict.failed:
+            if hangs_up(verdict):
+                log.info("DENYLISTED [%s]:%s", ip, port)
+                return verdict.reply
+            state.psa_reject_enforced = verdict.reply
+        if session.listener != MX:
+            return None
+        if not state.trusted:
+            state.fcrdns_task = asyncio.get_running_loop().create_task(
+                client_hostname(self.resolver, ip))
+        if state.permitted:
+            return None
+        return await self._screen(session, state, banner)
+
+    async def _screen(self, session: Session, state: Screening, banner: str) -> Reply | None:
+        ip, port = session.client_ip, session.client_port
+        config = self.config
+        try:
+            entries = await self.cache.get(ip)
+        except ScreeningStoreError as exc:
+            log.warning("warning: screening cache: %s", exc)
+            return CONNECT_TEMPFAIL
+        state.cached_passes = entries
+        now = time.time()
+        tests = [t for t in SCREENING_TESTS if self._enabled(t)]
+        if allowlisted(entries, tests, now):
+            log.info("PASS OLD [%s]:%s", ip, port)
+            return None
+        dnsbl_wanted = bool(self.sites) and not passed(entries, "dnsbl", now)
+        greet_wanted = config.greet_wait > 0 and not passed(entries, "pregreet", now)
+        settle = (asyncio.ensure_future(self.querier.settle(ip)) if dnsbl_wanted else None)
+        received, delay = b"", 0.0
+        try:
+            if greet_wanted:
+                received, delay = await self._greet_wait(session, banner, settle)
+            if settle is not None and greet_wanted and not settle.done():
+                result = self.querier.snapshot(ip)  # postscreen: the score as it stands
+            elif settle is not None:
+                result = await settle
+            else:
+                result = None
+        finally:
+            if settle is not None and not settle.done():
+                settle.cancel()
+        passes: dict[str, float] = {}
+        failed: list[str] = []
+        outcome: Reply | None = None
+        if greet_wanted:
+            verdict = self._note(session, pregreet.decide(
+                received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
+            outcome = self._apply(state, verdict, passes, failed) or outcome
+        if result is not None:
+            verdict = self._note(session, dnsbl_check.decide(
+                result, self.sites, threshold=config.dnsbl_threshold,
+                allowlist_threshold=config.dnsbl_allowlist_threshold,
+                action=config.dnsbl_action, reply_map=config.dnsbl_reply_map))
+            if verdict.outcome is Outcome.PERMIT:
+                passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
+                state.permitted = True
+            else:
+                outcome = self._apply(state, verdict, passes, failed) or outcome
+        try:
+            for test in failed:
+                await self.cache.record_fail(ip, test)
+            if passes and not failed:
+                await self.cache.record_passes(ip, passes)
+        except ScreeningStoreError as exc:
+            log.warning("warning: screening cache: %s", exc)
+        if outcome is None and not failed:
+            log.info("PASS NEW [%s]:%s", ip, port)
+        return outcome
+
+    def _enabled(self, test: str) -> bool:
+        if test == "dnsbl":
+            return bool(self.sites)
+        if test == "pregreet":
+            return self.config.greet_wait > 0
+        return True
+
+    def _apply(self, state: Screening, verdict: Verdict, passes: dict[str, float],
+               failed: list[str]) -> Reply | None:
+        """A screening verdict under its action: a reply to hang up with, or None."""
+        if verdict.outcome is Outcome.PASS:
+            if verdict.ttl:
+                passes[verdict.check] = verdict.ttl
+            elif "(action ignore)" in verdict.reason:
+                failed.append(verdict.check)
+            return None
+        if not verdict.failed:
+            return None
+        failed.append(verdict.check)
+        if hangs_up(verdict):
+            return verdict.reply
+        state.psa_reject_enforced = state.psa_reject_enforced or verdict.reply
         return None
+
+    async def _greet_wait(self, session: Session, banner: str,
+                          settle: asyncio.Future | None) -> tuple[bytes, float]:
+        """postscreen's teaser and wait: what the client said too early, and when."""
+        session.writer.write(f"220-{banner[4:]}\r\n".encode())
+        started = time.monotonic()
+        reader = session.reader
+        read = asyncio.ensure_future(reader.read(4096))
+        waiting: set[asyncio.Future] = {read}
+        if settle is not None:
+            waiting.add(settle)
+        deadline = started + self.config.greet_wait
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return b"", 0.0
+                done, _ = await asyncio.wait(waiting, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if read in done:
+                    data = read.result()
+                    if data:
+                        reader.feed_data(data)  # put it back: enforce/ignore read it as commands
+                    else:
+                        reader.feed_eof()
+                    return data, time.monotonic() - started
+                if settle is not None and settle in done:
+                    waiting.discard(settle)
+                    if self._dnsbl_decides_now(settle.result()):
+                        return b"", 0.0
+        finally:
+            if not read.done():
+                read.cancel()
+
+    def _dnsbl_decides_now(self, result) -> bool:
+        verdict = dnsbl_check.decide(
+            result, self.sites, threshold=self.config.dnsbl_threshold,
+            allowlist_threshold=self.config.dnsbl_allowlist_threshold,
+            action=self.config.dnsbl_action)
+        return verdict.outcome is Outcome.PERMIT or hangs_up(verdict)
+
+    # --- HELO ------------------------------------------------------------------------------
+
+    async def helo(self, session: Session) -> Reply | None:
+        state = self._state(session)
+        state.helo_reject = None
+        if session.listener != MX or state.trusted:
+            return None
+        name = session.helo or ""
+        try:
+            hit = await self.tables.helo(name.lower())
+            access = TEMPFAIL if hit is not None and hit.invalid else (hit.value if hit else None)
+        except TableError:
+            access = TEMPFAIL
+        dns = None
+        if helo.needs_dns(name) and access is None:
+            dns = await helo_facts(self.resolver, name.rstrip("."))
+        verdict = self._note(session, helo.decide(
+            name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
+        if not verdict.failed:
+            return None
+        if self.config.smtpd_delay_reject:
+            state.helo_reject = verdict.reply
+            return None
+        return verdict.reply
+
+    # --- MAIL ------------------------------------------------------------------------------
+
+    async def mail(self, session: Session, path: Path) -> Reply | None:
+        if session.listener != MX:
+            if session.login is None:
+                return replies.AUTH_REQUIRED
+            verdict = await self._sender_login(session, path)
+            if verdict.failed:
+                return verdict.reply
+        if path.null:
+            return None
+        verdict = self._note(session, sender.decide(path, smtputf8="SMTPUTF8" in path.params))
+        if verdict.failed and not self.config.smtpd_delay_reject:
+            return verdict.reply
+        session.sender_reject = verdict.reply if verdict.failed else None
+        return None
+
+    async def _sender_login(self, session: Session, path: Path) -> Verdict:
+        owners: object
+        try:
+            hit = await self.tables.logmap(path.address)
+            owners = (sender_login.TEMPFAIL if hit is not None and hit.invalid
+                      else frozenset(hit.targets) if hit else None)
+        except TableError:
+            owners = sender_login.TEMPFAIL
+        return self._note(session, sender_login.decide(
+            path.address, session.login, owners, enabled=self.config.sender_login_check))
+
+    # --- RCPT ------------------------------------------------------------------------------
+
+    async def rcpt(self, session: Session, path: Path) -> Reply | None:
+        state = self._state(session)
+        if session.listener == MX and not state.trusted:
+            for stage in (self._screening_reject, self._client_reject, self._helo_reject,
+                          self._sender_reject):
+                reply = await stage(session, state)
+                if reply is not None:
+                    return reply
+        trusted = state.trusted or session.login is not None
+        return await self._recipient(session, path, trusted)
+
+    async def _screening_reject(self, session: Session, state: Screening) -> Reply | None:
+        return state.psa_reject_enforced
+
+    async def _client_reject(self, session: Session, state: Screening) -> Reply | None:
+        if state.fcrdns_task is None:
+            return None
+        try:
+            facts = await asyncio.wait_for(asyncio.shield(state.fcrdns_task),
+                                           self.config.dns_timeout * 3)
+        except TimeoutError:
+            return Reply(450, "4.7.25", "Client host rejected: cannot find your hostname, "
+                         f"[{session.client_ip}]")
+        if facts.hostname:
+            session.client_name = facts.hostname
+        rev_by_name = {}
+        try:
+            for name in client_fcrdns.rev_names(facts):
+                hit = await self.tables.rev_by_name(name)
+                if hit is not None:
+                    rev_by_name[name] = TEMPFAIL if hit.invalid else hit.value
+        except TableError:
+            return RCPT_TEMPFAIL
+        verdict = self._note(session, client_fcrdns.decide(
+            facts, rev_ip=state.rev_ip, rev_by_name=rev_by_name,
+            unknown_code=self.config.unknown_client_reject_code))
+        return verdict.reply if verdict.failed else None
+
+    async def _helo_reject(self, session: Session, state: Screening) -> Reply | None:
+        return state.helo_reject
+
+    async def _sender_reject(self, session: Session, state: Screening) -> Reply | None:
+        return getattr(session, "sender_reject", None)
+
+    async def _recipient(self, session: Session, path: Path, trusted: bool) -> Reply | None:
+        address = path.address
+        if destination.is_postmaster(path):
+            address = f"postmaster@{self.config.domain}"
+        try:
+            facts = await self.tables.rcpt_facts(address.lower())
+        except TableError:
+            return RCPT_TEMPFAIL
+        if facts.invalid:
+            return RCPT_TEMPFAIL
+        local = facts.vdom is not None
+        verdict = self._note(session, destination.decide(
+            path, local=local or destination.is_postmaster(path), trusted=trusted,
+            smtputf8="SMTPUTF8" in session.mail_params,
+            allow_trusted_routing=self.config.allow_trusted_routing))
+        if verdict.failed:
+            return verdict.reply
+        recip = facts.recip.value if facts.recip is not None else None
+        verdict = self._note(session, recipient.decide(
+            path.address, local=local,
+            listed=facts.vali is not None or facts.vbox is not None, access=recip))
+        if verdict.failed:
+            return verdict.reply
+        await self._protocol_passes(session)
+        return None
+
+    async def _protocol_passes(self, session: Session) -> None:
+        """postscreen counts its deep protocol tests as passed once a client reaches RCPT."""
+        state = self._state(session)
+        if session.listener != MX or state.recorded_rcpt_pass or state.protocol_failed:
+            return
+        state.recorded_rcpt_pass = True
+        passes = {t: self.config.greet_ttl for t in protocol.TESTS}
+        try:
+            await self.cache.record_passes(session.client_ip, passes)
+        except ScreeningStoreError as exc:
+            log.warning("warning: screening cache: %s", exc)
+
+    async def data(self, session: Session) -> Reply | None:
+        return None
+
+    # --- protocol tests --------------------------------------------------------------------
+
+    async def protocol(self, session: Session, test: str, line: bytes,
+                       pending: bytes) -> Reply | None:
+        """A deep protocol test on the MX listener; a reply means hang up with it."""
+        state = self._state(session)
+        if session.listener != MX or state.permitted or state.trusted:
+            return None
+        ip, port = session.client_ip, session.client_port
+        after = session.last_command
+        text = line.decode("utf-8", "replace")
+        if test == "pipelining":
+            verdict = protocol.pipelining(
+                text, pending, ip, port, pipelining_offered=session.esmtp,
+                action=self.config.pipelining_action)
+        elif test == "non_smtp_command":
+            verdict = protocol.non_smtp_command(
+                text, ip, port, after=after, action=self.config.non_smtp_command_action)
+        else:
+            verdict = protocol.bare_newline(
+                line, ip, port, after=after, action=self.config.bare_newline_action)
+        if verdict.outcome is Outcome.PASS and not verdict.reason.startswith("COMMAND") \
+                and "(action ignore)" not in verdict.reason:
+            return None
+        self._note(session, verdict)
+        state.protocol_failed.add(test)
+        try:
+            await self.cache.record_fail(ip, test)
+        except ScreeningStoreError as exc:
+            log.warning("warning: screening cache: %s", exc)
+        if verdict.failed:
+            if hangs_up(verdict):
+                return verdict.reply
+            state.psa_reject_enforced = state.psa_reject_enforced or verdict.reply
+        return None
+
+    # --- AUTH ------------------------------------------------------------------------------
+
+    @property
+    def auth_limits(self):
+        if self._auth_limits is None:
+            from smtpgate.auth_limits import AuthLimits
+
+            self._auth_limits = AuthLimits(
+                self.redis, self.config.auth_failure_limit, ipv6_prefix=self.config.ipv6_prefix,
+                timeout=self.config.redis_timeout)
+        return self._auth_limits
+
+    async def auth_allowed(self, session: Session) -> Reply | None:
+        verdict = self._note(session, await self.auth_limits.check(session.client_ip, None))
+        return verdict.reply if verdict.failed else None
+
+    async def authenticate(self, session: Session, mechanism: str, plain: bytes,
+                           login: str) -> Reply:
+        ip = session.client_ip
+        verdict = await self.auth_limits.check(ip, login or None)
+        if verdict.failed:
+            return verdict.reply
+        result = await session.gate.auth.authenticate(
+            "PLAIN", plain, client_ip=ip, local_ip=session.local_ip, secured=session.tls)
+        if result.ok:
+            await self.auth_limits.record_success(ip, login)
+            session.login = result.user or login  # Dovecot's canonical name, for XCLIENT LOGIN
+            log.info("%s: sasl_method=%s, sasl_username=%s", session.client_label, mechanism,
+                     result.user or login)
+            return replies.AUTH_OK
+        if result.temporary:
+            log.warning("warning: %s: SASL %s authentication failed: %s",
+                        session.client_label, mechanism, result.reason)
+            return replies.AUTH_TEMPFAIL
+        failures = await self.auth_limits.record_failure(ip, login or None)
+        log.warning("warning: %s: SASL %s authentication failed: %s", session.client_label,
+                    mechanism, result.reason or "authentication failure")
+        from smtpgate.auth_limits import failure_delay
+
+        await asyncio.sleep(failure_delay(failures))
+        return replies.AUTH_FAILED
+
+    # --- end -------------------------------------------------------------------------------
+
+    async def session_closed(self, session: Session) -> None:
+        state = session.screening
+        if state is None:
+            return
+        if state.fcrdns_task is not None and not state.fcrdns_task.done():
+            state.fcrdns_task.cancel()
+        if state.lease is not None:
+            try:
+                await self.counter.release(state.lease)
+            except ScreeningStoreError as exc:
+                log.warning("warning: connection counter: %s", exc)

@@ -35,6 +35,7 @@ from typing import Any
 
 from smtpgate.config import Config, HostPort
 from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
+from smtpgate.socketmap import start_socketmap
 from smtpgate.tls import TlsProvider, load_tls
 
 log = logging.getLogger("smtpgate.master")
@@ -99,6 +100,15 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
             raise OSError(f"cannot listen on {address} ({kind}): {exc.strerror or exc}") from None
         servers.append(server)
         log.info("listening on %s (%s)", address, kind)
+    for address in config.socketmap_listen:
+        try:
+            servers.append(await start_socketmap(gate.policy.tables, address.host, address.port))
+        except OSError as exc:
+            for started in servers:
+                started.close()
+            reason = exc.strerror or exc
+            raise OSError(f"cannot listen on {address} (socketmap): {reason}") from None
+        log.info("listening on %s (socketmap)", address)
     return servers
 
 

@@ -98,6 +98,7 @@ class Session:
         self.mail_line = b""
         self.recipients: list[str] = []
         self.hop_in_transaction = False
+        self.sender_reject: Reply | None = None
 
     @property
     def client_label(self) -> str:
@@ -223,9 +224,9 @@ class Session:
                 await self.reader.readexactly(exc.consumed)
 
     def _last_command(self) -> str:
-        return self._last or "CONNECT"
+        return self.last_command or "CONNECT"
 
-    _last = ""
+    last_command = ""
 
     async def _dispatch(self, line: bytes) -> None:
         if not line:
@@ -241,11 +242,11 @@ class Session:
         if handler is None:
             await self._unknown(verb, line)
             return
-        pipelined_early = self._pipelined() and (verb in SYNC_COMMANDS or not self.esmtp)
-        self._last = verb
+        if self.listener == MX and self._pipelined():
+            pending = bytes(self.reader._buffer)
+            await self._protocol_test("pipelining", line, pending)
+        self.last_command = verb
         self.counts[verb] += 1
-        if pipelined_early and self.listener == MX:
-            await self.gate.policy.protocol_violation(self, "pipelining", verb)
         try:
             arg = arg_bytes.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -261,8 +262,14 @@ class Session:
         self.counts["unknown"] += 1
         looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
         if self.listener == MX and (verb in NON_SMTP_COMMANDS or looks_like_header):
-            await self.gate.policy.protocol_violation(self, "non_smtp_command", verb)
+            await self._protocol_test("non_smtp_command", line, b"")
         self.reply(replies.UNKNOWN_COMMAND)
+
+    async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
+        hang_up = await self.gate.policy.protocol(self, test, line, pending)
+        if hang_up is not None:
+            self.reply(hang_up)
+            raise Closing
 
     # --- commands --------------------------------------------------------------------------
 
@@ -316,6 +323,9 @@ class Session:
             return
         # RFC 3207: nothing the client sent after STARTTLS in clear may count (CVE-2011-0411)
         self.reader._buffer.clear()
+        # The client's TLS hello may follow our 220 at once: it must reach the TLS layer,
+        # not the plain-text reader, so reading stops until start_tls takes the socket over.
+        self.writer.transport.pause_reading()
         self.reply(replies.START_TLS)
         await self.flush()
         try:
@@ -343,7 +353,7 @@ class Session:
             return
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
-        refusal = await self.gate.policy.auth_allowed(self, None)
+        refusal = await self.gate.policy.auth_allowed(self)
         if refusal is not None:
             self.reply(refusal)
             raise Closing
@@ -366,7 +376,7 @@ class Session:
         login = plain.split(b"\0")[1].decode("utf-8", "replace") if plain.count(b"\0") == 2 else ""
         result = await self.gate.policy.authenticate(self, mechanism, plain, login)
         self.reply(result)
-        if result.code == 235:
+        if result.code == 235 and self.login is None:
             self.login = login
         elif result.code == 421:
             raise Closing
@@ -416,7 +426,7 @@ class Session:
         if size is not None and (not size.isdigit() or (limit and int(size) > limit)):
             self.reply(replies.SIZE_TOO_BIG if size.isdigit() else replies.MAIL_SYNTAX)
             return
-        verdict = await self.gate.policy.mail(self, path.address)
+        verdict = await self.gate.policy.mail(self, path)
         if verdict is not None:
             self.reply(verdict)
             return
@@ -579,7 +589,7 @@ class Session:
                      self.client_label)
             return replies.MESSAGE_TOO_BIG
         if self.bare_newline and self.listener == MX:
-            await self.gate.policy.protocol_violation(self, "bare_newline", "DATA")
+            await self._protocol_test("bare_newline", b"DATA", b"")
         try:
             if hop.closed:
                 raise RelayError("connection closed during DATA")

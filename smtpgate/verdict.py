@@ -28,7 +28,9 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+        if self.status:
+            return f"{self.code} {self.status} {self.text}"
+        return f"{self.code} {self.text}"
 
     @property
     def temporary(self) -> bool:

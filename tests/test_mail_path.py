@@ -7,8 +7,9 @@ import subprocess
 import uuid
 
 import pytest
-from services.gate_process import GateProcess, make_certificate
+from services.gate_process import GateProcess
 from services.smtp_talk import Talk
+from services.world import populate
 
 pytestmark = pytest.mark.slow
 
@@ -28,30 +29,9 @@ def no_message(dovecot_server, user: str, text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    return make_certificate(tmp_path_factory.mktemp("tls"))
-
-
-def start_gate(tmp_path_factory, postfix_server, certificate, **env) -> GateProcess:
-    _, cert, key = certificate
-    gate = GateProcess(tmp_path_factory.mktemp("gate"), {
-        "SMTPGATE_NEXT_HOP": f"127.0.0.1:{postfix_server.port}",
-        "SMTPGATE_TLS_CERT": str(cert),
-        "SMTPGATE_TLS_KEY": str(key),
-        "SMTPGATE_TLS_OPTIONAL": "no",
-        "SMTPGATE_MYNETWORKS": "",
-        "SMTPGATE_GREET_WAIT": "0",
-        **env,
-    })
-    gate.start()
-    return gate
-
-
-@pytest.fixture(scope="module")
-def gate(tmp_path_factory, postfix_server, certificate):
-    process = start_gate(tmp_path_factory, postfix_server, certificate)
-    yield process
-    process.stop()
+def gate(start_gate, redis_server, dns_server):
+    populate(redis_server.client(), dns_server)
+    return start_gate()
 
 
 def swaks(gate: GateProcess, *args: str, source: str = "127.0.0.77") -> subprocess.CompletedProcess:
@@ -213,10 +193,8 @@ def test_postfix_lost_during_data_gives_451(gate, postfix_server, dovecot_server
     assert no_message(dovecot_server, "user1@example.com", mark)
 
 
-def test_message_over_size_limit_is_refused(tmp_path_factory, postfix_server, certificate,
-                                            dovecot_server):
-    small = start_gate(tmp_path_factory, postfix_server, certificate,
-                       SMTPGATE_MESSAGE_SIZE_LIMIT="2000")
+def test_message_over_size_limit_is_refused(gate, start_gate, dovecot_server):
+    small = start_gate(SMTPGATE_MESSAGE_SIZE_LIMIT="2000")
     try:
         mark = token()
         talk = Talk("127.0.0.1", small.mx_port, source="127.0.0.85")
@@ -242,8 +220,8 @@ def test_message_over_size_limit_is_refused(tmp_path_factory, postfix_server, ce
         small.stop()
 
 
-def test_idle_client_times_out_with_421(tmp_path_factory, postfix_server, certificate):
-    quick = start_gate(tmp_path_factory, postfix_server, certificate, SMTPGATE_SMTPD_TIMEOUT="1")
+def test_idle_client_times_out_with_421(start_gate):
+    quick = start_gate(SMTPGATE_SMTPD_TIMEOUT="1")
     try:
         talk = Talk("127.0.0.1", quick.mx_port)
         talk.banner()

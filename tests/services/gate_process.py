@@ -54,6 +54,7 @@ class GateProcess:
             "SMTPGATE_MX_LISTEN": f"127.0.0.1:{self.mx_port}",
             "SMTPGATE_SUBMISSION_LISTEN": "",
             "SMTPGATE_METRICS_LISTEN": "",
+            "SMTPGATE_SOCKETMAP_LISTEN": "",
             "SMTPGATE_WORKERS": "1",
             "SMTPGATE_TLS_OPTIONAL": "yes",
             **env,

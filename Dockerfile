@@ -1,0 +1,42 @@
+# smtpgate - the internet-facing SMTP front end, in front of Postfix.
+#
+#   docker build -t smtpgate .
+#   docker run -p 25:25 -p 587:587 -e REDIS=redis://redis:6379/0 \
+#       -e HOSTNAME=mx.example.com -e LETSENCRYPT=mx.example.com \
+#       -v /etc/letsencrypt:/etc/letsencrypt:ro \
+#       -e SMTPGATE_NEXT_HOP=postfix:10025 smtpgate
+#
+# Settings: the environment (see conf/smtpgate.toml for every key), or a TOML
+# file mounted and named by SMTPGATE_CONFIG. The process runs as an unprivileged
+# user (uid 10025); binding ports 25 and 587 relies on Docker's default
+# net.ipv4.ip_unprivileged_port_start=0 inside the container.
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY smtpgate ./smtpgate
+COPY conf/smtpgate.toml /etc/smtpgate/smtpgate.toml
+RUN pip install --no-cache-dir . \
+    && groupadd --system --gid 10025 smtpgate \
+    && useradd --system --uid 10025 --gid 10025 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin smtpgate
+
+WORKDIR /
+USER 10025:10025
+
+EXPOSE 25 587
+
+# Healthy while the MX listener accepts connections: a bare TCP connect from inside the
+# container (it shows in the log as a connect/disconnect from 127.0.0.1 once a minute).
+HEALTHCHECK --interval=60s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 25), 3).close()"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["smtpgate"]
+CMD ["serve"]

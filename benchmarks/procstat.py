@@ -1,0 +1,147 @@
+"""procstat - CPU time and memory of a server's processes, read from /proc.
+
+SYNOPSIS
+    descendants(pid) -> list[int]
+    cpu_seconds(root, pids) -> float
+    memory_kb(pids) -> Memory(pss, rss, hwm)
+    PeakSampler(pids_fn, interval=0.25)      async with: .peak_pss_kb, .peak_rss_kb
+    established(port) -> int                 server-side TCP connections on 127.0.0.1:port
+
+DESCRIPTION
+    cpu_seconds adds utime+stime of every live process in pids and the
+    cutime+cstime of root, which holds the CPU of children root has already
+    reaped (Postfix's smtpd processes come and go; smtpgate's workers are
+    children of its main process). Take it before and after a run and
+    subtract.
+
+    memory_kb sums Pss (proportional set size: shared pages divided among the
+    sharers, so forked workers are not counted twice) from smaps_rollup, and
+    VmRSS and VmHWM from status. A process that vanishes between listing and
+    reading is skipped.
+
+    established counts ESTABLISHED sockets whose local port is port, from
+    /proc/net/tcp: the connections the server really still holds (a client
+    socket the server has closed is not counted).
+
+    PeakSampler polls memory_kb of pids_fn() every interval seconds while a
+    case runs and keeps the maxima; polling stops when the block exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(root: int | None, pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            # fields[0] is state; utime, stime, cutime, cstime are stat fields 14-17
+            ticks += int(fields[11]) + int(fields[12])
+            if pid == root:
+                ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICK
+
+
+@dataclass(frozen=True)
+class Memory:
+    pss: int = 0
+    rss: int = 0
+    hwm: int = 0
+
+
+def memory_kb(pids: list[int]) -> Memory:
+    pss = rss = hwm = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                        break
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return Memory(pss, rss, hwm)
+
+
+class PeakSampler:
+    def __init__(self, pids_fn, interval: float = 0.25) -> None:
+        self.pids_fn = pids_fn
+        self.interval = interval
+        self.peak_pss_kb = 0
+        self.peak_rss_kb = 0
+        self._task: asyncio.Task | None = None
+
+    def sample(self) -> Memory:
+        mem = memory_kb(self.pids_fn())
+        self.peak_pss_kb = max(self.peak_pss_kb, mem.pss)
+        self.peak_rss_kb = max(self.peak_rss_kb, mem.rss)
+        return mem
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval)
+
+    async def __aenter__(self) -> PeakSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sample()
+
+
+def established(port: int) -> int:
+    local = f":{port:04X}"
+    count = 0
+    try:
+        with open("/proc/net/tcp") as fh:
+            next(fh, None)
+            for line in fh:
+                fields = line.split(None, 4)
+                if len(fields) > 3 and fields[1].endswith(local) and fields[3] == "01":
+                    count += 1
+    except OSError:
+        return -1
+    return count

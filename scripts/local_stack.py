@@ -1,0 +1,347 @@
+"""local_stack - the whole mail path on loopback: Redis, DNS, Dovecot, Postfix and smtpgate.
+
+SYNOPSIS
+    .venv/bin/python scripts/local_stack.py [--mx-port N] [--submission-port N] [--check]
+
+DESCRIPTION
+    Starts, in one temporary directory and on loopback only, redis-server
+    (with the example keys), a DNS server (unbound) answering for a small
+    test world, Dovecot (LMTP to Maildir, SASL auth), and a private Postfix
+    that smtpgate relays to with XCLIENT. The services are the test
+    harness's own (tests/services), so what `make run` shows is what the
+    tests exercise. rspamd is left out to keep the start fast.
+
+    Without --check, `smtpgate serve` runs in the foreground (its log on
+    this terminal) on 127.0.0.1:2525 (MX) and 127.0.0.1:2587 (submission),
+    after a note on how to send a first message and where it lands. Ctrl-C
+    or SIGTERM stops smtpgate, then every service, and removes the
+    temporary directory.
+
+    With --check, smtpgate listens on free ports unless ports are given,
+    and the two printed examples are run: one message with swaks through
+    smtpgate's MX port to user1, one through submission (STARTTLS, AUTH as
+    user1) to user2; each must reach its Maildir within 30 s. It prints OK
+    and exits 0, or prints what went wrong with the logs' tails and exits 1.
+    tests/test_local_stack.py runs it, so the quick start cannot rot.
+
+    Exit status: 0 after a clean stop or a passed check, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the harness's services: the same, tested code
+
+from services import procs  # noqa: E402
+from services.dns_server import DnsServer  # noqa: E402
+from services.dovecot_server import DovecotServer  # noqa: E402
+from services.gate_process import READY, make_certificate  # noqa: E402
+from services.ports import free_port  # noqa: E402
+from services.postfix_server import PostfixServer  # noqa: E402
+from services.redis_server import RedisServer  # noqa: E402
+from services.waiting import log_tail, wait_for_port  # noqa: E402
+
+HOSTNAME = "mx.example.test"
+CLIENT_HELO = "client.example.test"
+SENDER = "you@example.net"
+
+# The image's example keys (reference/semantics.md): one domain, two mailboxes, an alias,
+# and the LOGMAP keys that let each login send as itself on submission
+# (reject_sender_login_mismatch rejects a sender with no LOGMAP owner).
+EXAMPLE_KEYS = {
+    "VDOM:example.com": "example.com",
+    "VALI:user1@example.com": "user1@example.com",
+    "VALI:user2@example.com": "user2@example.com",
+    "VALI:sales@example.com": "user1@example.com user2@example.com",
+    "LOGMAP:user1@example.com": "user1@example.com",
+    "LOGMAP:user2@example.com": "user2@example.com",
+}
+
+# A client on 127.0.0.1 passes smtpgate's FCrDNS and HELO checks only if DNS knows it:
+# the PTR of 127.0.0.1 and the A records that confirm it and the HELO name.
+DNS_RECORDS = [
+    ("1.0.0.127.in-addr.arpa", "PTR", "localhost.example.test"),
+    ("localhost.example.test", "A", "127.0.0.1"),
+    (CLIENT_HELO, "A", "127.0.0.1"),
+    (HOSTNAME, "A", "127.0.0.1"),
+    ("example.com", "MX", f"10 {HOSTNAME}"),
+    # the sender's domain resolves, for reject_unknown_sender_domain
+    ("example.net", "MX", "10 mail.example.net"),
+    ("mail.example.net", "A", "127.0.0.1"),
+]
+
+# Variables of the image and of smtpgate that must not leak from the caller's shell.
+IMAGE_VARIABLES = ("REDIS", "HOSTNAME", "DOMAIN", "LETSENCRYPT", "DOVECOT", "TIMEZONE", "RSPAMD")
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived: stop everything and leave."""
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _die_with_parent() -> None:
+    # smtpgate must not outlive this script, even if it is killed with SIGKILL.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Stack:
+    """The services, started in order and stopped in reverse order."""
+
+    def __init__(self, root: Path, mx_port: int, submission_port: int) -> None:
+        self.root = root
+        self.mx_port = mx_port
+        self.submission_port = submission_port
+        self.redis = RedisServer(root / "redis")
+        self.dns = DnsServer(root / "dns")
+        self.dovecot = DovecotServer(root / "dovecot")
+        self.postfix = PostfixServer(
+            root / "postfix", lmtp_port=self.dovecot.lmtp_port, milter_port=None,
+            sasl_port=self.dovecot.auth_port)
+        self.gate_log = root / "smtpgate.log"
+        self.gate: subprocess.Popen | None = None
+        self._started: list = []
+
+    def start_services(self) -> None:
+        for name, service in (("redis-server", self.redis), ("DNS (unbound)", self.dns),
+                              ("Dovecot", self.dovecot), ("Postfix", self.postfix)):
+            print(f"local_stack: starting {name}", flush=True)
+            self._started.append(service)
+            service.start()
+        with self.redis.client() as client:
+            client.mset(EXAMPLE_KEYS)
+        self.dns.set(DNS_RECORDS)
+        _, self.cert, self.key = make_certificate(self.root, (HOSTNAME,))
+
+    def gate_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("SMTPGATE_") and k not in IMAGE_VARIABLES}
+        env.update({
+            "REDIS": self.redis.url,
+            "HOSTNAME": HOSTNAME,
+            "SMTPGATE_MX_LISTEN": f"127.0.0.1:{self.mx_port}",
+            "SMTPGATE_SUBMISSION_LISTEN": f"127.0.0.1:{self.submission_port}",
+            "SMTPGATE_NEXT_HOP": f"127.0.0.1:{self.postfix.port}",
+            "SMTPGATE_TLS_CERT": str(self.cert),
+            "SMTPGATE_TLS_KEY": str(self.key),
+            # trust nobody, so a client on 127.0.0.1 meets every check a stranger meets
+            "SMTPGATE_MYNETWORKS": "",
+            # no pregreet wait: the banner comes at once (postscreen would wait 6 s)
+            "SMTPGATE_GREET_WAIT": "0",
+            "SMTPGATE_NAMESERVERS": self.dns.nameserver,
+            "DOVECOT": "127.0.0.1",
+            "SMTPGATE_DOVECOT_AUTH_PORT": str(self.dovecot.auth_port),
+            "SMTPGATE_WORKERS": "1",
+            "SMTPGATE_METRICS_LISTEN": "",
+        })
+        return env
+
+    def start_gate(self, foreground: bool, timeout: float = 20.0) -> None:
+        print("local_stack: starting smtpgate", flush=True)
+        # In the foreground smtpgate logs to this terminal; for --check to a file.
+        out = None if foreground else open(self.gate_log, "ab")  # noqa: SIM115
+        try:
+            self.gate = subprocess.Popen(
+                [sys.executable, "-m", "smtpgate", "serve"], env=self.gate_env(), cwd=REPO,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
+                # its own session: Ctrl-C reaches this script, which stops smtpgate first
+                start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            if out is not None:
+                out.close()
+        for port in (self.mx_port, self.submission_port):
+            wait_for_port("127.0.0.1", port, timeout, proc=self.gate,
+                          log=None if foreground else self.gate_log)
+        if not foreground:
+            deadline = time.monotonic() + timeout
+            while READY not in self.gate_log.read_text(errors="replace"):
+                if time.monotonic() > deadline or self.gate.poll() is not None:
+                    raise RuntimeError("smtpgate did not get ready:\n" + log_tail(self.gate_log))
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.gate is not None and self.gate.poll() is None:
+            print("local_stack: stopping smtpgate", flush=True)
+            self.gate.send_signal(signal.SIGTERM)
+            try:
+                self.gate.wait(40)  # smtpgate drains sessions for up to 30 s
+            except subprocess.TimeoutExpired:
+                self.gate.kill()
+                self.gate.wait()
+        for service in reversed(self._started):
+            try:
+                service.stop()
+            except Exception as exc:  # stop the rest regardless
+                print(f"local_stack: stopping {service!r}: {exc}", file=sys.stderr)
+        self._started.clear()
+
+    def swaks_command(self) -> list[str]:
+        return ["swaks", "--server", f"127.0.0.1:{self.mx_port}", "--to", "user1@example.com",
+                "--from", SENDER, "--helo", CLIENT_HELO]
+
+    def swaks_submission_command(self) -> list[str]:
+        return ["swaks", "--server", f"127.0.0.1:{self.submission_port}", "--tls",
+                "--auth", "PLAIN", "--auth-user", "user1@example.com",
+                "--auth-password", "secret1", "--from", "user1@example.com",
+                "--to", "user2@example.com", "--helo", CLIENT_HELO]
+
+    def instructions(self) -> str:
+        maildir = self.dovecot.maildir("user1@example.com")
+        return f"""
+=====================================================================
+smtpgate runs on 127.0.0.1:{self.mx_port} (MX) and 127.0.0.1:{self.submission_port} (submission)
+next hop: Postfix on 127.0.0.1:{self.postfix.port}; Redis {self.redis.url}
+DNS: {self.dns.nameserver} (unbound, SMTPGATE_NAMESERVERS)
+No pregreet wait here (SMTPGATE_GREET_WAIT=0; postscreen's default is 6 s).
+SMTPGATE_MYNETWORKS is empty, so 127.0.0.1 is a stranger and meets every
+check; the test DNS server gives it a PTR (localhost.example.test) that
+resolves back, and resolves the HELO name {CLIENT_HELO}.
+
+Send a first message:
+    {" ".join(self.swaks_command())}
+It lands in user1's Maildir:
+    {maildir}/new/
+Submission (STARTTLS, then AUTH as user1@example.com, password secret1):
+    {" ".join(self.swaks_submission_command())}
+and it lands in user2's Maildir:
+    {self.dovecot.maildir("user2@example.com")}/new/
+Redis keys: redis-cli -u {self.redis.url} keys '*'
+Logs: {self.root} (maillog, dovecot.log, redis.log, unbound.log)
+Stop with Ctrl-C: smtpgate, then every service, stops; the directory goes.
+=====================================================================
+"""
+
+
+def send_and_wait(stack: Stack, what: str, command: list[str], user: str) -> bool:
+    """Send one message with swaks, and wait (30 s at most) for it in user's Maildir."""
+    token = f"local-stack-check-{uuid.uuid4().hex}"
+    argv = [*command, "--header", f"Subject: {token}", "--timeout", "20"]
+    print(f"local_stack: {what}: " + " ".join(argv), flush=True)
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"local_stack: FAILED: {what}: swaks: {exc}")
+        return False
+    if result.returncode != 0:
+        print(f"local_stack: FAILED: {what}: swaks exit status {result.returncode}\n"
+              f"{result.stdout}{result.stderr}\nsmtpgate log:\n{log_tail(stack.gate_log)}\n"
+              f"Postfix log:\n{log_tail(stack.postfix.log_path, 20)}")
+        return False
+    try:
+        stack.dovecot.wait_for_message(user, lambda raw: token.encode() in raw, timeout=30)
+    except TimeoutError as exc:
+        print(f"local_stack: FAILED: {what}: {exc}\n"
+              f"Postfix log:\n{log_tail(stack.postfix.log_path, 20)}")
+        return False
+    print(f"local_stack: {what}: delivered to {stack.dovecot.maildir(user)}", flush=True)
+    return True
+
+
+def check(stack: Stack) -> bool:
+    """The quick start's two examples: one message on the MX port, one on submission."""
+    ok = (send_and_wait(stack, "MX", stack.swaks_command(), "user1@example.com")
+          and send_and_wait(stack, "submission", stack.swaks_submission_command(),
+                            "user2@example.com"))
+    print("local_stack: OK" if ok else "local_stack: check FAILED", flush=True)
+    return ok
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    top = argparse.ArgumentParser(
+        prog="local_stack.py", description=__doc__.split("\n")[0].split(" - ", 1)[1])
+    top.add_argument("--mx-port", type=int, help="smtpgate's MX port (default 2525)")
+    top.add_argument("--submission-port", type=int,
+                     help="smtpgate's submission port (default 2587)")
+    top.add_argument("--check", action="store_true",
+                     help="send one message through smtpgate, wait for delivery, stop; "
+                          "free ports unless given")
+    args = top.parse_args(argv)
+    for name in ("mx_port", "submission_port"):
+        port = getattr(args, name)
+        if port is not None and not 0 < port < 65536:
+            top.error(f"--{name.replace('_', '-')}: {port} is not a port number")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("local_stack: must run as root (Postfix and Dovecot deliver as their own users)",
+              file=sys.stderr)
+        return 1
+    missing = [p for p in ("redis-server", "unbound", "dovecot", "postfix", "swaks")
+               if shutil.which(p, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    if missing:
+        print(f"local_stack: missing {', '.join(missing)}: run scripts/setup.sh",
+              file=sys.stderr)
+        return 1
+    mx_port = args.mx_port or (free_port() if args.check else 2525)
+    submission_port = args.submission_port or (free_port() if args.check else 2587)
+    while submission_port == mx_port and not args.submission_port:
+        submission_port = free_port()
+    for what, port in (("--mx-port", mx_port), ("--submission-port", submission_port)):
+        if not port_free(port):
+            print(f"local_stack: 127.0.0.1:{port} is in use (choose another with {what})",
+                  file=sys.stderr)
+            return 1
+
+    root = procs.make_root(prefix="smtpgate-local-")
+    stack = Stack(root, mx_port, submission_port)
+    signal.signal(signal.SIGINT, _raise_stopped)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    status = 1
+    try:
+        stack.start_services()
+        stack.start_gate(foreground=not args.check)
+        if args.check:
+            status = 0 if check(stack) else 1
+        else:
+            print(stack.instructions(), flush=True)
+            code = stack.gate.wait()
+            print(f"local_stack: smtpgate exited with status {code}", file=sys.stderr)
+    except Stopped as exc:
+        print(f"\nlocal_stack: {exc}: stopping", flush=True)
+        status = 0
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+        print(f"local_stack: FAILED: {exc}", file=sys.stderr)
+        if stack.gate_log.exists():
+            print(f"smtpgate log:\n{log_tail(stack.gate_log)}", file=sys.stderr)
+    finally:
+        # A second Ctrl-C must not cut the cleanup short; every stop has a deadline.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print("local_stack: stopped; removed " + str(root), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

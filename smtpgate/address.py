@@ -1,0 +1,337 @@
+"""address - strict RFC 5321 envelope address parser.
+
+SYNOPSIS
+    parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path
+    parse_mail_arg(arg: str, smtputf8: bool = False) -> Path
+    parse_rcpt_arg(arg: str, smtputf8: bool = False) -> Path
+    split(address: str) -> tuple[str, str]
+    is_fqdn(domain: str, smtputf8: bool = False) -> bool
+    is_valid_hostname(name: str) -> bool
+    is_address_literal(domain: str) -> bool
+    valid_address_literal(domain: str) -> bool
+
+    class AddressError(ValueError): .reply: Reply
+    class Path: address, local, domain, params, route, quoted, raw, null, routed
+
+DESCRIPTION
+    parse_path() takes what follows "MAIL FROM:" or "RCPT TO:" (leading
+    blanks allowed): a path in angle brackets, then ESMTP parameters
+    separated by blanks. Angle brackets are required, as with Postfix's
+    strict_rfc821_envelopes = yes. The path must be a RFC 5321 Mailbox (a
+    dot-string or quoted-string local part, "@", a domain or an address
+    literal), optionally preceded by a source route "@a,@b:" which is
+    accepted and dropped as Postfix does, but recorded in Path.route so that
+    relay decisions can refuse it. A bare local part ("<postmaster>") is
+    accepted here, like Postfix; reject_non_fqdn_* decide about it later.
+    "<>" is the null sender, accepted only when mail=True.
+
+    Path.address is the internal form used for lookups and replies: quotes
+    and quoted-pairs removed, route dropped ("" for the null sender).
+    Path.params maps upper-cased keywords to their value (None when the
+    parameter has no "=value"). Without smtputf8, any non-ASCII byte is
+    refused. Path.routed is true for a source route, or a local part that
+    carries another address ("%", "!" or "@" in it): such a recipient must
+    never relay.
+
+    Every failure raises AddressError whose .reply is what Postfix says:
+    "501 5.1.7 Bad sender address syntax" (mail=True), "501 5.1.3 Bad
+    recipient address syntax" (mail=False), "553 5.6.7 Must declare SMTPUTF8
+    to send unicode address", "555 5.5.4 Unsupported option: <param>" for a
+    malformed or repeated parameter. Nothing else is raised for any str.
+
+    parse_mail_arg() and parse_rcpt_arg() take the whole argument of the
+    command and first require "FROM:" / "TO:" (any case), else
+    "501 5.5.4 Syntax: MAIL FROM:<address>" / "501 5.5.4 Syntax: RCPT TO:<address>".
+
+    split() cuts an internal-form address at its last "@" (domain "" when
+    there is none). is_fqdn() says whether a domain is a valid host name with
+    at least one dot, after dropping one trailing dot (Postfix's
+    reject_non_fqdn_* test; non-ASCII labels only with smtputf8).
+    is_valid_hostname() is Postfix's valid_hostname(): letters, digits,
+    hyphens inside labels, underscores, labels of 1..63, at most 255, not
+    all-numeric. valid_address_literal() checks "[1.2.3.4]" and
+    "[IPv6:...]" forms (Postfix's valid_mailhost_addr()).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from smtpgate.verdict import Reply
+
+__all__ = [
+    "AddressError",
+    "Path",
+    "is_address_literal",
+    "is_fqdn",
+    "is_valid_hostname",
+    "parse_mail_arg",
+    "parse_path",
+    "parse_rcpt_arg",
+    "split",
+    "valid_address_literal",
+]
+
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+
+# RFC 5321 caps a local part at 64 octets, but SRS, VERP and BATV bounce
+# addresses exceed that in real traffic and Postfix does not enforce it;
+# keep a bound only against abuse.
+MAX_LOCAL = 256
+MAX_DOMAIN = 255
+MAX_LABEL = 63
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+# Non-ASCII allowed by SMTPUTF8, minus C1 controls and lone surrogates.
+_U = r"\xa0-\ud7ff\ue000-\U0010ffff"
+_DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+_DOT_STRING_UTF8 = re.compile(rf"[{_ATEXT}{_U}]+(?:\.[{_ATEXT}{_U}]+)*\Z")
+_QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"\Z')
+_QUOTED_UTF8 = re.compile(rf'"((?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*)"\Z')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+# Underscores are not RFC 5321, but Postfix's valid_hostname() takes them.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+_LABEL_UTF8 = rf"[A-Za-z0-9_{_U}](?:[A-Za-z0-9_{_U}-]*[A-Za-z0-9_{_U}])?"
+_DOMAIN_UTF8 = re.compile(rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*\Z")
+_NUMERIC = re.compile(r"[0-9.]*\Z")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+_VALUE_UTF8 = re.compile(rf"[\x21-\x3c\x3e-\x7e{_U}]+\Z")
+_ROUTING = frozenset("%!@")
+
+
+class AddressError(ValueError):
+    """A malformed MAIL FROM / RCPT TO argument; .reply is the SMTP answer."""
+
+    def __init__(self, reply: Reply, detail: str = "") -> None:
+        super().__init__(f"{reply}" + (f" ({detail})" if detail else ""))
+        self.reply = reply
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    address: str
+    local: str = ""
+    domain: str = ""
+    params: dict[str, str | None] = field(default_factory=dict)
+    route: tuple[str, ...] = ()
+    quoted: bool = False
+    raw: str = ""
+
+    @property
+    def null(self) -> bool:
+        return not self.address
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.route) or not _ROUTING.isdisjoint(self.local)
+
+
+def parse_mail_arg(arg: str, smtputf8: bool = False) -> Path:
+    if arg[:5].upper() != "FROM:":
+        raise AddressError(MAIL_SYNTAX)
+    return parse_path(arg[5:], smtputf8, mail=True)
+
+
+def parse_rcpt_arg(arg: str, smtputf8: bool = False) -> Path:
+    if arg[:3].upper() != "TO:":
+        raise AddressError(RCPT_SYNTAX)
+    return parse_path(arg[3:], smtputf8, mail=False)
+
+
+def parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path:
+    bad = BAD_SENDER if mail else BAD_RECIPIENT
+    text = text.lstrip(" \t")
+    if not text.startswith("<"):
+        raise AddressError(bad, "missing <")
+    end = _closing_bracket(text)
+    if end < 0:
+        raise AddressError(bad, "missing >")
+    raw = text[1:end]
+    rest = text[end + 1:]
+    if not smtputf8 and not text.isascii():
+        raise AddressError(NEED_SMTPUTF8)
+    if rest and rest[0] not in " \t":
+        raise AddressError(bad, "junk after >")
+    params = _parse_params(rest, smtputf8)
+    if not raw:
+        if not mail:
+            raise AddressError(bad, "null recipient")
+        return Path("", params=params)
+    route: tuple[str, ...] = ()
+    mailbox = raw
+    if raw[0] == "@":
+        colon = raw.find(":")
+        if colon < 0:
+            raise AddressError(bad, "route without ':'")
+        route = tuple(_route_domains(raw[:colon], bad, smtputf8))
+        mailbox = raw[colon + 1:]
+    local, domain, quoted = _parse_mailbox(mailbox, bad, smtputf8)
+    address = f"{local}@{domain}" if domain else local
+    return Path(address, local, domain, params, route, quoted, raw)
+
+
+def split(address: str) -> tuple[str, str]:
+    at = address.rfind("@")
+    if at < 0:
+        return address, ""
+    return address[:at], address[at + 1:]
+
+
+def is_address_literal(domain: str) -> bool:
+    return domain.startswith("[") and domain.endswith("]")
+
+
+def valid_address_literal(domain: str) -> bool:
+    if not is_address_literal(domain) or len(domain) < 3:
+        return False
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        return _valid_ip(inner[5:], 6)
+    return _valid_ip(inner, 4)
+
+
+def is_valid_hostname(name: str) -> bool:
+    if not name or len(name) > MAX_DOMAIN or not name.isascii():
+        return False
+    if not _DOMAIN.match(name) or _NUMERIC.match(name):
+        return False
+    return all(len(label) <= MAX_LABEL for label in name.split("."))
+
+
+def is_fqdn(domain: str, smtputf8: bool = False) -> bool:
+    # Postfix drops one trailing dot ("a.example.") but not two.
+    if len(domain) > 1 and domain.endswith(".") and not domain.endswith(".."):
+        domain = domain[:-1]
+    if "." not in domain:
+        return False
+    if domain.isascii():
+        return is_valid_hostname(domain)
+    if not smtputf8 or len(domain) > MAX_DOMAIN or not _DOMAIN_UTF8.match(domain):
+        return False
+    return all(len(label) <= MAX_LABEL for label in domain.split("."))
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _closing_bracket(text: str) -> int:
+    if '"' not in text:
+        return text.find(">")
+    quoted = escaped = False
+    for i in range(1, len(text)):
+        ch = text[i]
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return i
+    return -1
+
+
+def _parse_params(rest: str, smtputf8: bool) -> dict[str, str | None]:
+    if not rest:
+        return {}
+    params: dict[str, str | None] = {}
+    value_re = _VALUE_UTF8 if smtputf8 else _VALUE
+    for word in rest.split():
+        keyword, eq, value = word.partition("=")
+        key = keyword.upper()
+        if (not _KEYWORD.match(keyword) or (eq and not value_re.match(value))
+                or key in params):
+            raise AddressError(Reply(555, "5.5.4", f"Unsupported option: {_printable(word)}"))
+        params[key] = value if eq else None
+    return params
+
+
+def _printable(text: str) -> str:
+    # Reply text must stay one clean line of printable characters.
+    out = "".join(ch if " " < ch < "\x7f" or ch > "\x9f" else "?" for ch in text)
+    return out[:100]
+
+
+def _route_domains(route: str, bad: Reply, smtputf8: bool) -> list[str]:
+    domains = []
+    for hop in route.split(","):
+        if not hop.startswith("@") or not _valid_domain(hop[1:], smtputf8):
+            raise AddressError(bad, "bad source route")
+        domains.append(hop[1:])
+    return domains
+
+
+def _parse_mailbox(mailbox: str, bad: Reply, smtputf8: bool) -> tuple[str, str, bool]:
+    if mailbox.startswith('"'):
+        at = _closing_quote(mailbox)
+        if at < 0:
+            raise AddressError(bad, "unterminated quoted string")
+        local_text, rest = mailbox[:at + 1], mailbox[at + 1:]
+        if rest and rest[0] != "@":
+            raise AddressError(bad, "junk after quoted local part")
+        domain = rest[1:] if rest else None
+        m = (_QUOTED_UTF8 if smtputf8 else _QUOTED).match(local_text)
+        if not m:
+            raise AddressError(bad, "bad quoted local part")
+        local = _QUOTED_PAIR.sub(r"\1", m.group(1))
+        if not local:
+            raise AddressError(bad, "empty local part")
+        quoted = True
+    else:
+        at = mailbox.rfind("@")
+        local_text, domain = (mailbox, None) if at < 0 else (mailbox[:at], mailbox[at + 1:])
+        if not (_DOT_STRING_UTF8 if smtputf8 else _DOT_STRING).match(local_text):
+            raise AddressError(bad, "bad local part")
+        local = local_text
+        quoted = False
+    if len(local) > MAX_LOCAL:
+        raise AddressError(bad, "local part too long")
+    if domain is None:
+        return local, "", quoted
+    if len(domain) > 1 and domain.endswith(".") and not domain.endswith(".."):
+        domain = domain[:-1]
+    if is_address_literal(domain):
+        if not valid_address_literal(domain):
+            raise AddressError(bad, "bad address literal")
+    elif not _valid_domain(domain, smtputf8):
+        raise AddressError(bad, "bad domain")
+    return local, domain, quoted
+
+
+def _closing_quote(text: str) -> int:
+    escaped = False
+    for i in range(1, len(text)):
+        ch = text[i]
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            return i
+    return -1
+
+
+def _valid_domain(domain: str, smtputf8: bool) -> bool:
+    if not domain or len(domain) > MAX_DOMAIN:
+        return False
+    pattern = _DOMAIN if domain.isascii() else _DOMAIN_UTF8 if smtputf8 else None
+    if pattern is None or not pattern.match(domain):
+        return False
+    return all(len(label) <= MAX_LABEL for label in domain.split("."))
+
+
+def _valid_ip(text: str, version: int) -> bool:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return ip.version == version and "%" not in text

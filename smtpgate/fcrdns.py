@@ -1,0 +1,75 @@
+"""fcrdns - gather the DNS facts of the client and HELO checks.
+
+SYNOPSIS
+    MAX_NAMES = 10
+    async client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts
+    async helo_facts(resolver: Resolver, name: str) -> HeloDns
+
+DESCRIPTION
+    The I/O edge of smtpgate.checks.client_fcrdns and smtpgate.checks.helo:
+    lookups only, no decision.
+
+    client_hostname() looks up the PTR of ip, then, in parallel, the
+    forward records of at most MAX_NAMES of its names (Postfix also stops
+    at 10): A for an IPv4 client, AAAA for an IPv6 one, since an address
+    of the other family can never match. An IPv4-mapped IPv6 address is
+    treated as IPv4. Names that are not valid host names are kept in the
+    facts (for the log) but not looked up. The facts' ttl is the smallest
+    TTL seen (0 when something failed). ip must be an IP address
+    (ValueError otherwise).
+
+    helo_facts() looks up A, AAAA and MX of name in parallel: "ok" when any
+    has records (a null MX counts, as Postfix lets MTA names have one),
+    else "tempfail" when any lookup failed temporarily, else "notfound".
+    A trailing dot is ignored. Both run in about one DNS round trip after
+    the PTR, each bounded by the resolver's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+from smtpgate.address import is_valid_hostname
+from smtpgate.checks.client_fcrdns import FcrdnsFacts, Forward
+from smtpgate.checks.helo import HeloDns
+from smtpgate.resolver import DnsAnswer, Resolver
+
+MAX_NAMES = 10
+
+
+async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    client = str(address)
+    ptr = await resolver.ptr(client)
+    if ptr.status != "ok":
+        return FcrdnsFacts(client, ptr.status, ttl=ptr.ttl)
+    names = tuple(dict.fromkeys(ptr.values))[:MAX_NAMES]
+    lookable = [n for n in names if is_valid_hostname(n)]
+    rdtype = "A" if address.version == 4 else "AAAA"
+    answers = await asyncio.gather(*(resolver.lookup(n, rdtype) for n in lookable))
+    forward = tuple(Forward(n, a.status, a.values) for n, a in zip(lookable, answers, strict=True))
+    ttls = [ptr.ttl, *(a.ttl for a in answers)]
+    failed = any(a.status == "tempfail" for a in answers)
+    return FcrdnsFacts(client, "ok", names, forward, 0 if failed else min(ttls))
+
+
+async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
+    name = name[:-1] if name.endswith(".") and not name.endswith("..") else name
+    a, aaaa, mx = await asyncio.gather(
+        resolver.lookup(name, "A"), resolver.lookup(name, "AAAA"), resolver.lookup(name, "MX"))
+    found = [x for x in (a, aaaa, mx) if x.status == "ok"]
+    if found:
+        return HeloDns("ok", min(x.ttl for x in found), a.values + aaaa.values, _values(mx))
+    if any(x.status == "tempfail" for x in (a, aaaa, mx)):
+        return HeloDns("tempfail")
+    return HeloDns("notfound", min(a.ttl, aaaa.ttl, mx.ttl))
+
+
+def _values(answer: DnsAnswer) -> tuple[str, ...]:
+    return answer.values if answer.status == "ok" else ()

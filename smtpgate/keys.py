@@ -1,0 +1,310 @@
+"""keys - every Redis key format of smtpgate, in one place.
+
+SYNOPSIS
+    PSA, REV, HLO, VDOM, VALI, VBOX, RECIP, LOGMAP      the image's prefixes (str)
+    PREFIXES                                           all of them, in that order
+    RECIPIENT_DELIMITER = "+"
+
+    key(prefix, name) -> str                           "PSA" + "1.2.3.4" -> "PSA:1.2.3.4"
+    split_key(redis_key) -> tuple[str, str] | None     the inverse, None for foreign keys
+    client_ip(text) -> IPv4Address | IPv6Address        IPv4-mapped IPv6 unwrapped
+    parse_network(name) -> IPv4Network | IPv6Network | None
+    network_keys(prefix, ip) -> list[str]              exact IP, then every network, longest first
+    split_address(address) -> tuple[str, str]          (local, domain), domain lower-cased
+    address_keys(prefix, address) -> list[str]         full, without +ext, @domain (VALI, VBOX)
+    recip_keys(address) -> list[str]                   full address, then domain (RECIP)
+    logmap_keys(sender) -> list[str]                   sender, then @domain (LOGMAP)
+    split_targets(value) -> tuple[str, ...]            "a@x, b@x c@x" -> ("a@x", "b@x", "c@x")
+
+    normalize_key(prefix, name) -> str                 canonical key name, ValueError why not
+    check_value(prefix, value) -> str                  the value to store, ValueError why not
+
+    smtpgate's own keys (the section at the end: "smtpgate:" ...)
+
+DESCRIPTION
+    The image's keys are the users' data and are read exactly as stored:
+    `<PREFIX>:<name>` -> string value. The lookup order of each table is
+    defined here so that the lookup layer, the socketmap and the CLI agree:
+
+    PSA, REV   client IP exactly, then CIDR networks (`PSA:192.168.0.0/24`),
+               most specific first; REV also by client hostname.
+    HLO        the HELO name, case-insensitively.
+    VDOM       the domain, case-insensitively.
+    VALI, VBOX the address, then the address without its +extension, then
+               `@domain` (the virtual(5) order). Addresses are looked up
+               lower-cased, as Postfix folds table keys.
+    RECIP      the address, then the domain (access(5) order, no parents).
+    LOGMAP     the sender, then `@domain`.
+
+    network_keys() writes networks the way ipaddress prints them
+    (`10.0.0.0/8`, `2001:db8::/32`); the CLI stores them that way.
+
+    normalize_key() and check_value() are the CLI's validation: an IP or
+    CIDR (or a hostname for REV) for PSA/REV, a domain for VDOM, addresses
+    for VALI/VBOX/RECIP/LOGMAP, known access(5) actions for PSA, REV, HLO
+    and RECIP. Their ValueError text is a complete sentence for the user.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from smtpgate import access_action
+
+PSA = "PSA"
+REV = "REV"
+HLO = "HLO"
+VDOM = "VDOM"
+VALI = "VALI"
+VBOX = "VBOX"
+RECIP = "RECIP"
+LOGMAP = "LOGMAP"
+PREFIXES = (PSA, REV, HLO, VDOM, VALI, VBOX, RECIP, LOGMAP)
+
+# Tables whose values are access(5) actions; PSA is postscreen's access list.
+ACCESS_TABLES = frozenset({PSA, REV, HLO, RECIP})
+_Kind = access_action.Kind
+PSA_ACTIONS = frozenset({_Kind.OK, _Kind.REJECT, _Kind.DUNNO})
+
+RECIPIENT_DELIMITER = "+"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def key(prefix: str, name: str) -> str:
+    return f"{prefix}:{name}"
+
+
+def split_key(redis_key: str) -> tuple[str, str] | None:
+    prefix, sep, name = redis_key.partition(":")
+    if not sep or prefix not in PREFIXES:
+        return None
+    return prefix, name
+
+
+# --- addresses and networks --------------------------------------------------------------------
+
+
+def client_ip(text: str | IPAddress) -> IPAddress:
+    """The client address as a lookup key; ::ffff:a.b.c.d is the IPv4 client it carries."""
+    ip = text if isinstance(text, ipaddress.IPv4Address | ipaddress.IPv6Address) else (
+        ipaddress.ip_address(str(text).strip().strip("[]").removeprefix("IPv6:")))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_network(name: str) -> IPNetwork | None:
+    """An IP (as a host network) or a CIDR network, host bits allowed; None if neither."""
+    text = name.strip()
+    if text.startswith("["):  # Postfix's [::1]/128 style
+        text = text[1:].replace("]", "", 1)
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None \
+            and net.prefixlen >= 96:
+        return ipaddress.ip_network(
+            f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}", strict=False)
+    return net
+
+
+def network_keys(prefix: str, ip: str | IPAddress) -> list[str]:
+    """Keys to try for a client IP when no index is loaded: exact, then /32 (/128) down to /0."""
+    addr = client_ip(ip)
+    keys = [key(prefix, str(addr))]
+    for length in range(addr.max_prefixlen, -1, -1):
+        net = ipaddress.ip_network(f"{addr}/{length}", strict=False)
+        keys.append(key(prefix, str(net)))
+    return keys
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, domain) of an address; the domain lower-cased, '' when there is none."""
+    text = address.strip().removeprefix("<").removesuffix(">")
+    local, sep, domain = text.rpartition("@")
+    if not sep:
+        return text, ""
+    return local, domain.lower().rstrip(".")
+
+
+def _strip_extension(local: str) -> str:
+    base, sep, _ = local.partition(RECIPIENT_DELIMITER)
+    return base if sep and base else local
+
+
+def address_keys(prefix: str, address: str) -> list[str]:
+    """virtual(5) order: user+ext@domain, user@domain, @domain (lower-cased, no duplicates)."""
+    local, domain = split_address(address)
+    local = local.lower()
+    names = [f"{local}@{domain}" if domain else local]
+    base = _strip_extension(local)
+    if base != local:
+        names.append(f"{base}@{domain}" if domain else base)
+    if domain:
+        names.append(f"@{domain}")
+    return [key(prefix, n) for n in names]
+
+
+def recip_keys(address: str) -> list[str]:
+    local, domain = split_address(address)
+    names = [f"{local.lower()}@{domain}" if domain else local.lower()]
+    if domain:
+        names.append(domain)
+    return [key(RECIP, n) for n in names]
+
+
+def logmap_keys(sender: str) -> list[str]:
+    local, domain = split_address(sender)
+    names = [f"{local.lower()}@{domain}" if domain else local.lower()]
+    if domain:
+        names.append(f"@{domain}")
+    return [key(LOGMAP, n) for n in names]
+
+
+def split_targets(value: str) -> tuple[str, ...]:
+    """Multi-target values (VALI aliases, LOGMAP logins): spaces and commas both separate."""
+    return tuple(t for t in re.split(r"[\s,]+", value.strip()) if t)
+
+
+# --- validation for the CLI ---------------------------------------------------------------------
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LOCAL = re.compile(r"^[^\s@,<>\"]+$")
+
+
+def is_domain(name: str) -> bool:
+    labels = name.split(".")
+    return len(labels) > 1 and len(name) <= 253 and all(
+        _LABEL.match(label) or (label.startswith("xn--") and _LABEL.match(label))
+        for label in labels)
+
+
+def is_address(text: str) -> bool:
+    local, sep, domain = text.rpartition("@")
+    return bool(sep and local and _LOCAL.match(local) and is_domain(domain.lower()))
+
+
+def _normalize_network(prefix: str, name: str) -> str:
+    net = parse_network(name)
+    if net is None:
+        raise ValueError(f"{prefix} key {name!r} is not an IP address or CIDR network")
+    try:
+        ipaddress.ip_network(name.strip().lstrip("[").replace("]", "", 1), strict=True)
+    except ValueError:
+        raise ValueError(f"{prefix} key {name!r} has host bits set; did you mean {net}?") from None
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def normalize_key(prefix: str, name: str) -> str:
+    """The canonical key name to store under PREFIX; ValueError with the reason if refused."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown prefix {prefix!r} (one of {', '.join(PREFIXES)})")
+    text = name.strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(f"{prefix} key {name!r} is empty or contains white space")
+    if prefix == PSA:
+        return _normalize_network(prefix, text)
+    if prefix == REV:
+        if parse_network(text) is not None:
+            return _normalize_network(prefix, text)
+        if is_domain(text.lower().rstrip(".")):
+            return text.lower().rstrip(".")
+        raise ValueError(f"REV key {name!r} is not an IP address, CIDR network or hostname")
+    if prefix == HLO:
+        return text.lower()
+    if prefix == VDOM:
+        if not is_domain(text.lower().rstrip(".")):
+            raise ValueError(f"VDOM key {name!r} is not a domain name")
+        return text.lower().rstrip(".")
+    if prefix == RECIP:
+        if is_domain(text.lower()) or is_address(text):
+            return _lower_address(text)
+        raise ValueError(f"RECIP key {name!r} is not an address or a domain")
+    # VALI, VBOX, LOGMAP: an address, or @domain (catch-all)
+    if text.startswith("@") and is_domain(text[1:].lower()):
+        return text.lower()
+    if is_address(text):
+        return _lower_address(text)
+    raise ValueError(f"{prefix} key {name!r} is not an address or @domain")
+
+
+def _lower_address(text: str) -> str:
+    return text.lower()
+
+
+def check_value(prefix: str, value: str) -> str:
+    """The value to store under PREFIX (stripped; aliases comma-free); ValueError if refused."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown prefix {prefix!r} (one of {', '.join(PREFIXES)})")
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{prefix} value is empty")
+    if prefix in ACCESS_TABLES:
+        action = access_action.parse(text)
+        if action.kind is access_action.Kind.INVALID:
+            raise ValueError(f"{prefix} value {value!r}: {action.reason}")
+        if text.isdigit():
+            raise ValueError(
+                f"{prefix} value {value!r}: an all-numerical value means OK in access(5); "
+                f"write '{text} text' or REJECT to refuse")
+        if prefix == PSA and action.kind not in PSA_ACTIONS:
+            raise ValueError(f"PSA value {value!r} is not permit, reject or dunno")
+        return text
+    if prefix == VALI:
+        targets = split_targets(text)
+        bad = [t for t in targets if not is_address(t)]
+        if bad:
+            raise ValueError(f"VALI value: {', '.join(bad)} is not an address (user@domain)")
+        return " ".join(targets)
+    if prefix == LOGMAP:
+        return " ".join(split_targets(text))
+    if prefix == VBOX and any(c.isspace() for c in text):
+        raise ValueError(f"VBOX value {value!r} contains white space (a mailbox path)")
+    return text
+
+
+# --- smtpgate's own keys -------------------------------------------------------------------------
+# Everything smtpgate itself writes lives under "smtpgate:" so it never collides with the
+# image's tables. Add new formats below, one constant or function per key, with a comment
+# saying what the value is and who expires it.
+
+OWN_PREFIX = "smtpgate:"
+
+# ---- screening (owned by the screening engineer; add here) ----
+
+# Screening cache: a hash per client IP; field = test name (pregreet, dnsbl, pipelining,
+# non_smtp_command, bare_newline), value = Unix time the pass expires, "0" = failed.
+# The key's own EXPIRE is the longest expiry in it (smtpgate.screening_cache sets it), so
+# Redis removes whole entries and nothing ever scans the cache.
+SCREENING = OWN_PREFIX + "psc:"
+# Sessions in flight: sorted sets of session ids scored by lease deadline (Redis TIME),
+# per client (client_key: IPv4, or IPv6 /64) and for all hosts together. Live processes
+# renew their leases; a crashed process's sessions fall out when their deadline passes.
+SESSIONS = OWN_PREFIX + "sessions:"
+SESSIONS_ALL = OWN_PREFIX + "sessions"
+# Connection rate: a sorted set per client of session ids scored by connect time, trimmed
+# to the last 60 s on every connect, expiring 60 s after the last connect.
+RATE = OWN_PREFIX + "rate:"
+
+
+def screening_key(ip: str) -> str:
+    return SCREENING + ip
+
+
+def sessions_key(client: str) -> str:
+    return SESSIONS + client
+
+
+def rate_key(client: str) -> str:
+    return RATE + client
+
+
+# ---- failed AUTH counters (auth_limits) ----
+# Value: the number of failed logins; INCR'd by auth_limits.record_failure(), which sets the
+# expiry (10 minutes, restarted by each failure); record_success() deletes the login's key.
+AUTHFAIL_IP = OWN_PREFIX + "authfail:ip:"  # + client IPv4 address, or IPv6 /64 network
+AUTHFAIL_LOGIN = OWN_PREFIX + "authfail:login:"  # + the login name, lower-cased

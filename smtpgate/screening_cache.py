@@ -1,0 +1,292 @@
+"""screening_cache - postscreen's temporary allowlist and the connection counters, in Redis.
+
+SYNOPSIS
+    ScreeningStoreError                    every Redis failure (the session answers 421 4.3.0)
+
+    ScreeningCache(redis, *, fail_ttl=86400.0, timeout=2.0, clock=time.time)
+        await .get(ip) -> dict[str, float]           test -> pass expiry (Unix time; 0 = failed)
+        await .record_pass(ip, test, ttl) -> None
+        await .record_passes(ip, {test: ttl, ...}) -> None
+        await .record_fail(ip, test) -> None
+    passed(entries, test, now) -> bool
+    allowlisted(entries, tests, now) -> bool
+    TESTS
+
+    ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
+        await .connect(ip) -> Lease              counts this session in; Lease has the counts
+        await .release(lease) -> None            counts it out (safe to call twice)
+        await .refresh() -> None                 renews the leases of this process's sessions
+        await .run_refresher() -> None           refresh() every lease/3 s until cancelled
+    Lease(ip, client, session_id, client_count, client_rate, total)
+
+DESCRIPTION
+    Everything lives under `smtpgate:` (smtpgate.keys) and is shared by all
+    smtpgate processes and hosts that use one Redis. Each call is one round
+    trip (a Lua script or one pipeline). Redis errors, timeouts and lost
+    connections raise ScreeningStoreError and nothing else.
+
+    The screening cache is one hash per client IP (`smtpgate:psc:<ip>`),
+    one field per test holding the Unix time its pass expires. A pass
+    extends the key's own EXPIRE to the longest expiry in it, so Redis
+    drops whole entries by itself: no process scans the cache, and there is
+    no cleanup to coordinate between processes. record_fail() removes every
+    pass of that client and marks the test failed (0) for at least
+    `fail_ttl`: a client that failed a test is never allowlisted until it
+    passes that test again. passed() and allowlisted() read get()'s result:
+    a test counts only when its expiry is still ahead of `now`.
+
+    The counters implement the connect-time limits for smtpgate.checks.limits:
+    - sessions in flight, per client (client_key: IPv4 as is, IPv6 per
+      /ipv6_prefix) and for everyone, are sorted sets of session ids scored
+      by a lease deadline taken from Redis's own clock (TIME), so hosts with
+      skewed clocks agree. connect() adds the session, drops members whose
+      lease ran out, and returns the counts, including this session.
+      release() removes it. A process renews its own sessions' leases with
+      refresh() (run_refresher() in the background); if it crashes, its
+      sessions fall out of the counts within `lease` seconds.
+    - the connection rate is a sorted set of connect times per client,
+      trimmed to the last 60 seconds on each connect: an exact sliding
+      window, as Postfix's anvil counts, expiring when the client goes quiet.
+    Refused connections are counted too (anvil counts attempts); the session
+    calls release() when it closes, whatever the verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import redis.exceptions
+
+from smtpgate import keys
+from smtpgate.checks.limits import client_key
+
+TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
+RATE_WINDOW = 60
+
+
+class ScreeningStoreError(Exception):
+    """Redis could not be used for screening state; the session answers 421 4.3.0."""
+
+
+@contextlib.asynccontextmanager
+async def _redis_call(what: str, timeout: float):
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise ScreeningStoreError(f"{what}: {exc}") from exc
+    except TimeoutError as exc:
+        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- the screening cache ---------------------------------------------------------------------
+
+# ARGV: now, fail_ttl_ms, then (field, expiry, ttl_ms) triples. Fields with expiry 0 are
+# failures: on the first one, every pass in the hash is removed.
+_RECORD = """
+local key = KEYS[1]
+local longest = redis.call('PTTL', key)
+for i = 3, #ARGV, 3 do
+    local field, expiry, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    if expiry == '0' then
+        local entries = redis.call('HGETALL', key)
+        for j = 1, #entries, 2 do
+            if entries[j + 1] ~= '0' then redis.call('HDEL', key, entries[j]) end
+        end
+        ttl = tonumber(ARGV[2])
+        longest = 0  -- the removed passes no longer hold the entry
+    end
+    redis.call('HSET', key, field, expiry)
+    if ttl > longest then longest = ttl end
+end
+if longest > 0 then redis.call('PEXPIRE', key, longest) end
+return longest
+"""
+
+
+class ScreeningCache:
+    def __init__(
+        self,
+        redis_client,
+        *,
+        fail_ttl: float = 86400.0,
+        timeout: float = 2.0,
+        clock=time.time,
+    ) -> None:
+        self._redis = redis_client
+        self._record = redis_client.register_script(_RECORD)
+        self._fail_ttl = fail_ttl
+        self._timeout = timeout
+        self._clock = clock
+
+    async def get(self, ip: str) -> dict[str, float]:
+        async with _redis_call(f"screening cache read for {ip}", self._timeout):
+            raw = await self._redis.hgetall(keys.screening_key(ip))
+        result = {}
+        for field, value in raw.items():
+            with contextlib.suppress(ValueError):
+                result[_text(field)] = float(_text(value))
+        return result
+
+    async def record_pass(self, ip: str, test: str, ttl: float) -> None:
+        await self.record_passes(ip, {test: ttl})
+
+    async def record_passes(self, ip: str, passes: Mapping[str, float]) -> None:
+        now = self._clock()
+        args: list = []
+        for test, ttl in passes.items():
+            _check_test(test)
+            if ttl <= 0:
+                continue  # nothing to cache; 0 would read as a failure
+            args += [test, f"{now + ttl:.3f}", int(ttl * 1000)]
+        if args:
+            await self._run(ip, args, f"screening cache pass for {ip}")
+
+    async def record_fail(self, ip: str, test: str) -> None:
+        _check_test(test)
+        await self._run(ip, [test, "0", 0], f"screening cache failure for {ip}")
+
+    async def _run(self, ip: str, args: list, what: str) -> None:
+        async with _redis_call(what, self._timeout):
+            await self._record(
+                keys=[keys.screening_key(ip)],
+                args=[f"{self._clock():.3f}", int(self._fail_ttl * 1000), *args],
+            )
+
+
+def _check_test(test: str) -> None:
+    if test not in TESTS:
+        raise ValueError(f"{test!r} is not a screening test ({', '.join(TESTS)})")
+
+
+def passed(entries: Mapping[str, float], test: str, now: float) -> bool:
+    return entries.get(test, 0.0) > now
+
+
+def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) -> bool:
+    """postscreen's PASS OLD: every enabled test has an unexpired pass, none failed."""
+    tests = tuple(tests)
+    return bool(tests) and all(passed(entries, t, now) for t in tests)
+
+
+# --- the connection counters -----------------------------------------------------------------
+
+# KEYS: client sessions, all sessions, client rate. ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate, total}, this session included.
+_CONNECT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local id = ARGV[1]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + lease, id)
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + lease, id)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+redis.call('ZADD', KEYS[3], now, id)
+redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000))
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[2])}
+"""
+
+# KEYS: all sessions, then one client-sessions key per session. ARGV: lease, then the ids.
+_REFRESH = """
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #KEYS do
+    redis.call('ZADD', KEYS[i], deadline, ARGV[i])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[1]) * 1000))
+    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+end
+return #KEYS - 1
+"""
+
+_REFRESH_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    ip: str
+    client: str
+    session_id: str
+    client_count: int
+    client_rate: int
+    total: int
+
+
+class ConnectionCounter:
+    def __init__(
+        self,
+        redis_client,
+        *,
+        lease: float = 120.0,
+        ipv6_prefix: int = 64,
+        timeout: float = 2.0,
+        instance: str = "",
+    ) -> None:
+        self._redis = redis_client
+        self._connect = redis_client.register_script(_CONNECT)
+        self._refresh = redis_client.register_script(_REFRESH)
+        self._lease = lease
+        self._ipv6_prefix = ipv6_prefix
+        self._timeout = timeout
+        self._instance = instance or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._serial = itertools.count(1)
+        self._live: dict[str, str] = {}  # session id -> client key, for refresh()
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    async def connect(self, ip: str) -> Lease:
+        client = client_key(ip, self._ipv6_prefix)
+        session_id = f"{self._instance}:{next(self._serial)}"
+        async with _redis_call(f"connection count for {ip}", self._timeout):
+            count, rate, total = await self._connect(
+                keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client)],
+                args=[session_id, self._lease, RATE_WINDOW],
+            )
+        self._live[session_id] = client
+        return Lease(ip, client, session_id, int(count), int(rate), int(total))
+
+    async def release(self, lease: Lease) -> None:
+        if self._live.pop(lease.session_id, None) is None:
+            return
+        what = f"connection release for {lease.ip}"
+        async with (
+            _redis_call(what, self._timeout),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            pipe.zrem(keys.sessions_key(lease.client), lease.session_id)
+            pipe.zrem(keys.SESSIONS_ALL, lease.session_id)
+            await pipe.execute()
+
+    async def refresh(self) -> None:
+        # Renewing re-adds members too, so a session whose lease lapsed while this process
+        # was stalled counts again; a release racing this call leaves at most one stale
+        # member, which expires after one lease.
+        live = list(self._live.items())
+        for start in range(0, len(live), _REFRESH_BATCH):
+            batch = live[start:start + _REFRESH_BATCH]
+            async with _redis_call("connection lease renewal", self._timeout):
+                await self._refresh(
+                    keys=[keys.SESSIONS_ALL, *(keys.sessions_key(c) for _, c in batch)],
+                    args=[self._lease, *(sid for sid, _ in batch)],
+                )
+
+    async def run_refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            with contextlib.suppress(ScreeningStoreError):
+                await self.refresh()  # Redis down now: the next round tries again

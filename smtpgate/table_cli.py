@@ -1,0 +1,147 @@
+"""table_cli - `smtpgate table get|set|del|list PREFIX [KEY [VALUE]]`.
+
+SYNOPSIS
+    run(args, config, *, stdout=sys.stdout, stderr=sys.stderr) -> int
+    USAGE
+
+DESCRIPTION
+    Manages the image's Redis keys with validation. args are the words after
+    `table` (a leading "table" is also accepted). PREFIX is one of PSA REV
+    HLO VDOM VALI VBOX RECIP LOGMAP, in any case.
+
+    get PREFIX KEY          print the value of PREFIX:KEY
+    set PREFIX KEY VALUE..  store it; the words of VALUE are joined by spaces
+    del PREFIX KEY          delete it
+    list PREFIX [PATTERN]   print "KEY VALUE" lines for PREFIX:PATTERN (glob,
+                            default *), read with SCAN so Redis is never blocked
+
+    Keys are stored the way smtpgate looks them up (keys.normalize_key):
+    networks canonical (`192.168.0.0/24`), names and addresses lower-cased;
+    a key with host bits (`10.0.0.1/8`) or of the wrong kind for the prefix
+    (a domain in PSA, a word in VDOM, not an address in VALI) is refused,
+    and so is a value smtpgate would not honour (keys.check_value: unknown
+    access action, an alias target that is not an address).
+
+    Results go to stdout; refusals and errors to stderr as one sentence.
+    Exit status: 0 done, 1 refused, not found or Redis unreachable, 2 usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import redis
+from redis.exceptions import RedisError
+
+from smtpgate import keys
+from smtpgate.config import mask_secret
+
+USAGE = """usage: smtpgate table get PREFIX KEY
+       smtpgate table set PREFIX KEY VALUE...
+       smtpgate table del PREFIX KEY
+       smtpgate table list PREFIX [PATTERN]
+PREFIX: """ + " ".join(keys.PREFIXES)
+
+_ARITY = {"get": (2, 2), "set": (3, None), "del": (2, 2), "list": (1, 2)}
+
+
+class _Refused(Exception):
+    pass
+
+
+def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    words = list(args)
+    if words and words[0] == "table":
+        words = words[1:]
+    if not words or words[0] in ("-h", "--help", "help"):
+        print(USAGE, file=err if not words else out)
+        return 2 if not words else 0
+    command, rest = words[0], words[1:]
+    if command not in _ARITY:
+        print(f"smtpgate table: unknown command {command!r}\n{USAGE}", file=err)
+        return 2
+    low, high = _ARITY[command]
+    if len(rest) < low or (high is not None and len(rest) > high):
+        print(f"smtpgate table {command}: wrong number of arguments\n{USAGE}", file=err)
+        return 2
+    prefix = rest[0].upper().rstrip(":")
+    if prefix not in keys.PREFIXES:
+        print(f"smtpgate table: unknown prefix {rest[0]!r} (one of {' '.join(keys.PREFIXES)})",
+              file=err)
+        return 2
+    client = redis.Redis.from_url(
+        config.redis, decode_responses=True, socket_timeout=config.redis_timeout,
+        socket_connect_timeout=config.redis_timeout)
+    try:
+        return _COMMANDS[command](client, prefix, rest[1:], out, err)
+    except _Refused as exc:
+        print(f"smtpgate table {command}: {exc}", file=err)
+        return 1
+    except (RedisError, OSError) as exc:
+        print(f"smtpgate table: Redis at {mask_secret(config.redis)} failed: {exc}", file=err)
+        return 1
+    finally:
+        client.close()
+
+
+def _key(prefix: str, name: str) -> str:
+    try:
+        return keys.key(prefix, keys.normalize_key(prefix, name))
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+
+
+def _get(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+    redis_key = _key(prefix, rest[0])
+    value = client.get(redis_key)
+    if value is None:
+        raise _Refused(f"no key {redis_key}")
+    print(value, file=out)
+    return 0
+
+
+def _set(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+    redis_key = _key(prefix, rest[0])
+    try:
+        value = keys.check_value(prefix, " ".join(rest[1:]))
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+    client.set(redis_key, value)
+    if redis_key != keys.key(prefix, rest[0]):
+        print(f"note: stored as {redis_key} (the form smtpgate looks up)", file=err)
+    print(f"{redis_key} {value}", file=out)
+    return 0
+
+
+def _del(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+    redis_key = _key(prefix, rest[0])
+    # A key stored before validation may differ from the canonical form: delete as written too.
+    removed = client.delete(*dict.fromkeys([redis_key, keys.key(prefix, rest[0])]))
+    if not removed:
+        raise _Refused(f"no key {redis_key}")
+    print(f"deleted {redis_key}", file=out)
+    return 0
+
+
+def _list(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+    pattern = f"{prefix}:{rest[0] if rest else '*'}"
+    rows = []
+    cursor = 0
+    while True:
+        cursor, found = client.scan(cursor, match=pattern, count=500)
+        if found:
+            values = client.mget(found)
+            rows += [(k, v) for k, v in zip(found, values, strict=True) if v is not None]
+        if cursor == 0:
+            break
+    for redis_key, value in sorted(rows):
+        print(f"{redis_key.partition(':')[2]} {value}", file=out)
+    print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {pattern}", file=err)
+    return 0
+
+
+_COMMANDS = {"get": _get, "set": _set, "del": _del, "list": _list}

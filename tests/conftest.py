@@ -1,0 +1,183 @@
+"""conftest - session-wide real services for the integration tests
+
+SYNOPSIS
+    Session fixtures (started on first use, once per pytest run, stopped at the end):
+        service_root    Path of the run's temporary directory
+        redis_server    services.redis_server.RedisServer
+        dns_server      services.dns_server.DnsServer
+        dovecot_server  services.dovecot_server.DovecotServer
+        rspamd_server   services.rspamd_server.RspamdServer
+        postfix_server  services.postfix_server.PostfixServer (uses dovecot, rspamd)
+    Function fixtures:
+        redis           redis.Redis on a flushed db 0 (Redis restarted if a test left it down)
+        dns             dns_server with no records and no special zones
+
+DESCRIPTION
+    Every service runs on free loopback ports inside one tempfile.mkdtemp()
+    directory, so two pytest runs on one machine do not collide, and none
+    touches /etc/postfix, /var/spool/postfix or /etc/rspamd/local.d. Each
+    start waits for readiness with a deadline and fails with the service's
+    own log tail. Services are stopped by the fixture finalizers, and again
+    at interpreter exit (an interrupted run), and foreground services get
+    SIGTERM if pytest dies. The directory is removed at the end unless
+    SMTPGATE_TEST_KEEP=1 is set (its path is printed in the header).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from services import procs
+from services.dns_server import DnsServer
+from services.dovecot_server import DovecotServer
+from services.gate_process import GateProcess, make_certificate
+from services.postfix_server import PostfixServer
+from services.redis_server import RedisServer
+from services.rspamd_server import RspamdServer
+from services.world import populate
+
+_root: Path | None = None
+
+
+def _service_root() -> Path:
+    global _root
+    if _root is None:
+        _root = procs.make_root()
+        if os.environ.get("SMTPGATE_TEST_KEEP") != "1":
+            # Registered first, so it runs after every service has stopped.
+            procs.on_exit(lambda: shutil.rmtree(_root, ignore_errors=True))
+    return _root
+
+
+def pytest_report_header(config) -> str:
+    return "smtpgate test services: SMTPGATE_TEST_KEEP=1 keeps their temporary directory"
+
+
+def _serve(service):
+    """Start service, stop it at the end of the session even if pytest is interrupted."""
+    procs.on_exit(service.stop)
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="session")
+def service_root() -> Path:
+    return _service_root()
+
+
+@pytest.fixture(scope="session")
+def redis_server(service_root):
+    server = _serve(RedisServer(service_root / "redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server):
+    if not redis_server.running:
+        redis_server.start()
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def dns_server(service_root):
+    server = _serve(DnsServer(service_root / "dns"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns(dns_server):
+    dns_server.clear()
+    return dns_server
+
+
+@pytest.fixture(scope="session")
+def dovecot_server(service_root):
+    server = _serve(DovecotServer(service_root / "dovecot"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd_server(service_root, dns_server):
+    server = _serve(RspamdServer(service_root / "rspamd", nameserver=dns_server.nameserver))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix_server(service_root, dovecot_server, rspamd_server):
+    server = _serve(
+        PostfixServer(
+            service_root / "postfix",
+            lmtp_port=dovecot_server.lmtp_port,
+            milter_port=rspamd_server.milter_port,
+            sasl_port=dovecot_server.auth_port,
+        )
+    )
+    yield server
+    server.stop()
+
+
+# --- smtpgate itself, in front of the harness's Postfix ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def certificate(service_root):
+    """(ca_path, cert_path, key_path) for mx.example.test, from a throwaway CA."""
+    directory = service_root / "tls"
+    directory.mkdir(exist_ok=True)
+    return make_certificate(directory)
+
+
+@pytest.fixture
+def world(redis, dns):
+    """The README's example keys and the loopback clients' DNS (services.world)."""
+    populate(redis, dns)
+    return redis
+
+
+@pytest.fixture(scope="session")
+def start_gate(service_root, postfix_server, redis_server, dns_server, dovecot_server,
+               certificate):
+    """start_gate(**env) -> a running `smtpgate serve` relaying to the harness's Postfix.
+
+    MX only by default, no greet wait, mynetworks empty (so 127.0.0.x clients are strangers);
+    every SMTPGATE_* setting can be overridden. Each is stopped at the end of the session,
+    or earlier with .stop().
+    """
+    _, cert, key = certificate
+    started: list[GateProcess] = []
+    counter = iter(range(1_000_000))
+
+    def start(**env: str) -> GateProcess:
+        gate = GateProcess(service_root / f"gate{next(counter)}", {
+            "REDIS": redis_server.url,
+            "SMTPGATE_NAMESERVERS": dns_server.nameserver,
+            "SMTPGATE_NEXT_HOP": f"127.0.0.1:{postfix_server.port}",
+            "SMTPGATE_SUBMISSION_NEXT_HOP": f"127.0.0.1:{postfix_server.submission_port}",
+            "DOVECOT": "127.0.0.1",
+            "SMTPGATE_DOVECOT_AUTH_PORT": str(dovecot_server.auth_port),
+            "SMTPGATE_TLS_CERT": str(cert),
+            "SMTPGATE_TLS_KEY": str(key),
+            "SMTPGATE_TLS_OPTIONAL": "no",
+            "SMTPGATE_MYNETWORKS": "",
+            "SMTPGATE_GREET_WAIT": "0",
+            "SMTPGATE_DNS_TIMEOUT": "2",
+            **env,
+        })
+        procs.on_exit(gate.stop)
+        gate.start()
+        started.append(gate)
+        return gate
+
+    yield start
+    for gate in started:
+        gate.stop()

@@ -1,0 +1,36 @@
+"""world - the test world's DNS records and Redis keys: who the loopback clients are.
+
+SYNOPSIS
+    populate(redis_client, dns_server)
+    KEYS, GOOD_CLIENTS
+
+DESCRIPTION
+    127.0.0.70 .. 127.0.0.99 are well-behaved clients: each has a PTR
+    hostNN.clients.example.test whose A record points back (FCrDNS passes),
+    and client.example.test (the HELO the tests use) resolves. Other
+    addresses have no PTR unless a test gives them one. The keys are the
+    seed image README's examples.
+"""
+
+from __future__ import annotations
+
+GOOD_CLIENTS = [f"127.0.0.{n}" for n in range(70, 100)]
+
+KEYS = {
+    "VDOM:example.com": "example.com",
+    "VALI:user1@example.com": "user1@example.com",
+    "VALI:user2@example.com": "user2@example.com",
+    "VALI:postmaster@example.com": "user1@example.com",
+    "VALI:sales@example.com": "user1@example.com user2@example.com",
+}
+
+
+def populate(redis_client, dns_server) -> None:
+    redis_client.mset(KEYS)
+    records = [("client.example.test", "A", "127.0.0.77")]
+    for ip in GOOD_CLIENTS:
+        name = f"host{ip.rsplit('.', 1)[1]}.clients.example.test"
+        records.append((name, "A", ip))
+    dns_server.set(records)
+    for ip in GOOD_CLIENTS:
+        dns_server.add_ptr(ip, f"host{ip.rsplit('.', 1)[1]}.clients.example.test")

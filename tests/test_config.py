@@ -1,0 +1,297 @@
+"""test_config - the configuration layer: defaults, TOML then environment, one clear error.
+
+Also guards conf/smtpgate.toml (every setting listed, at its true default)
+and runs `smtpgate check-config` as a process, as a user would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtpgate.config import Config, ConfigError, HostPort, env_name, load, mask_secret
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "conf" / "smtpgate.toml"
+KEY_LINE = re.compile(r"^# (\w+) = (.*)$")
+BASE = {"HOSTNAME": "mx.example.test"}  # keeps socket.getfqdn() out of the comparisons
+
+
+def load_with(env: dict[str, str]) -> Config:
+    return load({**BASE, **env})
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "smtpgate.toml") -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+# --- conf/smtpgate.toml --------------------------------------------------------------------
+
+
+def example_keys() -> dict[str, str]:
+    keys = {}
+    for line in EXAMPLE.read_text().splitlines():
+        match = KEY_LINE.match(line)
+        if match:
+            keys[match.group(1)] = match.group(2)
+    return keys
+
+
+def test_example_lists_every_setting_of_config():
+    listed = example_keys()
+    missing = [f for f in dataclasses.fields(Config) if f.name not in listed]
+    hint = "\n".join(
+        f"# {f.metadata['doc']} ({env_name(f.name, f.metadata['env'])})\n# {f.name} = ..."
+        for f in missing)
+    assert not missing, f"conf/smtpgate.toml lacks these settings; add:\n{hint}"
+    unknown = set(listed) - {f.name for f in dataclasses.fields(Config)}
+    assert not unknown, f"conf/smtpgate.toml lists settings Config does not have: {unknown}"
+
+
+def test_example_has_only_comments_and_every_key_once():
+    lines = EXAMPLE.read_text().splitlines()
+    assert all(not line.strip() or line.startswith("#") for line in lines), \
+        "every line of conf/smtpgate.toml is a comment: the defaults apply until one is edited"
+    names = [m.group(1) for m in map(KEY_LINE.match, lines) if m]
+    assert len(names) == len(set(names))
+
+
+def test_example_uncommented_gives_exactly_the_defaults(tmp_path):
+    # The shown defaults are the real ones: the file, uncommented, changes nothing.
+    text = "\n".join(f"{key} = {value}" for key, value in example_keys().items()
+                     if key not in ("hostname", "domain"))
+    path = write(tmp_path, text)
+    from_file = load_with({"SMTPGATE_CONFIG": path})
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(load_with({}))
+    assert {source for _, _, source in from_file.describe()} >= {path}
+
+
+def test_example_keys_name_their_environment_variable():
+    text = EXAMPLE.read_text()
+    for f in dataclasses.fields(Config):
+        var = env_name(f.name, f.metadata["env"])
+        assert f"({var})\n# {f.name} = " in text, f"{f.name}: comment should name {var}"
+
+
+# --- defaults and precedence ----------------------------------------------------------------
+
+
+def test_defaults():
+    config = load_with({})
+    assert config.redis == "redis://127.0.0.1:6379/0"
+    assert config.next_hop == HostPort("127.0.0.1", 10025)
+    assert config.mx_listen == (HostPort("0.0.0.0", 25),)
+    assert config.submission_listen == (HostPort("0.0.0.0", 587),)
+    assert config.submissions_listen == ()
+    assert config.greet_wait == 6.0
+    assert config.mynetworks == (ipaddress.ip_network("127.0.0.0/8"),
+                                 ipaddress.ip_network("::1/128"))
+    assert config.message_size_limit == 26214400
+    assert config.domain == "mx.example.test"  # DOMAIN defaults to HOSTNAME
+    assert config.tls_paths is None
+    assert all(source == "default" for name, _, source in config.describe()
+               if name not in ("hostname",))
+
+
+def test_toml_overrides_defaults_and_environment_overrides_toml(tmp_path):
+    path = write(tmp_path, """
+[listeners]
+next_hop = "10.0.0.5:10026"
+workers = 3
+[postscreen]
+greet_wait = "2s"
+""")
+    config = load_with({"SMTPGATE_CONFIG": path, "SMTPGATE_WORKERS": "2"})
+    assert config.next_hop == HostPort("10.0.0.5", 10026)  # from the file
+    assert config.greet_wait == 2.0                         # from the file, Postfix's units
+    assert config.workers == 2                              # the environment wins
+    sources = {name: source for name, _, source in config.describe()}
+    assert sources["next_hop"] == path
+    assert sources["workers"] == "environment"
+    assert sources["message_size_limit"] == "default"
+
+
+def test_image_variables_keep_their_names():
+    config = load({"REDIS": "redis:6380", "HOSTNAME": "mx.example.com", "DOMAIN": "example.com",
+                   "LETSENCRYPT": "mx.example.com", "DOVECOT": "dovecot"})
+    assert config.redis == "redis://redis:6380/0"
+    assert (config.hostname, config.domain, config.dovecot) == (
+        "mx.example.com", "example.com", "dovecot")
+    assert config.tls_paths == ("/etc/letsencrypt/live/mx.example.com/fullchain.pem",
+                                "/etc/letsencrypt/live/mx.example.com/privkey.pem")
+
+
+def test_empty_listener_turns_it_off_and_lists_take_ipv6_in_brackets():
+    config = load_with({"SMTPGATE_SUBMISSION_LISTEN": "",
+                        "SMTPGATE_MX_LISTEN": "0.0.0.0:25,[::]:25"})
+    assert config.submission_listen == ()
+    assert config.mx_listen == (HostPort("0.0.0.0", 25), HostPort("::", 25))
+
+
+def test_empty_mynetworks_trusts_none():
+    assert load_with({"SMTPGATE_MYNETWORKS": ""}).mynetworks == ()
+
+
+# --- one clear message per bad value ---------------------------------------------------------
+
+
+BAD_ENVIRONMENT = [
+    pytest.param({"SMTPGATE_NEXT_HOP": "x:y"},
+                 "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-not-host-port"),
+    pytest.param({"SMTPGATE_NEXT_HOP": "127.0.0.1:70000"},
+                 "SMTPGATE_NEXT_HOP: '127.0.0.1:70000' is not host:port", id="port-too-big"),
+    pytest.param({"SMTPGATE_MX_LISTEN": "0.0.0.0:0"},
+                 "SMTPGATE_MX_LISTEN: '0.0.0.0:0' is not host:port", id="port-zero"),
+    pytest.param({"SMTPGATE_MX_LISTEN": "::1:25"},
+                 "SMTPGATE_MX_LISTEN: '::1:25' is not host:port (write IPv6 as [addr]:port)",
+                 id="ipv6-listen-without-brackets"),
+    pytest.param({"SMTPGATE_MX_LISTEN": "[zz::1]:25"},
+                 "SMTPGATE_MX_LISTEN: '[zz::1]:25': 'zz::1' is not an IPv6 address",
+                 id="ipv6-listen-bad-address"),
+    pytest.param({"SMTPGATE_SUBMISSION_LISTEN": "[::1:587"},
+                 "SMTPGATE_SUBMISSION_LISTEN: '[::1:587' has no closing ']'",
+                 id="ipv6-listen-unclosed"),
+    pytest.param({"SMTPGATE_GREET_WAIT": "abc"},
+                 "SMTPGATE_GREET_WAIT: 'abc' is not a duration (seconds, or 6s, 5m, 1h, 1d)",
+                 id="greet-wait-not-a-duration"),
+    pytest.param({"SMTPGATE_GREET_WAIT": "-1"},
+                 "SMTPGATE_GREET_WAIT: '-1' is out of range (0 to 60 seconds)",
+                 id="greet-wait-negative"),
+    pytest.param({"SMTPGATE_WORKERS": "-1"},
+                 "SMTPGATE_WORKERS: -1 is out of range (from 0 to 256)", id="workers-negative"),
+    pytest.param({"SMTPGATE_WORKERS": "two"},
+                 "SMTPGATE_WORKERS: 'two' is not a whole number", id="workers-not-a-number"),
+    pytest.param({"SMTPGATE_GREET_ACTION": "block"},
+                 "SMTPGATE_GREET_ACTION: 'block' is not one of ignore, enforce, drop",
+                 id="bad-action"),
+    pytest.param({"SMTPGATE_MYNETWORKS": "10.0.0.0/8 300.1.1.1/32"},
+                 "SMTPGATE_MYNETWORKS: '300.1.1.1/32' is not an IP network", id="bad-network"),
+    pytest.param({"REDIS": "http://redis:6379"},
+                 "REDIS: 'http://redis:6379': scheme 'http' is not redis, rediss or unix",
+                 id="redis-bad-scheme"),
+    pytest.param({"REDIS": ""}, "REDIS: is empty", id="redis-empty"),
+    pytest.param({"SMTPGATE_DNSBL_SITES": "zen.spamhaus.org=127.0.0.[2..x]"},
+                 "SMTPGATE_DNSBL_SITES: 'zen.spamhaus.org=127.0.0.[2..x]': bad filter",
+                 id="dnsbl-bad-filter"),
+    pytest.param({"SMTPGATE_TLS_OPTIONAL": "maybe"},
+                 "SMTPGATE_TLS_OPTIONAL: 'maybe' is not yes or no", id="bad-boolean"),
+    pytest.param({"SMTPGATE_DNSBL_REPLY_MAP": "zen"},
+                 "SMTPGATE_DNSBL_REPLY_MAP: 'zen' is not zone=shown-name", id="bad-reply-map"),
+    pytest.param({"SMTPGATE_TLS_CERT": "/etc/ssl/cert.pem"},
+                 "SMTPGATE_TLS_KEY: must be set together with its pair (cert and key)",
+                 id="tls-cert-without-key"),
+    pytest.param({"SMTPGATE_TLS_KEY": "/etc/ssl/key.pem"},
+                 "SMTPGATE_TLS_CERT: must be set together with its pair (cert and key)",
+                 id="tls-key-without-cert"),
+    pytest.param({"SMTPGATE_CONFIG": "/nonexistent/smtpgate.toml"},
+                 "SMTPGATE_CONFIG: cannot read /nonexistent/smtpgate.toml: "
+                 "No such file or directory", id="config-file-missing"),
+    pytest.param({"SMTPGATE_CONFIG": "/"},
+                 "SMTPGATE_CONFIG: cannot read /: Is a directory", id="config-file-a-directory"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), BAD_ENVIRONMENT)
+def test_bad_environment_value_is_named(env, message):
+    with pytest.raises(ConfigError) as caught:
+        load_with(env)
+    assert str(caught.value).startswith(message)
+    assert caught.value.setting == message.split(":", 1)[0]
+
+
+BAD_TOML = [
+    pytest.param('gret_wait = "2s"\n', "{path}: gret_wait: unknown setting", id="unknown-key"),
+    pytest.param('[postscreen]\ngret_wait = 1\n', "{path}: gret_wait: unknown setting",
+                 id="unknown-key-in-a-section"),
+    pytest.param("workers = true\n", "{path}: workers: True is not a whole number",
+                 id="wrong-type"),
+    pytest.param('next_hop = "x:y"\n', "{path}: next_hop: 'x:y' is not host:port",
+                 id="bad-value-names-the-key"),
+    pytest.param("greet_wait = \n", "SMTPGATE_CONFIG: {path} is not valid TOML: Invalid value",
+                 id="invalid-toml"),
+    pytest.param(b'hostname = "\xff"\n', "SMTPGATE_CONFIG: {path} is not valid TOML: 'utf-8'",
+                 id="not-utf-8"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TOML)
+def test_bad_toml_is_named(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_with({"SMTPGATE_CONFIG": path})
+    assert str(caught.value).startswith(message.format(path=path))
+
+
+def test_a_bad_value_in_the_file_is_reported_even_if_the_environment_sets_it(tmp_path):
+    # Nothing is half-loaded: the file must be right on its own.
+    path = write(tmp_path, 'workers = "many"\n')
+    with pytest.raises(ConfigError, match=r"workers: 'many' is not a whole number"):
+        load_with({"SMTPGATE_CONFIG": path, "SMTPGATE_WORKERS": "2"})
+
+
+# --- smtpgate check-config, as a process ---------------------------------------------------
+
+
+def check_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SMTPGATE_")
+             and k not in ("REDIS", "HOSTNAME", "DOMAIN", "LETSENCRYPT", "DOVECOT", "TIMEZONE")}
+    return subprocess.run(
+        [sys.executable, "-m", "smtpgate", "check-config"], env={**clean, **BASE, **env},
+        capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_prints_the_effective_configuration(tmp_path):
+    path = write(tmp_path, "message_size_limit = 10240000\n")
+    result = check_config({"SMTPGATE_CONFIG": path, "SMTPGATE_NEXT_HOP": "10.0.0.5:10026"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(dataclasses.fields(Config))
+    assert any(re.fullmatch(r"next_hop +=  ?10\.0\.0\.5:10026 +# environment", line)
+               for line in lines), result.stdout
+    assert any(re.fullmatch(rf"message_size_limit += 10240000 +# {re.escape(path)}", line)
+               for line in lines), result.stdout
+    assert any(re.fullmatch(r"greet_wait += 6\.0", line) for line in lines), result.stdout
+
+
+def test_check_config_fails_with_one_line_naming_the_setting():
+    result = check_config({"SMTPGATE_NEXT_HOP": "x:y"})
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == "smtpgate: SMTPGATE_NEXT_HOP: 'x:y' is not host:port\n"
+
+
+def test_check_config_bad_file_is_one_line_not_a_traceback(tmp_path):
+    path = write(tmp_path, b"hostname = \"\xff\"\n")
+    result = check_config({"SMTPGATE_CONFIG": path})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"smtpgate: SMTPGATE_CONFIG: {path} is not valid TOML")
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("redis://:secret@redis.example.test:6379/0", id="password-only"),
+    pytest.param("redis://default:secret@redis.example.test:6379/0", id="user-and-password"),
+    pytest.param("rediss://default:secret@redis.example.test:6380/0", id="tls"),
+])
+def test_check_config_masks_the_redis_password(url):
+    result = check_config({"REDIS": url})
+    assert result.returncode == 0, result.stderr
+    assert "secret" not in result.stdout + result.stderr
+    shown = mask_secret(url)  # what the user should see: the URL with the password starred
+    assert shown == url.replace(":secret@", ":***@")
+    assert re.search(rf"^redis += {re.escape(shown)}  ", result.stdout, re.MULTILINE), \
+        result.stdout

@@ -1,0 +1,325 @@
+"""The DNS layer and the FCrDNS / HELO facts, against the real DNS server fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from services.ports import free_port
+
+from smtpgate.checks import client_fcrdns, helo
+from smtpgate.config import HostPort
+from smtpgate.fcrdns import MAX_NAMES, client_hostname, helo_facts
+from smtpgate.resolver import DnsAnswer, Resolver
+from smtpgate.verdict import Outcome
+
+
+def make(dns, timeout: float = 2.0, **kwargs) -> Resolver:
+    host, port = dns.nameserver.rsplit(":", 1)
+    return Resolver((HostPort(host, int(port)),), timeout, **kwargs)
+
+
+def dead_resolver(timeout: float = 0.5) -> Resolver:
+    # Nothing listens there: what smtpgate sees when its DNS server is down.
+    return Resolver((HostPort("127.0.0.1", free_port(udp=True)),), timeout)
+
+
+# --- lookup(): statuses and value formats ---------------------------------------------------
+
+
+async def test_a_record(dns):
+    dns.set([("host.test", "A", "192.0.2.1", 120), ("host.test", "A", "192.0.2.2", 120)])
+    answer = await make(dns).lookup("host.test", "A")
+    assert answer.status == "ok"
+    assert sorted(answer.values) == ["192.0.2.1", "192.0.2.2"]
+    assert 0 < answer.ttl <= 120
+
+
+@pytest.mark.parametrize("records,name,rdtype,expected", [
+    ([("h.test", "AAAA", "2001:db8::1")], "h.test", "AAAA", ("2001:db8::1",)),
+    ([("d.test", "MX", "10 Mail.D.Test.")], "d.test", "MX", ("10 mail.d.test",)),
+    ([("d.test", "MX", "0 .")], "d.test", "MX", ("0 ",)),
+    ([("t.test", "TXT", '"v=spf1" " -all"')], "t.test", "TXT", ("v=spf1 -all",)),
+    ([("alias.test", "CNAME", "Real.test.")], "alias.test", "CNAME", ("real.test",)),
+    ([("h.test", "A", "192.0.2.1")], "H.TEST.", "A", ("192.0.2.1",)),
+], ids=["aaaa", "mx lower-cased", "null mx", "txt joined", "cname",
+        "case and trailing dot"])
+async def test_value_formats(dns, records, name, rdtype, expected):
+    dns.set(records)
+    answer = await make(dns).lookup(name, rdtype)
+    assert answer.status == "ok"
+    assert answer.values == expected
+
+
+async def test_nxdomain_and_nodata(dns):
+    dns.set([("host.test", "A", "192.0.2.1")])
+    resolver = make(dns)
+    assert (await resolver.lookup("missing.test", "A")).status == "nxdomain"
+    nodata = await resolver.lookup("host.test", "MX")
+    assert nodata.status == "nodata"
+    assert nodata.values == ()
+
+
+async def test_impossible_name_is_nxdomain_without_a_query(dns):
+    resolver = make(dns)
+    answer = await resolver.lookup(f"{'a' * 64}.test", "A")
+    assert answer.status == "nxdomain"
+    assert (await resolver.lookup("a..test", "A")).status == "nxdomain"
+    assert resolver.stats["tempfail"] == 0
+
+
+async def test_bad_input_raises_value_error(dns):
+    resolver = make(dns)
+    with pytest.raises(ValueError, match="record type"):
+        await resolver.lookup("host.test", "NOTATYPE")
+    with pytest.raises(ValueError, match="not an IP address"):
+        await resolver.ptr("300.1.2.3")
+
+
+@pytest.mark.parametrize("ip,query_ip", [
+    ("192.0.2.33", "192.0.2.33"),
+    ("::ffff:192.0.2.33", "192.0.2.33"),
+    ("2001:db8::33", "2001:db8::33"),
+], ids=["ipv4", "ipv4-mapped", "ipv6"])
+async def test_ptr(dns, ip, query_ip):
+    dns.add_ptr(query_ip, "Client.Example.Test")
+    answer = await make(dns).ptr(ip)
+    assert answer == DnsAnswer("ok", ("client.example.test",), answer.ttl)
+
+
+# --- temporary failures: never an exception, never cached -----------------------------------
+
+
+async def test_servfail_is_tempfail(dns):
+    dns.set_servfail_zone("broken.test")
+    answer = await make(dns).lookup("x.broken.test", "A")
+    assert answer == DnsAnswer("tempfail", (), 0)
+
+
+async def test_timeout_is_tempfail_within_the_limit(dns):
+    dns.set_timeout_zone("slow.test")
+    start = time.monotonic()
+    answer = await make(dns, timeout=0.5).lookup("x.slow.test", "A")
+    assert answer.status == "tempfail"
+    assert time.monotonic() - start < 2.0
+
+
+async def test_dns_server_down_is_tempfail():
+    start = time.monotonic()
+    answer = await dead_resolver(0.5).lookup("anything.test", "A")
+    assert answer.status == "tempfail"
+    assert time.monotonic() - start < 2.0
+
+
+async def test_tempfail_is_not_cached(dns):
+    dns.set_servfail_zone("flaky.test")
+    resolver = make(dns)
+    assert (await resolver.lookup("x.flaky.test", "A")).status == "tempfail"
+    dns.clear()
+    dns.set([("x.flaky.test", "A", "192.0.2.5")])
+    assert (await resolver.lookup("x.flaky.test", "A")).values == ("192.0.2.5",)
+
+
+async def test_system_resolver_answers_within_its_timeout():
+    resolver = Resolver((), 1.0)
+    start = time.monotonic()
+    answer = await resolver.lookup("smtpgate-test.invalid", "A")
+    assert answer.status in ("nxdomain", "nodata", "tempfail")
+    assert time.monotonic() - start < 3.0
+
+
+# --- cache and shared queries ------------------------------------------------------------------
+
+
+async def test_positive_answers_are_cached(dns):
+    dns.set([("c.test", "A", "192.0.2.1", 300)])
+    resolver = make(dns)
+    assert (await resolver.lookup("c.test", "A")).values == ("192.0.2.1",)
+    dns.set([("c.test", "A", "192.0.2.99", 300)])
+    assert (await resolver.lookup("C.test", "A")).values == ("192.0.2.1",)
+    assert resolver.stats["cache_hits"] == 1
+    resolver.clear()
+    assert (await resolver.lookup("c.test", "A")).values == ("192.0.2.99",)
+
+
+async def test_negative_answers_are_cached(dns):
+    resolver = make(dns, negative_ttl=60)
+    first = await resolver.lookup("later.test", "A")
+    assert first.status == "nxdomain" and first.ttl > 0
+    dns.set([("later.test", "A", "192.0.2.1")])
+    assert (await resolver.lookup("later.test", "A")).status == "nxdomain"
+    assert resolver.stats["queries"] == 1
+
+
+async def test_zero_ttl_is_not_cached(dns):
+    dns.set([("z.test", "A", "192.0.2.1", 0)])
+    resolver = make(dns)
+    await resolver.lookup("z.test", "A")
+    await resolver.lookup("z.test", "A")
+    assert resolver.stats["queries"] == 2
+
+
+@pytest.mark.parametrize("ttl,kwargs,expected", [
+    (5, {"min_ttl": 30}, 30),
+    (86400, {"max_ttl": 3600}, 3600),
+], ids=["raised to min", "lowered to max"])
+async def test_ttl_clamped(dns, ttl, kwargs, expected):
+    dns.set([("ttl.test", "A", "192.0.2.1", ttl)])
+    assert (await make(dns, **kwargs).lookup("ttl.test", "A")).ttl == expected
+
+
+async def test_cache_is_bounded(dns):
+    dns.set([(f"n{i}.test", "A", "192.0.2.1") for i in range(5)])
+    resolver = make(dns, cache_size=2)
+    for i in range(5):
+        await resolver.lookup(f"n{i}.test", "A")
+    await resolver.lookup("n4.test", "A")
+    await resolver.lookup("n0.test", "A")
+    assert resolver.stats["cache_hits"] == 1
+    assert resolver.stats["queries"] == 6
+
+
+async def test_concurrent_lookups_share_one_query(dns):
+    dns.set([("shared.test", "A", "192.0.2.1")])
+    resolver = make(dns)
+    answers = await asyncio.gather(*(resolver.lookup("shared.test", "A") for _ in range(20)))
+    assert {a.values for a in answers} == {("192.0.2.1",)}
+    assert resolver.stats["queries"] == 1
+    assert resolver.stats["shared"] == 19
+
+
+async def test_cancelled_waiter_does_not_cancel_the_shared_query(dns):
+    dns.set_timeout_zone("slow.test")
+    resolver = make(dns, timeout=0.5)
+    first = asyncio.ensure_future(resolver.lookup("x.slow.test", "A"))
+    second = asyncio.ensure_future(resolver.lookup("x.slow.test", "A"))
+    await asyncio.sleep(0)  # let both reach the shared query
+    first.cancel()
+    assert (await second).status == "tempfail"
+    assert first.cancelled()
+    assert resolver.stats["queries"] == 1
+
+
+# --- FCrDNS facts and decisions with real DNS ----------------------------------------------
+
+
+async def verdict_for(resolver: Resolver, ip: str, **kwargs):
+    facts = await client_hostname(resolver, ip)
+    return facts, client_fcrdns.decide(facts, **kwargs)
+
+
+async def test_client_without_ptr_gets_450(dns):
+    facts, verdict = await verdict_for(make(dns), "192.0.2.50")
+    assert facts.status == "nxdomain"
+    assert str(verdict.reply) == (
+        "450 4.7.25 Client host rejected: cannot find your hostname, [192.0.2.50]")
+
+
+async def test_client_ptr_not_confirming_gets_configured_code(dns):
+    dns.add_ptr("192.0.2.51", "liar.test")
+    dns.set([("liar.test", "A", "198.51.100.1")])
+    facts, verdict = await verdict_for(make(dns), "192.0.2.51", unknown_code=550)
+    assert facts.ptr_names == ("liar.test",)
+    assert facts.hostname is None
+    assert str(verdict.reply) == (
+        "550 5.7.25 Client host rejected: cannot find your hostname, [192.0.2.51]")
+
+
+async def test_client_ptr_without_forward_record(dns):
+    dns.add_ptr("192.0.2.52", "noforward.test")
+    facts, verdict = await verdict_for(make(dns), "192.0.2.52")
+    assert facts.forward[0].status == "nxdomain"
+    assert verdict.reply.code == 450
+
+
+async def test_client_confirmed(dns):
+    dns.add_ptr("192.0.2.53", "good.test", ttl=200)
+    dns.set([("good.test", "A", "192.0.2.53", 100)])
+    facts, verdict = await verdict_for(make(dns), "192.0.2.53")
+    assert facts.hostname == "good.test"
+    assert verdict.outcome is Outcome.PASS
+    assert 0 < verdict.ttl <= 100
+
+
+async def test_client_ipv6_confirmed_with_aaaa(dns):
+    dns.add_ptr("2001:db8::53", "six.test")
+    dns.set([("six.test", "AAAA", "2001:db8::53"), ("six.test", "A", "192.0.2.1")])
+    facts, verdict = await verdict_for(make(dns), "2001:db8::53")
+    assert verdict.outcome is Outcome.PASS
+    assert facts.forward[0].addresses == ("2001:db8::53",)
+
+
+async def test_client_rev_permit_by_unconfirmed_name(dns):
+    dns.add_ptr("192.0.2.54", "legacy.test")
+    facts = await client_hostname(make(dns), "192.0.2.54")
+    assert client_fcrdns.rev_names(facts) == ("legacy.test",)
+    verdict = client_fcrdns.decide(facts, rev_by_name={"legacy.test": "permit"})
+    assert verdict.outcome is Outcome.PERMIT
+
+
+async def test_client_rev_permit_by_ip(dns):
+    _, verdict = await verdict_for(make(dns), "192.0.2.55", rev_ip="permit")
+    assert verdict.outcome is Outcome.PERMIT
+
+
+async def test_client_forward_lookups_are_bounded(dns):
+    names = [f"n{i}.many.test" for i in range(MAX_NAMES + 3)]
+    dns.set([("55.2.0.192.in-addr.arpa", "PTR", f"{n}.") for n in names])
+    facts = await client_hostname(make(dns), "192.0.2.55")
+    assert len(facts.ptr_names) == MAX_NAMES
+    assert len(facts.forward) == MAX_NAMES
+
+
+async def test_client_dns_down_is_4xx_never_5xx():
+    facts, verdict = await verdict_for(dead_resolver(), "192.0.2.56", unknown_code=550)
+    assert facts.status == "tempfail"
+    assert str(verdict.reply).startswith("450 4.7.25 ")
+
+
+async def test_client_forward_tempfail_is_4xx(dns):
+    dns.add_ptr("192.0.2.57", "host.slow.test")
+    dns.set_timeout_zone("slow.test")
+    facts, verdict = await verdict_for(make(dns, timeout=0.5), "192.0.2.57", unknown_code=550)
+    assert facts.forward[0].status == "tempfail"
+    assert facts.ttl == 0
+    assert verdict.reply.code == 450
+
+
+async def test_client_hostname_rejects_bad_ip(dns):
+    with pytest.raises(ValueError):
+        await client_hostname(make(dns), "not-an-ip")
+
+
+# --- HELO facts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("records,name,status", [
+    ([("mx.test", "A", "192.0.2.1")], "mx.test", "ok"),
+    ([("mx.test", "AAAA", "2001:db8::1")], "mx.test.", "ok"),
+    ([("mx.test", "MX", "10 mail.mx.test.")], "mx.test", "ok"),
+    ([("mx.test", "MX", "0 .")], "mx.test", "ok"),
+    ([("mx.test", "TXT", "only text")], "mx.test", "notfound"),
+    ([], "nowhere.test", "notfound"),
+], ids=["a", "aaaa trailing dot", "mx", "null mx", "txt only", "nxdomain"])
+async def test_helo_facts(dns, records, name, status):
+    if records:
+        dns.set(records)
+    facts = await helo_facts(make(dns), name)
+    assert facts.status == status
+
+
+async def test_helo_unknown_and_known_through_decide(dns):
+    dns.set([("known.test", "A", "192.0.2.1")])
+    resolver = make(dns)
+    known = helo.decide("known.test", dns=await helo_facts(resolver, "known.test"))
+    assert known.outcome is Outcome.PASS
+    unknown = helo.decide("unknown.test", dns=await helo_facts(resolver, "unknown.test"))
+    assert str(unknown.reply) == "450 4.7.1 <unknown.test>: Helo command rejected: Host not found"
+
+
+async def test_helo_dns_down_defers():
+    facts = await helo_facts(dead_resolver(), "mail.example.test")
+    assert facts.status == "tempfail"
+    verdict = helo.decide("mail.example.test", dns=facts, unknown_code=550)
+    assert verdict.reply.code == 450

@@ -1,0 +1,233 @@
+"""Screening through the real server: access list, pregreet, DNSBL, protocol tests, limits.
+
+Each client connects from its own loopback address; the DNS answers come from the real
+DNS server. A greeting that starts with the "220-" teaser means the greet wait ran; a
+single "220 " line means the client was let through without it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from services.smtp_talk import Talk
+
+pytestmark = pytest.mark.slow
+
+SITES = "bl.test=127.0.0.[2..11]*3 wl.test=127.0.[0..255].[1..3]*-2 broken.test slow.test"
+
+
+@pytest.fixture(scope="module")
+def gate(start_gate):
+    return start_gate(
+        SMTPGATE_GREET_WAIT="2", SMTPGATE_DNSBL_SITES=SITES, SMTPGATE_DNSBL_THRESHOLD="3",
+        SMTPGATE_DNSBL_ALLOWLIST_THRESHOLD="-1", SMTPGATE_DNSBL_TIMEOUT="1.5",
+        SMTPGATE_CLIENT_CONNECTION_COUNT_LIMIT="2")
+
+
+@pytest.fixture
+def screened(world, dns):
+    dns.set_servfail_zone("broken.test")
+    dns.set_timeout_zone("slow.test")
+    return world
+
+
+def greeting(talk: Talk) -> list[str]:
+    """The greeting lines up to the final 220 (or the refusal)."""
+    lines = []
+    while True:
+        line = talk.file.readline().decode().rstrip("\r\n")
+        if not line:
+            return lines
+        lines.append(line)
+        if line[3:4] != "-":
+            return lines
+
+
+def greeting_from(gate, source: str, expected: str, timeout: float = 5.0) -> list[str]:
+    """The greeting, once smtpgate's table cache has caught up with a key just written.
+
+    Redis tells the cache about changes asynchronously; a client that connects in the same
+    millisecond may still be judged by the old value, so poll with a deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        talk = Talk("127.0.0.1", gate.mx_port, source=source)
+        lines = greeting(talk)
+        talk.close()
+        if (lines and lines[-1] == expected) or time.monotonic() > deadline:
+            return lines
+
+
+def reaches_rcpt(talk: Talk) -> tuple[int, str]:
+    talk.cmd("EHLO client.example.test")
+    talk.cmd("MAIL FROM:<a@example.net>")
+    return talk.cmd("RCPT TO:<user1@example.com>")
+
+
+def test_psa_permit_network_skips_every_test(gate, screened, dns):
+    screened.set("PSA:127.0.2.0/24", "permit")
+    dns.set([("5.2.0.127.bl.test", "A", "127.0.0.2")])  # listed, yet permitted
+    banner = "220 mx.example.test ESMTP smtpgate"
+    assert greeting_from(gate, "127.0.2.5", banner) == [banner]
+
+
+def test_psa_reject_network_is_dropped_with_521(gate, screened):
+    screened.set("PSA:127.0.3.0/24", "reject")
+    refusal = "521 5.3.2 Service currently unavailable"
+    assert greeting_from(gate, "127.0.3.9", refusal) == [refusal]
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.3.9")
+    assert greeting(talk) == [refusal]
+    assert talk.closed()
+
+
+def test_most_specific_psa_key_wins(gate, screened):
+    screened.set("PSA:127.0.3.0/24", "reject")
+    screened.set("PSA:127.0.3.7", "permit")
+    banner = "220 mx.example.test ESMTP smtpgate"
+    assert greeting_from(gate, "127.0.3.7", banner) == [banner]
+    assert greeting_from(gate, "127.0.3.8", "521 5.3.2 Service currently unavailable")[-1] \
+        .startswith("521")
+
+
+def test_pregreet_talker_is_rejected_at_rcpt_and_logged(gate, screened):
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.90")
+    teaser = talk.file.readline()
+    assert teaser.startswith(b"220-")
+    talk.send(b"EHLO impatient.example.test\r\n")  # before the final 220
+    assert greeting(talk) == ["220 mx.example.test ESMTP smtpgate"]
+    code, text = talk.reply()  # the EHLO sent early is still answered
+    assert code == 250
+    talk.cmd("MAIL FROM:<a@example.net>")
+    code, text = talk.cmd("RCPT TO:<user1@example.com>")
+    assert (code, text) == (550, "550 5.5.1 Protocol error")
+    gate.wait_for_log(r"PREGREET 29 after \S+ from \[127\.0\.0\.90\]:\d+: EHLO impatient")
+    talk.close()
+
+
+def test_patient_client_passes_and_is_remembered(gate, screened):
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.91")
+    assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
+                              "220 mx.example.test ESMTP smtpgate"]
+    code, _ = reaches_rcpt(talk)
+    assert code == 250
+    talk.cmd("QUIT")
+    talk.close()
+    again = Talk("127.0.0.1", gate.mx_port, source="127.0.0.91")
+    assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]  # cache hit: no wait
+    again.close()
+    assert screened.hget("smtpgate:psc:127.0.0.91", "pregreet")
+
+
+def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
+    dns.set([("5.4.0.127.bl.test", "A", "127.0.0.2")])
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.5")
+    lines = greeting(talk)
+    assert lines[-1] == ("521 5.7.1 Service unavailable; client [127.0.4.5] "
+                         "blocked using bl.test")
+    assert talk.closed()
+
+
+def test_dnsbl_allowlisted_client_skips_the_wait(gate, screened, dns):
+    dns.set([("6.4.0.127.wl.test", "A", "127.0.0.2")])
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.6")
+    lines = greeting(talk)
+    assert lines[-1] == "220 mx.example.test ESMTP smtpgate"
+    talk.close()
+    again = Talk("127.0.0.1", gate.mx_port, source="127.0.4.6")
+    assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]
+    again.close()
+
+
+@pytest.mark.parametrize("answer", ["127.255.255.254", "127.255.255.252", "10.0.0.2"],
+                         ids=["spamhaus-254", "spamhaus-252", "outside-127"])
+def test_dnsbl_error_answers_are_never_a_listing(gate, screened, dns, answer):
+    dns.set([("7.4.0.127.bl.test", "A", answer)])
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.7")
+    assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
+    talk.close()
+
+
+def test_erroring_and_timing_out_zones_do_not_block(gate, screened, dns):
+    """broken.test answers SERVFAIL and slow.test never answers: neither lists anyone."""
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.8")
+    assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
+    talk.close()
+
+
+def test_non_smtp_command_is_dropped(gate, screened):
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.92")
+    greeting(talk)
+    talk.send(b"GET / HTTP/1.0\r\n")
+    assert talk.reply() == (521, "521 5.7.0 Error: I can break rules, too. Goodbye.")
+    assert talk.closed()
+
+
+def test_pipelining_before_ehlo_is_enforced_at_rcpt(gate, screened):
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.93")
+    greeting(talk)
+    talk.send(b"HELO client.example.test\r\nMAIL FROM:<a@example.net>\r\n")
+    assert talk.reply()[0] == 250
+    assert talk.reply()[0] == 250
+    assert talk.cmd("RCPT TO:<user1@example.com>") == (550, "550 5.5.1 Protocol error")
+    talk.close()
+
+
+def test_per_client_connection_limit(gate, screened):
+    screened.set("PSA:127.0.5.0/24", "permit")  # no greet wait: the limit is what we test
+    greeting_from(gate, "127.0.5.9", "220 mx.example.test ESMTP smtpgate")
+    first = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
+    second = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
+    greeting(first), greeting(second)
+    third = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
+    assert greeting(third) == ["421 4.7.0 Error: too many connections from 127.0.5.1"]
+    other = Talk("127.0.0.1", gate.mx_port, source="127.0.5.2")
+    assert greeting(other)[-1].startswith("220 ")
+    first.close()
+    first_gone = Talk("127.0.0.1", gate.mx_port, source="127.0.5.3")  # let the release land
+    greeting(first_gone)
+    for talk in (second, third, other, first_gone):
+        talk.close()
+
+
+def test_global_connection_cap(start_gate, screened):
+    small = start_gate(SMTPGATE_CONNECTION_LIMIT="1")
+    try:
+        screened.set("PSA:127.0.6.0/24", "permit")
+        greeting_from(small, "127.0.6.9", "220 mx.example.test ESMTP smtpgate")
+        first = Talk("127.0.0.1", small.mx_port, source="127.0.6.1")
+        assert greeting(first)[-1].startswith("220 ")
+        second = Talk("127.0.0.1", small.mx_port, source="127.0.6.2")
+        assert greeting(second) == ["421 4.3.2 All server ports are busy"]
+        first.close()
+        second.close()
+    finally:
+        small.stop()
+
+
+def test_redis_down_at_connect_is_421_not_a_pass(start_gate, screened, redis_server):
+    gate = start_gate()
+    redis_server.stop()
+    try:
+        talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.94")
+        lines = greeting(talk)
+        assert lines and lines[-1].startswith("421 4.3.0"), lines
+    finally:
+        redis_server.start()
+        gate.stop()
+
+
+def test_raw_socket_sees_no_traceback_on_garbage(gate, screened):
+    sock = socket.create_connection(("127.0.0.1", gate.mx_port), timeout=10,
+                                    source_address=("127.0.0.95", 0))
+    sock.sendall(b"\x00\xff\xfe garbage \r\n" * 3 + b"QUIT\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert b"Traceback" not in data
+    assert data.startswith(b"220-")

@@ -1,0 +1,187 @@
+"""`smtpgate table get|set|del|list`: validation (pure) and the commands against real Redis."""
+
+import io
+
+import pytest
+
+from smtpgate import keys
+from smtpgate.config import load
+from smtpgate.table_cli import run
+
+KEY_OK = [
+    ("psa-ip", "PSA", "192.168.0.8", "192.168.0.8"),
+    ("psa-cidr", "PSA", "192.168.0.0/24", "192.168.0.0/24"),
+    ("psa-ipv6-cidr", "PSA", "2001:DB8::/32", "2001:db8::/32"),
+    ("psa-host-route", "PSA", "10.0.0.1/32", "10.0.0.1"),
+    ("psa-bracketed-ipv6", "PSA", "[::1]/128", "::1"),
+    ("rev-hostname", "REV", "Mail.Example.net.", "mail.example.net"),
+    ("rev-cidr", "REV", "203.0.113.0/24", "203.0.113.0/24"),
+    ("hlo-lowered", "HLO", "REJECTEDMESSAGE", "rejectedmessage"),
+    ("vdom", "VDOM", "Example.COM", "example.com"),
+    ("vali-address", "VALI", "Sales@Example.com", "sales@example.com"),
+    ("vali-catchall", "VALI", "@example.com", "@example.com"),
+    ("recip-domain", "RECIP", "example.org", "example.org"),
+    ("logmap-address", "LOGMAP", "boss@example.com", "boss@example.com"),
+]
+
+KEY_BAD = [
+    ("psa-hostname", "PSA", "mail.example.com", "not an IP address or CIDR"),
+    ("psa-host-bits", "PSA", "192.168.0.1/24", "did you mean 192.168.0.0/24"),
+    ("psa-bad-mask", "PSA", "10.0.0.0/33", "not an IP address or CIDR"),
+    ("vdom-word", "VDOM", "localhost", "not a domain"),
+    ("vdom-address", "VDOM", "a@example.com", "not a domain"),
+    ("vali-not-address", "VALI", "sales", "not an address"),
+    ("whitespace", "HLO", "a b", "white space"),
+    ("unknown-prefix", "FOO", "x", "unknown prefix"),
+]
+
+VALUE_OK = [
+    ("psa-permit", "PSA", "permit", "permit"),
+    ("psa-reject-upper", "PSA", "REJECT", "REJECT"),
+    ("rev-access-text", "RECIP", "550 5.7.1 no", "550 5.7.1 no"),
+    ("vali-normalized", "VALI", "a@example.com,b@example.com  c@example.com",
+     "a@example.com b@example.com c@example.com"),
+    ("vdom-anything", "VDOM", "example.com", "example.com"),
+    ("logmap-list", "LOGMAP", "boss, assistant", "boss assistant"),
+]
+
+VALUE_BAD = [
+    ("psa-defer", "PSA", "DEFER", "not permit, reject or dunno"),
+    ("psa-typo", "PSA", "permti", "unknown action"),
+    ("recip-all-numeric", "RECIP", "550", "all-numerical"),
+    ("recip-unsupported", "RECIP", "DISCARD", "not supported"),
+    ("vali-not-address", "VALI", "user1 user2@example.com", "user1 is not an address"),
+    ("empty", "VDOM", "  ", "empty"),
+    ("vbox-space", "VBOX", "a b", "white space"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "name", "stored"), [c[1:] for c in KEY_OK],
+                         ids=[c[0] for c in KEY_OK])
+def test_normalize_key(prefix, name, stored):
+    assert keys.normalize_key(prefix, name) == stored
+
+
+@pytest.mark.parametrize(("prefix", "name", "why"), [c[1:] for c in KEY_BAD],
+                         ids=[c[0] for c in KEY_BAD])
+def test_normalize_key_refuses(prefix, name, why):
+    with pytest.raises(ValueError, match=why):
+        keys.normalize_key(prefix, name)
+
+
+@pytest.mark.parametrize(("prefix", "value", "stored"), [c[1:] for c in VALUE_OK],
+                         ids=[c[0] for c in VALUE_OK])
+def test_check_value(prefix, value, stored):
+    assert keys.check_value(prefix, value) == stored
+
+
+@pytest.mark.parametrize(("prefix", "value", "why"), [c[1:] for c in VALUE_BAD],
+                         ids=[c[0] for c in VALUE_BAD])
+def test_check_value_refuses(prefix, value, why):
+    with pytest.raises(ValueError, match=why):
+        keys.check_value(prefix, value)
+
+
+LOOKUP_ORDER = [
+    ("vali-ext", keys.address_keys("VALI", "User+Tag@Example.COM"),
+     ["VALI:user+tag@example.com", "VALI:user@example.com", "VALI:@example.com"]),
+    ("vali-plain", keys.address_keys("VALI", "<a@b.c>"), ["VALI:a@b.c", "VALI:@b.c"]),
+    ("recip", keys.recip_keys("a+x@b.c"), ["RECIP:a+x@b.c", "RECIP:b.c"]),
+    ("logmap", keys.logmap_keys("a@B.c"), ["LOGMAP:a@b.c", "LOGMAP:@b.c"]),
+    ("network-keys-v4", keys.network_keys("PSA", "10.1.2.3")[:4],
+     ["PSA:10.1.2.3", "PSA:10.1.2.3/32", "PSA:10.1.2.2/31", "PSA:10.1.2.0/30"]),
+    ("network-keys-v4-count", len(keys.network_keys("PSA", "10.1.2.3")), 34),
+    ("network-keys-v6-count", len(keys.network_keys("REV", "2001:db8::1")), 130),
+]
+
+
+@pytest.mark.parametrize(("got", "want"), [c[1:] for c in LOOKUP_ORDER],
+                         ids=[c[0] for c in LOOKUP_ORDER])
+def test_lookup_order(got, want):
+    assert got == want
+
+
+# --- the command against a real Redis ---------------------------------------------------------
+
+
+@pytest.fixture
+def cli(redis_server, redis):
+    config = load({"REDIS": redis_server.url, "HOSTNAME": "mx.example.com"})
+
+    def call(*args):
+        out, err = io.StringIO(), io.StringIO()
+        status = run(list(args), config, stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    return call
+
+
+def test_set_get_del(cli, redis):
+    assert cli("set", "psa", "192.168.0.0/24", "permit")[0] == 0
+    assert redis.get("PSA:192.168.0.0/24") == "permit"
+    status, out, _ = cli("get", "PSA", "192.168.0.0/24")
+    assert (status, out) == (0, "permit\n")
+    assert cli("del", "PSA", "192.168.0.0/24")[0] == 0
+    assert redis.get("PSA:192.168.0.0/24") is None
+    status, _, err = cli("get", "PSA", "192.168.0.0/24")
+    assert status == 1 and "no key PSA:192.168.0.0/24" in err
+
+
+def test_set_multiword_values(cli, redis):
+    status = cli("set", "VALI", "Sales@Example.com", "user1@example.com,", "user2@example.com")[0]
+    assert status == 0
+    assert redis.get("VALI:sales@example.com") == "user1@example.com user2@example.com"
+    assert cli("set", "RECIP", "x@example.com", "REJECT", "send-only")[0] == 0
+    assert redis.get("RECIP:x@example.com") == "REJECT send-only"
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("set", "PSA", "mail.example.com", "permit"), id="hostname-in-psa"),
+    pytest.param(("set", "PSA", "10.0.0.1/8", "permit"), id="host-bits"),
+    pytest.param(("set", "PSA", "10.0.0.0/8", "allow"), id="unknown-action"),
+    pytest.param(("set", "VDOM", "nodots", "x"), id="vdom-not-domain"),
+    pytest.param(("set", "VALI", "a@example.com", "bob"), id="vali-target-not-address"),
+])
+def test_refused_with_exit_1_and_nothing_written(cli, redis, args):
+    status, out, err = cli(*args)
+    assert status == 1 and out == ""
+    assert err.startswith("smtpgate table set: ") and err.count("\n") == 1
+    assert redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((), id="nothing"),
+    pytest.param(("frob", "PSA"), id="unknown-command"),
+    pytest.param(("get", "PSA"), id="missing-key"),
+    pytest.param(("set", "PSA", "1.2.3.4"), id="missing-value"),
+    pytest.param(("list", "NOPE"), id="unknown-prefix"),
+])
+def test_usage_errors_exit_2(cli, args):
+    status, _, err = cli(*args)
+    assert status == 2
+    assert "usage" in err or "unknown prefix" in err
+
+
+def test_list_uses_scan_and_filters(cli, redis):
+    redis.mset({f"VALI:u{i}@example.com": f"u{i}@example.com" for i in range(1200)})
+    redis.set("VALI:x@other.example", "x@other.example")
+    redis.set("VDOM:example.com", "example.com")
+    status, out, err = cli("list", "VALI")
+    assert status == 0 and len(out.splitlines()) == 1201
+    assert "1201 keys under VALI:*" in err
+    assert "u7@example.com u7@example.com" in out.splitlines()
+    status, out, _ = cli("list", "vali", "*@other.example")
+    assert out == "x@other.example x@other.example\n"
+
+
+def test_leading_table_word_accepted(cli, redis):
+    assert cli("table", "set", "VDOM", "example.com", "example.com")[0] == 0
+    assert redis.get("VDOM:example.com") == "example.com"
+
+
+def test_redis_unreachable_is_a_clear_error():
+    config = load({"REDIS": "127.0.0.1:1", "HOSTNAME": "mx.example.com",
+                   "SMTPGATE_REDIS_TIMEOUT": "0.5"})
+    err = io.StringIO()
+    assert run(["get", "PSA", "1.2.3.4"], config, stdout=io.StringIO(), stderr=err) == 1
+    assert "Redis at redis://127.0.0.1:1/0 failed" in err.getvalue()
