@@ -15,10 +15,14 @@ DESCRIPTION
     "NOTFOUND ", "TEMP reason" or "PERM reason". Postfix keeps the
     connection and sends more requests; requests are answered in order.
 
-    The key asked is answered exactly, with no fallbacks: Postfix itself asks
-    user+ext@domain, user@domain, then @domain for virtual(5) maps, and the
-    address, domain, parents for access(5) maps. Domain and HELO names
-    match case-insensitively. VALI and LOGMAP values listing several targets
+    Postfix treats a socketmap like a pattern table: it asks the full
+    address only, never the partial keys it tries in a hash table (seen with
+    Postfix 3.7: a catch-all and a +extension were refused until this
+    module did the fall-backs). So an address asked of vali, vbox, recip or
+    logmap is answered with that table's own order (user+ext@domain,
+    user@domain, @domain; the address then the domain for recip), the same
+    order smtpgate's RCPT check uses. Domain and HELO names match
+    case-insensitively. VALI and LOGMAP values listing several targets
     are answered comma-separated (Postfix's alias value syntax).
 
     A value smtpgate cannot use (unknown access action, empty alias) and any
@@ -88,6 +92,9 @@ async def read_netstring(reader: asyncio.StreamReader, limit: int) -> bytes | No
     return payload[:-1]
 
 
+ADDRESS_TABLES = frozenset({keys.VALI, keys.VBOX, keys.RECIP, keys.LOGMAP})
+
+
 async def answer(tables: Tables, name: str, key: str) -> str:
     prefix = MAPS.get(name)
     if prefix is None:
@@ -95,7 +102,10 @@ async def answer(tables: Tables, name: str, key: str) -> str:
     if not key or any(c.isspace() or ord(c) < 32 for c in key):
         return "NOTFOUND "
     try:
-        hit = await tables.lookup(prefix, key)
+        if prefix in ADDRESS_TABLES and "@" in key:
+            hit = await tables.lookup_address(prefix, key)
+        else:
+            hit = await tables.lookup(prefix, key)
     except TableError as exc:
         return f"TEMP {exc}"
     if hit is None:

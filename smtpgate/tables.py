@@ -10,7 +10,8 @@ SYNOPSIS
     await tables.helo(name) -> Hit | None
     await tables.rcpt_facts(address) -> RcptFacts(address, domain, vdom, vali, vbox, recip)
     await tables.logmap(sender) -> Hit | None
-    await tables.lookup(prefix, name) -> Hit | None      exactly one key (the socketmap)
+    await tables.lookup(prefix, name) -> Hit | None      exactly one key
+    await tables.lookup_address(prefix, address) -> Hit | None   with the table's fall-backs
     await tables.get(prefix, name) -> str | None         raw value of exactly one key
 
     Hit(table, key, value, action=None, targets=(), error="")    .invalid -> bool
@@ -237,6 +238,17 @@ class Tables:
     async def logmap(self, sender: str) -> Hit | None:
         self.stats.lookups += 1
         candidates = keys.logmap_keys(sender)
+        return self._first(candidates, await self._point(candidates))
+
+    async def lookup_address(self, prefix: str, address: str) -> Hit | None:
+        """An address in a VALI, VBOX, RECIP or LOGMAP table with that table's fall-backs."""
+        self.stats.lookups += 1
+        if prefix == keys.RECIP:
+            candidates = keys.recip_keys(address)
+        elif prefix == keys.LOGMAP:
+            candidates = keys.logmap_keys(address)
+        else:
+            candidates = keys.address_keys(prefix, address)
         return self._first(candidates, await self._point(candidates))
 
     async def lookup(self, prefix: str, name: str) -> Hit | None:
