@@ -147,4 +147,5 @@ async def start_socketmap(tables: Tables, host: str, port: int, *,
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve(tables, max_request, idle_timeout, reader, writer)
 
-    return await asyncio.start_server(handle, host, port)
+    # every worker process binds the same port (SO_REUSEPORT), as the SMTP listeners do
+    return await asyncio.start_server(handle, host, port, reuse_port=True)
