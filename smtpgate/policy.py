@@ -209,11 +209,7 @@ class Policy:
     async def _screen(self, session: Session, state: Screening, banner: str) -> Reply | None:
         ip, port = session.client_ip, session.client_port
         config = self.config
-        try:
-            entries = await self.cache.get(ip)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
-            return CONNECT_TEMPFAIL
+        entries = state.lease.screening  # read with the connection count, in one round trip
         state.cached_passes = entries
         now = time.time()
         tests = [t for t in SCREENING_TESTS if self._enabled(t)]
@@ -459,6 +455,10 @@ class Policy:
         if session.listener != MX or state.recorded_rcpt_pass or state.protocol_failed:
             return
         state.recorded_rcpt_pass = True
+        # renew only when half the pass has run out: a regular sender costs no extra round trip
+        fresh = time.time() + self.config.greet_ttl / 2
+        if all(state.cached_passes.get(t, 0.0) > fresh for t in protocol.TESTS):
+            return
         passes = {t: self.config.greet_ttl for t in protocol.TESTS}
         try:
             await self.cache.record_passes(session.client_ip, passes)

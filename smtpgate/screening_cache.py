@@ -60,7 +60,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.exceptions
 
@@ -133,11 +133,7 @@ class ScreeningCache:
     async def get(self, ip: str) -> dict[str, float]:
         async with _redis_call(f"screening cache read for {ip}", self._timeout):
             raw = await self._redis.hgetall(keys.screening_key(ip))
-        result = {}
-        for field, value in raw.items():
-            with contextlib.suppress(ValueError):
-                result[_text(field)] = float(_text(value))
-        return result
+        return _entries(raw)
 
     async def record_pass(self, ip: str, test: str, ttl: float) -> None:
         await self.record_passes(ip, {test: ttl})
@@ -165,6 +161,14 @@ class ScreeningCache:
             )
 
 
+def _entries(raw: Mapping) -> dict[str, float]:
+    result = {}
+    for name, value in raw.items():
+        with contextlib.suppress(ValueError):
+            result[_text(name)] = float(_text(value))
+    return result
+
+
 def _check_test(test: str) -> None:
     if test not in TESTS:
         raise ValueError(f"{test!r} is not a screening test ({', '.join(TESTS)})")
@@ -182,8 +186,10 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 
 # --- the connection counters -----------------------------------------------------------------
 
-# KEYS: client sessions, all sessions, client rate. ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate, total}, this session included.
+# KEYS: client sessions, all sessions, client rate, the client's screening hash.
+# ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate, total, screening hash}, this session included: the
+# screening cache rides along so that a connect costs one round trip.
 _CONNECT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -197,7 +203,8 @@ redis.call('ZADD', KEYS[2], now + lease, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
 redis.call('ZADD', KEYS[3], now, id)
 redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000))
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[2])}
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[2]),
+        redis.call('HGETALL', KEYS[4])}
 """
 
 # KEYS: all sessions, then one client-sessions key per session. ARGV: lease, then the ids.
@@ -223,6 +230,7 @@ class Lease:
     client_count: int
     client_rate: int
     total: int
+    screening: dict[str, float] = field(default_factory=dict)  # the cache, read in passing
 
 
 class ConnectionCounter:
@@ -253,12 +261,14 @@ class ConnectionCounter:
         client = client_key(ip, self._ipv6_prefix)
         session_id = f"{self._instance}:{next(self._serial)}"
         async with _redis_call(f"connection count for {ip}", self._timeout):
-            count, rate, total = await self._connect(
-                keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client)],
+            count, rate, total, screening = await self._connect(
+                keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client),
+                      keys.screening_key(ip)],
                 args=[session_id, self._lease, RATE_WINDOW],
             )
         self._live[session_id] = client
-        return Lease(ip, client, session_id, int(count), int(rate), int(total))
+        return Lease(ip, client, session_id, int(count), int(rate), int(total),
+                     _entries(dict(zip(screening[::2], screening[1::2], strict=True))))
 
     async def release(self, lease: Lease) -> None:
         if self._live.pop(lease.session_id, None) is None:

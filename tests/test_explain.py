@@ -1,0 +1,41 @@
+"""`smtpgate explain`: the policy as a dry run, against the real Redis and DNS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def explain(redis_server, dns_server, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REDIS": redis_server.url, "SMTPGATE_NAMESERVERS": dns_server.nameserver,
+           "SMTPGATE_MYNETWORKS": "", "HOSTNAME": "mx.example.test"}
+    return subprocess.run([sys.executable, "-m", "smtpgate", "explain", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_good_client_and_its_evidence(world, redis_server, dns_server):
+    result = explain(redis_server, dns_server, "--ip", "127.0.0.77", "--helo",
+                     "client.example.test", "--from", "a@example.net", "--rcpt",
+                     "user1@example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "client_fcrdns" in result.stdout and "host77.clients.example.test" in result.stdout
+    assert "passed on to Postfix" in result.stdout
+
+
+def test_refusals_name_the_key_and_the_reply(world, redis_server, dns_server):
+    world.set("PSA:127.0.9.0/24", "reject")
+    result = explain(redis_server, dns_server, "--ip", "127.0.9.9", "--rcpt", "x@example.com")
+    assert result.returncode == 1
+    assert "PSA:127.0.9.0/24" in result.stdout
+    assert "reply: 521 5.3.2 Service currently unavailable" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--ip", "not-an-ip"], ["--ip", "127.0.0.1", "--from", "a@@b"]],
+                         ids=["bad-ip", "bad-sender"])
+def test_bad_arguments_are_clear_errors(redis_server, dns_server, args):
+    result = explain(redis_server, dns_server, *args)
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr + result.stdout
