@@ -156,9 +156,16 @@ class Policy:
 
     @staticmethod
     def _note(session: Session, verdict: Verdict) -> Verdict:
+        """Keep the verdict in the session's record; log what a postmaster needs to see.
+
+        Passes go to the debug log: at a few hundred sessions a second, one line per check
+        per session would cost more than the checks themselves.
+        """
         session.record.append(verdict)
-        if verdict.reason and verdict.outcome is not Outcome.SKIP:
+        if verdict.outcome is Outcome.FAIL or "(action ignore)" in verdict.reason:
             log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
+        elif verdict.reason and verdict.outcome is not Outcome.SKIP and log.isEnabledFor(10):
+            log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
         return verdict
 
     # --- connect ---------------------------------------------------------------------------
