@@ -290,6 +290,9 @@ class Config:
         tuple(parse_networks("127.0.0.0/8 [::1]/128")), parse_networks,
         "networks trusted like Postfix's mynetworks (permit at every stage)")
     greet_wait: float = setting(6.0, seconds(0, 60), "postscreen_greet_wait: pregreet window")
+    greet_wait_under_stress: float = setting(
+        2.0, seconds(0, 60),
+        "the greet wait when sessions in flight pass 80% of connection_limit (postscreen: 2s)")
     greet_action: str = setting("enforce", one_of(*_ACTIONS), "postscreen_greet_action")
     greet_ttl: float = setting(
         86400.0, seconds(0), "postscreen_greet_ttl: a pass is cached this long")

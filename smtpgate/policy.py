@@ -301,7 +301,7 @@ class Policy:
         waiting: set[asyncio.Future] = {read}
         if settle is not None:
             waiting.add(settle)
-        deadline = started + self.config.greet_wait
+        deadline = started + self._greet_wait_now(session)
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -323,6 +323,14 @@ class Policy:
         finally:
             if not read.done():
                 read.cancel()
+
+    def _greet_wait_now(self, session: Session) -> float:
+        """postscreen_greet_wait = ${stress?{2}:{6}}s: shorter when the gate is busy."""
+        lease = self._state(session).lease
+        busy = lease is not None and lease.total >= 0.8 * self.config.connection_limit
+        if busy:
+            return min(self.config.greet_wait, self.config.greet_wait_under_stress)
+        return self.config.greet_wait
 
     def _dnsbl_decides_now(self, result) -> bool:
         verdict = dnsbl_check.decide(

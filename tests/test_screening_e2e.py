@@ -231,3 +231,23 @@ def test_raw_socket_sees_no_traceback_on_garbage(gate, screened):
     sock.close()
     assert b"Traceback" not in data
     assert data.startswith(b"220-")
+
+
+def test_greet_wait_is_shorter_under_stress(start_gate, screened):
+    """postscreen's ${stress?{2}:{6}}s: near the connection cap the wait shrinks."""
+    busy = start_gate(SMTPGATE_GREET_WAIT="30", SMTPGATE_GREET_WAIT_UNDER_STRESS="0.2",
+                      SMTPGATE_CONNECTION_LIMIT="5")
+    try:
+        screened.set("PSA:127.0.10.0/24", "permit")
+        greeting_from(busy, "127.0.10.9", "220 mx.example.test ESMTP smtpgate")
+        held = [Talk("127.0.0.1", busy.mx_port, source=f"127.0.10.{n}") for n in (1, 2, 3)]
+        for talk in held:
+            greeting(talk)
+        # 4 of 5 in flight: this client waits 0.2 s, well inside the 10 s read timeout
+        talk = Talk("127.0.0.1", busy.mx_port, source="127.0.0.96", timeout=10)
+        assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
+                                  "220 mx.example.test ESMTP smtpgate"]
+        for each in [*held, talk]:
+            each.close()
+    finally:
+        busy.stop()
