@@ -9,6 +9,7 @@ run: setup
 
 test: setup
 	.venv/bin/ruff check smtpgate tests scripts benchmarks
+	.venv/bin/hadolint Dockerfile
 	.venv/bin/pytest
 
 lint: setup
