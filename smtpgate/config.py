@@ -342,6 +342,9 @@ class Config:
     smtpd_soft_error_limit: int = setting(10, int_between(1), "errors before replies slow down")
     smtpd_hard_error_limit: int = setting(20, int_between(1), "errors before 421 and close")
     line_length_limit: int = setting(2048, int_between(512), "longest command line in bytes")
+    next_hop_pool: int = setting(
+        4, int_between(0, 64),
+        "connections to the next hop kept greeted ahead of need, per worker (0: none)")
     next_hop_timeout: float = setting(
         300.0, seconds(1, 600), "time limit for one reply from the next hop")
     auth_failure_limit: int = setting(

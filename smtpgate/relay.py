@@ -2,7 +2,8 @@
 
 SYNOPSIS
     ClientIdentity(addr, port, name, helo, proto, login, destaddr, destport)
-    await NextHop.open(hop, identity, timeout, ehlo_name) -> NextHop
+    await NextHop.open(hop, identity, timeout, ehlo_name, pool=None) -> NextHop
+    HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0); pool.close()
     await next_hop.command(line: bytes) -> HopReply
     await next_hop.commands(lines: list[bytes]) -> list[HopReply]   (pipelined)
     next_hop.send_data(chunk: bytes); await next_hop.drain()
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from dataclasses import dataclass
 
 from smtpgate.config import HostPort
@@ -118,10 +120,12 @@ class NextHop:
         self._timeout = timeout
         self.pipelining = False
         self.closed = False
+        self.offered: frozenset[str] = frozenset()
+        self.greeted_at = 0.0
 
     @classmethod
-    async def open(cls, hop: HostPort, identity: ClientIdentity, timeout: float,
-                   ehlo_name: str) -> NextHop:
+    async def greeted(cls, hop: HostPort, timeout: float, ehlo_name: str) -> NextHop:
+        """A connection that has read the banner and said EHLO: ready for XCLIENT."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(hop.host, hop.port, limit=65536), timeout)
@@ -130,19 +134,39 @@ class NextHop:
         self = cls(reader, writer, timeout)
         try:
             await self._expect(await self._read_reply(), 220, "banner")
-            features = await self._ehlo(ehlo_name)
-            offered = _xclient_attributes(features)
-            if not offered:
+            self.offered = _xclient_attributes(await self._ehlo(ehlo_name))
+            if not self.offered:
                 raise RelayError(f"{hop} does not offer XCLIENT to this host"
                                  " (smtpd_authorized_xclient_hosts)")
-            reply = await self.command(xclient_command(identity, offered))
+        except BaseException:
+            self.abort()
+            raise
+        self.greeted_at = time.monotonic()
+        return self
+
+    @classmethod
+    async def open(cls, hop: HostPort, identity: ClientIdentity, timeout: float,
+                   ehlo_name: str, pool: HopPool | None = None) -> NextHop:
+        self = await pool.take() if pool is not None else None
+        if self is not None:
+            try:
+                await self._impersonate(identity, ehlo_name)
+                return self
+            except RelayError:
+                pass  # Postfix closed the idle connection meanwhile: a fresh one decides
+        self = await cls.greeted(hop, timeout, ehlo_name)
+        await self._impersonate(identity, ehlo_name)
+        return self
+
+    async def _impersonate(self, identity: ClientIdentity, ehlo_name: str) -> None:
+        try:
+            reply = await self.command(xclient_command(identity, self.offered))
             await self._expect(reply, 220, "XCLIENT")
             features = await self._ehlo(identity.helo or ehlo_name)
             self.pipelining = "PIPELINING" in features
         except BaseException:
             self.abort()
             raise
-        return self
 
     async def _ehlo(self, name: str) -> dict[str, str]:
         reply = await self.command(b"EHLO " + name.encode("utf-8", "replace") + b"\r\n")
@@ -220,11 +244,67 @@ class NextHop:
             pass
         self.abort()
 
+    def peer_closed(self) -> bool:
+        # a stray byte from an idle Postfix is its goodbye (421 timeout): not one to use
+        return self._reader.at_eof() or bool(self._reader._buffer)
+
     def abort(self) -> None:
         """Close without QUIT: Postfix throws away a transaction it did not finish."""
         if not self.closed:
             self.closed = True
             self._writer.transport.abort()
+
+
+class HopPool:
+    """A few connections to Postfix opened and greeted ahead of need.
+
+    A client session then costs Postfix only XCLIENT and EHLO before MAIL: the connect,
+    the banner and the first EHLO happened while nobody waited. Each idle connection holds
+    one Postfix smtpd process, so the pool stays small, and a connection older than
+    max_age is closed rather than risk Postfix's own idle timeout.
+    """
+
+    def __init__(self, hop: HostPort, timeout: float, ehlo_name: str, size: int = 4,
+                 max_age: float = 60.0) -> None:
+        self.hop, self.timeout, self.ehlo_name = hop, timeout, ehlo_name
+        self.size, self.max_age = size, max_age
+        self._idle: list[NextHop] = []
+        self._filling = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def take(self) -> NextHop | None:
+        now = time.monotonic()
+        found = None
+        while self._idle and found is None:
+            hop = self._idle.pop()
+            if hop.closed or now - hop.greeted_at > self.max_age or hop.peer_closed():
+                hop.abort()
+            else:
+                found = hop
+        self._refill()
+        return found
+
+    def _refill(self) -> None:
+        while len(self._idle) + self._filling < self.size:
+            self._filling += 1
+            task = asyncio.get_running_loop().create_task(self._open_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open_one(self) -> None:
+        try:
+            self._idle.append(await NextHop.greeted(self.hop, self.timeout, self.ehlo_name))
+        except RelayError:
+            pass  # Postfix is down: the session that needs it will say 451
+        finally:
+            self._filling -= 1
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for hop in self._idle:
+            hop.abort()
+        self._idle.clear()
 
 
 def _xclient_attributes(features: dict[str, str]) -> frozenset[str]:

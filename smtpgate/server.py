@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Config, HostPort
+from smtpgate.relay import HopPool
 from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
 from smtpgate.socketmap import start_socketmap
 from smtpgate.tls import TlsProvider, load_tls
@@ -49,6 +50,7 @@ class Gate:
     tls: TlsProvider | None
     policy: Any
     auth: Any = None
+    hop_pool: HopPool | None = None
     sessions: set[Session] = field(default_factory=set)
     draining: bool = False
 
@@ -63,7 +65,11 @@ async def build_gate(config: Config) -> Gate:
         from smtpgate.dovecot_auth import DovecotAuth
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
-    return Gate(config=config, tls=tls, policy=policy, auth=auth)
+    pool = None
+    if config.next_hop_pool and config.mx_listen:
+        pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
+                       size=config.next_hop_pool)
+    return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool)
 
 
 def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
@@ -130,6 +136,8 @@ async def run_worker(config: Config) -> int:
         async with asyncio.timeout(DRAIN_GRACE):
             while gate.sessions:
                 await asyncio.sleep(0.1)
+    if gate.hop_pool is not None:
+        gate.hop_pool.close()
     await gate.policy.close()
     return 0
 

@@ -488,11 +488,11 @@ class Session:
             addr=self.client_ip, port=self.client_port, name=self.client_xclient_name(),
             helo=self.helo or "", proto=self.proto, login=self.login,
             destaddr=self.local_ip, destport=self.local_port)
-        hop = self.config.next_hop
+        hop, pool = self.config.next_hop, self.gate.hop_pool
         if self.login is not None and self.config.submission_next_hop is not None:
-            hop = self.config.submission_next_hop
+            hop, pool = self.config.submission_next_hop, None
         return await NextHop.open(hop, identity, self.config.next_hop_timeout,
-                                  self.config.hostname)
+                                  self.config.hostname, pool)
 
     def client_xclient_name(self) -> str:
         return self.client_name if self.client_name != "unknown" else "[UNAVAILABLE]"
