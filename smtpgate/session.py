@@ -545,44 +545,55 @@ class Session:
         too_big = False
         at_line_start = True
         proper_boundary = True  # the previous line ended with CRLF
+        out: list[bytes] = []  # lines for Postfix, written in one go per batch of input
+        held_cr = False  # a piece of an over-long line ended in CR
+        reader = self.reader
         while True:
-            try:
-                async with asyncio.timeout(self.config.smtpd_timeout):
-                    line = await self.reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                line = await self.reader.readexactly(exc.consumed)
-            except TimeoutError:
-                hop.abort()
-                self._hop = None
-                self.reply(replies.timeout(self.config.hostname))
-                raise Closing from None
-            except asyncio.IncompleteReadError:
-                hop.abort()
-                self._hop = None
-                raise Closing from None
+            if b"\n" not in reader._buffer:
+                # nothing complete is buffered: pass on what we have, then wait for the client
+                if out:
+                    hop.send_data(b"".join(out))
+                    out.clear()
+                    if hop.needs_drain():
+                        await hop.drain()
+                line = await self._read_body_line(hop)
+            else:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:  # a line longer than the buffer
+                    line = await reader.readexactly(exc.consumed)
+            if held_cr:
+                line = b"\r" + line
+                held_cr = False
             if at_line_start and proper_boundary and line == b".\r\n":
                 break
             size += len(line)
             if limit and size > limit:
                 too_big = True
             if line.endswith(b"\n"):
-                content = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-                if not line.endswith(b"\r\n"):
-                    self.bare_newline = True
-                line_was_start = at_line_start
                 proper_boundary = line.endswith(b"\r\n")
+                line_was_start = at_line_start
                 at_line_start = True
                 if too_big:
                     continue
+                if proper_boundary:
+                    if line_was_start and line == b".\r\n":
+                        line = b"..\r\n"  # a "." line that is not CRLF.CRLF must not end it
+                    out.append(line)
+                    continue
+                self.bare_newline = True
+                content = line[:-1]
                 if line_was_start and content == b".":
-                    content = b".."  # a "." line that is not CRLF.CRLF must not end it at Postfix
-                hop.send_data(content + b"\r\n")
+                    content = b".."
+                out.append(content + b"\r\n")
             else:
                 at_line_start = False
+                if line.endswith(b"\r"):  # its LF may start the next piece: keep them together
+                    line, held_cr = line[:-1], True
                 if not too_big:
-                    hop.send_data(line)
-            if hop.needs_drain():
-                await hop.drain()
+                    out.append(line)
+        if out and not too_big:
+            hop.send_data(b"".join(out))
         if too_big:
             self._drop_hop()
             log.info("NOQUEUE: reject: message from %s: 552 5.3.4 message file too big",
@@ -598,6 +609,23 @@ class Session:
             log.warning("warning: next hop %s: %s", self.config.next_hop, exc)
             self._drop_hop()
             return replies.RELAY_UNAVAILABLE
+
+    async def _read_body_line(self, hop: NextHop) -> bytes:
+        """The next line of the message, waiting for the client at most smtpd_timeout."""
+        try:
+            async with asyncio.timeout(self.config.smtpd_timeout):
+                return await self.reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            return await self.reader.readexactly(exc.consumed)
+        except TimeoutError:
+            hop.abort()
+            self._hop = None
+            self.reply(replies.timeout(self.config.hostname))
+            raise Closing from None
+        except asyncio.IncompleteReadError:
+            hop.abort()
+            self._hop = None
+            raise Closing from None
 
     async def smtp_RSET(self, arg: str) -> None:
         if arg:

@@ -250,3 +250,19 @@ def test_long_command_line_is_refused_not_fatal(gate):
     assert talk.cmd("EHLO " + "a" * 5000)[0] == 500
     assert talk.cmd("EHLO client.example.test")[0] == 250
     talk.close()
+
+
+def test_very_long_body_lines_arrive_whole(gate, dovecot_server):
+    mark = token()
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.86", timeout=30)
+    talk.banner()
+    talk.cmd("EHLO client.example.test")
+    talk.cmd("MAIL FROM:<a@example.net>")
+    assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+    talk.cmd("DATA")
+    long_line = b"L" * 150_000  # longer than smtpgate's 64 KiB read buffer
+    talk.send(f"Subject: {mark}\r\n\r\n".encode() + long_line + b"\r\n" + long_line
+              + b"\r\n.\r\n")
+    assert talk.reply()[0] == 250
+    raw = dovecot_server.wait_for_message("user1@example.com", has(mark))
+    assert raw.count(b"L") >= 300_000
