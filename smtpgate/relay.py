@@ -7,7 +7,7 @@ SYNOPSIS
     await next_hop.command(line: bytes) -> HopReply
     await next_hop.commands(lines: list[bytes]) -> list[HopReply]   (pipelined)
     next_hop.send_data(chunk: bytes); await next_hop.drain()
-    await next_hop.finish_data() -> HopReply
+    await next_hop.finish_data(rest=b"") -> HopReply
     next_hop.abort()
     RelayError
 
@@ -207,8 +207,8 @@ class NextHop:
         except (OSError, TimeoutError):
             self.abort()
 
-    async def finish_data(self) -> HopReply:
-        self.send_data(b".\r\n")
+    async def finish_data(self, rest: bytes = b"") -> HopReply:
+        self.send_data(rest + b".\r\n")
         return await self._read_reply()
 
     async def _read_reply(self) -> HopReply:

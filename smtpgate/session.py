@@ -592,8 +592,6 @@ class Session:
                     line, held_cr = line[:-1], True
                 if not too_big:
                     out.append(line)
-        if out and not too_big:
-            hop.send_data(b"".join(out))
         if too_big:
             self._drop_hop()
             log.info("NOQUEUE: reject: message from %s: 552 5.3.4 message file too big",
@@ -604,7 +602,7 @@ class Session:
         try:
             if hop.closed:
                 raise RelayError("connection closed during DATA")
-            return await hop.finish_data()
+            return await hop.finish_data(b"".join(out))  # the rest and the dot in one write
         except RelayError as exc:
             log.warning("warning: next hop %s: %s", self.config.next_hop, exc)
             self._drop_hop()
