@@ -28,23 +28,17 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 
 from smtpgate.address import is_valid_hostname
 from smtpgate.checks.client_fcrdns import FcrdnsFacts, Forward
 from smtpgate.checks.helo import HeloDns
-from smtpgate.resolver import DnsAnswer, Resolver
+from smtpgate.resolver import DnsAnswer, Resolver, client_address
 
 MAX_NAMES = 10
 
 
 async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise ValueError(f"not an IP address: {ip!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = client_address(ip)
     client = str(address)
     ptr = await resolver.ptr(client)
     if ptr.status != "ok":

@@ -92,12 +92,7 @@ class Resolver:
         self._cache.clear()
 
     async def ptr(self, ip: str) -> DnsAnswer:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            raise ValueError(f"not an IP address: {ip!r}") from None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = client_address(ip)
         name = dns.reversename.from_address(str(address)).to_text(omit_final_dot=True)
         return await self.lookup(name, "PTR")
 
@@ -188,6 +183,17 @@ class Resolver:
                 if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                     return self._clamp(min(rrset.ttl, rrset[0].minimum))
         return self._clamp(self.negative_ttl)
+
+
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address as DNS should see it: an IPv4-mapped IPv6 address is its IPv4 address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _make_resolver(nameservers: tuple[HostPort, ...],
