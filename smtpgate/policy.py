@@ -120,6 +120,7 @@ class Policy:
         self.counter = ConnectionCounter(redis_client, ipv6_prefix=config.ipv6_prefix,
                                          timeout=config.redis_timeout)
         self._auth_limits = None
+        self.redis_ok = True  # the connection counters' last round trip, for /healthz
         self._refresher: asyncio.Task | None = None
 
     @classmethod
@@ -176,6 +177,7 @@ class Policy:
         state.trusted = self._trusted_network(ip)
         try:
             state.lease = await self.counter.connect(ip)
+            self.redis_ok = True
             verdict = self._note(session, limits.decide(
                 ip, client_count=state.lease.client_count, client_rate=state.lease.client_rate,
                 total=state.lease.total, count_limit=self.config.client_connection_count_limit,
@@ -186,6 +188,7 @@ class Policy:
                 return verdict.reply
             facts = await self.tables.connect_facts(ip)
         except (ScreeningStoreError, TableError) as exc:
+            self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, session.client_label,
                         exc)
             return CONNECT_TEMPFAIL

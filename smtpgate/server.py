@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Config, HostPort
+from smtpgate.health import start_health
 from smtpgate.relay import HopPool
 from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
 from smtpgate.socketmap import start_socketmap
@@ -106,6 +107,15 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
             raise OSError(f"cannot listen on {address} ({kind}): {exc.strerror or exc}") from None
         servers.append(server)
         log.info("listening on %s (%s)", address, kind)
+    for address in config.metrics_listen:
+        try:
+            servers.append(await start_health(gate, address.host, address.port))
+        except OSError as exc:
+            for started in servers:
+                started.close()
+            reason = exc.strerror or exc
+            raise OSError(f"cannot listen on {address} (metrics): {reason}") from None
+        log.info("listening on %s (/healthz, /metrics)", address)
     for address in config.socketmap_listen:
         try:
             servers.append(await start_socketmap(gate.policy.tables, address.host, address.port))

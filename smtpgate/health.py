@@ -1,0 +1,108 @@
+"""health - the HTTP endpoint for load balancers and Prometheus: /healthz and /metrics.
+
+SYNOPSIS
+    await start_health(gate, host, port) -> asyncio.Server
+    health_report(gate) -> (status_code, dict)
+    metrics_text(gate) -> str
+
+DESCRIPTION
+    /healthz answers 200 when this worker can do its job (Redis answered
+    its last round trip) and 503 otherwise, with a JSON body naming what is
+    wrong. /metrics is the Prometheus text format of this worker's figures
+    (sessions in flight, table lookups and round trips, DNSBL zone health).
+    With several workers the port is shared (SO_REUSEPORT) and each request
+    is answered by one of them: the figures are per worker, labelled with
+    its pid.
+
+    Only GET of those two paths is served; anything else is 404 or 405, and
+    a request that does not arrive within 5 s is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from typing import Any
+
+MAX_REQUEST = 8192
+
+
+def health_report(gate: Any) -> tuple[int, dict]:
+    tables = gate.policy.tables
+    redis_ok = tables.health.ok is not False and gate.policy.redis_ok
+    body = {
+        "status": "ok" if redis_ok and not gate.draining else "unavailable",
+        "redis": {"ok": redis_ok, "detail": tables.health.detail,
+                  "cache_ready": tables.health.cache_ready},
+        "draining": gate.draining,
+        "sessions": len(gate.sessions),
+        "dnsbl_unhealthy": sorted(gate.policy.querier.unhealthy),
+        "pid": os.getpid(),
+    }
+    return (200 if body["status"] == "ok" else 503), body
+
+
+def metrics_text(gate: Any) -> str:
+    pid = os.getpid()
+    tables = gate.policy.tables
+    lines = [
+        "# HELP smtpgate_sessions Sessions in flight in this worker.",
+        "# TYPE smtpgate_sessions gauge",
+        f'smtpgate_sessions{{pid="{pid}"}} {len(gate.sessions)}',
+        "# HELP smtpgate_table_lookups_total Table lookups by phase call.",
+        "# TYPE smtpgate_table_lookups_total counter",
+        f'smtpgate_table_lookups_total{{pid="{pid}"}} {tables.stats.lookups}',
+        "# HELP smtpgate_table_round_trips_total Redis round trips made by the tables.",
+        "# TYPE smtpgate_table_round_trips_total counter",
+        f'smtpgate_table_round_trips_total{{pid="{pid}"}} {tables.stats.round_trips}',
+        "# HELP smtpgate_redis_up Whether Redis answered the last round trip.",
+        "# TYPE smtpgate_redis_up gauge",
+        f'smtpgate_redis_up{{pid="{pid}"}} {int(health_report(gate)[1]["redis"]["ok"])}',
+        "# HELP smtpgate_dnsbl_answers_total DNSBL answers by zone and kind.",
+        "# TYPE smtpgate_dnsbl_answers_total counter",
+    ]
+    for zone, counts in gate.policy.querier.health().items():
+        for kind, value in counts.items():
+            lines.append(f'smtpgate_dnsbl_answers_total{{pid="{pid}",zone="{zone}",'
+                         f'kind="{kind}"}} {value}')
+    return "\n".join(lines) + "\n"
+
+
+def _response(code: int, content_type: str, body: str) -> bytes:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
+              503: "Service Unavailable"}[code]
+    data = body.encode()
+    return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
+async def _handle(gate: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            ConnectionError):
+        writer.close()
+        return
+    method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+    path = rest.split(" ", 1)[0]
+    if method != "GET":
+        reply = _response(405, "text/plain", "only GET\n")
+    elif path == "/healthz":
+        code, body = health_report(gate)
+        reply = _response(code, "application/json", json.dumps(body) + "\n")
+    elif path == "/metrics":
+        reply = _response(200, "text/plain; version=0.0.4", metrics_text(gate))
+    else:
+        reply = _response(404, "text/plain", "not found\n")
+    writer.write(reply)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    writer.close()
+
+
+async def start_health(gate: Any, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(lambda r, w: _handle(gate, r, w), host, port,
+                                      reuse_port=True, limit=MAX_REQUEST)
