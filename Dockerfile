@@ -32,10 +32,10 @@ USER 10025:10025
 
 EXPOSE 25 587
 
-# Healthy while the MX listener accepts connections: a bare TCP connect from inside the
-# container (it shows in the log as a connect/disconnect from 127.0.0.1 once a minute).
-HEALTHCHECK --interval=60s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 25), 3).close()"]
+# Healthy while this worker can reach Redis and is not draining: /healthz on the metrics
+# listener (SMTPGATE_METRICS_LISTEN, 127.0.0.1:9425 by default) answers 200, else 503.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9425/healthz', timeout=4)"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["smtpgate"]
