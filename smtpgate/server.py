@@ -42,8 +42,6 @@ from smtpgate.tls import TlsProvider, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
-DRAIN_GRACE = 30.0
-
 
 @dataclass
 class Gate:
@@ -142,14 +140,28 @@ async def run_worker(config: Config) -> int:
     for server in servers:
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(DRAIN_GRACE):
-            while gate.sessions:
-                await asyncio.sleep(0.1)
+    await _drain(gate, config.drain_grace)
     if gate.hop_pool is not None:
         gate.hop_pool.close()
     await gate.policy.close()
     return 0
+
+
+async def _drain(gate: Gate, grace: float) -> None:
+    """Let sessions finish for `grace` seconds, then tell the rest 421 and hang up."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(grace):
+            while gate.sessions:
+                await asyncio.sleep(0.1)
+    if not gate.sessions:
+        return
+    log.info("stopping: closing %d sessions after %.0f s", len(gate.sessions), grace)
+    for session in list(gate.sessions):
+        session.shut_down()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            while gate.sessions:
+                await asyncio.sleep(0.05)
 
 
 def serve(config: Config) -> int:

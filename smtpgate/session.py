@@ -130,6 +130,22 @@ class Session:
     def _pipelined(self) -> bool:
         return bool(self.reader._buffer)
 
+    def shut_down(self) -> None:
+        """The drain's last word: 421, then the connection closes.
+
+        A transaction still open at Postfix is aborted, so Postfix throws it away and the
+        client, having heard no 250, sends it again later: nothing is lost.
+        """
+        self._out.append(str(replies.shutting_down(self.config.hostname)).encode() + b"\r\n")
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            self.writer.write(b"".join(self._out))
+        self._out.clear()
+        if self._hop is not None:
+            self._hop.abort()
+            self._hop = None
+            self.hop_in_transaction = False
+        self.writer.close()
+
     # --- the dialogue ----------------------------------------------------------------------
 
     async def run(self) -> None:
