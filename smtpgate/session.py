@@ -174,9 +174,9 @@ class Session:
         self.gate.sessions.discard(self)
         await self.gate.policy.session_closed(self)
         self.writer.close()
-        counts = " ".join(f"{k.lower()}={v}" for k, v in self.counts.items())
-        total = sum(self.counts.values())
-        log.info("disconnect from %s %s commands=%d", self.client_label, counts, total)
+        words = [f"{k.lower()}={v}" for k, v in self.counts.items()]
+        words.append(f"commands={sum(self.counts.values())}")
+        log.info("disconnect from %s %s", self.client_label, " ".join(words))
 
     async def _dialogue(self) -> None:
         if not await self._greet():
