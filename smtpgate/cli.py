@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check-config":
         return check_config(config)
+    if config.timezone:  # the image's TIMEZONE: log time stamps in local time there
+        os.environ["TZ"] = config.timezone
+        time.tzset()
     if args.command == "serve":
         setup_logging()
         from smtpgate.server import serve

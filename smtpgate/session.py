@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from smtpgate import replies
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg
+from smtpgate.proxy_header import expects_header, read_header
 from smtpgate.relay import ClientIdentity, NextHop, RelayError
 from smtpgate.verdict import Reply, Verdict
 
@@ -150,6 +151,10 @@ class Session:
 
     async def run(self) -> None:
         self.gate.sessions.add(self)
+        if not await self._proxy_header():
+            self.gate.sessions.discard(self)
+            self.writer.close()
+            return
         log.info("connect from %s to [%s]:%s", self.client_label, self.local_ip, self.local_port)
         try:
             await self._dialogue()
@@ -162,6 +167,20 @@ class Session:
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
             await self._close()
+
+    async def _proxy_header(self) -> bool:
+        """Take the client's addresses from a trusted load balancer's PROXY header."""
+        config = self.config
+        if not expects_header(self.client_ip, config.proxy_protocol, config.proxy_trusted):
+            return True
+        found = await read_header(self.reader, config.proxy_protocol)
+        if isinstance(found, str):
+            log.warning("warning: PROXY from [%s]:%s: %s", self.client_ip, self.client_port, found)
+            return False
+        if found is not None:
+            self.client_ip, self.client_port = _unmap(found.client_ip), found.client_port
+            self.local_ip, self.local_port = _unmap(found.local_ip), found.local_port
+        return True
 
     async def _close(self) -> None:
         with contextlib.suppress(ConnectionError, OSError):
