@@ -123,6 +123,16 @@ class Policy:
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
         self._refresher: asyncio.Task | None = None
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: new settings for the next decisions; Redis clients and counters stay."""
+        self.config = config
+        self.resolver = Resolver(config.nameservers, config.dns_timeout)
+        self.sites = parse_sites(" ".join(config.dnsbl_sites))
+        self.querier = DnsblQuerier(
+            self.resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
+            allowlist_threshold=config.dnsbl_allowlist_threshold)
+        self._auth_limits = None
+
     @classmethod
     async def create(cls, config: Config) -> Policy:
         tables = Tables.from_config(config)

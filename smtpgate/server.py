@@ -5,6 +5,7 @@ SYNOPSIS
     await build_gate(config) -> Gate
     await start_listeners(gate) -> list[asyncio.Server]
     serve(config) -> int                        run until SIGTERM; the `serve` command
+    reload(gate) -> bool                        SIGHUP
 
 DESCRIPTION
     One process per worker (SMTPGATE_WORKERS, default one per CPU); every
@@ -13,8 +14,9 @@ DESCRIPTION
     SIGTERM and SIGHUP to the workers and restarts one that died.
 
     SIGTERM: stop accepting, let sessions in flight finish for up to
-    drain_grace seconds, then tell the rest 421 and close. SIGHUP: reload
-    the TLS certificate (new sessions get it; running ones keep theirs).
+    drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
+    the configuration (SMTPGATE_CONFIG) and the certificate again; new
+    sessions get them, running ones keep theirs (see reload()).
 
     "smtpgate: ready" is written to stderr once every listener is bound,
     for scripts and tests that wait on it.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -33,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpgate.config import Config, HostPort
+from smtpgate.config import Config, ConfigError, HostPort
+from smtpgate.config import load as load_config
 from smtpgate.health import start_health
 from smtpgate.relay import HopPool
 from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
 from smtpgate.socketmap import start_socketmap
-from smtpgate.tls import TlsProvider, load_tls
+from smtpgate.tls import TlsError, TlsProvider, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
@@ -133,7 +137,7 @@ async def run_worker(config: Config) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: gate.tls and gate.tls.reload_if_changed())
+    loop.add_signal_handler(signal.SIGHUP, reload, gate)
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     gate.draining = True
@@ -145,6 +149,46 @@ async def run_worker(config: Config) -> int:
         gate.hop_pool.close()
     await gate.policy.close()
     return 0
+
+
+# Settings bound to sockets, processes or the Redis connections: read once, at start.
+RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
+                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix")
+
+
+def reload(gate: Gate) -> bool:
+    """SIGHUP: the configuration and certificate again, for new sessions; none is dropped.
+
+    A bad configuration is logged and the running one kept. Settings in RESTART_ONLY keep
+    their running values, with a warning naming each one that changed.
+    """
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        log.error("error: reload: %s; keeping the running configuration", exc)
+        return False
+    running = gate.config
+    for name in RESTART_ONLY:
+        if getattr(config, name) != getattr(running, name):
+            log.warning("warning: reload: %s changed; that takes a restart", name)
+    config = dataclasses.replace(config, **{n: getattr(running, n) for n in RESTART_ONLY})
+    try:
+        tls = load_tls(config)
+    except TlsError as exc:
+        log.error("error: reload: %s; keeping the running configuration", exc)
+        return False
+    if gate.tls is not None and tls is not None and tls.cert_path == gate.tls.cert_path:
+        gate.tls.reload_if_changed()
+        tls = gate.tls
+    gate.policy.reconfigure(config)
+    if gate.hop_pool is not None and (config.next_hop, config.next_hop_pool) != (
+            running.next_hop, running.next_hop_pool):
+        gate.hop_pool.close()
+        gate.hop_pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
+                                size=config.next_hop_pool) if config.next_hop_pool else None
+    gate.config, gate.tls = config, tls
+    log.info("reloaded configuration")
+    return True
 
 
 async def _drain(gate: Gate, grace: float) -> None:
