@@ -59,6 +59,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from smtpgate.replies import MAIL_SYNTAX, RCPT_SYNTAX
 from smtpgate.verdict import Reply
 
 __all__ = [
@@ -77,8 +78,6 @@ __all__ = [
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
-MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 
 # RFC 5321 caps a local part at 64 octets, but SRS, VERP and BATV bounce
 # addresses exceed that in real traffic and Postfix does not enforce it;

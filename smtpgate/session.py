@@ -50,8 +50,6 @@ log = logging.getLogger("smtpgate.smtpd")
 
 MX, SUBMISSION, SUBMISSIONS = "mx", "submission", "submissions"
 NON_SMTP_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
-# RFC 2920: after these a pipelining client must wait for the reply
-SYNC_COMMANDS = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY"})
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
