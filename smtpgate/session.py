@@ -33,7 +33,6 @@ import base64
 import binascii
 import contextlib
 import logging
-import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -74,7 +73,6 @@ class Session:
         self.client_ip, self.client_port = _unmap(peer[0]), peer[1]
         self.local_ip, self.local_port = _unmap(sock[0]), sock[1]
         self.client_name = "unknown"  # verified hostname once FCrDNS passed
-        self.started = time.monotonic()
         self.helo: str | None = None
         self.esmtp = False
         self.tls = listener == SUBMISSIONS
@@ -82,7 +80,6 @@ class Session:
         self.errors = 0
         self.counts: Counter[str] = Counter()
         self.record: list[Verdict] = []
-        self.pending_reject: Reply | None = None  # delayed client/HELO/screening reject
         self.bare_newline = False
         self.screening = None  # the policy's per-session screening state
         self._out: list[bytes] = []
