@@ -181,10 +181,10 @@ class Session:
         with contextlib.suppress(ConnectionError, OSError):
             await self.flush()
         if self._hop is not None:
-            if self.hop_in_transaction:
-                self._hop.abort()
-            else:
-                await self._hop.quit()
+            # QUIT even with an envelope open: Postfix drops an envelope that never got DATA,
+            # and logs a normal disconnect instead of "lost connection" for the real client
+            # (fail2ban reads those lines). A body in flight was aborted where it failed.
+            await self._hop.quit()
         self.gate.sessions.discard(self)
         await self.gate.policy.session_closed(self)
         self.writer.close()

@@ -266,3 +266,17 @@ def test_very_long_body_lines_arrive_whole(gate, dovecot_server):
     assert talk.reply()[0] == 250
     raw = dovecot_server.wait_for_message("user1@example.com", has(mark))
     assert raw.count(b"L") >= 300_000
+
+
+def test_client_quitting_before_data_ends_postfix_session_cleanly(gate, postfix_server):
+    since = postfix_server.log_mark()
+    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.98")
+    talk.banner()
+    talk.cmd("EHLO client.example.test")
+    talk.cmd("MAIL FROM:<a@example.net>")
+    assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+    assert talk.cmd("QUIT")[0] == 221
+    talk.close()
+    line = postfix_server.wait_for_log(r"disconnect from \S+\[127\.0\.0\.98\].*", since=since)
+    assert "quit=1" in line.group(0)
+    assert "lost connection" not in postfix_server.log_text()[since:]
