@@ -248,6 +248,14 @@ class NextHop:
         # a stray byte from an idle Postfix is its goodbye (421 timeout): not one to use
         return self._reader.at_eof() or bool(self._reader._buffer)
 
+    def close_quietly(self) -> None:
+        """QUIT without waiting for the answer: for idle connections, so Postfix logs no
+        "lost connection"."""
+        if not self.closed:
+            self.closed = True
+            self._writer.write(b"QUIT\r\n")
+            self._writer.close()
+
     def abort(self) -> None:
         """Close without QUIT: Postfix throws away a transaction it did not finish."""
         if not self.closed:
@@ -277,8 +285,10 @@ class HopPool:
         found = None
         while self._idle and found is None:
             hop = self._idle.pop()
-            if hop.closed or now - hop.greeted_at > self.max_age or hop.peer_closed():
+            if hop.closed or hop.peer_closed():
                 hop.abort()
+            elif now - hop.greeted_at > self.max_age:
+                hop.close_quietly()
             else:
                 found = hop
         self._refill()
@@ -303,7 +313,7 @@ class HopPool:
         for task in self._tasks:
             task.cancel()
         for hop in self._idle:
-            hop.abort()
+            hop.close_quietly()
         self._idle.clear()
 
 
