@@ -151,6 +151,7 @@ class Policy:
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        await self.counter.flush()
         await self.tables.close()
         await self.redis.aclose()
 
@@ -583,7 +584,4 @@ class Policy:
         if state.fcrdns_task is not None and not state.fcrdns_task.done():
             state.fcrdns_task.cancel()
         if state.lease is not None:
-            try:
-                await self.counter.release(state.lease)
-            except ScreeningStoreError as exc:
-                log.warning("warning: connection counter: %s", exc)
+            self.counter.release_soon(state.lease)

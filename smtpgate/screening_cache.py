@@ -69,6 +69,7 @@ from smtpgate.checks.limits import client_key
 
 TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
 RATE_WINDOW = 60
+RELEASE_BATCH = 0.05  # seconds a closed session's count may linger, to share a round trip
 
 
 class ScreeningStoreError(Exception):
@@ -252,6 +253,9 @@ class ConnectionCounter:
         self._instance = instance or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._serial = itertools.count(1)
         self._live: dict[str, str] = {}  # session id -> client key, for refresh()
+        self._released: list[tuple[str, str]] = []  # (client key, session id) to remove
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task] = set()
 
     @property
     def live(self) -> int:
@@ -273,13 +277,43 @@ class ConnectionCounter:
     async def release(self, lease: Lease) -> None:
         if self._live.pop(lease.session_id, None) is None:
             return
-        what = f"connection release for {lease.ip}"
+        await self._remove([(lease.client, lease.session_id)])
+
+    def release_soon(self, lease: Lease) -> None:
+        """Release with the others that end within RELEASE_BATCH seconds: one round trip.
+
+        A session's count lingers that long after its connection closed, which no limit
+        notices; a busy worker saves a Redis round trip for almost every session.
+        """
+        if self._live.pop(lease.session_id, None) is None:
+            return
+        self._released.append((lease.client, lease.session_id))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                RELEASE_BATCH, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Send the releases waiting for their batch (also at shutdown)."""
+        batch, self._released = self._released, []
+        if batch:
+            with contextlib.suppress(ScreeningStoreError):  # the leases expire on their own
+                await self._remove(batch)
+
+    async def _remove(self, batch: list[tuple[str, str]]) -> None:
+        what = f"connection release for {len(batch)} sessions"
         async with (
             _redis_call(what, self._timeout),
             self._redis.pipeline(transaction=False) as pipe,
         ):
-            pipe.zrem(keys.sessions_key(lease.client), lease.session_id)
-            pipe.zrem(keys.SESSIONS_ALL, lease.session_id)
+            for client, session_id in batch:
+                pipe.zrem(keys.sessions_key(client), session_id)
+            pipe.zrem(keys.SESSIONS_ALL, *(session_id for _, session_id in batch))
             await pipe.execute()
 
     async def refresh(self) -> None:

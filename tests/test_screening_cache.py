@@ -178,3 +178,28 @@ async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
     finally:
         redis_server.start()
     assert (await counter.connect("192.0.2.52")).total == 1  # back, and empty
+
+
+async def test_releases_are_batched_into_one_round_trip(redis, redis_server):
+    import redis.asyncio as aioredis
+
+    from smtpgate import keys as key_formats
+    from smtpgate.screening_cache import RELEASE_BATCH, ConnectionCounter
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    counter = ConnectionCounter(client)
+    try:
+        leases = [await counter.connect(f"192.0.2.{n}") for n in range(1, 6)]
+        assert redis.zcard(key_formats.SESSIONS_ALL) == 5
+        before = redis.info("commandstats").get("cmdstat_zrem", {}).get("calls", 0)
+        for lease in leases:
+            counter.release_soon(lease)
+        assert redis.zcard(key_formats.SESSIONS_ALL) == 5  # not yet: waiting for the batch
+        async with asyncio.timeout(2):  # the batch goes out after RELEASE_BATCH seconds
+            while redis.zcard(key_formats.SESSIONS_ALL):
+                await asyncio.sleep(RELEASE_BATCH / 5)
+        after = redis.info("commandstats")["cmdstat_zrem"]["calls"]
+        assert after - before == 6  # five client sets and one ZREM for the global set
+    finally:
+        await counter.flush()
+        await client.aclose()
