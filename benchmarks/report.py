@@ -56,7 +56,7 @@ def targets(results: dict) -> dict:
     top = max((r["concurrency"] for r in rows), default=None)
     mod = _moderate(rows)
     gate, ps, direct = (_row(rows, t, top) for t in ("smtpgate", "postscreen", "smtpd"))
-    if gate and ps and ps.get("messages_per_s"):
+    if gate and ps and ps.get("messages_per_s") and gate.get("messages_per_s"):
         out["chain_vs_postscreen_ratio"] = gate["messages_per_s"] / ps["messages_per_s"]
     if gate and direct and direct.get("messages_per_s"):
         out["chain_vs_smtpd_ratio"] = gate["messages_per_s"] / direct["messages_per_s"]

@@ -244,6 +244,8 @@ async def case_chain(stack: Stack, args) -> list[dict]:
             print(f"  chain {target:10} c={concurrency:<4} {_fmt(row['messages_per_s'])} msg/s "
                   f"p50 {_fmt(row['latency']['p50_ms'])} ms p99 "
                   f"{_fmt(row['latency']['p99_ms'])} ms", flush=True)
+            if not src.ok:
+                print(f"    smtp-source failed: {src.stderr.strip()[-300:]}", flush=True)
     return rows
 
 

@@ -69,7 +69,7 @@ from smtpgate.checks.limits import client_key
 
 TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
 RATE_WINDOW = 60
-RELEASE_BATCH = 0.05  # seconds a closed session's count may linger, to share a round trip
+RELEASE_BATCH = 0.01  # seconds a closed session may stay counted, to share a round trip
 
 
 class ScreeningStoreError(Exception):
@@ -254,6 +254,7 @@ class ConnectionCounter:
         self._serial = itertools.count(1)
         self._live: dict[str, str] = {}  # session id -> client key, for refresh()
         self._released: list[tuple[str, str]] = []  # (client key, session id) to remove
+        self._pending: dict[str, int] = {}  # client key -> released, not yet removed in Redis
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task] = set()
 
@@ -271,7 +272,10 @@ class ConnectionCounter:
                 args=[session_id, self._lease, RATE_WINDOW],
             )
         self._live[session_id] = client
-        return Lease(ip, client, session_id, int(count), int(rate), int(total),
+        # sessions of this worker that closed but wait for their release batch do not count
+        count = int(count) - self._pending.get(client, 0)
+        total = int(total) - sum(self._pending.values())
+        return Lease(ip, client, session_id, count, int(rate), total,
                      _entries(dict(zip(screening[::2], screening[1::2], strict=True))))
 
     async def release(self, lease: Lease) -> None:
@@ -288,6 +292,7 @@ class ConnectionCounter:
         if self._live.pop(lease.session_id, None) is None:
             return
         self._released.append((lease.client, lease.session_id))
+        self._pending[lease.client] = self._pending.get(lease.client, 0) + 1
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(
                 RELEASE_BATCH, self._start_flush)
@@ -301,9 +306,18 @@ class ConnectionCounter:
     async def flush(self) -> None:
         """Send the releases waiting for their batch (also at shutdown)."""
         batch, self._released = self._released, []
-        if batch:
+        if not batch:
+            return
+        try:
             with contextlib.suppress(ScreeningStoreError):  # the leases expire on their own
                 await self._remove(batch)
+        finally:  # until Redis has them removed, connect() keeps discounting them
+            for client, _ in batch:
+                left = self._pending[client] - 1
+                if left:
+                    self._pending[client] = left
+                else:
+                    del self._pending[client]
 
     async def _remove(self, batch: list[tuple[str, str]]) -> None:
         what = f"connection release for {len(batch)} sessions"
