@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpgate.config import Config, ConfigError, HostPort
+from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
 from smtpgate.health import start_health
 from smtpgate.relay import HopPool
@@ -87,52 +87,52 @@ def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
 
 
 async def start_listeners(gate: Gate) -> list[asyncio.Server]:
+    """Every listener of the configuration, or none: a port that cannot be bound is fatal."""
     config = gate.config
-    plan: list[tuple[str, HostPort]] = [(MX, a) for a in config.mx_listen]
-    plan += [(SUBMISSION, a) for a in config.submission_listen]
     if config.submissions_listen and gate.tls is None:
         raise OSError("SMTPGATE_SUBMISSIONS_LISTEN needs a TLS certificate")
-    plan += [(SUBMISSIONS, a) for a in config.submissions_listen]
-    servers = []
-    for kind, address in plan:
-        def handler(reader, writer, kind=kind):
-            return Session(gate, reader, writer, kind).run()
-
-        tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
+    plan = [(kind, address, _smtp_starter(gate, kind))
+            for kind, addresses in ((MX, config.mx_listen), (SUBMISSION, config.submission_listen),
+                                    (SUBMISSIONS, config.submissions_listen))
+            for address in addresses]
+    plan += [("/healthz, /metrics", a, lambda h, p: start_health(gate, h, p))
+             for a in config.metrics_listen]
+    plan += [("socketmap", a, lambda h, p: start_socketmap(gate.policy.tables, h, p))
+             for a in config.socketmap_listen]
+    servers: list[asyncio.Server] = []
+    for label, address, start in plan:
         try:
-            server = await asyncio.start_server(
-                handler, address.host, address.port, reuse_port=True, backlog=1024,
-                limit=65536, ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
-        except OSError as exc:
-            for started in servers:
-                started.close()
-            raise OSError(f"cannot listen on {address} ({kind}): {exc.strerror or exc}") from None
-        servers.append(server)
-        log.info("listening on %s (%s)", address, kind)
-    for address in config.metrics_listen:
-        try:
-            servers.append(await start_health(gate, address.host, address.port))
+            servers.append(await start(address.host, address.port))
         except OSError as exc:
             for started in servers:
                 started.close()
             reason = exc.strerror or exc
-            raise OSError(f"cannot listen on {address} (metrics): {reason}") from None
-        log.info("listening on %s (/healthz, /metrics)", address)
-    for address in config.socketmap_listen:
-        try:
-            servers.append(await start_socketmap(gate.policy.tables, address.host, address.port))
-        except OSError as exc:
-            for started in servers:
-                started.close()
-            reason = exc.strerror or exc
-            raise OSError(f"cannot listen on {address} (socketmap): {reason}") from None
-        log.info("listening on %s (socketmap)", address)
+            raise OSError(f"cannot listen on {address} ({label}): {reason}") from None
+        log.info("listening on %s (%s)", address, label)
     return servers
+
+
+def _smtp_starter(gate: Gate, kind: str):
+    def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        return Session(gate, reader, writer, kind).run()
+
+    tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
+
+    def start(host: str, port: int):
+        return asyncio.start_server(
+            handler, host, port, reuse_port=True, backlog=1024, limit=65536, ssl=tls_context,
+            ssl_handshake_timeout=30 if tls_context else None)
+
+    return start
 
 
 async def run_worker(config: Config) -> int:
     gate = await build_gate(config)
-    servers = await start_listeners(gate)
+    try:
+        servers = await start_listeners(gate)
+    except OSError:
+        await gate.policy.close()  # its Redis tasks would keep the loop from ending
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

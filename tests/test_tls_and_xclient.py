@@ -109,3 +109,19 @@ def test_renewed_certificate_is_used_without_restart(start_gate, tmp_path, redis
         assert second != first
     finally:
         gate.stop()
+
+
+def test_busy_port_is_a_clear_startup_error_even_with_redis_down():
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = serve({"SMTPGATE_MX_LISTEN": f"127.0.0.1:{port}", "SMTPGATE_TLS_OPTIONAL": "yes",
+                        "REDIS": f"127.0.0.1:{free_port()}"})
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (mx)" in result.stderr
