@@ -101,8 +101,13 @@ class Screening:
         self.fcrdns_task: asyncio.Task | None = None
         self.helo_reject: Reply | None = None
         self.protocol_failed: set[str] = set()
-        self.cached_passes: dict[str, float] = {}
+        self.client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
         self.recorded_rcpt_pass = False
+
+    @property
+    def cached_passes(self) -> dict[str, float]:
+        """The screening cache as read with the connection count."""
+        return self.lease.screening if self.lease is not None else {}
 
 
 class Policy:
@@ -230,8 +235,7 @@ class Policy:
     async def _screen(self, session: Session, state: Screening, banner: str) -> Reply | None:
         ip, port = session.client_ip, session.client_port
         config = self.config
-        entries = state.lease.screening  # read with the connection count, in one round trip
-        state.cached_passes = entries
+        entries = state.cached_passes  # read with the connection count, in one round trip
         now = time.time()
         tests = [t for t in SCREENING_TESTS if self._enabled(t)]
         if allowlisted(entries, tests, now):
@@ -261,10 +265,7 @@ class Policy:
                 received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
-            verdict = self._note(session, dnsbl_check.decide(
-                result, self.sites, threshold=config.dnsbl_threshold,
-                allowlist_threshold=config.dnsbl_allowlist_threshold,
-                action=config.dnsbl_action, reply_map=config.dnsbl_reply_map))
+            verdict = self._note(session, self._dnsbl_verdict(result))
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -347,11 +348,15 @@ class Policy:
         return self.config.greet_wait
 
     def _dnsbl_decides_now(self, result) -> bool:
-        verdict = dnsbl_check.decide(
-            result, self.sites, threshold=self.config.dnsbl_threshold,
-            allowlist_threshold=self.config.dnsbl_allowlist_threshold,
-            action=self.config.dnsbl_action)
+        verdict = self._dnsbl_verdict(result)
         return verdict.outcome is Outcome.PERMIT or hangs_up(verdict)
+
+    def _dnsbl_verdict(self, result) -> Verdict:
+        config = self.config
+        return dnsbl_check.decide(
+            result, self.sites, threshold=config.dnsbl_threshold,
+            allowlist_threshold=config.dnsbl_allowlist_threshold,
+            action=config.dnsbl_action, reply_map=config.dnsbl_reply_map)
 
     # --- HELO ------------------------------------------------------------------------------
 
@@ -411,18 +416,18 @@ class Policy:
     async def rcpt(self, session: Session, path: Path) -> Reply | None:
         state = self._state(session)
         if session.listener == MX and not state.trusted:
-            for stage in (self._screening_reject, self._client_reject, self._helo_reject,
-                          self._sender_reject):
-                reply = await stage(session, state)
-                if reply is not None:
-                    return reply
+            # Postfix's order under smtpd_delay_reject: client, HELO, sender, then recipient
+            reply = (state.psa_reject_enforced or await self._client_reject(session, state)
+                     or state.helo_reject or session.sender_reject)
+            if reply is not None:
+                return reply
         trusted = state.trusted or session.login is not None
         return await self._recipient(session, path, trusted)
 
-    async def _screening_reject(self, session: Session, state: Screening) -> Reply | None:
-        return state.psa_reject_enforced
-
     async def _client_reject(self, session: Session, state: Screening) -> Reply | None:
+        verdict = state.client_verdict
+        if verdict is not None:  # the same for every recipient of the session
+            return verdict.reply if verdict.failed else None
         if state.fcrdns_task is None:
             return None
         try:
@@ -444,13 +449,8 @@ class Policy:
         verdict = self._note(session, client_fcrdns.decide(
             facts, rev_ip=state.rev_ip, rev_by_name=rev_by_name,
             unknown_code=self.config.unknown_client_reject_code))
+        state.client_verdict = verdict
         return verdict.reply if verdict.failed else None
-
-    async def _helo_reject(self, session: Session, state: Screening) -> Reply | None:
-        return state.helo_reject
-
-    async def _sender_reject(self, session: Session, state: Screening) -> Reply | None:
-        return getattr(session, "sender_reject", None)
 
     async def _recipient(self, session: Session, path: Path, trusted: bool) -> Reply | None:
         address = path.address

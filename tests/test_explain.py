@@ -39,3 +39,11 @@ def test_bad_arguments_are_clear_errors(redis_server, dns_server, args):
     result = explain(redis_server, dns_server, *args)
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_client_is_judged_once_however_many_recipients(world, redis_server, dns_server):
+    result = explain(redis_server, dns_server, "--ip", "127.0.0.77", "--helo",
+                     "client.example.test", "--from", "a@example.net",
+                     "--rcpt", "user1@example.com", "--rcpt", "user2@example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("client_fcrdns") == 1
