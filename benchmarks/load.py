@@ -1,19 +1,31 @@
 """load - the load generators: Postfix's smtp-source, and bounded asyncio SMTP clients.
 
 SYNOPSIS
-    await smtp_source(port, *, concurrency, messages, size, world, timeout) -> SourceRun
-    make_body(size, world) -> bytes
+    await smtp_source(port, *, concurrency, messages, size, world, timeout,
+                      marker=None) -> SourceRun
+    make_body(size, world, marker="bench") -> bytes
     await run_sessions(port, *, sessions, concurrency, body, world, tls=None,
                        timeout=30, budget=60) -> SessionRun
-    await run_screening(port, *, sources, concurrency, duration, timeout) -> ScreenRun
+    await run_screening(port, *, sources, concurrency, duration, timeout,
+                        hello=None) -> ScreenRun
     await hold_idle(port, *, sources, count, budget) -> IdleHold   (.close())
+    await trickle_senders(port, *, sources, count, world, interval, until) -> SlowRun
+    await run_paced(port, *, interval, until, body, world, timeout) -> SessionRun
     percentile(values, q) -> float
 
 DESCRIPTION
     smtp_source runs `smtp-source -s CONCURRENCY -m MESSAGES -l SIZE` against
     127.0.0.1:port, one message per connection, timed from outside (it prints
     no rate), and killed at the timeout. It sends HELO, one RCPT, and cannot
-    pick its source address, speak STARTTLS or time a session.
+    pick its source address, speak STARTTLS or time a session. With a
+    marker, it sends a message made by make_body() from a file (-F) instead
+    of its own (-l), so that every message carries the marker.
+
+    make_body builds a message of about size bytes whose Message-ID is
+    <MARKER@client.bench.test> (and Subject the marker): Postfix logs the
+    Message-ID of every message it queues, so deliveries are counted per
+    marker (benchmarks.stack.DeliveryLog), never by counting every delivery
+    in the log. Give each case, target and run its own marker.
 
     run_sessions is the Python client for what smtp-source cannot do: it
     times each session from connect to the 221 reply to QUIT (EHLO, optional
@@ -21,16 +33,33 @@ DESCRIPTION
     CONCURRENCY sessions in flight, and stops starting new ones once the
     budget (seconds) is spent. A session that gets an unexpected reply or
     times out is an error, counted by the reply code or exception name, and
-    has no latency.
+    has no latency. SessionRun.queued counts the messages the server took
+    (250 to the final dot), whether the session then ended well or not.
 
     run_screening opens connections from the given source addresses (any
     127.x.y.z is local) for a fixed duration and reads until the first final
     reply line or the close: it counts connections per outcome ("521", "220",
-    "eof", "timeout"). A 220 is answered with QUIT.
+    "eof", "timeout"). A 220 is answered with QUIT; with hello (an EHLO
+    line), a 220 is first answered with hello and the outcome is the reply
+    to it (a front end that decides only at the first command, as the
+    aiosmtpd front end does, rejects there).
 
     hold_idle opens COUNT connections spread over the source addresses,
     never sends a byte (the client sits in the greet wait, then before HELO),
     and keeps them open until close().
+
+    trickle_senders opens COUNT sessions spread over the source addresses,
+    each going through EHLO, MAIL, RCPT and DATA like a normal client, then
+    sending its message one byte every `interval` seconds, until the
+    perf_counter time `until`, when every connection is aborted (no final
+    dot is ever sent). SlowRun.outcomes counts where each got to ("354":
+    trickling; else the code or exception that stopped it), .bytes the
+    bytes trickled in all, and .reached[i] when each entered DATA.
+
+    run_paced is a normal client next to them: it starts one session
+    (one_session) every `interval` seconds until `until`, each in its own
+    task bounded by timeout, and waits for all; latencies are end to end,
+    connect to 221, whatever the client had to wait for on the way.
 
     Every loop is bounded in count and in time.
 """
@@ -42,6 +71,7 @@ import contextlib
 import itertools
 import math
 import ssl
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,23 +110,32 @@ class SourceRun:
 
 
 async def smtp_source(port: int, *, concurrency: int, messages: int, size: int, world,
-                      timeout: float) -> SourceRun:
-    argv = [
-        "smtp-source", "-s", str(concurrency), "-m", str(messages), "-l", str(size),
-        "-M", world.client_name, "-f", world.sender, "-t", world.rcpt, f"{HOST}:{port}",
-    ]
-    start = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout):
+                      timeout: float, marker: str | None = None) -> SourceRun:
+    with contextlib.ExitStack() as cleanup:
+        if marker is None:
+            payload = ["-l", str(size)]
+        else:  # the message from a file: smtp-source adds no header of its own then
+            message = cleanup.enter_context(tempfile.NamedTemporaryFile(
+                prefix="smtp-source-", suffix=".eml"))
+            message.write(make_body(size, world, marker).replace(b"\r\n", b"\n"))
+            message.flush()
+            payload = ["-F", message.name]
+        argv = [
+            "smtp-source", "-s", str(concurrency), "-m", str(messages), *payload,
+            "-M", world.client_name, "-f", world.sender, "-t", world.rcpt, f"{HOST}:{port}",
+        ]
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(timeout):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
             _, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        _, err = await proc.communicate()
-        return SourceRun(time.perf_counter() - start, messages, None,
-                         f"killed after {timeout:.0f}s " + err.decode(errors="replace")[-500:])
+            return SourceRun(time.perf_counter() - start, messages, None,
+                             f"killed after {timeout:.0f}s " + err.decode(errors="replace")[-500:])
     return SourceRun(time.perf_counter() - start, messages, proc.returncode,
                      err.decode(errors="replace")[-500:])
 
@@ -104,9 +143,12 @@ async def smtp_source(port: int, *, concurrency: int, messages: int, size: int, 
 # --- the asyncio SMTP client ---------------------------------------------------------------------
 
 
-def make_body(size: int, world) -> bytes:
-    head = (f"From: <{world.sender}>\r\nTo: <{world.rcpt}>\r\nSubject: bench\r\n"
-            "Message-ID: <bench@client.bench.test>\r\n\r\n").encode()
+def make_body(size: int, world, marker: str = "bench") -> bytes:
+    """A message of about size bytes, its Message-ID <marker@client.bench.test>."""
+    if not marker or any(c in marker for c in "<>@ \t\r\n"):
+        raise ValueError(f"bad message marker {marker!r}")
+    head = (f"From: <{world.sender}>\r\nTo: <{world.rcpt}>\r\nSubject: {marker}\r\n"
+            f"Message-ID: <{marker}@{world.client_name}>\r\n\r\n").encode()
     line = b"x" * 76 + b"\r\n"
     fill = max(0, size - len(head))
     body = head + line * (fill // len(line)) + b"y" * (fill % len(line))
@@ -134,7 +176,7 @@ async def _expect(reader, writer, command: bytes | None, code: str, step: str) -
 
 
 async def one_session(port: int, body: bytes, world, tls: ssl.SSLContext | None = None,
-                      source: str | None = None) -> None:
+                      source: str | None = None, run: SessionRun | None = None) -> None:
     local = (source, 0) if source else None
     reader, writer = await asyncio.open_connection(HOST, port, local_addr=local)
     try:
@@ -149,6 +191,8 @@ async def one_session(port: int, body: bytes, world, tls: ssl.SSLContext | None 
         await _expect(reader, writer, b"RCPT TO:<%s>\r\n" % world.rcpt.encode(), "250", "rcpt")
         await _expect(reader, writer, b"DATA\r\n", "354", "data")
         await _expect(reader, writer, body + b".\r\n", "250", "dot")
+        if run is not None:
+            run.queued += 1
         await _expect(reader, writer, b"QUIT\r\n", "221", "quit")
     finally:
         writer.transport.abort()
@@ -159,6 +203,7 @@ class SessionRun:
     latencies: list[float] = field(default_factory=list)  # seconds, successful sessions only
     errors: Counter = field(default_factory=Counter)
     elapsed: float = 0.0
+    queued: int = 0  # messages the server took (250 to the dot), the session ended well or not
 
     @property
     def ok(self) -> int:
@@ -168,6 +213,7 @@ class SessionRun:
         ms = [v * 1000 for v in self.latencies]
         return {
             "sessions": self.ok,
+            "queued": self.queued,
             "errors": sum(self.errors.values()),
             "error_kinds": dict(self.errors),
             "sessions_per_s": self.ok / self.elapsed if self.elapsed else 0.0,
@@ -191,7 +237,7 @@ async def run_sessions(port: int, *, sessions: int, concurrency: int, body: byte
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout):
-                    await one_session(port, body, world, tls, source)
+                    await one_session(port, body, world, tls, source, run)
             except SmtpError as exc:
                 run.errors[exc.code] += 1
             except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
@@ -227,10 +273,15 @@ class ScreenRun:
         }
 
 
-async def _screen_once(port: int, source: str) -> str:
+async def _screen_once(port: int, source: str, hello: bytes | None = None) -> str:
     reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
     try:
         code = await read_reply(reader)
+        if code == "220" and hello:
+            writer.write(hello)
+            code = await read_reply(reader)
+            if code == "250":
+                code = "220"  # passed: the banner and the EHLO both say go on
         if code == "220":
             writer.write(b"QUIT\r\n")
             with contextlib.suppress(OSError):
@@ -241,7 +292,7 @@ async def _screen_once(port: int, source: str) -> str:
 
 
 async def run_screening(port: int, *, sources: list[str], concurrency: int, duration: float,
-                        timeout: float) -> ScreenRun:
+                        timeout: float, hello: bytes | None = None) -> ScreenRun:
     run = ScreenRun()
     addresses = itertools.cycle(sources)
     start = time.perf_counter()
@@ -252,7 +303,7 @@ async def run_screening(port: int, *, sources: list[str], concurrency: int, dura
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout):
-                    outcome = await _screen_once(port, next(addresses))
+                    outcome = await _screen_once(port, next(addresses), hello)
             except TimeoutError:
                 outcome = "timeout"
             except OSError as exc:
@@ -302,3 +353,98 @@ async def hold_idle(port: int, *, sources: list[str], count: int, budget: float,
     await asyncio.gather(*(opener() for _ in range(min(parallel, max(1, count)))))
     hold.elapsed = time.perf_counter() - start
     return hold
+
+
+# --- slow senders: DATA one byte at a time -------------------------------------------------------
+
+
+@dataclass
+class SlowRun:
+    outcomes: Counter = field(default_factory=Counter)
+    reached: list[float] = field(default_factory=list)  # perf_counter time each entered DATA
+    bytes: int = 0
+    elapsed: float = 0.0
+
+    def summary(self) -> dict:
+        return {"sessions": sum(self.outcomes.values()), "outcomes": dict(self.outcomes),
+                "in_data": len(self.reached), "bytes_trickled": self.bytes,
+                "elapsed_s": self.elapsed}
+
+
+async def _trickle_once(port: int, source: str, world, interval: float, run: SlowRun,
+                        where: list[str]) -> None:
+    where[0] = "connect"
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+    try:
+        for step, command, code in (
+                ("banner", None, "220"),
+                ("ehlo", b"EHLO %s\r\n" % world.client_name.encode(), "250"),
+                ("mail", b"MAIL FROM:<%s>\r\n" % world.sender.encode(), "250"),
+                ("rcpt", b"RCPT TO:<%s>\r\n" % world.rcpt.encode(), "250"),
+                ("data", b"DATA\r\n", "354")):
+            where[0] = step
+            await _expect(reader, writer, command, code, step)
+        where[0] = "354"
+        run.reached.append(time.perf_counter())
+        for byte in itertools.cycle(b"Subject: slow\r\n\r\n" + b"x" * 1000):
+            writer.write(bytes((byte,)))
+            run.bytes += 1
+            try:  # wait out the interval, but notice a server that speaks or hangs up
+                said = await asyncio.wait_for(reader.read(512), interval)
+            except TimeoutError:
+                continue
+            code = said[:3].decode(errors="replace") if said else "eof"
+            raise SmtpError("trickle", f"{code}@trickle")
+    finally:
+        writer.transport.abort()
+
+
+async def trickle_senders(port: int, *, sources: list[str], count: int, world, interval: float,
+                          until: float) -> SlowRun:
+    """Outcomes: "354" (trickling when stopped), "timeout@STEP" (still waiting for the reply
+    to STEP at the deadline), else the reply code or exception that ended the session."""
+    run = SlowRun()
+    addresses = itertools.cycle(sources)
+    start = time.perf_counter()
+
+    async def one(source: str) -> None:
+        where = ["connect"]
+        try:
+            async with asyncio.timeout(max(0.0, until - time.perf_counter())):
+                await _trickle_once(port, source, world, interval, run, where)
+        except TimeoutError:
+            run.outcomes["354" if where[0] == "354" else f"timeout@{where[0]}"] += 1
+        except SmtpError as exc:
+            run.outcomes[exc.code] += 1
+        except OSError as exc:
+            run.outcomes[type(exc).__name__] += 1
+
+    await asyncio.gather(*(one(next(addresses)) for _ in range(count)))
+    run.elapsed = time.perf_counter() - start
+    return run
+
+
+async def run_paced(port: int, *, interval: float, until: float, body: bytes, world,
+                    timeout: float, source: str | None = None) -> SessionRun:
+    run = SessionRun()
+    start = time.perf_counter()
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await one_session(port, body, world, None, source, run)
+        except SmtpError as exc:
+            run.errors[exc.code] += 1
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            run.errors[type(exc).__name__] += 1
+        else:
+            run.latencies.append(time.perf_counter() - t0)
+
+    tasks = []
+    while time.perf_counter() < until:
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(interval)
+    await asyncio.gather(*tasks)
+    run.elapsed = time.perf_counter() - start
+    return run

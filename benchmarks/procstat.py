@@ -6,6 +6,8 @@ SYNOPSIS
     memory_kb(pids) -> Memory(pss, rss, hwm)
     PeakSampler(pids_fn, interval=0.25)      async with: .peak_pss_kb, .peak_rss_kb
     established(port) -> int                 server-side TCP connections on 127.0.0.1:port
+    smtpd_processes(master) -> (total, busy) Postfix smtpd children of master; busy: with a
+                                             client (an ESTABLISHED TCP socket among its fds)
 
 DESCRIPTION
     cpu_seconds adds utime+stime of every live process in pids and the
@@ -145,3 +147,51 @@ def established(port: int) -> int:
     except OSError:
         return -1
     return count
+
+
+def _established_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "01":
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def smtpd_processes(master: int) -> tuple[int, int]:
+    """(smtpd processes whose parent is master, those holding an ESTABLISHED TCP socket)."""
+    connected = _established_inodes()
+    total = busy = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if not fields or int(fields[1]) != master:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if not argv0.endswith(b"smtpd"):
+            continue
+        total += 1
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in connected:
+                busy += 1
+                break
+    return total, busy

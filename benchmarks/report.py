@@ -2,15 +2,24 @@
 
 SYNOPSIS
     targets(results) -> dict              the issue's goals as ratios, each with met: bool
+    versus(results) -> list[dict]         smtpgate against the aiosmtpd front end, per case
+    versus_lines(results) -> list[str]    the same as sentences, for the console
     write_all(results, out_dir) -> dict[str, Path]    {"json", "markdown", "plot"}
     markdown(results) -> str
 
 DESCRIPTION
     results is the dict built by benchmarks.run: "meta", "chain" (a row per
-    target and concurrency), "screening", "idle", "starttls", "micro", and
-    "targets" (added here). NaN becomes null in the JSON. The plot shows
-    messages/s and p99 session latency against concurrency, one line per
-    target (smtpgate, postscreen, smtpd). Goals are reported, not asserted.
+    target and concurrency), "screening", "idle", "starttls", "big", "slow",
+    "micro", and "targets" and "versus_aiosmtpd" (added here). NaN becomes
+    null in the JSON. The plot shows messages/s and p99 session latency
+    against concurrency, one line per target (smtpgate, aiosmtpd-front,
+    postscreen, smtpd). Goals are reported, not asserted.
+
+    versus() compares smtpgate with the aiosmtpd front end on each case's
+    figures: the factor is smtpgate's figure over the front end's where
+    more is better (messages/s), the front end's over smtpgate's where less
+    is better (CPU, latency, memory); so "smtpgate beats the aiosmtpd front
+    end by N x" whenever N > 1, and it is behind when N < 1.
 """
 
 from __future__ import annotations
@@ -86,6 +95,105 @@ def targets(results: dict) -> dict:
     return out
 
 
+AIO = "aiosmtpd-front"
+
+
+def _one(rows, target, **match):
+    for r in rows:
+        if r.get("target") == target and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _num(value):
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return None
+    return value
+
+
+def _get(row, *keys):
+    for key in keys:
+        if row is None:
+            return None
+        row = row.get(key)
+    return _num(row)
+
+
+def versus(results: dict) -> list[dict]:
+    """(case, measure, smtpgate's figure, the aiosmtpd front end's, factor in smtpgate's favour)."""
+    out = []
+
+    def add(case, measure, better, gate_row, aio_row, *keys):
+        gate, aio = _get(gate_row, *keys), _get(aio_row, *keys)
+        if gate_row is None or aio_row is None:
+            return
+        factor = None
+        if gate is not None and aio is not None:
+            num, den = (gate, aio) if better == "higher" else (aio, gate)
+            # a zero or negative figure (a memory delta lost in the noise) gives no ratio
+            factor = num / den if num > 0 and den > 0 else None
+        out.append({"case": case, "measure": measure, "better": better, "smtpgate": gate,
+                    AIO: aio, "factor": factor})
+
+    chain = results.get("chain", [])
+    for conc in sorted({r["concurrency"] for r in chain}):
+        g, a = _one(chain, "smtpgate", concurrency=conc), _one(chain, AIO, concurrency=conc)
+        add("chain", f"messages/s, {conc} sessions", "higher", g, a, "messages_per_s")
+        add("chain", f"front CPU ms/msg, {conc} sessions", "lower", g, a,
+            "front_cpu_ms_per_msg")
+        add("chain", f"p99 session ms, {conc} sessions", "lower", g, a, "latency", "p99_ms")
+    screening = results.get("screening", [])
+    for kind in sorted({r["kind"] for r in screening}):
+        g, a = _one(screening, "smtpgate", kind=kind), _one(screening, AIO, kind=kind)
+        add("screening", f"rejected/s, {kind}", "higher", g, a, "rejected_per_s")
+        add("screening", f"front CPU ms/conn, {kind}", "lower", g, a, "front_cpu_ms_per_conn")
+    idle = results.get("idle", [])
+    g, a = _one(idle, "smtpgate"), _one(idle, AIO)
+    add("idle", "bytes per held connection", "lower", g, a, "bytes_per_connection")
+    add("idle", "probe p50 ms while held", "lower", g, a, "probe_during", "p50_ms")
+    tls = results.get("starttls", [])
+    g, a = _one(tls, "smtpgate"), _one(tls, AIO)
+    add("starttls", "sessions/s", "higher", g, a, "sessions_per_s")
+    add("starttls", "front CPU ms/session", "lower", g, a, "front_cpu_ms_per_session")
+    big = results.get("big", [])
+    g, a = _one(big, "smtpgate"), _one(big, AIO)
+    add("big", "front CPU ms per MiB of DATA", "lower", g, a, "front_cpu_ms_per_mib")
+    add("big", "MiB/s", "higher", g, a, "mib_per_s")
+    slow = results.get("slow", [])
+    g, a = _one(slow, "smtpgate"), _one(slow, AIO)
+    add("slow", "normal client p50 ms", "lower", g, a, "normal", "p50_ms")
+    add("slow", "normal client max ms", "lower", g, a, "normal", "max_ms")
+    return out
+
+
+def _phrase(factor) -> str:
+    if factor is None:
+        return "no ratio (a figure is missing or zero)"
+    if factor >= 1:
+        return f"smtpgate beats the aiosmtpd front end by {factor:.2f} x"
+    return f"smtpgate is behind the aiosmtpd front end: {factor:.2f} x"
+
+
+def versus_lines(results: dict) -> list[str]:
+    rows = results.get("versus_aiosmtpd") or versus(results)
+    return [f"{r['case']}: {r['measure']}: {_phrase(r['factor'])} "
+            f"({_f(r['smtpgate'], 2)} against {_f(r[AIO], 2)})" for r in rows]
+
+
+def _fronts_lines(meta: dict) -> list[str]:
+    lines = []
+    for name, f in (meta.get("fronts") or {}).items():
+        if f.get("language") == "Python":
+            extra = (f", aiosmtpd {f['aiosmtpd']}, aiosmtplib {f['aiosmtplib']}"
+                     if f.get("aiosmtpd") else "")
+            lines.append(f"- {name}: {f.get('implementation', '?')} {f.get('python', '?')}, "
+                         f"event loop {f.get('event_loop', '?')}, "
+                         f"{f.get('workers') or '?'} worker process(es){extra}")
+        else:
+            lines.append(f"- {name}: {f.get('program', 'C')} (C), {f.get('event_loop', '')}")
+    return lines
+
+
 def _f(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -103,6 +211,9 @@ def markdown(results: dict) -> str:
         f"wall time {_f(meta.get('wall_s'))} s.",
         f"Command: `{meta.get('command', '')}`",
         "",
+        *(["Front ends (the benchmark itself ran "
+           f"{meta.get('python_implementation', '?')} {meta.get('python_version', '?')}):", "",
+           *_fronts_lines(meta), ""] if meta.get("fronts") else []),
         "### Case 1: smtp-source → front end → Postfix (queue, discard transport)",
         "",
         "| target | conc | msgs/s (smtp-source) | p50 ms | p99 ms | front CPU ms/msg "
@@ -156,6 +267,38 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {_f(b['median_us'], 2)} | {_f(b['ops'], 0)} |")
     else:
         lines.append(f"(none: {micro.get('error', 'not run')})")
+    big = results.get("big", [])
+    lines += ["", "### Case 6: big messages (smtp-source, "
+              f"{_f((big[0]['size'] if big else meta.get('big_size') or 0) / 2**20, 2)} MiB each)",
+              "", "| target | conc | msgs | MiB/s | front CPU ms/MiB | Postfix CPU ms/MiB "
+              "| chain CPU ms/MiB | front peak Pss MB | delivered | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in big:
+        lines.append(
+            f"| {r['target']} | {r['concurrency']} | {r['messages']} | {_f(r.get('mib_per_s'))} "
+            f"| {_f(r.get('front_cpu_ms_per_mib'), 1)} | {_f(r.get('postfix_cpu_ms_per_mib'), 1)} "
+            f"| {_f(r.get('chain_cpu_ms_per_mib'), 1)} "
+            f"| {_f((r.get('front_peak_pss_kb') or math.nan) / 1024)} | {_f(r.get('delivered'))} "
+            f"| {_f(r.get('errors'))} |")
+    slow = results.get("slow", [])
+    head = slow[0] if slow else {}
+    lines += ["", f"### Case 7: slow senders ({head.get('slow_senders', '?')} clients trickling "
+              f"DATA, one byte every {head.get('interval_s', '?')} s, stopped after "
+              f"{head.get('duration_s', '?')} s; Postfix default_process_limit "
+              f"{head.get('process_limit', '?')})", "",
+              "| target | slow in DATA | slow outcomes | normal ok/tried | normal p50 ms "
+              "| normal p99 ms | normal max ms | normal errors | smtpd busy before/peak/mean "
+              "| smtpd procs peak | drain s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in slow:
+        n = r["normal"]
+        lines.append(
+            f"| {r['target']} | {r['slow']['in_data']}/{r['slow_senders']} "
+            f"| {r['slow']['outcomes']} | {n['sessions']}/{r['normal_attempts']} "
+            f"| {_f(n.get('p50_ms'))} | {_f(n.get('p99_ms'))} | {_f(n.get('max_ms'))} "
+            f"| {n.get('error_kinds') or 0} | {r.get('smtpd_busy_before', '?')}/"
+            f"{r['smtpd_busy_peak']}/{_f(r['smtpd_busy_mean'])} "
+            f"| {r['smtpd_total_peak']} | {_f(r.get('drain_s'))} |")
     t = results.get("targets", {})
     lines += ["", "### Goals (reported, not asserted)", "", "| goal | value | target | met |",
               "|---|---|---|---|"]
@@ -165,6 +308,16 @@ def markdown(results: dict) -> str:
                      f"| {'-' if met is None else 'yes' if met else 'NO'} |")
     if "chain_vs_smtpd_ratio" in t:
         lines.append(f"| chain_vs_smtpd_ratio | {_f(t['chain_vs_smtpd_ratio'], 2)} | (info) | |")
+    vs = results.get("versus_aiosmtpd") or versus(results)
+    lines += ["", "### smtpgate against the aiosmtpd front end (the design as first sketched)", ""]
+    if vs:
+        lines += ["| case | measure | smtpgate | aiosmtpd-front | smtpgate / aiosmtpd-front |",
+                  "|---|---|---|---|---|"]
+        for r in vs:
+            lines.append(f"| {r['case']} | {r['measure']} | {_f(r['smtpgate'], 2)} "
+                         f"| {_f(r[AIO], 2)} | {_phrase(r['factor'])} |")
+    else:
+        lines.append("(not measured: smtpgate or the aiosmtpd front end did not run)")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +331,7 @@ def plot(results: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for target in ("smtpgate", "postscreen", "smtpd"):
+    for target in ("smtpgate", AIO, "postscreen", "smtpd"):
         mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["concurrency"])
         if not mine:
             continue
@@ -202,6 +355,7 @@ def plot(results: dict, path: Path) -> Path | None:
 def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results["targets"] = targets(results)
+    results["versus_aiosmtpd"] = versus(results)
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
     paths["json"].write_text(json.dumps(_clean(results), indent=2, sort_keys=False) + "\n")
     paths["markdown"].write_text(markdown(results))

@@ -1,33 +1,63 @@
 """run - the benchmark harness: start the stack, run the cases, write the figures.
 
 SYNOPSIS
-    python -m benchmarks.run [--smoke] [--out DIR] [--cases chain,screening,idle,starttls,micro]
+    python -m benchmarks.run [--smoke] [--out DIR]
+        [--cases chain,screening,idle,starttls,big,slow,micro]
         [--concurrency 1,10,50] [--messages N] [--latency-sessions N] [--size BYTES]
-        [--workers N] [--uvloop on|off] [--idle N] [--screen-concurrency N]
-        [--screen-duration S] [--tls-sessions N] [--greet-wait S] [--keep]
+        [--workers N] [--uvloop on|off] [--aiosmtpd on|off] [--idle N] [--screen-concurrency N]
+        [--screen-duration S] [--tls-sessions N] [--greet-wait S]
+        [--big-size BYTES] [--big-messages N] [--big-concurrency N]
+        [--slow-senders N] [--slow-duration S] [--slow-interval S] [--normal-interval S]
+        [--slow-process-limit N] [--keep]
     main(argv=None) -> int
 
 DESCRIPTION
     Starts redis-server, dnsmasq, a private Postfix (real queue, discard
     transport; services "direct" smtpd, "postscreen" -> smtpd, and the
-    XCLIENT next hop) and `smtpgate serve` in front of that next hop
-    (benchmarks.stack), warms the screening caches, runs the cases in one
-    process on the same machine, and writes bench.json, bench.md and
-    bench.png into --out (default benchmarks/results/).
+    XCLIENT next hop), `smtpgate serve` and the aiosmtpd front end
+    (benchmarks.aiosmtpd_front, same environment, same next hop) in front of
+    that next hop (benchmarks.stack), warms the screening caches, runs the
+    cases in one process on the same machine, and writes bench.json,
+    bench.md and bench.png into --out (default benchmarks/results/).
 
-    Targets: "smtpgate" (smtpgate -> Postfix), "postscreen" (postscreen ->
-    smtpd, the image's settings) and "smtpd" (smtpd directly, same
-    restrictions). Cases:
+    Targets: "smtpgate" (smtpgate -> Postfix), "aiosmtpd-front" (aiosmtpd
+    hooks asking smtpgate's policy, aiosmtplib -> Postfix: the design as
+    first sketched), "postscreen" (postscreen -> smtpd, the image's
+    settings) and "smtpd" (smtpd directly, same restrictions). The report
+    gives, per case, smtpgate's figure over the aiosmtpd front end's, and
+    which Python and event loop ran each Python front end. Cases:
       chain      smtp-source at each concurrency (throughput, CPU/msg, Pss,
                  Redis commands/msg), then the Python client at the same
                  concurrency (p50/p99 session latency);
       screening  connections/s rejected by the access list (127.0.2.x) and by
-                 a DNSBL listing (127.0.1.x, listed in both zones);
+                 a DNSBL listing (127.0.1.x, listed in both zones); a client
+                 that gets a 220 says EHLO and counts the reply to it (the
+                 aiosmtpd front end can only refuse at the first command);
       idle       N silent connections, memory per connection, and the
                  latency a normal client sees while they are held (at once,
                  in the greet wait; and after the greet wait has ended);
       starttls   Python client sessions with STARTTLS;
+      big        smtp-source with --big-size (1 MiB) messages: CPU ms per MiB
+                 of DATA of each front end and of Postfix;
+      slow       --slow-senders clients (from 127.0.4.x, known to DNS) pass
+                 RCPT and trickle DATA one byte every --slow-interval s; all
+                 are aborted --slow-duration s after the start. Meanwhile a
+                 normal client starts a session every --normal-interval s;
+                 its end-to-end session times, and the Postfix smtpd
+                 processes (children of the instance's master, busy = with
+                 an ESTABLISHED socket) sampled every 0.5 s. Postfix runs
+                 with default_process_limit = --slow-process-limit (100,
+                 Postfix's default) for this case only (postconf -e and
+                 postfix reload, restored after);
       micro      pytest-benchmark over benchmarks/micro (pure functions).
+
+    Deliveries are counted per message: the messages of each case, target
+    and point carry their own marker in the Message-ID (marker(); a new
+    run id each run), and "delivered" is the number of those Postfix's
+    discard transport took (benchmarks.stack.DeliveryLog), "queued" the
+    number of queue files made for them. A delivery of another case that
+    lands meanwhile is not counted; it is listed under
+    "other_deliveries_meanwhile" (the chain case).
 
     Every wait and loop is bounded; a case that fails records "error" and
     the run goes on. Exit status 0 when every case ran, 1 otherwise, 2 for a
@@ -42,6 +72,8 @@ import contextlib
 import datetime
 import json
 import os
+import platform
+import re
 import resource
 import shlex
 import ssl
@@ -49,14 +81,16 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from benchmarks import load, procstat, report
 from benchmarks.stack import Settings, Stack, StackError, redis_info_commands
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("smtpgate", "postscreen", "smtpd")
-CASES = ("chain", "screening", "idle", "starttls", "micro")
+TARGETS = ("smtpgate", "aiosmtpd-front", "postscreen", "smtpd")
+PY_FRONTS = ("smtpgate", "aiosmtpd-front")  # Python front ends: CPU, memory, Redis measured
+CASES = ("chain", "screening", "idle", "starttls", "big", "slow", "micro")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,7 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="message size in bytes")
     p.add_argument("--workers", type=bounded(1, 64), default=os.cpu_count() or 1,
                    help="smtpgate worker processes (SO_REUSEPORT); default one per CPU")
-    p.add_argument("--uvloop", choices=("on", "off"), default="on")
+    p.add_argument("--uvloop", choices=("on", "off"), default="on",
+                   help="event loop of smtpgate and of the aiosmtpd front end")
+    p.add_argument("--aiosmtpd", choices=("on", "off"), default="on",
+                   help="measure the aiosmtpd front end too")
     p.add_argument("--idle", type=bounded(1, 18000), default=10000,
                    help="idle connections held (case 3)")
     p.add_argument("--screen-concurrency", type=bounded(1, 1000), default=50)
@@ -109,18 +146,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--session-timeout", type=bounded(1, 600, float), default=30.0,
                    help="time limit for one Python client session")
     p.add_argument("--greet-wait", type=bounded(0, 60, float), default=6.0)
+    p.add_argument("--big-size", type=bounded(1000, 20_000_000), default=1 << 20,
+                   help="message size of the big case (bytes)")
+    p.add_argument("--big-messages", type=bounded(1, 10000), default=20)
+    p.add_argument("--big-concurrency", type=bounded(1, 100), default=2)
+    p.add_argument("--slow-senders", type=bounded(1, 1000), default=150)
+    p.add_argument("--slow-duration", type=bounded(1, 120, float), default=20.0,
+                   help="slow senders are stopped this long after they start")
+    p.add_argument("--slow-interval", type=bounded(0.05, 30, float), default=2.0,
+                   help="seconds between two bytes of a slow sender's DATA")
+    p.add_argument("--normal-interval", type=bounded(0.05, 30, float), default=1.0,
+                   help="seconds between two sessions of the normal client (slow case)")
+    p.add_argument("--slow-process-limit", type=bounded(1, 1000), default=100,
+                   help="Postfix default_process_limit during the slow case")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
+    args.run_id = uuid.uuid4().hex[:12]
     if args.smoke:
         args.concurrency = [2]
         args.messages, args.latency_sessions, args.size = 20, 10, 1024
         args.idle, args.screen_concurrency, args.screen_duration = 20, 4, 1.0
         args.tls_sessions, args.tls_concurrency, args.greet_wait = 5, 2, 1.0
         args.session_timeout = 5.0
+        args.big_size, args.big_messages, args.big_concurrency = 256 * 1024, 3, 1
+        args.slow_senders, args.slow_duration, args.slow_interval = 6, 3.0, 0.5
+        args.normal_interval = 0.5
     return args
 
 
 # --- measuring one target ------------------------------------------------------------------------
+
+
+def marker(args, *parts) -> str:
+    """The Message-ID marker of one case's messages: its own per run, case, target and point."""
+    return ".".join(["bench", args.run_id,
+                     *(re.sub(r"[^A-Za-z0-9-]", "-", str(part)) for part in parts)])
+
+
+def others_meanwhile(before: dict, after: dict, *mine: str) -> dict[str, int]:
+    """Deliveries of other markers between two snapshots (what a plain count would add)."""
+    was = before["delivered_by_marker"]
+    return {m: n - was.get(m, 0) for m, n in after["delivered_by_marker"].items()
+            if m not in mine and n != was.get(m, 0)}
 
 
 class Meter:
@@ -130,8 +197,8 @@ class Meter:
         self.stack, self.target = stack, target
 
     def front(self) -> tuple[int | None, list[int]]:
-        gate = self.stack.smtpgate
-        if self.target == "smtpgate" and gate:
+        gate = front_of(self.stack, self.target)
+        if gate:
             return gate.pid, gate.pids()
         return None, []
 
@@ -142,68 +209,83 @@ class Meter:
         return {
             "front_cpu": procstat.cpu_seconds(root, pids) if root else 0.0,
             "postfix_cpu": procstat.cpu_seconds(pf.master_pid(), pf.pids()),
-            "delivered": pf.delivered(),
+            "delivered_by_marker": pf.delivered_by_marker(),
             "redis": sum(v for k, v in redis.items() if k not in ("info", "ping")),
             "redis_by_command": redis,
         }
 
     def sampler(self) -> procstat.PeakSampler:
-        if self.target == "smtpgate":
+        if self.target in PY_FRONTS:
             return procstat.PeakSampler(lambda: self.front()[1])
         return procstat.PeakSampler(self.stack.postfix.pids, interval=0.5)
 
-    async def wait_delivered(self, count: int, deadline: float) -> int:
+    async def wait_delivered(self, mark: str, count: int, deadline: float) -> int:
+        """Deliveries of the messages marked `mark`, once count are in or the deadline passed."""
+        pf = self.stack.postfix
         end = time.monotonic() + deadline
         while time.monotonic() < end:
-            got = self.stack.postfix.delivered()
+            got = pf.delivered(mark)
             if got >= count:
                 return got
             await asyncio.sleep(0.05)
-        return self.stack.postfix.delivered()
+        return pf.delivered(mark)
+
+
+def front_of(stack: Stack, target: str):
+    """The Python front end's process (benchmarks.stack.Smtpgate), None for Postfix's."""
+    return {"smtpgate": stack.smtpgate, "aiosmtpd-front": stack.aiosmtpd}.get(target)
 
 
 def port_of(stack: Stack, target: str) -> int:
-    if target == "smtpgate":
-        if not stack.smtpgate:
-            raise StackError("smtpgate is not running")
-        return stack.smtpgate.port
+    if target in PY_FRONTS:
+        front = front_of(stack, target)
+        if not front:
+            raise StackError(f"{target} is not running")
+        return front.port
     return stack.postfix.ports["postscreen" if target == "postscreen" else "direct"]
 
 
 def available_targets(stack: Stack) -> list[str]:
-    return [t for t in TARGETS if t != "smtpgate" or stack.smtpgate]
+    return [t for t in TARGETS if t not in PY_FRONTS or front_of(stack, t)]
 
 
 # --- the cases -----------------------------------------------------------------------------------
 
 
 async def warm_up(stack: Stack, args) -> dict:
-    """One session per target from the benchmark client, waiting out the greet wait."""
-    body = load.make_body(args.size, stack.world)
+    """One session per target from the benchmark client, waiting out the greet wait.
+
+    Its messages are waited for too: none is still in the queue when the cases begin."""
     out = {}
+    targets = available_targets(stack)
     runs = await asyncio.gather(*(
-        load.run_sessions(port_of(stack, t), sessions=1, concurrency=1, body=body,
+        load.run_sessions(port_of(stack, t), sessions=1, concurrency=1,
+                          body=load.make_body(args.size, stack.world, marker(args, "warmup", t)),
                           world=stack.world, timeout=args.greet_wait + 15,
                           budget=args.greet_wait + 15)
-        for t in available_targets(stack)))
-    for t, r in zip(available_targets(stack), runs, strict=True):
+        for t in targets))
+    for t, r in zip(targets, runs, strict=True):
         out[t] = r.summary()
+        out[t]["delivered"] = await Meter(stack, t).wait_delivered(
+            marker(args, "warmup", t), r.queued, 20)
     return out
 
 
 async def case_chain(stack: Stack, args) -> list[dict]:
     rows = []
-    body = load.make_body(args.size, stack.world)
+    pf = stack.postfix
     for concurrency in args.concurrency:
         for target in available_targets(stack):
             meter = Meter(stack, target)
             port = port_of(stack, target)
+            source_mark = marker(args, "chain", target, f"c{concurrency}", "source")
+            latency_mark = marker(args, "chain", target, f"c{concurrency}", "latency")
             before = meter.snapshot()
             async with meter.sampler() as peak:
                 src = await load.smtp_source(
                     port, concurrency=concurrency, messages=args.messages, size=args.size,
-                    world=stack.world, timeout=max(30, args.messages / 20))
-                delivered = await meter.wait_delivered(before["delivered"] + args.messages, 30)
+                    world=stack.world, timeout=max(30, args.messages / 20), marker=source_mark)
+                delivered = await meter.wait_delivered(source_mark, args.messages, 30)
             after = meter.snapshot()
             msgs = args.messages
             row = {
@@ -214,17 +296,20 @@ async def case_chain(stack: Stack, args) -> list[dict]:
                 "sessions_per_s": msgs / src.elapsed if src.ok else None,
                 "smtp_source_ok": src.ok,
                 "smtp_source_stderr": src.stderr,
-                "delivered": delivered - before["delivered"],
+                "marker": source_mark,
+                "delivered": delivered,
+                "queued": pf.queued(source_mark),
+                "other_deliveries_meanwhile": others_meanwhile(before, after, source_mark),
                 "front_cpu_ms_per_msg": (after["front_cpu"] - before["front_cpu"]) * 1000 / msgs
-                if target == "smtpgate" else None,
+                if target in PY_FRONTS else None,
                 "postfix_cpu_ms_per_msg": (after["postfix_cpu"] - before["postfix_cpu"])
                 * 1000 / msgs,
-                "front_peak_pss_kb": peak.peak_pss_kb if target == "smtpgate" else None,
-                "postfix_peak_pss_kb": None if target == "smtpgate" else peak.peak_pss_kb,
+                "front_peak_pss_kb": peak.peak_pss_kb if target in PY_FRONTS else None,
+                "postfix_peak_pss_kb": None if target in PY_FRONTS else peak.peak_pss_kb,
                 "redis_commands_per_msg": (after["redis"] - before["redis"]) / msgs
-                if target == "smtpgate" else None,
+                if target in PY_FRONTS else None,
             }
-            if target == "smtpgate":
+            if target in PY_FRONTS:
                 row["redis_by_command_per_msg"] = {
                     k: round((v - before["redis_by_command"].get(k, 0)) / msgs, 2)
                     for k, v in after["redis_by_command"].items()
@@ -232,20 +317,27 @@ async def case_chain(stack: Stack, args) -> list[dict]:
             row["chain_cpu_ms_per_msg"] = (row["front_cpu_ms_per_msg"] or 0.0) \
                 + row["postfix_cpu_ms_per_msg"]
             lat = await load.run_sessions(
-                port, sessions=args.latency_sessions, concurrency=concurrency, body=body,
+                port, sessions=args.latency_sessions, concurrency=concurrency,
+                body=load.make_body(args.size, stack.world, latency_mark),
                 world=stack.world, timeout=args.session_timeout,
                 budget=max(10, args.latency_sessions / 20))
             row["latency"] = lat.summary()
-            row["errors"] = (0 if src.ok else 1) + row["latency"]["errors"] \
-                + (msgs - row["delivered"])
-            after_lat = before["delivered"] + msgs + lat.ok
-            await meter.wait_delivered(after_lat, 20)
+            row["latency_marker"] = latency_mark
+            row["latency_delivered"] = await meter.wait_delivered(latency_mark, lat.queued, 20)
             rows.append(row)
-            print(f"  chain {target:10} c={concurrency:<4} {_fmt(row['messages_per_s'])} msg/s "
+            print(f"  chain {target:14} c={concurrency:<4} {_fmt(row['messages_per_s'])} msg/s "
                   f"p50 {_fmt(row['latency']['p50_ms'])} ms p99 "
                   f"{_fmt(row['latency']['p99_ms'])} ms", flush=True)
             if not src.ok:
                 print(f"    smtp-source failed: {src.stderr.strip()[-300:]}", flush=True)
+    for row in rows:  # counted again at the end: a late second copy of a message shows too
+        row["delivered"], row["queued"] = pf.delivered(row["marker"]), pf.queued(row["marker"])
+        row["latency_delivered"] = pf.delivered(row["latency_marker"])
+        row["latency_queued"] = pf.queued(row["latency_marker"])
+        # a message lost or delivered twice is an error either way
+        row["errors"] = (0 if row["smtp_source_ok"] else 1) + row["latency"]["errors"] \
+            + abs(row["messages"] - row["delivered"]) \
+            + abs(row["latency"]["queued"] - row["latency_delivered"])
     return rows
 
 
@@ -257,6 +349,7 @@ async def case_screening(stack: Stack, args) -> list[dict]:
         "access_list": (w.denied_ips(), args.screen_duration),
         "dnsbl": (w.listed_ips(), max(args.screen_duration, 2.5 * args.greet_wait + 1)),
     }
+    ehlo = b"EHLO %s\r\n" % w.client_name.encode()
     for kind, (sources, duration) in kinds.items():
         for target in (t for t in available_targets(stack) if t != "smtpd"):
             meter = Meter(stack, target)
@@ -265,18 +358,18 @@ async def case_screening(stack: Stack, args) -> list[dict]:
                 run = await load.run_screening(
                     port_of(stack, target), sources=sources,
                     concurrency=args.screen_concurrency, duration=duration,
-                    timeout=args.greet_wait + 15)
+                    timeout=args.greet_wait + 15, hello=ehlo)
             after = meter.snapshot()
             s = run.summary()
             row = {"target": target, "kind": kind, "concurrency": args.screen_concurrency,
                    "duration_s": duration, **s,
                    "front_cpu_ms_per_conn": (after["front_cpu"] - before["front_cpu"]) * 1000
-                   / max(1, s["connections"]) if target == "smtpgate" else None,
+                   / max(1, s["connections"]) if target in PY_FRONTS else None,
                    "postfix_cpu_ms_per_conn": (after["postfix_cpu"] - before["postfix_cpu"])
                    * 1000 / max(1, s["connections"]),
                    "peak_pss_kb": peak.peak_pss_kb}
             rows.append(row)
-            print(f"  screening {target:10} {kind:11} {_fmt(s['rejected_per_s'])} rejected/s "
+            print(f"  screening {target:14} {kind:11} {_fmt(s['rejected_per_s'])} rejected/s "
                   f"{s['outcomes']}", flush=True)
             await asyncio.sleep(0.5)  # let the server close what the client aborted
     return rows
@@ -285,17 +378,17 @@ async def case_screening(stack: Stack, args) -> list[dict]:
 async def case_idle(stack: Stack, args) -> list[dict]:
     rows = []
     w = stack.world
-    body = load.make_body(args.size, w)
     for target in (t for t in available_targets(stack) if t != "smtpd"):
+        body = load.make_body(args.size, w, marker(args, "idle", target, "probe"))
         meter = Meter(stack, target)
-        pids = meter.front()[1] if target == "smtpgate" else stack.postfix.pids()
+        pids = meter.front()[1] if target in PY_FRONTS else stack.postfix.pids()
         pss_before = procstat.memory_kb(pids).pss
         port = port_of(stack, target)
         hold = await load.hold_idle(port, sources=w.idle_ips(args.idle), count=args.idle,
                                     budget=60)
         try:
             await asyncio.sleep(0.5)  # the server has accepted what the kernel queued
-            pids = meter.front()[1] if target == "smtpgate" else stack.postfix.pids()
+            pids = meter.front()[1] if target in PY_FRONTS else stack.postfix.pids()
             pss_held = procstat.memory_kb(pids).pss
             server_held = procstat.established(port)
             probe_during = await load.run_sessions(
@@ -303,7 +396,7 @@ async def case_idle(stack: Stack, args) -> list[dict]:
             await asyncio.sleep(args.greet_wait + 1)
             probe_after = await load.run_sessions(
                 port, sessions=5, concurrency=1, body=body, world=w, timeout=10, budget=15)
-            pids = meter.front()[1] if target == "smtpgate" else stack.postfix.pids()
+            pids = meter.front()[1] if target in PY_FRONTS else stack.postfix.pids()
             pss_after = procstat.memory_kb(pids).pss
         finally:
             held = len(hold.writers)
@@ -318,7 +411,7 @@ async def case_idle(stack: Stack, args) -> list[dict]:
             "probe_during": probe_during.summary(), "probe_after": probe_after.summary(),
         }
         rows.append(row)
-        print(f"  idle {target:10} held {held} (server {server_held}) "
+        print(f"  idle {target:14} held {held} (server {server_held}) "
               f"{_fmt(row['bytes_per_connection'])} B/conn probe p50 "
               f"{_fmt(row['probe_during']['p50_ms'])}/{_fmt(row['probe_after']['p50_ms'])} ms",
               flush=True)
@@ -329,10 +422,11 @@ async def case_idle(stack: Stack, args) -> list[dict]:
 async def case_starttls(stack: Stack, args) -> list[dict]:
     ctx = ssl.create_default_context(cafile=str(stack.ca_pem))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    body = load.make_body(args.size, stack.world)
     rows = []
     for target in available_targets(stack):
         meter = Meter(stack, target)
+        mark = marker(args, "starttls", target)
+        body = load.make_body(args.size, stack.world, mark)
         before = meter.snapshot()
         async with meter.sampler() as peak:
             run = await load.run_sessions(
@@ -344,14 +438,124 @@ async def case_starttls(stack: Stack, args) -> list[dict]:
         rows.append({
             "target": target, "concurrency": args.tls_concurrency, **s,
             "front_cpu_ms_per_session": (after["front_cpu"] - before["front_cpu"]) * 1000
-            / max(1, s["sessions"]) if target == "smtpgate" else None,
+            / max(1, s["sessions"]) if target in PY_FRONTS else None,
             "postfix_cpu_ms_per_session": (after["postfix_cpu"] - before["postfix_cpu"]) * 1000
             / max(1, s["sessions"]),
-            "front_peak_pss_kb": peak.peak_pss_kb if target == "smtpgate" else None,
+            "front_peak_pss_kb": peak.peak_pss_kb if target in PY_FRONTS else None,
+            "marker": mark,
+            "delivered": await meter.wait_delivered(mark, run.queued, 20),
         })
-        print(f"  starttls {target:10} {_fmt(s['sessions_per_s'])} sessions/s "
+        print(f"  starttls {target:14} {_fmt(s['sessions_per_s'])} sessions/s "
               f"p50 {_fmt(s['p50_ms'])} ms errors {s['errors']}", flush=True)
-        await meter.wait_delivered(before["delivered"] + s["sessions"], 20)
+    return rows
+
+
+async def case_big(stack: Stack, args) -> list[dict]:
+    """smtp-source with big messages: CPU per MiB of DATA, front end and Postfix."""
+    rows = []
+    for target in available_targets(stack):
+        meter = Meter(stack, target)
+        msgs, size = args.big_messages, args.big_size
+        mark = marker(args, "big", target)
+        before = meter.snapshot()
+        async with meter.sampler() as peak:
+            src = await load.smtp_source(
+                port_of(stack, target), concurrency=args.big_concurrency, messages=msgs,
+                size=size, world=stack.world, timeout=max(60, msgs * size / 2e5), marker=mark)
+            delivered = await meter.wait_delivered(mark, msgs, 60)
+        after = meter.snapshot()
+        mib = msgs * size / 2**20
+        front = (after["front_cpu"] - before["front_cpu"]) * 1000 / mib \
+            if target in PY_FRONTS else None
+        postfix = (after["postfix_cpu"] - before["postfix_cpu"]) * 1000 / mib
+        row = {
+            "target": target, "size": size, "messages": msgs,
+            "concurrency": args.big_concurrency, "elapsed_s": src.elapsed,
+            "smtp_source_ok": src.ok, "smtp_source_stderr": src.stderr,
+            "messages_per_s": msgs / src.elapsed if src.ok else None,
+            "mib_per_s": mib / src.elapsed if src.ok else None,
+            "front_cpu_ms_per_mib": front, "postfix_cpu_ms_per_mib": postfix,
+            "chain_cpu_ms_per_mib": (front or 0.0) + postfix,
+            "front_peak_pss_kb": peak.peak_pss_kb if target in PY_FRONTS else None,
+            "postfix_peak_pss_kb": None if target in PY_FRONTS else peak.peak_pss_kb,
+            "marker": mark, "delivered": delivered, "queued": stack.postfix.queued(mark),
+        }
+        row["errors"] = (0 if src.ok else 1) + abs(msgs - row["delivered"])
+        rows.append(row)
+        print(f"  big {target:14} {_fmt(row['mib_per_s'])} MiB/s front "
+              f"{_fmt(front)} CPU ms/MiB, Postfix {_fmt(postfix)} CPU ms/MiB", flush=True)
+        if not src.ok:
+            print(f"    smtp-source failed: {src.stderr.strip()[-300:]}", flush=True)
+    return rows
+
+
+async def case_slow(stack: Stack, args) -> list[dict]:
+    """Slow senders trickling DATA next to a normal client, Postfix at its default limit."""
+    w = stack.world
+    body = load.make_body(args.size, w, marker(args, "slow", "normal"))
+    previous = await asyncio.to_thread(stack.set_process_limit, args.slow_process_limit)
+    rows = []
+    try:
+        for target in available_targets(stack):
+            port = port_of(stack, target)
+            # busy before: smtpgate keeps next_hop_pool connections to Postfix open throughout
+            baseline = stack.postfix.smtpd_processes()[1]
+            samples: list[tuple[float, int, int]] = []
+            start = time.perf_counter()
+            until = start + args.slow_duration
+
+            async def sample(samples=samples, start=start) -> None:
+                while True:
+                    total, busy = stack.postfix.smtpd_processes()
+                    samples.append((time.perf_counter() - start, total, busy))
+                    await asyncio.sleep(0.5)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                slow_task = asyncio.create_task(load.trickle_senders(
+                    port, sources=w.slow_ips(), count=args.slow_senders, world=w,
+                    interval=args.slow_interval, until=until))
+                normal = await load.run_paced(
+                    port, interval=args.normal_interval, until=until, body=body, world=w,
+                    timeout=args.slow_duration + 15)
+                slow = await slow_task
+                # the aborted senders leave Postfix: how long until it is back to the baseline
+                drain_end = time.perf_counter() + 15
+                while time.perf_counter() < drain_end \
+                        and stack.postfix.smtpd_processes()[1] > baseline:
+                    await asyncio.sleep(0.25)
+                drained = time.perf_counter() - until
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+            during = [busy for t, _, busy in samples if t <= args.slow_duration]
+            lat = normal.summary()
+            reached = sorted(t - start for t in slow.reached)
+            row = {
+                "target": target, "slow_senders": args.slow_senders,
+                "duration_s": args.slow_duration, "interval_s": args.slow_interval,
+                "process_limit": args.slow_process_limit,
+                "slow": slow.summary(),
+                "slow_reached_data_p50_s": load.percentile(reached, 50),
+                "normal": lat,
+                "normal_attempts": lat["sessions"] + lat["errors"],
+                "smtpd_busy_before": baseline,
+                "smtpd_busy_peak": max(during, default=0),
+                "smtpd_busy_mean": sum(during) / len(during) if during else 0.0,
+                "smtpd_total_peak": max((n for t, n, _ in samples if t <= args.slow_duration),
+                                        default=0),
+                "smtpd_busy_samples": [(round(t, 1), busy) for t, _, busy in samples],
+                "drain_s": drained,
+            }
+            rows.append(row)
+            print(f"  slow {target:14} normal p50 {_fmt(lat['p50_ms'])} ms max "
+                  f"{_fmt(lat['max_ms'])} ms ok {lat['sessions']} errors {lat['errors']}; "
+                  f"slow in DATA {slow.summary()['in_data']}/{args.slow_senders}; "
+                  f"smtpd busy peak {row['smtpd_busy_peak']}", flush=True)
+            await asyncio.sleep(1.0)
+    finally:
+        await asyncio.to_thread(stack.set_process_limit, previous)
     return rows
 
 
@@ -414,6 +618,7 @@ def meta(args, argv) -> dict:
 
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python_version": sys.version, "python_implementation": platform.python_implementation(),
         "command": "python -m benchmarks.run " + shlex.join(argv),
         "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "postfix": out(["postconf", "-d", "-h", "mail_version"]),
@@ -421,14 +626,74 @@ def meta(args, argv) -> dict:
         "workers": args.workers, "uvloop": args.uvloop, "size": args.size,
         "greet_wait": args.greet_wait, "concurrency": args.concurrency,
         "messages": args.messages, "idle": args.idle, "smoke": args.smoke,
+        "big_size": args.big_size, "slow_senders": args.slow_senders,
+        "slow_duration": args.slow_duration,
         "fd_limit": raise_fd_limit(),
     }
 
 
+def front_runtimes(stack: Stack) -> dict:
+    """Which Python and event loop run each front end (Postfix's are C programs)."""
+    out = {}
+    version = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    for target in TARGETS:
+        front = front_of(stack, target)
+        if target not in PY_FRONTS:
+            out[target] = {"language": "C", "program": f"Postfix {version}",
+                           "event_loop": "Postfix's events (epoll)"}
+            continue
+        if front is None:
+            continue
+        out[target] = python_runtime(front)
+    return out
+
+
+def python_runtime(front) -> dict:
+    """Python version and implementation of the front end's interpreter, and its event loop.
+
+    The aiosmtpd front end says both in its ready line. For smtpgate they are read from
+    outside: the interpreter from /proc/PID/exe, uvloop from the workers' memory maps
+    (uvloop's extension loaded) and SMTPGATE_UVLOOP (smtpgate's switch)."""
+    info: dict = {"language": "Python"}
+    exe = ""
+    with contextlib.suppress(OSError):
+        exe = os.readlink(f"/proc/{front.pid}/exe")
+    if exe:
+        probe = ("import platform, sys; print(platform.python_implementation()); "
+                 "print(sys.version.replace(chr(10), ' '))")
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            lines = subprocess.run([exe, "-c", probe], capture_output=True, text=True,
+                                   timeout=20).stdout.splitlines()
+            if len(lines) == 2:
+                info["implementation"], info["python"] = lines
+    info["executable"] = exe
+    if front.runtime:  # the aiosmtpd front end's own words
+        fields = dict(item.split("=", 1) for item in front.runtime.split() if "=" in item)
+        info["event_loop"] = fields.get("loop", "?")
+        info["workers"] = int(fields.get("workers", "0") or 0)
+        info["aiosmtpd"] = fields.get("aiosmtpd", "?")
+        info["aiosmtplib"] = fields.get("aiosmtplib", "?")
+        return info
+    mapped = False
+    for pid in front.pids():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as fh:
+            if "/uvloop/loop." in fh.read():
+                mapped = True
+                break
+    switched_off = front.env.get("SMTPGATE_UVLOOP", "yes").lower() in ("no", "0", "off")
+    info["event_loop"] = ("uvloop.Loop" if mapped and not switched_off
+                          else "asyncio (selector event loop)")
+    info["workers"] = int(front.env.get("SMTPGATE_WORKERS", "0") or 0)
+    return info
+
+
 async def run_cases(stack: Stack, args, results: dict) -> None:
+    results["meta"]["fronts"] = await asyncio.to_thread(front_runtimes, stack)
     results["warm_up"] = await warm_up(stack, args)
     for name, fn in (("chain", case_chain), ("screening", case_screening),
-                     ("idle", case_idle), ("starttls", case_starttls)):
+                     ("idle", case_idle), ("starttls", case_starttls),
+                     ("big", case_big), ("slow", case_slow)):
         if name not in args.cases:
             continue
         print(f"case {name}", flush=True)
@@ -457,20 +722,26 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     results: dict = {"meta": meta(args, argv)}
     settings = Settings(workers=args.workers, uvloop=args.uvloop == "on",
-                        greet_wait=args.greet_wait, keep=args.keep)
+                        greet_wait=args.greet_wait, keep=args.keep,
+                        with_aiosmtpd=args.aiosmtpd == "on")
     stack = Stack(settings)
     try:
-        print("starting redis-server, dnsmasq, postfix, smtpgate", flush=True)
-        try:
-            stack.start()
-        except StackError as exc:
-            if "smtpgate" not in str(exc):
-                raise
-            # the Postfix baselines are still worth measuring
-            results.setdefault("errors", {})["smtpgate"] = str(exc)[:2000]
-            print(f"  smtpgate did not start: {str(exc)[:500]}", flush=True)
-            stack.settings.with_smtpgate = False
-            stack.start()
+        print("starting redis-server, dnsmasq, postfix, smtpgate, aiosmtpd-front", flush=True)
+        for _ in range(3):
+            try:
+                stack.start()
+                break
+            except StackError as exc:
+                text = str(exc)
+                if text.startswith("aiosmtpd-front") and stack.settings.with_aiosmtpd:
+                    name, stack.settings.with_aiosmtpd = "aiosmtpd-front", False
+                elif "smtpgate" in text and stack.settings.with_smtpgate:
+                    name, stack.settings.with_smtpgate = "smtpgate", False
+                else:
+                    raise
+                # the other front ends are still worth measuring
+                results.setdefault("errors", {})[name] = text[:2000]
+                print(f"  {name} did not start: {text[:500]}", flush=True)
         if args.keep:
             print(f"  logs in {stack.workdir}", flush=True)
         loop = _new_loop()
@@ -489,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["wall_s"] = time.monotonic() - start
     paths = report.write_all(results, args.out)
     print(report.markdown(results))
+    print("smtpgate against the aiosmtpd front end:")
+    for line in report.versus_lines(results) or ["(not measured)"]:
+        print(f"  {line}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if results.get("errors") or results.get("micro", {}).get("error") else 0
 

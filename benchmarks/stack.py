@@ -5,7 +5,10 @@ SYNOPSIS
     Stack(settings).start() / .stop()          (also a context manager)
     Stack.redis_port, .dns_addr, .postfix.ports["direct"|"postscreen"|"next_hop"]
     Stack.smtpgate: Smtpgate | None            .pid, .port, .pids()
-    Stack.postfix.pids(), .master_pid(), .delivered()
+    Stack.aiosmtpd: Smtpgate | None            the aiosmtpd front end, same shape (.runtime)
+    Stack.postfix.pids(), .master_pid(), .smtpd_processes()
+    Stack.postfix.delivered(marker), .queued(marker), .delivered_by_marker()
+    Stack.set_process_limit(n)                 default_process_limit, then postfix reload
     free_port(host="127.0.0.1") -> int
 
 DESCRIPTION
@@ -25,10 +28,21 @@ DESCRIPTION
       its own mount namespace (unshare -m) with a resolv.conf naming the
       dnsmasq address and an empty hosts file bound over /etc;
     - smtpgate serve, configured through its environment, once the rest is
-      up and only when asked (start_smtpgate).
+      up and only when asked (start_smtpgate);
+    - the aiosmtpd front end (benchmarks.aiosmtpd_front) with the same
+      environment on its own port, relaying to the same next hop, when asked
+      (start_aiosmtpd_front).
 
     Every wait has a deadline; failure raises StackError with the service's
     log tail. stop() stops what start() started, in reverse order, by pid.
+
+    Deliveries are counted per message, never as all "status=sent" lines of
+    the log: every benchmark message carries a marker in its Message-ID
+    (<MARKER@client.bench.test>, benchmarks.load), and Postfix.delivered(marker)
+    counts the discard transport's status=sent lines of the queue files that
+    cleanup logged with that Message-ID (DeliveryLog). A message of an earlier
+    case still in the queue cannot land in another case's count, and a message
+    queued twice shows as queued(marker) above the number sent.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +128,8 @@ class World:
     listed_count: int = 60
     denied_net: str = "127.0.2"  # 127.0.2.0/24: PSA reject (access list)
     idle_net: str = "127.1"  # 127.1.x.y: idle clients, unknown to DNS
+    slow_net: str = "127.0.4"  # 127.0.4.1 .. .slow_count: slowN.bench.test, PTR and A
+    slow_count: int = 8
 
     def listed_ips(self) -> list[str]:
         return [f"{self.listed_net}.{i}" for i in range(1, self.listed_count + 1)]
@@ -123,6 +141,10 @@ class World:
         """Enough addresses that no one client exceeds 40 connections (postscreen allows 50)."""
         count = max(1, (n + 39) // 40)
         return [f"{self.idle_net}.{1 + i // 250}.{1 + i % 250}" for i in range(count)]
+
+    def slow_ips(self) -> list[str]:
+        """Known clients (FCrDNS passes): 150 slow senders stay under 50 per address."""
+        return [f"{self.slow_net}.{i}" for i in range(1, self.slow_count + 1)]
 
     @property
     def dnsbl_sites(self) -> str:
@@ -138,8 +160,10 @@ class Settings:
     uvloop: bool = True
     greet_wait: float = 6.0
     with_smtpgate: bool = True
+    with_aiosmtpd: bool = True  # the aiosmtpd front end (benchmarks.aiosmtpd_front)
     keep: bool = False  # keep the temporary directory (logs) after stop
     smtpgate_cmd: tuple[str, ...] = (sys.executable, "-m", "smtpgate", "serve")
+    aiosmtpd_cmd: tuple[str, ...] = (sys.executable, "-m", "benchmarks.aiosmtpd_front")
 
 
 @dataclass
@@ -238,13 +262,73 @@ class Postfix:
         master = self.master_pid()
         return [master, *descendants(master)] if master else []
 
-    def delivered(self) -> int:
-        """Messages the discard transport has taken so far (from the instance's log)."""
+    def smtpd_processes(self) -> tuple[int, int]:
+        """(smtpd processes of this instance, those serving a client): children of the master
+        whose command line names smtpd, busy when one holds an ESTABLISHED TCP socket."""
+        from benchmarks.procstat import smtpd_processes
+
+        master = self.master_pid()
+        return smtpd_processes(master) if master else (0, 0)
+
+    deliveries: DeliveryLog | None = None
+
+    def delivered(self, marker: str) -> int:
+        """Deliveries (status=sent) of the messages whose Message-ID is <marker@...>."""
+        return self._log().sent.get(marker, 0)
+
+    def queued(self, marker: str) -> int:
+        """Queue files (cleanup's message-id= lines) made for messages marked `marker`."""
+        return self._log().queued.get(marker, 0)
+
+    def delivered_by_marker(self) -> dict[str, int]:
+        """Every marker's deliveries so far (a copy), to see which landed in a window."""
+        return dict(self._log().sent)
+
+    def _log(self) -> DeliveryLog:
+        if self.deliveries is None:
+            self.deliveries = DeliveryLog(self.log)
+        self.deliveries.read()
+        return self.deliveries
+
+
+class DeliveryLog:
+    """Postfix's log, read on from where it was left: deliveries counted per message marker.
+
+    cleanup logs "QUEUEID: message-id=<ID>" for every message it queues, and the discard
+    transport "QUEUEID: to=<...>, ..., status=sent (...)" for every recipient it takes; the
+    marker of a message is the part of its Message-ID before "@". Only messages whose
+    queue file was seen being made count (a queue ID may be reused later: the newest
+    message-id line wins, as the log is read in order).
+    """
+
+    QUEUED = re.compile(rb"\]: ([0-9A-Za-z]+): message-id=<([^>@\s]*)@")
+    SENT = re.compile(rb"\]: ([0-9A-Za-z]+): to=<[^>]*>, .*\bstatus=sent\b")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.marker_of: dict[bytes, str] = {}
+        self.queued: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+
+    def read(self) -> None:
         try:
-            with open(self.log, "rb") as fh:
-                return sum(1 for line in fh if b"status=sent" in line)
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
         except OSError:
-            return 0
+            return
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()  # a line not written whole yet
+        for line in lines:
+            if match := self.QUEUED.search(line):
+                marker = match.group(2).decode(errors="replace")
+                self.marker_of[match.group(1)] = marker
+                self.queued[marker] += 1
+            elif (match := self.SENT.search(line)) and match.group(1) in self.marker_of:
+                self.sent[self.marker_of[match.group(1)]] += 1
 
 
 @dataclass
@@ -252,6 +336,7 @@ class Smtpgate:
     proc: Proc
     port: int
     env: dict[str, str]
+    runtime: str = ""  # what the aiosmtpd front end says it runs (its ready line)
 
     @property
     def pid(self) -> int:
@@ -272,6 +357,7 @@ class Stack:
     dns_addr: str = ""
     postfix: Postfix | None = None
     smtpgate: Smtpgate | None = None
+    aiosmtpd: Smtpgate | None = None
     procs: list[Proc] = field(default_factory=list)
     cert: tuple[Path, Path] | None = None
     ca_pem: Path | None = None
@@ -299,11 +385,16 @@ class Stack:
             self._start_postfix()
             if self.settings.with_smtpgate:
                 self.start_smtpgate()
+            if self.settings.with_aiosmtpd:
+                self.start_aiosmtpd_front()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
+        if self.aiosmtpd:
+            self.aiosmtpd.proc.stop()
+            self.aiosmtpd = None
         if self.smtpgate:
             self.smtpgate.proc.stop()
             self.smtpgate = None
@@ -374,6 +465,8 @@ class Stack:
             f"host-record={w.mx_name},127.0.0.1",
             f"mx-host={w.domain},{w.mx_name},10",
         ]
+        lines += [f"host-record=slow{ip.rsplit('.', 1)[1]}.{w.domain},{ip}"
+                  for ip in w.slow_ips()]
         for zone in w.dnsbl_zones:
             lines.append(f"local=/{zone}/")
             for ip in w.listed_ips():
@@ -388,12 +481,16 @@ class Stack:
         wait_for("dnsmasq", lambda: self._dns_answers(w.client_name) == w.client_ip, 10, proc.log)
 
     def _dns_answers(self, name: str) -> str | None:
+        import dns.exception
         import dns.message
         import dns.query
         import dns.rdatatype
 
         q = dns.message.make_query(name, dns.rdatatype.A)
-        r = dns.query.udp(q, self.dns_addr, timeout=0.5, port=53)
+        try:
+            r = dns.query.udp(q, self.dns_addr, timeout=0.5, port=53)
+        except dns.exception.Timeout:  # dnsmasq not answering yet: wait_for asks again
+            return None
         for rrset in r.answer:
             for rd in rrset:
                 return rd.to_text()
@@ -534,6 +631,26 @@ postlog unix-dgram n - n - 1 postlogd
         for name, port in ports.items():
             wait_for(f"postfix {name} service", lambda p=port: smtp_banner(p), 20, log)
 
+    def set_process_limit(self, limit: int, deadline: float = 20.0) -> int:
+        """Set default_process_limit and reload Postfix (every "-" maxproc service follows).
+
+        Returns the limit it replaced."""
+        pf = self.postfix
+        current = subprocess.run(["postconf", "-c", str(pf.config_dir), "-h",
+                                  "default_process_limit"], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+        for argv in (["postconf", "-c", str(pf.config_dir), "-e",
+                      f"default_process_limit={limit}"],
+                     ["postfix", "-c", str(pf.config_dir), "reload"]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            if done.returncode != 0:
+                raise StackError(f"{' '.join(argv[:1] + argv[3:])} failed: "
+                                 f"{done.stdout}{done.stderr}".strip())
+        time.sleep(0.5)  # the master reads its files again after SIGHUP
+        for name, port in pf.ports.items():
+            wait_for(f"postfix {name} service", lambda p=port: smtp_banner(p), deadline, pf.log)
+        return int(current) if current.isdigit() else 100
+
     def _stop_postfix(self) -> None:
         pf, self.postfix = self.postfix, None
         master = pf.master_pid()
@@ -549,7 +666,7 @@ postlog unix-dgram n - n - 1 postlogd
 
     # smtpgate
 
-    def smtpgate_env(self) -> dict[str, str]:
+    def smtpgate_env(self, port: int | None = None) -> dict[str, str]:
         w, s = self.world, self.settings
         cert, key = self.cert
         env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
@@ -557,7 +674,7 @@ postlog unix-dgram n - n - 1 postlogd
             "REDIS": f"redis://127.0.0.1:{self.redis_port}/0",
             "HOSTNAME": w.mx_name,
             "DOMAIN": w.domain,
-            "SMTPGATE_MX_LISTEN": f"127.0.0.1:{self._smtpgate_port}",
+            "SMTPGATE_MX_LISTEN": f"127.0.0.1:{port or self._smtpgate_port}",
             "SMTPGATE_SUBMISSION_LISTEN": "",
             "SMTPGATE_NEXT_HOP": f"127.0.0.1:{self.postfix.ports['next_hop']}",
             "SMTPGATE_NAMESERVERS": f"{self.dns_addr}:53",
@@ -596,6 +713,31 @@ postlog unix-dgram n - n - 1 postlogd
             raise
         self.smtpgate = gate
         return gate
+
+
+    def start_aiosmtpd_front(self, deadline: float = 30.0) -> Smtpgate:
+        """The aiosmtpd front end with smtpgate's environment, on a port of its own."""
+        port = free_port()
+        env = self.smtpgate_env(port)
+        proc = spawn("aiosmtpd-front", list(self.settings.aiosmtpd_cmd), self.workdir, env)
+        front = Smtpgate(proc, port, env)
+
+        def ready() -> bool:
+            if proc.popen.poll() is not None:
+                raise StackError(f"aiosmtpd-front exited with {proc.popen.returncode}:\n"
+                                 + proc.log.read_text(errors="replace")[-3000:])
+            return b"aiosmtpd-front: ready" in proc.log.read_bytes() and smtp_banner(port)
+
+        try:
+            wait_for("aiosmtpd-front", ready, deadline, proc.log)
+        except StackError:
+            proc.stop(grace=3)
+            raise
+        for line in proc.log.read_text(errors="replace").splitlines():
+            if line.startswith("aiosmtpd-front: ready"):
+                front.runtime = line.split(" ", 2)[2]
+        self.aiosmtpd = front
+        return front
 
 
 def smtp_banner_any(port: int) -> bool:

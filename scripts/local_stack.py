@@ -48,7 +48,7 @@ from services import procs  # noqa: E402
 from services.dns_server import DnsServer  # noqa: E402
 from services.dovecot_server import DovecotServer  # noqa: E402
 from services.gate_process import READY, make_certificate  # noqa: E402
-from services.ports import free_port  # noqa: E402
+from services.ports import free_port, start_on_free_ports  # noqa: E402
 from services.postfix_server import PostfixServer  # noqa: E402
 from services.redis_server import RedisServer  # noqa: E402
 from services.waiting import log_tail, wait_for_port  # noqa: E402
@@ -134,7 +134,10 @@ class Stack:
                               ("Dovecot", self.dovecot), ("Postfix", self.postfix)):
             print(f"local_stack: starting {name}", flush=True)
             self._started.append(service)
-            service.start()
+            if service is self.postfix:  # Dovecot may have moved to other ports
+                self.postfix.lmtp_port = self.dovecot.lmtp_port
+                self.postfix.sasl_port = self.dovecot.auth_port
+            start_on_free_ports(service)  # a port taken meanwhile: new ports, try again
         with self.redis.client() as client:
             client.mset(EXAMPLE_KEYS)
         self.dns.set(DNS_RECORDS)

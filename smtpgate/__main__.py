@@ -1,3 +1,3 @@
-from smtpgate.cli import main
+from smtpgate.cli.main import main
 
 raise SystemExit(main())

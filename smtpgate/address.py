@@ -334,3 +334,26 @@ def _valid_ip(text: str, version: int) -> bool:
     except ValueError:
         return False
     return ip.version == version and "%" not in text
+
+
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a client really has: an IPv4-mapped IPv6 address is its IPv4 address.
+
+    The one home of that unwrapping: lookups keys, DNS, DNSBL, limits and the access list all
+    see an IPv4 client on a dual-stack socket as IPv4. ValueError for anything but an address.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def plain_ip(ip: str) -> str:
+    """client_address() as text; what is not an address is returned as it is."""
+    try:
+        return str(client_address(ip))
+    except ValueError:
+        return ip

@@ -349,6 +349,16 @@ class Config:
         "connections to the next hop kept greeted ahead of need, per worker (0: none)")
     next_hop_timeout: float = setting(
         300.0, seconds(1, 600), "time limit for one reply from the next hop")
+    next_hop_transaction_limit: int = setting(
+        80, int_between(1, 10000),
+        "messages handed to the next hop at once, all workers together (Postfix's default "
+        "process limit is 100)")
+    next_hop_busy_wait: float = setting(
+        2.0, seconds(0, 60), "how long a complete message may wait for a free next-hop slot "
+                             "before the client hears 451 4.3.2")
+    spool_memory_limit: int = setting(
+        262144, int_between(0), "bytes of a message held in memory; the rest goes to a "
+                                "temporary file")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 

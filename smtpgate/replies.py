@@ -11,6 +11,7 @@ from smtpgate.verdict import Reply
 
 OK = Reply(250, "2.0.0", "Ok")
 MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")

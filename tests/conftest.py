@@ -11,13 +11,17 @@ SYNOPSIS
     Function fixtures:
         redis           redis.Redis on a flushed db 0 (Redis restarted if a test left it down)
         dns             dns_server with no records and no special zones
+    Session fixture start_gate(listeners=("mx",), **env) -> services.gate_process.GateProcess
+    Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
+    closed after it, and a test that passed but left one open fails at teardown.
 
 DESCRIPTION
     Every service runs on free loopback ports inside one tempfile.mkdtemp()
     directory, so two pytest runs on one machine do not collide, and none
     touches /etc/postfix, /var/spool/postfix or /etc/rspamd/local.d. Each
     start waits for readiness with a deadline and fails with the service's
-    own log tail. Services are stopped by the fixture finalizers, and again
+    own log tail; a start that finds a port taken meanwhile is tried again on
+    new ports (services.ports). Services are stopped by the fixture finalizers, and again
     at interpreter exit (an interrupted run), and foreground services get
     SIGTERM if pytest dies. The directory is removed at the end unless
     SMTPGATE_TEST_KEEP=1 is set (its path is printed in the header).
@@ -30,10 +34,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from services import procs
+from services import procs, smtp_talk
 from services.dns_server import DnsServer
 from services.dovecot_server import DovecotServer
 from services.gate_process import GateProcess, make_certificate
+from services.ports import start_on_free_ports
 from services.postfix_server import PostfixServer
 from services.redis_server import RedisServer
 from services.rspamd_server import RspamdServer
@@ -59,8 +64,31 @@ def pytest_report_header(config) -> str:
 def _serve(service):
     """Start service, stop it at the end of the session even if pytest is interrupted."""
     procs.on_exit(service.stop)
-    service.start()
-    return service
+    return start_on_free_ports(service)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _smtp_clients_closed(request):
+    """Close the Talk clients a test left open; a passing test must not leave any."""
+    before = {id(talk) for talk in smtp_talk.open_clients()}
+    yield
+    left = [talk for talk in smtp_talk.open_clients() if id(talk) not in before]
+    for talk in left:
+        talk.close()
+    if left and not request.node.stash.get(_CALL_FAILED, True):
+        pytest.fail(f"the test left {len(left)} SMTP client(s) open: {left}; "
+                    "use `with Talk(...) as talk:`", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -147,17 +175,20 @@ def world(redis, dns):
 @pytest.fixture(scope="session")
 def start_gate(service_root, postfix_server, redis_server, dns_server, dovecot_server,
                certificate):
-    """start_gate(**env) -> a running `smtpgate serve` relaying to the harness's Postfix.
+    """start_gate(listeners=("mx",), **env) -> a running `smtpgate serve` in front of Postfix.
 
-    MX only by default, no greet wait, mynetworks empty (so 127.0.0.x clients are strangers);
-    every SMTPGATE_* setting can be overridden. Each is stopped at the end of the session,
-    or earlier with .stop().
+    MX only by default (listeners may add "submission", "submissions", "metrics",
+    "socketmap", each on its own port: gate.<name>_port), no greet wait, mynetworks empty
+    (so 127.0.0.x clients are strangers); every SMTPGATE_* setting can be overridden. Stop
+    each with .stop() where its test or module ends: that asserts a clean exit (status 0
+    within the deadline). What is still running at the end of the session is stopped, and
+    checked, then.
     """
     _, cert, key = certificate
     started: list[GateProcess] = []
     counter = iter(range(1_000_000))
 
-    def start(**env: str) -> GateProcess:
+    def start(listeners: tuple[str, ...] = ("mx",), **env: str) -> GateProcess:
         gate = GateProcess(service_root / f"gate{next(counter)}", {
             "REDIS": redis_server.url,
             "SMTPGATE_NAMESERVERS": dns_server.nameserver,
@@ -172,12 +203,18 @@ def start_gate(service_root, postfix_server, redis_server, dns_server, dovecot_s
             "SMTPGATE_GREET_WAIT": "0",
             "SMTPGATE_DNS_TIMEOUT": "2",
             **env,
-        })
+        }, listeners=listeners)
         procs.on_exit(gate.stop)
-        gate.start()
         started.append(gate)
+        gate.start()
         return gate
 
     yield start
+    failures = []
     for gate in started:
-        gate.stop()
+        try:
+            gate.stop()
+        except AssertionError as exc:
+            failures.append(f"{gate.workdir.name}: {exc}")
+    if failures:
+        raise AssertionError("\n\n".join(failures))

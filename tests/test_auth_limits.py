@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio
 from services.ports import free_port
 
-from smtpgate.auth_limits import AuthLimits, decide, failure_delay, ip_key, login_key
+from smtpgate.lookups.auth_limits import AuthLimits, decide, failure_delay, ip_key, login_key
 from smtpgate.verdict import Outcome
 
 # --- pure parts ---------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_outputs_written(bench):
     assert data["meta"]["smoke"] is True and data["meta"]["wall_s"] < 100
 
 
-@pytest.mark.parametrize("target", ["smtpgate", "postscreen", "smtpd"])
+@pytest.mark.parametrize("target", ["smtpgate", "aiosmtpd-front", "postscreen", "smtpd"])
 def test_chain_figures(bench, target):
     _, data = bench
     rows = [r for r in data["chain"] if r["target"] == target]
@@ -64,7 +64,7 @@ def test_chain_figures(bench, target):
     assert lat["sessions"] == 10 and lat["errors"] == 0
     assert positive(lat["p50_ms"]) and lat["p99_ms"] >= lat["p50_ms"]
     assert row["postfix_cpu_ms_per_msg"] >= 0 and row["chain_cpu_ms_per_msg"] >= 0
-    if target == "smtpgate":
+    if target in ("smtpgate", "aiosmtpd-front"):
         assert row["front_cpu_ms_per_msg"] >= 0
         assert row["front_peak_pss_kb"] > 1000  # a Python process, measured
         assert row["redis_commands_per_msg"] >= 0
@@ -76,7 +76,7 @@ def test_chain_figures(bench, target):
 def test_screening_figures(bench, kind):
     _, data = bench
     rows = {r["target"]: r for r in data["screening"] if r["kind"] == kind}
-    assert set(rows) == {"smtpgate", "postscreen"}
+    assert set(rows) == {"smtpgate", "aiosmtpd-front", "postscreen"}
     for row in rows.values():
         assert row["connections"] > 0 and row["duration_s"] > 0
         assert row["rejected_per_s"] >= 0 and positive(row["p50_ms"])
@@ -100,7 +100,7 @@ def test_idle_figures(bench, target):
 def test_starttls_figures(bench):
     _, data = bench
     rows = {r["target"]: r for r in data["starttls"]}
-    assert set(rows) == {"smtpgate", "postscreen", "smtpd"}
+    assert set(rows) == {"smtpgate", "aiosmtpd-front", "postscreen", "smtpd"}
     for row in rows.values():
         assert row["sessions"] > 0 and positive(row["sessions_per_s"]) and positive(row["p50_ms"])
 
@@ -124,3 +124,29 @@ def test_goals_reported(bench):
         assert isinstance(goals[name], int | float), name
         assert goals["met"][name] in (True, False)
     assert positive(goals["chain_vs_postscreen_ratio"]) and positive(goals["idle_10k_mb"])
+
+
+def test_big_and_slow_figures(bench):
+    _, data = bench
+    targets = {"smtpgate", "aiosmtpd-front", "postscreen", "smtpd"}
+    big = {r["target"]: r for r in data["big"]}
+    assert set(big) == targets
+    for row in big.values():
+        assert row["smtp_source_ok"] and row["delivered"] == row["messages"]
+        assert row["postfix_cpu_ms_per_mib"] >= 0
+    assert big["aiosmtpd-front"]["front_cpu_ms_per_mib"] >= 0
+    slow = {r["target"]: r for r in data["slow"]}
+    assert set(slow) == targets
+    for row in slow.values():
+        assert row["slow"]["sessions"] == row["slow_senders"]
+        assert row["normal"]["sessions"] > 0 and positive(row["normal"]["p50_ms"])
+        assert row["smtpd_busy_peak"] >= 0
+
+
+def test_versus_aiosmtpd_reported(bench):
+    out, data = bench
+    cases = {r["case"] for r in data["versus_aiosmtpd"]}
+    assert {"chain", "screening", "starttls", "big", "slow"} <= cases
+    assert "smtpgate against the aiosmtpd front end" in (out / "bench.md").read_text()
+    fronts = data["meta"]["fronts"]
+    assert fronts["aiosmtpd-front"]["event_loop"] and fronts["smtpgate"]["python"]

@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 
 from smtpgate.checks import access_list, dnsbl, limits, pregreet, protocol
-from smtpgate.checks.action import escape, format_delay, hangs_up
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult
+from smtpgate.checks.screening_action import escape, format_delay, hangs_up
 from smtpgate.dnsbl_sites import parse_sites
 from smtpgate.verdict import Outcome
 

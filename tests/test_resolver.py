@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from services.ports import free_port
+from services.waiting import no_hang
 
 from smtpgate.checks import client_fcrdns, helo
 from smtpgate.config import HostPort
-from smtpgate.fcrdns import MAX_NAMES, client_hostname, helo_facts
-from smtpgate.resolver import DnsAnswer, Resolver
+from smtpgate.lookups.client_dns import MAX_NAMES, client_hostname, helo_facts
+from smtpgate.lookups.resolver import DnsAnswer, Resolver
 from smtpgate.verdict import Outcome
 
 
@@ -99,17 +99,15 @@ async def test_servfail_is_tempfail(dns):
 
 async def test_timeout_is_tempfail_within_the_limit(dns):
     dns.set_timeout_zone("slow.test")
-    start = time.monotonic()
-    answer = await make(dns, timeout=0.5).lookup("x.slow.test", "A")
+    async with no_hang():  # the resolver's own timeout ends it
+        answer = await make(dns, timeout=0.5).lookup("x.slow.test", "A")
     assert answer.status == "tempfail"
-    assert time.monotonic() - start < 2.0
 
 
 async def test_dns_server_down_is_tempfail():
-    start = time.monotonic()
-    answer = await dead_resolver(0.5).lookup("anything.test", "A")
+    async with no_hang():
+        answer = await dead_resolver(0.5).lookup("anything.test", "A")
     assert answer.status == "tempfail"
-    assert time.monotonic() - start < 2.0
 
 
 async def test_tempfail_is_not_cached(dns):
@@ -123,10 +121,9 @@ async def test_tempfail_is_not_cached(dns):
 
 async def test_system_resolver_answers_within_its_timeout():
     resolver = Resolver((), 1.0)
-    start = time.monotonic()
-    answer = await resolver.lookup("smtpgate-test.invalid", "A")
+    async with no_hang():
+        answer = await resolver.lookup("smtpgate-test.invalid", "A")
     assert answer.status in ("nxdomain", "nodata", "tempfail")
-    assert time.monotonic() - start < 3.0
 
 
 # --- cache and shared queries ------------------------------------------------------------------

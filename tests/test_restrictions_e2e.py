@@ -21,25 +21,27 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gate(start_gate, postfix_server):
     """smtpgate, and Postfix reading the same Redis keys through smtpgate's socketmap."""
-    port = free_port()
-    process = start_gate(SMTPGATE_SOCKETMAP_LISTEN=f"127.0.0.1:{port}")
+    process = start_gate(listeners=("mx", "socketmap"))
+    port = process.socketmap_port
     maps = postfix_server.config_dir
     shipped = (Path(__file__).parent.parent / "conf/postfix/socketmap.cf").read_text()
     settings = dict(line.split(" = ", 1) for line in shipped.splitlines()
                     if " = " in line and not line.startswith("#"))
     postfix_server.postconf(**{k: v.replace(":10027:", f":{port}:") for k, v in settings.items()})
     yield process
-    postfix_server.postconf(
-        recipient_delimiter="", virtual_mailbox_domains="example.com",
-        virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
-        virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
-        smtpd_recipient_restrictions="")
+    try:
+        postfix_server.postconf(
+            recipient_delimiter="", virtual_mailbox_domains="example.com",
+            virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
+            virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
+            smtpd_recipient_restrictions="")
+    finally:
+        process.stop()
 
 
 def rcpt(gate, source: str, helo: str = "client.example.test",
          sender: str = "a@example.net", to: str = "user1@example.com") -> tuple[int, str]:
-    talk = Talk("127.0.0.1", gate.mx_port, source=source)
-    try:
+    with Talk("127.0.0.1", gate.mx_port, source=source) as talk:
         assert talk.banner()[0] == 220
         code, text = talk.cmd(f"EHLO {helo}")
         if code != 250:
@@ -48,8 +50,6 @@ def rcpt(gate, source: str, helo: str = "client.example.test",
         if code != 250:
             return code, text
         return talk.cmd(f"RCPT TO:<{to}>")
-    finally:
-        talk.close()
 
 
 def rcpt_settled(gate, source: str, code: int, timeout: float = 5.0, **kw) -> tuple[int, str]:
@@ -133,10 +133,10 @@ def test_hlo_reject(gate, world):
 
 
 def test_helo_is_required(gate, world):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.74")
-    talk.banner()
-    assert talk.cmd("MAIL FROM:<a@example.net>") == (503, "503 5.5.1 Error: send HELO/EHLO first")
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.74") as talk:
+        talk.banner()
+        assert talk.cmd("MAIL FROM:<a@example.net>") == (
+            503, "503 5.5.1 Error: send HELO/EHLO first")
 
 
 # --- destination and recipients -----------------------------------------------------------
@@ -169,16 +169,15 @@ def test_alias_extension_and_catch_all_are_delivered(gate, world, dovecot_server
     mark = f"rules-{uuid.uuid4().hex}"
     world.set("VALI:@example.com", "user2@example.com")
     for to in ("sales@example.com", "anything-at-all@example.com", "user1+tag@example.com"):
-        talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.76")
-        talk.banner()
-        talk.cmd("EHLO client.example.test")
-        talk.cmd("MAIL FROM:<a@example.net>")
-        reply = talk.cmd(f"RCPT TO:<{to}>")
-        assert reply[0] == 250, (to, reply, postfix_server.log_text()[-700:])
-        assert talk.cmd("DATA")[0] == 354
-        talk.send(f"Subject: {mark} {to}\r\n\r\nhello\r\n.\r\n".encode())
-        assert talk.reply()[0] == 250
-        talk.close()
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.76") as talk:
+            talk.banner()
+            talk.cmd("EHLO client.example.test")
+            talk.cmd("MAIL FROM:<a@example.net>")
+            reply = talk.cmd(f"RCPT TO:<{to}>")
+            assert reply[0] == 250, (to, reply, postfix_server.log_text()[-700:])
+            assert talk.cmd("DATA")[0] == 354
+            talk.send(f"Subject: {mark} {to}\r\n\r\nhello\r\n.\r\n".encode())
+            assert talk.reply()[0] == 250
     for user, to in (("user1@example.com", "sales@example.com"),
                      ("user2@example.com", "sales@example.com"),
                      ("user1@example.com", "user1+tag@example.com"),
@@ -210,12 +209,11 @@ def test_sender_syntax_and_fqdn(gate, world, sender, code):
 
 
 def test_missing_angle_brackets_are_refused(gate, world):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.78")
-    talk.banner()
-    talk.cmd("EHLO client.example.test")
-    code, text = talk.cmd("MAIL FROM:a@example.net")
-    assert code == 501 and text.startswith("501 5.1.7"), text
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.78") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        code, text = talk.cmd("MAIL FROM:a@example.net")
+        assert code == 501 and text.startswith("501 5.1.7"), text
 
 
 # --- DNS trouble is never a 5xx and never an accept -------------------------------------------

@@ -7,13 +7,14 @@ single "220 " line means the client was let through without it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
 import pytest
 from services.smtp_talk import Talk
 
-from smtpgate import keys
+from smtpgate.lookups import keys
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +23,12 @@ SITES = "bl.test=127.0.0.[2..11]*3 wl.test=127.0.[0..255].[1..3]*-2 broken.test 
 
 @pytest.fixture(scope="module")
 def gate(start_gate):
-    return start_gate(
+    process = start_gate(
         SMTPGATE_GREET_WAIT="2", SMTPGATE_DNSBL_SITES=SITES, SMTPGATE_DNSBL_THRESHOLD="3",
         SMTPGATE_DNSBL_ALLOWLIST_THRESHOLD="-1", SMTPGATE_DNSBL_TIMEOUT="1.5",
         SMTPGATE_CLIENT_CONNECTION_COUNT_LIMIT="2")
+    yield process
+    process.stop()
 
 
 @pytest.fixture
@@ -55,9 +58,8 @@ def greeting_from(gate, source: str, expected: str, timeout: float = 5.0) -> lis
     """
     deadline = time.monotonic() + timeout
     while True:
-        talk = Talk("127.0.0.1", gate.mx_port, source=source)
-        lines = greeting(talk)
-        talk.close()
+        with Talk("127.0.0.1", gate.mx_port, source=source) as talk:
+            lines = greeting(talk)
         if (lines and lines[-1] == expected) or time.monotonic() > deadline:
             return lines
 
@@ -87,9 +89,9 @@ def test_psa_reject_network_is_dropped_with_521(gate, screened):
     screened.set("PSA:127.0.3.0/24", "reject")
     refusal = "521 5.3.2 Service currently unavailable"
     assert greeting_from(gate, "127.0.3.9", refusal) == [refusal]
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.3.9")
-    assert greeting(talk) == [refusal]
-    assert talk.closed()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.3.9") as talk:
+        assert greeting(talk) == [refusal]
+        assert talk.closed()
 
 
 def test_most_specific_psa_key_wins(gate, screened):
@@ -102,103 +104,91 @@ def test_most_specific_psa_key_wins(gate, screened):
 
 
 def test_pregreet_talker_is_rejected_at_rcpt_and_logged(gate, screened):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.90")
-    teaser = talk.file.readline()
-    assert teaser.startswith(b"220-")
-    talk.send(b"EHLO impatient.example.test\r\n")  # before the final 220
-    assert greeting(talk) == ["220 mx.example.test ESMTP smtpgate"]
-    code, text = talk.reply()  # the EHLO sent early is still answered
-    assert code == 250
-    talk.cmd("MAIL FROM:<a@example.net>")
-    code, text = talk.cmd("RCPT TO:<user1@example.com>")
-    assert (code, text) == (550, "550 5.5.1 Protocol error")
-    gate.wait_for_log(r"PREGREET 29 after \S+ from \[127\.0\.0\.90\]:\d+: EHLO impatient")
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.90") as talk:
+        teaser = talk.file.readline()
+        assert teaser.startswith(b"220-")
+        talk.send(b"EHLO impatient.example.test\r\n")  # before the final 220
+        assert greeting(talk) == ["220 mx.example.test ESMTP smtpgate"]
+        code, text = talk.reply()  # the EHLO sent early is still answered
+        assert code == 250
+        talk.cmd("MAIL FROM:<a@example.net>")
+        code, text = talk.cmd("RCPT TO:<user1@example.com>")
+        assert (code, text) == (550, "550 5.5.1 Protocol error")
+        gate.wait_for_log(r"PREGREET 29 after \S+ from \[127\.0\.0\.90\]:\d+: EHLO impatient")
 
 
 def test_patient_client_passes_and_is_remembered(gate, screened):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.91")
-    assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
-                              "220 mx.example.test ESMTP smtpgate"]
-    code, _ = reaches_rcpt(talk)
-    assert code == 250
-    talk.cmd("QUIT")
-    talk.close()
-    again = Talk("127.0.0.1", gate.mx_port, source="127.0.0.91")
-    assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]  # cache hit: no wait
-    again.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.91") as talk:
+        assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
+                                  "220 mx.example.test ESMTP smtpgate"]
+        code, _ = reaches_rcpt(talk)
+        assert code == 250
+        talk.cmd("QUIT")
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.91") as again:
+        assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]  # cache hit: no wait
     assert screened.hget("smtpgate:psc:127.0.0.91", "pregreet")
 
 
 def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
     dns.set([("5.4.0.127.bl.test", "A", "127.0.0.2")])
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.5")
-    lines = greeting(talk)
-    assert lines[-1] == ("521 5.7.1 Service unavailable; client [127.0.4.5] "
-                         "blocked using bl.test")
-    assert talk.closed()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.4.5") as talk:
+        lines = greeting(talk)
+        assert lines[-1] == ("521 5.7.1 Service unavailable; client [127.0.4.5] "
+                             "blocked using bl.test")
+        assert talk.closed()
 
 
 def test_dnsbl_allowlisted_client_skips_the_wait(gate, screened, dns):
     dns.set([("6.4.0.127.wl.test", "A", "127.0.0.2")])
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.6")
-    lines = greeting(talk)
-    assert lines[-1] == "220 mx.example.test ESMTP smtpgate"
-    talk.close()
-    again = Talk("127.0.0.1", gate.mx_port, source="127.0.4.6")
-    assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]
-    again.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.4.6") as talk:
+        lines = greeting(talk)
+        assert lines[-1] == "220 mx.example.test ESMTP smtpgate"
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.4.6") as again:
+        assert greeting(again) == ["220 mx.example.test ESMTP smtpgate"]
 
 
 @pytest.mark.parametrize("answer", ["127.255.255.254", "127.255.255.252", "10.0.0.2"],
                          ids=["spamhaus-254", "spamhaus-252", "outside-127"])
 def test_dnsbl_error_answers_are_never_a_listing(gate, screened, dns, answer):
     dns.set([("7.4.0.127.bl.test", "A", answer)])
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.7")
-    assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.4.7") as talk:
+        assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
 
 
 def test_erroring_and_timing_out_zones_do_not_block(gate, screened, dns):
     """broken.test answers SERVFAIL and slow.test never answers: neither lists anyone."""
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.4.8")
-    assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.4.8") as talk:
+        assert greeting(talk)[-1] == "220 mx.example.test ESMTP smtpgate"
 
 
 def test_non_smtp_command_is_dropped(gate, screened):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.92")
-    greeting(talk)
-    talk.send(b"GET / HTTP/1.0\r\n")
-    assert talk.reply() == (521, "521 5.7.0 Error: I can break rules, too. Goodbye.")
-    assert talk.closed()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.92") as talk:
+        greeting(talk)
+        talk.send(b"GET / HTTP/1.0\r\n")
+        assert talk.reply() == (521, "521 5.7.0 Error: I can break rules, too. Goodbye.")
+        assert talk.closed()
 
 
 def test_pipelining_before_ehlo_is_enforced_at_rcpt(gate, screened):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.93")
-    greeting(talk)
-    talk.send(b"HELO client.example.test\r\nMAIL FROM:<a@example.net>\r\n")
-    assert talk.reply()[0] == 250
-    assert talk.reply()[0] == 250
-    assert talk.cmd("RCPT TO:<user1@example.com>") == (550, "550 5.5.1 Protocol error")
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.93") as talk:
+        greeting(talk)
+        talk.send(b"HELO client.example.test\r\nMAIL FROM:<a@example.net>\r\n")
+        assert talk.reply()[0] == 250
+        assert talk.reply()[0] == 250
+        assert talk.cmd("RCPT TO:<user1@example.com>") == (550, "550 5.5.1 Protocol error")
 
 
 def test_per_client_connection_limit(gate, screened):
     screened.set("PSA:127.0.5.0/24", "permit")  # no greet wait: the limit is what we test
     greeting_from(gate, "127.0.5.9", "220 mx.example.test ESMTP smtpgate")
-    first = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
-    second = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
-    greeting(first), greeting(second)
-    third = Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")
-    assert greeting(third) == ["421 4.7.0 Error: too many connections from 127.0.5.1"]
-    other = Talk("127.0.0.1", gate.mx_port, source="127.0.5.2")
-    assert greeting(other)[-1].startswith("220 ")
-    first.close()
-    first_gone = Talk("127.0.0.1", gate.mx_port, source="127.0.5.3")  # let the release land
-    greeting(first_gone)
-    for talk in (second, third, other, first_gone):
-        talk.close()
+    with contextlib.ExitStack() as stack:
+        first, second, third = (stack.enter_context(
+            Talk("127.0.0.1", gate.mx_port, source="127.0.5.1")) for _ in range(3))
+        assert greeting(first)[-1].startswith("220 ")
+        assert greeting(second)[-1].startswith("220 ")
+        assert greeting(third) == ["421 4.7.0 Error: too many connections from 127.0.5.1"]
+        other = stack.enter_context(Talk("127.0.0.1", gate.mx_port, source="127.0.5.2"))
+        assert greeting(other)[-1].startswith("220 ")
 
 
 def test_global_connection_cap(start_gate, screened):
@@ -207,12 +197,10 @@ def test_global_connection_cap(start_gate, screened):
         screened.set("PSA:127.0.6.0/24", "permit")
         greeting_from(small, "127.0.6.9", "220 mx.example.test ESMTP smtpgate")
         released(screened)  # the probe's count goes in the next release batch
-        first = Talk("127.0.0.1", small.mx_port, source="127.0.6.1")
-        assert greeting(first)[-1].startswith("220 ")
-        second = Talk("127.0.0.1", small.mx_port, source="127.0.6.2")
-        assert greeting(second) == ["421 4.3.2 All server ports are busy"]
-        first.close()
-        second.close()
+        with Talk("127.0.0.1", small.mx_port, source="127.0.6.1") as first:
+            assert greeting(first)[-1].startswith("220 ")
+            with Talk("127.0.0.1", small.mx_port, source="127.0.6.2") as second:
+                assert greeting(second) == ["421 4.3.2 All server ports are busy"]
     finally:
         small.stop()
 
@@ -221,9 +209,9 @@ def test_redis_down_at_connect_is_421_not_a_pass(start_gate, screened, redis_ser
     gate = start_gate()
     redis_server.stop()
     try:
-        talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.94")
-        lines = greeting(talk)
-        assert lines and lines[-1].startswith("421 4.3.0"), lines
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.94") as talk:
+            lines = greeting(talk)
+            assert lines and lines[-1].startswith("421 4.3.0"), lines
     finally:
         redis_server.start()
         gate.stop()
@@ -251,14 +239,14 @@ def test_greet_wait_is_shorter_under_stress(start_gate, screened):
     try:
         screened.set("PSA:127.0.10.0/24", "permit")
         greeting_from(busy, "127.0.10.9", "220 mx.example.test ESMTP smtpgate")
-        held = [Talk("127.0.0.1", busy.mx_port, source=f"127.0.10.{n}") for n in (1, 2, 3)]
-        for talk in held:
-            greeting(talk)
-        # 4 of 5 in flight: this client waits 0.2 s, well inside the 10 s read timeout
-        talk = Talk("127.0.0.1", busy.mx_port, source="127.0.0.96", timeout=10)
-        assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
-                                  "220 mx.example.test ESMTP smtpgate"]
-        for each in [*held, talk]:
-            each.close()
+        with contextlib.ExitStack() as stack:
+            for n in (1, 2, 3):
+                greeting(stack.enter_context(
+                    Talk("127.0.0.1", busy.mx_port, source=f"127.0.10.{n}")))
+            # 4 of 5 in flight: this client waits 0.2 s, well inside the 10 s read timeout
+            talk = stack.enter_context(
+                Talk("127.0.0.1", busy.mx_port, source="127.0.0.96", timeout=10))
+            assert greeting(talk) == ["220-mx.example.test ESMTP smtpgate",
+                                      "220 mx.example.test ESMTP smtpgate"]
     finally:
         busy.stop()

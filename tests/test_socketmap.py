@@ -8,8 +8,8 @@ from email.message import EmailMessage
 
 import pytest
 
-from smtpgate.socketmap import encode, start_socketmap
-from smtpgate.tables import Tables
+from smtpgate.lookups.tables import Tables
+from smtpgate.service.socketmap import encode, start_socketmap
 
 KEYS = {
     "VDOM:example.com": "example.com",

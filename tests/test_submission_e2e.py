@@ -14,14 +14,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gate(start_gate):
-    from services.ports import free_port
-
-    submission, submissions = free_port(), free_port()
-    process = start_gate(SMTPGATE_SUBMISSION_LISTEN=f"127.0.0.1:{submission}",
-                         SMTPGATE_SUBMISSIONS_LISTEN=f"127.0.0.1:{submissions}",
+    process = start_gate(listeners=("mx", "submission", "submissions"),
                          SMTPGATE_AUTH_FAILURE_LIMIT="2")
-    process.submission_port, process.submissions_port = submission, submissions
-    return process
+    yield process
+    process.stop()
 
 
 @pytest.fixture
@@ -43,11 +39,16 @@ def swaks(port: int, *args: str, source: str = "127.0.0.1") -> subprocess.Comple
 
 
 def tls_talk(gate, source: str) -> Talk:
+    """A client on submission after STARTTLS; use it in a with statement."""
     talk = Talk("127.0.0.1", gate.submission_port, source=source)
-    assert talk.banner()[0] == 220
-    talk.cmd("EHLO laptop")
-    assert talk.cmd("STARTTLS")[0] == 220
-    talk.starttls()
+    try:
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO laptop")
+        assert talk.cmd("STARTTLS")[0] == 220
+        talk.starttls()
+    except BaseException:
+        talk.close()
+        raise
     return talk
 
 
@@ -68,67 +69,62 @@ def test_good_login_over_starttls_is_delivered_as_authenticated(gate, logins, do
 
 
 def test_auth_before_tls_is_refused(gate, logins):
-    talk = Talk("127.0.0.1", gate.submission_port, source="127.0.0.1")
-    talk.banner()
-    _, text = talk.cmd("EHLO laptop")
-    assert "STARTTLS" in text and "AUTH" not in text
-    assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1")) == (
-        530, "530 5.7.0 Must issue a STARTTLS command first")
-    assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 530
-    talk.close()
+    with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
+        talk.banner()
+        _, text = talk.cmd("EHLO laptop")
+        assert "STARTTLS" in text and "AUTH" not in text
+        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1")) == (
+            530, "530 5.7.0 Must issue a STARTTLS command first")
+        assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 530
 
 
 def test_mx_listener_offers_no_auth(gate, logins):
-    talk = Talk("127.0.0.1", gate.mx_port, source="127.0.0.80")
-    talk.banner()
-    assert "AUTH" not in talk.cmd("EHLO client.example.test")[1]
-    assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 503
-    talk.close()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.80") as talk:
+        talk.banner()
+        assert "AUTH" not in talk.cmd("EHLO client.example.test")[1]
+        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 503
 
 
 def test_mail_without_auth_is_refused_on_submission(gate, logins):
-    talk = tls_talk(gate, "127.0.0.1")
-    assert "AUTH PLAIN LOGIN" in talk.cmd("EHLO laptop")[1]
-    assert talk.cmd("MAIL FROM:<user1@example.com>") == (
-        530, "530 5.7.0 Authentication required")
-    talk.close()
+    with tls_talk(gate, "127.0.0.1") as talk:
+        assert "AUTH PLAIN LOGIN" in talk.cmd("EHLO laptop")[1]
+        assert talk.cmd("MAIL FROM:<user1@example.com>") == (
+            530, "530 5.7.0 Authentication required")
 
 
 def test_wrong_password_then_the_limit(gate, logins):
     source = "127.0.8.1"
-    talk = tls_talk(gate, source)
-    talk.cmd("EHLO laptop")
-    assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "wrong")) == (
-        535, "535 5.7.8 Error: authentication failed: authentication failure")
-    assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "wrong"))[0] == 535
-    code, text = talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))
-    assert code == 421 and "too many authentication failures" in text
-    assert talk.closed()
-    again = tls_talk(gate, source)
-    again.cmd("EHLO laptop")
-    code, _ = again.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))
-    assert code == 421  # refused before it can try again
-    assert "wrong" not in gate.log_text() and plain("user1@example.com", "wrong") \
-        not in gate.log_text()
+    with tls_talk(gate, source) as talk:
+        talk.cmd("EHLO laptop")
+        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "wrong")) == (
+            535, "535 5.7.8 Error: authentication failed: authentication failure")
+        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "wrong"))[0] == 535
+        code, text = talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))
+        assert code == 421 and "too many authentication failures" in text
+        assert talk.closed()
+        with tls_talk(gate, source) as again:
+            again.cmd("EHLO laptop")
+            code, _ = again.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))
+            assert code == 421  # refused before it can try again
+            assert "wrong" not in gate.log_text() and plain("user1@example.com", "wrong") \
+                not in gate.log_text()
 
 
 def test_sender_the_login_does_not_own_is_refused(gate, logins):
-    talk = tls_talk(gate, "127.0.8.2")
-    talk.cmd("EHLO laptop")
-    assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 235
-    assert talk.cmd("MAIL FROM:<user2@example.com>") == (
-        553, "553 5.7.1 <user2@example.com>: Sender address rejected: "
-             "not owned by user user1@example.com")
-    assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
-    talk.close()
+    with tls_talk(gate, "127.0.8.2") as talk:
+        talk.cmd("EHLO laptop")
+        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 235
+        assert talk.cmd("MAIL FROM:<user2@example.com>") == (
+            553, "553 5.7.1 <user2@example.com>: Sender address rejected: "
+                 "not owned by user user1@example.com")
+        assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
 
 
 def test_domain_wide_logmap(gate, logins):
-    talk = tls_talk(gate, "127.0.8.3")
-    talk.cmd("EHLO laptop")
-    assert talk.cmd("AUTH PLAIN " + plain("user2@example.com", "secret2"))[0] == 235
-    assert talk.cmd("MAIL FROM:<anyone@example.org>")[0] == 250
-    talk.close()
+    with tls_talk(gate, "127.0.8.3") as talk:
+        talk.cmd("EHLO laptop")
+        assert talk.cmd("AUTH PLAIN " + plain("user2@example.com", "secret2"))[0] == 235
+        assert talk.cmd("MAIL FROM:<anyone@example.org>")[0] == 250
 
 
 def test_implicit_tls_on_465(gate, logins, dovecot_server):

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from smtpgate.table_cache import MISS, NameIndex, NetworkIndex, TableCache
+from smtpgate.lookups.table_cache import MISS, NameIndex, NetworkIndex, TableCache
 
 NETS = {
     "PSA:0.0.0.0/0": "dunno",

@@ -4,9 +4,9 @@ import io
 
 import pytest
 
-from smtpgate import keys
+from smtpgate.cli.table import run
 from smtpgate.config import load
-from smtpgate.table_cli import run
+from smtpgate.lookups import keys
 
 KEY_OK = [
     ("psa-ip", "PSA", "192.168.0.8", "192.168.0.8"),

@@ -7,10 +7,11 @@ import signal
 import time
 
 import pytest
+from services.waiting import no_hang
 
-from smtpgate import keys
-from smtpgate.access_action import Kind
-from smtpgate.tables import TableError, Tables, interpret, tempfail_reply
+from smtpgate.checks.access_value import Kind
+from smtpgate.lookups import keys
+from smtpgate.lookups.tables import TableError, Tables, interpret, tempfail_reply
 
 
 async def eventually(predicate, timeout=5.0, what="condition"):
@@ -178,7 +179,7 @@ async def test_logmap_sender_then_domain(tables, redis):
 async def test_unknown_action_is_invalid_and_logged_once(tables, redis, caplog):
     await settle(tables, redis, **{"RECIP:odd@example.com": "ALLOW",
                                    "PSA:198.51.100.1": "DEFER"})
-    with caplog.at_level(logging.WARNING, logger="smtpgate.tables"):
+    with caplog.at_level(logging.WARNING, logger="smtpgate.lookups.tables"):
         for _ in range(3):
             facts = await tables.rcpt_facts("odd@example.com")
             assert facts.invalid and facts.recip.action.kind is Kind.INVALID
@@ -295,10 +296,9 @@ async def test_hung_redis_times_out(redis_server, redis):
         pid = redis_server._proc.pid
         os.kill(pid, signal.SIGSTOP)  # Redis alive but not answering
         try:
-            started = time.monotonic()
-            with pytest.raises(TableError, match="timed out"):
-                await t.rcpt_facts("user1@example.com")
-            assert time.monotonic() - started < 0.6
+            async with no_hang():  # the 0.2 s timeout ends it
+                with pytest.raises(TableError, match="timed out"):
+                    await t.rcpt_facts("user1@example.com")
         finally:
             os.kill(pid, signal.SIGCONT)
         assert (await t.rcpt_facts("user1@example.com")).vali is None

@@ -95,7 +95,7 @@ def test_recipient_decide(benchmark):
 
 @pytest.fixture(scope="module")
 def tables_pair(redis_url, loop):
-    tables_mod = pytest.importorskip("smtpgate.tables")
+    tables_mod = pytest.importorskip("smtpgate.lookups.tables")
     cached = tables_mod.Tables(redis_url, cache=True)
     uncached = tables_mod.Tables(redis_url, cache=False)
     loop.run_until_complete(cached.start(wait_for_cache=5.0))

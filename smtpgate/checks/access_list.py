@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from smtpgate.checks.action import act
+from smtpgate.checks.screening_action import act
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "access_list"

@@ -15,7 +15,7 @@ DESCRIPTION
     The image's smtpd_client_restrictions: permit_mynetworks (trusted:
     PERMIT), check_client_access REV:, reject_unknown_client_hostname.
 
-    facts come from smtpgate.fcrdns.client_hostname(): the PTR lookup status
+    facts come from smtpgate.lookups.client_dns.client_hostname(): the PTR lookup status
     ("ok", "nxdomain", "nodata", "tempfail"), the PTR names, and for each
     name the forward (A or AAAA) lookup. The client's hostname is the first
     PTR name with a syntactically valid name whose addresses include the
@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from smtpgate.address import is_valid_hostname
-from smtpgate.checks import _access
+from smtpgate.checks import access_verdict
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "client_fcrdns"
@@ -100,10 +100,10 @@ def decide(facts: FcrdnsFacts, *, rev_ip: str | None = None,
     for name in rev_names(facts):
         if name not in by_name:
             continue
-        table = _access.evaluate(CHECK, by_name[name], namaddr, CLASS)
+        table = access_verdict.evaluate(CHECK, by_name[name], namaddr, CLASS)
         if table is not None and table.outcome is not Outcome.PASS:
             return _tag(table, f"REV:{name}")
-    table = _access.evaluate(CHECK, rev_ip, namaddr, CLASS)
+    table = access_verdict.evaluate(CHECK, rev_ip, namaddr, CLASS)
     if table is not None and table.outcome is not Outcome.PASS:
         return _tag(table, f"REV:{facts.ip}")
     if hostname is not None:

@@ -38,7 +38,7 @@ DESCRIPTION
 from __future__ import annotations
 
 from smtpgate.address import Path, is_address_literal, is_fqdn
-from smtpgate.checks._access import printable
+from smtpgate.checks.access_verdict import printable
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "destination"

@@ -12,7 +12,7 @@ SYNOPSIS
     MIN_TTL, MAX_TTL
 
 DESCRIPTION
-    Facts: a DnsblResult from the DNSBL engine (smtpgate.dnsbl), one
+    Facts: a DnsblResult from the DNSBL engine (smtpgate.lookups.dnsbl), one
     ZoneResult per queried zone: status "ok" (answers are the A records),
     "nxdomain", "nodata", "tempfail" (SERVFAIL and the like) or "timeout".
 
@@ -56,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from smtpgate.checks.action import act
+from smtpgate.checks.screening_action import act
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
 from smtpgate.verdict import Outcome, Reply, Verdict
 

@@ -44,7 +44,7 @@ from smtpgate.address import (
     is_valid_hostname,
     valid_address_literal,
 )
-from smtpgate.checks import _access
+from smtpgate.checks import access_verdict
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "helo"
@@ -65,8 +65,8 @@ def decide(helo: str | None, *, access: str | None = None, dns: HeloDns | None =
         return Verdict(CHECK, Outcome.SKIP, reason="no HELO/EHLO")
     if trusted:
         return Verdict(CHECK, Outcome.PERMIT, reason="permit_mynetworks")
-    helo = _access.printable(helo, ascii_only=True)
-    table = _access.evaluate(CHECK, access, helo, CLASS)
+    helo = access_verdict.printable(helo, ascii_only=True)
+    table = access_verdict.evaluate(CHECK, access, helo, CLASS)
     if table is not None and table.outcome is not Outcome.PASS:
         return table
     if is_address_literal(helo):

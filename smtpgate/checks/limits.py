@@ -14,7 +14,7 @@ DESCRIPTION
     an address is returned stripped, so a bad peer still gets counted.
 
     decide() takes the counts after this connection was counted (the limit
-    counters in smtpgate.screening_cache), in postscreen's order:
+    counters in smtpgate.lookups.screening_cache), in postscreen's order:
     - client_count > count_limit (postscreen_client_connection_count_limit):
       `421 4.7.0 Error: too many connections from <ip>` (postscreen's words);
     - total > connection_limit: `421 4.3.2 All server ports are busy`;

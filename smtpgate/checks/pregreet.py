@@ -21,7 +21,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from smtpgate.checks.action import act, escape, format_delay, passed
+from smtpgate.checks.screening_action import act, escape, format_delay, passed
 from smtpgate.verdict import Reply, Verdict
 
 CHECK = "pregreet"

@@ -43,7 +43,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-from smtpgate.checks.action import act, escape
+from smtpgate.checks.screening_action import act, escape
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 TESTS = ("pipelining", "non_smtp_command", "bare_newline")

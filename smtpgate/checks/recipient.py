@@ -32,7 +32,7 @@ DESCRIPTION
 from __future__ import annotations
 
 from smtpgate.address import split
-from smtpgate.checks import _access
+from smtpgate.checks import access_verdict
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "recipient"
@@ -41,8 +41,8 @@ CLASS = "Recipient address"
 
 def decide(rcpt: str, *, local: bool, listed: bool | None,
            access: str | None = None) -> Verdict:
-    shown = _access.printable(rcpt)
-    table = _access.evaluate(CHECK, access, shown, CLASS)
+    shown = access_verdict.printable(rcpt)
+    table = access_verdict.evaluate(CHECK, access, shown, CLASS)
     if table is not None and table.failed:
         return Verdict(CHECK, table.outcome, table.reply, f"RECIP: {table.reason}")
     permitted = table is not None and table.outcome is Outcome.PERMIT

@@ -133,8 +133,7 @@ class DnsServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port(self.host, udp=True)
-        self.nameserver = f"{self.host}:{self.port}"
+        self.pick_ports()
         self.log_path = self.workdir / "unbound.log"
         self.conf_path = self.workdir / "unbound.conf"
         self.zone_path = self.workdir / "zones.conf"
@@ -146,6 +145,11 @@ class DnsServer:
         self._lock = threading.Lock()
 
     # Process
+
+    def pick_ports(self) -> None:
+        """A new port (services.ports.start_on_free_ports)."""
+        self.port = free_port(self.host, udp=True)
+        self.nameserver = f"{self.host}:{self.port}"
 
     def _write_config(self) -> None:
         self.conf_path.write_text(

@@ -51,10 +51,7 @@ class DovecotServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.lmtp_port = free_port(self.host)
-        self.auth_port = free_port(self.host)
-        while self.auth_port == self.lmtp_port:
-            self.auth_port = free_port(self.host)
+        self.pick_ports()
         self.log_path = self.workdir / "dovecot.log"
         self.conf_path = self.workdir / "dovecot.conf"
         self.users_path = self.workdir / "users"
@@ -62,6 +59,11 @@ class DovecotServer:
         self._mail = pwd.getpwnam("mail")
         self._users: dict[str, str] = {}
         self._proc = None
+
+    def pick_ports(self) -> None:
+        """New ports (services.ports.start_on_free_ports)."""
+        self.lmtp_port = free_port(self.host)
+        self.auth_port = free_port(self.host)
 
     def _write_config(self) -> None:
         uid, gid = self._mail.pw_uid, self._mail.pw_gid

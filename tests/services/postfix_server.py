@@ -116,10 +116,7 @@ class PostfixServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port(self.host)
-        self.submission_port = free_port(self.host)
-        while self.submission_port == self.port:
-            self.submission_port = free_port(self.host)
+        self.pick_ports()
         self.lmtp_port = lmtp_port
         self.milter_port = milter_port
         self.sasl_port = sasl_port
@@ -128,6 +125,11 @@ class PostfixServer:
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "maillog"
         self._started = False
+
+    def pick_ports(self) -> None:
+        """New ports (services.ports.start_on_free_ports); master.cf is written at start."""
+        self.port = free_port(self.host)
+        self.submission_port = free_port(self.host)
 
     # Configuration
 

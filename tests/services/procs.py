@@ -2,6 +2,7 @@
 
 SYNOPSIS
     spawn(argv, log, env=None, cwd=None) -> subprocess.Popen
+    die_with_parent() -> None           a preexec_fn: SIGTERM when the parent dies
     stop_process(proc, timeout=5.0) -> None
     kill_pidfile(path, timeout=5.0) -> None
     run(argv, timeout=30.0, what=None, **kwargs) -> subprocess.CompletedProcess
@@ -49,7 +50,7 @@ _callbacks: list[Callable[[], object]] = []
 _children: list[subprocess.Popen] = []
 
 
-def _set_pdeathsig() -> None:
+def die_with_parent() -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -69,7 +70,7 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=die_with_parent,
         )
     _children.append(proc)
     return proc

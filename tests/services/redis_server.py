@@ -7,6 +7,7 @@ SYNOPSIS
         .url: str             "redis://127.0.0.1:PORT/0"
         .log_path: Path
         .start() -> None      start (again) on the same port; waits for PING
+        .pick_ports() -> None another port, for a first start that found it taken
         .stop() -> None       stop; a test may kill Redis mid-session
         .running: bool
         .client() -> redis.Redis   sync client, decode_responses=True
@@ -34,10 +35,14 @@ class RedisServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port(self.host)
-        self.url = f"redis://{self.host}:{self.port}/0"
+        self.pick_ports()
         self.log_path = self.workdir / "redis.log"
         self._proc = None
+
+    def pick_ports(self) -> None:
+        """New ports (services.ports.start_on_free_ports, before the first start only)."""
+        self.port = free_port(self.host)
+        self.url = f"redis://{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:

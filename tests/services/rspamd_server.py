@@ -45,14 +45,16 @@ class RspamdServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.milter_port = free_port(self.host)
-        self.normal_port = free_port(self.host)
-        while self.normal_port == self.milter_port:
-            self.normal_port = free_port(self.host)
+        self.pick_ports()
         self.nameserver = nameserver
         self.log_path = self.workdir / "rspamd.log"
         self.conf_path = self.workdir / "rspamd.conf"
         self._proc = None
+
+    def pick_ports(self) -> None:
+        """New ports (services.ports.start_on_free_ports)."""
+        self.milter_port = free_port(self.host)
+        self.normal_port = free_port(self.host)
 
     def _write_config(self) -> None:
         local = self.workdir / "local"

@@ -1,14 +1,24 @@
 """smtp_talk - a line-level SMTP client for tests that need to misbehave on purpose.
 
 SYNOPSIS
-    Talk(host, port, source="127.0.0.1", timeout=10)
+    with Talk(host, port, source="127.0.0.1", timeout=10) as talk: ...
     .send(data: bytes) ; .reply() -> (code, text) ; .cmd(line) -> (code, text)
     .banner() -> (code, text) ; .starttls(ca_path) ; .closed() -> bool ; .close()
+    open_clients() -> list[Talk]
 
 DESCRIPTION
     Every read has a deadline; reply() returns a whole multi-line reply.
     The source address may be any 127.x.y.z, so each test client can have
     its own DNS story.
+
+    close() closes the file object made from the socket as well as the
+    socket itself: a socket with a makefile() reader is only really closed
+    (FIN sent) when both are, and a connection left half-open keeps the gate
+    under test draining at shutdown. close() may be called more than once.
+    A Talk is a context manager that closes on exit.
+
+    open_clients() lists the clients not closed yet; tests/conftest.py
+    closes them after each test and fails a test that left one open.
 """
 
 from __future__ import annotations
@@ -17,13 +27,30 @@ import contextlib
 import socket
 import ssl
 
+_open: dict[int, Talk] = {}
+
+
+def open_clients() -> list[Talk]:
+    return list(_open.values())
+
 
 class Talk:
     def __init__(self, host: str, port: int, source: str = "127.0.0.1",
                  timeout: float = 10.0) -> None:
+        self.peer = f"{host}:{port} from {source}"
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0))
         self.file = self.sock.makefile("rb")
+        _open[id(self)] = self
+
+    def __enter__(self) -> Talk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Talk {self.peer}>"
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -52,15 +79,26 @@ class Talk:
         if ca_path is None:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        # The plain reader must go before the socket is wrapped (the wrapper takes the
+        # descriptor over); nothing is buffered in it, as the server waits for the handshake.
+        self.file.close()
         self.sock = context.wrap_socket(self.sock, server_hostname=server_name)
         self.file = self.sock.makefile("rb")
 
     def closed(self) -> bool:
+        """True when the server closes the connection (EOF or reset) within the read timeout.
+
+        False when it sends another line instead, or stays silent past the timeout.
+        """
         try:
             return self.file.readline() == b""
-        except (ConnectionError, TimeoutError):
+        except ConnectionError:
             return True
+        except TimeoutError:
+            return False
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        _open.pop(id(self), None)
+        for part in (self.file, self.sock):
+            with contextlib.suppress(OSError):
+                part.close()

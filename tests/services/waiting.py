@@ -2,6 +2,7 @@
 
 SYNOPSIS
     wait_until(predicate, timeout, what, interval=0.05) -> value
+    async with no_hang(): ...            fails (TimeoutError) after HANG_LIMIT seconds
     wait_for_port(host, port, timeout=10, proc=None, log=None) -> None
     log_tail(path, lines=40) -> str
 
@@ -17,10 +18,17 @@ DESCRIPTION
     words, so a broken configuration is diagnosed from the test output.
 
     log_tail() returns the last lines of a file, or a note if it is missing.
+
+    no_hang() bounds a block that must end by itself (a timeout inside the
+    code under test fired, a refused connection was noticed): a generous
+    "it did not hang" limit, never a performance bound. Tests assert the
+    outcome (a timeout status, which of two things finished first) rather
+    than how long it took.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
@@ -29,6 +37,12 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+HANG_LIMIT = 10.0  # seconds
+
+
+def no_hang(seconds: float = HANG_LIMIT) -> asyncio.Timeout:
+    return asyncio.timeout(seconds)
 
 
 def log_tail(path: str | Path | None, lines: int = 40) -> str:

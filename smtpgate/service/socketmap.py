@@ -39,8 +39,8 @@ import asyncio
 import contextlib
 import logging
 
-from smtpgate import keys
-from smtpgate.tables import TableError, Tables
+from smtpgate.lookups import keys
+from smtpgate.lookups.tables import TableError, Tables
 
 log = logging.getLogger("smtpgate.socketmap")
 

@@ -29,7 +29,7 @@ DESCRIPTION
     @domain, RECIP by address then domain, LOGMAP by sender then @domain.
 
     A Hit names the key that matched and its raw value. Access tables (PSA,
-    REV, HLO, RECIP) carry the parsed access_action.Action; VALI and LOGMAP
+    REV, HLO, RECIP) carry the parsed access_value.Action; VALI and LOGMAP
     carry their targets split on spaces and commas. A value smtpgate cannot
     use (an unknown action, an empty alias) gives a Hit with `error` set and
     `invalid` true; it is logged once per key and value, and callers must
@@ -70,9 +70,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from smtpgate import access_action, keys
+from smtpgate.checks import access_value
 from smtpgate.config import parse_redis_url
-from smtpgate.table_cache import MISS, CacheSync, TableCache
+from smtpgate.lookups import keys
+from smtpgate.lookups.table_cache import MISS, CacheSync, TableCache
 from smtpgate.verdict import Reply
 
 log = logging.getLogger("smtpgate.tables")
@@ -97,7 +98,7 @@ class Hit:
     table: str
     key: str
     value: str
-    action: access_action.Action | None = None
+    action: access_value.Action | None = None
     targets: tuple[str, ...] = ()
     error: str = ""
 
@@ -353,11 +354,11 @@ def interpret(redis_key: str, value: str) -> Hit:
     """The meaning of one stored value (pure): action, targets, or the reason it is unusable."""
     prefix = (keys.split_key(redis_key) or (redis_key, ""))[0]
     if prefix in keys.ACCESS_TABLES:
-        action = access_action.parse(value)
-        error = action.reason if action.kind is access_action.Kind.INVALID else ""
+        action = access_value.parse(value)
+        error = action.reason if action.kind is access_value.Kind.INVALID else ""
         if not error and prefix == keys.PSA and action.kind not in keys.PSA_ACTIONS:
             error = f"{value.strip()!r} is not permit, reject or dunno"
-            action = access_action.invalid(error)
+            action = access_value.invalid(error)
         return Hit(prefix, redis_key, value, action=action, error=error)
     if prefix in (keys.VALI, keys.LOGMAP):
         targets = keys.split_targets(value)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from smtpgate import access_action
+from smtpgate.checks import access_value
 
 PSA = "PSA"
 REV = "REV"
@@ -64,7 +64,7 @@ PREFIXES = (PSA, REV, HLO, VDOM, VALI, VBOX, RECIP, LOGMAP)
 
 # Tables whose values are access(5) actions; PSA is postscreen's access list.
 ACCESS_TABLES = frozenset({PSA, REV, HLO, RECIP})
-_Kind = access_action.Kind
+_Kind = access_value.Kind
 PSA_ACTIONS = frozenset({_Kind.OK, _Kind.REJECT, _Kind.DUNNO})
 
 RECIPIENT_DELIMITER = "+"
@@ -244,8 +244,8 @@ def check_value(prefix: str, value: str) -> str:
     if not text:
         raise ValueError(f"{prefix} value is empty")
     if prefix in ACCESS_TABLES:
-        action = access_action.parse(text)
-        if action.kind is access_action.Kind.INVALID:
+        action = access_value.parse(text)
+        if action.kind is access_value.Kind.INVALID:
             raise ValueError(f"{prefix} value {value!r}: {action.reason}")
         if text.isdigit():
             raise ValueError(
@@ -278,7 +278,7 @@ OWN_PREFIX = "smtpgate:"
 
 # Screening cache: a hash per client IP; field = test name (pregreet, dnsbl, pipelining,
 # non_smtp_command, bare_newline), value = Unix time the pass expires, "0" = failed.
-# The key's own EXPIRE is the longest expiry in it (smtpgate.screening_cache sets it), so
+# The key's own EXPIRE is the longest expiry in it (smtpgate.lookups.screening_cache sets it), so
 # Redis removes whole entries and nothing ever scans the cache.
 SCREENING = OWN_PREFIX + "psc:"
 # Sessions in flight: sorted sets of session ids scored by lease deadline (Redis TIME),

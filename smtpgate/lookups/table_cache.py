@@ -62,7 +62,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from smtpgate import keys
+from smtpgate.lookups import keys
 
 log = logging.getLogger("smtpgate.tables")
 

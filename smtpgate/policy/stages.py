@@ -1,23 +1,30 @@
-"""policy - each stage's checks, in order: facts fetched, decisions taken, actions applied.
+"""stages - each stage's checks, in order: facts fetched, decisions taken, actions applied.
 
 SYNOPSIS
-    await Policy.create(config) -> Policy
-    await policy.connect(session, banner) -> Reply | None       None: send the banner
-    await policy.helo(session) -> Reply | None
-    await policy.mail(session, path) -> Reply | None
-    await policy.rcpt(session, path) -> Reply | None             None: ask Postfix
-    await policy.data(session) -> Reply | None
-    await policy.protocol(session, test, line, pending) -> Reply | None
-    await policy.auth_allowed(session) -> Reply | None
-    await policy.authenticate(session, mechanism, plain, login) -> Reply
-    await policy.session_closed(session) ; await policy.close()
+    await Policy.create(config, auth=None) -> Policy
+    policy.open(client: Client) -> ClientState
+    await policy.connect(state) -> Reply | GreetWait | None     None: send the banner
+    await policy.screened(state, received: bytes, delay: float) -> Reply | None
+    await policy.helo(state, name) -> Reply | None
+    await policy.mail(state, path, login) -> Reply | None
+    await policy.rcpt(state, path, login, smtputf8) -> Reply | None   None: accept
+    await policy.protocol(state, test, line, pending, after, esmtp) -> Reply | None
+    await policy.auth_allowed(state) -> Reply | None
+    await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
+    policy.close_session(state) ; await policy.close()
 
 DESCRIPTION
-    The checks themselves are pure (smtpgate.checks.*); this module is the
-    I/O edge around them: it asks the tables (Redis), the resolver (DNS),
-    the DNSBL querier, the screening cache and the counters, hands the
-    facts to each decide(), and turns verdicts into replies. Every verdict
-    taken is appended to session.record (the decision record).
+    Facts in, decisions out. The engine passes what it knows (the client's
+    addresses and listener, the HELO name, the parsed path, the login) and
+    gets a reply to send or None; what the policy learns along the way
+    stays in the ClientState it handed out (smtpgate.policy.state). It
+    writes to no socket and reads none: the greet wait is the engine's, at
+    the policy's request (GreetWait). The checks themselves are pure
+    (smtpgate.checks.*); this module is the I/O edge around them: it asks
+    the tables (Redis), the resolver (DNS), the DNSBL querier, the
+    screening cache, the counters and the authenticator, hands the facts to
+    each decide(), and turns verdicts into replies. Every verdict taken is
+    appended to state.record (the decision record).
 
     On the MX listener, in postscreen's order at connect: connection limits,
     the permanent access list (mynetworks, PSA), the screening cache, then
@@ -41,7 +48,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -63,60 +71,44 @@ from smtpgate.checks import (
     sender_login,
 )
 from smtpgate.checks import dnsbl as dnsbl_check
-from smtpgate.checks.action import hangs_up
+from smtpgate.checks.screening_action import hangs_up
 from smtpgate.config import Config
-from smtpgate.dnsbl import DnsblQuerier
 from smtpgate.dnsbl_sites import parse_sites
-from smtpgate.fcrdns import client_hostname, helo_facts
-from smtpgate.resolver import Resolver
-from smtpgate.screening_cache import (
+from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
+from smtpgate.lookups.client_dns import client_hostname, helo_facts
+from smtpgate.lookups.dnsbl import DnsblQuerier
+from smtpgate.lookups.resolver import Resolver
+from smtpgate.lookups.screening_cache import (
     ConnectionCounter,
     ScreeningCache,
     ScreeningStoreError,
     allowlisted,
     passed,
 )
-from smtpgate.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL, TableError, Tables
+from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL, TableError, Tables
+from smtpgate.policy.state import MX, Client, ClientState, GreetWait
 from smtpgate.verdict import Outcome, Reply, Verdict
-
-if TYPE_CHECKING:
-    from smtpgate.session import Session
 
 log = logging.getLogger("smtpgate.policy")
 
-MX = "mx"
 SCREENING_TESTS = ("pregreet", "dnsbl")
 TEMPFAIL = "tempfail"
 
 
-class Screening:
-    """What one session's screening found, kept between stages."""
-
-    def __init__(self) -> None:
-        self.lease = None
-        self.permitted = False  # PSA permit or mynetworks: skip screening
-        self.trusted = False  # mynetworks: permit at every stage
-        self.psa_reject_enforced: Reply | None = None
-        self.rev_ip: str | None = None
-        self.fcrdns_task: asyncio.Task | None = None
-        self.helo_reject: Reply | None = None
-        self.protocol_failed: set[str] = set()
-        self.client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
-        self.recorded_rcpt_pass = False
-
-    @property
-    def cached_passes(self) -> dict[str, float]:
-        """The screening cache as read with the connection count."""
-        return self.lease.screening if self.lease is not None else {}
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    reply: Reply
+    user: str | None = None  # the authenticated name (Dovecot's canonical one) on success
 
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: aioredis.Redis) -> None:
+                 redis_client: aioredis.Redis, auth: Any = None) -> None:
         self.config = config
         self.tables = tables
         self.resolver = resolver
         self.redis = redis_client
+        self.auth = auth  # the authenticator (Dovecot), None where submission is off
         self.sites = parse_sites(" ".join(config.dnsbl_sites))
         self.querier = DnsblQuerier(
             resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
@@ -124,7 +116,9 @@ class Policy:
         self.cache = ScreeningCache(redis_client, timeout=config.redis_timeout)
         self.counter = ConnectionCounter(redis_client, ipv6_prefix=config.ipv6_prefix,
                                          timeout=config.redis_timeout)
-        self._auth_limits = None
+        self.auth_limits = AuthLimits(
+            redis_client, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
+            timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
         self._refresher: asyncio.Task | None = None
 
@@ -136,10 +130,12 @@ class Policy:
         self.querier = DnsblQuerier(
             self.resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
             allowlist_threshold=config.dnsbl_allowlist_threshold)
-        self._auth_limits = None
+        self.auth_limits = AuthLimits(
+            self.redis, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
+            timeout=config.redis_timeout)
 
     @classmethod
-    async def create(cls, config: Config) -> Policy:
+    async def create(cls, config: Config, auth: Any = None) -> Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
@@ -148,7 +144,7 @@ class Policy:
             config.redis, socket_timeout=config.redis_timeout,
             socket_connect_timeout=config.redis_timeout,
             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-        policy = cls(config, tables, resolver, redis_client)
+        policy = cls(config, tables, resolver, redis_client, auth)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
@@ -162,23 +158,21 @@ class Policy:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _state(self, session: Session) -> Screening:
-        if session.screening is None:
-            session.screening = Screening()
-        return session.screening
+    def open(self, client: Client) -> ClientState:
+        return ClientState(client)
 
     def _trusted_network(self, ip: str) -> bool:
         return access_list.decide(ip, None, mynetworks=self.config.mynetworks).outcome \
             is Outcome.PERMIT
 
     @staticmethod
-    def _note(session: Session, verdict: Verdict) -> Verdict:
+    def _note(state: ClientState, verdict: Verdict) -> Verdict:
         """Keep the verdict in the session's record; log what a postmaster needs to see.
 
         Passes go to the debug log: at a few hundred sessions a second, one line per check
         per session would cost more than the checks themselves.
         """
-        session.record.append(verdict)
+        state.record.append(verdict)
         if verdict.outcome is Outcome.FAIL or "(action ignore)" in verdict.reason:
             log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
         elif verdict.reason and verdict.outcome is not Outcome.SKIP and log.isEnabledFor(10):
@@ -187,14 +181,14 @@ class Policy:
 
     # --- connect ---------------------------------------------------------------------------
 
-    async def connect(self, session: Session, banner: str) -> Reply | None:
-        state = self._state(session)
-        ip, port = session.client_ip, session.client_port
+    async def connect(self, state: ClientState) -> Reply | GreetWait | None:
+        client = state.client
+        ip, port = client.ip, client.port
         state.trusted = self._trusted_network(ip)
         try:
             state.lease = await self.counter.connect(ip)
             self.redis_ok = True
-            verdict = self._note(session, limits.decide(
+            verdict = self._note(state, limits.decide(
                 ip, client_count=state.lease.client_count, client_rate=state.lease.client_rate,
                 total=state.lease.total, count_limit=self.config.client_connection_count_limit,
                 rate_limit=self.config.client_connection_rate_limit,
@@ -205,15 +199,14 @@ class Policy:
             facts = await self.tables.connect_facts(ip)
         except (ScreeningStoreError, TableError) as exc:
             self.redis_ok = False
-            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, session.client_label,
-                        exc)
+            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
             return CONNECT_TEMPFAIL
         psa = facts.psa
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
         state.rev_ip = facts.rev.value if facts.rev is not None else None
         action = self.config.access_reject_action
-        verdict = self._note(session, access_list.decide(
+        verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=self.config.mynetworks, action=action,
             psa_key=psa.key if psa else ""))
         if verdict.outcome is Outcome.PERMIT:
@@ -222,19 +215,19 @@ class Policy:
             if hangs_up(verdict):
                 log.info("DENYLISTED [%s]:%s", ip, port)
                 return verdict.reply
-            state.psa_reject_enforced = verdict.reply
-        if session.listener != MX:
+            state.enforced = verdict.reply
+        if client.listener != MX:
             return None
         if not state.trusted:
             state.fcrdns_task = asyncio.get_running_loop().create_task(
                 client_hostname(self.resolver, ip))
         if state.permitted:
             return None
-        return await self._screen(session, state, banner)
+        return await self._start_screening(state)
 
-    async def _screen(self, session: Session, state: Screening, banner: str) -> Reply | None:
-        ip, port = session.client_ip, session.client_port
-        config = self.config
+    async def _start_screening(self, state: ClientState) -> Reply | GreetWait | None:
+        """postscreen's tests before the banner: cached passes, else a greet wait or DNSBL."""
+        ip, port = state.client.ip, state.client.port
         entries = state.cached_passes  # read with the connection count, in one round trip
         now = time.time()
         tests = [t for t in SCREENING_TESTS if self._enabled(t)]
@@ -242,13 +235,31 @@ class Policy:
             log.info("PASS OLD [%s]:%s", ip, port)
             return None
         dnsbl_wanted = bool(self.sites) and not passed(entries, "dnsbl", now)
-        greet_wanted = config.greet_wait > 0 and not passed(entries, "pregreet", now)
-        settle = (asyncio.ensure_future(self.querier.settle(ip)) if dnsbl_wanted else None)
-        received, delay = b"", 0.0
+        state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
+        if dnsbl_wanted:
+            state.settle = asyncio.ensure_future(self.querier.settle(ip))
+        if not state.greet_tested:
+            return await self.screened(state, b"", 0.0)
+        decided = None
+        if state.settle is not None:
+            decided = asyncio.get_running_loop().create_future()
+            state.settle.add_done_callback(lambda settle: self._settled(settle, decided))
+        return GreetWait(self._greet_wait_now(state), decided)
+
+    def _settled(self, settle: asyncio.Future, decided: asyncio.Future) -> None:
+        if decided.done() or settle.cancelled() or settle.exception() is not None:
+            return
+        if self._dnsbl_decides_now(settle.result()):
+            decided.set_result(True)
+
+    async def screened(self, state: ClientState, received: bytes,
+                       delay: float) -> Reply | None:
+        """The verdicts of the greet wait (what the client said too early) and the DNSBL."""
+        config = self.config
+        ip, port = state.client.ip, state.client.port
+        settle, state.settle = state.settle, None
         try:
-            if greet_wanted:
-                received, delay = await self._greet_wait(session, banner, settle)
-            if settle is not None and greet_wanted and not settle.done():
+            if settle is not None and state.greet_tested and not settle.done():
                 result = self.querier.snapshot(ip)  # postscreen: the score as it stands
             elif settle is not None:
                 result = await settle
@@ -260,12 +271,12 @@ class Policy:
         passes: dict[str, float] = {}
         failed: list[str] = []
         outcome: Reply | None = None
-        if greet_wanted:
-            verdict = self._note(session, pregreet.decide(
+        if state.greet_tested:
+            verdict = self._note(state, pregreet.decide(
                 received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
-            verdict = self._note(session, self._dnsbl_verdict(result))
+            verdict = self._note(state, self._dnsbl_verdict(result))
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -289,7 +300,7 @@ class Policy:
             return self.config.greet_wait > 0
         return True
 
-    def _apply(self, state: Screening, verdict: Verdict, passes: dict[str, float],
+    def _apply(self, state: ClientState, verdict: Verdict, passes: dict[str, float],
                failed: list[str]) -> Reply | None:
         """A screening verdict under its action: a reply to hang up with, or None."""
         if verdict.outcome is Outcome.PASS:
@@ -303,45 +314,12 @@ class Policy:
         failed.append(verdict.check)
         if hangs_up(verdict):
             return verdict.reply
-        state.psa_reject_enforced = state.psa_reject_enforced or verdict.reply
+        state.enforced = state.enforced or verdict.reply
         return None
 
-    async def _greet_wait(self, session: Session, banner: str,
-                          settle: asyncio.Future | None) -> tuple[bytes, float]:
-        """postscreen's teaser and wait: what the client said too early, and when."""
-        session.writer.write(f"220-{banner[4:]}\r\n".encode())
-        started = time.monotonic()
-        reader = session.reader
-        read = asyncio.ensure_future(reader.read(4096))
-        waiting: set[asyncio.Future] = {read}
-        if settle is not None:
-            waiting.add(settle)
-        deadline = started + self._greet_wait_now(session)
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return b"", 0.0
-                done, _ = await asyncio.wait(waiting, timeout=left,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if read in done:
-                    data = read.result()
-                    if data:
-                        reader.feed_data(data)  # put it back: enforce/ignore read it as commands
-                    else:
-                        reader.feed_eof()
-                    return data, time.monotonic() - started
-                if settle is not None and settle in done:
-                    waiting.discard(settle)
-                    if self._dnsbl_decides_now(settle.result()):
-                        return b"", 0.0
-        finally:
-            if not read.done():
-                read.cancel()
-
-    def _greet_wait_now(self, session: Session) -> float:
+    def _greet_wait_now(self, state: ClientState) -> float:
         """postscreen_greet_wait = ${stress?{2}:{6}}s: shorter when the gate is busy."""
-        lease = self._state(session).lease
+        lease = state.lease
         busy = lease is not None and lease.total >= 0.8 * self.config.connection_limit
         if busy:
             return min(self.config.greet_wait, self.config.greet_wait_under_stress)
@@ -360,12 +338,10 @@ class Policy:
 
     # --- HELO ------------------------------------------------------------------------------
 
-    async def helo(self, session: Session) -> Reply | None:
-        state = self._state(session)
+    async def helo(self, state: ClientState, name: str) -> Reply | None:
         state.helo_reject = None
-        if session.listener != MX or state.trusted:
+        if state.client.listener != MX or state.trusted:
             return None
-        name = session.helo or ""
         try:
             hit = await self.tables.helo(name.lower())
             access = TEMPFAIL if hit is not None and hit.invalid else (hit.value if hit else None)
@@ -374,7 +350,7 @@ class Policy:
         dns = None
         if helo.needs_dns(name) and access is None:
             dns = await helo_facts(self.resolver, name.rstrip("."))
-        verdict = self._note(session, helo.decide(
+        verdict = self._note(state, helo.decide(
             name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
         if not verdict.failed:
             return None
@@ -385,22 +361,23 @@ class Policy:
 
     # --- MAIL ------------------------------------------------------------------------------
 
-    async def mail(self, session: Session, path: Path) -> Reply | None:
-        if session.listener != MX:
-            if session.login is None:
+    async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
+        state.sender_reject = None
+        if state.client.listener != MX:
+            if login is None:
                 return replies.AUTH_REQUIRED
-            verdict = await self._sender_login(session, path)
+            verdict = await self._sender_login(state, path, login)
             if verdict.failed:
                 return verdict.reply
         if path.null:
             return None
-        verdict = self._note(session, sender.decide(path, smtputf8="SMTPUTF8" in path.params))
+        verdict = self._note(state, sender.decide(path, smtputf8="SMTPUTF8" in path.params))
         if verdict.failed and not self.config.smtpd_delay_reject:
             return verdict.reply
-        session.sender_reject = verdict.reply if verdict.failed else None
+        state.sender_reject = verdict.reply if verdict.failed else None
         return None
 
-    async def _sender_login(self, session: Session, path: Path) -> Verdict:
+    async def _sender_login(self, state: ClientState, path: Path, login: str) -> Verdict:
         owners: object
         try:
             hit = await self.tables.logmap(path.address)
@@ -408,23 +385,23 @@ class Policy:
                       else frozenset(hit.targets) if hit else None)
         except TableError:
             owners = sender_login.TEMPFAIL
-        return self._note(session, sender_login.decide(
-            path.address, session.login, owners, enabled=self.config.sender_login_check))
+        return self._note(state, sender_login.decide(
+            path.address, login, owners, enabled=self.config.sender_login_check))
 
     # --- RCPT ------------------------------------------------------------------------------
 
-    async def rcpt(self, session: Session, path: Path) -> Reply | None:
-        state = self._state(session)
-        if session.listener == MX and not state.trusted:
+    async def rcpt(self, state: ClientState, path: Path, login: str | None,
+                   smtputf8: bool) -> Reply | None:
+        if state.client.listener == MX and not state.trusted:
             # Postfix's order under smtpd_delay_reject: client, HELO, sender, then recipient
-            reply = (state.psa_reject_enforced or await self._client_reject(session, state)
-                     or state.helo_reject or session.sender_reject)
+            reply = (state.enforced or await self._client_reject(state)
+                     or state.helo_reject or state.sender_reject)
             if reply is not None:
                 return reply
-        trusted = state.trusted or session.login is not None
-        return await self._recipient(session, path, trusted)
+        trusted = state.trusted or login is not None
+        return await self._recipient(state, path, trusted, smtputf8)
 
-    async def _client_reject(self, session: Session, state: Screening) -> Reply | None:
+    async def _client_reject(self, state: ClientState) -> Reply | None:
         verdict = state.client_verdict
         if verdict is not None:  # the same for every recipient of the session
             return verdict.reply if verdict.failed else None
@@ -435,9 +412,9 @@ class Policy:
                                            self.config.dns_timeout * 3)
         except TimeoutError:
             return Reply(450, "4.7.25", "Client host rejected: cannot find your hostname, "
-                         f"[{session.client_ip}]")
+                         f"[{state.client.ip}]")
         if facts.hostname:
-            session.client_name = facts.hostname
+            state.client_name = facts.hostname
         rev_by_name = {}
         try:
             for name in client_fcrdns.rev_names(facts):
@@ -446,13 +423,14 @@ class Policy:
                     rev_by_name[name] = TEMPFAIL if hit.invalid else hit.value
         except TableError:
             return RCPT_TEMPFAIL
-        verdict = self._note(session, client_fcrdns.decide(
+        verdict = self._note(state, client_fcrdns.decide(
             facts, rev_ip=state.rev_ip, rev_by_name=rev_by_name,
             unknown_code=self.config.unknown_client_reject_code))
         state.client_verdict = verdict
         return verdict.reply if verdict.failed else None
 
-    async def _recipient(self, session: Session, path: Path, trusted: bool) -> Reply | None:
+    async def _recipient(self, state: ClientState, path: Path, trusted: bool,
+                         smtputf8: bool) -> Reply | None:
         address = path.address
         if destination.is_postmaster(path):
             address = f"postmaster@{self.config.domain}"
@@ -463,25 +441,23 @@ class Policy:
         if facts.invalid:
             return RCPT_TEMPFAIL
         local = facts.vdom is not None
-        verdict = self._note(session, destination.decide(
+        verdict = self._note(state, destination.decide(
             path, local=local or destination.is_postmaster(path), trusted=trusted,
-            smtputf8="SMTPUTF8" in session.mail_params,
-            allow_trusted_routing=self.config.allow_trusted_routing))
+            smtputf8=smtputf8, allow_trusted_routing=self.config.allow_trusted_routing))
         if verdict.failed:
             return verdict.reply
         recip = facts.recip.value if facts.recip is not None else None
-        verdict = self._note(session, recipient.decide(
+        verdict = self._note(state, recipient.decide(
             path.address, local=local,
             listed=facts.vali is not None or facts.vbox is not None, access=recip))
         if verdict.failed:
             return verdict.reply
-        await self._protocol_passes(session)
+        await self._protocol_passes(state)
         return None
 
-    async def _protocol_passes(self, session: Session) -> None:
+    async def _protocol_passes(self, state: ClientState) -> None:
         """postscreen counts its deep protocol tests as passed once a client reaches RCPT."""
-        state = self._state(session)
-        if session.listener != MX or state.recorded_rcpt_pass or state.protocol_failed:
+        if state.client.listener != MX or state.recorded_rcpt_pass or state.protocol_failed:
             return
         state.recorded_rcpt_pass = True
         # renew only when half the pass has run out: a regular sender costs no extra round trip
@@ -490,27 +466,26 @@ class Policy:
             return
         passes = {t: self.config.greet_ttl for t in protocol.TESTS}
         try:
-            await self.cache.record_passes(session.client_ip, passes)
+            await self.cache.record_passes(state.client.ip, passes)
         except ScreeningStoreError as exc:
             log.warning("warning: screening cache: %s", exc)
 
-    async def data(self, session: Session) -> Reply | None:
-        return None
-
     # --- protocol tests --------------------------------------------------------------------
 
-    async def protocol(self, session: Session, test: str, line: bytes,
-                       pending: bytes) -> Reply | None:
+    def wants_protocol_tests(self, state: ClientState) -> bool:
+        """Whether the engine need report pipelining, non-SMTP commands and bare newlines."""
+        return state.client.listener == MX and not (state.permitted or state.trusted)
+
+    async def protocol(self, state: ClientState, test: str, line: bytes, pending: bytes,
+                       after: str, esmtp: bool) -> Reply | None:
         """A deep protocol test on the MX listener; a reply means hang up with it."""
-        state = self._state(session)
-        if session.listener != MX or state.permitted or state.trusted:
+        if not self.wants_protocol_tests(state):
             return None
-        ip, port = session.client_ip, session.client_port
-        after = session.last_command
+        ip, port = state.client.ip, state.client.port
         text = line.decode("utf-8", "replace")
         if test == "pipelining":
             verdict = protocol.pipelining(
-                text, pending, ip, port, pipelining_offered=session.esmtp,
+                text, pending, ip, port, pipelining_offered=esmtp,
                 action=self.config.pipelining_action)
         elif test == "non_smtp_command":
             verdict = protocol.non_smtp_command(
@@ -521,7 +496,7 @@ class Policy:
         if verdict.outcome is Outcome.PASS and not verdict.reason.startswith("COMMAND") \
                 and "(action ignore)" not in verdict.reason:
             return None
-        self._note(session, verdict)
+        self._note(state, verdict)
         state.protocol_failed.add(test)
         try:
             await self.cache.record_fail(ip, test)
@@ -530,58 +505,46 @@ class Policy:
         if verdict.failed:
             if hangs_up(verdict):
                 return verdict.reply
-            state.psa_reject_enforced = state.psa_reject_enforced or verdict.reply
+            state.enforced = state.enforced or verdict.reply
         return None
 
     # --- AUTH ------------------------------------------------------------------------------
 
-    @property
-    def auth_limits(self):
-        if self._auth_limits is None:
-            from smtpgate.auth_limits import AuthLimits
-
-            self._auth_limits = AuthLimits(
-                self.redis, self.config.auth_failure_limit, ipv6_prefix=self.config.ipv6_prefix,
-                timeout=self.config.redis_timeout)
-        return self._auth_limits
-
-    async def auth_allowed(self, session: Session) -> Reply | None:
-        verdict = self._note(session, await self.auth_limits.check(session.client_ip, None))
+    async def auth_allowed(self, state: ClientState) -> Reply | None:
+        verdict = self._note(state, await self.auth_limits.check(state.client.ip, None))
         return verdict.reply if verdict.failed else None
 
-    async def authenticate(self, session: Session, mechanism: str, plain: bytes,
-                           login: str) -> Reply:
-        ip = session.client_ip
+    async def authenticate(self, state: ClientState, mechanism: str, plain: bytes,
+                           login: str, secured: bool) -> AuthOutcome:
+        ip = state.client.ip
         verdict = await self.auth_limits.check(ip, login or None)
         if verdict.failed:
-            return verdict.reply
-        result = await session.gate.auth.authenticate(
-            "PLAIN", plain, client_ip=ip, local_ip=session.local_ip, secured=session.tls)
+            return AuthOutcome(verdict.reply)
+        if self.auth is None:
+            return AuthOutcome(replies.AUTH_NOT_ENABLED)
+        result = await self.auth.authenticate(
+            "PLAIN", plain, client_ip=ip, local_ip=state.client.local_ip, secured=secured)
         if result.ok:
             await self.auth_limits.record_success(ip, login)
-            session.login = result.user or login  # Dovecot's canonical name, for XCLIENT LOGIN
-            log.info("%s: sasl_method=%s, sasl_username=%s", session.client_label, mechanism,
-                     result.user or login)
-            return replies.AUTH_OK
+            user = result.user or login  # Dovecot's canonical name, for XCLIENT LOGIN
+            log.info("%s: sasl_method=%s, sasl_username=%s", state.label, mechanism, user)
+            return AuthOutcome(replies.AUTH_OK, user)
         if result.temporary:
             log.warning("warning: %s: SASL %s authentication failed: %s",
-                        session.client_label, mechanism, result.reason)
-            return replies.AUTH_TEMPFAIL
+                        state.label, mechanism, result.reason)
+            return AuthOutcome(replies.AUTH_TEMPFAIL)
         failures = await self.auth_limits.record_failure(ip, login or None)
-        log.warning("warning: %s: SASL %s authentication failed: %s", session.client_label,
+        log.warning("warning: %s: SASL %s authentication failed: %s", state.label,
                     mechanism, result.reason or "authentication failure")
-        from smtpgate.auth_limits import failure_delay
-
         await asyncio.sleep(failure_delay(failures))
-        return replies.AUTH_FAILED
+        return AuthOutcome(replies.AUTH_FAILED)
 
     # --- end -------------------------------------------------------------------------------
 
-    async def session_closed(self, session: Session) -> None:
-        state = session.screening
-        if state is None:
-            return
-        if state.fcrdns_task is not None and not state.fcrdns_task.done():
-            state.fcrdns_task.cancel()
+    def close_session(self, state: ClientState) -> None:
+        for task in (state.fcrdns_task, state.settle):
+            if task is not None and not task.done():
+                task.cancel()
         if state.lease is not None:
             self.counter.release_soon(state.lease)
+            state.lease = None

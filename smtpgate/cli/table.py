@@ -1,4 +1,4 @@
-"""table_cli - `smtpgate table get|set|del|list PREFIX [KEY [VALUE]]`.
+"""table - `smtpgate table get|set|del|list PREFIX [KEY [VALUE]]`.
 
 SYNOPSIS
     run(args, config, *, stdout=sys.stdout, stderr=sys.stderr) -> int
@@ -34,8 +34,8 @@ from typing import Any, TextIO
 import redis
 from redis.exceptions import RedisError
 
-from smtpgate import keys
 from smtpgate.config import mask_secret
+from smtpgate.lookups import keys
 
 USAGE = """usage: smtpgate table get PREFIX KEY
        smtpgate table set PREFIX KEY VALUE...

@@ -1,4 +1,4 @@
-"""access_action - parse an access(5) table value into an action.
+"""access_value - parse an access(5) table value into an action.
 
 SYNOPSIS
     Kind.OK | REJECT | DEFER | DEFER_IF_PERMIT | DEFER_IF_REJECT | DUNNO | INVALID

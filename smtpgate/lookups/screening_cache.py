@@ -20,7 +20,7 @@ SYNOPSIS
     Lease(ip, client, session_id, client_count, client_rate, total)
 
 DESCRIPTION
-    Everything lives under `smtpgate:` (smtpgate.keys) and is shared by all
+    Everything lives under `smtpgate:` (smtpgate.lookups.keys) and is shared by all
     smtpgate processes and hosts that use one Redis. Each call is one round
     trip (a Lua script or one pipeline). Redis errors, timeouts and lost
     connections raise ScreeningStoreError and nothing else.
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 
 import redis.exceptions
 
-from smtpgate import keys
 from smtpgate.checks.limits import client_key
+from smtpgate.lookups import keys
 
 TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
 RATE_WINDOW = 60

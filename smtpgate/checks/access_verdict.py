@@ -1,4 +1,4 @@
-"""_access - an access(5) table value turned into a check's verdict.
+"""access_verdict - an access(5) table value turned into a check's verdict.
 
 SYNOPSIS
     TEMPFAIL = "tempfail"
@@ -6,7 +6,7 @@ SYNOPSIS
     printable(text, ascii_only=False) -> str
 
 DESCRIPTION
-    evaluate() reads value with smtpgate.access_action.parse() for the
+    evaluate() reads value with smtpgate.checks.access_value.parse() for the
     checks that consult REV:, HLO: and RECIP:. value None means no key
     matched: None (DUNNO). TEMPFAIL means the lookup itself failed. Result:
       OK, permit, all digits     Verdict PERMIT
@@ -25,8 +25,8 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from smtpgate import access_action
-from smtpgate.access_action import Kind
+from smtpgate.checks import access_value
+from smtpgate.checks.access_value import Kind
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 TEMPFAIL = "tempfail"
@@ -38,7 +38,7 @@ def evaluate(check: str, value: str | None, reply_name: str, reply_class: str) -
     context = f"<{reply_name}>: {reply_class} rejected"
     if value == TEMPFAIL:
         return Verdict(check, Outcome.FAIL, _tempfail(context), "table lookup failed")
-    action = access_action.parse(value)
+    action = access_value.parse(value)
     if action.kind is Kind.OK:
         return Verdict(check, Outcome.PERMIT, reason=f"access {value!r}")
     if action.kind in (Kind.DUNNO, Kind.DEFER_IF_REJECT):
@@ -50,7 +50,7 @@ def evaluate(check: str, value: str | None, reply_name: str, reply_class: str) -
 
 
 def _tempfail(context: str) -> Reply:
-    failed = access_action.TEMPFAIL
+    failed = access_value.TEMPFAIL
     return Reply(failed.code, failed.status, f"{context}: {failed.text}")
 
 

@@ -15,7 +15,7 @@ SYNOPSIS
 DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
-    at once, through the shared resolver (smtpgate.resolver: `await
+    at once, through the shared resolver (smtpgate.lookups.resolver: `await
     resolver.lookup(name, "A") -> DnsAnswer`). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and

@@ -63,7 +63,7 @@ import asyncio
 import ipaddress
 import logging
 
-from smtpgate.keys import AUTHFAIL_IP, AUTHFAIL_LOGIN, client_ip
+from smtpgate.lookups.keys import AUTHFAIL_IP, AUTHFAIL_LOGIN, client_ip
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "auth_limit"

@@ -20,37 +20,12 @@ import asyncio
 import dataclasses
 import ipaddress
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.address import AddressError, parse_path
 from smtpgate.config import Config
-from smtpgate.verdict import Reply, Verdict
-
-
-@dataclass
-class DryRunSession:
-    """The few session facts the policy reads, for a client that is not there."""
-
-    gate: Any
-    client_ip: str
-    helo: str | None = None
-    client_port: int = 0
-    local_ip: str = "0.0.0.0"
-    listener: str = "mx"
-    client_name: str = "unknown"
-    esmtp: bool = True
-    tls: bool = False
-    login: str | None = None
-    last_command: str = ""
-    screening: Any = None
-    sender_reject: Reply | None = None
-    mail_params: dict = field(default_factory=dict)
-    record: list[Verdict] = field(default_factory=list)
-
-    @property
-    def client_label(self) -> str:
-        return f"{self.client_name}[{self.client_ip}]"
+from smtpgate.policy.state import Client, ClientState
+from smtpgate.verdict import Reply
 
 
 def run(args: Any, config: Config) -> int:
@@ -63,15 +38,15 @@ def run(args: Any, config: Config) -> int:
 
 
 async def _explain(args: Any, config: Config) -> int:
-    from smtpgate.policy import Policy
+    from smtpgate.policy.stages import Policy
 
     policy = await Policy.create(config)
-    session = DryRunSession(gate=None, client_ip=args.ip, helo=args.helo)
+    state = policy.open(Client(args.ip, 0))
     refused = False
     try:
-        stages: list[tuple[str, Any]] = [("connect", lambda: policy.connect(session, "220 x"))]
+        stages: list[tuple[str, Any]] = [("connect", lambda: policy.connect(state))]
         if args.helo:
-            stages.append((f"HELO {args.helo}", lambda: policy.helo(session)))
+            stages.append((f"HELO {args.helo}", lambda: policy.helo(state, args.helo)))
         sender = None
         if args.sender is not None:
             try:
@@ -79,14 +54,14 @@ async def _explain(args: Any, config: Config) -> int:
             except AddressError as exc:
                 print(f"MAIL FROM:<{args.sender}>\n  reply: {exc.reply}")
                 return 1
-            stages.append((f"MAIL FROM:<{args.sender}>", lambda: policy.mail(session, sender)))
+            stages.append((f"MAIL FROM:<{args.sender}>", lambda: policy.mail(state, sender, None)))
         for rcpt in args.rcpt:
-            stages.append((f"RCPT TO:<{rcpt}>", _rcpt_stage(policy, session, rcpt)))
+            stages.append((f"RCPT TO:<{rcpt}>", _rcpt_stage(policy, state, rcpt)))
         for title, stage in stages:
-            seen = len(session.record)
+            seen = len(state.record)
             reply = await stage()
             print(title)
-            for verdict in session.record[seen:]:
+            for verdict in state.record[seen:]:
                 print(f"  {verdict.check:<16} {verdict.outcome:<7} {verdict.reason}")
             if reply is not None:
                 print(f"  reply: {reply}")
@@ -94,19 +69,19 @@ async def _explain(args: Any, config: Config) -> int:
                 if reply.code == 421 or reply.code == 521:
                     break
             elif title.startswith("RCPT"):
-                print("  reply: (passed on to Postfix, which answers)")
+                print("  reply: (accepted; Postfix has the last word when the message is relayed)")
     finally:
-        await policy.session_closed(session)
+        policy.close_session(state)
         await policy.close()
     return 1 if refused else 0
 
 
-def _rcpt_stage(policy: Any, session: DryRunSession, rcpt: str):
+def _rcpt_stage(policy: Any, state: ClientState, rcpt: str):
     async def stage() -> Reply | None:
         try:
             path = parse_path(f"<{rcpt}>", smtputf8=True)
         except AddressError as exc:
             return exc.reply
-        return await policy.rcpt(session, path)
+        return await policy.rcpt(state, path, None, smtputf8=True)
 
     return stage

@@ -1,4 +1,4 @@
-"""fcrdns - gather the DNS facts of the client and HELO checks.
+"""client_dns - gather the DNS facts of the client and HELO checks.
 
 SYNOPSIS
     MAX_NAMES = 10
@@ -32,7 +32,7 @@ import asyncio
 from smtpgate.address import is_valid_hostname
 from smtpgate.checks.client_fcrdns import FcrdnsFacts, Forward
 from smtpgate.checks.helo import HeloDns
-from smtpgate.resolver import DnsAnswer, Resolver, client_address
+from smtpgate.lookups.resolver import DnsAnswer, Resolver, client_address
 
 MAX_NAMES = 10
 

@@ -33,46 +33,43 @@ import signal
 import ssl
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
-from smtpgate.health import start_health
-from smtpgate.relay import HopPool
-from smtpgate.session import MX, SUBMISSION, SUBMISSIONS, Session
-from smtpgate.socketmap import start_socketmap
-from smtpgate.tls import TlsError, TlsProvider, load_tls
+from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.service.health import start_health
+from smtpgate.service.socketmap import start_socketmap
+from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
+from smtpgate.smtp.tls import TlsError, TlsProvider, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
 
-@dataclass
-class Gate:
-    config: Config
-    tls: TlsProvider | None
-    policy: Any
-    auth: Any = None
-    hop_pool: HopPool | None = None
-    sessions: set[Session] = field(default_factory=set)
-    draining: bool = False
-
-
 async def build_gate(config: Config) -> Gate:
-    from smtpgate.policy import Policy
+    from smtpgate.policy.stages import Policy
 
     tls = load_tls(config)
-    policy = await Policy.create(config)
     auth = None
     if config.submission_listen or config.submissions_listen:
-        from smtpgate.dovecot_auth import DovecotAuth
+        from smtpgate.lookups.dovecot_auth import DovecotAuth
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
+    policy = await Policy.create(config, auth)
     pool = None
     if config.next_hop_pool and config.mx_listen:
         pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
                        size=config.next_hop_pool)
-    return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool)
+    return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool,
+                relay_limit=relay_limit(config))
+
+
+def relay_limit(config: Config) -> TransactionLimit:
+    """This worker's share of next_hop_transaction_limit."""
+    workers = config.workers or os.cpu_count() or 1
+    share = max(1, config.next_hop_transaction_limit // workers)
+    return TransactionLimit(share, config.next_hop_busy_wait)
 
 
 def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
@@ -113,15 +110,12 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
 
 
 def _smtp_starter(gate: Gate, kind: str):
-    def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        return Session(gate, reader, writer, kind).run()
-
     tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
 
     def start(host: str, port: int):
-        return asyncio.start_server(
-            handler, host, port, reuse_port=True, backlog=1024, limit=65536, ssl=tls_context,
-            ssl_handshake_timeout=30 if tls_context else None)
+        return asyncio.get_running_loop().create_server(
+            protocol_factory(gate, kind), host, port, reuse_port=True, backlog=1024,
+            ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
 
     return start
 
@@ -181,6 +175,9 @@ def reload(gate: Gate) -> bool:
         gate.tls.reload_if_changed()
         tls = gate.tls
     gate.policy.reconfigure(config)
+    if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
+            running.next_hop_transaction_limit, running.next_hop_busy_wait):
+        gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
     if gate.hop_pool is not None and (config.next_hop, config.next_hop_pool) != (
             running.next_hop, running.next_hop_pool):
         gate.hop_pool.close()

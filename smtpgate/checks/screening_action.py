@@ -1,4 +1,4 @@
-"""action - postscreen's ignore / enforce / drop, applied to a finding.
+"""screening_action - postscreen's ignore / enforce / drop, applied to a finding.
 
 SYNOPSIS
     act(check, action, reason, drop, enforce) -> Verdict

@@ -1,4 +1,4 @@
-"""cli - the `smtpgate` command: serve, check-config, table, explain.
+"""main - the `smtpgate` command: serve, check-config, table, explain.
 
 SYNOPSIS
     main(argv: list[str] | None = None) -> int
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         time.tzset()
     if args.command == "serve":
         setup_logging()
-        from smtpgate.server import serve
-        from smtpgate.tls import TlsError
+        from smtpgate.service.server import serve
+        from smtpgate.smtp.tls import TlsError
 
         try:
             return serve(config)
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smtpgate: fatal: {exc}", file=sys.stderr)
             return 1
     if args.command == "table":
-        from smtpgate.table_cli import run
+        from smtpgate.cli.table import run
 
         return run(args.args, config)
     if args.command == "explain":
-        from smtpgate.explain import run as explain
+        from smtpgate.cli.explain import run as explain
 
         return explain(args, config)
     return 2

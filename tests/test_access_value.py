@@ -2,7 +2,7 @@
 
 import pytest
 
-from smtpgate.access_action import TEMPFAIL, Action, Kind, parse
+from smtpgate.checks.access_value import TEMPFAIL, Action, Kind, parse
 from smtpgate.verdict import Reply
 
 CASES = [

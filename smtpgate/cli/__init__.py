@@ -1,0 +1,1 @@
+"""cli - the `smtpgate` command and its subcommands."""

@@ -1,0 +1,1 @@
+"""lookups - the I/O that gathers facts for the policy: Redis, DNS, DNSBL, Dovecot auth."""

@@ -1,0 +1,1 @@
+"""policy - each stage's checks in order: facts in, decisions out; no socket is written here."""

@@ -1,0 +1,80 @@
+"""state - what the engine tells the policy about a connection, and what the policy keeps.
+
+SYNOPSIS
+    Client(ip, port, local_ip, local_port, listener)     facts, set by the engine
+    ClientState(client)                                   kept by the policy
+    state.record        every Verdict taken for this session, in order
+    state.client_name   the verified host name once FCrDNS passed, else "unknown"
+    state.label         "name[ip]", as Postfix writes a client in its log
+    GreetWait(seconds, decided)
+
+DESCRIPTION
+    The engine creates a Client when a connection starts and asks
+    Policy.open(client) for a ClientState; it hands that state back at each
+    stage and reads from it only what the policy found (client_name for
+    XCLIENT NAME and the log, record for the log and `explain`). The policy
+    changes nothing but its own state: it writes to no socket and sets no
+    field of the engine's session.
+
+    GreetWait is the policy's request for postscreen's greet wait: the
+    engine sends the "220-" teaser, then waits `seconds` for the client to
+    speak too early, or until `decided` (when given) is done, which means
+    the DNSBL score already decided and waiting longer changes nothing.
+    It then hands what it received, and how long after the teaser, to
+    Policy.screened().
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpgate.verdict import Reply, Verdict
+
+MX, SUBMISSION, SUBMISSIONS = "mx", "submission", "submissions"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    ip: str
+    port: int
+    local_ip: str = "0.0.0.0"
+    local_port: int = 0
+    listener: str = MX
+
+
+@dataclass(frozen=True, slots=True)
+class GreetWait:
+    seconds: float
+    decided: asyncio.Future | None = None
+
+
+@dataclass(slots=True)
+class ClientState:
+    client: Client
+    record: list[Verdict] = field(default_factory=list)
+    client_name: str = "unknown"
+    # screening, kept between stages
+    lease: Any = None  # the connection count's lease, released when the session ends
+    permitted: bool = False  # PSA permit or mynetworks: skip screening
+    trusted: bool = False  # mynetworks: permit at every stage
+    enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
+    rev_ip: str | None = None
+    fcrdns_task: asyncio.Task | None = None
+    settle: asyncio.Future | None = None  # the DNSBL score being gathered
+    greet_tested: bool = False
+    helo_reject: Reply | None = None
+    sender_reject: Reply | None = None
+    protocol_failed: set[str] = field(default_factory=set)
+    client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
+    recorded_rcpt_pass: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.client_name}[{self.client.ip}]"
+
+    @property
+    def cached_passes(self) -> dict[str, float]:
+        """The screening cache as read with the connection count."""
+        return self.lease.screening if self.lease is not None else {}

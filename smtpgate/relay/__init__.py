@@ -1,0 +1,1 @@
+"""relay - the next hop: one Postfix connection per relayed transaction, with XCLIENT."""

@@ -1,0 +1,314 @@
+"""next_hop - one complete message handed to Postfix with XCLIENT, in as few round trips as it can.
+
+SYNOPSIS
+    await NextHop.greeted(hop, timeout, ehlo_name) -> NextHop     banner read, EHLO said
+    await next_hop.deliver(identity, envelope, chunks, size) -> HopReply
+    Envelope(mail_line, rcpt_lines)
+    HopReply(code, raw) ; reply.ok
+    next_hop.abort() ; next_hop.close_quietly() ; next_hop.peer_closed()
+    RelayError
+
+DESCRIPTION
+    The session calls deliver() only once it holds the whole message, so a
+    Postfix smtpd process is busy for the hand-off alone, never while a
+    client types (Postfix's own before-queue proxy calls that
+    speed_adjust). The connection speaks for one client (one XCLIENT per
+    connection in Postfix 3.x) and is closed with QUIT after the message.
+
+    Round trips, each one write: XCLIENT; EHLO as the client's HELO name;
+    MAIL with every RCPT (pipelined, RFC 2920); then `BDAT n LAST` with
+    the message when Postfix offers CHUNKING, else DATA and, after 354, the
+    dot-stuffed message and the final dot. Only RFC-conforming pipelining
+    is used, so a Postfix with smtpd_forbid_unauth_pipelining keeps
+    working. The message is sent only when Postfix accepted the sender and
+    every recipient: a recipient refused here, though smtpgate had accepted
+    it, makes the whole message fail with Postfix's refusal (its code and
+    text), so the client never hears 250 for a message that lost a
+    recipient; the transaction is reset and nothing is queued.
+
+    Postfix's answer to the message (an rspamd milter reject included) is
+    returned whole, to be passed to the client unchanged. Any failure to
+    talk to Postfix (refused, closed, timed out, a 4xx/5xx to XCLIENT or
+    EHLO, a malformed reply) raises RelayError: the session answers 451
+    4.3.0 and never 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from smtpgate.config import HostPort
+from smtpgate.relay.xclient import ClientIdentity, xclient_command
+
+READ_HIGH = 1 << 20  # a reply longer than this is not Postfix talking
+
+
+class RelayError(Exception):
+    """Postfix could not take the message now."""
+
+
+@dataclass(frozen=True, slots=True)
+class HopReply:
+    code: int
+    raw: bytes  # every line with its CRLF, ready to pass on
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    mail_line: bytes  # "MAIL FROM:<...> params\r\n" as the client's parameters allow
+    rcpt_lines: tuple[bytes, ...]
+
+
+class _HopWire(asyncio.Protocol):
+    """Bytes from Postfix, cut into replies; one waiter at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.replies: list[HopReply] = []
+        self.lost: str | None = None
+        self.waiter: asyncio.Future | None = None
+        self.wanted = 0
+        self.drained: asyncio.Future | None = None  # set while the kernel buffer is full
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._cut()
+        if len(self.buf) > READ_HIGH:
+            self.lost = "next hop sent an over-long reply"
+            self.transport.abort()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = self.lost or "next hop closed the connection"
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.lost or f"next hop: {exc or 'connection closed'}"
+        self._wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self.drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _cut(self) -> None:
+        buf = self.buf
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line_start = start
+            start = end + 1
+            if end - line_start >= 3 and buf[line_start + 3:line_start + 4] == b"-":
+                continue  # a continuation line: the reply ends with its last line
+            raw = bytes(buf[:start])
+            del buf[:start]
+            start = 0
+            if raw.count(b"\n") != raw.count(b"\r\n"):  # bare LF: pass it on as CRLF
+                raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            code = raw[:3]
+            if not code.isdigit():
+                self.lost = f"next hop sent a malformed reply {raw[:40]!r}"
+                self.transport.abort()
+                return
+            self.replies.append(HopReply(int(code), raw))
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done() and (
+                len(self.replies) >= self.wanted or self.lost):
+            self.waiter.set_result(None)
+
+
+class NextHop:
+    def __init__(self, wire: _HopWire, timeout: float) -> None:
+        self._wire = wire
+        self._timeout = timeout
+        self.closed = False
+        self.offered: frozenset[str] = frozenset()  # XCLIENT attributes
+        self.features: dict[str, str] = {}
+        self.greeted_at = 0.0
+        self.use_chunking = True  # BDAT where Postfix offers CHUNKING; False forces DATA
+
+    @classmethod
+    async def greeted(cls, hop: HostPort, timeout: float, ehlo_name: str) -> NextHop:
+        """A connection that has read the banner and said EHLO: ready for XCLIENT."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, wire = await asyncio.wait_for(
+                loop.create_connection(_HopWire, hop.host, hop.port), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise RelayError(f"connect to {hop}: {exc or 'timed out'}") from None
+        self = cls(wire, timeout)
+        try:
+            (banner,) = await self._replies(1)
+            self._expect(banner, 220, "banner")
+            self.features = await self._ehlo(ehlo_name)
+            self.offered = _xclient_attributes(self.features)
+            if not self.offered:
+                raise RelayError(f"{hop} does not offer XCLIENT to this host"
+                                 " (smtpd_authorized_xclient_hosts)")
+        except BaseException:
+            self.abort()
+            raise
+        self.greeted_at = time.monotonic()
+        return self
+
+    # --- the transaction -------------------------------------------------------------------
+
+    async def deliver(self, identity: ClientIdentity, envelope: Envelope,
+                      chunks: Iterable[bytes], size: int) -> HopReply:
+        """The whole hand-off; Postfix's reply to the message, or RelayError."""
+        try:
+            (reply,) = await self._send([xclient_command(identity, self.offered)])
+            self._expect(reply, 220, "XCLIENT")
+            self.features = await self._ehlo(identity.helo or "unknown")
+            commands = [envelope.mail_line, *envelope.rcpt_lines]
+            if "PIPELINING" in self.features:
+                answers = await self._send(commands)
+            else:
+                answers = [(await self._send([line]))[0] for line in commands]
+            refused = next((a for a in answers if not a.ok), None)
+            if refused is not None:
+                await self._send([b"RSET\r\n"])
+                return refused
+            if self.use_chunking and "CHUNKING" in self.features:
+                return await self._bdat(chunks, size)
+            return await self._data(chunks)
+        except BaseException:
+            self.abort()
+            raise
+
+    async def _bdat(self, chunks: Iterable[bytes], size: int) -> HopReply:
+        transport = self._wire.transport
+        transport.write(b"BDAT %d LAST\r\n" % size)
+        for chunk in chunks:
+            transport.write(chunk)
+            await self._drained()
+        (reply,) = await self._replies(1)
+        return reply
+
+    async def _data(self, chunks: Iterable[bytes]) -> HopReply:
+        (reply,) = await self._send([b"DATA\r\n"])
+        if reply.code != 354:
+            return reply
+        transport = self._wire.transport
+        for chunk in dot_stuffed(chunks):
+            transport.write(chunk)
+            await self._drained()
+        transport.write(b".\r\n")
+        (reply,) = await self._replies(1)
+        return reply
+
+    async def _drained(self) -> None:
+        # the spool may hold megabytes: let the kernel take them before reading more
+        drained = self._wire.drained
+        if drained is not None and not drained.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(drained), self._timeout)
+            except TimeoutError:
+                raise RelayError("next hop: timed out taking the message") from None
+        if self._wire.lost:
+            raise RelayError(self._wire.lost)
+
+    # --- the wire --------------------------------------------------------------------------
+
+    async def _ehlo(self, name: str) -> dict[str, str]:
+        (reply,) = await self._send([b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"])
+        self._expect(reply, 250, "EHLO")
+        features = {}
+        for line in reply.raw.split(b"\r\n")[1:]:
+            keyword, _, params = line[4:].decode("ascii", "replace").partition(" ")
+            if keyword:
+                features[keyword.upper()] = params
+        return features
+
+    @staticmethod
+    def _expect(reply: HopReply, code: int, what: str) -> None:
+        if reply.code != code:
+            raise RelayError(f"{what}: {reply.text}")
+
+    async def _send(self, lines: list[bytes]) -> list[HopReply]:
+        if self.closed:
+            raise RelayError("connection to the next hop is closed")
+        self._wire.transport.write(b"".join(lines) if len(lines) > 1 else lines[0])
+        return await self._replies(len(lines))
+
+    async def _replies(self, count: int) -> list[HopReply]:
+        wire = self._wire
+        if len(wire.replies) < count and not wire.lost:
+            wire.wanted = count
+            wire.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(wire.waiter, self._timeout)
+            except TimeoutError:
+                raise RelayError("next hop: timed out waiting for a reply") from None
+            finally:
+                wire.waiter = None
+        if len(wire.replies) < count:
+            raise RelayError(wire.lost or "next hop: no reply")
+        got = wire.replies[:count]
+        del wire.replies[:count]
+        return got
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def peer_closed(self) -> bool:
+        # a stray byte from an idle Postfix is its goodbye (421 timeout): not one to use
+        wire = self._wire
+        return bool(wire.lost or wire.buf or wire.replies)
+
+    def close_quietly(self) -> None:
+        """QUIT without waiting for the answer, so Postfix logs no "lost connection"."""
+        if not self.closed:
+            self.closed = True
+            transport = self._wire.transport
+            if not transport.is_closing():
+                transport.write(b"QUIT\r\n")
+                transport.close()
+
+    def abort(self) -> None:
+        """Close without QUIT: Postfix throws away a transaction it did not finish."""
+        if not self.closed:
+            self.closed = True
+            self._wire.transport.abort()
+
+
+def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:
+    """The message as DATA needs it: a "." that starts a line doubled; chunks may cut lines."""
+    at_line_start, after_cr = True, False
+    for chunk in chunks:
+        if not chunk:
+            continue
+        chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        if at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        elif after_cr and chunk[:2] == b"\n.":
+            chunk = b"\n.." + chunk[2:]
+        at_line_start, after_cr = chunk.endswith(b"\r\n"), chunk.endswith(b"\r")
+        yield chunk
+
+
+def _xclient_attributes(features: dict[str, str]) -> frozenset[str]:
+    if "XCLIENT" not in features:
+        return frozenset()
+    return frozenset(features["XCLIENT"].upper().split())

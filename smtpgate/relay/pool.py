@@ -1,0 +1,122 @@
+"""pool - a few Postfix connections greeted ahead of need, and the limit on transactions in flight.
+
+SYNOPSIS
+    HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0)
+    await pool.take() -> NextHop            a greeted connection (a fresh one if none idle)
+    pool.close()
+    TransactionLimit(limit, wait)
+    async with limit.slot(): ...            RelayBusy when none is free within `wait`
+
+DESCRIPTION
+    A hand-off then costs Postfix only XCLIENT, EHLO and the transaction:
+    the connect, the banner and the first EHLO happened while nobody
+    waited. Each idle connection holds one Postfix smtpd process, so the
+    pool stays small, and a connection older than max_age is closed rather
+    than risk Postfix's own idle timeout.
+
+    TransactionLimit bounds the Postfix connections this worker uses at
+    once (next_hop_transaction_limit, split between the workers), below
+    Postfix's default process limit of 100, so Postfix always has a
+    process left for its own work and a client never waits on a Postfix
+    that has none. A message that finds no slot within `wait` seconds is
+    answered at once with a 4xx (RelayBusy); the client tries again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+
+from smtpgate.config import HostPort
+from smtpgate.relay.next_hop import NextHop, RelayError
+
+
+class RelayBusy(Exception):
+    """Every transaction slot towards Postfix stayed taken for the whole wait."""
+
+
+class HopPool:
+    def __init__(self, hop: HostPort, timeout: float, ehlo_name: str, size: int = 4,
+                 max_age: float = 60.0) -> None:
+        self.hop, self.timeout, self.ehlo_name = hop, timeout, ehlo_name
+        self.size, self.max_age = size, max_age
+        self._idle: list[NextHop] = []
+        self._filling = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def take(self) -> NextHop:
+        found = self.take_idle()
+        return found if found is not None else await NextHop.greeted(
+            self.hop, self.timeout, self.ehlo_name)
+
+    def take_idle(self) -> NextHop | None:
+        now = time.monotonic()
+        found = None
+        while self._idle and found is None:
+            hop = self._idle.pop()
+            if hop.closed or hop.peer_closed():
+                hop.abort()
+            elif now - hop.greeted_at > self.max_age:
+                hop.close_quietly()
+            else:
+                found = hop
+        self._refill()
+        return found
+
+    def _refill(self) -> None:
+        while len(self._idle) + self._filling < self.size:
+            self._filling += 1
+            task = asyncio.get_running_loop().create_task(self._open_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open_one(self) -> None:
+        try:
+            self._idle.append(await NextHop.greeted(self.hop, self.timeout, self.ehlo_name))
+        except RelayError:
+            pass  # Postfix is down: the session that needs it will say 451
+        finally:
+            self._filling -= 1
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for hop in self._idle:
+            hop.close_quietly()
+        self._idle.clear()
+
+
+class TransactionLimit:
+    def __init__(self, limit: int, wait: float) -> None:
+        self.limit, self.wait = limit, wait
+        self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.in_flight >= self.limit or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, self.wait)  # a slot handed over, still counted
+            except TimeoutError:
+                raise RelayBusy from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        else:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1

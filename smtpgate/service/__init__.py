@@ -1,0 +1,1 @@
+"""service - the process around the engine: listeners, workers, reload, drain, health."""

@@ -1,0 +1,1 @@
+"""smtp - the SMTP engine: the protocol per client connection, DATA, PROXY, TLS."""

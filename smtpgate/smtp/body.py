@@ -1,0 +1,124 @@
+"""body - the DATA phase's scanner: end of data, bare newlines, dot-unstuffing, size.
+
+SYNOPSIS
+    BodyReader(spool, limit)
+    reader.feed(buf: bytearray) -> bool       True once the end of data was consumed
+    reader.size ; reader.too_big ; reader.bare_newline
+
+DESCRIPTION
+    feed() consumes the complete lines at the front of buf (it deletes
+    what it consumed, and leaves a partial last line for the next call)
+    and writes the message, dot-unstuffed, to the spool. After the end of
+    data, whatever the client pipelined behind it stays in buf for the
+    command reader.
+
+    The rules, as the relay guarantees them (no SMTP smuggling):
+    - The end of data is CRLF "." CRLF only. The CRLF that ends the DATA
+      command counts as the first CRLF, so a message may be empty.
+    - A bare LF ends a line for the message's sake: it is stored as CRLF
+      and `bare_newline` is set (postscreen's bare newline test). A "."
+      line ended by a bare LF, or preceded by a line that was, is message
+      content, never the end: it is stored as "." and so reaches Postfix as
+      data (a BDAT chunk, or ".." under DATA), not as an end.
+    - A bare CR is content, passed on as it is.
+    - A line starting with "." loses that first "." (RFC 5321 4.5.2).
+    - `size` counts the message as stored; past `limit` (0: none) the
+      reader sets `too_big` and stores nothing more, but keeps reading to
+      the end of data so the session can answer 552 in step.
+
+    Speed: a chunk whose every LF follows a CR (any real MTA's mail) is
+    handled whole: one find for the end, two counts, one replace for the
+    dots. Only a chunk with a bare LF goes line by line.
+"""
+
+from __future__ import annotations
+
+from smtpgate.smtp.spool import Spool
+
+LONGEST_PIECE = 65536  # a "line" without LF is stored in pieces of this size
+
+
+class BodyReader:
+    __slots__ = ("_line_start", "_proper", "bare_newline", "limit", "size", "spool", "too_big")
+
+    def __init__(self, spool: Spool, limit: int) -> None:
+        self.spool = spool
+        self.limit = limit
+        self.size = 0
+        self.too_big = False
+        self.bare_newline = False
+        self._line_start = True  # the next byte begins a line
+        self._proper = True  # the line before it ended with CRLF
+
+    def feed(self, buf: bytearray) -> bool:
+        last = buf.rfind(b"\n")
+        if last < 0:
+            if len(buf) > LONGEST_PIECE:
+                self._piece(buf)
+            return False
+        block = bytes(buf[:last + 1])
+        if block.count(b"\n") == block.count(b"\r\n"):
+            return self._crlf_block(buf, block)
+        return self._mixed_block(buf, block)
+
+    def _crlf_block(self, buf: bytearray, block: bytes) -> bool:
+        if self._line_start and self._proper and block.startswith(b".\r\n"):
+            del buf[:3]
+            return True
+        end = block.find(b"\r\n.\r\n")
+        content = block if end < 0 else block[:end + 2]
+        if content[:1] == b"." and self._line_start and not content.startswith(b".\r\n"):
+            content = content[1:]
+        if b"\r\n." in content:
+            content = content.replace(b"\r\n.", b"\r\n")
+        self._store(content)
+        self._line_start = self._proper = True
+        if end < 0:
+            del buf[:len(block)]
+            return False
+        del buf[:end + 5]
+        return True
+
+    def _mixed_block(self, buf: bytearray, block: bytes) -> bool:
+        start = 0
+        out = []
+        while start < len(block):
+            stop = block.index(b"\n", start) + 1
+            line = block[start:stop]
+            start = stop
+            if self._line_start and self._proper and line == b".\r\n":
+                self._store(b"".join(out))
+                del buf[:start]
+                return True
+            proper = line.endswith(b"\r\n")
+            text = line[:-2] if proper else line[:-1]
+            if not proper:
+                self.bare_newline = True
+            if self._line_start and text[:1] == b"." and text != b".":
+                text = text[1:]
+            out.append(text + b"\r\n")
+            self._line_start, self._proper = True, proper
+        self._store(b"".join(out))
+        del buf[:len(block)]
+        return False
+
+    def _piece(self, buf: bytearray) -> None:
+        """Store most of an over-long line; a final CR waits, as its LF may come next."""
+        keep = 1 if buf.endswith(b"\r") else 0
+        piece = bytes(buf[:len(buf) - keep])
+        del buf[:len(piece)]
+        if self._line_start and piece[:1] == b".":
+            piece = piece[1:]
+        self._store(piece)
+        self._line_start = False
+
+    def _store(self, content: bytes) -> None:
+        if not content:
+            return
+        self.size += len(content)
+        if self.too_big:
+            return
+        if self.limit and self.size > self.limit:
+            self.too_big = True
+            return
+        self.spool.write(content)

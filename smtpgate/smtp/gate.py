@@ -1,0 +1,33 @@
+"""gate - the runtime state every session of one worker shares.
+
+SYNOPSIS
+    Gate(config, tls, policy, auth=None, hop_pool=None)
+    gate.sessions       the sessions in flight (drain waits for them)
+    gate.draining       true once SIGTERM arrived
+
+DESCRIPTION
+    Built once per worker by smtpgate.service.server.build_gate(); the
+    configuration and TLS material are replaced on SIGHUP, so a session
+    reads them from here when it starts and keeps what it read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpgate.config import Config
+from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.smtp.tls import TlsProvider
+
+
+@dataclass
+class Gate:
+    config: Config
+    tls: TlsProvider | None
+    policy: Any
+    auth: Any = None
+    hop_pool: HopPool | None = None
+    relay_limit: TransactionLimit = field(default_factory=lambda: TransactionLimit(80, 2.0))
+    sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
+    draining: bool = False

@@ -1,0 +1,560 @@
+"""session - one client connection: the SMTP dialogue, translated to the policy and the relay.
+
+SYNOPSIS
+    protocol_factory(gate, listener) -> Callable[[], Wire]    for loop.create_server()
+    Session(gate, wire, listener) ; await session.run()
+    session.shut_down()                                       the drain's last word
+
+DESCRIPTION
+    The session owns the protocol state and all I/O of one connection
+    (smtpgate.smtp.wire): the banner and postscreen's greet wait, the
+    commands, pipelining detection, STARTTLS, AUTH's challenges and DATA.
+    It decides nothing itself: at each stage it hands the facts to the
+    policy (smtpgate.policy.stages) and sends the reply it gets, and it
+    hands each complete message to Postfix (smtpgate.relay).
+
+    Before-queue guarantees:
+    - The whole message is received (smtpgate.smtp.body into a Spool)
+      before a Postfix connection is used, so a slow client never holds a
+      Postfix process. The final reply is Postfix's reply to the message,
+      passed through unchanged (an rspamd reject included): 250 only when
+      Postfix queued it.
+    - Any failure to reach or finish with Postfix gives 451 4.3.0; no free
+      next-hop slot within next_hop_busy_wait gives 451 4.3.2; the client
+      never sees 250 for a message Postfix did not queue, and never waits
+      without an answer.
+    - Recipients are accepted or refused by the policy at RCPT (unknown
+      users included). One that Postfix refuses at relay time makes the
+      whole message fail with Postfix's words; nothing is queued.
+    - A MAIL or RCPT parameter Postfix would refuse is refused at MAIL or
+      RCPT with Postfix's reply (smtpgate.smtp.params).
+    - End of data is CRLF.CRLF only; a bare LF never ends the message and
+      no second message can be smuggled (smtpgate.smtp.body).
+    - A message over message_size_limit is read to its end and refused
+      with 552 5.3.4; a client that vanishes mid-DATA leaves nothing at
+      Postfix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from smtpgate import replies
+from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
+from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
+from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
+from smtpgate.relay.pool import RelayBusy
+from smtpgate.relay.xclient import ClientIdentity
+from smtpgate.smtp.body import BodyReader
+from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
+from smtpgate.smtp.proxy_header import expects_header, read_header
+from smtpgate.smtp.spool import Spool
+from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
+from smtpgate.verdict import Reply
+
+log = logging.getLogger("smtpgate.smtpd")
+
+__all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
+
+NON_SMTP_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
+BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "QUIT", "RSET"})
+RELAY_BUSY = Reply(451, "4.3.2", "Error: too many messages in flight to the mail system; "
+                                 "try again later")
+
+
+class Closing(Exception):
+    """The session ends after the queued replies are written."""
+
+
+def protocol_factory(gate: Gate, listener: str) -> Callable[[], Wire]:
+    """One Wire per connection; its session runs as one task."""
+    loop = asyncio.get_running_loop()
+
+    def start(wire: Wire) -> None:
+        session = Session(gate, wire, listener)
+        task = loop.create_task(session.run())
+        gate.sessions.add(session)
+        task.add_done_callback(lambda _: gate.sessions.discard(session))
+
+    return lambda: Wire(start)
+
+
+class Session:
+    def __init__(self, gate: Gate, wire: Wire, listener: str) -> None:
+        self.gate = gate
+        self.config = gate.config
+        self.policy = gate.policy
+        self.wire = wire
+        self.listener = listener
+        peer = wire.extra("peername") or ("0.0.0.0", 0)
+        sock = wire.extra("sockname") or ("0.0.0.0", 0)
+        self.client = Client(plain_ip(peer[0]), peer[1], plain_ip(sock[0]), sock[1], listener)
+        self.state: ClientState | None = None
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls = listener == SUBMISSIONS
+        self.login: str | None = None
+        self.errors = 0
+        self.counts: Counter[str] = Counter()
+        self.last_command = ""
+        self.bare_newline = False
+        self.protocol_tests = False
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.sender: str | None = None
+        self.smtputf8 = False
+        self.mail_line = b""
+        self.rcpt_lines: list[bytes] = []
+        self.recipients: list[str] = []
+
+    @property
+    def client_label(self) -> str:
+        if self.state is not None:
+            return self.state.label
+        return f"unknown[{self.client.ip}]"
+
+    @property
+    def proto(self) -> str:
+        return "ESMTP" if self.esmtp else "SMTP"
+
+    # --- output ----------------------------------------------------------------------------
+
+    def reply(self, reply: Reply | str) -> None:
+        self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
+        if isinstance(reply, Reply) and reply.code >= 400:
+            self.errors += 1
+
+    def reply_raw(self, answer: HopReply) -> None:
+        self.wire.reply(answer.raw)
+        if answer.code >= 400:
+            self.errors += 1
+
+    def shut_down(self) -> None:
+        """The drain's last word: 421, then the connection closes.
+
+        Nothing is at Postfix before a message is complete, and a hand-off in progress
+        finishes on its own; the client, having heard no 250, sends it again later.
+        """
+        self.wire.write_now(str(replies.shutting_down(self.config.hostname)).encode() + b"\r\n")
+        self.wire.close()
+
+    # --- the dialogue ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        wire = self.wire
+        try:
+            if not await self._proxy_header():
+                return
+            self.state = self.policy.open(self.client)
+            log.info("connect from %s to [%s]:%s", self.client_label, self.client.local_ip,
+                     self.client.local_port)
+            if await self._greet():
+                await self._dialogue()
+        except Closing:
+            pass
+        except WireTimeout:
+            self.reply(replies.timeout(self.config.hostname))
+            log.info("timeout after %s from %s", self.last_command or "CONNECT",
+                     self.client_label)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("error: session with %s failed", self.client_label)
+            self.reply(replies.SERVICE_TEMPFAIL)
+        finally:
+            with contextlib.suppress(ConnectionError, OSError, WireTimeout):
+                await wire.flush()
+            wire.close()
+            if self.state is not None:
+                self.policy.close_session(self.state)
+                words = [f"{k.lower()}={v}" for k, v in self.counts.items()]
+                words.append(f"commands={sum(self.counts.values())}")
+                log.info("disconnect from %s %s", self.client_label, " ".join(words))
+
+    async def _proxy_header(self) -> bool:
+        """Take the client's addresses from a trusted load balancer's PROXY header."""
+        config = self.config
+        if not expects_header(self.client.ip, config.proxy_protocol, config.proxy_trusted):
+            return True
+        found = await read_header(self.wire, config.proxy_protocol)
+        if isinstance(found, str):
+            log.warning("warning: PROXY from [%s]:%s: %s", self.client.ip, self.client.port,
+                        found)
+            return False
+        if found is not None:
+            self.client = Client(plain_ip(found.client_ip), found.client_port,
+                                 plain_ip(found.local_ip), found.local_port, self.listener)
+        return True
+
+    async def _greet(self) -> bool:
+        """Banner, with the pregreet wait and the connect-time checks of the policy."""
+        banner = f"220 {self.config.hostname} ESMTP smtpgate"
+        outcome = await self.policy.connect(self.state)
+        if isinstance(outcome, GreetWait):
+            received, delay = await self.wire.greet_wait(
+                f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
+            outcome = await self.policy.screened(self.state, received, delay)
+        if outcome is not None:  # refused at connect: the reply is the last word
+            self.reply(outcome)
+            return False
+        self.protocol_tests = self.policy.wants_protocol_tests(self.state)
+        self.reply(banner)
+        return True
+
+    async def _dialogue(self) -> None:
+        wire = self.wire
+        timeout, limit = self.config.smtpd_timeout, self.config.line_length_limit
+        hard_limit = self.config.smtpd_hard_error_limit
+        while True:
+            line = await wire.line(timeout, limit)
+            if line is None:
+                if wire.buf:
+                    log.info("lost connection after %s from %s", self.last_command or "CONNECT",
+                             self.client_label)
+                return
+            if line is TOO_LONG:
+                self.reply(replies.LINE_TOO_LONG)
+            else:
+                if line[-2:-1] == b"\r":
+                    line = line[:-2]
+                else:
+                    self.bare_newline = True
+                    line = line[:-1]
+                await self._dispatch(line)
+            if self.errors >= hard_limit:
+                self.reply(replies.too_many_errors(self.config.hostname))
+                return
+
+    async def _dispatch(self, line: bytes) -> None:
+        if not line:
+            self.reply(replies.BAD_SYNTAX)
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            self.reply(replies.BAD_SYNTAX)
+            return
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            await self._unknown(verb, line)
+            return
+        if self.protocol_tests and self.wire.buf:
+            await self._protocol_test("pipelining", line, bytes(self.wire.buf))
+        self.last_command = verb
+        self.counts[verb] += 1
+        try:
+            arg = arg_bytes.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self.reply(replies.BAD_UTF8)
+            return
+        if self.listener == SUBMISSION and not self.tls and verb not in BEFORE_TLS:
+            self.reply(replies.MUST_STARTTLS)
+            return
+        await handler(self, arg)
+
+    async def _unknown(self, verb: str, line: bytes) -> None:
+        self.counts["unknown"] += 1
+        looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
+        if self.protocol_tests and (verb in NON_SMTP_COMMANDS or looks_like_header):
+            await self._protocol_test("non_smtp_command", line, b"")
+        self.reply(replies.UNKNOWN_COMMAND)
+
+    async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
+        hang_up = await self.policy.protocol(self.state, test, line, pending,
+                                             self.last_command, self.esmtp)
+        if hang_up is not None:
+            self.reply(hang_up)
+            raise Closing
+
+    # --- commands --------------------------------------------------------------------------
+
+    async def smtp_HELO(self, arg: str) -> None:
+        await self._hello(arg, esmtp=False)
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        await self._hello(arg, esmtp=True)
+
+    async def _hello(self, arg: str, esmtp: bool) -> None:
+        if not arg or " " in arg:
+            self.reply(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX)
+            return
+        self._reset_transaction()
+        self.helo, self.esmtp = arg, esmtp
+        verdict = await self.policy.helo(self.state, arg)
+        if verdict is not None:
+            self.reply(verdict)
+            self.helo = None
+            return
+        if not esmtp:
+            self.reply(f"250 {self.config.hostname}")
+            return
+        lines = self._ehlo_lines()
+        self.reply("\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    def _ehlo_lines(self) -> list[str]:
+        lines = [self.config.hostname, "PIPELINING"]
+        if self.config.message_size_limit:
+            lines.append(f"SIZE {self.config.message_size_limit}")
+        if not self.tls and self.gate.tls is not None:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        return lines
+
+    def _auth_offered(self) -> bool:
+        return (self.listener != MX and self.tls and self.login is None
+                and self.gate.auth is not None)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self.reply(replies.NO_ARGS)
+            return
+        if self.tls:
+            self.reply(replies.TLS_ACTIVE)
+            return
+        if self.gate.tls is None:
+            self.reply(replies.NOT_IMPLEMENTED)
+            return
+        self.reply(replies.START_TLS)
+        try:
+            await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.info("SSL_accept error from %s: %s", self.client_label, exc)
+            raise Closing from None
+        self.tls = True
+        self.helo, self.esmtp = None, False
+        self._reset_transaction()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._auth_offered():
+            self.reply(replies.AUTH_ALREADY if self.login is not None
+                       else replies.AUTH_NOT_ENABLED)
+            return
+        if self.helo is None:
+            self.reply(replies.NEED_HELO)
+            return
+        if self.sender is not None:
+            self.reply(replies.AUTH_IN_MAIL)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        refusal = await self.policy.auth_allowed(self.state)
+        if refusal is not None:
+            self.reply(refusal)
+            raise Closing
+        if mechanism == "PLAIN":
+            plain = await self._auth_read(initial, "")
+            if plain is None:
+                return
+        elif mechanism == "LOGIN":
+            user = await self._auth_read(initial, "VXNlcm5hbWU6")
+            if user is None:
+                return
+            password = await self._auth_read("", "UGFzc3dvcmQ6")
+            if password is None:
+                return
+            plain = b"\0" + user + b"\0" + password
+        else:
+            self.reply(replies.AUTH_MECHANISM)
+            return
+        login = plain.split(b"\0")[1].decode("utf-8", "replace") if plain.count(b"\0") == 2 else ""
+        outcome = await self.policy.authenticate(self.state, mechanism, plain, login, self.tls)
+        self.reply(outcome.reply)
+        if outcome.user is not None:
+            self.login = outcome.user
+        elif outcome.reply.code == 421:
+            raise Closing
+
+    async def _auth_read(self, initial: str, challenge: str) -> bytes | None:
+        """One SASL response: the initial one if given, else a 334 challenge and a line."""
+        if initial:
+            text = initial
+        else:
+            self.reply(f"334 {challenge}")
+            line = await self.wire.line(self.config.smtpd_timeout, self.config.line_length_limit)
+            if line is None:
+                raise Closing
+            if line is TOO_LONG:
+                self.reply(replies.LINE_TOO_LONG)
+                return None
+            text = line.decode("ascii", "replace").strip()
+        if text == "*":
+            self.reply(replies.AUTH_CANCELLED)
+            return None
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.reply(replies.AUTH_BAD_BASE64)
+            return None
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            self.reply(replies.NEED_HELO)
+            return
+        if self.sender is not None:
+            self.reply(replies.NESTED_MAIL)
+            return
+        try:
+            path = parse_mail_arg(arg, smtputf8="SMTPUTF8" in arg.upper())
+        except AddressError as exc:
+            self.reply(exc.reply)
+            return
+        refusal = mail_params_reply(path.params, self.config.message_size_limit)
+        if refusal is None:
+            refusal = await self.policy.mail(self.state, path, self.login)
+        if refusal is not None:
+            self.reply(refusal)
+            return
+        self.sender = path.address
+        self.smtputf8 = "SMTPUTF8" in path.params
+        self.mail_line = b"MAIL FROM:" + arg[5:].strip().encode("utf-8") + b"\r\n"
+        self.reply(replies.MAIL_OK)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        if self.sender is None:
+            self.reply(replies.NEED_MAIL)
+            return
+        try:
+            path = parse_rcpt_arg(arg, smtputf8=self.smtputf8)
+        except AddressError as exc:
+            self.reply(exc.reply)
+            return
+        refusal = rcpt_params_reply(path.params)
+        if refusal is not None:
+            self.reply(refusal)
+            return
+        if len(self.recipients) >= self.config.smtpd_recipient_limit:
+            self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        verdict = await self.policy.rcpt(self.state, path, self.login, self.smtputf8)
+        if verdict is not None:
+            self.reply(verdict)
+            self._log_reject("RCPT", verdict, path.address)
+            return
+        self.rcpt_lines.append(b"RCPT TO:" + arg[3:].strip().encode("utf-8") + b"\r\n")
+        self.recipients.append(path.address)
+        self.reply(replies.RCPT_OK)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            self.reply(replies.NO_ARGS)
+            return
+        if self.sender is None:
+            self.reply(replies.NEED_MAIL)
+            return
+        if not self.recipients:
+            self.reply(replies.NEED_RCPT)
+            return
+        self.reply(replies.START_DATA)
+        spool = Spool(self.config.spool_memory_limit)
+        try:
+            body = await self._receive(spool)
+            if body.too_big:
+                log.info("NOQUEUE: reject: DATA from %s: 552 5.3.4 message file too big; "
+                         "from=<%s> proto=%s helo=<%s>", self.client_label, self.sender,
+                         self.proto, self.helo or "")
+                self.reply(replies.MESSAGE_TOO_BIG)
+                return
+            if body.bare_newline:
+                self.bare_newline = True
+                if self.protocol_tests:
+                    await self._protocol_test("bare_newline", b"DATA", b"")
+            await self._relay(spool, body.size)
+        finally:
+            spool.close()
+            self._reset_transaction()
+
+    async def _receive(self, spool: Spool) -> BodyReader:
+        """The whole message into the spool, reading until CRLF.CRLF."""
+        wire = self.wire
+        body = BodyReader(spool, self.config.message_size_limit)
+        timeout = self.config.smtpd_timeout
+        await wire.flush()
+        while not body.feed(wire.buf):
+            if not await wire.more(timeout):
+                log.info("lost connection after DATA (%d bytes) from %s", body.size,
+                         self.client_label)
+                raise Closing
+        return body
+
+    async def _relay(self, spool: Spool, size: int) -> None:
+        """Hand the message to Postfix; its answer is the client's answer."""
+        gate = self.gate
+        identity = ClientIdentity(
+            addr=self.client.ip, port=self.client.port, name=self._xclient_name(),
+            helo=self.helo or "", proto=self.proto, login=self.login,
+            destaddr=self.client.local_ip, destport=self.client.local_port)
+        envelope = Envelope(self.mail_line, tuple(self.rcpt_lines))
+        hop_address = self.config.next_hop
+        pool = gate.hop_pool
+        if self.login is not None and self.config.submission_next_hop is not None:
+            hop_address, pool = self.config.submission_next_hop, None
+        hop: NextHop | None = None
+        try:
+            async with gate.relay_limit.slot():
+                if pool is not None:
+                    hop = await pool.take()
+                else:
+                    hop = await NextHop.greeted(hop_address, self.config.next_hop_timeout,
+                                                self.config.hostname)
+                answer = await hop.deliver(identity, envelope, spool.chunks(), size)
+        except RelayBusy:
+            log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
+                        hop_address, gate.relay_limit.limit, self.client_label)
+            self.reply(RELAY_BUSY)
+            return
+        except RelayError as exc:
+            log.warning("warning: next hop %s: %s", hop_address, exc)
+            self.reply(replies.RELAY_UNAVAILABLE)
+            return
+        finally:
+            if hop is not None:
+                hop.close_quietly()
+        self.reply_raw(answer)
+
+    def _xclient_name(self) -> str:
+        name = self.state.client_name
+        return name if name != "unknown" else "[UNAVAILABLE]"
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            self.reply(replies.NO_ARGS)
+            return
+        self._reset_transaction()
+        self.reply(replies.OK)
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        self.reply(replies.OK)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.reply(replies.BYE)
+        raise Closing
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        self.reply(replies.VRFY_DISABLED)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        self.reply(replies.VRFY_DISABLED)
+
+    def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None) -> None:
+        to = f" to=<{recipient}>" if recipient is not None else ""
+        log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
+                 stage, self.client_label, reply, self.sender or "", to, self.proto,
+                 self.helo or "")
+
+
+_HANDLERS = {
+    name[5:]: getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")
+}

@@ -1,0 +1,294 @@
+"""wire - one client connection as an asyncio.Protocol: a byte buffer, one deadline, batched writes.
+
+SYNOPSIS
+    Wire(on_connect)                          the protocol factory's product
+    await wire.line(timeout, limit) -> bytes | None | TOO_LONG
+    await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
+    wire.buf                                  what the client sent and nobody consumed yet
+    wire.reply(line: bytes) ; await wire.flush()
+    await wire.greet_wait(teaser, seconds, decided) -> (bytes, float)
+    await wire.start_tls(context, timeout)
+    wire.close() ; wire.abort()
+
+DESCRIPTION
+    The session reads through this object and nothing else; there is no
+    StreamReader. Bytes land in `buf` from data_received(); a session
+    waiting for them awaits one future, woken by data, end of stream or
+    its deadline.
+
+    One deadline per connection: each wait sets `deadline` (re-arming is
+    an attribute write), and a single timer handle follows it, rescheduled
+    only when it fires early. A connection costs one timer per idle
+    period, not one per command.
+
+    Replies are queued with reply() and written by flush() in one write;
+    the session flushes only when the client has nothing more pipelined,
+    so a pipelined batch of commands gets one write of replies. When the
+    client does not read (the kernel buffer is full), flush() waits for
+    the transport to drain, bounded by the same deadline.
+
+    Reading pauses when `buf` holds more than BUFFER_HIGH bytes and
+    resumes when the session waits again, so a client cannot make the
+    gate hold more than a few hundred KB of unread input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+BUFFER_HIGH = 262144
+WRITE_HIGH = 262144
+TOO_LONG = b"<too long>"  # a marker, compared by identity
+
+
+class WireTimeout(Exception):
+    """The client said nothing before the deadline."""
+
+
+class Wire(asyncio.Protocol):
+    __slots__ = (
+        "_drain",
+        "_loop",
+        "_on_connect",
+        "_out",
+        "_paused",
+        "_timed_out",
+        "_timer",
+        "_waiter",
+        "buf",
+        "closed",
+        "deadline",
+        "eof",
+        "transport",
+    )
+
+    def __init__(self, on_connect: Callable[[Wire], object]) -> None:
+        self._on_connect = on_connect
+        self._loop = asyncio.get_running_loop()
+        self.buf = bytearray()
+        self.eof = False
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        self._waiter: asyncio.Future | None = None
+        self._drain: asyncio.Future | None = None
+        self._paused = False
+        self._out: list[bytes] = []
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > BUFFER_HIGH and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return  # not waiting for the client now: the next wait arms it again
+        if self._loop.time() < self.deadline:
+            self._timer = self._loop.call_at(self.deadline, self._on_timer)
+            return
+        self._timed_out = True
+        self._waiter.set_result(None)
+
+    async def more(self, timeout: float) -> bool:
+        """Wait until the client sends more; False when the stream has ended."""
+        if self.eof:
+            return False
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self.deadline = self._loop.time() + timeout
+        if self._timer is not None and self._timer.when() > self.deadline:
+            self._timer.cancel()  # a shorter wait than the armed one (the PROXY header's)
+            self._timer = None
+        if self._timer is None:
+            self._timer = self._loop.call_at(self.deadline, self._on_timer)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._timed_out:
+            self._timed_out = False
+            raise WireTimeout
+        return True
+
+    async def line(self, timeout: float, limit: int) -> bytes | None:
+        """The next line with its LF; None at end of stream; TOO_LONG past `limit` bytes.
+
+        The rest of an over-long line is read and thrown away, so the next line is whole.
+        """
+        buf = self.buf
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0:
+                if end >= limit:
+                    del buf[:end + 1]
+                    return TOO_LONG
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if len(buf) > limit:
+                await self._skip_line(timeout)
+                return TOO_LONG
+            await self.flush()
+            if not await self.more(timeout):
+                return None
+
+    async def _skip_line(self, timeout: float) -> None:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                del self.buf[:end + 1]
+                return
+            self.buf.clear()
+            await self.flush()
+            if not await self.more(timeout):
+                return
+
+    async def greet_wait(self, teaser: bytes, seconds: float,
+                         decided: asyncio.Future | None) -> tuple[bytes, float]:
+        """postscreen's wait after the teaser: what the client sent too early, and when."""
+        self.transport.write(teaser)
+        started = self._loop.time()
+        if self.buf or self.eof:
+            return bytes(self.buf), 0.0
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(seconds, self._wake)
+        if decided is not None:
+            decided.add_done_callback(lambda _: self._wake())
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+        if self.buf:
+            return bytes(self.buf), self._loop.time() - started
+        return b"", 0.0
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def reply(self, line: bytes) -> None:
+        self._out.append(line)
+
+    @property
+    def pending_replies(self) -> bool:
+        return bool(self._out)
+
+    async def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        if self.closed:
+            return
+        self.transport.write(data)
+        if self._drain is not None and not self._drain.done():
+            await self._wait_drain()
+
+    async def _wait_drain(self) -> None:
+        remaining = max(self.deadline - self._loop.time(), 1.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drain), remaining)
+        except TimeoutError:
+            self.abort()
+            raise WireTimeout from None
+
+    def write_now(self, data: bytes) -> None:
+        """Queued replies and data at once, without waiting: the last word before closing."""
+        self._out.append(data)
+        if not self.closed:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    # --- TLS and closing -------------------------------------------------------------------
+
+    async def start_tls(self, context, timeout: float) -> None:
+        """Hand the socket to TLS; what the client sent in clear after STARTTLS is dropped.
+
+        RFC 3207 (and CVE-2011-0411): nothing sent before the handshake may count as a
+        command, so the buffer is emptied and reading paused before our 220 goes out.
+        """
+        self.buf.clear()
+        transport = self.transport
+        transport.pause_reading()
+        await self.flush()
+        self.transport = await self._loop.start_tls(
+            transport, self, context, server_side=True, ssl_handshake_timeout=timeout)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def extra(self, name: str, default=None):
+        return self.transport.get_extra_info(name, default) if self.transport else default
+
+    # --- the PROXY parser's reader (aiosmtpd.proxy_protocol.AsyncReader) -----------------
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not await self.more(5.0):
+                raise asyncio.IncompleteReadError(bytes(self.buf), n)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        while (end := self.buf.find(separator)) < 0:
+            if len(self.buf) > 4096 or not await self.more(5.0):
+                raise asyncio.IncompleteReadError(bytes(self.buf), None)
+        data = bytes(self.buf[:end + len(separator)])
+        del self.buf[:end + len(separator)]
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self.buf and not await self.more(5.0):
+            return b""
+        n = len(self.buf) if n < 0 else min(n, len(self.buf))
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data

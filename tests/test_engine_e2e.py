@@ -1,0 +1,156 @@
+"""The engine's promises through the real chain: whole messages only, Postfix's last word."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from services.smtp_talk import Talk
+from services.world import populate
+
+from smtpgate.relay.pool import RelayBusy, TransactionLimit
+
+pytestmark = pytest.mark.slow
+
+
+def token() -> str:
+    return f"en-{uuid.uuid4().hex}"
+
+
+def has(text: str):
+    return lambda raw: text.encode() in raw
+
+
+@pytest.fixture(scope="module")
+def gate(start_gate, redis_server, dns_server):
+    populate(redis_server.client(), dns_server)
+    process = start_gate()
+    yield process
+    process.stop()
+
+
+def envelope(talk: Talk, *recipients: str, mail: str = "MAIL FROM:<a@example.net>") -> None:
+    talk.banner()
+    assert talk.cmd("EHLO client.example.test")[0] == 250
+    assert talk.cmd(mail)[0] == 250
+    for rcpt in recipients:
+        assert talk.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert talk.cmd("DATA")[0] == 354
+
+
+def test_a_slow_client_holds_no_postfix_process(gate, postfix_server, dovecot_server):
+    slow_mark, fast_mark = token(), token()
+    since = postfix_server.log_mark()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.91", timeout=30) as slow:
+        envelope(slow, "user1@example.com")
+        slow.send(f"Subject: {slow_mark}\r\n\r\nfirst half\r\n".encode())
+        # while the slow client is mid-message, another one delivers
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.92", timeout=30) as fast:
+            envelope(fast, "user1@example.com")
+            fast.send(f"Subject: {fast_mark}\r\n\r\nfast\r\n.\r\n".encode())
+            assert fast.reply()[0] == 250
+        postfix_server.wait_for_log(r"client=host92\.clients", since=since)
+        assert "127.0.0.91" not in postfix_server.log_text()[since:]
+        slow.send(b"second half\r\n.\r\n")
+        code, text = slow.reply()
+        assert code == 250, text
+    message = dovecot_server.wait_for_message("user1@example.com", has(slow_mark))
+    assert b"first half\nsecond half" in message
+
+
+def test_a_client_vanishing_mid_data_leaves_nothing_at_postfix(gate, postfix_server):
+    since = postfix_server.log_mark()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.93") as talk:
+        envelope(talk, "user1@example.com")
+        talk.send(b"Subject: gone\r\n\r\nhalf a message\r\n")
+    gate.wait_for_log(r"lost connection after DATA \(\d+ bytes\) from host93")
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.94") as marker:
+        envelope(marker, "user1@example.com")
+        marker.send(b"Subject: marker\r\n\r\nx\r\n.\r\n")
+        assert marker.reply()[0] == 250
+    postfix_server.wait_for_log(r"client=host94\.clients", since=since)
+    assert "127.0.0.93" not in postfix_server.log_text()[since:]
+
+
+def test_a_recipient_postfix_refuses_fails_the_whole_message(gate, redis_server, postfix_server,
+                                                             dovecot_server):
+    # smtpgate's tables know ghost@, Postfix's do not: the two disagree at relay time
+    redis_server.client().set("VALI:ghost@example.com", "ghost@example.com")
+    mark = token()
+    try:
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.95") as talk:
+            envelope(talk, "user1@example.com", "ghost@example.com")
+            talk.send(f"Subject: {mark}\r\n\r\nto two\r\n.\r\n".encode())
+            code, text = talk.reply()
+    finally:
+        redis_server.client().delete("VALI:ghost@example.com")
+    assert code == 550 and "ghost@example.com" in text, text  # Postfix's own words
+    assert not any(mark.encode() in raw for raw in dovecot_server.messages("user1@example.com"))
+
+
+@pytest.mark.parametrize(("parameter", "reply"), [
+    ("RET=BOGUS", "501 5.5.4 Bad RET parameter syntax"),
+    ("BODY=BINARYMIME", "555 5.5.4 Unsupported option: BODY=BINARYMIME"),
+    ("ENVID=bad+zz", "501 5.5.4 Bad ENVID parameter syntax"),
+])
+def test_a_mail_parameter_postfix_would_refuse_is_refused_at_mail(gate, postfix_server,
+                                                                  dovecot_server, parameter,
+                                                                  reply):
+    mark = token()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.96") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        code, text = talk.cmd(f"MAIL FROM:<a@example.net> {parameter}")
+        assert f"{code} {text}".startswith(reply) or text.startswith(reply), text
+        # still in step: the next transaction goes through
+        assert talk.cmd("MAIL FROM:<a@example.net> RET=HDRS ENVID=ok+2B1")[0] == 250
+        assert talk.cmd("RCPT TO:<user1@example.com> NOTIFY=FAILURE")[0] == 250
+        assert talk.cmd("DATA")[0] == 354
+        talk.send(f"Subject: {mark}\r\n\r\nx\r\n.\r\n".encode())
+        assert talk.reply()[0] == 250
+    dovecot_server.wait_for_message("user1@example.com", has(mark))
+
+
+def test_pipelined_batch_gets_its_replies_and_a_message_in_one_go(gate, dovecot_server):
+    mark = token()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.97") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        talk.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<user1@example.com>\r\n"
+                  b"RCPT TO:<nobody@example.com>\r\nDATA\r\n")
+        codes = [talk.reply()[0] for _ in range(4)]
+        assert codes == [250, 250, 550, 354]
+        talk.send(f"Subject: {mark}\r\n\r\n..dot\r\n.\r\nQUIT\r\n".encode())
+        assert talk.reply()[0] == 250
+        assert talk.reply()[0] == 221
+    message = dovecot_server.wait_for_message("user1@example.com", has(mark))
+    assert b"\n.dot\n" in message  # unstuffed once, by smtpgate, and sent as BDAT
+
+
+async def test_transaction_limit_hands_slots_over_in_order_and_refuses_after_the_wait():
+    limit = TransactionLimit(1, wait=0.2)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder():
+        async with limit.slot():
+            order.append("first in")
+            await release.wait()
+        order.append("first out")
+
+    async def second():
+        async with limit.slot():
+            order.append("second in")
+
+    first = asyncio.ensure_future(holder())
+    await asyncio.sleep(0)
+    with pytest.raises(RelayBusy):  # nobody releases within the wait
+        async with limit.slot():
+            pass
+    waiting = asyncio.ensure_future(second())
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, waiting)
+    assert order == ["first in", "first out", "second in"]
+    assert limit.in_flight == 0
