@@ -328,9 +328,6 @@ class Config:
         450, int_between(400, 599), "reject_unknown_client_hostname code")
     unknown_helo_reject_code: int = setting(
         450, int_between(400, 599), "reject_unknown_helo_hostname code")
-    unknown_address_reject_code: int = setting(
-        450, int_between(400, 599), "reject_unknown_recipient_domain code")
-    recipient_delimiter: str = setting("+", text, "recipient_delimiter for VALI/VBOX lookups")
     allow_trusted_routing: bool = setting(
         False, parse_bool, "let trusted clients use user%host and source-routed recipients")
     sender_login_check: bool = setting(
@@ -341,7 +338,6 @@ class Config:
         26214400, int_between(0), "largest message in bytes (0: none)")
     smtpd_timeout: float = setting(300.0, seconds(1, 3600), "idle time limit per command")
     smtpd_recipient_limit: int = setting(1000, int_between(1), "recipients per message")
-    smtpd_soft_error_limit: int = setting(10, int_between(1), "errors before replies slow down")
     smtpd_hard_error_limit: int = setting(20, int_between(1), "errors before 421 and close")
     line_length_limit: int = setting(2048, int_between(512), "longest command line in bytes")
     next_hop_pool: int = setting(

@@ -42,14 +42,24 @@ class HopPool:
                  max_age: float = 60.0) -> None:
         self.hop, self.timeout, self.ehlo_name = hop, timeout, ehlo_name
         self.size, self.max_age = size, max_age
+        self.offered: frozenset[str] | None = None  # XCLIENT attributes, once learned
         self._idle: list[NextHop] = []
         self._filling = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def take(self) -> NextHop:
         found = self.take_idle()
-        return found if found is not None else await NextHop.greeted(
-            self.hop, self.timeout, self.ehlo_name)
+        return found if found is not None else await self._greeted()
+
+    async def _greeted(self) -> NextHop:
+        hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
+        self.offered = hop.offered
+        return hop
+
+    def forget(self) -> None:
+        """A hand-off failed: learn Postfix's XCLIENT attributes again (its settings may have
+        changed)."""
+        self.offered = None
 
     def take_idle(self) -> NextHop | None:
         now = time.monotonic()
@@ -74,7 +84,7 @@ class HopPool:
 
     async def _open_one(self) -> None:
         try:
-            self._idle.append(await NextHop.greeted(self.hop, self.timeout, self.ehlo_name))
+            self._idle.append(await self._greeted())
         except RelayError:
             pass  # Postfix is down: the session that needs it will say 451
         finally:

@@ -517,6 +517,8 @@ class Session:
             return
         except RelayError as exc:
             log.warning("warning: next hop %s: %s", hop_address, exc)
+            if pool is not None:
+                pool.forget()
             self.reply(replies.RELAY_UNAVAILABLE)
             return
         finally:
