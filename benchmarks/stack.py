@@ -70,9 +70,15 @@ class StackError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port from the test harness's allocator (tests/services/ports.py): from a block of
+    ports this process has claimed, outside the kernel's ephemeral range, never handed out
+    twice. A port bound to 0 and closed again can be taken by any outgoing connection
+    before the service binds it."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.append(str(ROOT / "tests"))
+    from services.ports import free_port as allocate
+
+    return allocate(host)
 
 
 def wait_for(what: str, probe, deadline: float, log: Path | None = None) -> None:

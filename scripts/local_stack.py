@@ -22,7 +22,8 @@ DESCRIPTION
     smtpgate's MX port to user1, one through submission (STARTTLS, AUTH as
     user1) to user2; each must reach its Maildir within 30 s. It prints OK
     and exits 0, or prints what went wrong with the logs' tails and exits 1.
-    tests/test_local_stack.py runs it, so the quick start cannot rot.
+    tests/test_local_stack.py runs it, so the quick start cannot rot. The
+    check also fails if smtpgate does not exit with status 0 after SIGTERM.
 
     Exit status: 0 after a clean stop or a passed check, 1 otherwise.
 """
@@ -189,7 +190,10 @@ class Stack:
                     raise RuntimeError("smtpgate did not get ready:\n" + log_tail(self.gate_log))
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self) -> str | None:
+        """Stop smtpgate, then every service; what went wrong with smtpgate's exit, if anything
+        (None: it exited with status 0 after SIGTERM, within the drain deadline)."""
+        problem = None
         if self.gate is not None and self.gate.poll() is None:
             print("local_stack: stopping smtpgate", flush=True)
             self.gate.send_signal(signal.SIGTERM)
@@ -198,12 +202,16 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.gate.kill()
                 self.gate.wait()
+                problem = "smtpgate did not exit within 40 s of SIGTERM and was killed"
+        if problem is None and self.gate is not None and self.gate.returncode != 0:
+            problem = f"smtpgate exited with status {self.gate.returncode}"
         for service in reversed(self._started):
             try:
                 service.stop()
             except Exception as exc:  # stop the rest regardless
                 print(f"local_stack: stopping {service!r}: {exc}", file=sys.stderr)
         self._started.clear()
+        return problem
 
     def swaks_command(self) -> list[str]:
         return ["swaks", "--server", f"127.0.0.1:{self.mx_port}", "--to", "user1@example.com",
@@ -340,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         # A second Ctrl-C must not cut the cleanup short; every stop has a deadline.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.stop()
+        gate_problem = stack.stop()
+        if args.check and status == 0 and gate_problem:
+            # the check holds smtpgate to a clean stop too, as the tests do
+            print(f"local_stack: FAILED: {gate_problem}\nsmtpgate log:\n"
+                  f"{log_tail(stack.gate_log)}", file=sys.stderr)
+            status = 1
         shutil.rmtree(root, ignore_errors=True)
         print("local_stack: stopped; removed " + str(root), flush=True)
     return status

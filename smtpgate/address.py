@@ -9,6 +9,8 @@ SYNOPSIS
     is_valid_hostname(name: str) -> bool
     is_address_literal(domain: str) -> bool
     valid_address_literal(domain: str) -> bool
+    client_address(ip: str | IPAddress) -> IPv4Address | IPv6Address
+    plain_ip(ip: str) -> str
 
     class AddressError(ValueError): .reply: Reply
     class Path: address, local, domain, params, route, quoted, raw, null, routed
@@ -51,6 +53,12 @@ DESCRIPTION
     hyphens inside labels, underscores, labels of 1..63, at most 255, not
     all-numeric. valid_address_literal() checks "[1.2.3.4]" and
     "[IPv6:...]" forms (Postfix's valid_mailhost_addr()).
+
+    client_address() is the one home of a client address's canonical form:
+    an IPv4-mapped IPv6 address (::ffff:a.b.c.d, a dual-stack socket's view
+    of an IPv4 client) is the IPv4 address it carries; brackets, blanks and
+    an "IPv6:" tag are accepted. plain_ip() is the same as text, and leaves
+    what is not an address as it is.
 """
 
 from __future__ import annotations
@@ -65,12 +73,14 @@ from smtpgate.verdict import Reply
 __all__ = [
     "AddressError",
     "Path",
+    "client_address",
     "is_address_literal",
     "is_fqdn",
     "is_valid_hostname",
     "parse_mail_arg",
     "parse_path",
     "parse_rcpt_arg",
+    "plain_ip",
     "split",
     "valid_address_literal",
 ]
@@ -336,16 +346,29 @@ def _valid_ip(text: str, version: int) -> bool:
     return ip.version == version and "%" not in text
 
 
-def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_address(ip: str | IPAddress) -> IPAddress:
     """The address a client really has: an IPv4-mapped IPv6 address is its IPv4 address.
 
     The one home of that unwrapping: lookups keys, DNS, DNSBL, limits and the access list all
-    see an IPv4 client on a dual-stack socket as IPv4. ValueError for anything but an address.
+    see an IPv4 client on a dual-stack socket as IPv4. The written forms an address comes in
+    are accepted: blanks around it, an address literal's brackets and its "IPv6:" tag (any
+    case, so XCLIENT's "IPV6:" too). ValueError for anything but an address.
     """
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        address = ip
+    else:
+        text = str(ip).strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        if text[:5].lower() == "ipv6:":
+            text = text[5:]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {ip!r}") from None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

@@ -2,11 +2,21 @@
 
 DESCRIPTION
     Runs `python -m benchmarks.run --smoke` (real redis-server, dnsmasq,
-    Postfix and smtpgate; 20 messages, 2 concurrent sessions, 20 idle
-    connections, a few STARTTLS sessions, the micro benchmarks) and checks
-    that bench.json has every figure of every case with a sane value, that
-    every message smtp-source sent was really delivered by Postfix, and that
-    the markdown table and the PNG plot were written.
+    Postfix, smtpgate and the aiosmtpd front end; 20 messages, 2 concurrent
+    sessions, 20 idle connections, a few STARTTLS sessions, the micro
+    benchmarks) and checks that bench.json has every figure of every case
+    with a sane value, that every message sent was delivered by Postfix
+    exactly once, and that the markdown table and the PNG plot were written.
+
+    Deliveries are counted per message marker (each case, target and run
+    marks its messages in the Message-ID; benchmarks.stack.DeliveryLog), not
+    as all "status=sent" lines of Postfix's log, which once counted 21 for
+    20 messages: a delivery of the warm-up, not yet logged when the first
+    case took its "before" count, landed in that case's count.
+
+    No figure is held to a target; the checks are that each figure was
+    measured (a positive number where work was done) and that derived
+    figures agree with the ones they come from.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PY_FRONTS = ("smtpgate", "aiosmtpd-front")
+MESSAGES, LATENCY_SESSIONS, TLS_SESSIONS, IDLE = 20, 10, 5, 20  # --smoke's sizes
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,8 +44,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    # the timeout only says "it did not hang"; how long the run takes is not asserted
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text())
 
@@ -42,57 +55,98 @@ def positive(value) -> bool:
     return isinstance(value, int | float) and not math.isnan(value) and value > 0
 
 
+def targets(data, case: str) -> set[str]:
+    return {row["target"] for row in data[case]}
+
+
 def test_outputs_written(bench):
     out, data = bench
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "bench.md").read_text()
     for heading in ("Case 1", "Case 2", "Case 3", "Case 4", "Case 5", "Goals"):
         assert heading in table
-    assert data["meta"]["smoke"] is True and data["meta"]["wall_s"] < 100
+    assert data["meta"]["smoke"] is True and positive(data["meta"]["wall_s"])
+    assert "errors" not in data, data.get("errors")
+
+
+def test_warm_up_messages_were_delivered_before_the_cases(bench):
+    _, data = bench
+    assert targets(data, "chain") <= set(data["warm_up"])
+    for target, summary in data["warm_up"].items():
+        assert summary["sessions"] == summary["queued"] == summary["delivered"] == 1, target
 
 
 @pytest.mark.parametrize("target", ["smtpgate", "aiosmtpd-front", "postscreen", "smtpd"])
 def test_chain_figures(bench, target):
     _, data = bench
     rows = [r for r in data["chain"] if r["target"] == target]
+    if not rows and target == "aiosmtpd-front":
+        pytest.skip("the run left the aiosmtpd front end out")
     assert len(rows) == 1
     row = rows[0]
     assert row["smtp_source_ok"], row["smtp_source_stderr"]
     assert positive(row["messages_per_s"]) and positive(row["sessions_per_s"])
-    assert row["delivered"] == row["messages"] == 20  # Postfix's discard transport took them all
+    # each message of this row, by its marker: queued once, delivered once
+    assert row["marker"] != row["latency_marker"]
+    assert row["queued"] == row["delivered"] == row["messages"] == MESSAGES
     lat = row["latency"]
-    assert lat["sessions"] == 10 and lat["errors"] == 0
+    assert lat["sessions"] == LATENCY_SESSIONS and lat["errors"] == 0
+    assert lat["queued"] == row["latency_queued"] == row["latency_delivered"] == LATENCY_SESSIONS
+    assert row["errors"] == 0
     assert positive(lat["p50_ms"]) and lat["p99_ms"] >= lat["p50_ms"]
-    assert row["postfix_cpu_ms_per_msg"] >= 0 and row["chain_cpu_ms_per_msg"] >= 0
-    if target in ("smtpgate", "aiosmtpd-front"):
-        assert row["front_cpu_ms_per_msg"] >= 0
+    front = row["front_cpu_ms_per_msg"]
+    assert row["chain_cpu_ms_per_msg"] == pytest.approx(
+        (front or 0.0) + row["postfix_cpu_ms_per_msg"])
+    if target in PY_FRONTS:
+        assert positive(front)  # a Python process handling 20 sessions, measured
         assert row["front_peak_pss_kb"] > 1000  # a Python process, measured
-        assert row["redis_commands_per_msg"] >= 0
+        assert row["postfix_peak_pss_kb"] is None
+        assert positive(row["redis_commands_per_msg"])  # connection counts at least
+        by_command = {k: v for k, v in row["redis_by_command_per_msg"].items() if k != "ping"}
+        assert sum(by_command.values()) == pytest.approx(  # each rounded to 0.01
+            row["redis_commands_per_msg"], abs=0.01 * len(by_command))
     else:
+        assert front is None and row["redis_commands_per_msg"] is None
         assert row["postfix_peak_pss_kb"] > 1000
+
+
+def test_postfix_cpu_is_measured(bench):
+    """One row's share can be less than a clock tick; all rows together cannot be nothing."""
+    _, data = bench
+    assert sum(row["postfix_cpu_ms_per_msg"] for row in data["chain"]) > 0
 
 
 @pytest.mark.parametrize("kind", ["access_list", "dnsbl"])
 def test_screening_figures(bench, kind):
     _, data = bench
     rows = {r["target"]: r for r in data["screening"] if r["kind"] == kind}
-    assert set(rows) == {"smtpgate", "aiosmtpd-front", "postscreen"}
-    for row in rows.values():
-        assert row["connections"] > 0 and row["duration_s"] > 0
-        assert row["rejected_per_s"] >= 0 and positive(row["p50_ms"])
-    # postscreen is configured to drop exactly these clients: the harness's world is right
-    ps = rows["postscreen"]
-    assert ps["rejected"] == ps["connections"] and set(ps["outcomes"]) == {"521"}
+    assert {"smtpgate", "postscreen"} <= set(rows) <= {*PY_FRONTS, "postscreen"}
+    for target, row in rows.items():
+        assert row["connections"] == sum(row["outcomes"].values()) > 0
+        assert row["duration_s"] > 0 and positive(row["p50_ms"])
+        assert row["rejected"] > 0, (target, row["outcomes"])
+        assert row["rejected"] == sum(n for k, n in row["outcomes"].items() if k.startswith("5"))
+        assert row["rejected_per_s"] == pytest.approx(row["rejected"] / row["duration_s"],
+                                                      rel=0.05)
+    if kind == "access_list":
+        # both drop exactly these clients: the harness's world is right. (Not asserted for
+        # the DNSBL: a verdict that comes after the 1 s greet wait of --smoke lets a listed
+        # client pass, as postscreen's log shows now and then: "PASS NEW" before "listed".)
+        for target in ("smtpgate", "postscreen"):
+            row = rows[target]
+            assert row["rejected"] == row["connections"], (target, row["outcomes"])
+            assert set(row["outcomes"]) == {"521"}, (target, row["outcomes"])
 
 
 @pytest.mark.parametrize("target", ["smtpgate", "postscreen"])
 def test_idle_figures(bench, target):
     _, data = bench
     (row,) = [r for r in data["idle"] if r["target"] == target]
-    assert row["held"] == row["requested"] == 20 and not row["open_errors"]
-    assert row["server_held"] == 20  # the server really holds them all
+    assert row["held"] == row["requested"] == IDLE and not row["open_errors"]
+    assert row["server_held"] == IDLE  # the server really holds them all
     assert row["pss_held_kb"] >= row["pss_before_kb"] > 0
-    assert row["bytes_per_connection"] is not None and row["bytes_per_connection"] >= 0
+    assert row["bytes_per_connection"] == pytest.approx(
+        (row["pss_held_kb"] - row["pss_before_kb"]) * 1024 / row["server_held"])
     for probe in (row["probe_during"], row["probe_after"]):
         assert probe["sessions"] == 5 and positive(probe["p50_ms"])
 
@@ -100,9 +154,10 @@ def test_idle_figures(bench, target):
 def test_starttls_figures(bench):
     _, data = bench
     rows = {r["target"]: r for r in data["starttls"]}
-    assert set(rows) == {"smtpgate", "aiosmtpd-front", "postscreen", "smtpd"}
-    for row in rows.values():
-        assert row["sessions"] > 0 and positive(row["sessions_per_s"]) and positive(row["p50_ms"])
+    assert {"smtpgate", "postscreen", "smtpd"} <= set(rows) <= {*PY_FRONTS, "postscreen", "smtpd"}
+    for target, row in rows.items():
+        assert row["sessions"] == row["queued"] == row["delivered"] == TLS_SESSIONS, target
+        assert positive(row["sessions_per_s"]) and positive(row["p50_ms"])
 
 
 def test_micro_figures(bench):
@@ -124,29 +179,3 @@ def test_goals_reported(bench):
         assert isinstance(goals[name], int | float), name
         assert goals["met"][name] in (True, False)
     assert positive(goals["chain_vs_postscreen_ratio"]) and positive(goals["idle_10k_mb"])
-
-
-def test_big_and_slow_figures(bench):
-    _, data = bench
-    targets = {"smtpgate", "aiosmtpd-front", "postscreen", "smtpd"}
-    big = {r["target"]: r for r in data["big"]}
-    assert set(big) == targets
-    for row in big.values():
-        assert row["smtp_source_ok"] and row["delivered"] == row["messages"]
-        assert row["postfix_cpu_ms_per_mib"] >= 0
-    assert big["aiosmtpd-front"]["front_cpu_ms_per_mib"] >= 0
-    slow = {r["target"]: r for r in data["slow"]}
-    assert set(slow) == targets
-    for row in slow.values():
-        assert row["slow"]["sessions"] == row["slow_senders"]
-        assert row["normal"]["sessions"] > 0 and positive(row["normal"]["p50_ms"])
-        assert row["smtpd_busy_peak"] >= 0
-
-
-def test_versus_aiosmtpd_reported(bench):
-    out, data = bench
-    cases = {r["case"] for r in data["versus_aiosmtpd"]}
-    assert {"chain", "screening", "starttls", "big", "slow"} <= cases
-    assert "smtpgate against the aiosmtpd front end" in (out / "bench.md").read_text()
-    fronts = data["meta"]["fronts"]
-    assert fronts["aiosmtpd-front"]["event_loop"] and fronts["smtpgate"]["python"]

@@ -1,10 +1,11 @@
-"""Recipient checks: RECIP: actions and unknown users, plus the lookup key order."""
+"""Recipient checks: RECIP: actions and unknown users, plus the VALI/VBOX key order."""
 
 from __future__ import annotations
 
 import pytest
 
-from smtpgate.checks.recipient import access_keys, decide, lookup_keys
+from smtpgate.checks.recipient import decide
+from smtpgate.lookups import keys as key_formats
 from smtpgate.verdict import Outcome
 
 R = "user@dom.example"
@@ -57,17 +58,7 @@ def test_recipient(access, local, listed, outcome, reply):
     ("+leading@dom.example", ("+leading@dom.example", "@dom.example")),
     ("postmaster", ("postmaster",)),
 ], ids=["plain", "tag and case", "first delimiter", "leading delimiter kept", "no domain"])
-def test_lookup_keys(address, keys):
-    assert lookup_keys(address) == keys
-
-
-def test_lookup_keys_without_delimiter():
-    assert lookup_keys("u+x@d.example", delimiter="") == ("u+x@d.example", "@d.example")
-
-
-@pytest.mark.parametrize("address,keys", [
-    ("user@dom.example", ("user@dom.example", "dom.example", "user@")),
-    ("u+t@dom.example", ("u+t@dom.example", "u@dom.example", "dom.example", "u+t@", "u@")),
-], ids=["plain", "tag"])
-def test_access_keys(address, keys):
-    assert access_keys(address) == keys
+def test_listed_is_looked_up_in_virtual_order(address, keys):
+    """What `listed` is decided from: the keys' one home, smtpgate.lookups.keys."""
+    for prefix in (key_formats.VALI, key_formats.VBOX):
+        assert key_formats.address_keys(prefix, address) == [f"{prefix}:{k}" for k in keys]

@@ -97,10 +97,12 @@ async def test_several_requests_on_one_connection(socketmap):
 ])
 async def test_malformed_request_closes(socketmap, raw):
     reader, writer = await asyncio.open_connection("127.0.0.1", socketmap)
-    writer.write(raw)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no reply
-    writer.close()
+    try:
+        writer.write(raw)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no reply
+    finally:
+        writer.close()
 
 
 async def test_redis_down_answers_temp(socketmap, redis_server):

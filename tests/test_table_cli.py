@@ -4,6 +4,7 @@ import io
 
 import pytest
 
+from smtpgate.address import parse_rcpt_arg
 from smtpgate.cli.table import run
 from smtpgate.config import load
 from smtpgate.lookups import keys
@@ -67,6 +68,31 @@ def test_normalize_key(prefix, name, stored):
 def test_normalize_key_refuses(prefix, name, why):
     with pytest.raises(ValueError, match=why):
         keys.normalize_key(prefix, name)
+
+
+# Written as a client writes them in RCPT TO (SMTPUTF8 declared); each is accepted there.
+RCPT_FORMS = [
+    "user@example.com", "User@Example.COM.", "first_last@mail_host.example.com",
+    '"john doe"@example.com', '"a\\"b"@example.com', '"a,b"@example.com', '"x@y"@example.com',
+    '"john(work)"@example.com',
+    "user@b\u00fccher.example", "p\u00e9rez@example.com", "postmaster@[192.0.2.1]",
+    "postmaster@[IPv6:2001:db8::1]", "user@localhost", "a.b+tag@example.com",
+]
+
+
+@pytest.mark.parametrize("written", RCPT_FORMS)
+@pytest.mark.parametrize("prefix", ["VALI", "VBOX", "RECIP", "LOGMAP"])
+def test_every_address_the_smtp_parser_accepts_is_a_valid_key(prefix, written):
+    """One address grammar: a key can be set for whatever a client may give in RCPT TO.
+
+    The key is the parser's internal form (quotes removed), lower-cased, as it is looked up;
+    white space is the one exception (the CLI takes a key as one word)."""
+    path = parse_rcpt_arg(f"TO:<{written}>", smtputf8=True)
+    if any(c.isspace() for c in path.address):
+        with pytest.raises(ValueError, match="white space"):
+            keys.normalize_key(prefix, path.address)
+        return
+    assert keys.normalize_key(prefix, path.address) == path.address.lower()
 
 
 @pytest.mark.parametrize(("prefix", "value", "stored"), [c[1:] for c in VALUE_OK],

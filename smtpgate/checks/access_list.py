@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from smtpgate.address import IPAddress, client_address
 from smtpgate.checks.screening_action import act
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -66,14 +67,11 @@ def decide(
     return Verdict(CHECK, Outcome.PASS, reason=f"[{ip}] {shown}")
 
 
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _address(ip: str) -> IPAddress | None:
     try:
-        address = ipaddress.ip_address(ip.strip().removeprefix("IPV6:"))
+        return client_address(ip)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 def _find(address, networks: Iterable[Network]) -> Network | None:

@@ -38,11 +38,10 @@ DESCRIPTION
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from smtpgate.address import is_valid_hostname
+from smtpgate.address import IPAddress, client_address, is_valid_hostname
 from smtpgate.checks import access_verdict
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -136,11 +135,8 @@ def _why(facts: FcrdnsFacts) -> str:
     return f"PTR {' '.join(facts.ptr_names)} does not confirm {facts.ip}: {checked}"
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _ip(text: str) -> IPAddress | None:
     try:
-        ip = ipaddress.ip_address(text)
+        return client_address(text)
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip

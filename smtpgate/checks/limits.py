@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from smtpgate.address import client_address
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "limits"
@@ -40,14 +41,10 @@ ALL_PORTS_BUSY = Reply(421, "4.3.2", "All server ports are busy")
 
 def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     try:
-        address = ipaddress.ip_address(ip.strip().removeprefix("IPV6:"))
+        address = client_address(ip)
     except ValueError:
         return ip.strip()
-    if isinstance(address, ipaddress.IPv4Address):
-        return str(address)
-    if address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    if ipv6_prefix >= 128:
+    if isinstance(address, ipaddress.IPv4Address) or ipv6_prefix >= 128:
         return str(address)
     return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 

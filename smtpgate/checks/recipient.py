@@ -3,8 +3,6 @@
 SYNOPSIS
     decide(rcpt: str, *, local: bool, listed: bool | None,
            access: str | None = None) -> Verdict
-    lookup_keys(address: str, delimiter: str = "+") -> tuple[str, ...]
-    access_keys(address: str, delimiter: str = "+") -> tuple[str, ...]
 
 DESCRIPTION
     rcpt is the recipient in internal form (Path.address). access is the
@@ -16,22 +14,17 @@ DESCRIPTION
     test that follows (smtpd_reject_unlisted_recipient).
 
     For a local domain, listed says whether the address is in VALI or VBOX
-    under one of lookup_keys() (None: the lookup failed). Not listed:
+    under one of its keys (None: the lookup failed); which keys, in which
+    order, is smtpgate.lookups.keys's to say (address_keys, recip_keys),
+    the one home of every key format. Not listed:
       550 5.1.1 <rcpt>: Recipient address rejected: User unknown in virtual mailbox table
     a failed lookup:
       451 4.3.0 <rcpt>: Temporary lookup failure
     A non-local recipient (relayed for a trusted client) skips the test.
-
-    lookup_keys(): the lower-cased address, then without its
-    +extension (recipient_delimiter), then the @domain catch-all: the order
-    Postfix's virtual tables are searched in. access_keys(): the address,
-    without extension, the domain, then "local@" forms, as
-    check_recipient_access searches (parent domains are the tables layer's).
 """
 
 from __future__ import annotations
 
-from smtpgate.address import split
 from smtpgate.checks import access_verdict
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -61,37 +54,3 @@ def decide(rcpt: str, *, local: bool, listed: bool | None,
     return Verdict(CHECK, Outcome.PERMIT if permitted else Outcome.PASS,
                    reason="RECIP permit; listed" if permitted else "listed")
 
-
-def _strip_extension(local: str, delimiter: str) -> str | None:
-    # A leading delimiter is part of the name, not an extension.
-    if not delimiter:
-        return None
-    cut = local.find(delimiter, 1)
-    return local[:cut] if cut > 0 else None
-
-
-def lookup_keys(address: str, delimiter: str = "+") -> tuple[str, ...]:
-    address = address.lower()
-    local, domain = split(address)
-    keys = [address]
-    bare = _strip_extension(local, delimiter)
-    if bare is not None:
-        keys.append(f"{bare}@{domain}" if domain else bare)
-    if domain:
-        keys.append(f"@{domain}")
-    return tuple(keys)
-
-
-def access_keys(address: str, delimiter: str = "+") -> tuple[str, ...]:
-    address = address.lower()
-    local, domain = split(address)
-    bare = _strip_extension(local, delimiter)
-    keys = [address]
-    if bare is not None:
-        keys.append(f"{bare}@{domain}" if domain else bare)
-    if domain:
-        keys.append(domain)
-        keys.append(f"{local}@")
-        if bare is not None:
-            keys.append(f"{bare}@")
-    return tuple(keys)

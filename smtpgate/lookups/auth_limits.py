@@ -63,7 +63,8 @@ import asyncio
 import ipaddress
 import logging
 
-from smtpgate.lookups.keys import AUTHFAIL_IP, AUTHFAIL_LOGIN, client_ip
+from smtpgate.address import client_address
+from smtpgate.lookups.keys import AUTHFAIL_IP, AUTHFAIL_LOGIN
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "auth_limit"
@@ -75,7 +76,7 @@ log = logging.getLogger("smtpgate.auth_limits")
 
 def ip_key(ip: str, ipv6_prefix: int = 64) -> str:
     try:
-        address = client_ip(ip.strip().removeprefix("IPV6:"))
+        address = client_address(ip)
     except ValueError:
         return AUTHFAIL_IP + ip.strip()  # not an address: count it under its own text
     if address.version == 6:

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import asyncio
 
-from smtpgate.address import is_valid_hostname
+from smtpgate.address import client_address, is_valid_hostname
 from smtpgate.checks.client_fcrdns import FcrdnsFacts, Forward
 from smtpgate.checks.helo import HeloDns
-from smtpgate.lookups.resolver import DnsAnswer, Resolver, client_address
+from smtpgate.lookups.resolver import DnsAnswer, Resolver
 
 MAX_NAMES = 10
 

@@ -63,6 +63,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
+from smtpgate.address import client_address
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
 
@@ -70,9 +71,7 @@ HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "err
 
 
 def query_name(ip: str, zone: str) -> str:
-    address = ipaddress.ip_address(ip.strip().removeprefix("IPV6:"))
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    address = client_address(ip)
     if isinstance(address, ipaddress.IPv4Address):
         reversed_ip = ".".join(reversed(str(address).split(".")))
     else:
@@ -215,7 +214,4 @@ class DnsblQuerier:
 
 
 def _normal(ip: str) -> str:
-    address = ipaddress.ip_address(ip.strip().removeprefix("IPV6:"))
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return str(client_address(ip))

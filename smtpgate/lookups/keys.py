@@ -7,9 +7,9 @@ SYNOPSIS
 
     key(prefix, name) -> str                           "PSA" + "1.2.3.4" -> "PSA:1.2.3.4"
     split_key(redis_key) -> tuple[str, str] | None     the inverse, None for foreign keys
-    client_ip(text) -> IPv4Address | IPv6Address        IPv4-mapped IPv6 unwrapped
     parse_network(name) -> IPv4Network | IPv6Network | None
     network_keys(prefix, ip) -> list[str]              exact IP, then every network, longest first
+                                                       (ip as address.client_address sees it)
     split_address(address) -> tuple[str, str]          (local, domain), domain lower-cased
     address_keys(prefix, address) -> list[str]         full, without +ext, @domain (VALI, VBOX)
     recip_keys(address) -> list[str]                   full address, then domain (RECIP)
@@ -50,6 +50,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from smtpgate.address import AddressError, IPAddress, client_address, is_fqdn, parse_path
 from smtpgate.checks import access_value
 
 PSA = "PSA"
@@ -69,7 +70,6 @@ PSA_ACTIONS = frozenset({_Kind.OK, _Kind.REJECT, _Kind.DUNNO})
 
 RECIPIENT_DELIMITER = "+"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -85,15 +85,6 @@ def split_key(redis_key: str) -> tuple[str, str] | None:
 
 
 # --- addresses and networks --------------------------------------------------------------------
-
-
-def client_ip(text: str | IPAddress) -> IPAddress:
-    """The client address as a lookup key; ::ffff:a.b.c.d is the IPv4 client it carries."""
-    ip = text if isinstance(text, ipaddress.IPv4Address | ipaddress.IPv6Address) else (
-        ipaddress.ip_address(str(text).strip().strip("[]").removeprefix("IPv6:")))
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def parse_network(name: str) -> IPNetwork | None:
@@ -114,7 +105,7 @@ def parse_network(name: str) -> IPNetwork | None:
 
 def network_keys(prefix: str, ip: str | IPAddress) -> list[str]:
     """Keys to try for a client IP when no index is loaded: exact, then /32 (/128) down to /0."""
-    addr = client_ip(ip)
+    addr = client_address(ip)
     keys = [key(prefix, str(addr))]
     for length in range(addr.max_prefixlen, -1, -1):
         net = ipaddress.ip_network(f"{addr}/{length}", strict=False)
@@ -172,20 +163,35 @@ def split_targets(value: str) -> tuple[str, ...]:
 
 # --- validation for the CLI ---------------------------------------------------------------------
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_LOCAL = re.compile(r"^[^\s@,<>\"]+$")
+# One grammar for addresses and domains: the SMTP parser's (smtpgate.address), with
+# SMTPUTF8, so that the CLI takes a key for every address a client can give in RCPT TO.
 
 
 def is_domain(name: str) -> bool:
-    labels = name.split(".")
-    return len(labels) > 1 and len(name) <= 253 and all(
-        _LABEL.match(label) or (label.startswith("xn--") and _LABEL.match(label))
-        for label in labels)
+    """A fully qualified domain as the SMTP side reads one (address.is_fqdn, UTF-8 allowed)."""
+    return is_fqdn(name, smtputf8=True)
+
+
+def _address_key(text: str) -> str | None:
+    """The key for an address in internal form (quotes removed, as looked up), if the SMTP
+    parser takes a recipient with that internal form: as it is, or with its local part
+    quoted. None if it does not."""
+    local, sep, domain = text.rpartition("@")
+    if not sep or not local or not domain:
+        return None
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    for written in (local, quoted):
+        try:
+            path = parse_path(f"<{written}@{domain}>", smtputf8=True)
+        except AddressError:
+            continue
+        if not path.route and path.domain and path.local == local:
+            return f"{path.local}@{path.domain}".lower()
+    return None
 
 
 def is_address(text: str) -> bool:
-    local, sep, domain = text.rpartition("@")
-    return bool(sep and local and _LOCAL.match(local) and is_domain(domain.lower()))
+    return _address_key(text) is not None
 
 
 def _normalize_network(prefix: str, name: str) -> str:
@@ -221,19 +227,17 @@ def normalize_key(prefix: str, name: str) -> str:
             raise ValueError(f"VDOM key {name!r} is not a domain name")
         return text.lower().rstrip(".")
     if prefix == RECIP:
-        if is_domain(text.lower()) or is_address(text):
-            return _lower_address(text)
+        if is_domain(text.lower()):
+            return text.lower()
+        if (address := _address_key(text)) is not None:
+            return address
         raise ValueError(f"RECIP key {name!r} is not an address or a domain")
     # VALI, VBOX, LOGMAP: an address, or @domain (catch-all)
     if text.startswith("@") and is_domain(text[1:].lower()):
         return text.lower()
-    if is_address(text):
-        return _lower_address(text)
+    if (address := _address_key(text)) is not None:
+        return address
     raise ValueError(f"{prefix} key {name!r} is not an address or @domain")
-
-
-def _lower_address(text: str) -> str:
-    return text.lower()
 
 
 def check_value(prefix: str, value: str) -> str:

@@ -42,7 +42,6 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -57,6 +56,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from smtpgate.address import client_address
 from smtpgate.config import HostPort
 
 __all__ = ["DnsAnswer", "Resolver"]
@@ -183,17 +183,6 @@ class Resolver:
                 if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                     return self._clamp(min(rrset.ttl, rrset[0].minimum))
         return self._clamp(self.negative_ttl)
-
-
-def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address as DNS should see it: an IPv4-mapped IPv6 address is its IPv4 address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise ValueError(f"not an IP address: {ip!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _make_resolver(nameservers: tuple[HostPort, ...],

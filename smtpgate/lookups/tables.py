@@ -70,6 +70,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from smtpgate.address import client_address
 from smtpgate.checks import access_value
 from smtpgate.config import parse_redis_url
 from smtpgate.lookups import keys
@@ -203,7 +204,7 @@ class Tables:
     # --- the phases
 
     async def connect_facts(self, ip: str | keys.IPAddress) -> ConnectFacts:
-        addr = keys.client_ip(ip)
+        addr = client_address(ip)
         self.stats.lookups += 1
         if self.cache.ready:
             self.stats.cache_answers += 1

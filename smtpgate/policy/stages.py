@@ -497,7 +497,8 @@ class Policy:
                 and "(action ignore)" not in verdict.reason:
             return None
         self._note(state, verdict)
-        state.protocol_failed.add(test)
+        if test not in state.protocol_failed:
+            state.protocol_failed += (test,)
         try:
             await self.cache.record_fail(ip, test)
         except ScreeningStoreError as exc:

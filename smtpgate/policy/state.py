@@ -66,7 +66,7 @@ class ClientState:
     greet_tested: bool = False
     helo_reject: Reply | None = None
     sender_reject: Reply | None = None
-    protocol_failed: set[str] = field(default_factory=set)
+    protocol_failed: tuple[str, ...] = ()  # a tuple, not a set: most sessions fail none
     client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
     recorded_rcpt_pass: bool = False
 

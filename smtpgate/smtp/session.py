@@ -42,7 +42,6 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 from smtpgate import replies
@@ -87,6 +86,10 @@ def protocol_factory(gate: Gate, listener: str) -> Callable[[], Wire]:
 
 
 class Session:
+    __slots__ = ("bare_newline", "client", "config", "counts", "errors", "esmtp", "gate", "helo",
+                 "last_command", "listener", "login", "mail_line", "policy", "protocol_tests",
+                 "rcpt_lines", "recipients", "sender", "smtputf8", "state", "tls", "wire")
+
     def __init__(self, gate: Gate, wire: Wire, listener: str) -> None:
         self.gate = gate
         self.config = gate.config
@@ -102,7 +105,7 @@ class Session:
         self.tls = listener == SUBMISSIONS
         self.login: str | None = None
         self.errors = 0
-        self.counts: Counter[str] = Counter()
+        self.counts: dict[str, int] = {}
         self.last_command = ""
         self.bare_newline = False
         self.protocol_tests = False
@@ -250,7 +253,7 @@ class Session:
         if self.protocol_tests and self.wire.buf:
             await self._protocol_test("pipelining", line, bytes(self.wire.buf))
         self.last_command = verb
-        self.counts[verb] += 1
+        self.counts[verb] = self.counts.get(verb, 0) + 1
         try:
             arg = arg_bytes.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -262,7 +265,7 @@ class Session:
         await handler(self, arg)
 
     async def _unknown(self, verb: str, line: bytes) -> None:
-        self.counts["unknown"] += 1
+        self.counts["unknown"] = self.counts.get("unknown", 0) + 1
         looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
         if self.protocol_tests and (verb in NON_SMTP_COMMANDS or looks_like_header):
             await self._protocol_test("non_smtp_command", line, b"")

@@ -11,6 +11,11 @@ DESCRIPTION
         rspamd_server   rspamd_server.RspamdServer
         postfix_server  postfix_server.PostfixServer
 
-    ports.free_port, waiting.wait_until / wait_for_port and procs (process
-    start, stop and exit cleanup) are the shared helpers.
+    ports.free_port (ports from a block this process claimed, never handed
+    out twice) and ports.start_on_free_ports (a start retried on new ports
+    when one was taken), waiting.wait_until / wait_for_port / no_hang, and
+    procs (process start, stop and exit cleanup) are the shared helpers.
+    Every service class has pick_ports(). smtp_talk.Talk is the misbehaving
+    SMTP client (a context manager), gate_process.GateProcess smtpgate
+    itself (stop() asserts a clean exit).
 """

@@ -92,7 +92,11 @@ def _claim_block() -> int:
     random.shuffle(firsts)
     directory = _lock_dir()
     for first in firsts:
-        fd = os.open(directory / f"{first}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:  # read-only is enough for flock(), and works on another user's lock file
+            fd = os.open(directory / f"{first}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC,
+                         0o666)
+        except OSError:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -21,6 +21,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import redis
@@ -70,11 +71,23 @@ class RedisServer:
         ]
         self._proc = spawn(argv, self.log_path, cwd=self.workdir)
         wait_for_port(self.host, self.port, timeout, proc=self._proc, log=self.log_path)
-        with self.client() as probe:
-            try:
-                wait_until(probe.ping, timeout, f"redis PING on port {self.port}")
-            except TimeoutError as exc:
-                raise TimeoutError(f"{exc}\n{log_tail(self.log_path)}") from None
+        # The port may be open but not ours (taken meanwhile, and redis-server gone with
+        # "Address already in use"): wait for our process to answer, or to have exited.
+        proc = self._proc
+        try:
+            wait_until(lambda: proc.poll() is not None or self._pong(), timeout,
+                       f"redis PING on port {self.port}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{log_tail(self.log_path)}") from None
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with status {self._proc.returncode}; "
+                               f"log tail:\n{log_tail(self.log_path)}")
+
+    def _pong(self) -> bool:
+        """One PING, answered within half a second (no client library and its retries)."""
+        with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
 
     def stop(self) -> None:
         if self._proc is not None:

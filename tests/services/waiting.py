@@ -101,3 +101,8 @@ def wait_for_port(
                 f"{host}:{port} not open after {timeout:g}s; log tail:\n{log_tail(log)}"
             )
         time.sleep(0.02)
+    if proc is not None and proc.poll() is not None:  # the port is someone else's
+        raise RuntimeError(
+            f"{proc.args[0]} exited with status {proc.returncode}, yet {host}:{port} is "
+            f"open (another program has it?); log tail:\n{log_tail(log)}"
+        )
