@@ -26,9 +26,10 @@ DESCRIPTION
     each decide(), and turns verdicts into replies. Every verdict taken is
     appended to state.record (the decision record).
 
-    On the MX listener, in postscreen's order at connect: connection limits,
-    the permanent access list (mynetworks, PSA), the screening cache, then
-    pregreet and DNSBL together during the greet wait. `drop` answers at
+    On the MX listener, in postscreen's order at connect: the permanent
+    access list (mynetworks, PSA; a drop answers before anything is
+    counted), the connection limits, the screening cache, then pregreet and
+    DNSBL together during the greet wait. `drop` answers at
     once and hangs up; `enforce` keeps the session and answers every RCPT
     with the reject, so the log names sender and recipient; `ignore` logs.
     Client (FCrDNS, REV) and HELO (HLO, DNS) restrictions are reported at
@@ -182,22 +183,18 @@ class Policy:
     # --- connect ---------------------------------------------------------------------------
 
     async def connect(self, state: ClientState) -> Reply | GreetWait | None:
+        """postscreen's order: the permanent access list, then the counts, then screening.
+
+        A client the access list drops is answered before it is counted: from the table
+        cache that costs no Redis round trip, which is what makes a flood of denylisted
+        clients cheap.
+        """
         client = state.client
         ip, port = client.ip, client.port
         state.trusted = self._trusted_network(ip)
         try:
-            state.lease = await self.counter.connect(ip)
-            self.redis_ok = True
-            verdict = self._note(state, limits.decide(
-                ip, client_count=state.lease.client_count, client_rate=state.lease.client_rate,
-                total=state.lease.total, count_limit=self.config.client_connection_count_limit,
-                rate_limit=self.config.client_connection_rate_limit,
-                connection_limit=self.config.connection_limit,
-                hostname=self.config.hostname, exempt=state.trusted))
-            if verdict.failed:
-                return verdict.reply
             facts = await self.tables.connect_facts(ip)
-        except (ScreeningStoreError, TableError) as exc:
+        except TableError as exc:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
             return CONNECT_TEMPFAIL
@@ -205,10 +202,9 @@ class Policy:
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
         state.rev_ip = facts.rev.value if facts.rev is not None else None
-        action = self.config.access_reject_action
         verdict = self._note(state, access_list.decide(
-            ip, psa.value if psa else None, mynetworks=self.config.mynetworks, action=action,
-            psa_key=psa.key if psa else ""))
+            ip, psa.value if psa else None, mynetworks=self.config.mynetworks,
+            action=self.config.access_reject_action, psa_key=psa.key if psa else ""))
         if verdict.outcome is Outcome.PERMIT:
             state.permitted = True
         elif verdict.failed:
@@ -216,6 +212,21 @@ class Policy:
                 log.info("DENYLISTED [%s]:%s", ip, port)
                 return verdict.reply
             state.enforced = verdict.reply
+        try:
+            state.lease = await self.counter.connect(ip)
+        except ScreeningStoreError as exc:
+            self.redis_ok = False
+            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
+            return CONNECT_TEMPFAIL
+        self.redis_ok = True
+        verdict = self._note(state, limits.decide(
+            ip, client_count=state.lease.client_count, client_rate=state.lease.client_rate,
+            total=state.lease.total, count_limit=self.config.client_connection_count_limit,
+            rate_limit=self.config.client_connection_rate_limit,
+            connection_limit=self.config.connection_limit,
+            hostname=self.config.hostname, exempt=state.trusted))
+        if verdict.failed:
+            return verdict.reply
         if client.listener != MX:
             return None
         if not state.trusted:

@@ -237,6 +237,7 @@ def _supervise(config: Config, workers: int) -> int:
             except Exception as exc:
                 print(f"smtpgate: fatal: {exc}", file=sys.stderr, flush=True)
             finally:
+                logging.shutdown()  # batched log lines, before _exit skips every flush
                 os._exit(code)
         children.add(pid)
         started[pid] = time.monotonic()
