@@ -110,7 +110,9 @@ class SourceRun:
 
 
 async def smtp_source(port: int, *, concurrency: int, messages: int, size: int, world,
-                      timeout: float, marker: str | None = None) -> SourceRun:
+                      timeout: float, marker: str | None = None,
+                      rcpt: str | None = None) -> SourceRun:
+    """smtp-source's run; with `rcpt` (a refused recipient) -A keeps it going past refusals."""
     with contextlib.ExitStack() as cleanup:
         if marker is None:
             payload = ["-l", str(size)]
@@ -122,7 +124,8 @@ async def smtp_source(port: int, *, concurrency: int, messages: int, size: int, 
             payload = ["-F", message.name]
         argv = [
             "smtp-source", "-s", str(concurrency), "-m", str(messages), *payload,
-            "-M", world.client_name, "-f", world.sender, "-t", world.rcpt, f"{HOST}:{port}",
+            "-M", world.client_name, "-f", world.sender, "-t", rcpt or world.rcpt,
+            *(["-A"] if rcpt else []), f"{HOST}:{port}",
         ]
         start = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
@@ -350,6 +353,35 @@ async def hold_idle(port: int, *, sources: list[str], count: int, budget: float,
             except (OSError, TimeoutError) as exc:
                 hold.errors[type(exc).__name__] += 1
 
+    await asyncio.gather(*(opener() for _ in range(min(parallel, max(1, count)))))
+    hold.elapsed = time.perf_counter() - start
+    return hold
+
+
+async def hold_idle_tls(port: int, *, sources: list[str], count: int, world,
+                        tls: ssl.SSLContext, budget: float, parallel: int = 50) -> IdleHold:
+    """`count` sessions that did EHLO and STARTTLS and then say nothing more."""
+    hold = IdleHold()
+    addresses = itertools.cycle(sources)
+    counter = itertools.count()
+    stop_at = time.perf_counter() + budget
+
+    async def opener() -> None:
+        while next(counter) < count and time.perf_counter() < stop_at:
+            try:
+                async with asyncio.timeout(max(0.1, stop_at - time.perf_counter())):
+                    reader, writer = await asyncio.open_connection(
+                        HOST, port, local_addr=(next(addresses), 0))
+                    await _expect(reader, writer, None, "220", "banner")
+                    await _expect(reader, writer, b"EHLO %s\r\n" % world.client_name.encode(),
+                                  "250", "ehlo")
+                    await _expect(reader, writer, b"STARTTLS\r\n", "220", "starttls")
+                    await writer.start_tls(tls, server_hostname=world.mx_name)
+                hold.writers.append(writer)
+            except (OSError, TimeoutError, ssl.SSLError, RuntimeError) as exc:
+                hold.errors[type(exc).__name__] += 1
+
+    start = time.perf_counter()
     await asyncio.gather(*(opener() for _ in range(min(parallel, max(1, count)))))
     hold.elapsed = time.perf_counter() - start
     return hold

@@ -90,7 +90,7 @@ from benchmarks.stack import Settings, Stack, StackError, redis_info_commands
 HERE = Path(__file__).resolve().parent
 TARGETS = ("smtpgate", "aiosmtpd-front", "postscreen", "smtpd")
 PY_FRONTS = ("smtpgate", "aiosmtpd-front")  # Python front ends: CPU, memory, Redis measured
-CASES = ("chain", "screening", "idle", "starttls", "big", "slow", "micro")
+CASES = ("chain", "unknown", "screening", "idle", "starttls", "big", "slow", "micro")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -139,6 +139,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="measure the aiosmtpd front end too")
     p.add_argument("--idle", type=bounded(1, 18000), default=10000,
                    help="idle connections held (case 3)")
+    p.add_argument("--unknown-sessions", type=bounded(1, 100000), default=3000,
+                   help="sessions refused at RCPT (unknown recipient case)")
+    p.add_argument("--unknown-concurrency", type=bounded(1, 500), default=20)
+    p.add_argument("--idle-tls", type=bounded(0, 5000), default=1000,
+                   help="idle STARTTLS sessions held for their memory (case 4; 0: none)")
     p.add_argument("--screen-concurrency", type=bounded(1, 1000), default=50)
     p.add_argument("--screen-duration", type=bounded(0.5, 120, float), default=4.0)
     p.add_argument("--tls-sessions", type=bounded(1, 100000), default=300)
@@ -166,6 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency = [2]
         args.messages, args.latency_sessions, args.size = 20, 10, 1024
         args.idle, args.screen_concurrency, args.screen_duration = 20, 4, 1.0
+        args.idle_tls = 10
+        args.unknown_sessions = 20
         args.tls_sessions, args.tls_concurrency, args.greet_wait = 5, 2, 1.0
         args.session_timeout = 5.0
         args.big_size, args.big_messages, args.big_concurrency = 256 * 1024, 3, 1
@@ -375,6 +382,33 @@ async def case_screening(stack: Stack, args) -> list[dict]:
     return rows
 
 
+async def case_unknown(stack: Stack, args) -> list[dict]:
+    """smtp-source to a recipient nobody has: sessions refused at RCPT per second."""
+    rows = []
+    rcpt = f"nobody@{stack.world.domain}"
+    for target in available_targets(stack):
+        meter = Meter(stack, target)
+        before = meter.snapshot()
+        src = await load.smtp_source(
+            port_of(stack, target), concurrency=args.unknown_concurrency,
+            messages=args.unknown_sessions, size=256, world=stack.world,
+            timeout=max(30, args.unknown_sessions / 20), rcpt=rcpt)
+        after = meter.snapshot()
+        n = args.unknown_sessions
+        rows.append({
+            "target": target, "concurrency": args.unknown_concurrency, "sessions": n,
+            "elapsed_s": src.elapsed, "smtp_source_ok": src.ok,
+            "rejected_per_s": n / src.elapsed if src.elapsed else None,
+            "front_cpu_ms_per_session": (after["front_cpu"] - before["front_cpu"]) * 1000 / n
+            if target in PY_FRONTS else None,
+            "postfix_cpu_ms_per_session": (after["postfix_cpu"] - before["postfix_cpu"])
+            * 1000 / n,
+        })
+        print(f"  unknown {target:14} {_fmt(rows[-1]['rejected_per_s'])} refused sessions/s",
+              flush=True)
+    return rows
+
+
 async def case_idle(stack: Stack, args) -> list[dict]:
     rows = []
     w = stack.world
@@ -445,9 +479,28 @@ async def case_starttls(stack: Stack, args) -> list[dict]:
             "marker": mark,
             "delivered": await meter.wait_delivered(mark, run.queued, 20),
         })
+        if target in PY_FRONTS and args.idle_tls:
+            rows[-1].update(await _idle_tls(stack, meter, target, ctx, args))
         print(f"  starttls {target:14} {_fmt(s['sessions_per_s'])} sessions/s "
-              f"p50 {_fmt(s['p50_ms'])} ms errors {s['errors']}", flush=True)
+              f"p50 {_fmt(s['p50_ms'])} ms errors {s['errors']} idle TLS "
+              f"{_fmt(rows[-1].get('idle_tls_bytes_per_session'))} B/session", flush=True)
     return rows
+
+
+async def _idle_tls(stack: Stack, meter, target: str, ctx: ssl.SSLContext, args) -> dict:
+    """Memory per STARTTLS session that sits idle after the handshake."""
+    pss_before = procstat.memory_kb(meter.front()[1]).pss
+    hold = await load.hold_idle_tls(port_of(stack, target), sources=stack.world.idle_ips(
+        args.idle_tls), count=args.idle_tls, world=stack.world, tls=ctx, budget=60)
+    try:
+        await asyncio.sleep(0.5)
+        pss_held = procstat.memory_kb(meter.front()[1]).pss
+        held = len(hold.writers)
+    finally:
+        hold.close()
+    await asyncio.sleep(1.0)
+    return {"idle_tls_held": held, "idle_tls_errors": dict(hold.errors),
+            "idle_tls_bytes_per_session": (pss_held - pss_before) * 1024 / held if held else None}
 
 
 async def case_big(stack: Stack, args) -> list[dict]:
@@ -692,7 +745,8 @@ async def run_cases(stack: Stack, args, results: dict) -> None:
     results["meta"]["fronts"] = await asyncio.to_thread(front_runtimes, stack)
     results["warm_up"] = await warm_up(stack, args)
     for name, fn in (("chain", case_chain), ("screening", case_screening),
-                     ("idle", case_idle), ("starttls", case_starttls),
+                     ("unknown", case_unknown), ("idle", case_idle),
+                     ("starttls", case_starttls),
                      ("big", case_big), ("slow", case_slow)):
         if name not in args.cases:
             continue

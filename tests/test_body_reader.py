@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpgate.relay.next_hop import dot_stuffed
 from smtpgate.smtp.body import LONGEST_PIECE, BodyReader
@@ -14,10 +16,11 @@ def scan(chunks: list[bytes], limit: int = 0, memory: int = 1 << 20):
     reader = BodyReader(spool, limit)
     buf = bytearray()
     ended = False
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         buf += chunk
         if reader.feed(buf):
             ended = True
+            buf += b"".join(chunks[i + 1:])  # what the client sent after the end
             break
     stored = b"".join(spool.chunks())
     spool.close()
@@ -97,3 +100,41 @@ def test_stuffing_undoes_unstuffing(message):
     wire = b"".join(dot_stuffed([message])) + b".\r\n"
     got, ended, left, _ = scan([wire])
     assert (got, ended, left) == (message, True, b"")
+
+
+def reference(data: bytes) -> tuple[bytes, bool, bytes, bool]:
+    """The rules, line by line and slowly: what any chunking must agree with."""
+    out, start, proper, bare = [], 0, True, False
+    while (stop := data.find(b"\n", start)) >= 0:
+        line = data[start:stop + 1]
+        start = stop + 1
+        if proper and line == b".\r\n":
+            return b"".join(out), True, data[start:], bare
+        proper = line.endswith(b"\r\n")
+        text = line[:-2] if proper else line[:-1]
+        bare = bare or not proper
+        if text[:1] == b"." and text != b".":
+            text = text[1:]
+        out.append(text + b"\r\n")
+    return b"".join(out), False, data[start:], bare
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n"]),
+                max_size=60),
+       st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20))
+@settings(max_examples=400, deadline=None)
+def test_any_chunking_agrees_with_the_line_by_line_rules(pieces, cuts):
+    data = b"".join(pieces)
+    chunks, at = [], 0
+    for size in cuts * (len(data) // max(1, sum(cuts)) + 1):
+        if at >= len(data):
+            break
+        chunks.append(data[at:at + size])
+        at += size
+    stored, ended, left, reader = scan(chunks)
+    want_stored, want_ended, want_left, want_bare = reference(data)
+    if ended:
+        assert (stored, left, reader.bare_newline) == (want_stored, want_left, want_bare)
+    else:  # not ended: what was stored is the reference's output for the complete lines
+        assert not want_ended
+        assert stored == want_stored[:len(stored)]

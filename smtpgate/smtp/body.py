@@ -26,16 +26,25 @@ DESCRIPTION
       reader sets `too_big` and stores nothing more, but keeps reading to
       the end of data so the session can answer 552 in step.
 
-    Speed: a chunk whose every LF follows a CR (any real MTA's mail) is
-    handled whole: one find for the end, two counts, one replace for the
-    dots. Only a chunk with a bare LF goes line by line.
+    Speed: each chunk of complete lines is searched once for an LF that is
+    bare or followed by a dot; most chunks of real mail have neither and
+    are stored as they came. A chunk with dots but no bare LF costs one
+    find for the end and one replace; only a chunk with a bare LF goes line
+    by line. About 1 ms per MB in all (tests/test_body_reader.py for the
+    rules, benchmarks/ for the figure).
 """
 
 from __future__ import annotations
 
+import re
+
 from smtpgate.smtp.spool import Spool
 
 LONGEST_PIECE = 65536  # a "line" without LF is stored in pieces of this size
+# An LF that is bare or starts a line with a dot: where anything but copying is needed.
+# The literal LF first lets the regex engine skip ahead as fast as a plain find.
+_SPECIAL = re.compile(rb"\n(?:\.|(?<!\r\n))")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 
 
 class BodyReader:
@@ -56,8 +65,15 @@ class BodyReader:
             if len(buf) > LONGEST_PIECE:
                 self._piece(buf)
             return False
-        block = bytes(buf[:last + 1])
-        if block.count(b"\n") == block.count(b"\r\n"):
+        with memoryview(buf) as view:  # one copy, not two (a bytearray slice copies too)
+            block = bytes(view[:last + 1])
+        special = _SPECIAL.search(block)
+        if special is None and not (self._line_start and block[:1] == b"."):
+            self._store(block)  # whole CRLF lines, none starting with a dot: as they came
+            self._line_start = self._proper = True
+            del buf[:len(block)]
+            return False
+        if _BARE_LF.search(block) is None:
             return self._crlf_block(buf, block)
         return self._mixed_block(buf, block)
 
