@@ -46,7 +46,7 @@ async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
     names = tuple(dict.fromkeys(ptr.values))[:MAX_NAMES]
     lookable = [n for n in names if is_valid_hostname(n)]
     rdtype = "A" if address.version == 4 else "AAAA"
-    answers = await asyncio.gather(*(resolver.lookup(n, rdtype) for n in lookable))
+    answers = await lookups(resolver, [(n, rdtype) for n in lookable])
     forward = tuple(Forward(n, a.status, a.values) for n, a in zip(lookable, answers, strict=True))
     ttls = [ptr.ttl, *(a.ttl for a in answers)]
     failed = any(a.status == "tempfail" for a in answers)
@@ -55,14 +55,24 @@ async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
 
 async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
     name = name[:-1] if name.endswith(".") and not name.endswith("..") else name
-    a, aaaa, mx = await asyncio.gather(
-        resolver.lookup(name, "A"), resolver.lookup(name, "AAAA"), resolver.lookup(name, "MX"))
+    a, aaaa, mx = await lookups(resolver, [(name, "A"), (name, "AAAA"), (name, "MX")])
     found = [x for x in (a, aaaa, mx) if x.status == "ok"]
     if found:
         return HeloDns("ok", min(x.ttl for x in found), a.values + aaaa.values, _values(mx))
     if any(x.status == "tempfail" for x in (a, aaaa, mx)):
         return HeloDns("tempfail")
     return HeloDns("notfound", min(a.ttl, aaaa.ttl, mx.ttl))
+
+
+async def lookups(resolver: Resolver, questions: list[tuple[str, str]]) -> list[DnsAnswer]:
+    """Answers in order; from the cache without a task each, the rest in parallel."""
+    answers = [resolver.cached(name, rdtype) for name, rdtype in questions]
+    missing = [i for i, answer in enumerate(answers) if answer is None]
+    if missing:
+        found = await asyncio.gather(*(resolver.lookup(*questions[i]) for i in missing))
+        for i, answer in zip(missing, found, strict=True):
+            answers[i] = answer
+    return answers
 
 
 def _values(answer: DnsAnswer) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ SYNOPSIS
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
         async ptr(ip: str) -> DnsAnswer
+        cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
         .stats: dict[str, int]     queries, cache_hits, shared, tempfail, errors
 
@@ -42,6 +43,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -92,23 +94,26 @@ class Resolver:
         self._cache.clear()
 
     async def ptr(self, ip: str) -> DnsAnswer:
-        address = client_address(ip)
-        name = dns.reversename.from_address(str(address)).to_text(omit_final_dot=True)
-        return await self.lookup(name, "PTR")
+        return await self.lookup(ptr_name(ip), "PTR")
+
+    def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """The answer if the cache has it, without a task or an await: the common case."""
+        key = (name.lower().rstrip("."), _qtype(rdtype))
+        found = self._cache.get(key)
+        if found is None:
+            return None
+        if found[0] <= time.monotonic():
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        self.stats["cache_hits"] += 1
+        return found[1]
 
     async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
-        try:
-            qtype = dns.rdatatype.from_text(rdtype)
-        except dns.exception.DNSException:
-            raise ValueError(f"unknown DNS record type: {rdtype!r}") from None
-        key = (name.lower().rstrip("."), int(qtype))
-        cached = self._cache.get(key)
-        if cached is not None:
-            if cached[0] > time.monotonic():
-                self._cache.move_to_end(key)
-                self.stats["cache_hits"] += 1
-                return cached[1]
-            del self._cache[key]
+        hit = self.cached(name, rdtype)
+        if hit is not None:
+            return hit
+        key = (name.lower().rstrip("."), _qtype(rdtype))
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._query(key))
@@ -183,6 +188,23 @@ class Resolver:
                 if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                     return self._clamp(min(rrset.ttl, rrset[0].minimum))
         return self._clamp(self.negative_ttl)
+
+
+@functools.lru_cache(maxsize=64)
+def _qtype(rdtype: str) -> int:
+    try:
+        return int(dns.rdatatype.from_text(rdtype))
+    except dns.exception.DNSException:
+        raise ValueError(f"unknown DNS record type: {rdtype!r}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def ptr_name(ip: str) -> str:
+    """The reverse-lookup name of an address (IPv4-mapped IPv6 as IPv4)."""
+    address = client_address(ip)
+    if address.version == 4:
+        return ".".join(reversed(str(address).split("."))) + ".in-addr.arpa"
+    return dns.reversename.from_address(str(address)).to_text(omit_final_dot=True)
 
 
 def _make_resolver(nameservers: tuple[HostPort, ...],

@@ -419,8 +419,11 @@ class Policy:
         if state.fcrdns_task is None:
             return None
         try:
-            facts = await asyncio.wait_for(asyncio.shield(state.fcrdns_task),
-                                           self.config.dns_timeout * 3)
+            if state.fcrdns_task.done():  # the usual case: answered from the resolver's cache
+                facts = state.fcrdns_task.result()
+            else:
+                facts = await asyncio.wait_for(asyncio.shield(state.fcrdns_task),
+                                               self.config.dns_timeout * 3)
         except TimeoutError:
             return Reply(450, "4.7.25", "Client host rejected: cannot find your hostname, "
                          f"[{state.client.ip}]")
