@@ -481,15 +481,11 @@ class Session:
 
     async def _receive(self, spool: Spool) -> BodyReader:
         """The whole message into the spool, reading until CRLF.CRLF."""
-        wire = self.wire
         body = BodyReader(spool, self.config.message_size_limit)
-        timeout = self.config.smtpd_timeout
-        await wire.flush()
-        while not body.feed(wire.buf):
-            if not await wire.more(timeout):
-                log.info("lost connection after DATA (%d bytes) from %s", body.size,
-                         self.client_label)
-                raise Closing
+        if not await self.wire.feed_until(body.feed, self.config.smtpd_timeout):
+            log.info("lost connection after DATA (%d bytes) from %s", body.size,
+                     self.client_label)
+            raise Closing
         return body
 
     async def _relay(self, spool: Spool, size: int) -> None:

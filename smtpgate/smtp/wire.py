@@ -53,6 +53,9 @@ class Wire(asyncio.Protocol):
         "_on_connect",
         "_out",
         "_paused",
+        "_sink",
+        "_sink_error",
+        "_sink_timeout",
         "_timed_out",
         "_timer",
         "_waiter",
@@ -77,6 +80,9 @@ class Wire(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self._paused = False
         self._out: list[bytes] = []
+        self._sink: Callable[[bytearray], bool] | None = None
+        self._sink_error: BaseException | None = None
+        self._sink_timeout = 0.0
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -86,6 +92,18 @@ class Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        sink = self._sink
+        if sink is not None:  # DATA: consumed here, without waking the session per chunk
+            try:
+                done = sink(self.buf)
+            except Exception as exc:  # the spool's disk, say: the session reports it
+                self._sink_error, done = exc, True
+            if done:
+                self._sink = None
+                self._wake()
+            else:
+                self.deadline = self._loop.time() + self._sink_timeout
+            return
         if len(self.buf) > BUFFER_HIGH and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -151,6 +169,25 @@ class Wire(asyncio.Protocol):
         if self._timed_out:
             self._timed_out = False
             raise WireTimeout
+        return True
+
+    async def feed_until(self, sink: Callable[[bytearray], bool], timeout: float) -> bool:
+        """Hand every byte to `sink` as it arrives until it returns True (it consumes what it
+        takes from buf); False when the stream ends first. The deadline is re-armed by each
+        chunk, so a client that keeps sending never times out.
+        """
+        await self.flush()
+        if sink(self.buf):
+            return True
+        self._sink, self._sink_timeout, self._sink_error = sink, timeout, None
+        try:
+            while self._sink is not None:
+                if not await self.more(timeout):
+                    return False
+        finally:
+            self._sink = None
+        if self._sink_error is not None:
+            raise self._sink_error
         return True
 
     async def line(self, timeout: float, limit: int) -> bytes | None:
