@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.messages, args.latency_sessions, args.size = 20, 10, 1024
         args.idle, args.screen_concurrency, args.screen_duration = 20, 4, 1.0
         args.idle_tls = 10
-        args.unknown_sessions = 20
+        args.unknown_sessions = 300  # enough CPU ticks (10 ms each) to be counted
         args.tls_sessions, args.tls_concurrency, args.greet_wait = 5, 2, 1.0
         args.session_timeout = 5.0
         args.big_size, args.big_messages, args.big_concurrency = 256 * 1024, 3, 1
