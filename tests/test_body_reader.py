@@ -86,6 +86,8 @@ STUFFING = [
     ("chunk-starts-at-line-start", [b"a\r\n", b".b\r\n"], b"a\r\n..b\r\n"),
     ("crlf-cut-between-chunks", [b"a\r", b"\n.b\r\n"], b"a\r\n..b\r\n"),
     ("dot-mid-line-untouched", [b"a.b\r\n", b"c.\r\n"], b"a.b\r\nc.\r\n"),
+    ("lone-lf-chunk", [b"a\r", b"\n", b".\r\n"], b"a\r\n..\r\n"),
+    ("cr-lf-dot-in-one-byte-chunks", [b"a", b"\r", b"\n", b".", b"b\r\n"], b"a\r\n..b\r\n"),
 ]
 
 
@@ -93,6 +95,20 @@ STUFFING = [
                          ids=[c[0] for c in STUFFING])
 def test_dot_stuffing_for_data(chunks, wire):
     assert b"".join(dot_stuffed(chunks)) == wire
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\r", b"\n"]), max_size=40),
+       st.integers(min_value=1, max_value=4))
+@settings(max_examples=300, deadline=None)
+def test_dot_stuffing_in_any_chunking_never_ends_the_data_early(pieces, size):
+    message = b"".join(pieces)
+    message = message.replace(b"\r", b"").replace(b"\n", b"\r\n")  # the spool holds CRLF
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    chunks = [message[i:i + size] for i in range(0, len(message), size)]
+    wire = b"".join(dot_stuffed(chunks)) + b".\r\n"
+    got, ended, left, _ = scan([wire])
+    assert (got, ended, left) == (message, True, b"")
 
 
 @pytest.mark.parametrize("message", [b"a\r\n.b\r\n..\r\n.\r\nc\r\n", b".\r\n", b""])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 import pytest
@@ -57,6 +58,11 @@ def test_a_slow_client_holds_no_postfix_process(gate, postfix_server, dovecot_se
         assert code == 250, text
     message = dovecot_server.wait_for_message("user1@example.com", has(slow_mark))
     assert b"first half\nsecond half" in message
+    # smtpgate's line and Postfix's share the queue id from Postfix's 250
+    queue_id = re.search(r"queued as ([0-9A-F]+)", text).group(1)
+    gate.wait_for_log(rf"{queue_id}: client=host91\S+\[127\.0\.0\.91\], "
+                      rf"from=<a@example\.net>, nrcpt=1, size=\d+")
+    assert f"{queue_id}: client=host91" in postfix_server.log_text()
 
 
 def test_a_client_vanishing_mid_data_leaves_nothing_at_postfix(gate, postfix_server):
@@ -154,3 +160,70 @@ async def test_transaction_limit_hands_slots_over_in_order_and_refuses_after_the
     await asyncio.gather(first, waiting)
     assert order == ["first in", "first out", "second in"]
     assert limit.in_flight == 0
+
+
+def test_disconnect_line_counts_commands_as_postfix_does(gate):
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.89") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        talk.cmd("MAIL FROM:<a@example.net>")
+        assert talk.cmd("RCPT TO:<nobody@example.com>")[0] == 550
+        assert talk.cmd("DATA")[0] == 503
+        assert talk.cmd("BOGUS")[0] == 502
+        talk.cmd("QUIT")
+    line = gate.wait_for_log(r"disconnect from host89\S+ .*")
+    assert line.group(0).endswith(
+        "ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 unknown=0/1 commands=3/6"), line.group(0)
+
+
+def test_a_client_leaving_without_quit_is_a_lost_connection(gate):
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.88") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        talk.cmd("MAIL FROM:<a@example.net>")
+    # the name is the verified one if FCrDNS finished first, else "unknown", as in Postfix
+    gate.wait_for_log(r"lost connection after MAIL from \S+\[127\.0\.0\.88\]")
+    gate.wait_for_log(r"(?m)disconnect from \S+\[127\.0\.0\.88\] ehlo=1 mail=1 commands=2$")
+
+
+def test_starttls_is_logged_with_version_and_cipher_as_postfix_does(gate):
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.87") as talk:
+        talk.banner()
+        assert "STARTTLS" in talk.cmd("EHLO client.example.test")[1]
+        assert talk.cmd("STARTTLS")[0] == 220
+        talk.starttls()
+        version, cipher = talk.sock.version(), talk.sock.cipher()[0]
+        assert talk.cmd("EHLO client.example.test")[0] == 250
+        talk.cmd("QUIT")
+    line = gate.wait_for_log(
+        r"Anonymous TLS connection established from \S+\[127\.0\.0\.87\]: (\S+) with cipher "
+        r"(\S+) \((\d+)/(\d+) bits\)")
+    assert (line.group(1), line.group(2)) == (version, cipher)
+    gate.wait_for_log(r"disconnect from \S+\[127\.0\.0\.87\] ehlo=2 starttls=1 quit=1 "
+                      r"commands=4")
+
+
+async def test_a_slot_handed_over_to_a_cancelled_waiter_is_passed_on():
+    limit = TransactionLimit(1, wait=5.0)
+    release, entered = asyncio.Event(), asyncio.Event()
+
+    async def holder():
+        async with limit.slot():
+            entered.set()
+            await release.wait()
+
+    async def waiter():
+        async with limit.slot():
+            pass
+
+    first = asyncio.ensure_future(holder())
+    await entered.wait()
+    second = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0)  # the second now waits for the slot
+    release.set()
+    await asyncio.sleep(0)  # the holder hands its slot over ...
+    second.cancel()  # ... and the waiter is cancelled before it could use it
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert limit.in_flight == 0  # whether the waiter ran or not, no slot is lost
+    async with limit.slot():  # and the slot can be taken again at once
+        assert limit.in_flight == 1

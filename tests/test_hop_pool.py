@@ -59,3 +59,11 @@ async def test_without_chunking_the_message_goes_dot_stuffed_by_data(postfix_ser
     stored = await asyncio.to_thread(dovecot_server.wait_for_message, "user1@example.com",
                                      lambda raw: b"data-path" in raw)
     assert b"\n.leading dot\n.\nlast\n" in stored  # stuffed for DATA, unstuffed by Postfix
+
+
+async def test_a_closed_pool_keeps_nothing_idle():
+    # nothing listens on this port: a refill would only show as tasks and connections
+    pool = HopPool(HostPort("127.0.0.1", 9), 1, "mx.example.test", size=3)
+    pool.close()
+    assert pool.take_idle() is None
+    assert (pool._filling, pool._tasks, pool._idle) == (0, set(), [])

@@ -232,6 +232,7 @@ class Policy:
         if not state.trusted:
             state.fcrdns_task = asyncio.get_running_loop().create_task(
                 client_hostname(self.resolver, ip))
+            state.fcrdns_task.add_done_callback(state.name_found)
         if state.permitted:
             return None
         return await self._start_screening(state)

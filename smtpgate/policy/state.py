@@ -70,6 +70,12 @@ class ClientState:
     client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
     recorded_rcpt_pass: bool = False
 
+    def name_found(self, task: asyncio.Task) -> None:
+        """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as
+        Postfix's smtpd knows it from the connect on."""
+        if not task.cancelled() and task.exception() is None and task.result().hostname:
+            self.client_name = task.result().hostname
+
     @property
     def label(self) -> str:
         return f"{self.client_name}[{self.client.ip}]"

@@ -329,7 +329,8 @@ def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:
             chunk = b"." + chunk
         elif after_cr and chunk[:2] == b"\n.":
             chunk = b"\n.." + chunk[2:]
-        at_line_start, after_cr = chunk.endswith(b"\r\n"), chunk.endswith(b"\r")
+        at_line_start = chunk.endswith(b"\r\n") or (after_cr and chunk == b"\n")
+        after_cr = chunk.endswith(b"\r")
         yield chunk
 
 

@@ -46,6 +46,7 @@ class HopPool:
         self._idle: list[NextHop] = []
         self._filling = 0
         self._tasks: set[asyncio.Task] = set()
+        self.closed = False  # after reload or shutdown: hand out, but keep nothing idle
 
     async def take(self) -> NextHop:
         found = self.take_idle()
@@ -76,7 +77,7 @@ class HopPool:
         return found
 
     def _refill(self) -> None:
-        while len(self._idle) + self._filling < self.size:
+        while not self.closed and len(self._idle) + self._filling < self.size:
             self._filling += 1
             task = asyncio.get_running_loop().create_task(self._open_one())
             self._tasks.add(task)
@@ -84,13 +85,18 @@ class HopPool:
 
     async def _open_one(self) -> None:
         try:
-            self._idle.append(await self._greeted())
+            hop = await self._greeted()
+            if self.closed:
+                hop.close_quietly()
+            else:
+                self._idle.append(hop)
         except RelayError:
             pass  # Postfix is down: the session that needs it will say 451
         finally:
             self._filling -= 1
 
     def close(self) -> None:
+        self.closed = True
         for task in self._tasks:
             task.cancel()
         for hop in self._idle:
@@ -111,8 +117,12 @@ class TransactionLimit:
             self._waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, self.wait)  # a slot handed over, still counted
-            except TimeoutError:
-                raise RelayBusy from None
+            except (TimeoutError, asyncio.CancelledError) as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed over just as the wait ended: pass it on
+                if isinstance(exc, TimeoutError):
+                    raise RelayBusy from None
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)

@@ -42,6 +42,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 
 from smtpgate import replies
@@ -86,9 +87,32 @@ def protocol_factory(gate: Gate, listener: str) -> Callable[[], Wire]:
 
 
 class Session:
-    __slots__ = ("bare_newline", "client", "config", "counts", "errors", "esmtp", "gate", "helo",
-                 "last_command", "listener", "login", "mail_line", "policy", "protocol_tests",
-                 "rcpt_lines", "recipients", "sender", "smtputf8", "state", "tls", "wire")
+    __slots__ = (
+        "bare_newline",
+        "client",
+        "config",
+        "counts",
+        "errors",
+        "esmtp",
+        "failed",
+        "gate",
+        "helo",
+        "last_command",
+        "listener",
+        "login",
+        "mail_line",
+        "policy",
+        "protocol_tests",
+        "rcpt_lines",
+        "recipients",
+        "relaying",
+        "sender",
+        "shutting_down",
+        "smtputf8",
+        "state",
+        "tls",
+        "wire",
+    )
 
     def __init__(self, gate: Gate, wire: Wire, listener: str) -> None:
         self.gate = gate
@@ -105,10 +129,13 @@ class Session:
         self.tls = listener == SUBMISSIONS
         self.login: str | None = None
         self.errors = 0
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # commands given, per verb
+        self.failed: dict[str, int] = {}  # of those, the ones answered 4xx or 5xx
         self.last_command = ""
         self.bare_newline = False
         self.protocol_tests = False
+        self.relaying = False
+        self.shutting_down = False
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -133,19 +160,40 @@ class Session:
     def reply(self, reply: Reply | str) -> None:
         self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
         if isinstance(reply, Reply) and reply.code >= 400:
-            self.errors += 1
+            self._count_failure()
 
     def reply_raw(self, answer: HopReply) -> None:
         self.wire.reply(answer.raw)
         if answer.code >= 400:
-            self.errors += 1
+            self._count_failure()
+
+    def _count_failure(self) -> None:
+        self.errors += 1
+        verb = self.last_command
+        if verb and self.failed.get(verb, 0) < self.counts.get(verb, 0):
+            self.failed[verb] = self.failed.get(verb, 0) + 1
+
+    def command_counts(self) -> str:
+        """Postfix's disconnect summary: `ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 commands=3/5`."""
+        words, ok, total = [], 0, 0
+        for verb in sorted(self.counts, key=_COUNT_ORDER.get):
+            given, failed = self.counts[verb], self.failed.get(verb, 0)
+            words.append(f"{verb.lower()}={given - failed}/{given}" if failed
+                         else f"{verb.lower()}={given}")
+            ok, total = ok + given - failed, total + given
+        words.append(f"commands={ok}/{total}" if ok != total else f"commands={total}")
+        return " ".join(words)
 
     def shut_down(self) -> None:
         """The drain's last word: 421, then the connection closes.
 
-        Nothing is at Postfix before a message is complete, and a hand-off in progress
-        finishes on its own; the client, having heard no 250, sends it again later.
+        Nothing is at Postfix before a message is complete, so a client cut off here, having
+        heard no 250, sends its message again later. A hand-off in progress is let finish
+        first: the client hears Postfix's answer, then the 421, and sends nothing twice.
         """
+        if self.relaying:
+            self.shutting_down = True
+            return
         self.wire.write_now(str(replies.shutting_down(self.config.hostname)).encode() + b"\r\n")
         self.wire.close()
 
@@ -178,9 +226,7 @@ class Session:
             wire.close()
             if self.state is not None:
                 self.policy.close_session(self.state)
-                words = [f"{k.lower()}={v}" for k, v in self.counts.items()]
-                words.append(f"commands={sum(self.counts.values())}")
-                log.info("disconnect from %s %s", self.client_label, " ".join(words))
+                log.info("disconnect from %s %s", self.client_label, self.command_counts())
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
@@ -218,12 +264,12 @@ class Session:
         hard_limit = self.config.smtpd_hard_error_limit
         while True:
             line = await wire.line(timeout, limit)
-            if line is None:
-                if wire.buf:
-                    log.info("lost connection after %s from %s", self.last_command or "CONNECT",
-                             self.client_label)
+            if line is None:  # Postfix's words for a client that left without QUIT
+                log.info("lost connection after %s from %s", self.last_command or "CONNECT",
+                         self.client_label)
                 return
             if line is TOO_LONG:
+                self._count("UNKNOWN")
                 self.reply(replies.LINE_TOO_LONG)
             else:
                 if line[-2:-1] == b"\r":
@@ -238,12 +284,14 @@ class Session:
 
     async def _dispatch(self, line: bytes) -> None:
         if not line:
+            self._count("UNKNOWN")
             self.reply(replies.BAD_SYNTAX)
             return
         verb_bytes, _, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.decode("ascii").upper()
         except UnicodeDecodeError:
+            self._count("UNKNOWN")
             self.reply(replies.BAD_SYNTAX)
             return
         handler = _HANDLERS.get(verb)
@@ -252,8 +300,7 @@ class Session:
             return
         if self.protocol_tests and self.wire.buf:
             await self._protocol_test("pipelining", line, bytes(self.wire.buf))
-        self.last_command = verb
-        self.counts[verb] = self.counts.get(verb, 0) + 1
+        self._count(verb)
         try:
             arg = arg_bytes.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -265,11 +312,15 @@ class Session:
         await handler(self, arg)
 
     async def _unknown(self, verb: str, line: bytes) -> None:
-        self.counts["unknown"] = self.counts.get("unknown", 0) + 1
         looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
         if self.protocol_tests and (verb in NON_SMTP_COMMANDS or looks_like_header):
             await self._protocol_test("non_smtp_command", line, b"")
+        self._count("UNKNOWN")  # and its 502 as failed, as Postfix counts it
         self.reply(replies.UNKNOWN_COMMAND)
+
+    def _count(self, verb: str) -> None:
+        self.last_command = verb
+        self.counts[verb] = self.counts.get(verb, 0) + 1
 
     async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
         hang_up = await self.policy.protocol(self.state, test, line, pending,
@@ -337,6 +388,7 @@ class Session:
         self.tls = True
         self.helo, self.esmtp = None, False
         self._reset_transaction()
+        log.info("%s", tls_established(self.client_label, self.wire.extra("ssl_object")))
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self._auth_offered():
@@ -388,6 +440,7 @@ class Session:
             if line is None:
                 raise Closing
             if line is TOO_LONG:
+                self._count("UNKNOWN")
                 self.reply(replies.LINE_TOO_LONG)
                 return None
             text = line.decode("ascii", "replace").strip()
@@ -463,7 +516,12 @@ class Session:
         self.reply(replies.START_DATA)
         spool = Spool(self.config.spool_memory_limit)
         try:
-            body = await self._receive(spool)
+            try:
+                body = await self._receive(spool)
+            except OSError as exc:  # the spool's file: a full disk, say
+                log.warning("warning: %s: spool: %s", self.client_label, exc)
+                self.reply(replies.RELAY_UNAVAILABLE)
+                raise Closing from None  # the rest of the message is still on its way
             if body.too_big:
                 log.info("NOQUEUE: reject: DATA from %s: 552 5.3.4 message file too big; "
                          "from=<%s> proto=%s helo=<%s>", self.client_label, self.sender,
@@ -474,7 +532,14 @@ class Session:
                 self.bare_newline = True
                 if self.protocol_tests:
                     await self._protocol_test("bare_newline", b"DATA", b"")
-            await self._relay(spool, body.size)
+            self.relaying = True
+            try:
+                await self._relay(spool, body.size)
+            finally:
+                self.relaying = False
+            if self.shutting_down:
+                self.reply(replies.shutting_down(self.config.hostname))
+                raise Closing
         finally:
             spool.close()
             self._reset_transaction()
@@ -514,7 +579,7 @@ class Session:
                         hop_address, gate.relay_limit.limit, self.client_label)
             self.reply(RELAY_BUSY)
             return
-        except RelayError as exc:
+        except (RelayError, OSError) as exc:  # OSError: reading the spool back
             log.warning("warning: next hop %s: %s", hop_address, exc)
             if pool is not None:
                 pool.forget()
@@ -524,6 +589,19 @@ class Session:
             if hop is not None:
                 hop.close_quietly()
         self.reply_raw(answer)
+        self._log_relayed(answer, size)
+
+    def _log_relayed(self, answer: HopReply, size: int) -> None:
+        """One line per message, keyed by Postfix's queue id, so its log lines can be found."""
+        text = answer.text
+        queued = _QUEUE_ID.search(text) if answer.code == 250 else None
+        if queued:
+            log.info("%s: client=%s, from=<%s>, nrcpt=%d, size=%d", queued.group(1),
+                     self.client_label, self.sender or "", len(self.recipients), size)
+        else:
+            log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> nrcpt=%d proto=%s helo=<%s>",
+                     self.client_label, text.replace("\r\n", " "), self.sender or "",
+                     len(self.recipients), self.proto, self.helo or "")
 
     def _xclient_name(self) -> str:
         name = self.state.client_name
@@ -554,6 +632,23 @@ class Session:
         log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
                  stage, self.client_label, reply, self.sender or "", to, self.proto,
                  self.helo or "")
+
+
+_QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
+# the order of Postfix's smtpd command table, which its disconnect line follows
+_COUNT_ORDER = {verb: i for i, verb in enumerate(
+    ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "EXPN",
+     "QUIT", "UNKNOWN"))}
+
+
+def tls_established(label: str, ssl_object) -> str:
+    """Postfix's line: `Anonymous TLS connection established from name[ip]: TLSv1.3 with
+    cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`."""
+    if ssl_object is None:
+        return f"TLS connection established from {label}"
+    name, _, bits = ssl_object.cipher() or ("unknown", "", 0)
+    return (f"Anonymous TLS connection established from {label}: {ssl_object.version()} "
+            f"with cipher {name} ({bits}/{bits} bits)")
 
 
 _HANDLERS = {

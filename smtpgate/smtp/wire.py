@@ -40,6 +40,8 @@ from collections.abc import Callable
 BUFFER_HIGH = 262144
 WRITE_HIGH = 262144
 TOO_LONG = b"<too long>"  # a marker, compared by identity
+CLOSE_GRACE = 10.0
+HEADER_TIMEOUT = 5.0  # postscreen_upstream_proxy_timeout, for the PROXY header's reads
 
 
 class WireTimeout(Exception):
@@ -148,10 +150,17 @@ class Wire(asyncio.Protocol):
         self._timed_out = True
         self._waiter.set_result(None)
 
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timed_out = False
+
     async def more(self, timeout: float) -> bool:
         """Wait until the client sends more; False when the stream has ended."""
         if self.eof:
             return False
+        self._timed_out = False
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
@@ -230,6 +239,7 @@ class Wire(asyncio.Protocol):
         started = self._loop.time()
         if self.buf or self.eof:
             return bytes(self.buf), 0.0
+        self._disarm()  # the PROXY header's 5 s deadline must not cut this wait short
         waiter = self._waiter = self._loop.create_future()
         timer = self._loop.call_later(seconds, self._wake)
         if decided is not None:
@@ -294,8 +304,13 @@ class Wire(asyncio.Protocol):
             transport, self, context, server_side=True, ssl_handshake_timeout=timeout)
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close after what is queued is sent; a client that does not read it is cut off
+        after CLOSE_GRACE seconds, so its socket cannot linger uncounted."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
+                self._loop.call_later(CLOSE_GRACE, transport.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -308,7 +323,7 @@ class Wire(asyncio.Protocol):
 
     async def readexactly(self, n: int) -> bytes:
         while len(self.buf) < n:
-            if not await self.more(5.0):
+            if not await self.more(HEADER_TIMEOUT):
                 raise asyncio.IncompleteReadError(bytes(self.buf), n)
         data = bytes(self.buf[:n])
         del self.buf[:n]
@@ -316,14 +331,14 @@ class Wire(asyncio.Protocol):
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         while (end := self.buf.find(separator)) < 0:
-            if len(self.buf) > 4096 or not await self.more(5.0):
+            if len(self.buf) > 4096 or not await self.more(HEADER_TIMEOUT):
                 raise asyncio.IncompleteReadError(bytes(self.buf), None)
         data = bytes(self.buf[:end + len(separator)])
         del self.buf[:end + len(separator)]
         return data
 
     async def read(self, n: int = -1) -> bytes:
-        if not self.buf and not await self.more(5.0):
+        if not self.buf and not await self.more(HEADER_TIMEOUT):
             return b""
         n = len(self.buf) if n < 0 else min(n, len(self.buf))
         data = bytes(self.buf[:n])
