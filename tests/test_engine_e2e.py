@@ -227,3 +227,11 @@ async def test_a_slot_handed_over_to_a_cancelled_waiter_is_passed_on():
     assert limit.in_flight == 0  # whether the waiter ran or not, no slot is lost
     async with limit.slot():  # and the slot can be taken again at once
         assert limit.in_flight == 1
+
+
+def test_expn_is_not_a_command_as_in_postfix(gate):
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.86") as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        assert talk.cmd("EXPN staff") == (502, "502 5.5.2 Error: command not recognized")
+        assert talk.cmd("VRFY user1") == (502, "502 5.5.1 VRFY command is disabled")

@@ -624,9 +624,6 @@ class Session:
     async def smtp_VRFY(self, arg: str) -> None:
         self.reply(replies.VRFY_DISABLED)
 
-    async def smtp_EXPN(self, arg: str) -> None:
-        self.reply(replies.VRFY_DISABLED)
-
     def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None) -> None:
         to = f" to=<{recipient}>" if recipient is not None else ""
         log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
@@ -637,8 +634,8 @@ class Session:
 _QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
 # the order of Postfix's smtpd command table, which its disconnect line follows
 _COUNT_ORDER = {verb: i for i, verb in enumerate(
-    ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "EXPN",
-     "QUIT", "UNKNOWN"))}
+    ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT",
+     "UNKNOWN"))}
 
 
 def tls_established(label: str, ssl_object) -> str:
