@@ -373,7 +373,9 @@ def plot(results: dict, path: Path) -> Path | None:
         if not mine:
             continue
         xs = [r["concurrency"] for r in mine]
-        left.plot(xs, [r.get("messages_per_s") or 0 for r in mine], marker="o", label=target)
+        # a run that failed has no rate: a gap in its line, not a fall to zero
+        left.plot(xs, [r.get("messages_per_s") or math.nan for r in mine], marker="o",
+                  label=target)
         right.plot(xs, [r["latency"].get("p99_ms") or math.nan for r in mine], marker="o",
                    label=target)
     left.set(xlabel="concurrent sessions", ylabel="messages/s (smtp-source)",
