@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -42,3 +43,33 @@ def test_health_follows_redis_and_metrics_are_prometheus_text(start_gate, world,
             redis_server.start()
     finally:
         gate.stop()
+
+
+@pytest.mark.slow
+def test_health_follows_the_next_hop(start_gate, world, postfix_server):
+    gate = start_gate(listeners=("mx", "metrics"))
+    port = gate.metrics_port
+    try:
+        assert wait_for_health(port, lambda body: body["next_hop"]["ok"] is True)[0] == 200
+        postfix_server.stop()
+        try:
+            code, body = wait_for_health(port, lambda body: body["next_hop"]["ok"] is False)
+            assert code == 503 and body["status"] == "unavailable"
+            assert body["next_hop"]["address"] == f"127.0.0.1:{postfix_server.port}"
+            assert "smtpgate_next_hop_up{" in get(port, "/metrics")[1]
+        finally:
+            postfix_server.start()
+        # back: the checks themselves reconnect, with no mail needed to notice
+        assert wait_for_health(port, lambda body: body["next_hop"]["ok"] is True)[0] == 200
+    finally:
+        gate.stop()
+
+
+def wait_for_health(port: int, wanted, timeout: float = 20.0) -> tuple[int, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, text = get(port, "/healthz")
+        body = json.loads(text)
+        if wanted(body) or time.monotonic() > deadline:
+            return code, body
+        time.sleep(0.1)

@@ -3,7 +3,8 @@
 SYNOPSIS
     HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0)
     await pool.take() -> NextHop            a greeted connection (a fresh one if none idle)
-    pool.close()
+    pool.check() -> (ok: bool | None, detail: str)    for /healthz; starts a reconnect
+    pool.forget(reason) ; pool.close()
     TransactionLimit(limit, wait)
     async with limit.slot(): ...            RelayBusy when none is free within `wait`
 
@@ -47,20 +48,39 @@ class HopPool:
         self._filling = 0
         self._tasks: set[asyncio.Task] = set()
         self.closed = False  # after reload or shutdown: hand out, but keep nothing idle
+        self.ok: bool | None = None  # the last connection attempt's outcome (None: none yet)
+        self.detail = ""
 
     async def take(self) -> NextHop:
         found = self.take_idle()
         return found if found is not None else await self._greeted()
 
     async def _greeted(self) -> NextHop:
-        hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
-        self.offered = hop.offered
+        try:
+            hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
+        except RelayError as exc:
+            self.forget(str(exc))
+            raise
+        self.offered, self.ok, self.detail = hop.offered, True, ""
         return hop
 
-    def forget(self) -> None:
+    def forget(self, reason: str) -> None:
         """A hand-off failed: learn Postfix's XCLIENT attributes again (its settings may have
-        changed)."""
-        self.offered = None
+        changed), and say so on /healthz until a connection succeeds."""
+        self.offered, self.ok, self.detail = None, False, reason
+
+    def check(self) -> tuple[bool | None, str]:
+        """The next hop's health as last seen; idle connections Postfix closed are dropped
+        and replaced, so a Postfix that went away (or came back) shows at the next check."""
+        alive = []
+        for hop in self._idle:
+            if hop.closed or hop.peer_closed():
+                hop.abort()
+            else:
+                alive.append(hop)
+        self._idle = alive
+        self._refill()
+        return self.ok, self.detail
 
     def take_idle(self) -> NextHop | None:
         now = time.monotonic()

@@ -7,8 +7,11 @@ SYNOPSIS
 
 DESCRIPTION
     /healthz answers 200 when this worker can do its job (Redis answered
-    its last round trip) and 503 otherwise, with a JSON body naming what is
-    wrong. /metrics is the Prometheus text format of this worker's figures
+    its last round trip, and the next hop's last connection attempt
+    succeeded) and 503 otherwise, with a JSON body naming what is wrong.
+    Each request also has the connection pool replace connections Postfix
+    closed, so a Postfix that stopped or came back shows within a check or
+    two, even with no mail flowing. /metrics is the Prometheus text format of this worker's figures
     (sessions in flight, table lookups and round trips, DNSBL zone health).
     With several workers the port is shared (SO_REUSEPORT) and each request
     is answered by one of them: the figures are per worker, labelled with
@@ -32,10 +35,13 @@ MAX_REQUEST = 8192
 def health_report(gate: Any) -> tuple[int, dict]:
     tables = gate.policy.tables
     redis_ok = tables.health.ok is not False and gate.policy.redis_ok
+    hop_ok, hop_detail = gate.hop_pool.check() if gate.hop_pool is not None else (None, "")
     body = {
-        "status": "ok" if redis_ok and not gate.draining else "unavailable",
+        "status": "ok" if redis_ok and hop_ok is not False and not gate.draining
+        else "unavailable",
         "redis": {"ok": redis_ok, "detail": tables.health.detail,
                   "cache_ready": tables.health.cache_ready},
+        "next_hop": {"ok": hop_ok, "address": str(gate.config.next_hop), "detail": hop_detail},
         "draining": gate.draining,
         "sessions": len(gate.sessions),
         "dnsbl_unhealthy": sorted(gate.policy.querier.unhealthy),
@@ -47,6 +53,8 @@ def health_report(gate: Any) -> tuple[int, dict]:
 def metrics_text(gate: Any) -> str:
     pid = os.getpid()
     tables = gate.policy.tables
+    report = health_report(gate)[1]
+    hop_up = int(report["next_hop"]["ok"] is not False)
     lines = [
         "# HELP smtpgate_sessions Sessions in flight in this worker.",
         "# TYPE smtpgate_sessions gauge",
@@ -57,9 +65,12 @@ def metrics_text(gate: Any) -> str:
         "# HELP smtpgate_table_round_trips_total Redis round trips made by the tables.",
         "# TYPE smtpgate_table_round_trips_total counter",
         f'smtpgate_table_round_trips_total{{pid="{pid}"}} {tables.stats.round_trips}',
+        "# HELP smtpgate_next_hop_up Whether the next hop's last connection attempt succeeded.",
+        "# TYPE smtpgate_next_hop_up gauge",
+        f'smtpgate_next_hop_up{{pid="{pid}"}} {hop_up}',
         "# HELP smtpgate_redis_up Whether Redis answered the last round trip.",
         "# TYPE smtpgate_redis_up gauge",
-        f'smtpgate_redis_up{{pid="{pid}"}} {int(health_report(gate)[1]["redis"]["ok"])}',
+        f'smtpgate_redis_up{{pid="{pid}"}} {int(report["redis"]["ok"])}',
         "# HELP smtpgate_dnsbl_answers_total DNSBL answers by zone and kind.",
         "# TYPE smtpgate_dnsbl_answers_total counter",
     ]

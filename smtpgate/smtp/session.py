@@ -582,7 +582,7 @@ class Session:
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
             log.warning("warning: next hop %s: %s", hop_address, exc)
             if pool is not None:
-                pool.forget()
+                pool.forget(str(exc))
             self.reply(replies.RELAY_UNAVAILABLE)
             return
         finally:
