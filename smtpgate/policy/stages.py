@@ -417,11 +417,11 @@ class Policy:
         verdict = state.client_verdict
         if verdict is not None:  # the same for every recipient of the session
             return verdict.reply if verdict.failed else None
-        if state.fcrdns_task is None:
-            return None
+        if state.fcrdns is None and state.fcrdns_task is None:
+            return None  # not looked up: a trusted client
         try:
-            if state.fcrdns_task.done():  # the usual case: answered from the resolver's cache
-                facts = state.fcrdns_task.result()
+            if state.fcrdns is not None:  # the usual case: answered before the first RCPT
+                facts = state.fcrdns
             else:
                 facts = await asyncio.wait_for(asyncio.shield(state.fcrdns_task),
                                                self.config.dns_timeout * 3)

@@ -61,7 +61,8 @@ class ClientState:
     trusted: bool = False  # mynetworks: permit at every stage
     enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
     rev_ip: str | None = None
-    fcrdns_task: asyncio.Task | None = None
+    fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
+    fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
     greet_tested: bool = False
     helo_reject: Reply | None = None
@@ -73,8 +74,11 @@ class ClientState:
     def name_found(self, task: asyncio.Task) -> None:
         """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as
         Postfix's smtpd knows it from the connect on."""
-        if not task.cancelled() and task.exception() is None and task.result().hostname:
-            self.client_name = task.result().hostname
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.fcrdns, self.fcrdns_task = task.result(), None
+        if self.fcrdns.hostname:
+            self.client_name = self.fcrdns.hostname
 
     @property
     def label(self) -> str:

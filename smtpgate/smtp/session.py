@@ -130,7 +130,7 @@ class Session:
         self.login: str | None = None
         self.errors = 0
         self.counts: dict[str, int] = {}  # commands given, per verb
-        self.failed: dict[str, int] = {}  # of those, the ones answered 4xx or 5xx
+        self.failed: dict[str, int] | None = None  # of those, the ones answered 4xx or 5xx
         self.last_command = ""
         self.bare_newline = False
         self.protocol_tests = False
@@ -142,8 +142,9 @@ class Session:
         self.sender: str | None = None
         self.smtputf8 = False
         self.mail_line = b""
-        self.rcpt_lines: list[bytes] = []
-        self.recipients: list[str] = []
+        # tuples: an idle session holds no list (there may be thousands of them)
+        self.rcpt_lines: tuple[bytes, ...] = ()
+        self.recipients: tuple[str, ...] = ()
 
     @property
     def client_label(self) -> str:
@@ -170,14 +171,17 @@ class Session:
     def _count_failure(self) -> None:
         self.errors += 1
         verb = self.last_command
-        if verb and self.failed.get(verb, 0) < self.counts.get(verb, 0):
-            self.failed[verb] = self.failed.get(verb, 0) + 1
+        if verb:
+            failed = self.failed if self.failed is not None else {}
+            if failed.get(verb, 0) < self.counts.get(verb, 0):
+                failed[verb] = failed.get(verb, 0) + 1
+                self.failed = failed
 
     def command_counts(self) -> str:
         """Postfix's disconnect summary: `ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 commands=3/5`."""
         words, ok, total = [], 0, 0
         for verb in sorted(self.counts, key=_COUNT_ORDER.get):
-            given, failed = self.counts[verb], self.failed.get(verb, 0)
+            given, failed = self.counts[verb], (self.failed or {}).get(verb, 0)
             words.append(f"{verb.lower()}={given - failed}/{given}" if failed
                          else f"{verb.lower()}={given}")
             ok, total = ok + given - failed, total + given
@@ -499,8 +503,8 @@ class Session:
             self.reply(verdict)
             self._log_reject("RCPT", verdict, path.address)
             return
-        self.rcpt_lines.append(b"RCPT TO:" + arg[3:].strip().encode("utf-8") + b"\r\n")
-        self.recipients.append(path.address)
+        self.rcpt_lines += (b"RCPT TO:" + arg[3:].strip().encode("utf-8") + b"\r\n",)
+        self.recipients += (path.address,)
         self.reply(replies.RCPT_OK)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -560,7 +564,7 @@ class Session:
             addr=self.client.ip, port=self.client.port, name=self._xclient_name(),
             helo=self.helo or "", proto=self.proto, login=self.login,
             destaddr=self.client.local_ip, destport=self.client.local_port)
-        envelope = Envelope(self.mail_line, tuple(self.rcpt_lines))
+        envelope = Envelope(self.mail_line, self.rcpt_lines)
         hop_address = self.config.next_hop
         pool = gate.hop_pool
         if self.login is not None and self.config.submission_next_hop is not None:
