@@ -235,3 +235,31 @@ def test_expn_is_not_a_command_as_in_postfix(gate):
         talk.cmd("EHLO client.example.test")
         assert talk.cmd("EXPN staff") == (502, "502 5.5.2 Error: command not recognized")
         assert talk.cmd("VRFY user1") == (502, "502 5.5.1 VRFY command is disabled")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+def test_the_message_carries_how_it_arrived(gate, dovecot_server, tls):
+    mark = token()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.85", timeout=30) as talk:
+        talk.banner()
+        talk.cmd("EHLO client.example.test")
+        if tls:
+            assert talk.cmd("STARTTLS")[0] == 220
+            talk.starttls()
+            talk.cmd("EHLO client.example.test")
+            cipher = talk.sock.cipher()[0]
+        talk.cmd("MAIL FROM:<a@example.net>")
+        assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        assert talk.cmd("DATA")[0] == 354
+        talk.send(f"Subject: {mark}\r\n\r\nhow\r\n.\r\n".encode())
+        assert talk.reply()[0] == 250
+    message = dovecot_server.wait_for_message("user1@example.com", has(mark)).decode()
+    ours = re.search(r"Received: from client\.example\.test \(\S+ \[127\.0\.0\.85\]\)\n"
+                     r"(\t\(using (\S+) with cipher (\S+) \(\d+/\d+ bits\)\)\n)?"
+                     r"\tby mx\.example\.test \(smtpgate\) with (\S+)\n"
+                     r"\tfor <user1@example\.com>;", message)
+    assert ours, message[:600]
+    if tls:
+        assert (ours.group(3), ours.group(4)) == (cipher, "ESMTPS")
+    else:
+        assert (ours.group(1), ours.group(4)) == (None, "ESMTP")

@@ -41,6 +41,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import datetime
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -55,6 +57,7 @@ from smtpgate.smtp.body import BodyReader
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
 from smtpgate.smtp.proxy_header import expects_header, read_header
+from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
@@ -565,6 +568,8 @@ class Session:
             helo=self.helo or "", proto=self.proto, login=self.login,
             destaddr=self.client.local_ip, destport=self.client.local_port)
         envelope = Envelope(self.mail_line, self.rcpt_lines)
+        header = self._received()
+        chunks = itertools.chain((header,), spool.chunks())
         hop_address = self.config.next_hop
         pool = gate.hop_pool
         if self.login is not None and self.config.submission_next_hop is not None:
@@ -577,7 +582,7 @@ class Session:
                 else:
                     hop = await NextHop.greeted(hop_address, self.config.next_hop_timeout,
                                                 self.config.hostname)
-                answer = await hop.deliver(identity, envelope, spool.chunks(), size)
+                answer = await hop.deliver(identity, envelope, chunks, len(header) + size)
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
                         hop_address, gate.relay_limit.limit, self.client_label)
@@ -606,6 +611,17 @@ class Session:
             log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> nrcpt=%d proto=%s helo=<%s>",
                      self.client_label, text.replace("\r\n", " "), self.sender or "",
                      len(self.recipients), self.proto, self.helo or "")
+
+    def _received(self) -> bytes:
+        ssl_object = self.wire.extra("ssl_object")
+        tls = None
+        if ssl_object is not None:
+            cipher, _, bits = ssl_object.cipher() or ("unknown", "", 0)
+            tls = (ssl_object.version() or "TLS", cipher, bits)
+        return received_header(
+            self.helo or "", self.state.client_name, self.client.ip, self.config.hostname,
+            esmtp=self.esmtp, tls=tls, login=self.login is not None,
+            recipients=self.recipients, when=datetime.datetime.now(datetime.UTC))
 
     def _xclient_name(self) -> str:
         name = self.state.client_name
