@@ -227,6 +227,21 @@ class SessionRun:
         }
 
 
+async def timed_session(run: SessionRun, port: int, body: bytes, world,
+                        tls: ssl.SSLContext | None, source: str | None, timeout: float) -> None:
+    """One session into `run`: its latency when it went well, else the kind of failure."""
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            await one_session(port, body, world, tls, source, run)
+    except SmtpError as exc:
+        run.errors[exc.code] += 1
+    except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+        run.errors[type(exc).__name__] += 1
+    else:
+        run.latencies.append(time.perf_counter() - t0)
+
+
 async def run_sessions(port: int, *, sessions: int, concurrency: int, body: bytes, world,
                        tls: ssl.SSLContext | None = None, timeout: float = 30.0,
                        budget: float = 60.0, source: str | None = None) -> SessionRun:
@@ -237,16 +252,7 @@ async def run_sessions(port: int, *, sessions: int, concurrency: int, body: byte
 
     async def worker() -> None:
         while next(counter) < sessions and time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                async with asyncio.timeout(timeout):
-                    await one_session(port, body, world, tls, source, run)
-            except SmtpError as exc:
-                run.errors[exc.code] += 1
-            except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
-                run.errors[type(exc).__name__] += 1
-            else:
-                run.latencies.append(time.perf_counter() - t0)
+            await timed_session(run, port, body, world, tls, source, timeout)
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, sessions)))))
     run.elapsed = time.perf_counter() - start
@@ -461,21 +467,10 @@ async def run_paced(port: int, *, interval: float, until: float, body: bytes, wo
     run = SessionRun()
     start = time.perf_counter()
 
-    async def one() -> None:
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout):
-                await one_session(port, body, world, None, source, run)
-        except SmtpError as exc:
-            run.errors[exc.code] += 1
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            run.errors[type(exc).__name__] += 1
-        else:
-            run.latencies.append(time.perf_counter() - t0)
-
     tasks = []
     while time.perf_counter() < until:
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(
+            timed_session(run, port, body, world, None, source, timeout)))
         await asyncio.sleep(interval)
     await asyncio.gather(*tasks)
     run.elapsed = time.perf_counter() - start

@@ -132,10 +132,11 @@ def test_pipelined_transaction(gate, dovecot_server):
                   b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<user2@example.com>\r\nDATA\r\n")
         codes = [talk.reply()[0] for _ in range(5)]
         assert codes == [250, 250, 550, 250, 354]
-        talk.send(f"Subject: {mark}\r\n\r\nhello\r\n.\r\nQUIT\r\n".encode())
+        talk.send(f"Subject: {mark}\r\n\r\nhello\r\n..dot\r\n.\r\nQUIT\r\n".encode())
         assert talk.reply()[0] == 250
         assert talk.reply()[0] == 221
-        dovecot_server.wait_for_message("user1@example.com", has(mark))
+        message = dovecot_server.wait_for_message("user1@example.com", has(mark))
+        assert b"\nhello\n.dot\n" in message  # unstuffed once, by smtpgate, and sent as BDAT
         dovecot_server.wait_for_message("user2@example.com", has(mark))
 
 

@@ -1,7 +1,7 @@
 """server - the listeners, the worker processes, and the shutdown and reload phases.
 
 SYNOPSIS
-    Gate(config, tls, policy, auth)             the runtime state every session shares
+    Gate(config, tls, policy, relay_limit, auth)  the runtime state every session shares
     await build_gate(config) -> Gate
     await start_listeners(gate) -> list[asyncio.Server]
     serve(config) -> int                        run until SIGTERM; the `serve` command

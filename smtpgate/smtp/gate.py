@@ -1,7 +1,7 @@
 """gate - the runtime state every session of one worker shares.
 
 SYNOPSIS
-    Gate(config, tls, policy, auth=None, hop_pool=None)
+    Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None)
     gate.sessions       the sessions in flight (drain waits for them)
     gate.draining       true once SIGTERM arrived
 
@@ -26,8 +26,8 @@ class Gate:
     config: Config
     tls: TlsProvider | None
     policy: Any
+    relay_limit: TransactionLimit  # this worker's share of next_hop_transaction_limit
     auth: Any = None
     hop_pool: HopPool | None = None
-    relay_limit: TransactionLimit = field(default_factory=lambda: TransactionLimit(80, 2.0))
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False

@@ -258,10 +258,6 @@ class Wire(asyncio.Protocol):
     def reply(self, line: bytes) -> None:
         self._out.append(line)
 
-    @property
-    def pending_replies(self) -> bool:
-        return bool(self._out)
-
     async def flush(self) -> None:
         if not self._out:
             return

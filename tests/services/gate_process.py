@@ -63,6 +63,11 @@ def make_certificate(workdir: Path, names: tuple[str, ...] = ("mx.example.test",
 
 def children_of(pid: int) -> list[int]:
     """Live child processes of pid, from /proc (zombies excluded)."""
+    return _live_processes(parent=pid)
+
+
+def _live_processes(*, parent: int | None = None, session: int | None = None) -> list[int]:
+    """Processes (zombies excluded) with that parent, or in that session, from /proc."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -71,8 +76,12 @@ def children_of(pid: int) -> list[int]:
             raw = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
+        # after "pid (comm) ": state, ppid, pgrp, session, ...
         fields = raw[raw.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if fields[0] == "Z":
+            continue
+        if (parent is not None and int(fields[1]) == parent) or \
+                (session is not None and int(fields[3]) == session):
             found.append(int(entry))
     return sorted(found)
 
@@ -183,18 +192,7 @@ class GateProcess:
 
     def _session_members(self) -> list[int]:
         """Processes still in smtpgate's session (its workers, if any outlived it)."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2:].split()
-            if int(fields[3]) == self.proc.pid and fields[0] != "Z":
-                found.append(int(entry))
-        return found
+        return _live_processes(session=self.proc.pid)
 
     def log_text(self) -> str:
         try:
