@@ -118,22 +118,6 @@ def test_a_mail_parameter_postfix_would_refuse_is_refused_at_mail(gate, postfix_
     dovecot_server.wait_for_message("user1@example.com", has(mark))
 
 
-def test_pipelined_batch_gets_its_replies_and_a_message_in_one_go(gate, dovecot_server):
-    mark = token()
-    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.97") as talk:
-        talk.banner()
-        talk.cmd("EHLO client.example.test")
-        talk.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<user1@example.com>\r\n"
-                  b"RCPT TO:<nobody@example.com>\r\nDATA\r\n")
-        codes = [talk.reply()[0] for _ in range(4)]
-        assert codes == [250, 250, 550, 354]
-        talk.send(f"Subject: {mark}\r\n\r\n..dot\r\n.\r\nQUIT\r\n".encode())
-        assert talk.reply()[0] == 250
-        assert talk.reply()[0] == 221
-    message = dovecot_server.wait_for_message("user1@example.com", has(mark))
-    assert b"\n.dot\n" in message  # unstuffed once, by smtpgate, and sent as BDAT
-
-
 async def test_transaction_limit_hands_slots_over_in_order_and_refuses_after_the_wait():
     limit = TransactionLimit(1, wait=0.2)
     order: list[str] = []
@@ -263,3 +247,28 @@ def test_the_message_carries_how_it_arrived(gate, dovecot_server, tls):
         assert (ours.group(3), ours.group(4)) == (cipher, "ESMTPS")
     else:
         assert (ours.group(1), ours.group(4)) == (None, "ESMTP")
+
+
+def test_a_bare_newline_in_a_command_is_postscreens_finding_too(gate, dovecot_server):
+    mark = token()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.84") as talk:
+        talk.banner()
+        talk.send(b"EHLO client.example.test\n")  # the bare LF is in a command, not the body
+        assert talk.reply()[0] == 250
+        talk.cmd("MAIL FROM:<a@example.net>")
+        assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        assert talk.cmd("DATA")[0] == 354
+        talk.send(f"Subject: {mark}\r\n\r\nclean body\r\n.\r\n".encode())
+        assert talk.reply()[0] == 250  # action ignore: logged, and the mail goes on
+    gate.wait_for_log(r"BARE NEWLINE from \[127\.0\.0\.84\]:\d+ after EHLO")
+    dovecot_server.wait_for_message("user1@example.com", has(mark))
+
+
+def test_a_bare_newline_in_the_body_is_postscreens_finding(gate, dovecot_server):
+    mark = token()
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.83") as talk:
+        envelope(talk, "user1@example.com")
+        talk.send(f"Subject: {mark}\r\n\r\nbare\nline\r\n.\r\n".encode())
+        assert talk.reply()[0] == 250
+    gate.wait_for_log(r"BARE NEWLINE from \[127\.0\.0\.83\]:\d+ after DATA")
+    dovecot_server.wait_for_message("user1@example.com", has(mark))

@@ -278,13 +278,11 @@ class Session:
             if line is TOO_LONG:
                 self._count("UNKNOWN")
                 self.reply(replies.LINE_TOO_LONG)
+            elif line[-2:-1] == b"\r":
+                await self._dispatch(line[:-2])
             else:
-                if line[-2:-1] == b"\r":
-                    line = line[:-2]
-                else:
-                    self.bare_newline = True
-                    line = line[:-1]
-                await self._dispatch(line)
+                await self._dispatch(line[:-1])
+                await self._bare_newline(line)  # "after" the command that carried it
             if self.errors >= hard_limit:
                 self.reply(replies.too_many_errors(self.config.hostname))
                 return
@@ -328,6 +326,18 @@ class Session:
     def _count(self, verb: str) -> None:
         self.last_command = verb
         self.counts[verb] = self.counts.get(verb, 0) + 1
+
+    async def _bare_newline(self, line: bytes) -> None:
+        """postscreen's bare newline test, on the first line (command or body) that has one.
+
+        The line itself goes to the test: it is the test's evidence, and a line without its
+        bare LF would pass it.
+        """
+        if self.bare_newline:
+            return
+        self.bare_newline = True
+        if self.protocol_tests:
+            await self._protocol_test("bare_newline", line, b"")
 
     async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
         hang_up = await self.policy.protocol(self.state, test, line, pending,
@@ -536,9 +546,7 @@ class Session:
                 self.reply(replies.MESSAGE_TOO_BIG)
                 return
             if body.bare_newline:
-                self.bare_newline = True
-                if self.protocol_tests:
-                    await self._protocol_test("bare_newline", b"DATA", b"")
+                await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
             self.relaying = True
             try:
                 await self._relay(spool, body.size)
