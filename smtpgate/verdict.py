@@ -4,6 +4,7 @@ SYNOPSIS
     Reply(code, status, text)            str(reply) == "550 5.1.1 text"
     Outcome.PERMIT | PASS | FAIL | SKIP
     Verdict(check, outcome, reply=None, reason="", ttl=0.0)
+    Finding(level, text)                 level: "ok", "warning" or "error"
 
 DESCRIPTION
     Every check is a pure function returning a Verdict. PERMIT means an
@@ -13,6 +14,10 @@ DESCRIPTION
     did not apply (not configured, trusted client). `reason` is the evidence
     for the log and `smtpgate explain` (which key, which zone and answer);
     `ttl` is how long a pass may be cached, 0 for not at all.
+
+    A Finding is what a look at the surroundings found (the certificate,
+    the next hop): "error" stops `smtpgate serve` at start and makes
+    `smtpgate check-config` exit 1; "warning" is logged and served through.
 """
 
 from __future__ import annotations
@@ -55,3 +60,12 @@ class Verdict:
     @property
     def failed(self) -> bool:
         return self.outcome is Outcome.FAIL
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: str  # "ok", "warning" or "error"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.text}"

@@ -91,7 +91,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"smtpgate {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the listeners until SIGTERM")
-    sub.add_parser("check-config", help="print the effective configuration")
+    check = sub.add_parser("check-config", help="print the effective configuration")
+    check.add_argument("--live", action="store_true",
+                       help="also probe Redis and the next hop (XCLIENT, IPv6, extensions)")
     table = sub.add_parser("table", help="get, set, delete or list Redis table keys")
     table.add_argument("args", nargs=argparse.REMAINDER,
                        help="get|set|del|list PREFIX [KEY [VALUE]]")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 1
     if args.command == "check-config":
-        return check_config(config)
+        return check_config(config, args.live)
     if config.timezone:  # the image's TIMEZONE: log time stamps in local time there
         os.environ["TZ"] = config.timezone
         time.tzset()
@@ -136,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def check_config(config) -> int:
+def check_config(config, live: bool = False) -> int:
+    from smtpgate.cli.check import run_checks
+
     rows = config.describe()
     width = max(len(name) for name, _, _ in rows)
     for name, value, source in rows:
         print(f"{name:<{width}} = {value}" + (f"    # {source}" if source != "default" else ""))
-    return 0
+    return run_checks(config, live)

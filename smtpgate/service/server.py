@@ -5,6 +5,7 @@ SYNOPSIS
     await build_gate(config) -> Gate
     await start_listeners(gate) -> list[asyncio.Server]
     serve(config) -> int                        run until SIGTERM; the `serve` command
+                                                (first smtpgate.service.preflight)
     reload(gate) -> bool                        SIGHUP
 
 DESCRIPTION
@@ -17,6 +18,12 @@ DESCRIPTION
     drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
     the configuration (SMTPGATE_CONFIG) and the certificate again; new
     sessions get them, running ones keep theirs (see reload()).
+
+    Before the workers start, the master looks at the certificate and the
+    next hops once (smtpgate.service.preflight): a next hop that refuses
+    XCLIENT stops the start; one not reached yet is probed again by each
+    worker. Each worker offers its clients only the extensions the next hop
+    carries.
 
     "smtpgate: ready" is written to stderr once every listener is bound,
     for scripts and tests that wait on it.
@@ -38,7 +45,9 @@ from typing import Any
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
 from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.probe import HopProbe
 from smtpgate.service.health import start_health
+from smtpgate.service.preflight import PreflightError, carry, learn_later, preflight
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
@@ -120,8 +129,10 @@ def _smtp_starter(gate: Gate, kind: str):
     return start
 
 
-async def run_worker(config: Config) -> int:
+async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
     gate = await build_gate(config)
+    if probes is not None:  # what the master's preflight learned of the next hops
+        carry(gate, probes)
     try:
         servers = await start_listeners(gate)
     except OSError:
@@ -132,8 +143,11 @@ async def run_worker(config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gate)
+    learner = loop.create_task(learn_later(gate, probes)) if probes is not None else None
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
+    if learner is not None:
+        learner.cancel()
     gate.draining = True
     for server in servers:
         server.close()
@@ -206,23 +220,27 @@ async def _drain(gate: Gate, grace: float) -> None:
 
 
 def serve(config: Config) -> int:
+    try:
+        probes = preflight(config)
+    except PreflightError:
+        return 1  # logged, with the setting to change
     workers = config.workers or os.cpu_count() or 1
     if workers == 1:
-        return _run_loop(config)
-    return _supervise(config, workers)
+        return _run_loop(config, probes)
+    return _supervise(config, workers, probes)
 
 
-def _run_loop(config: Config) -> int:
+def _run_loop(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
-        return asyncio.run(run_worker(config))
+        return asyncio.run(run_worker(config, probes))
     if os.environ.get("SMTPGATE_UVLOOP", "yes").lower() in ("no", "0", "off"):
-        return asyncio.run(run_worker(config))
-    return uvloop.run(run_worker(config))
+        return asyncio.run(run_worker(config, probes))
+    return uvloop.run(run_worker(config, probes))
 
 
-def _supervise(config: Config, workers: int) -> int:
+def _supervise(config: Config, workers: int, probes: dict[Any, HopProbe] | None = None) -> int:
     children: set[int] = set()
     stopping = False
 
@@ -233,7 +251,7 @@ def _supervise(config: Config, workers: int) -> int:
         if pid == 0:
             code = 1
             try:
-                code = _run_loop(config)
+                code = _run_loop(config, probes)
             except Exception as exc:
                 print(f"smtpgate: fatal: {exc}", file=sys.stderr, flush=True)
             finally:

@@ -4,11 +4,19 @@ SYNOPSIS
     Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None)
     gate.sessions       the sessions in flight (drain waits for them)
     gate.draining       true once SIGTERM arrived
+    gate.ehlo_tail[listener] ; gate.offered[listener]
+    gate.carry(listener, extensions)   offer only what the next hop carries
 
 DESCRIPTION
     Built once per worker by smtpgate.service.server.build_gate(); the
     configuration and TLS material are replaced on SIGHUP, so a session
     reads them from here when it starts and keeps what it read.
+
+    8BITMIME, DSN and SMTPUTF8 are offered to a listener's clients only
+    when the next hop its mail goes to offers them (smtpgate.relay.probe
+    finds out; carry() with None, "not known", offers all three). The
+    EHLO keywords that follow AUTH are kept ready per listener (ehlo_tail),
+    and `offered` is what MAIL and RCPT parameters may use.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Config
+from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
 from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.probe import CARRIED
 from smtpgate.smtp.tls import TlsProvider
 
 
@@ -31,3 +41,13 @@ class Gate:
     hop_pool: HopPool | None = None
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False
+    ehlo_tail: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        kind: ("ENHANCEDSTATUSCODES", *CARRIED) for kind in (MX, SUBMISSION, SUBMISSIONS)})
+    offered: dict[str, frozenset[str]] = field(default_factory=lambda: {
+        kind: frozenset(CARRIED) for kind in (MX, SUBMISSION, SUBMISSIONS)})
+
+    def carry(self, listener: str, extensions: frozenset[str] | None) -> None:
+        """Offer on `listener` only those of CARRIED in extensions (None: all of them)."""
+        kept = tuple(name for name in CARRIED if extensions is None or name in extensions)
+        self.ehlo_tail[listener] = ("ENHANCEDSTATUSCODES", *kept)
+        self.offered[listener] = frozenset(kept)

@@ -1,15 +1,21 @@
 """params - the MAIL and RCPT parameters smtpgate offers, checked as Postfix's smtpd checks them.
 
 SYNOPSIS
-    mail_params_reply(params, size_limit) -> Reply | None
-    rcpt_params_reply(params) -> Reply | None
+    mail_params_reply(params, size_limit, offered=ALL_OFFERED) -> Reply | None
+    rcpt_params_reply(params, offered=ALL_OFFERED) -> Reply | None
 
 DESCRIPTION
     Postfix receives the envelope only when the message is complete, so a
     parameter it would refuse must be refused here, at MAIL or RCPT, with
     its words; otherwise the client hears 250 and the refusal comes too
     late. smtpgate offers SIZE, 8BITMIME, DSN and SMTPUTF8 (and AUTH=
-    after AUTH), not CHUNKING or BINARYMIME:
+    after AUTH), not CHUNKING or BINARYMIME; `offered` is the part of
+    8BITMIME, DSN and SMTPUTF8 still offered because the next hop carries
+    it (smtpgate.smtp.gate). A parameter of an extension not offered is
+    refused as Postfix refuses it when it does not offer it either:
+    SMTPUTF8 "555 5.5.4 Unsupported option: SMTPUTF8", RET ENVID NOTIFY
+    ORCPT "501 5.7.1 DSN support is disabled". BODY=8BITMIME stays
+    accepted: Postfix takes it even with 8BITMIME not announced.
 
     SIZE=n             digits, not over message_size_limit
                          501 5.5.4 Bad message size syntax
@@ -43,6 +49,9 @@ BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
 BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
 BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
 BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
+DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled")
+ALL_OFFERED = frozenset({"8BITMIME", "DSN", "SMTPUTF8"})
+DSN_PARAMS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
 
 
 def xtext_length(value: str) -> int | None:
@@ -53,8 +62,11 @@ def xtext_length(value: str) -> int | None:
     return len(raw) - 2 * raw.count(b"+")
 
 
-def mail_params_reply(params: dict[str, str | None], size_limit: int) -> Reply | None:
+def mail_params_reply(params: dict[str, str | None], size_limit: int,
+                      offered: frozenset[str] = ALL_OFFERED) -> Reply | None:
     for name, value in params.items():
+        if name in DSN_PARAMS and "DSN" not in offered:
+            return DSN_DISABLED
         if name == "SIZE":
             if value is None or not value.isdigit():
                 return BAD_SIZE
@@ -74,15 +86,18 @@ def mail_params_reply(params: dict[str, str | None], size_limit: int) -> Reply |
             if not value or xtext_length(value) is None:
                 return replies.unsupported_option(name)
         elif name == "SMTPUTF8":
-            if value is not None:
+            if value is not None or "SMTPUTF8" not in offered:
                 return replies.unsupported_option(name)
         else:
             return replies.unsupported_option(name)
     return None
 
 
-def rcpt_params_reply(params: dict[str, str | None]) -> Reply | None:
+def rcpt_params_reply(params: dict[str, str | None],
+                      offered: frozenset[str] = ALL_OFFERED) -> Reply | None:
     for name, value in params.items():
+        if name in DSN_PARAMS and "DSN" not in offered:
+            return DSN_DISABLED
         if name == "NOTIFY":
             words = (value or "").upper().split(",")
             if words != ["NEVER"] and (not NOTIFY_WORDS.issuperset(words)

@@ -379,7 +379,7 @@ class Session:
             lines.append("STARTTLS")
         if self._auth_offered():
             lines.append("AUTH PLAIN LOGIN")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        lines += self.gate.ehlo_tail[self.listener]  # what the next hop carries
         return lines
 
     def _auth_offered(self) -> bool:
@@ -484,7 +484,8 @@ class Session:
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = mail_params_reply(path.params, self.config.message_size_limit)
+        refusal = mail_params_reply(path.params, self.config.message_size_limit,
+                                    self.gate.offered[self.listener])
         if refusal is None:
             refusal = await self.policy.mail(self.state, path, self.login)
         if refusal is not None:
@@ -504,7 +505,7 @@ class Session:
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = rcpt_params_reply(path.params)
+        refusal = rcpt_params_reply(path.params, self.gate.offered[self.listener])
         if refusal is not None:
             self.reply(refusal)
             return

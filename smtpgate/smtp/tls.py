@@ -3,6 +3,7 @@
 SYNOPSIS
     TlsProvider(cert_path, key_path)       raises TlsError naming the path
     provider.context() -> ssl.SSLContext   (the current one; cheap)
+    provider.info -> CertificateInfo        names, not_after of the certificate in use
     load_tls(config) -> TlsProvider | None
 
 DESCRIPTION
@@ -11,7 +12,9 @@ DESCRIPTION
     a second and builds a new context when they changed, so new sessions get
     the new certificate without a restart; sessions already running keep
     theirs. A renewal that leaves an unreadable or mismatched pair keeps the
-    old context and logs why.
+    old context and logs why. A key that is not the certificate's is
+    named as such, with both files, rather than as OpenSSL's
+    KEY_VALUES_MISMATCH.
 
     TLS 1.2 is the lowest version offered, as the image's
     smtpd_tls_protocols = >=TLSv1.2.
@@ -25,6 +28,7 @@ import ssl
 import time
 
 from smtpgate.config import Config
+from smtpgate.smtp.certificate import CertificateError, CertificateInfo, read_certificate
 
 log = logging.getLogger("smtpgate.tls")
 
@@ -34,10 +38,20 @@ class TlsError(Exception):
 
 
 def build_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    return _load(cert_path, key_path)[0]
+
+
+def _load(cert_path: str, key_path: str) -> tuple[ssl.SSLContext, CertificateInfo]:
     for path in (cert_path, key_path):
         if not os.access(path, os.R_OK):
             reason = "does not exist" if not os.path.exists(path) else "is not readable"
             raise TlsError(f"TLS certificate file {path} {reason}")
+    try:
+        info = read_certificate(cert_path, key_path)
+    except CertificateError as exc:
+        raise TlsError(str(exc)) from None
+    if not info.key_matches:
+        raise TlsError(f"TLS key {key_path} does not match the certificate {cert_path}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -46,14 +60,14 @@ def build_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as exc:
         raise TlsError(
             f"cannot load TLS certificate {cert_path} with key {key_path}: {exc}") from None
-    return context
+    return context, info
 
 
 class TlsProvider:
     def __init__(self, cert_path: str, key_path: str) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        self._context = build_context(cert_path, key_path)
+        self._context, self.info = _load(cert_path, key_path)
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
 
@@ -75,7 +89,7 @@ class TlsProvider:
         if stamp == self._stamp:
             return False
         try:
-            self._context = build_context(self.cert_path, self.key_path)
+            self._context, self.info = _load(self.cert_path, self.key_path)
         except TlsError as exc:
             log.warning("warning: keeping the previous certificate: %s", exc)
             return False

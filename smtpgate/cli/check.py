@@ -1,0 +1,96 @@
+"""check - what `smtpgate check-config` looks at besides the settings: certificate, live services.
+
+SYNOPSIS
+    run_checks(config, live, out=sys.stdout) -> int     1 when a finding is an error, else 0
+    certificate_check(config, now) -> list[Finding]
+    redis_check(config) -> list[Finding]
+    await next_hop_check(config) -> list[Finding]
+
+DESCRIPTION
+    Printed after the settings, one line per finding: "ok: ...",
+    "warning: ..." or "error: ...".
+
+    Always, when a certificate is configured: its names and expiry, a
+    warning when HOSTNAME is not among them or the expiry is near or past
+    (smtpgate.smtp.certificate), an error when a file cannot be read or
+    the key does not match the certificate.
+
+    With --live, also: no certificate configured (an error unless
+    tls_optional); Redis asked PING at the configured URL (shown with the
+    password masked); every next hop probed as `smtpgate serve` does at
+    start (smtpgate.relay.probe): XCLIENT authorized, IPv6 client
+    addresses accepted, the extensions offered. A next hop or Redis that
+    cannot be reached is an error here: --live asks whether mail would
+    flow now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sys
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from smtpgate.config import Config, mask_secret
+from smtpgate.relay.probe import hop_findings, probe_next_hop
+from smtpgate.service.preflight import PROBE_TIMEOUT, ipv6_clients, next_hops
+from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
+from smtpgate.verdict import Finding
+
+
+def run_checks(config: Config, live: bool, out: TextIO = sys.stdout) -> int:
+    now = datetime.datetime.now(datetime.UTC)
+    found = certificate_check(config, now, live)
+    if live:
+        found += redis_check(config)
+        found += asyncio.run(next_hop_check(config))
+    for finding in found:
+        print(finding, file=out)
+    return 1 if any(f.level == "error" for f in found) else 0
+
+
+def certificate_check(config: Config, now: datetime.datetime, live: bool = True) -> list[Finding]:
+    paths = config.tls_paths
+    if paths is None:
+        if not live:
+            return []
+        level = "warning" if config.tls_optional else "error"
+        return [Finding(level, "no TLS certificate configured (LETSENCRYPT, or "
+                               "SMTPGATE_TLS_CERT and SMTPGATE_TLS_KEY): STARTTLS is not offered")]
+    try:
+        info = read_certificate(*paths)
+    except CertificateError as exc:
+        return [Finding("error", str(exc))]
+    return certificate_findings(info, config.hostname, now)
+
+
+def redis_check(config: Config) -> list[Finding]:
+    import redis
+    from redis.exceptions import RedisError
+
+    shown = mask_secret(config.redis)
+    client = redis.Redis.from_url(config.redis, socket_timeout=config.redis_timeout,
+                                  socket_connect_timeout=config.redis_timeout)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        password = urlsplit(config.redis).password
+        if password:
+            reason = reason.replace(password, "***")
+        return [Finding("error", f"Redis at {shown} does not answer PING: {reason}")]
+    finally:
+        client.close()
+    return [Finding("ok", f"Redis at {shown} answers PING")]
+
+
+async def next_hop_check(config: Config) -> list[Finding]:
+    hops = sorted(set(next_hops(config).values()), key=str)
+    timeout = min(config.next_hop_timeout, PROBE_TIMEOUT)
+    probes = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout)
+                                    for hop in hops))
+    found = []
+    for probe in probes:
+        found += hop_findings(probe, ipv6_clients(config))
+    return found

@@ -1,0 +1,150 @@
+"""preflight - what `smtpgate serve` looks at before it is ready: the certificate and the next hops.
+
+SYNOPSIS
+    preflight(config) -> dict[HostPort, HopProbe]    once, before the workers; PreflightError
+    next_hops(config) -> dict[str, HostPort]         listener kind -> where its mail goes
+    ipv6_clients(config) -> bool
+    carry(gate, probes)                              offer each listener what its hop carries
+    await learn_later(gate, probes)                  probe the hops not reached, until reached
+    PreflightError
+
+DESCRIPTION
+    preflight() runs in the master process (or the only one), so its
+    lines are logged once whatever the number of workers, and the workers
+    inherit what it learned. It logs the certificate's names and expiry
+    with the warnings of smtpgate.smtp.certificate (a bad pair is left to
+    smtpgate.smtp.tls, which stops the start, or runs without STARTTLS
+    with tls_optional), and probes each next hop (smtpgate.relay.probe).
+
+    A next hop that cannot be reached is a warning: the image starts its
+    containers in any order, so Postfix may come up after smtpgate. Until
+    a probe reaches it, clients are offered every extension, and each
+    worker probes again every RETRY seconds (learn_later), then logs what
+    it found and offers what the hop carries.
+
+    A next hop that is reached but refuses XCLIENT, or refuses IPv6
+    client addresses when smtpgate has IPv6 clients, stops the start
+    (PreflightError, exit status 1, the log naming the Postfix setting):
+    running would answer 451 to every message (or to every IPv6 client's)
+    while looking healthy, and senders would retry quietly for days
+    before anyone noticed. Found later by learn_later(), the same is
+    logged as an error and mail is answered 451 until Postfix is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from typing import Any
+
+from smtpgate.config import Config, HostPort
+from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
+from smtpgate.relay.probe import HopProbe, carried_extensions, hop_findings, probe_next_hop
+from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
+
+log = logging.getLogger("smtpgate.master")
+
+PROBE_TIMEOUT = 10.0  # at most, per reply; a start should not wait next_hop_timeout (300 s)
+RETRY = 10.0
+
+
+class PreflightError(Exception):
+    """The next hop will not take smtpgate's hand-offs; the findings were logged."""
+
+
+def next_hops(config: Config) -> dict[str, HostPort]:
+    """Where each enabled SMTP listener's mail goes."""
+    submission = config.submission_next_hop or config.next_hop
+    hops = {}
+    for kind, listen, hop in ((MX, config.mx_listen, config.next_hop),
+                              (SUBMISSION, config.submission_listen, submission),
+                              (SUBMISSIONS, config.submissions_listen, submission)):
+        if listen:
+            hops[kind] = hop
+    return hops
+
+
+def ipv6_clients(config: Config) -> bool:
+    """Whether a client can have an IPv6 address: an IPv6 listener, or a PROXY balancer."""
+    listeners = (*config.mx_listen, *config.submission_listen, *config.submissions_listen)
+    return config.proxy_protocol != "off" or any(":" in a.host for a in listeners)
+
+
+def preflight(config: Config) -> dict[HostPort, HopProbe]:
+    _certificate(config)
+    hops = sorted(set(next_hops(config).values()), key=str)
+    if not hops:
+        return {}
+    probes = asyncio.run(_probe_all(config, hops))
+    fatal = []
+    for probe in probes.values():
+        fatal += _report(probe, ipv6_clients(config), at_start=True)
+    if fatal:
+        raise PreflightError("; ".join(fatal))
+    return probes
+
+
+def _certificate(config: Config) -> None:
+    paths = config.tls_paths
+    if paths is None:
+        return
+    try:
+        info = read_certificate(*paths)
+    except CertificateError:
+        return  # smtpgate.smtp.tls says what is wrong, and whether that stops the start
+    now = datetime.datetime.now(datetime.UTC)
+    for finding in certificate_findings(info, config.hostname, now):
+        if finding.level == "ok":
+            log.info("%s", finding.text)
+        elif finding.level == "warning":
+            log.warning("warning: %s", finding.text)
+
+
+async def _probe_all(config: Config, hops) -> dict[HostPort, HopProbe]:
+    timeout = min(config.next_hop_timeout, PROBE_TIMEOUT)
+    found = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout)
+                                   for hop in hops))
+    return dict(zip(hops, found, strict=True))
+
+
+def _report(probe: HopProbe, ipv6: bool, at_start: bool) -> list[str]:
+    """Log the findings; the errors' texts (none for a hop not reached: that is a warning)."""
+    if not probe.reached:
+        log.warning("warning: next hop %s cannot be reached (%s); clients are offered every "
+                    "extension until it can, and it is tried again every %.0f s",
+                    probe.hop, probe.error, RETRY)
+        return []
+    errors = []
+    for finding in hop_findings(probe, ipv6):
+        if finding.level == "error":
+            log.error("%s: %s", "fatal" if at_start else "error", finding.text)
+            errors.append(finding.text)
+        elif finding.level == "warning":
+            log.warning("warning: %s", finding.text)
+        else:
+            log.info("%s", finding.text)
+    return errors
+
+
+def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
+    """Offer on each listener only what its next hop carries (all, where not known)."""
+    for kind, hop in next_hops(gate.config).items():
+        probe = probes.get(hop)
+        gate.carry(kind, carried_extensions(probe) if probe is not None else None)
+
+
+async def learn_later(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
+    """Probe the hops not reached at start every RETRY seconds, until each answers."""
+    probes = dict(probes)
+    while True:
+        waiting = [hop for hop in set(next_hops(gate.config).values())
+                   if hop not in probes or not probes[hop].reached]
+        if not waiting:
+            return
+        await asyncio.sleep(RETRY)
+        for hop, probe in (await _probe_all(gate.config, waiting)).items():
+            if probe.reached:
+                _report(probe, ipv6_clients(gate.config), at_start=False)
+                probes[hop] = probe
+        carry(gate, probes)
