@@ -352,6 +352,8 @@ class Config:
     next_hop_busy_wait: float = setting(
         2.0, seconds(0, 60), "how long a complete message may wait for a free next-hop slot "
                              "before the client hears 451 4.3.2")
+    next_hop_probe_interval: float = setting(
+        10.0, seconds(1, 3600), "how often a next hop not reached at start is probed again")
     spool_memory_limit: int = setting(
         262144, int_between(0), "bytes of a message held in memory; the rest goes to a "
                                 "temporary file")

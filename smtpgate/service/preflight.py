@@ -19,8 +19,9 @@ DESCRIPTION
     A next hop that cannot be reached is a warning: the image starts its
     containers in any order, so Postfix may come up after smtpgate. Until
     a probe reaches it, clients are offered every extension, and each
-    worker probes again every RETRY seconds (learn_later), then logs what
-    it found and offers what the hop carries.
+    worker probes again every next_hop_probe_interval seconds
+    (learn_later), then logs what it found and offers what the hop
+    carries.
 
     A next hop that is reached but refuses XCLIENT, or refuses IPv6
     client addresses when smtpgate has IPv6 clients, stops the start
@@ -46,7 +47,6 @@ from smtpgate.smtp.certificate import CertificateError, certificate_findings, re
 log = logging.getLogger("smtpgate.master")
 
 PROBE_TIMEOUT = 10.0  # at most, per reply; a start should not wait next_hop_timeout (300 s)
-RETRY = 10.0
 
 
 class PreflightError(Exception):
@@ -79,7 +79,7 @@ def preflight(config: Config) -> dict[HostPort, HopProbe]:
     probes = asyncio.run(_probe_all(config, hops))
     fatal = []
     for probe in probes.values():
-        fatal += _report(probe, ipv6_clients(config), at_start=True)
+        fatal += _report(probe, ipv6_clients(config), True, config.next_hop_probe_interval)
     if fatal:
         raise PreflightError("; ".join(fatal))
     return probes
@@ -108,12 +108,12 @@ async def _probe_all(config: Config, hops) -> dict[HostPort, HopProbe]:
     return dict(zip(hops, found, strict=True))
 
 
-def _report(probe: HopProbe, ipv6: bool, at_start: bool) -> list[str]:
+def _report(probe: HopProbe, ipv6: bool, at_start: bool, interval: float) -> list[str]:
     """Log the findings; the errors' texts (none for a hop not reached: that is a warning)."""
     if not probe.reached:
         log.warning("warning: next hop %s cannot be reached (%s); clients are offered every "
-                    "extension until it can, and it is tried again every %.0f s",
-                    probe.hop, probe.error, RETRY)
+                    "extension until it can, and it is tried again every %g s",
+                    probe.hop, probe.error, interval)
         return []
     errors = []
     for finding in hop_findings(probe, ipv6):
@@ -135,16 +135,16 @@ def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
 
 
 async def learn_later(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
-    """Probe the hops not reached at start every RETRY seconds, until each answers."""
+    """Probe the hops not reached at start every next_hop_probe_interval, until each answers."""
     probes = dict(probes)
     while True:
         waiting = [hop for hop in set(next_hops(gate.config).values())
                    if hop not in probes or not probes[hop].reached]
         if not waiting:
             return
-        await asyncio.sleep(RETRY)
+        await asyncio.sleep(gate.config.next_hop_probe_interval)
         for hop, probe in (await _probe_all(gate.config, waiting)).items():
             if probe.reached:
-                _report(probe, ipv6_clients(gate.config), at_start=False)
+                _report(probe, ipv6_clients(gate.config), False, 0)
                 probes[hop] = probe
         carry(gate, probes)

@@ -1,7 +1,7 @@
 """postfix_server - a private Postfix instance behind smtpgate, in a temp directory
 
 SYNOPSIS
-    PostfixServer(workdir, lmtp_port, milter_port=None, sasl_port=None)
+    PostfixServer(workdir, lmtp_port, milter_port=None, sasl_port=None, main_cf=None)
         .host: str                  "127.0.0.1"
         .port: int                  smtpd (the next hop, XCLIENT allowed)
         .submission_port: int       smtpd with SASL auth (Dovecot), ORIGINATING milter macro
@@ -32,7 +32,9 @@ DESCRIPTION
     virtual_transport = lmtp:inet:127.0.0.1:<Dovecot LMTP>; smtpd_milters =
     inet:127.0.0.1:<rspamd milter>, milter_default_action = tempfail;
     message_size_limit = 26214400; smtpd_helo_required = no. Mail for
-    other domains is discarded (no outbound mail from tests).
+    other domains is discarded (no outbound mail from tests). main_cf
+    settings replace these from the first start on (main.cf is written
+    anew at each start; postconf() changes last until the next start).
 
     set_map(name, mapping) writes config_dir/<name> ("virtual_alias_maps"
     or "virtual_mailbox_maps", or any new name used in a postconf()
@@ -112,6 +114,7 @@ class PostfixServer:
         lmtp_port: int,
         milter_port: int | None = None,
         sasl_port: int | None = None,
+        main_cf: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,7 @@ class PostfixServer:
         self.lmtp_port = lmtp_port
         self.milter_port = milter_port
         self.sasl_port = sasl_port
+        self.main_cf = dict(main_cf or {})
         self.config_dir = self.workdir / "etc"
         self.queue_dir = self.workdir / "queue"
         self.data_dir = self.workdir / "data"
@@ -177,7 +181,7 @@ class PostfixServer:
         if self.sasl_port:
             settings["smtpd_sasl_type"] = "dovecot"
             settings["smtpd_sasl_path"] = f"inet:{self.host}:{self.sasl_port}"
-        return settings
+        return {**settings, **self.main_cf}
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,338 @@
+"""The next-hop probe against a real Postfix 3.7, what `serve` does with it, check-config --live.
+
+A Postfix of its own (services.postfix_server), so its settings can change without touching
+the one the other tests relay to: `configure(**settings)` writes main.cf with postconf and
+reloads, each test starting from the harness's defaults (XCLIENT for 127.0.0.0/8,
+inet_protocols = ipv4, smtputf8_enable = yes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import trustme
+from services import procs
+from services.ports import free_port
+from services.postfix_server import PostfixServer
+from services.smtp_talk import Talk
+from services.waiting import wait_until
+
+from smtpgate.config import HostPort
+from smtpgate.relay.probe import HopProbe, carried_extensions, hop_findings, probe_next_hop
+
+DEFAULTS = {"smtpd_authorized_xclient_hosts": "127.0.0.0/8", "inet_protocols": "ipv4",
+            "smtputf8_enable": "yes", "smtpd_discard_ehlo_keywords": ""}
+ALL_ATTRIBUTES = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN"})
+EVERYTHING = frozenset({"PIPELINING", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"})
+
+
+@pytest.fixture(scope="module")
+def hop_server(service_root):
+    server = PostfixServer(service_root / "probe-postfix", lmtp_port=free_port())
+    procs.on_exit(server.stop)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def configure(hop_server):
+    def apply(**settings: str) -> HostPort:
+        hop_server.postconf(**{**DEFAULTS, **settings})
+        return HostPort(hop_server.host, hop_server.port)
+
+    return apply
+
+
+def probe(hop: HostPort) -> HopProbe:
+    return asyncio.run(probe_next_hop(hop, "mx.example.test", 10))
+
+
+def levels(findings) -> list[str]:
+    return [f.level for f in findings]
+
+
+# --- the findings, from probes as they come back ------------------------------------------------
+
+HOP = HostPort("127.0.0.1", 10025)
+GOOD = HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES,
+                xclient_reply="220 next-hop ESMTP Postfix", extensions=EVERYTHING,
+                ipv6_reply="220 next-hop ESMTP Postfix")
+
+
+@pytest.mark.parametrize(("probe_", "ipv6", "expected", "says"), [
+    (GOOD, True, ["ok"], "XCLIENT authorized for 127.0.0.1"),
+    (HopProbe(HOP, error="Connect call failed"), False, ["error"], "cannot be reached"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=None,
+              xclient_reply="550 5.7.0 Error: insufficient authorization"), False, ["error"],
+     "add 127.0.0.1 to smtpd_authorized_xclient_hosts"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=None,
+              xclient_reply="502 5.5.2 Error: command not recognized"), False, ["error"],
+     "does not support XCLIENT"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+              extensions=EVERYTHING, ipv6_reply="501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"),
+     True, ["error", "ok"], "set inet_protocols = all"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+              extensions=EVERYTHING, ipv6_reply="501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"),
+     False, ["ok"], "IPv6 client addresses refused (smtpgate has no IPv6 listener)"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+              extensions=EVERYTHING - {"SMTPUTF8", "DSN"}, ipv6_reply="220 ok"),
+     True, ["warning", "warning", "ok"], "smtputf8_enable = yes"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+              extensions=EVERYTHING - {"CHUNKING"}, ipv6_reply="220 ok"),
+     True, ["ok"], "without CHUNKING (the relay does without)"),
+], ids=["good", "unreachable", "not-authorized", "no-xclient-at-all", "ipv6-refused-and-needed",
+        "ipv6-refused-not-needed", "no-smtputf8-no-dsn", "no-chunking"])
+def test_findings(probe_, ipv6, expected, says):
+    found = hop_findings(probe_, ipv6)
+    assert levels(found) == expected
+    assert any(says in f.text for f in found), found
+
+
+def test_carried_extensions():
+    assert carried_extensions(GOOD) == {"8BITMIME", "DSN", "SMTPUTF8"}
+    assert carried_extensions(HopProbe(HOP, error="down")) is None  # not known: offer all
+    partial = HopProbe(HOP, xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+                       extensions=frozenset({"DSN"}))
+    assert carried_extensions(partial) == {"DSN"}
+
+
+# --- probing a real Postfix ---------------------------------------------------------------------
+
+
+def test_authorized_with_ipv4_only(configure):
+    found = probe(configure())
+    assert found.reached and found.authorized and found.source == "127.0.0.1"
+    assert found.xclient >= ALL_ATTRIBUTES
+    assert found.extensions >= EVERYTHING
+    # what Postfix 3.7 with inet_protocols = ipv4 says to an IPv6 client address
+    assert found.ipv6_reply == "501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"
+    assert levels(hop_findings(found, ipv6_clients=False)) == ["ok"]
+    (error,) = [f for f in hop_findings(found, ipv6_clients=True) if f.level == "error"]
+    assert "inet_protocols = all" in error.text and "501 5.5.4 Bad ADDR syntax" in error.text
+
+
+def test_ipv6_addresses_accepted_with_inet_protocols_all(configure):
+    found = probe(configure(inet_protocols="all"))
+    assert found.ipv6_accepted, found.ipv6_reply
+    assert levels(hop_findings(found, ipv6_clients=True)) == ["ok"]
+
+
+def test_not_authorized(configure, hop_server):
+    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    found = probe(hop)
+    assert found.reached and not found.authorized
+    assert found.xclient is None  # Postfix does not list XCLIENT to a stranger
+    assert found.xclient_reply == "550 5.7.0 Error: insufficient authorization"
+    assert found.ipv6_reply == ""  # no point asking
+    assert carried_extensions(found) is None
+    (error,) = hop_findings(found, ipv6_clients=False)
+    assert error.level == "error"
+    assert "add 127.0.0.1 to smtpd_authorized_xclient_hosts" in error.text
+
+
+def test_extensions_are_read_after_xclient(configure):
+    found = probe(configure(smtputf8_enable="no", smtpd_discard_ehlo_keywords="dsn, chunking"))
+    assert found.authorized
+    assert not {"SMTPUTF8", "DSN", "CHUNKING"} & found.extensions
+    assert carried_extensions(found) == {"8BITMIME"}
+    texts = [f.text for f in hop_findings(found, ipv6_clients=False) if f.level == "warning"]
+    assert len(texts) == 2
+    assert "does not offer DSN" in texts[0] and "dsn out of smtpd_discard_ehlo_keywords" in texts[0]
+    assert "does not offer SMTPUTF8" in texts[1] and "smtputf8_enable = yes" in texts[1]
+
+
+def test_unreachable_is_a_finding_not_an_exception():
+    found = probe(HostPort("127.0.0.1", free_port()))
+    assert not found.reached and "Connect call failed" in found.error
+
+
+# --- smtpgate serve with the probe ---------------------------------------------------------------
+
+
+def test_gate_offers_only_what_the_next_hop_carries(configure, start_gate, redis):
+    hop = configure(smtputf8_enable="no", smtpd_discard_ehlo_keywords="dsn")
+    gate = start_gate(SMTPGATE_NEXT_HOP=str(hop))
+    try:
+        gate.wait_for_log(rf"warning: next hop {hop} does not offer SMTPUTF8, so smtpgate does "
+                          r"not offer it to clients; in Postfix: smtputf8_enable = yes")
+        with Talk("127.0.0.1", gate.mx_port) as talk:
+            talk.banner()
+            code, ehlo = talk.cmd("EHLO client.example.test")
+            assert code == 250
+            keywords = {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
+            assert "8BITMIME" in keywords and "PIPELINING" in keywords
+            assert not {"SMTPUTF8", "DSN"} & keywords, ehlo
+            # and what is not offered cannot be used: Postfix's own refusals
+            assert talk.cmd("MAIL FROM:<a@example.net> SMTPUTF8") == (
+                555, "555 5.5.4 Unsupported option: SMTPUTF8")
+            assert talk.cmd("MAIL FROM:<a@example.net> RET=HDRS") == (
+                501, "501 5.7.1 DSN support is disabled")
+            assert talk.cmd("MAIL FROM:<a@example.net> BODY=8BITMIME")[0] == 250
+            assert talk.cmd("RCPT TO:<user1@example.com> NOTIFY=NEVER") == (
+                501, "501 5.7.1 DSN support is disabled")
+            talk.cmd("QUIT")
+    finally:
+        gate.stop()
+
+
+def test_gate_offers_everything_to_a_full_next_hop(configure, start_gate, redis):
+    hop = configure()
+    gate = start_gate(SMTPGATE_NEXT_HOP=str(hop))
+    try:
+        gate.wait_for_log(rf"next hop {hop}: XCLIENT authorized for 127\.0\.0\.1")
+        with Talk("127.0.0.1", gate.mx_port) as talk:
+            talk.banner()
+            _, ehlo = talk.cmd("EHLO client.example.test")
+            assert {"8BITMIME", "DSN", "SMTPUTF8"} <= {
+                line[4:].split()[0] for line in ehlo.splitlines()[1:]}
+            assert talk.cmd("MAIL FROM:<a@example.net> SMTPUTF8 RET=HDRS")[0] == 250
+            talk.cmd("QUIT")
+    finally:
+        gate.stop()
+
+
+def test_serve_stops_when_xclient_is_refused(configure, start_gate):
+    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    with pytest.raises(RuntimeError) as failed:
+        start_gate(SMTPGATE_NEXT_HOP=str(hop))
+    text = str(failed.value)
+    assert "smtpgate exited with 1 at start" in text
+    assert re.search(rf"fatal: next hop {re.escape(str(hop))} does not let 127\.0\.0\.1 use "
+                     r"XCLIENT \(XCLIENT ADDR=192\.0\.2\.1: 550 5\.7\.0 Error: insufficient "
+                     r"authorization\): every message would get 451; add 127\.0\.0\.1 to "
+                     r"smtpd_authorized_xclient_hosts", text), text
+    assert "smtpgate: ready" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("inet_protocols", ["ipv4", "all"])
+def test_ipv6_listener_needs_a_next_hop_that_takes_ipv6(configure, start_gate, redis,
+                                                        inet_protocols):
+    hop = configure(inet_protocols=inet_protocols)
+    port = free_port()
+    env = {"SMTPGATE_NEXT_HOP": str(hop), "SMTPGATE_MX_LISTEN": f"[::1]:{port}"}
+    if inet_protocols == "ipv4":
+        with pytest.raises(RuntimeError) as failed:
+            start_gate(**env)
+        assert "set inet_protocols = all in Postfix's main.cf" in str(failed.value)
+        return
+    gate = start_gate(**env)
+    try:
+        with Talk("::1", port, source="::1") as talk:
+            assert talk.banner()[0] == 220
+            talk.cmd("QUIT")
+    finally:
+        gate.stop()
+
+
+def test_next_hop_that_comes_up_later_is_learned(service_root, start_gate, redis):
+    later = PostfixServer(service_root / "late-postfix", lmtp_port=free_port(),
+                          main_cf={"smtputf8_enable": "no"})
+    procs.on_exit(later.stop)
+    hop = HostPort(later.host, later.port)
+    gate = start_gate(SMTPGATE_NEXT_HOP=str(hop), SMTPGATE_NEXT_HOP_PROBE_INTERVAL="1")
+    try:
+        gate.wait_for_log(rf"warning: next hop {hop} cannot be reached .*; clients are offered "
+                          r"every extension until it can, and it is tried again every 1 s")
+
+        def ehlo_keywords() -> set[str]:
+            with Talk("127.0.0.1", gate.mx_port) as talk:
+                talk.banner()
+                _, ehlo = talk.cmd("EHLO client.example.test")
+                talk.cmd("QUIT")
+            return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
+
+        assert "SMTPUTF8" in ehlo_keywords()  # nothing known yet: everything offered
+        later.start()
+        gate.wait_for_log(rf"warning: next hop {hop} does not offer SMTPUTF8", timeout=15)
+        wait_until(lambda: "SMTPUTF8" not in ehlo_keywords(), 5,
+                   "smtpgate to stop offering SMTPUTF8")
+    finally:
+        gate.stop()
+        later.stop()
+
+
+# --- smtpgate check-config --live --------------------------------------------------------------
+
+
+def check_config(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SMTPGATE_")
+             and k not in ("REDIS", "HOSTNAME", "DOMAIN", "LETSENCRYPT", "DOVECOT", "TIMEZONE")}
+    return subprocess.run(
+        [sys.executable, "-m", "smtpgate", "check-config", *args],
+        env={**clean, "HOSTNAME": "mx.example.test", "SMTPGATE_SUBMISSION_LISTEN": "",
+             "SMTPGATE_MX_LISTEN": "127.0.0.1:25", **env},
+        capture_output=True, text=True, timeout=60)
+
+
+def findings(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines()
+            if re.match(r"(ok|warning|error): ", line)]
+
+
+def test_check_config_live_all_good(configure, redis_server, certificate):
+    hop = configure()
+    _, cert, key = certificate
+    result = check_config("--live", REDIS=redis_server.url, SMTPGATE_NEXT_HOP=str(hop),
+                          SMTPGATE_TLS_CERT=str(cert), SMTPGATE_TLS_KEY=str(key))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = findings(result)
+    assert len(lines) == 3, lines
+    assert re.fullmatch(rf"ok: TLS certificate {re.escape(str(cert))} \(key "
+                        rf"{re.escape(str(key))}\): mx\.example\.test; valid until .* "
+                        r"\(\d+ days left\)", lines[0]), lines
+    assert lines[1] == f"ok: Redis at {redis_server.url} answers PING"
+    assert lines[2].startswith(f"ok: next hop {hop}: XCLIENT authorized for 127.0.0.1 (")
+    assert "IPv6 client addresses refused (smtpgate has no IPv6 listener)" in lines[2]
+    assert "offers 8BITMIME CHUNKING DSN PIPELINING SMTPUTF8" in lines[2]
+
+
+def test_check_config_live_failures(configure, tmp_path):
+    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    redis_port = free_port()  # nobody listens there
+    ca = trustme.CA()
+    leaf = ca.issue_cert("other.example.test")
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    result = check_config("--live", REDIS=f"redis://:secret@127.0.0.1:{redis_port}/0",
+                          SMTPGATE_NEXT_HOP=str(hop), SMTPGATE_TLS_CERT=str(cert),
+                          SMTPGATE_TLS_KEY=str(key))
+    assert result.returncode == 1
+    assert "secret" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = findings(result)
+    assert lines[0] == (f"warning: HOSTNAME mx.example.test is not among the names of the TLS "
+                        f"certificate {cert}: other.example.test")
+    assert any(line.startswith(f"error: Redis at redis://:***@127.0.0.1:{redis_port}/0 does "
+                               "not answer PING: ") for line in lines), lines
+    assert any(line.startswith(f"error: next hop {hop} does not let 127.0.0.1 use XCLIENT")
+               and "smtpd_authorized_xclient_hosts" in line for line in lines), lines
+
+
+def test_check_config_live_next_hop_down(redis_server):
+    hop = HostPort("127.0.0.1", free_port())
+    result = check_config("--live", REDIS=redis_server.url, SMTPGATE_NEXT_HOP=str(hop),
+                          SMTPGATE_TLS_OPTIONAL="yes")
+    assert result.returncode == 1
+    lines = findings(result)
+    assert lines[0].startswith("warning: no TLS certificate configured")
+    assert lines[-1].startswith(f"error: next hop {hop} cannot be reached: ")
+
+
+def test_check_config_without_live_names_a_mismatched_key(tmp_path):
+    ca = trustme.CA()
+    first, second = ca.issue_cert("mx.example.test"), ca.issue_cert("mx.example.test")
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
+    second.private_key_pem.write_to_path(str(key))
+    result = check_config(SMTPGATE_TLS_CERT=str(cert), SMTPGATE_TLS_KEY=str(key),
+                          SMTPGATE_NEXT_HOP=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert findings(result) == [f"error: TLS key {key} does not match the certificate {cert}"]
