@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 import trustme
 from services import procs
+from services.gate_process import GateProcess
 from services.ports import free_port
 from services.postfix_server import PostfixServer
 from services.smtp_talk import Talk
@@ -255,6 +257,37 @@ def test_next_hop_that_comes_up_later_is_learned(service_root, start_gate, redis
     finally:
         gate.stop()
         later.stop()
+
+
+def test_reload_to_another_next_hop_probes_it(configure, hop_server, redis_server, dns_server,
+                                              redis, service_root, tmp_path):
+    hop = configure()
+    toml = tmp_path / "smtpgate.toml"
+    toml.write_text(f'next_hop = "{hop}"\nnext_hop_pool = 0\n')
+    # not start_gate: its SMTPGATE_NEXT_HOP would override the file's next_hop
+    gate = GateProcess(service_root / "gate-reload-hop", {
+        "REDIS": redis_server.url, "SMTPGATE_NAMESERVERS": dns_server.nameserver,
+        "SMTPGATE_CONFIG": str(toml), "SMTPGATE_GREET_WAIT": "0", "SMTPGATE_MYNETWORKS": ""})
+    procs.on_exit(gate.stop)
+    gate.start()
+    try:
+        def ehlo_keywords() -> set[str]:
+            with Talk("127.0.0.1", gate.mx_port) as talk:
+                talk.banner()
+                _, ehlo = talk.cmd("EHLO client.example.test")
+                talk.cmd("QUIT")
+            return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
+
+        assert "SMTPUTF8" in ehlo_keywords()
+        configure(smtputf8_enable="no")  # both of its smtpd services
+        assert "SMTPUTF8" in ehlo_keywords()  # learned at start, not probed again by itself
+        other = HostPort(hop_server.host, hop_server.submission_port)
+        toml.write_text(f'next_hop = "{other}"\nnext_hop_pool = 0\n')
+        gate.proc.send_signal(signal.SIGHUP)
+        gate.wait_for_log(rf"warning: next hop {other} does not offer SMTPUTF8")
+        assert "SMTPUTF8" not in ehlo_keywords()
+    finally:
+        gate.stop()
 
 
 # --- smtpgate check-config --live --------------------------------------------------------------

@@ -5,7 +5,9 @@ SYNOPSIS
     next_hops(config) -> dict[str, HostPort]         listener kind -> where its mail goes
     ipv6_clients(config) -> bool
     carry(gate, probes)                              offer each listener what its hop carries
-    await learn_later(gate, probes)                  probe the hops not reached, until reached
+    start_learning(gate, probes, wait_first=True)    learn_later() as this worker's task
+    stop_learning(gate)
+    await learn_later(gate, probes, wait_first)      probe the hops not known, until reached
     PreflightError
 
 DESCRIPTION
@@ -30,6 +32,11 @@ DESCRIPTION
     while looking healthy, and senders would retry quietly for days
     before anyone noticed. Found later by learn_later(), the same is
     logged as an error and mail is answered 451 until Postfix is fixed.
+
+    A reload (SIGHUP) that names another next hop offers every extension
+    again and probes the new hop at once (start_learning(gate, {},
+    wait_first=False)). A next hop that changes its settings while
+    smtpgate runs is not probed again: restart or reload smtpgate.
 """
 
 from __future__ import annotations
@@ -134,17 +141,38 @@ def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
         gate.carry(kind, carried_extensions(probe) if probe is not None else None)
 
 
-async def learn_later(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
-    """Probe the hops not reached at start every next_hop_probe_interval, until each answers."""
+_learning: dict[int, asyncio.Task] = {}  # id(gate) -> its learn_later task
+
+
+def start_learning(gate: Any, probes: dict[HostPort, HopProbe], wait_first: bool = True) -> None:
+    stop_learning(gate)
+    _learning[id(gate)] = asyncio.get_running_loop().create_task(
+        learn_later(gate, probes, wait_first))
+
+
+def stop_learning(gate: Any) -> None:
+    task = _learning.pop(id(gate), None)
+    if task is not None:
+        task.cancel()
+
+
+async def learn_later(gate: Any, probes: dict[HostPort, HopProbe],
+                      wait_first: bool = True) -> None:
+    """Probe the hops not known every next_hop_probe_interval seconds, until each answers."""
     probes = dict(probes)
+    first = True
     while True:
         waiting = [hop for hop in set(next_hops(gate.config).values())
                    if hop not in probes or not probes[hop].reached]
         if not waiting:
             return
-        await asyncio.sleep(gate.config.next_hop_probe_interval)
+        if wait_first or not first:
+            await asyncio.sleep(gate.config.next_hop_probe_interval)
         for hop, probe in (await _probe_all(gate.config, waiting)).items():
+            if probe.reached or (first and not wait_first):  # a new hop: reported either way
+                _report(probe, ipv6_clients(gate.config), False,
+                        gate.config.next_hop_probe_interval)
             if probe.reached:
-                _report(probe, ipv6_clients(gate.config), False, 0)
                 probes[hop] = probe
+        first = False
         carry(gate, probes)

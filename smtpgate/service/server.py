@@ -47,7 +47,14 @@ from smtpgate.config import load as load_config
 from smtpgate.relay.pool import HopPool, TransactionLimit
 from smtpgate.relay.probe import HopProbe
 from smtpgate.service.health import start_health
-from smtpgate.service.preflight import PreflightError, carry, learn_later, preflight
+from smtpgate.service.preflight import (
+    PreflightError,
+    carry,
+    next_hops,
+    preflight,
+    start_learning,
+    stop_learning,
+)
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
@@ -143,11 +150,11 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gate)
-    learner = loop.create_task(learn_later(gate, probes)) if probes is not None else None
+    if probes is not None:
+        start_learning(gate, probes)
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
-    if learner is not None:
-        learner.cancel()
+    stop_learning(gate)
     gate.draining = True
     for server in servers:
         server.close()
@@ -198,6 +205,11 @@ def reload(gate: Gate) -> bool:
         gate.hop_pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
                                 size=config.next_hop_pool) if config.next_hop_pool else None
     gate.config, gate.tls = config, tls
+    if (config.next_hop, config.submission_next_hop) != (running.next_hop,
+                                                         running.submission_next_hop):
+        for kind in next_hops(config):
+            gate.carry(kind, None)  # not known until the new hop is probed
+        start_learning(gate, {}, wait_first=False)
     log.info("reloaded configuration")
     return True
 
