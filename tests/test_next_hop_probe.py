@@ -68,28 +68,33 @@ GOOD = HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES,
 
 
 @pytest.mark.parametrize(("probe_", "ipv6", "expected", "says"), [
-    (GOOD, True, ["ok"], "XCLIENT authorized for 127.0.0.1"),
-    (HopProbe(HOP, error="Connect call failed"), False, ["error"], "cannot be reached"),
+    (GOOD, "listener", ["ok"], "XCLIENT authorized for 127.0.0.1"),
+    (HopProbe(HOP, error="Connect call failed"), "", ["error"], "cannot be reached"),
     (HopProbe(HOP, source="127.0.0.1", xclient=None,
-              xclient_reply="550 5.7.0 Error: insufficient authorization"), False, ["error"],
+              xclient_reply="550 5.7.0 Error: insufficient authorization"), "", ["error"],
      "add 127.0.0.1 to smtpd_authorized_xclient_hosts"),
     (HopProbe(HOP, source="127.0.0.1", xclient=None,
-              xclient_reply="502 5.5.2 Error: command not recognized"), False, ["error"],
+              xclient_reply="502 5.5.2 Error: command not recognized"), "", ["error"],
      "does not support XCLIENT"),
     (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
               extensions=EVERYTHING, ipv6_reply="501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"),
-     True, ["error", "ok"], "set inet_protocols = all"),
+     "listener", ["error", "ok"], "smtpgate listens on IPv6: every message from one would get 451; "
+                                  "set inet_protocols = all"),
     (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
               extensions=EVERYTHING, ipv6_reply="501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"),
-     False, ["ok"], "IPv6 client addresses refused (smtpgate has no IPv6 listener)"),
+     "proxy", ["warning", "ok"], "the PROXY balancer may pass on IPv6 clients"),
+    (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+              extensions=EVERYTHING, ipv6_reply="501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"),
+     "", ["ok"], "IPv6 client addresses refused (smtpgate has no IPv6 listener)"),
     (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
               extensions=EVERYTHING - {"SMTPUTF8", "DSN"}, ipv6_reply="220 ok"),
-     True, ["warning", "warning", "ok"], "smtputf8_enable = yes"),
+     "listener", ["warning", "warning", "ok"], "smtputf8_enable = yes"),
     (HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
               extensions=EVERYTHING - {"CHUNKING"}, ipv6_reply="220 ok"),
-     True, ["ok"], "without CHUNKING (the relay does without)"),
+     "listener", ["ok"], "without CHUNKING (the relay does without)"),
 ], ids=["good", "unreachable", "not-authorized", "no-xclient-at-all", "ipv6-refused-and-needed",
-        "ipv6-refused-not-needed", "no-smtputf8-no-dsn", "no-chunking"])
+        "ipv6-refused-behind-proxy", "ipv6-refused-not-needed", "no-smtputf8-no-dsn",
+        "no-chunking"])
 def test_findings(probe_, ipv6, expected, says):
     found = hop_findings(probe_, ipv6)
     assert levels(found) == expected
@@ -114,15 +119,15 @@ def test_authorized_with_ipv4_only(configure):
     assert found.extensions >= EVERYTHING
     # what Postfix 3.7 with inet_protocols = ipv4 says to an IPv6 client address
     assert found.ipv6_reply == "501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::1"
-    assert levels(hop_findings(found, ipv6_clients=False)) == ["ok"]
-    (error,) = [f for f in hop_findings(found, ipv6_clients=True) if f.level == "error"]
+    assert levels(hop_findings(found, ipv6_clients="")) == ["ok"]
+    (error,) = [f for f in hop_findings(found, "listener") if f.level == "error"]
     assert "inet_protocols = all" in error.text and "501 5.5.4 Bad ADDR syntax" in error.text
 
 
 def test_ipv6_addresses_accepted_with_inet_protocols_all(configure):
     found = probe(configure(inet_protocols="all"))
     assert found.ipv6_accepted, found.ipv6_reply
-    assert levels(hop_findings(found, ipv6_clients=True)) == ["ok"]
+    assert levels(hop_findings(found, "listener")) == ["ok"]
 
 
 def test_not_authorized(configure, hop_server):
@@ -133,7 +138,7 @@ def test_not_authorized(configure, hop_server):
     assert found.xclient_reply == "550 5.7.0 Error: insufficient authorization"
     assert found.ipv6_reply == ""  # no point asking
     assert carried_extensions(found) is None
-    (error,) = hop_findings(found, ipv6_clients=False)
+    (error,) = hop_findings(found)
     assert error.level == "error"
     assert "add 127.0.0.1 to smtpd_authorized_xclient_hosts" in error.text
 
@@ -143,7 +148,7 @@ def test_extensions_are_read_after_xclient(configure):
     assert found.authorized
     assert not {"SMTPUTF8", "DSN", "CHUNKING"} & found.extensions
     assert carried_extensions(found) == {"8BITMIME"}
-    texts = [f.text for f in hop_findings(found, ipv6_clients=False) if f.level == "warning"]
+    texts = [f.text for f in hop_findings(found) if f.level == "warning"]
     assert len(texts) == 2
     assert "does not offer DSN" in texts[0] and "dsn out of smtpd_discard_ehlo_keywords" in texts[0]
     assert "does not offer SMTPUTF8" in texts[1] and "smtputf8_enable = yes" in texts[1]
@@ -221,13 +226,27 @@ def test_ipv6_listener_needs_a_next_hop_that_takes_ipv6(configure, start_gate, r
     if inet_protocols == "ipv4":
         with pytest.raises(RuntimeError) as failed:
             start_gate(**env)
-        assert "set inet_protocols = all in Postfix's main.cf" in str(failed.value)
+        assert re.search(r"fatal: next hop .* refuses IPv6 client addresses .* smtpgate listens "
+                         r"on IPv6: .* set inet_protocols = all in Postfix's main.cf",
+                         str(failed.value)), failed.value
         return
     gate = start_gate(**env)
     try:
         with Talk("::1", port, source="::1") as talk:
             assert talk.banner()[0] == 220
             talk.cmd("QUIT")
+    finally:
+        gate.stop()
+
+
+def test_behind_a_proxy_an_ipv4_only_next_hop_is_a_warning(configure, start_gate, redis):
+    # the balancer may well speak IPv4 only: smtpgate cannot know, so it says so and runs
+    hop = configure(inet_protocols="ipv4")
+    gate = start_gate(SMTPGATE_NEXT_HOP=str(hop), SMTPGATE_PROXY_PROTOCOL="auto",
+                      SMTPGATE_PROXY_TRUSTED="127.0.0.1/32")
+    try:
+        gate.wait_for_log(r"warning: next hop .* refuses IPv6 client addresses .* the PROXY "
+                          r"balancer may pass on IPv6 clients")
     finally:
         gate.stop()
 

@@ -4,7 +4,7 @@ SYNOPSIS
     await probe_next_hop(hop, ehlo_name, timeout) -> HopProbe
     HopProbe(hop, error, source, xclient, xclient_reply, extensions, ipv6_reply)
     probe.reached ; probe.authorized
-    hop_findings(probe, ipv6_clients) -> list[Finding]
+    hop_findings(probe, ipv6_clients="") -> list[Finding]     ipv6_clients: "listener", "proxy", ""
     carried_extensions(probe) -> frozenset[str] | None
     CARRIED, PROBE_ADDR, PROBE_ADDR6
 
@@ -34,11 +34,13 @@ DESCRIPTION
     hop_findings() turns a probe into findings, each naming the Postfix
     setting that would change it:
     - error: XCLIENT refused or not offered (every message would get
-      451); IPv6 addresses refused when smtpgate can have IPv6 clients
-      (ipv6_clients: an IPv6 listener, or a PROXY balancer); the next hop
-      not reached.
-    - warning: SMTPUTF8, 8BITMIME or DSN not offered (smtpgate stops
-      offering it too: see carried_extensions()).
+      451); IPv6 addresses refused when smtpgate has IPv6 clients for
+      certain (ipv6_clients "listener": it listens on an IPv6 address);
+      the next hop not reached.
+    - warning: IPv6 addresses refused when smtpgate may have IPv6
+      clients (ipv6_clients "proxy": a PROXY balancer may pass them on,
+      or may speak IPv4 only); SMTPUTF8, 8BITMIME or DSN not offered
+      (smtpgate stops offering it too: see carried_extensions()).
     - ok: what works, one line; notes on CHUNKING and PIPELINING, which
       the relay does without.
     carried_extensions() is the part of CARRIED that the next hop offers
@@ -186,7 +188,7 @@ def carried_extensions(probe: HopProbe) -> frozenset[str] | None:
     return frozenset(name for name in CARRIED if name in probe.extensions)
 
 
-def hop_findings(probe: HopProbe, ipv6_clients: bool) -> list[Finding]:
+def hop_findings(probe: HopProbe, ipv6_clients: str = "") -> list[Finding]:
     hop = probe.hop
     if not probe.reached:
         return [Finding("error", f"next hop {hop} cannot be reached: {probe.error}")]
@@ -196,11 +198,14 @@ def hop_findings(probe: HopProbe, ipv6_clients: bool) -> list[Finding]:
     if probe.ipv6_accepted:
         ipv6 = "IPv6 client addresses accepted"
     elif ipv6_clients:
-        found.append(Finding("error", f"next hop {hop} refuses IPv6 client addresses "
-                                      f"(XCLIENT ADDR=IPV6:{PROBE_ADDR6}: {probe.ipv6_reply}), "
-                                      "and smtpgate has IPv6 clients: every message from one "
-                                      "would get 451; set inet_protocols = all in Postfix's "
-                                      "main.cf"))
+        listener = ipv6_clients == "listener"
+        has = ("smtpgate listens on IPv6" if listener
+               else "the PROXY balancer may pass on IPv6 clients")
+        found.append(Finding("error" if listener else "warning",
+                             f"next hop {hop} refuses IPv6 client addresses (XCLIENT "
+                             f"ADDR=IPV6:{PROBE_ADDR6}: {probe.ipv6_reply}), and {has}: every "
+                             "message from one would get 451; set inet_protocols = all in "
+                             "Postfix's main.cf"))
         ipv6 = "IPv6 client addresses refused"
     else:
         ipv6 = "IPv6 client addresses refused (smtpgate has no IPv6 listener)"

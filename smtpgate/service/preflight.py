@@ -3,7 +3,7 @@
 SYNOPSIS
     preflight(config) -> dict[HostPort, HopProbe]    once, before the workers; PreflightError
     next_hops(config) -> dict[str, HostPort]         listener kind -> where its mail goes
-    ipv6_clients(config) -> bool
+    ipv6_clients(config) -> str                      "listener", "proxy" or ""
     carry(gate, probes)                              offer each listener what its hop carries
     start_learning(gate, probes, wait_first=True)    learn_later() as this worker's task
     stop_learning(gate)
@@ -26,7 +26,7 @@ DESCRIPTION
     carries.
 
     A next hop that is reached but refuses XCLIENT, or refuses IPv6
-    client addresses when smtpgate has IPv6 clients, stops the start
+    client addresses when smtpgate listens on IPv6, stops the start
     (PreflightError, exit status 1, the log naming the Postfix setting):
     running would answer 451 to every message (or to every IPv6 client's)
     while looking healthy, and senders would retry quietly for days
@@ -72,10 +72,12 @@ def next_hops(config: Config) -> dict[str, HostPort]:
     return hops
 
 
-def ipv6_clients(config: Config) -> bool:
-    """Whether a client can have an IPv6 address: an IPv6 listener, or a PROXY balancer."""
+def ipv6_clients(config: Config) -> str:
+    """Whether clients have IPv6 addresses: "listener" surely, "proxy" perhaps, "" not."""
     listeners = (*config.mx_listen, *config.submission_listen, *config.submissions_listen)
-    return config.proxy_protocol != "off" or any(":" in a.host for a in listeners)
+    if any(":" in address.host for address in listeners):
+        return "listener"
+    return "proxy" if config.proxy_protocol != "off" else ""
 
 
 def preflight(config: Config) -> dict[HostPort, HopProbe]:
@@ -115,7 +117,7 @@ async def _probe_all(config: Config, hops) -> dict[HostPort, HopProbe]:
     return dict(zip(hops, found, strict=True))
 
 
-def _report(probe: HopProbe, ipv6: bool, at_start: bool, interval: float) -> list[str]:
+def _report(probe: HopProbe, ipv6: str, at_start: bool, interval: float) -> list[str]:
     """Log the findings; the errors' texts (none for a hop not reached: that is a warning)."""
     if not probe.reached:
         log.warning("warning: next hop %s cannot be reached (%s); clients are offered every "
