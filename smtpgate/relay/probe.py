@@ -26,8 +26,10 @@ DESCRIPTION
        IPV6:2001:db8::1"; with inet_protocols = all (or ipv6), 220.
 
     The documentation addresses (RFC 5737, RFC 3849) stand for the
-    client, so Postfix's log shows the probe as "unknown[192.0.2.1]" and
-    "unknown[2001:db8::1]", coming and going without a transaction.
+    client, so Postfix logs the probe as a connect from smtpgate and a
+    "disconnect from unknown[192.0.2.1] ehlo=2 xclient=0/1 quit=1" (and
+    one from unknown[2001:db8::1], or from smtpgate when IPv6 is
+    refused), without a transaction.
     Failing to connect or to be greeted is recorded in `error`, never
     raised.
 
