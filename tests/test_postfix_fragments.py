@@ -96,10 +96,10 @@ def test_test_instance_changes_only_local_settings():
     assert shipped["inet_protocols"] == "all"
     assert shipped["recipient_delimiter"] == "+"
     assert shipped["smtpd_authorized_xclient_hosts"] == "127.0.0.1"
-    assert LOCAL_KEYS <= shipped.keys() | {"queue_directory", "data_directory",
-                                            "maillog_file_prefixes", "default_transport",
-                                            "relay_transport", "delay_warning_time",
-                                            "queue_run_delay"}
+    added = LOCAL_KEYS - shipped.keys()
+    assert added <= {"queue_directory", "data_directory", "maillog_file_prefixes",
+                     "default_transport", "relay_transport", "delay_warning_time",
+                     "queue_run_delay"}
 
 
 def test_postfix_check_and_postconf_accept_the_complete_files(postfix_server, tmp_path):
