@@ -140,6 +140,7 @@ def test_postfix_image_start_script_applies_the_image_variables(tmp_path):
     result = run(script, "--check-only",
                  env={**env, "HOSTNAME": "mx.example.org", "DOVECOT": "imap.internal"})
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning" not in result.stderr, result.stderr
     shown = run("postconf", "-c", str(etc), "-h", "myhostname", "mydomain", "virtual_transport",
                 "recipient_delimiter").stdout.split()
     assert shown == ["mx.example.org", "mx.example.org", "lmtp:inet:imap.internal:24", "+"]
