@@ -1,9 +1,11 @@
 """The next-hop probe against a real Postfix 3.7, what `serve` does with it, check-config --live.
 
-A Postfix of its own (services.postfix_server), so its settings can change without touching
-the one the other tests relay to: `configure(**settings)` writes main.cf with postconf and
-reloads, each test starting from the harness's defaults (XCLIENT for 127.0.0.0/8,
-inet_protocols = ipv4, smtputf8_enable = yes).
+A Postfix of its own (services.postfix_server, the shipped conf/postfix files), so its
+settings can change without touching the one the other tests relay to:
+`configure(xclient_hosts="127.0.0.1", **settings)` sets smtpd_authorized_xclient_hosts on both
+smtpd services (the shipped master.cf names it with -o) and the main.cf settings, then
+reloads; each test starts from the shipped values (inet_protocols = all, smtputf8_enable =
+yes, no smtpd_discard_ehlo_keywords).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from services.waiting import wait_until
 from smtpgate.config import HostPort
 from smtpgate.relay.probe import HopProbe, carried_extensions, hop_findings, probe_next_hop
 
-DEFAULTS = {"smtpd_authorized_xclient_hosts": "127.0.0.0/8", "inet_protocols": "ipv4",
-            "smtputf8_enable": "yes", "smtpd_discard_ehlo_keywords": ""}
+DEFAULTS = {"inet_protocols": "all", "smtputf8_enable": "yes", "smtpd_discard_ehlo_keywords": ""}
 ALL_ATTRIBUTES = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN"})
 EVERYTHING = frozenset({"PIPELINING", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"})
 
@@ -44,8 +45,11 @@ def hop_server(service_root):
 
 @pytest.fixture
 def configure(hop_server):
-    def apply(**settings: str) -> HostPort:
-        hop_server.postconf(**{**DEFAULTS, **settings})
+    def apply(xclient_hosts: str = "127.0.0.1", **settings: str) -> HostPort:
+        procs.run(["postconf", "-c", str(hop_server.config_dir), "-P", *(
+            f"{hop_server.host}:{port}/inet/smtpd_authorized_xclient_hosts={xclient_hosts}"
+            for port in (hop_server.port, hop_server.submission_port))])
+        hop_server.postconf(**{**DEFAULTS, **settings})  # writes main.cf and reloads
         return HostPort(hop_server.host, hop_server.port)
 
     return apply
@@ -113,7 +117,7 @@ def test_carried_extensions():
 
 
 def test_authorized_with_ipv4_only(configure):
-    found = probe(configure())
+    found = probe(configure(inet_protocols="ipv4"))
     assert found.reached and found.authorized and found.source == "127.0.0.1"
     assert found.xclient >= ALL_ATTRIBUTES
     assert found.extensions >= EVERYTHING
@@ -125,13 +129,13 @@ def test_authorized_with_ipv4_only(configure):
 
 
 def test_ipv6_addresses_accepted_with_inet_protocols_all(configure):
-    found = probe(configure(inet_protocols="all"))
+    found = probe(configure())
     assert found.ipv6_accepted, found.ipv6_reply
     assert levels(hop_findings(found, "listener")) == ["ok"]
 
 
 def test_not_authorized(configure, hop_server):
-    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    hop = configure(xclient_hosts="192.0.2.7")
     found = probe(hop)
     assert found.reached and not found.authorized
     assert found.xclient is None  # Postfix does not list XCLIENT to a stranger
@@ -205,7 +209,7 @@ def test_gate_offers_everything_to_a_full_next_hop(configure, start_gate, redis)
 
 
 def test_serve_stops_when_xclient_is_refused(configure, start_gate):
-    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    hop = configure(xclient_hosts="192.0.2.7")
     with pytest.raises(RuntimeError) as failed:
         start_gate(SMTPGATE_NEXT_HOP=str(hop))
     text = str(failed.value)
@@ -278,9 +282,14 @@ def test_next_hop_that_comes_up_later_is_learned(service_root, start_gate, redis
         later.stop()
 
 
-def test_reload_to_another_next_hop_probes_it(configure, hop_server, redis_server, dns_server,
-                                              redis, service_root, tmp_path):
+def test_reload_to_another_next_hop_probes_it(configure, redis_server, dns_server, redis,
+                                              service_root, tmp_path):
     hop = configure()
+    other_server = PostfixServer(service_root / "reload-postfix", lmtp_port=free_port(),
+                                 main_cf={"smtputf8_enable": "no"})
+    procs.on_exit(other_server.stop)
+    other_server.start()
+    other = HostPort(other_server.host, other_server.port)
     toml = tmp_path / "smtpgate.toml"
     toml.write_text(f'next_hop = "{hop}"\nnext_hop_pool = 0\n')
     # not start_gate: its SMTPGATE_NEXT_HOP would override the file's next_hop
@@ -298,15 +307,13 @@ def test_reload_to_another_next_hop_probes_it(configure, hop_server, redis_serve
             return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
 
         assert "SMTPUTF8" in ehlo_keywords()
-        configure(smtputf8_enable="no")  # both of its smtpd services
-        assert "SMTPUTF8" in ehlo_keywords()  # learned at start, not probed again by itself
-        other = HostPort(hop_server.host, hop_server.submission_port)
         toml.write_text(f'next_hop = "{other}"\nnext_hop_pool = 0\n')
         gate.proc.send_signal(signal.SIGHUP)
         gate.wait_for_log(rf"warning: next hop {other} does not offer SMTPUTF8")
         assert "SMTPUTF8" not in ehlo_keywords()
     finally:
         gate.stop()
+        other_server.stop()
 
 
 # --- smtpgate check-config --live --------------------------------------------------------------
@@ -341,12 +348,12 @@ def test_check_config_live_all_good(configure, redis_server, certificate):
                         r"\(\d+ days left\)", lines[0]), lines
     assert lines[1] == f"ok: Redis at {redis_server.url} answers PING"
     assert lines[2].startswith(f"ok: next hop {hop}: XCLIENT authorized for 127.0.0.1 (")
-    assert "IPv6 client addresses refused (smtpgate has no IPv6 listener)" in lines[2]
+    assert "IPv6 client addresses accepted" in lines[2]
     assert "offers 8BITMIME CHUNKING DSN PIPELINING SMTPUTF8" in lines[2]
 
 
 def test_check_config_live_failures(configure, tmp_path):
-    hop = configure(smtpd_authorized_xclient_hosts="192.0.2.7")
+    hop = configure(xclient_hosts="192.0.2.7")
     redis_port = free_port()  # nobody listens there
     ca = trustme.CA()
     leaf = ca.issue_cert("other.example.test")
