@@ -2,7 +2,7 @@
 
 SYNOPSIS
     run_checks(config, live, out=sys.stdout) -> int     1 when a finding is an error, else 0
-    certificate_check(config, now) -> list[Finding]
+    certificate_check(config, now, live=True) -> list[Finding]
     redis_check(config) -> list[Finding]
     await next_hop_check(config) -> list[Finding]
 
