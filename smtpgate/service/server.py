@@ -285,6 +285,7 @@ def _supervise(config: Config, workers: int, probes: dict[Any, HopProbe] | None 
     for _ in range(workers):
         spawn()
     status = 0
+    failed_at_start = False
     while children:
         try:
             pid, code = os.wait()
@@ -294,9 +295,9 @@ def _supervise(config: Config, workers: int, probes: dict[Any, HopProbe] | None 
         if code and not stopping and time.monotonic() - started.pop(pid, 0) < 5:
             log.error("fatal: worker %d failed at start (status %d)", pid, code)
             forward(signal.SIGTERM, None)
-            status = 1
+            failed_at_start = True  # forward() set stopping: this is no requested stop
         elif code and not stopping:
             log.warning("warning: worker %d exited with status %d; restarting", pid, code)
             status = 1
             spawn()
-    return 0 if stopping else status
+    return 1 if failed_at_start else 0 if stopping else status
