@@ -216,6 +216,13 @@ def parse_reply_map(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(result.items())
 
 
+def _record_ttl(value: Any) -> float:
+    ttl = seconds(0)(value)
+    if 0 < ttl < 86400:
+        raise ValueError(f"{value!r} is less than a day (0 keeps no records)")
+    return ttl
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 _ACTIONS = ("ignore", "enforce", "drop")
@@ -357,6 +364,20 @@ class Config:
                                 "temporary file")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
+
+    # operations
+    log_format: str = setting(
+        "postfix", one_of("postfix", "json"),
+        "log lines as Postfix writes them, or one JSON object per line (time, level, "
+        "component, pid, session, message)")
+    session_record_ttl: float = setting(
+        172800.0, _record_ttl,
+        "how long a refused session's evidence stays in Redis for `smtpgate explain "
+        "--session` (at least 1d; 0 keeps none)")
+    session_record_size_limit: int = setting(
+        8192, int_between(1024, 1048576),
+        "bytes of one session's evidence record; past it, the middle of its verdicts and "
+        "replies is left out")
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, where it came from) for check-config; secrets masked."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from services.ports import free_port
-from services.smtp_talk import Talk
+from services.smtp_talk import Talk, untag
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,16 @@ def gate(start_gate, postfix_server):
 
 def rcpt(gate, source: str, helo: str = "client.example.test",
          sender: str = "a@example.net", to: str = "user1@example.com") -> tuple[int, str]:
+    """The first refusal (without its session id, checked) or RCPT's 250."""
     with Talk("127.0.0.1", gate.mx_port, source=source) as talk:
         assert talk.banner()[0] == 220
         code, text = talk.cmd(f"EHLO {helo}")
         if code != 250:
-            return code, text
+            return untag((code, text))
         code, text = talk.cmd(f"MAIL FROM:<{sender}>")
         if code != 250:
-            return code, text
-        return talk.cmd(f"RCPT TO:<{to}>")
+            return untag((code, text))
+        return untag(talk.cmd(f"RCPT TO:<{to}>"))
 
 
 def rcpt_settled(gate, source: str, code: int, timeout: float = 5.0, **kw) -> tuple[int, str]:
@@ -135,7 +136,7 @@ def test_hlo_reject(gate, world):
 def test_helo_is_required(gate, world):
     with Talk("127.0.0.1", gate.mx_port, source="127.0.0.74") as talk:
         talk.banner()
-        assert talk.cmd("MAIL FROM:<a@example.net>") == (
+        assert untag(talk.cmd("MAIL FROM:<a@example.net>")) == (
             503, "503 5.5.1 Error: send HELO/EHLO first")
 
 

@@ -312,3 +312,14 @@ def rate_key(client: str) -> str:
 # expiry (10 minutes, restarted by each failure); record_success() deletes the login's key.
 AUTHFAIL_IP = OWN_PREFIX + "authfail:ip:"  # + client IPv4 address, or IPv6 /64 network
 AUTHFAIL_LOGIN = OWN_PREFIX + "authfail:login:"  # + the login name, lower-cased
+
+
+# ---- session evidence (lookups.evidence) ----
+# A session that was refused something: one JSON string per session (smtpgate.lookups.evidence),
+# SET with EX session_record_ttl by the worker that ran the session, overwritten as the session
+# goes on, read by `smtpgate explain --session`. The id is smtpgate.session_id's.
+SESSION_RECORD = OWN_PREFIX + "session:"
+
+
+def session_record_key(session_id: str) -> str:
+    return SESSION_RECORD + session_id

@@ -12,6 +12,7 @@ SYNOPSIS
     await policy.auth_allowed(state) -> Reply | None
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
+    policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
 
 DESCRIPTION
     Facts in, decisions out. The engine passes what it knows (the client's
@@ -78,6 +79,7 @@ from smtpgate.dnsbl_sites import parse_sites
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
+from smtpgate.lookups.evidence import EvidenceStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
     ConnectionCounter,
@@ -121,6 +123,9 @@ class Policy:
             redis_client, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
+        self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
+            redis_client, ttl=config.session_record_ttl,
+            size_limit=config.session_record_size_limit, timeout=config.redis_timeout)
         self._refresher: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -134,6 +139,8 @@ class Policy:
         self.auth_limits = AuthLimits(
             self.redis, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
+        self.evidence.ttl = config.session_record_ttl
+        self.evidence.size_limit = config.session_record_size_limit
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None) -> Policy:
@@ -154,6 +161,7 @@ class Policy:
         if self._refresher is not None:
             self._refresher.cancel()
         await self.counter.flush()
+        await self.evidence.close()
         await self.tables.close()
         await self.redis.aclose()
 
