@@ -212,7 +212,8 @@ class Policy:
         state.rev_ip = facts.rev.value if facts.rev is not None else None
         verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=self.config.mynetworks,
-            action=self.config.access_reject_action, psa_key=psa.key if psa else ""))
+            action=self.config.access_reject_action,
+            psa_key=psa.key.partition(":")[2] if psa else ""))  # the name, not the Redis key
         if verdict.outcome is Outcome.PERMIT:
             state.permitted = True
         elif verdict.failed:
