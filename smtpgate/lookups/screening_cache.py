@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import os
 import socket
@@ -294,8 +295,8 @@ class ConnectionCounter:
         self._released.append((lease.client, lease.session_id))
         self._pending[lease.client] = self._pending.get(lease.client, 0) + 1
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(
-                RELEASE_BATCH, self._start_flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(  # for all sessions
+                RELEASE_BATCH, self._start_flush, context=contextvars.Context())
 
     def _start_flush(self) -> None:
         self._flush_handle = None
