@@ -28,9 +28,10 @@ DESCRIPTION
 
     The bound on a record (encode()): at most MAX_ENTRIES verdicts and
     MAX_ENTRIES replies, the first half and the last half kept when a
-    session has more; every text cut at MAX_TEXT characters; and the JSON
-    at most size_limit bytes: past it, fewer entries are kept, halving
-    until it fits. What was left out is counted in the record's `omitted`
+    session has more, and the JSON at most size_limit bytes. A record over
+    either bound has every text cut at MAX_TEXT characters, then fewer
+    entries kept, halving until it fits (a typical refused session, about
+    1.5 KB, is written as it is). What was left out is counted in the record's `omitted`
     field ({"verdicts": n, "verdicts_at": i, "replies": m, "replies_at":
     j}, the positions where the gaps are), so `explain` says so.
 """
@@ -143,6 +144,10 @@ class EvidenceStore:
 
 def encode(record: dict, size_limit: int) -> bytes:
     """The record as JSON of at most size_limit bytes (see DESCRIPTION)."""
+    if all(len(record.get(name) or ()) <= MAX_ENTRIES for name in LISTS):
+        data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(data) <= size_limit:  # the usual case
+            return data
     record = {name: _cut(value) for name, value in record.items()}
     keep = MAX_ENTRIES
     while True:
