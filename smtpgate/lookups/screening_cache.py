@@ -62,10 +62,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import redis.exceptions
-
 from smtpgate.checks.limits import client_key
-from smtpgate.lookups import keys
+from smtpgate.lookups import keys, redis_client
 
 TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
 RATE_WINDOW = 60
@@ -81,7 +79,7 @@ async def _redis_call(what: str, timeout: float):
     try:
         async with asyncio.timeout(timeout):
             yield
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except redis_client.ERRORS as exc:
         raise ScreeningStoreError(f"{what}: {exc}") from exc
     except TimeoutError as exc:
         raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
@@ -187,11 +185,14 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 
 # --- the connection counters -----------------------------------------------------------------
 
-# KEYS: client sessions, all sessions, client rate, the client's screening hash.
-# ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate, total, screening hash}, this session included: the
-# screening cache rides along so that a connect costs one round trip.
-_CONNECT = """
+# The connect is one pipeline (one round trip; a Cluster sends its parts to their nodes at
+# once): the client's counts (_CLIENT, its two keys share the client's hash tag), everyone's
+# sessions (_ALL) and the client's screening hash, read in passing. The scripts go as EVAL,
+# not EVALSHA: a pipeline cannot reload a script the server lost (restart, failover) without
+# an extra round trip to check, and these are short.
+# _CLIENT KEYS: client sessions, client rate. ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate}, this session included.
+_CLIENT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -199,25 +200,30 @@ local id = ARGV[1]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + lease, id)
 redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + lease, id)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
-redis.call('ZADD', KEYS[3], now, id)
-redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000))
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[2]),
-        redis.call('HGETALL', KEYS[4])}
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
 """
 
-# KEYS: all sessions, then one client-sessions key per session. ARGV: lease, then the ids.
-_REFRESH = """
+# _ALL KEYS: all sessions. ARGV: session id, lease s. Returns the total, this session included.
+_ALL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# _RENEW KEYS: one sessions set. ARGV: lease s, "1" to restart the set's expiry, then ids.
+_RENEW = """
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 2, #KEYS do
-    redis.call('ZADD', KEYS[i], deadline, ARGV[i])
-    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[1]) * 1000))
+for i = 3, #ARGV do
     redis.call('ZADD', KEYS[1], deadline, ARGV[i])
 end
-return #KEYS - 1
+if ARGV[2] == '1' then redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000)) end
+return #ARGV - 2
 """
 
 _REFRESH_BATCH = 500
@@ -245,8 +251,6 @@ class ConnectionCounter:
         instance: str = "",
     ) -> None:
         self._redis = redis_client
-        self._connect = redis_client.register_script(_CONNECT)
-        self._refresh = redis_client.register_script(_REFRESH)
         self._lease = lease
         self._ipv6_prefix = ipv6_prefix
         self._timeout = timeout
@@ -265,18 +269,20 @@ class ConnectionCounter:
     async def connect(self, ip: str) -> Lease:
         client = client_key(ip, self._ipv6_prefix)
         session_id = f"{self._instance}:{next(self._serial)}"
-        async with _redis_call(f"connection count for {ip}", self._timeout):
-            count, rate, total, screening = await self._connect(
-                keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client),
-                      keys.screening_key(ip)],
-                args=[session_id, self._lease, RATE_WINDOW],
-            )
+        async with (
+            _redis_call(f"connection count for {ip}", self._timeout),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            pipe.eval(_CLIENT, 2, keys.sessions_key(client), keys.rate_key(client),
+                      session_id, self._lease, RATE_WINDOW)
+            pipe.eval(_ALL, 1, keys.SESSIONS_ALL, session_id, self._lease)
+            pipe.hgetall(keys.screening_key(ip))
+            (count, rate), total, screening = await pipe.execute()
         self._live[session_id] = client
         # sessions of this worker that closed but wait for their release batch do not count
         count = int(count) - self._pending.get(client, 0)
         total = int(total) - sum(self._pending.values())
-        return Lease(ip, client, session_id, count, int(rate), total,
-                     _entries(dict(zip(screening[::2], screening[1::2], strict=True))))
+        return Lease(ip, client, session_id, count, int(rate), total, _entries(screening))
 
     async def release(self, lease: Lease) -> None:
         if self._live.pop(lease.session_id, None) is None:
@@ -337,11 +343,18 @@ class ConnectionCounter:
         live = list(self._live.items())
         for start in range(0, len(live), _REFRESH_BATCH):
             batch = live[start:start + _REFRESH_BATCH]
-            async with _redis_call("connection lease renewal", self._timeout):
-                await self._refresh(
-                    keys=[keys.SESSIONS_ALL, *(keys.sessions_key(c) for _, c in batch)],
-                    args=[self._lease, *(sid for sid, _ in batch)],
-                )
+            by_client: dict[str, list[str]] = {}
+            for session_id, client in batch:
+                by_client.setdefault(client, []).append(session_id)
+            async with (
+                _redis_call("connection lease renewal", self._timeout),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                for client, ids in by_client.items():
+                    pipe.eval(_RENEW, 1, keys.sessions_key(client), self._lease, "1", *ids)
+                pipe.eval(_RENEW, 1, keys.SESSIONS_ALL, self._lease, "0",
+                          *(sid for sid, _ in batch))
+                await pipe.execute()
 
     async def run_refresher(self) -> None:
         while True:
