@@ -49,6 +49,12 @@ DESCRIPTION
       window, as Postfix's anvil counts, expiring when the client goes quiet.
     Refused connections are counted too (anvil counts attempts); the session
     calls release() when it closes, whatever the verdict.
+
+    On a Redis Cluster: a client's sessions and rate keys share its hash tag
+    and meet in one script; the global set and the screening hash are
+    commands of their own in the same pipeline, which the Cluster client
+    splits per node. Each key is still updated atomically; the counts of
+    one connect are no longer one snapshot (they never needed to be).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ DESCRIPTION
     of them fails, all are dropped and the slot map is asked for again. A
     Sentinel set's master is found through the sentinels; after a failover
     the old connection is gone and the cache reloads from the new master.
-    A changed point key is dropped; a
-    changed scanned key is read again and re-indexed; a flush reloads all.
+    A changed point key is dropped; a changed scanned key is read again and
+    re-indexed; a flush reloads all.
     put() carries the generation read before the lookup went to Redis, so a
     value read before an invalidation never lands in the cache after it.
 
@@ -299,6 +299,8 @@ class CacheSync:
                 raise
             except Exception as exc:  # any failure: drop the cache, reconnect
                 detail = f"{type(exc).__name__}: {exc}"
+                if self.cache.ready:
+                    backoff = 0.1  # it was working: a failover or restart, try again soon
                 if self.cache.ready or detail != self._last_error:
                     log.warning("table cache: invalidation stream down (%s); reading Redis "
                                 "directly until it is back", detail)
