@@ -41,8 +41,9 @@ DESCRIPTION
     else escapes the phase methods. Callers answer CONNECT_TEMPFAIL (421
     4.3.0, then close) at connect and RCPT_TEMPFAIL (451 4.3.0) at RCPT.
     The pool reconnects by itself on the next lookup; `health` records the
-    last outcome for the health endpoint. A BlockingConnectionPool bounds the
-    connections; waiting for one counts against the same timeout.
+    last outcome for the health endpoint. For one server a
+    BlockingConnectionPool bounds the connections; waiting for one counts
+    against the same timeout (a Sentinel or Cluster pool is unbounded).
 
     With the cache loaded, answers come from memory and stay correct within
     one invalidation message of a change; a Redis outage is noticed by the
