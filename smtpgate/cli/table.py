@@ -29,7 +29,6 @@ DESCRIPTION
 
 from __future__ import annotations
 
-import itertools
 import sys
 from typing import Any, TextIO
 
@@ -131,15 +130,11 @@ def _del(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) ->
 def _list(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     pattern = f"{prefix}:{rest[0] if rest else '*'}"
     rows = []
-    found: list[str] = []
-    # scan_iter: on a Cluster, every primary in turn
-    for redis_key in itertools.chain(client.scan_iter(match=pattern, count=500), [None]):
-        if redis_key is not None:
-            found.append(redis_key)
-        if found and (redis_key is None or len(found) >= 500):
-            values = redis_client.mget_sync(client, found)
-            rows += [(k, v) for k, v in zip(found, values, strict=True) if v is not None]
-            found = []
+    found = list(client.scan_iter(match=pattern, count=500))  # a Cluster: every primary
+    for start in range(0, len(found), 500):
+        batch = found[start:start + 500]
+        values = redis_client.mget_sync(client, batch)
+        rows += [(k, v) for k, v in zip(batch, values, strict=True) if v is not None]
     for redis_key, value in sorted(rows):
         print(f"{redis_key.partition(':')[2]} {value}", file=out)
     print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {pattern}", file=err)
