@@ -7,6 +7,7 @@ at RCPT (smtpd_delay_reject = yes), so each test walks to RCPT and reads that an
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -18,25 +19,33 @@ from services.smtp_talk import Talk, untag
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def gate(start_gate, postfix_server):
+@contextlib.contextmanager
+def socketmap_gate(start_gate, postfix_server, **env: str):
     """smtpgate, and Postfix reading the same Redis keys through smtpgate's socketmap."""
-    process = start_gate(listeners=("mx", "socketmap"))
+    process = start_gate(listeners=("mx", "socketmap"), **env)
     port = process.socketmap_port
     maps = postfix_server.config_dir
     shipped = (Path(__file__).parent.parent / "conf/postfix/socketmap.cf").read_text()
     settings = dict(line.split(" = ", 1) for line in shipped.splitlines()
                     if " = " in line and not line.startswith("#"))
     postfix_server.postconf(**{k: v.replace(":10027:", f":{port}:") for k, v in settings.items()})
-    yield process
     try:
-        postfix_server.postconf(
-            recipient_delimiter="", virtual_mailbox_domains="example.com",
-            virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
-            virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
-            smtpd_recipient_restrictions="")
+        yield process
     finally:
-        process.stop()
+        try:
+            postfix_server.postconf(
+                recipient_delimiter="", virtual_mailbox_domains="example.com",
+                virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
+                virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
+                smtpd_recipient_restrictions="")
+        finally:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def gate(start_gate, postfix_server):
+    with socketmap_gate(start_gate, postfix_server) as process:
+        yield process
 
 
 def rcpt(gate, source: str, helo: str = "client.example.test",

@@ -21,12 +21,14 @@ pytestmark = pytest.mark.slow
 SITES = "bl.test=127.0.0.[2..11]*3 wl.test=127.0.[0..255].[1..3]*-2 broken.test slow.test"
 
 
+GATE_ENV = {"SMTPGATE_GREET_WAIT": "2", "SMTPGATE_DNSBL_SITES": SITES,
+            "SMTPGATE_DNSBL_THRESHOLD": "3", "SMTPGATE_DNSBL_ALLOWLIST_THRESHOLD": "-1",
+            "SMTPGATE_DNSBL_TIMEOUT": "1.5", "SMTPGATE_CLIENT_CONNECTION_COUNT_LIMIT": "2"}
+
+
 @pytest.fixture(scope="module")
 def gate(start_gate):
-    process = start_gate(
-        SMTPGATE_GREET_WAIT="2", SMTPGATE_DNSBL_SITES=SITES, SMTPGATE_DNSBL_THRESHOLD="3",
-        SMTPGATE_DNSBL_ALLOWLIST_THRESHOLD="-1", SMTPGATE_DNSBL_TIMEOUT="1.5",
-        SMTPGATE_CLIENT_CONNECTION_COUNT_LIMIT="2")
+    process = start_gate(**GATE_ENV)
     yield process
     process.stop()
 

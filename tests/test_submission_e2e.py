@@ -12,10 +12,13 @@ from services.smtp_talk import Talk, untag
 pytestmark = pytest.mark.slow
 
 
+LISTENERS = ("mx", "submission", "submissions")
+GATE_ENV = {"SMTPGATE_AUTH_FAILURE_LIMIT": "2"}
+
+
 @pytest.fixture(scope="module")
 def gate(start_gate):
-    process = start_gate(listeners=("mx", "submission", "submissions"),
-                         SMTPGATE_AUTH_FAILURE_LIMIT="2")
+    process = start_gate(listeners=LISTENERS, **GATE_ENV)
     yield process
     process.stop()
 

@@ -53,11 +53,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from smtpgate import replies
 from smtpgate.address import Path
 from smtpgate.checks import (
@@ -76,6 +71,7 @@ from smtpgate.checks import dnsbl as dnsbl_check
 from smtpgate.checks.screening_action import hangs_up
 from smtpgate.config import Config
 from smtpgate.dnsbl_sites import parse_sites
+from smtpgate.lookups import redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
@@ -106,7 +102,7 @@ class AuthOutcome:
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: aioredis.Redis, auth: Any = None) -> None:
+                 redis_client: Any, auth: Any = None) -> None:
         self.config = config
         self.tables = tables
         self.resolver = resolver
@@ -148,11 +144,8 @@ class Policy:
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
-        redis_client = aioredis.Redis.from_url(
-            config.redis, socket_timeout=config.redis_timeout,
-            socket_connect_timeout=config.redis_timeout,
-            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-        policy = cls(config, tables, resolver, redis_client, auth)
+        client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
+        policy = cls(config, tables, resolver, client, auth)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
