@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from smtpgate import redis_url
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -179,19 +181,10 @@ def optional_path(value: Any) -> str:
 
 
 def parse_redis_url(value: Any) -> str:
-    """REDIS: host, host:port, or a redis://, rediss://, unix:// URL; returned as a URL."""
-    raw = str(value).strip()
-    if not raw:
-        raise ValueError("is empty")
-    if "://" in raw:
-        scheme = raw.split("://", 1)[0].lower()
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"{raw!r}: scheme {scheme!r} is not redis, rediss or unix")
-        if len(raw.split("://", 1)[1]) == 0:
-            raise ValueError(f"{raw!r} names no server")
-        return raw
-    hp = parse_hostport(raw, 6379)
-    return f"redis://{hp}/0"
+    """REDIS: host, host:port, a redis://, rediss://, unix:// URL, a Sentinel set
+    (redis+sentinel://h1:26379,h2:26379/mastername/0) or a Cluster
+    (redis+cluster://h1:7000,h2:7001/); returned as a URL (smtpgate.redis_url)."""
+    return redis_url.parse(value).url
 
 
 def parse_dnsbl_sites(value: Any) -> tuple[str, ...]:
@@ -216,6 +209,13 @@ def parse_reply_map(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(result.items())
 
 
+def _record_ttl(value: Any) -> float:
+    ttl = seconds(0)(value)
+    if 0 < ttl < 86400:
+        raise ValueError(f"{value!r} is less than a day (0 keeps no records)")
+    return ttl
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 _ACTIONS = ("ignore", "enforce", "drop")
@@ -233,7 +233,9 @@ class Config:
     # the seed image's environment
     redis: str = setting(
         "redis://127.0.0.1:6379/0", parse_redis_url,
-        "Redis: host, host:port, or redis://, rediss:// (TLS), unix:// URL", env="REDIS")
+        "Redis: host, host:port, a redis://, rediss:// (TLS), unix:// URL, a Sentinel set "
+        "redis+sentinel://h1:26379,h2:26379/mastername/0 or a Cluster "
+        "redis+cluster://h1:7000,h2:7001/", env="REDIS")
     hostname: str = setting(
         "", text, "name in the banner and EHLO reply (default: this host's FQDN)", env="HOSTNAME")
     domain: str = setting("", text, "the mail domain (default: hostname)", env="DOMAIN")
@@ -360,6 +362,20 @@ class Config:
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 
+    # operations
+    log_format: str = setting(
+        "postfix", one_of("postfix", "json"),
+        "log lines as Postfix writes them, or one JSON object per line (time, level, "
+        "component, pid, session, message)")
+    session_record_ttl: float = setting(
+        172800.0, _record_ttl,
+        "how long a refused session's evidence stays in Redis for `smtpgate explain "
+        "--session` (at least 1d; 0 keeps none)")
+    session_record_size_limit: int = setting(
+        8192, int_between(1024, 1048576),
+        "bytes of one session's evidence record; past it, the middle of its verdicts and "
+        "replies is left out")
+
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, where it came from) for check-config; secrets masked."""
         rows = []
@@ -396,13 +412,8 @@ def _show(value: Any) -> str:
 
 
 def mask_secret(url: str) -> str:
-    """Hide a password in a URL: redis://:secret@host -> redis://:***@host."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _ = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ':***' if user else ''}@{host}"
+    """Hide the passwords in a URL: redis://:secret@host -> redis://:***@host."""
+    return redis_url.mask(url)
 
 
 def env_name(f_name: str, f_env: str | None) -> str:

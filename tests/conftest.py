@@ -4,6 +4,7 @@ SYNOPSIS
     Session fixtures (started on first use, once per pytest run, stopped at the end):
         service_root    Path of the run's temporary directory
         redis_server    services.redis_server.RedisServer
+        redis_cluster   services.redis_ha.RedisClusterSet (three masters)
         dns_server      services.dns_server.DnsServer
         dovecot_server  services.dovecot_server.DovecotServer
         rspamd_server   services.rspamd_server.RspamdServer
@@ -40,6 +41,7 @@ from services.dovecot_server import DovecotServer
 from services.gate_process import GateProcess, make_certificate
 from services.ports import start_on_free_ports
 from services.postfix_server import PostfixServer
+from services.redis_ha import RedisClusterSet
 from services.redis_server import RedisServer
 from services.rspamd_server import RspamdServer
 from services.world import populate
@@ -101,6 +103,13 @@ def redis_server(service_root):
     server = _serve(RedisServer(service_root / "redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(service_root):
+    cluster = _serve(RedisClusterSet(service_root / "redis-cluster"))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -179,8 +179,17 @@ BAD_ENVIRONMENT = [
     pytest.param({"SMTPGATE_MYNETWORKS": "10.0.0.0/8 300.1.1.1/32"},
                  "SMTPGATE_MYNETWORKS: '300.1.1.1/32' is not an IP network", id="bad-network"),
     pytest.param({"REDIS": "http://redis:6379"},
-                 "REDIS: 'http://redis:6379': scheme 'http' is not redis, rediss or unix",
-                 id="redis-bad-scheme"),
+                 "REDIS: 'http://redis:6379': scheme 'http' is not one of redis, rediss, unix, "
+                 "redis+sentinel, redis+cluster", id="redis-bad-scheme"),
+    pytest.param({"REDIS": "redis+sentinel://:secret@s1:26379,s2"},
+                 "REDIS: 'redis+sentinel://:***@s1:26379,s2': the path must be /mastername",
+                 id="sentinel-without-master-name"),
+    pytest.param({"REDIS": "redis+cluster://c1:7000,c2:7001/2"},
+                 "REDIS: 'redis+cluster://c1:7000,c2:7001/2': a Redis Cluster has only database 0",
+                 id="cluster-with-database"),
+    pytest.param({"REDIS": "redis+cluster://c1:7000,c2:70001/"},
+                 "REDIS: 'redis+cluster://c1:7000,c2:70001/': 'c2:70001' is not host:port",
+                 id="cluster-bad-port"),
     pytest.param({"REDIS": ""}, "REDIS: is empty", id="redis-empty"),
     pytest.param({"SMTPGATE_DNSBL_SITES": "zen.spamhaus.org=127.0.0.[2..x]"},
                  "SMTPGATE_DNSBL_SITES: 'zen.spamhaus.org=127.0.0.[2..x]': bad filter",
@@ -286,12 +295,19 @@ def test_check_config_bad_file_is_one_line_not_a_traceback(tmp_path):
     pytest.param("redis://:secret@redis.example.test:6379/0", id="password-only"),
     pytest.param("redis://default:secret@redis.example.test:6379/0", id="user-and-password"),
     pytest.param("rediss://default:secret@redis.example.test:6380/0", id="tls"),
+    pytest.param("unix://:secret@/run/redis/redis.sock?db=0", id="unix"),
+    pytest.param("redis+sentinel://:secret@s1.example.test:26379,[2001:db8::1]:26380/mx/0",
+                 id="sentinel"),
+    pytest.param("redis+sentinel://app:secret@s1.example.test,s2.example.test/mx/1"
+                 "?sentinel_password=secret", id="sentinel-own-password"),
+    pytest.param("redis+cluster://app:secret@c1.example.test:7000,c2.example.test:7001/",
+                 id="cluster"),
 ])
 def test_check_config_masks_the_redis_password(url):
     result = check_config({"REDIS": url})
     assert result.returncode == 0, result.stderr
     assert "secret" not in result.stdout + result.stderr
     shown = mask_secret(url)  # what the user should see: the URL with the password starred
-    assert shown == url.replace(":secret@", ":***@")
+    assert shown == url.replace(":secret@", ":***@").replace("=secret", "=***")
     assert re.search(rf"^redis += {re.escape(shown)}  ", result.stdout, re.MULTILINE), \
         result.stdout

@@ -7,49 +7,59 @@ at RCPT (smtpd_delay_reject = yes), so each test walks to RCPT and reads that an
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from services.ports import free_port
-from services.smtp_talk import Talk
+from services.smtp_talk import Talk, untag
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def gate(start_gate, postfix_server):
+@contextlib.contextmanager
+def socketmap_gate(start_gate, postfix_server, **env: str):
     """smtpgate, and Postfix reading the same Redis keys through smtpgate's socketmap."""
-    process = start_gate(listeners=("mx", "socketmap"))
+    process = start_gate(listeners=("mx", "socketmap"), **env)
     port = process.socketmap_port
     maps = postfix_server.config_dir
     shipped = (Path(__file__).parent.parent / "conf/postfix/socketmap.cf").read_text()
     settings = dict(line.split(" = ", 1) for line in shipped.splitlines()
                     if " = " in line and not line.startswith("#"))
     postfix_server.postconf(**{k: v.replace(":10027:", f":{port}:") for k, v in settings.items()})
-    yield process
     try:
-        postfix_server.postconf(
-            recipient_delimiter="", virtual_mailbox_domains="example.com",
-            virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
-            virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
-            smtpd_recipient_restrictions="")
+        yield process
     finally:
-        process.stop()
+        try:
+            postfix_server.postconf(
+                recipient_delimiter="", virtual_mailbox_domains="example.com",
+                virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
+                virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
+                smtpd_recipient_restrictions="")
+        finally:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def gate(start_gate, postfix_server):
+    with socketmap_gate(start_gate, postfix_server) as process:
+        yield process
 
 
 def rcpt(gate, source: str, helo: str = "client.example.test",
          sender: str = "a@example.net", to: str = "user1@example.com") -> tuple[int, str]:
+    """The first refusal (without its session id, checked) or RCPT's 250."""
     with Talk("127.0.0.1", gate.mx_port, source=source) as talk:
         assert talk.banner()[0] == 220
         code, text = talk.cmd(f"EHLO {helo}")
         if code != 250:
-            return code, text
+            return untag((code, text))
         code, text = talk.cmd(f"MAIL FROM:<{sender}>")
         if code != 250:
-            return code, text
-        return talk.cmd(f"RCPT TO:<{to}>")
+            return untag((code, text))
+        return untag(talk.cmd(f"RCPT TO:<{to}>"))
 
 
 def rcpt_settled(gate, source: str, code: int, timeout: float = 5.0, **kw) -> tuple[int, str]:
@@ -135,7 +145,7 @@ def test_hlo_reject(gate, world):
 def test_helo_is_required(gate, world):
     with Talk("127.0.0.1", gate.mx_port, source="127.0.0.74") as talk:
         talk.banner()
-        assert talk.cmd("MAIL FROM:<a@example.net>") == (
+        assert untag(talk.cmd("MAIL FROM:<a@example.net>")) == (
             503, "503 5.5.1 Error: send HELO/EHLO first")
 
 

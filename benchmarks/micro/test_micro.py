@@ -7,7 +7,9 @@ DESCRIPTION
     Each benchmark also asserts the result, so a benchmark that measures a
     broken path fails instead of reporting a fast number. The table lookups
     run against a real redis-server: "hit" answers from the in-process cache
-    (no round trip), "miss" makes the one MGET round trip of its phase.
+    (no round trip), "miss" makes the one MGET round trip of its phase. The
+    connection counters: one server's single script against the pipeline a
+    Redis Cluster needs.
     A module not written yet is skipped, not failed.
 """
 
@@ -138,3 +140,28 @@ def test_loop_round_trip_baseline(benchmark, loop):
         return 1
 
     assert benchmark(lambda: loop.run_until_complete(nothing())) == 1
+
+
+# --- connection counters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["one-script", "cluster-pipeline"])
+def test_connection_count(benchmark, redis_url, loop, path):
+    """A connect and its release: one server's single script, or the pipeline a Redis Cluster
+    needs (forced here on one server, to compare the client's cost of the two)."""
+    redis_client = pytest.importorskip("smtpgate.lookups.redis_client")
+    from smtpgate.lookups.screening_cache import ConnectionCounter
+
+    client = redis_client.connect(redis_url, 2.0, decode=False)
+    counter = ConnectionCounter(client)
+    counter._cluster = path == "cluster-pipeline"
+
+    async def connect_release() -> int:
+        lease = await counter.connect("192.0.2.9")
+        await counter.release(lease)
+        return lease.client_count
+
+    try:
+        assert benchmark(lambda: loop.run_until_complete(connect_release())) == 1
+    finally:
+        loop.run_until_complete(client.aclose())

@@ -1,8 +1,10 @@
-"""explain - run the whole MX policy for one imagined client and print every check.
+"""explain - run the whole MX policy for one imagined client, or show a past session's evidence.
 
 SYNOPSIS
     run(args, config) -> int        `smtpgate explain --ip IP [--helo NAME] [--from ADDR]
                                                       [--rcpt ADDR]...`
+                                    `smtpgate explain --session ID`
+    print_record(record, out=sys.stdout)
 
 DESCRIPTION
     A dry run against the live Redis tables and DNS: the same Policy the
@@ -12,23 +14,53 @@ DESCRIPTION
     zone and answer), then the reply the client would get at that stage.
     Exit status 0 when every recipient would be passed on to Postfix, 1
     when something would be refused, 2 for bad arguments.
+
+    --session ID reads what a past session left in Redis (the ID ends
+    every refusal smtpgate wrote; smtpgate.lookups.evidence keeps the
+    record for session_record_ttl) and prints it in the same shape: the
+    session's facts, then each stage's verdicts with their evidence, each
+    refusal after the verdicts that led to it, with the command it
+    answered and when. Exit status 0 when printed, 1 when there is no
+    such record (unknown, expired, or the session was refused nothing) or
+    Redis cannot be read, 2 for an id of the wrong shape or --session
+    given with the dry run's options.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import ipaddress
 import sys
-from typing import Any
+from typing import Any, TextIO
 
+from smtpgate import session_id
 from smtpgate.address import AddressError, parse_path
-from smtpgate.config import Config
+from smtpgate.config import Config, mask_secret
 from smtpgate.policy.state import Client, ClientState
 from smtpgate.verdict import Reply
 
+# the stage each check belongs to, for the record's headings
+STAGES = {
+    "access_list": "connect", "limits": "connect", "pregreet": "connect", "dnsbl": "connect",
+    "pipelining": "protocol", "non_smtp_command": "protocol", "bare_newline": "protocol",
+    "auth_limit": "AUTH", "helo": "HELO", "sender": "MAIL", "sender_login": "MAIL",
+    "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT",
+}
+
 
 def run(args: Any, config: Config) -> int:
+    if args.session is not None:
+        if args.ip is not None or args.helo or args.sender is not None or args.rcpt:
+            print("smtpgate explain: --session shows a past session; --ip, --helo, --from "
+                  "and --rcpt belong to the dry run", file=sys.stderr)
+            return 2
+        return asyncio.run(_recorded(args.session, config))
+    if args.ip is None:
+        print("smtpgate explain: give --ip IP (a dry run for that client) or --session ID "
+              "(a past session's evidence)", file=sys.stderr)
+        return 2
     try:
         ipaddress.ip_address(args.ip)
     except ValueError:
@@ -85,3 +117,91 @@ def _rcpt_stage(policy: Any, state: ClientState, rcpt: str):
         return await policy.rcpt(state, path, None, smtputf8=True)
 
     return stage
+
+
+async def _recorded(text: str, config: Config) -> int:
+    from redis.exceptions import RedisError
+
+    from smtpgate.policy.stages import Policy
+
+    wanted = session_id.normal(text)
+    if not session_id.valid(wanted):
+        print(f"smtpgate explain: --session {text!r} is not a session id (12 letters and "
+              "digits, as after 'session=' in a reply)", file=sys.stderr)
+        return 2
+    policy = await Policy.create(config)
+    try:
+        record = await policy.evidence.load(wanted)
+    except (RedisError, OSError, TimeoutError) as exc:
+        print(f"smtpgate explain: Redis at {mask_secret(config.redis)} failed: "
+              f"{exc or 'timed out'}", file=sys.stderr)
+        return 1
+    finally:
+        await policy.close()
+    if record is None:
+        days = config.session_record_ttl / 86400
+        print(f"smtpgate explain: no record of session {wanted}: unknown, expired (records "
+              f"are kept {days:g} days), or the session was refused nothing", file=sys.stderr)
+        return 1
+    print_record(record)
+    return 0
+
+
+def print_record(record: dict, out: TextIO = sys.stdout) -> None:
+    """A stored session record in the dry run's shape (see DESCRIPTION)."""
+    def say(line: str) -> None:
+        print(line, file=out)
+
+    say(f"session {record.get('session')}: {record.get('listener')} client "
+        f"{record.get('name')}[{record.get('client')}]:{record.get('port')} "
+        f"to {record.get('local')}")
+    ended = record.get("ended")
+    say(f"  started {_when(record.get('started'))}"
+        + (f", ended {_when(ended)}" if ended else ", still open when last written"))
+    facts = [f"helo=<{record['helo']}>" if record.get("helo") else "",
+             f"from=<{record['sender']}>" if record.get("sender") is not None else "",
+             f"login={record['login']}" if record.get("login") else "",
+             "to=" + ",".join(f"<{r}>" for r in record["recipients"])
+             if record.get("recipients") else ""]
+    if any(facts):
+        say("  " + " ".join(f for f in facts if f))
+    if record.get("commands"):
+        say(f"  commands: {record['commands']}")
+    omitted = record.get("omitted") or {}
+    if omitted.get("everything"):
+        say("  (the record was too big to keep its verdicts and replies)")
+    verdicts = record.get("verdicts") or []
+    refusals = record.get("replies") or []
+    gap_at, gap = omitted.get("verdicts_at"), omitted.get("verdicts", 0)
+    reply_gap_at, reply_gap = omitted.get("replies_at"), omitted.get("replies", 0)
+    shown_replies, title = 0, None
+
+    def replies_until(position: float) -> None:
+        nonlocal shown_replies, title
+        while shown_replies < len(refusals) and refusals[shown_replies]["verdicts"] <= position:
+            if shown_replies == reply_gap_at:
+                say(f"  ({reply_gap} more replies left out: the record's size limit)")
+            r = refusals[shown_replies]
+            say(f"  reply: {r['reply']}    ({r['command']}, {_when(r['time'], clock=True)})")
+            shown_replies += 1
+            title = None  # the verdicts after a reply get their heading again
+
+    for i, verdict in enumerate(verdicts):
+        position = i + gap if gap_at is not None and i >= gap_at else i
+        if i == gap_at:
+            say(f"  ({gap} more verdicts left out: the record's size limit)")
+        replies_until(position)
+        stage = STAGES.get(verdict["check"], "other")
+        if stage != title:
+            say(stage)
+            title = stage
+        say(f"  {verdict['check']:<16} {verdict['outcome']:<7} {verdict['reason']}")
+    replies_until(float("inf"))
+
+
+def _when(stamp: float | None, clock: bool = False) -> str:
+    if stamp is None:
+        return "?"
+    moment = datetime.datetime.fromtimestamp(stamp).astimezone()
+    shown = moment.strftime("%H:%M:%S.%f" if clock else "%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return shown if clock else f"{shown} {moment.tzname()}"

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import logging
 import os
 import sys
 import time
 
-from smtpgate import __version__
+from smtpgate import __version__, session_id
 from smtpgate.config import ConfigError, load
 
 
@@ -29,6 +31,28 @@ class PostfixStyleFormatter(logging.Formatter):
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
         component = record.name.rsplit(".", 1)[-1] if "." in record.name else record.name
         return f"{stamp} smtpgate/{component}[{record.process}]: {record.getMessage()}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (log_format = "json"), for log shippers: time (ISO 8601,
+    local time with its offset), level, component, pid, session (when the line was logged
+    on a session's behalf) and message, the same text as the Postfix-style line's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "component": record.name.rsplit(".", 1)[-1],
+            "pid": record.process,
+        }
+        current = session_id.current.get()
+        if current is not None:
+            entry["session"] = current
+        entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class BatchedHandler(logging.StreamHandler):
@@ -78,9 +102,9 @@ class BatchedHandler(logging.StreamHandler):
                 pass  # stderr gone: nothing left to tell
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", log_format: str = "postfix") -> None:
     handler = BatchedHandler(sys.stderr)
-    handler.setFormatter(PostfixStyleFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PostfixStyleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -97,8 +121,11 @@ def parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="get, set, delete or list Redis table keys")
     table.add_argument("args", nargs=argparse.REMAINDER,
                        help="get|set|del|list PREFIX [KEY [VALUE]]")
-    explain = sub.add_parser("explain", help="run the policy as a dry run for a client")
-    explain.add_argument("--ip", required=True)
+    explain = sub.add_parser(
+        "explain", help="run the policy as a dry run for a client (--ip), or show a past "
+                        "session's evidence (--session)")
+    explain.add_argument("--ip", help="the client's address, for a dry run")
+    explain.add_argument("--session", help="the id that ended a refusal (session=ID)")
     explain.add_argument("--helo")
     explain.add_argument("--from", dest="sender")
     explain.add_argument("--rcpt", action="append", default=[])
@@ -118,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TZ"] = config.timezone
         time.tzset()
     if args.command == "serve":
-        setup_logging()
+        setup_logging(log_format=config.log_format)
         from smtpgate.service.server import serve
         from smtpgate.smtp.tls import TlsError
 

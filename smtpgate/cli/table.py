@@ -14,6 +14,7 @@ DESCRIPTION
     del PREFIX KEY          delete it
     list PREFIX [PATTERN]   print "KEY VALUE" lines for PREFIX:PATTERN (glob,
                             default *), read with SCAN so Redis is never blocked
+                            (on a Cluster, SCAN on every primary)
 
     Keys are stored the way smtpgate looks them up (keys.normalize_key):
     networks canonical (`192.168.0.0/24`), names and addresses lower-cased;
@@ -31,11 +32,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-import redis
-from redis.exceptions import RedisError
-
 from smtpgate.config import mask_secret
-from smtpgate.lookups import keys
+from smtpgate.lookups import keys, redis_client
 
 USAGE = """usage: smtpgate table get PREFIX KEY
        smtpgate table set PREFIX KEY VALUE...
@@ -73,15 +71,17 @@ def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
         print(f"smtpgate table: unknown prefix {rest[0]!r} (one of {' '.join(keys.PREFIXES)})",
               file=err)
         return 2
-    client = redis.Redis.from_url(
-        config.redis, decode_responses=True, socket_timeout=config.redis_timeout,
-        socket_connect_timeout=config.redis_timeout)
+    try:
+        client = redis_client.connect_sync(config.redis, config.redis_timeout)
+    except redis_client.ERRORS as exc:
+        print(f"smtpgate table: Redis at {mask_secret(config.redis)} failed: {exc}", file=err)
+        return 1
     try:
         return _COMMANDS[command](client, prefix, rest[1:], out, err)
     except _Refused as exc:
         print(f"smtpgate table {command}: {exc}", file=err)
         return 1
-    except (RedisError, OSError) as exc:
+    except redis_client.ERRORS as exc:
         print(f"smtpgate table: Redis at {mask_secret(config.redis)} failed: {exc}", file=err)
         return 1
     finally:
@@ -95,7 +95,7 @@ def _key(prefix: str, name: str) -> str:
         raise _Refused(str(exc)) from None
 
 
-def _get(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+def _get(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     redis_key = _key(prefix, rest[0])
     value = client.get(redis_key)
     if value is None:
@@ -104,7 +104,7 @@ def _get(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: Te
     return 0
 
 
-def _set(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+def _set(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     redis_key = _key(prefix, rest[0])
     try:
         value = keys.check_value(prefix, " ".join(rest[1:]))
@@ -117,7 +117,7 @@ def _set(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: Te
     return 0
 
 
-def _del(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+def _del(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     redis_key = _key(prefix, rest[0])
     # A key stored before validation may differ from the canonical form: delete as written too.
     removed = client.delete(*dict.fromkeys([redis_key, keys.key(prefix, rest[0])]))
@@ -127,17 +127,14 @@ def _del(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: Te
     return 0
 
 
-def _list(client: redis.Redis, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
+def _list(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     pattern = f"{prefix}:{rest[0] if rest else '*'}"
     rows = []
-    cursor = 0
-    while True:
-        cursor, found = client.scan(cursor, match=pattern, count=500)
-        if found:
-            values = client.mget(found)
-            rows += [(k, v) for k, v in zip(found, values, strict=True) if v is not None]
-        if cursor == 0:
-            break
+    found = list(client.scan_iter(match=pattern, count=500))  # a Cluster: every primary
+    for start in range(0, len(found), 500):
+        batch = found[start:start + 500]
+        values = redis_client.mget_sync(client, batch)
+        rows += [(k, v) for k, v in zip(batch, values, strict=True) if v is not None]
     for redis_key, value in sorted(rows):
         print(f"{redis_key.partition(':')[2]} {value}", file=out)
     print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {pattern}", file=err)

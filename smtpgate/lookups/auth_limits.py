@@ -64,6 +64,7 @@ import ipaddress
 import logging
 
 from smtpgate.address import client_address
+from smtpgate.lookups import redis_client
 from smtpgate.lookups.keys import AUTHFAIL_IP, AUTHFAIL_LOGIN
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -128,7 +129,7 @@ class AuthLimits:
             keys.append(login_key(login))
         try:
             async with asyncio.timeout(self.timeout):
-                values = await self.redis.mget(keys)
+                values = await redis_client.mget(self.redis, keys)  # per slot on a Cluster
         except Exception as exc:  # redis-py's errors, OSError and TimeoutError alike
             log.warning("auth failure counters unavailable: %s", _describe(exc))
             return Verdict(CHECK, Outcome.SKIP, reason=f"counters unavailable: {_describe(exc)}")

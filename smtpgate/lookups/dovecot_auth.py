@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import os
@@ -113,7 +114,9 @@ class _Connection:
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._read_replies())
+        # shared by every session that authenticates: its log lines belong to none of them
+        self.task = asyncio.get_running_loop().create_task(
+            self._read_replies(), context=contextvars.Context())
 
     async def _read_replies(self) -> None:
         why = CONNECTION_LOST

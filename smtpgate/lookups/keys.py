@@ -293,6 +293,9 @@ SESSIONS_ALL = OWN_PREFIX + "sessions"
 # Connection rate: a sorted set per client of session ids scored by connect time, trimmed
 # to the last 60 s on every connect, expiring 60 s after the last connect.
 RATE = OWN_PREFIX + "rate:"
+# A client's sessions and rate keys meet in one Lua script, so the client is their Redis
+# Cluster hash tag ({...}: only it picks the slot); the other keys stand alone, each in
+# its own command, and may live on any node.
 
 
 def screening_key(ip: str) -> str:
@@ -300,11 +303,11 @@ def screening_key(ip: str) -> str:
 
 
 def sessions_key(client: str) -> str:
-    return SESSIONS + client
+    return f"{SESSIONS}{{{client}}}"
 
 
 def rate_key(client: str) -> str:
-    return RATE + client
+    return f"{RATE}{{{client}}}"
 
 
 # ---- failed AUTH counters (auth_limits) ----
@@ -312,3 +315,14 @@ def rate_key(client: str) -> str:
 # expiry (10 minutes, restarted by each failure); record_success() deletes the login's key.
 AUTHFAIL_IP = OWN_PREFIX + "authfail:ip:"  # + client IPv4 address, or IPv6 /64 network
 AUTHFAIL_LOGIN = OWN_PREFIX + "authfail:login:"  # + the login name, lower-cased
+
+
+# ---- session evidence (lookups.evidence) ----
+# A session that was refused something: one JSON string per session (smtpgate.lookups.evidence),
+# SET with EX session_record_ttl by the worker that ran the session, overwritten as the session
+# goes on, read by `smtpgate explain --session`. The id is smtpgate.session_id's.
+SESSION_RECORD = OWN_PREFIX + "session:"
+
+
+def session_record_key(session_id: str) -> str:
+    return SESSION_RECORD + session_id

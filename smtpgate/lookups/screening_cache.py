@@ -49,12 +49,20 @@ DESCRIPTION
       window, as Postfix's anvil counts, expiring when the client goes quiet.
     Refused connections are counted too (anvil counts attempts); the session
     calls release() when it closes, whatever the verdict.
+
+    On one server (or a Sentinel set's master) a connect is one script over
+    all its keys. On a Redis Cluster a client's sessions and rate keys share
+    its hash tag and meet in one script; the global set and the screening
+    hash are commands of their own in the same pipeline, which the Cluster
+    client splits per node. Each key is still updated atomically; the counts
+    of one connect are no longer one snapshot (they never needed to be).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import os
 import socket
@@ -62,10 +70,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import redis.exceptions
-
 from smtpgate.checks.limits import client_key
 from smtpgate.lookups import keys
+from smtpgate.lookups import redis_client as redis_client_module
 
 TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
 RATE_WINDOW = 60
@@ -81,7 +88,7 @@ async def _redis_call(what: str, timeout: float):
     try:
         async with asyncio.timeout(timeout):
             yield
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except redis_client_module.ERRORS as exc:
         raise ScreeningStoreError(f"{what}: {exc}") from exc
     except TimeoutError as exc:
         raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
@@ -187,10 +194,18 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 
 # --- the connection counters -----------------------------------------------------------------
 
-# KEYS: client sessions, all sessions, client rate, the client's screening hash.
+# One server (or a Sentinel set's master): a connect is one script over all four keys
+# (_CONNECT), a lease renewal one script (_REFRESH). On a Cluster those keys live in
+# different slots, so a connect is one pipeline instead (still one round trip per node,
+# the nodes at once): the client's counts (_CLIENT: its two keys share the client's hash
+# tag), everyone's sessions (_ALL) and the screening hash; a renewal is one _RENEW per
+# sessions set. Those scripts go as EVAL, not EVALSHA: a pipeline cannot reload a script a
+# node lost (restart, failover) without an extra round trip to check, and they are short.
+# The single script saves a connect about 35 us of client CPU against the pipeline.
+
+# _CONNECT KEYS: client sessions, all sessions, client rate, the client's screening hash.
 # ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate, total, screening hash}, this session included: the
-# screening cache rides along so that a connect costs one round trip.
+# Returns {client count, client rate, total, screening hash}, this session included.
 _CONNECT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -208,7 +223,7 @@ return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('
         redis.call('HGETALL', KEYS[4])}
 """
 
-# KEYS: all sessions, then one client-sessions key per session. ARGV: lease, then the ids.
+# _REFRESH KEYS: all sessions, then one client-sessions key per session. ARGV: lease, ids.
 _REFRESH = """
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
@@ -218,6 +233,42 @@ for i = 2, #KEYS do
     redis.call('ZADD', KEYS[1], deadline, ARGV[i])
 end
 return #KEYS - 1
+"""
+
+# _CLIENT KEYS: client sessions, client rate. ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate}, this session included.
+_CLIENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local id = ARGV[1]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + lease, id)
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+"""
+
+# _ALL KEYS: all sessions. ARGV: session id, lease s. Returns the total, this session included.
+_ALL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# _RENEW KEYS: one sessions set. ARGV: lease s, "1" to restart the set's expiry, then ids.
+_RENEW = """
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 3, #ARGV do
+    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+end
+if ARGV[2] == '1' then redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000)) end
+return #ARGV - 2
 """
 
 _REFRESH_BATCH = 500
@@ -245,6 +296,7 @@ class ConnectionCounter:
         instance: str = "",
     ) -> None:
         self._redis = redis_client
+        self._cluster = redis_client_module.is_cluster(redis_client)
         self._connect = redis_client.register_script(_CONNECT)
         self._refresh = redis_client.register_script(_REFRESH)
         self._lease = lease
@@ -266,17 +318,29 @@ class ConnectionCounter:
         client = client_key(ip, self._ipv6_prefix)
         session_id = f"{self._instance}:{next(self._serial)}"
         async with _redis_call(f"connection count for {ip}", self._timeout):
-            count, rate, total, screening = await self._connect(
-                keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client),
-                      keys.screening_key(ip)],
-                args=[session_id, self._lease, RATE_WINDOW],
-            )
+            if self._cluster:
+                count, rate, total, screening = await self._connect_cluster(
+                    ip, client, session_id)
+            else:
+                count, rate, total, screening = await self._connect(
+                    keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client),
+                          keys.screening_key(ip)],
+                    args=[session_id, self._lease, RATE_WINDOW])
+                screening = dict(zip(screening[::2], screening[1::2], strict=True))
         self._live[session_id] = client
         # sessions of this worker that closed but wait for their release batch do not count
         count = int(count) - self._pending.get(client, 0)
         total = int(total) - sum(self._pending.values())
-        return Lease(ip, client, session_id, count, int(rate), total,
-                     _entries(dict(zip(screening[::2], screening[1::2], strict=True))))
+        return Lease(ip, client, session_id, count, int(rate), total, _entries(screening))
+
+    async def _connect_cluster(self, ip: str, client: str, session_id: str) -> tuple:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.eval(_CLIENT, 2, keys.sessions_key(client), keys.rate_key(client),
+                      session_id, self._lease, RATE_WINDOW)
+            pipe.eval(_ALL, 1, keys.SESSIONS_ALL, session_id, self._lease)
+            pipe.hgetall(keys.screening_key(ip))
+            (count, rate), total, screening = await pipe.execute()
+        return count, rate, total, screening
 
     async def release(self, lease: Lease) -> None:
         if self._live.pop(lease.session_id, None) is None:
@@ -294,8 +358,8 @@ class ConnectionCounter:
         self._released.append((lease.client, lease.session_id))
         self._pending[lease.client] = self._pending.get(lease.client, 0) + 1
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(
-                RELEASE_BATCH, self._start_flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(  # for all sessions
+                RELEASE_BATCH, self._start_flush, context=contextvars.Context())
 
     def _start_flush(self) -> None:
         self._flush_handle = None
@@ -338,10 +402,22 @@ class ConnectionCounter:
         for start in range(0, len(live), _REFRESH_BATCH):
             batch = live[start:start + _REFRESH_BATCH]
             async with _redis_call("connection lease renewal", self._timeout):
-                await self._refresh(
-                    keys=[keys.SESSIONS_ALL, *(keys.sessions_key(c) for _, c in batch)],
-                    args=[self._lease, *(sid for sid, _ in batch)],
-                )
+                if self._cluster:
+                    await self._refresh_cluster(batch)
+                else:
+                    await self._refresh(
+                        keys=[keys.SESSIONS_ALL, *(keys.sessions_key(c) for _, c in batch)],
+                        args=[self._lease, *(sid for sid, _ in batch)])
+
+    async def _refresh_cluster(self, batch: list[tuple[str, str]]) -> None:
+        by_client: dict[str, list[str]] = {}
+        for session_id, client in batch:
+            by_client.setdefault(client, []).append(session_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for client, ids in by_client.items():
+                pipe.eval(_RENEW, 1, keys.sessions_key(client), self._lease, "1", *ids)
+            pipe.eval(_RENEW, 1, keys.SESSIONS_ALL, self._lease, "0", *(sid for sid, _ in batch))
+            await pipe.execute()
 
     async def run_refresher(self) -> None:
         while True:

@@ -39,8 +39,14 @@ DESCRIPTION
     Invalidation uses Redis client-side caching in broadcast mode (CLIENT
     TRACKING ... BCAST PREFIX PSA: PREFIX REV: ...) redirected to a RESP2
     connection subscribed to __redis__:invalidate, so no server setting
-    (notify-keyspace-events) is needed. A changed point key is dropped; a
-    changed scanned key is read again and re-indexed; a flush reloads all.
+    (notify-keyspace-events) is needed. A server tracks only the keys it
+    holds, so on a Cluster there is one such connection per primary
+    (redis_client.watch_targets), each also SCANned for the load; when any
+    of them fails, all are dropped and the slot map is asked for again. A
+    Sentinel set's master is found through the sentinels; after a failover
+    the old connection is gone and the cache reloads from the new master.
+    A changed point key is dropped; a changed scanned key is read again and
+    re-indexed; a flush reloads all.
     put() carries the generation read before the lookup went to Redis, so a
     value read before an invalidation never lands in the cache after it.
 
@@ -59,10 +65,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from smtpgate.lookups import keys
+from smtpgate.lookups import keys, redis_client
 
 log = logging.getLogger("smtpgate.tables")
 
@@ -258,6 +262,8 @@ class CacheSync:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._reconnected = False
+        self._aborted = False
+        self._clients: list[aioredis.Redis] = []
         self._last_error = ""
 
     def start(self) -> asyncio.Task:
@@ -280,20 +286,21 @@ class CacheSync:
     async def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            client = aioredis.Redis.from_url(
-                self.url, protocol=2, decode_responses=True,
-                socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                # A silent reconnect would subscribe again without CLIENT TRACKING and leave
-                # the cache stale: fail instead, and start over from a full reload.
-                retry=Retry(NoBackoff(), 0))
-            # Invalidations must arrive as pub/sub messages (RESP2), whatever the URL says.
-            client.connection_pool.connection_kwargs["protocol"] = 2
+            clients: list[aioredis.Redis] = []
             try:
-                await self._session(client)
+                # One RESP2 connection per server holding keys (a Cluster's every primary),
+                # without retries: a silent reconnect would subscribe again without CLIENT
+                # TRACKING and leave the cache stale. Fail instead, and start over from a
+                # full reload.
+                clients = await asyncio.wait_for(
+                    redis_client.watch_targets(self.url, self.timeout), self.timeout * 2)
+                await self._session(clients)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: drop the cache, reconnect
                 detail = f"{type(exc).__name__}: {exc}"
+                if self.cache.ready:
+                    backoff = 0.1  # it was working: a failover or restart, try again soon
                 if self.cache.ready or detail != self._last_error:
                     log.warning("table cache: invalidation stream down (%s); reading Redis "
                                 "directly until it is back", detail)
@@ -302,26 +309,45 @@ class CacheSync:
                 self.ready_event.clear()
                 self.on_state(False, detail)
             finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+                for client in clients:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
             if self._stopping:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
-    async def _session(self, client: aioredis.Redis) -> None:
-        pubsub = client.pubsub()
+    async def _session(self, clients: list[aioredis.Redis]) -> None:
+        pubsubs = [client.pubsub() for client in clients]
+        self._aborted = False
         try:
-            await asyncio.wait_for(self._subscribe(pubsub), self.timeout)
-            await self._load(client)
+            for pubsub in pubsubs:
+                await asyncio.wait_for(self._subscribe(pubsub), self.timeout)
+            self._clients = clients
+            await self._load()
             self.cache.ready = True
             self.ready_event.set()
             self.on_state(True, "cache loaded")
             log.info("table cache: loaded %s", self.cache.sizes())
-            await self._listen(pubsub, client)
+            listeners = [asyncio.create_task(self._listen(p, c))
+                         for p, c in zip(pubsubs, clients, strict=True)]
+            try:
+                done, _ = await asyncio.wait(listeners, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                # One server's stream ended: the others stop too (the flag, since redis-py
+                # may turn a cancellation inside a read into a timeout and carry on).
+                self._aborted = True
+                for task in listeners:
+                    task.cancel()
+                await asyncio.wait(listeners, timeout=self.timeout + 1.0)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            self._clients = []
+            for pubsub in pubsubs:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def _subscribe(self, pubsub: aioredis.client.PubSub) -> None:
         await pubsub.connect()
@@ -351,25 +377,34 @@ class CacheSync:
     async def _on_reconnect(self, connection: object) -> None:
         self._reconnected = True
 
-    async def _load(self, client: aioredis.Redis) -> None:
+    async def _load(self) -> None:
         pairs: list[tuple[str, str]] = []
-        for prefix in SCANNED:
-            cursor = 0
-            while True:
-                cursor, found = await asyncio.wait_for(
-                    client.scan(cursor, match=f"{prefix}:*", count=1000), self.timeout)
-                if found:
-                    values = await asyncio.wait_for(client.mget(found), self.timeout)
-                    pairs += [(k, v) for k, v in zip(found, values, strict=True) if v is not None]
-                if cursor == 0:
-                    break
+        for client in self._clients:
+            for prefix in SCANNED:
+                cursor = 0
+                while True:
+                    cursor, found = await asyncio.wait_for(
+                        client.scan(cursor, match=f"{prefix}:*", count=1000), self.timeout)
+                    if found:
+                        values = await self._values(client, found)
+                        pairs += [(k, v) for k, v in zip(found, values, strict=True)
+                                  if v is not None]
+                    if cursor == 0:
+                        break
         self.cache.load(pairs)
+
+    async def _values(self, client: aioredis.Redis, redis_keys: list[str]) -> list[str | None]:
+        """GETs in one pipeline: a Cluster node refuses an MGET across its hash slots."""
+        async with client.pipeline(transaction=False) as pipe:
+            for redis_key in redis_keys:
+                pipe.get(redis_key)
+            return await asyncio.wait_for(pipe.execute(), self.timeout)
 
     async def _listen(self, pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:
         loop = asyncio.get_running_loop()
         last_heard = loop.time()
         ping_sent: float | None = None
-        while not self._stopping:
+        while not self._stopping and not self._aborted:
             msg = await pubsub.get_message(timeout=1.0)
             if self._reconnected:
                 raise ConnectionError("invalidation connection was re-established")
@@ -388,12 +423,12 @@ class CacheSync:
     async def _invalidated(self, data: list[str] | None, client: aioredis.Redis) -> None:
         if data is None:  # FLUSHDB / FLUSHALL
             self.cache.invalidate(None)
-            await self._load(client)
+            await self._load()
             return
         self.cache.invalidate(data)
         scanned = [k for k in data if (s := keys.split_key(k)) and s[0] in SCANNED]
         if scanned:
-            values = await asyncio.wait_for(client.mget(scanned), self.timeout)
+            values = await self._values(client, scanned)
             for redis_key, value in zip(scanned, values, strict=True):
                 self.cache.apply(redis_key, value)
 

@@ -41,8 +41,9 @@ DESCRIPTION
     else escapes the phase methods. Callers answer CONNECT_TEMPFAIL (421
     4.3.0, then close) at connect and RCPT_TEMPFAIL (451 4.3.0) at RCPT.
     The pool reconnects by itself on the next lookup; `health` records the
-    last outcome for the health endpoint. A BlockingConnectionPool bounds the
-    connections; waiting for one counts against the same timeout.
+    last outcome for the health endpoint. For one server a
+    BlockingConnectionPool bounds the connections; waiting for one counts
+    against the same timeout (a Sentinel or Cluster pool is unbounded).
 
     With the cache loaded, answers come from memory and stay correct within
     one invalidation message of a change; a Redis outage is noticed by the
@@ -53,7 +54,10 @@ DESCRIPTION
     address (IPv6 may be bracketed or written IPv6:...).
 
     `url` is what config.parse_redis_url accepts: host, host:port,
-    redis://[:password@]host[:port][/db], rediss:// (TLS), unix://[:password@]/path.
+    redis://[:password@]host[:port][/db], rediss:// (TLS), unix://[:password@]/path,
+    a Sentinel set or a Cluster (smtpgate.redis_url; clients from redis_client). On a
+    Cluster a phase's MGET is split per hash slot (one MGET per slot, sent at once
+    to each node), so it is no longer one atomic read; each key is still read once.
 """
 
 from __future__ import annotations
@@ -65,15 +69,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from smtpgate.address import client_address
 from smtpgate.checks import access_value
 from smtpgate.config import parse_redis_url
-from smtpgate.lookups import keys
+from smtpgate.lookups import keys, redis_client
 from smtpgate.lookups.table_cache import MISS, CacheSync, TableCache
 from smtpgate.verdict import Reply
 
@@ -153,11 +152,8 @@ class Tables:
         self.stats = Stats()
         self.cache = TableCache(cache_entries)
         self._warned: set[tuple[str, str]] = set()
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=max_connections, timeout=timeout,
-            socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-            retry=Retry(NoBackoff(), 1))  # one quick retry: a pooled connection may be stale
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        # one quick retry: a pooled connection may be stale
+        self._redis = redis_client.connect(self.url, timeout, max_connections=max_connections)
         self._sync = CacheSync(self.cache, self.url, timeout, self._cache_state) if cache else None
 
     @classmethod
@@ -179,7 +175,6 @@ class Tables:
         if self._sync is not None:
             await self._sync.stop()
         await self._redis.aclose()
-        await self._pool.aclose()
 
     async def __aenter__(self) -> Tables:
         await self.start()
@@ -304,7 +299,7 @@ class Tables:
 
     async def _mget(self, redis_keys: Sequence[str]) -> dict[str, str | None]:
         unique = list(dict.fromkeys(redis_keys))
-        values = await self._call(self._redis.mget(unique))
+        values = await self._call(redis_client.mget(self._redis, unique))
         return dict(zip(unique, values, strict=True))
 
     async def _call(self, awaitable: Any) -> Any:
@@ -312,7 +307,7 @@ class Tables:
         try:
             async with asyncio.timeout(self.timeout):
                 result = await awaitable
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (*redis_client.ERRORS, TimeoutError) as exc:
             reason = ("timed out" if isinstance(exc, TimeoutError)
                       else f"{type(exc).__name__}: {exc}")
             self._set_health(False, reason)

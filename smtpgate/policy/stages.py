@@ -12,6 +12,7 @@ SYNOPSIS
     await policy.auth_allowed(state) -> Reply | None
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
+    policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
 
 DESCRIPTION
     Facts in, decisions out. The engine passes what it knows (the client's
@@ -52,11 +53,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from smtpgate import replies
 from smtpgate.address import Path
 from smtpgate.checks import (
@@ -75,9 +71,11 @@ from smtpgate.checks import dnsbl as dnsbl_check
 from smtpgate.checks.screening_action import hangs_up
 from smtpgate.config import Config
 from smtpgate.dnsbl_sites import parse_sites
+from smtpgate.lookups import redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
+from smtpgate.lookups.evidence import EvidenceStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
     ConnectionCounter,
@@ -104,7 +102,7 @@ class AuthOutcome:
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: aioredis.Redis, auth: Any = None) -> None:
+                 redis_client: Any, auth: Any = None) -> None:
         self.config = config
         self.tables = tables
         self.resolver = resolver
@@ -121,6 +119,9 @@ class Policy:
             redis_client, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
+        self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
+            redis_client, ttl=config.session_record_ttl,
+            size_limit=config.session_record_size_limit, timeout=config.redis_timeout)
         self._refresher: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -134,6 +135,8 @@ class Policy:
         self.auth_limits = AuthLimits(
             self.redis, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
+        self.evidence.ttl = config.session_record_ttl
+        self.evidence.size_limit = config.session_record_size_limit
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None) -> Policy:
@@ -141,11 +144,8 @@ class Policy:
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
-        redis_client = aioredis.Redis.from_url(
-            config.redis, socket_timeout=config.redis_timeout,
-            socket_connect_timeout=config.redis_timeout,
-            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-        policy = cls(config, tables, resolver, redis_client, auth)
+        client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
+        policy = cls(config, tables, resolver, client, auth)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
@@ -154,6 +154,7 @@ class Policy:
         if self._refresher is not None:
             self._refresher.cancel()
         await self.counter.flush()
+        await self.evidence.close()
         await self.tables.close()
         await self.redis.aclose()
 
@@ -204,7 +205,8 @@ class Policy:
         state.rev_ip = facts.rev.value if facts.rev is not None else None
         verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=self.config.mynetworks,
-            action=self.config.access_reject_action, psa_key=psa.key if psa else ""))
+            action=self.config.access_reject_action,
+            psa_key=psa.key.partition(":")[2] if psa else ""))  # the name, not the Redis key
         if verdict.outcome is Outcome.PERMIT:
             state.permitted = True
         elif verdict.failed:

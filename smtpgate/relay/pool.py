@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import time
 
 from smtpgate.config import HostPort
@@ -99,7 +100,9 @@ class HopPool:
     def _refill(self) -> None:
         while not self.closed and len(self._idle) + self._filling < self.size:
             self._filling += 1
-            task = asyncio.get_running_loop().create_task(self._open_one())
+            # no session's context: the connection serves whichever session comes next
+            task = asyncio.get_running_loop().create_task(
+                self._open_one(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

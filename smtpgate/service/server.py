@@ -168,7 +168,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) 
 
 # Settings bound to sockets, processes or the Redis connections: read once, at start.
 RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
-                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix")
+                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix", "log_format")
 
 
 def reload(gate: Gate) -> bool:

@@ -33,6 +33,13 @@ DESCRIPTION
     - A message over message_size_limit is read to its end and refused
       with 552 5.3.4; a client that vanishes mid-DATA leaves nothing at
       Postfix.
+
+    Every session has an id (smtpgate.session_id). Each 4xx/5xx reply
+    smtpgate writes itself ends with `; session=ID` (Postfix's answers
+    to a relayed message are passed through as they are); the connect,
+    disconnect, queue id and NOQUEUE lines carry it too. A session that
+    got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
+    policy's EvidenceStore, which writes it to Redis after the reply.
 """
 
 from __future__ import annotations
@@ -45,15 +52,17 @@ import datetime
 import itertools
 import logging
 import re
+import time
 from collections.abc import Callable
 
-from smtpgate import replies
+from smtpgate import replies, session_id
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
+from smtpgate.smtp.evidence import SHOWN_ARGUMENTS, Refusal, session_record
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
 from smtpgate.smtp.proxy_header import expects_header, read_header
@@ -95,11 +104,14 @@ class Session:
         "client",
         "config",
         "counts",
+        "ended",
         "errors",
         "esmtp",
         "failed",
         "gate",
         "helo",
+        "id",
+        "last_arg",
         "last_command",
         "listener",
         "login",
@@ -108,6 +120,7 @@ class Session:
         "protocol_tests",
         "rcpt_lines",
         "recipients",
+        "refusals",
         "relaying",
         "sender",
         "shutting_down",
@@ -123,6 +136,7 @@ class Session:
         self.policy = gate.policy
         self.wire = wire
         self.listener = listener
+        self.id = session_id.new()  # ends every refusal; names the evidence record
         peer = wire.extra("peername") or ("0.0.0.0", 0)
         sock = wire.extra("sockname") or ("0.0.0.0", 0)
         self.client = Client(plain_ip(peer[0]), peer[1], plain_ip(sock[0]), sock[1], listener)
@@ -135,6 +149,9 @@ class Session:
         self.counts: dict[str, int] = {}  # commands given, per verb
         self.failed: dict[str, int] | None = None  # of those, the ones answered 4xx or 5xx
         self.last_command = ""
+        self.last_arg = ""  # shown in the evidence for SHOWN_ARGUMENTS only (never AUTH's)
+        self.refusals: list[Refusal] | None = None  # the 4xx/5xx replies given, as evidence
+        self.ended: float | None = None
         self.bare_newline = False
         self.protocol_tests = False
         self.relaying = False
@@ -162,14 +179,37 @@ class Session:
     # --- output ----------------------------------------------------------------------------
 
     def reply(self, reply: Reply | str) -> None:
-        self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
-        if isinstance(reply, Reply) and reply.code >= 400:
+        refused = isinstance(reply, Reply) and reply.code >= 400
+        text = self.tagged(reply) if refused else str(reply)
+        self.wire.reply(text.encode("utf-8", "replace") + b"\r\n")
+        if refused:
             self._count_failure()
+            self._refused(text)
 
     def reply_raw(self, answer: HopReply) -> None:
         self.wire.reply(answer.raw)
         if answer.code >= 400:
             self._count_failure()
+            self._refused(answer.text.replace("\r\n", " "))
+
+    def tagged(self, reply: Reply) -> str:
+        """A refusal as smtpgate writes it: the session id at the end, where Postfix's
+        fail2ban filters, which match the start, do not see it."""
+        return f"{reply}; session={self.id}"
+
+    def _refused(self, text: str) -> None:
+        """Keep the refusal as evidence and have the record written (after the reply)."""
+        verb = self.last_command or "CONNECT"
+        refusal = Refusal(time.time(), f"{verb} {self.last_arg}" if self.last_arg else verb,
+                          text, len(self.state.record) if self.state is not None else 0)
+        if self.refusals is None:
+            self.refusals = [refusal]
+        else:
+            self.refusals.append(refusal)
+        self.policy.evidence.keep(self.id, self.evidence)
+
+    def evidence(self) -> dict:
+        return session_record(self)
 
     def _count_failure(self) -> None:
         self.errors += 1
@@ -208,12 +248,13 @@ class Session:
 
     async def run(self) -> None:
         wire = self.wire
+        session_id.current.set(self.id)  # this task's own context: its log lines carry the id
         try:
             if not await self._proxy_header():
                 return
             self.state = self.policy.open(self.client)
-            log.info("connect from %s to [%s]:%s", self.client_label, self.client.local_ip,
-                     self.client.local_port)
+            log.info("connect from %s to [%s]:%s session=%s", self.client_label,
+                     self.client.local_ip, self.client.local_port, self.id)
             if await self._greet():
                 await self._dialogue()
         except Closing:
@@ -233,7 +274,11 @@ class Session:
             wire.close()
             if self.state is not None:
                 self.policy.close_session(self.state)
-                log.info("disconnect from %s %s", self.client_label, self.command_counts())
+                log.info("disconnect from %s %s session=%s", self.client_label,
+                         self.command_counts(), self.id)
+            if self.refusals is not None:
+                self.ended = time.time()
+                self.policy.evidence.keep(self.id, self.evidence)
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
@@ -259,6 +304,8 @@ class Session:
                 f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
             outcome = await self.policy.screened(self.state, received, delay)
         if outcome is not None:  # refused at connect: the reply is the last word
+            log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", self.client_label,
+                     self.tagged(outcome))
             self.reply(outcome)
             return False
         self.protocol_tests = self.policy.wants_protocol_tests(self.state)
@@ -285,6 +332,8 @@ class Session:
                 await self._bare_newline(line)  # "after" the command that carried it
             if self.errors >= hard_limit:
                 self.reply(replies.too_many_errors(self.config.hostname))
+                log.info("too many errors after %s from %s", self.last_command or "CONNECT",
+                         self.client_label)
                 return
 
     async def _dispatch(self, line: bytes) -> None:
@@ -311,6 +360,8 @@ class Session:
         except UnicodeDecodeError:
             self.reply(replies.BAD_UTF8)
             return
+        if verb in SHOWN_ARGUMENTS:
+            self.last_arg = arg
         if self.listener == SUBMISSION and not self.tls and verb not in BEFORE_TLS:
             self.reply(replies.MUST_STARTTLS)
             return
@@ -324,7 +375,7 @@ class Session:
         self.reply(replies.UNKNOWN_COMMAND)
 
     def _count(self, verb: str) -> None:
-        self.last_command = verb
+        self.last_command, self.last_arg = verb, ""
         self.counts[verb] = self.counts.get(verb, 0) + 1
 
     async def _bare_newline(self, line: bytes) -> None:
@@ -343,6 +394,7 @@ class Session:
         hang_up = await self.policy.protocol(self.state, test, line, pending,
                                              self.last_command, self.esmtp)
         if hang_up is not None:
+            self._log_reject(self.last_command or "CONNECT", hang_up)
             self.reply(hang_up)
             raise Closing
 
@@ -362,6 +414,7 @@ class Session:
         self.helo, self.esmtp = arg, esmtp
         verdict = await self.policy.helo(self.state, arg)
         if verdict is not None:
+            self._log_reject("EHLO" if esmtp else "HELO", verdict)
             self.reply(verdict)
             self.helo = None
             return
@@ -489,6 +542,7 @@ class Session:
         if refusal is None:
             refusal = await self.policy.mail(self.state, path, self.login)
         if refusal is not None:
+            self._log_reject("MAIL", refusal)
             self.reply(refusal)
             return
         self.sender = path.address
@@ -541,8 +595,8 @@ class Session:
                 self.reply(replies.RELAY_UNAVAILABLE)
                 raise Closing from None  # the rest of the message is still on its way
             if body.too_big:
-                log.info("NOQUEUE: reject: DATA from %s: 552 5.3.4 message file too big; "
-                         "from=<%s> proto=%s helo=<%s>", self.client_label, self.sender,
+                log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> proto=%s helo=<%s>",
+                         self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
                          self.proto, self.helo or "")
                 self.reply(replies.MESSAGE_TOO_BIG)
                 return
@@ -614,12 +668,14 @@ class Session:
         text = answer.text
         queued = _QUEUE_ID.search(text) if answer.code == 250 else None
         if queued:
-            log.info("%s: client=%s, from=<%s>, nrcpt=%d, size=%d", queued.group(1),
-                     self.client_label, self.sender or "", len(self.recipients), size)
-        else:
-            log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> nrcpt=%d proto=%s helo=<%s>",
-                     self.client_label, text.replace("\r\n", " "), self.sender or "",
-                     len(self.recipients), self.proto, self.helo or "")
+            log.info("%s: client=%s, from=<%s>, nrcpt=%d, size=%d, session=%s",
+                     queued.group(1), self.client_label, self.sender or "",
+                     len(self.recipients), size, self.id)
+        else:  # Postfix's words, as the client got them; the id after them
+            log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> nrcpt=%d proto=%s helo=<%s> "
+                     "session=%s", self.client_label, text.replace("\r\n", " "),
+                     self.sender or "", len(self.recipients), self.proto, self.helo or "",
+                     self.id)
 
     def _received(self) -> bytes:
         ssl_object = self.wire.extra("ssl_object")
@@ -656,8 +712,8 @@ class Session:
     def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None) -> None:
         to = f" to=<{recipient}>" if recipient is not None else ""
         log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
-                 stage, self.client_label, reply, self.sender or "", to, self.proto,
-                 self.helo or "")
+                 stage, self.client_label, self.tagged(reply), self.sender or "", to,
+                 self.proto, self.helo or "")
 
 
 _QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")

@@ -14,8 +14,9 @@ SYNOPSIS
 
 DESCRIPTION
     The server keeps no data on disk (no RDB, no AOF), so start() after
-    stop() comes back empty, and has keyspace notifications on (KEA), as the
-    tables layer listens to them. start() waits until PING answers, with a
+    stop() comes back empty, and runs with Redis's defaults otherwise (no
+    keyspace notifications: the table cache uses CLIENT TRACKING, which needs
+    no server setting). start() waits until PING answers, with a
     deadline, and raises with the server's log tail otherwise.
 """
 
@@ -63,7 +64,6 @@ class RedisServer:
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
-            "--notify-keyspace-events", "KEA",
             "--dir", str(self.workdir),
             "--daemonize", "no",
             "--protected-mode", "no",

@@ -5,6 +5,8 @@ SYNOPSIS
     .send(data: bytes) ; .reply() -> (code, text) ; .cmd(line) -> (code, text)
     .banner() -> (code, text) ; .starttls(ca_path) ; .closed() -> bool ; .close()
     open_clients() -> list[Talk]
+    untag(reply) -> reply        a refusal without smtpgate's `; session=ID` (asserted there)
+    SESSION_TAG                  the regex of that ending; group 1 is the id
 
 DESCRIPTION
     Every read has a deadline; reply() returns a whole multi-line reply.
@@ -17,6 +19,10 @@ DESCRIPTION
     under test draining at shutdown. close() may be called more than once.
     A Talk is a context manager that closes on exit.
 
+    untag() takes a (code, text) reply or a reply line; for a 4xx/5xx it
+    asserts that the last line ends with smtpgate's session id and returns
+    the reply without it, so a test can compare Postfix's wording exactly.
+
     open_clients() lists the clients not closed yet; tests/conftest.py
     closes them after each test and fails a test that left one open.
 """
@@ -24,14 +30,28 @@ DESCRIPTION
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
+
+SESSION_TAG = re.compile(r"; session=([0-9A-HJKMNP-TV-Z]{12})$")
 
 _open: dict[int, Talk] = {}
 
 
 def open_clients() -> list[Talk]:
     return list(_open.values())
+
+
+def untag(reply):
+    if isinstance(reply, tuple):
+        code, text = reply
+        return (code, untag(text)) if code >= 400 else reply
+    if reply[:1] not in ("4", "5"):
+        return reply
+    stripped, found = SESSION_TAG.subn("", reply)
+    assert found == 1, f"no session id at the end of {reply!r}"
+    return stripped
 
 
 class Talk:

@@ -26,7 +26,10 @@ KEYS = {
 
 
 def populate(redis_client, dns_server) -> None:
-    redis_client.mset(KEYS)
+    with redis_client.pipeline(transaction=False) as pipe:  # not MSET: a Cluster's keys
+        for key, value in KEYS.items():                     # live in different slots
+            pipe.set(key, value)
+        pipe.execute()
     records = [("client.example.test", "A", "127.0.0.77")]
     for ip in GOOD_CLIENTS:
         name = f"host{ip.rsplit('.', 1)[1]}.clients.example.test"

@@ -1,0 +1,160 @@
+"""redis_client - every Redis client smtpgate makes, built from REDIS in one place.
+
+SYNOPSIS
+    connect(url, timeout, *, decode=True, retries=1, max_connections=None) -> client
+        redis.asyncio.Redis (one server, or a Sentinel set's master) or
+        redis.asyncio.cluster.RedisCluster
+    connect_sync(url, timeout) -> redis.Redis | redis.cluster.RedisCluster      (the CLI)
+    await watch_targets(url, timeout) -> list[redis.asyncio.Redis]
+        one plain RESP2 client per server whose keys a tracking connection must watch
+    is_cluster(client) -> bool
+    ERRORS                    the exceptions a failed call raises (with TimeoutError)
+    await mget(client, keys) -> list          MGET; split per hash slot on a Cluster
+    mget_sync(client, keys) -> list
+
+DESCRIPTION
+    REDIS (smtpgate.redis_url) names one server, a Sentinel set or a
+    Cluster; the rest of smtpgate does not care which, as long as it keeps
+    to three rules that make every command work on all three:
+
+    - keys that meet in one command or Lua script share a hash tag
+      (smtpgate.lookups.keys: `smtpgate:sessions:{client}`, ...);
+    - several keys that need not meet go in a pipeline (a Cluster splits
+      it per node and sends the parts at once) or through mget() here;
+    - SCAN and key tracking go to every primary (watch_targets()).
+
+    A Sentinel client asks the sentinels for the master's address on each
+    new connection. When the master changes, the sentinels kill the old
+    connections (or a write meets READONLY on the demoted master), redis-py
+    drops the pool's connections and the next command connects to the new
+    master; meanwhile commands fail, which callers answer with a temporary
+    error. The password in the URL is the master's (and its replicas');
+    `sentinel_password` is the sentinels' own.
+
+    A Cluster client learns the slot map from the nodes named in the URL
+    and follows MOVED and ASK redirections itself.
+
+    timeout bounds every connect and every reply. retries is how often a
+    command is sent again on a broken connection (a pooled connection may
+    be stale after a restart or failover); a tracking connection must use
+    0, since a silent reconnect would lose its CLIENT TRACKING state.
+    max_connections bounds a single server's pool (callers wait for a free
+    connection, within timeout); Sentinel and Cluster pools are unbounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import redis.cluster
+import redis.sentinel
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry as SyncRetry
+
+from smtpgate import redis_url
+
+# What a failed Redis call raises, whichever the client (a Cluster's "no node reachable" is
+# not a RedisError).
+ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def _common(target: redis_url.RedisTarget, timeout: float, decode: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "decode_responses": decode}
+    if target.password is not None:
+        kwargs["password"] = target.password
+    if target.username is not None:
+        kwargs["username"] = target.username
+    return kwargs
+
+
+def connect(url: str, timeout: float, *, decode: bool = True, retries: int = 1,
+            max_connections: int | None = None, protocol: int | None = None) -> Any:
+    target = redis_url.parse(url)
+    kwargs = _common(target, timeout, decode)
+    kwargs["retry"] = Retry(NoBackoff(), retries)
+    if protocol is not None:
+        kwargs["protocol"] = protocol
+    if target.kind == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                            retry_on_error=[RedisConnectionError], **kwargs)
+    kwargs["retry_on_error"] = [RedisConnectionError]
+    if target.kind == "sentinel":
+        return _sentinel(target, timeout).master_for(
+            target.service, redis_class=aioredis.Redis, db=target.db, **kwargs)
+    if max_connections is None:
+        client = aioredis.Redis.from_url(target.url, **kwargs)
+    else:
+        client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=max_connections, timeout=timeout, **kwargs))
+    if protocol is not None:  # whatever the URL's own protocol= says
+        client.connection_pool.connection_kwargs["protocol"] = protocol
+    return client
+
+
+def _sentinel(target: redis_url.RedisTarget, timeout: float) -> Sentinel:
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout,
+                                       "socket_connect_timeout": timeout}
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    return Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
+
+
+def connect_sync(url: str, timeout: float) -> Any:
+    """The CLI's client: decoded replies, one retry on a broken connection."""
+    target = redis_url.parse(url)
+    kwargs = _common(target, timeout, True)
+    if target.kind == "cluster":
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in target.nodes], **kwargs)
+    kwargs["retry"] = SyncRetry(NoBackoff(), 1)
+    if target.kind == "sentinel":
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout,
+                                           "socket_connect_timeout": timeout}
+        if target.sentinel_password is not None:
+            sentinel_kwargs["password"] = target.sentinel_password
+        return redis.sentinel.Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs) \
+            .master_for(target.service, db=target.db, **kwargs)
+    return redis.Redis.from_url(target.url, **kwargs)
+
+
+async def watch_targets(url: str, timeout: float) -> list[aioredis.Redis]:
+    """Plain RESP2 clients, no retries, one per server holding keys: the master of a single
+    server or Sentinel set, or every primary of a Cluster (asked for its slot map now)."""
+    target = redis_url.parse(url)
+    if target.kind != "cluster":
+        return [connect(url, timeout, retries=0, protocol=2)]
+    discovery = connect(url, timeout, retries=0)
+    try:
+        await discovery.initialize()
+        primaries = [(n.host, n.port) for n in discovery.get_primaries()]
+    finally:
+        with contextlib.suppress(Exception):
+            await discovery.aclose()
+    kwargs = _common(target, timeout, True)
+    return [aioredis.Redis(host=h, port=p, protocol=2, retry=Retry(NoBackoff(), 0), **kwargs)
+            for h, p in primaries]
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
+
+
+async def mget(client: Any, keys: list[str]) -> list[Any]:
+    if isinstance(client, RedisCluster):
+        return await client.mget_nonatomic(keys)
+    return await client.mget(keys)
+
+
+def mget_sync(client: Any, keys: list[str]) -> list[Any]:
+    if isinstance(client, redis.cluster.RedisCluster):
+        return client.mget_nonatomic(keys)
+    return client.mget(keys)

@@ -1,0 +1,66 @@
+"""evidence - what a refused session leaves for `smtpgate explain --session`.
+
+SYNOPSIS
+    Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
+    session_record(session) -> dict             the record smtpgate.lookups.evidence stores
+    SHOWN_ARGUMENTS                             the commands whose argument a record shows
+
+DESCRIPTION
+    A session keeps nothing of this until it refuses something: then it
+    keeps a Refusal per 4xx/5xx reply (its own, and Postfix's answers that
+    it passed through) and asks the policy's EvidenceStore to write the
+    record, again at each refusal and once more when the session ends.
+    The record is built only when the store writes it.
+
+    The record: the session id; the client (ip, port, verified name),
+    the listener and local address; when it started (from the id) and
+    ended; HELO name, login, sender and the recipients accepted in the
+    transaction in progress; `commands`, the disconnect line's counts;
+    `verdicts`, every verdict of the policy (check, outcome, reason: which
+    key, zone and answer; reply); `replies`, the refusals, each with the
+    number of verdicts taken before it, so `explain` can print each
+    refusal after the verdicts that led to it. A command's argument is
+    shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from smtpgate import session_id
+
+SHOWN_ARGUMENTS = frozenset({"HELO", "EHLO", "MAIL", "RCPT"})
+
+
+class Refusal(NamedTuple):
+    time: float
+    command: str
+    reply: str
+    verdicts: int  # how many verdicts the policy had taken when it was given
+
+
+def session_record(session: Any) -> dict:
+    client, state = session.client, session.state
+    verdicts = state.record if state is not None else []
+    return {
+        "session": session.id,
+        "listener": client.listener,
+        "client": client.ip,
+        "port": client.port,
+        "name": state.client_name if state is not None else "unknown",
+        "local": f"[{client.local_ip}]:{client.local_port}",
+        "started": session_id.time_of(session.id),
+        "ended": session.ended,
+        "helo": session.helo,
+        "login": session.login,
+        "sender": session.sender,
+        "recipients": list(session.recipients),
+        "commands": session.command_counts(),
+        "verdicts": [
+            {"check": v.check, "outcome": str(v.outcome), "reason": v.reason,
+             "reply": str(v.reply) if v.reply is not None else None}
+            for v in verdicts],
+        "replies": [
+            {"time": r.time, "command": r.command, "reply": r.reply, "verdicts": r.verdicts}
+            for r in session.refusals or ()],
+    }

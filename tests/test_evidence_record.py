@@ -1,0 +1,162 @@
+"""Session ids, the bound on an evidence record, the store against a real (and a dead) Redis,
+and explain's rendering of a record."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import redis.asyncio as aioredis
+from services.ports import free_port
+
+from smtpgate import session_id
+from smtpgate.cli.explain import print_record
+from smtpgate.lookups import keys
+from smtpgate.lookups.evidence import MAX_ENTRIES, MAX_TEXT, EvidenceStore, encode
+
+
+def test_ids_are_unique_well_formed_and_say_when_they_were_made():
+    before = time.time()
+    ids = [session_id.new() for _ in range(20000)]
+    after = time.time()
+    assert len(set(ids)) == len(ids)
+    assert all(session_id.valid(i) for i in ids)
+    assert all(before - 0.002 <= session_id.time_of(i) <= after + 0.002 for i in (ids[0], ids[-1]))
+    # neighbours do not look alike: the last four characters differ
+    assert ids[0][-4:] != ids[1][-4:]
+
+
+def test_an_id_as_a_person_types_it():
+    made = session_id.new()
+    assert session_id.normal(f"  {made.lower()} ") == made
+    assert session_id.normal("1r45oil0w1mb") == "1R45011" + "0W1MB"
+    for bad in ("", "1R45", "1R452JA0W1MBX", "1R452JA0W1M!", "1R452JA0W1MU"):
+        assert not session_id.valid(bad), bad
+
+
+def record(verdicts: int = 3, replies: int = 1, reason: str = "why") -> dict:
+    return {
+        "session": "1R452JA0W1MB", "listener": "mx", "client": "192.0.2.7", "port": 4242,
+        "name": "unknown", "local": "[127.0.0.1]:25", "started": 1764400000.0,
+        "ended": 1764400002.5, "helo": "h.example", "login": None, "sender": "a@example.net",
+        "recipients": [], "commands": "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4",
+        "verdicts": [{"check": "recipient", "outcome": "fail", "reason": f"{reason} {n}",
+                      "reply": "550 5.1.1 x"} for n in range(verdicts)],
+        "replies": [{"time": 1764400001.0 + n, "command": "RCPT TO:<x@example.com>",
+                     "reply": f"550 5.1.1 no {n}; session=1R452JA0W1MB", "verdicts": 3}
+                    for n in range(replies)],
+    }
+
+
+def test_a_small_record_is_kept_whole():
+    data = encode(record(), 8192)
+    assert json.loads(data) == record()
+
+
+def test_a_long_session_keeps_its_first_and_last_entries():
+    decoded = json.loads(encode(record(verdicts=1000, replies=200), 1 << 20))
+    assert len(decoded["verdicts"]) == MAX_ENTRIES
+    assert decoded["verdicts"][0]["reason"] == "why 0"
+    assert decoded["verdicts"][-1]["reason"] == "why 999"
+    assert decoded["omitted"] == {"verdicts": 1000 - MAX_ENTRIES, "verdicts_at": MAX_ENTRIES // 2,
+                                  "replies": 200 - MAX_ENTRIES, "replies_at": MAX_ENTRIES // 2}
+
+
+def test_the_byte_limit_holds_and_long_texts_are_cut():
+    data = encode(record(verdicts=60, replies=60, reason="x" * 5000), 4096)
+    assert len(data) <= 4096
+    decoded = json.loads(data)
+    assert decoded["omitted"]["verdicts"] > 0
+    assert all(len(v["reason"]) <= MAX_TEXT + 3 for v in decoded["verdicts"])
+    # nothing but the session's names fits: still valid JSON that says so
+    bare = json.loads(encode(record(verdicts=1, reason="x") | {"helo": "h" * 400}, 300))
+    assert bare["omitted"] == {"everything": True} and bare["session"] == "1R452JA0W1MB"
+
+
+def test_explain_prints_a_record_in_the_dry_runs_shape():
+    rec = record(verdicts=0, replies=0)
+    rec["verdicts"] = [
+        {"check": "access_list", "outcome": "pass", "reason": "[192.0.2.7] no match",
+         "reply": None},
+        {"check": "helo", "outcome": "pass", "reason": "h.example resolves", "reply": None},
+        {"check": "recipient", "outcome": "fail", "reason": "not in VALI or VBOX",
+         "reply": "550 5.1.1 x"},
+        {"check": "recipient", "outcome": "fail", "reason": "not in VALI or VBOX",
+         "reply": "550 5.1.1 x"},
+    ]
+    rec["replies"] = [
+        {"time": 1764400001.0, "command": "RCPT TO:<x@example.com>", "reply": "550 one",
+         "verdicts": 3},
+        {"time": 1764400002.0, "command": "RCPT TO:<y@example.com>", "reply": "550 two",
+         "verdicts": 4},
+    ]
+    out = io.StringIO()
+    print_record(rec, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "session 1R452JA0W1MB: mx client unknown[192.0.2.7]:4242 to [127.0.0.1]:25"
+    body = [line.split("    (")[0].rstrip() for line in lines[4:]]
+    assert body == [
+        "connect",
+        "  access_list      pass    [192.0.2.7] no match",
+        "HELO",
+        "  helo             pass    h.example resolves",
+        "RCPT",
+        "  recipient        fail    not in VALI or VBOX",
+        "  reply: 550 one",
+        "RCPT",
+        "  recipient        fail    not in VALI or VBOX",
+        "  reply: 550 two",
+    ], lines
+
+
+def test_explain_says_what_the_size_limit_left_out():
+    out = io.StringIO()
+    print_record(json.loads(encode(record(verdicts=100, replies=1), 1 << 20)), out)
+    assert f"({100 - MAX_ENTRIES} more verdicts left out: the record's size limit)" \
+        in out.getvalue()
+
+
+async def test_records_are_written_after_the_fact_in_one_batch(redis, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    store = EvidenceStore(client, ttl=86400, size_limit=8192)
+    built = []
+
+    def producer(n):
+        def build():
+            built.append(n)
+            return record() | {"session": f"{n}"}
+        return build
+
+    try:
+        await client.delete(*(keys.session_record_key(f"T{n}") for n in range(3)))
+        for n in range(3):
+            store.keep(f"T{n}", producer(n))
+        store.keep("T0", producer(0))  # noted twice within a batch: written once
+        assert built == []  # nothing is built on the caller's time
+        await store.close()
+        assert sorted(built) == [0, 1, 2] and store.written == 3
+        loaded = await store.load("T1")
+        assert loaded["session"] == "1"
+        assert 0 < await client.ttl(keys.session_record_key("T1")) <= 86400
+        assert await store.load("NOSUCHSESSION") is None
+    finally:
+        await client.aclose()
+
+
+async def test_a_dead_redis_costs_one_warning_and_no_error(caplog):
+    port = free_port()  # nothing listens there
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    store = EvidenceStore(client, ttl=86400, size_limit=8192, timeout=1.0)
+    caplog.set_level(logging.WARNING, logger="smtpgate.evidence")
+    try:
+        store.keep("A", lambda: record())
+        await store.flush()
+        store.keep("B", lambda: record())
+        await store.flush()  # still down: no second warning
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "cannot write to Redis" in warnings[0], warnings
+    finally:
+        await store.close()
+        await client.aclose()
