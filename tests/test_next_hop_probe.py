@@ -21,8 +21,9 @@ import pytest
 import trustme
 from services import procs
 from services.gate_process import GateProcess
-from services.ports import free_port
+from services.ports import free_port, start_on_free_ports
 from services.postfix_server import PostfixServer
+from services.redis_ha import RedisSentinelSet
 from services.smtp_talk import Talk
 from services.waiting import wait_until
 
@@ -373,6 +374,24 @@ def test_check_config_live_failures(configure, tmp_path):
                                "not answer PING: ") for line in lines), lines
     assert any(line.startswith(f"error: next hop {hop} does not let 127.0.0.1 use XCLIENT")
                and "smtpd_authorized_xclient_hosts" in line for line in lines), lines
+
+
+def test_check_config_live_asks_a_sentinel_sets_master(service_root):
+    servers = RedisSentinelSet(service_root / "probe-sentinel")
+    procs.on_exit(servers.stop)
+    start_on_free_ports(servers)
+    try:
+        result = check_config("--live", REDIS=servers.url, SMTPGATE_TLS_OPTIONAL="yes",
+                              SMTPGATE_NEXT_HOP=f"127.0.0.1:{free_port()}")
+        assert f"ok: Redis at {servers.url} answers PING" in findings(result), result.stdout
+        servers.master.stop()  # and the replica, so that no failover can find a new master
+        servers.replica.stop()
+        result = check_config("--live", REDIS=servers.url, SMTPGATE_TLS_OPTIONAL="yes",
+                              SMTPGATE_NEXT_HOP=f"127.0.0.1:{free_port()}")
+        assert any(line.startswith(f"error: Redis at {servers.url} does not answer PING: ")
+                   for line in findings(result)), result.stdout
+    finally:
+        servers.stop()
 
 
 def test_check_config_live_next_hop_down(redis_server):

@@ -16,10 +16,11 @@ DESCRIPTION
     the key does not match the certificate.
 
     With --live, also: no certificate configured (an error unless
-    tls_optional); Redis asked PING at the configured URL (shown with the
-    password masked); every next hop probed as `smtpgate serve` does at
-    start (smtpgate.relay.probe): XCLIENT authorized, IPv6 client
-    addresses accepted, the extensions offered. A next hop or Redis that
+    tls_optional); Redis asked PING at the configured URL (one server, a
+    Sentinel set's master or a Cluster; shown with the passwords masked);
+    every next hop probed as `smtpgate serve` does at start
+    (smtpgate.relay.probe): XCLIENT authorized, IPv6 client addresses
+    accepted, the extensions offered. A next hop or Redis that
     cannot be reached is an error here: --live asks whether mail would
     flow now.
 """
@@ -27,11 +28,13 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import sys
 from typing import TextIO
 from urllib.parse import urlsplit
 
+from smtpgate import redis_url
 from smtpgate.config import Config, mask_secret
 from smtpgate.relay.probe import hop_findings, probe_next_hop
 from smtpgate.service.preflight import PROBE_TIMEOUT, ipv6_clients, next_hops
@@ -66,23 +69,29 @@ def certificate_check(config: Config, now: datetime.datetime, live: bool = True)
 
 
 def redis_check(config: Config) -> list[Finding]:
-    import redis
-    from redis.exceptions import RedisError
+    from smtpgate.lookups import redis_client
 
     shown = mask_secret(config.redis)
-    client = redis.Redis.from_url(config.redis, socket_timeout=config.redis_timeout,
-                                  socket_connect_timeout=config.redis_timeout)
     try:
-        client.ping()
-    except (RedisError, OSError) as exc:
+        client = redis_client.connect_sync(config.redis, config.redis_timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except redis_client.ERRORS as exc:
         reason = " ".join(str(exc).split())
-        password = urlsplit(config.redis).password
-        if password:
-            reason = reason.replace(password, "***")
+        for secret in _passwords(config.redis):
+            reason = reason.replace(secret, "***")
         return [Finding("error", f"Redis at {shown} does not answer PING: {reason}")]
-    finally:
-        client.close()
     return [Finding("ok", f"Redis at {shown} answers PING")]
+
+
+def _passwords(url: str) -> set[str]:
+    target = redis_url.parse(url)
+    found = {target.password, target.sentinel_password}
+    with contextlib.suppress(ValueError):
+        found.add(urlsplit(target.url).password)
+    return {p for p in found if p}
 
 
 async def next_hop_check(config: Config) -> list[Finding]:
