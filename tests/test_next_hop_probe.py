@@ -181,13 +181,14 @@ def test_gate_offers_only_what_the_next_hop_carries(configure, start_gate, redis
             assert "8BITMIME" in keywords and "PIPELINING" in keywords
             assert not {"SMTPUTF8", "DSN"} & keywords, ehlo
             # and what is not offered cannot be used: Postfix's own refusals
-            assert talk.cmd("MAIL FROM:<a@example.net> SMTPUTF8") == (
-                555, "555 5.5.4 Unsupported option: SMTPUTF8")
-            assert talk.cmd("MAIL FROM:<a@example.net> RET=HDRS") == (
-                501, "501 5.7.1 DSN support is disabled")
+            # (a rejection reply ends with "; session=ID")
+            assert talk.cmd("MAIL FROM:<a@example.net> SMTPUTF8")[1].startswith(
+                "555 5.5.4 Unsupported option: SMTPUTF8")
+            assert talk.cmd("MAIL FROM:<a@example.net> RET=HDRS")[1].startswith(
+                "501 5.7.1 DSN support is disabled")
             assert talk.cmd("MAIL FROM:<a@example.net> BODY=8BITMIME")[0] == 250
-            assert talk.cmd("RCPT TO:<user1@example.com> NOTIFY=NEVER") == (
-                501, "501 5.7.1 DSN support is disabled")
+            assert talk.cmd("RCPT TO:<user1@example.com> NOTIFY=NEVER")[1].startswith(
+                "501 5.7.1 DSN support is disabled")
             talk.cmd("QUIT")
     finally:
         gate.stop()
