@@ -50,7 +50,7 @@ from collections.abc import Callable
 from smtpgate import replies
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
-from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
+from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
@@ -577,34 +577,24 @@ class Session:
             destaddr=self.client.local_ip, destport=self.client.local_port)
         envelope = Envelope(self.mail_line, self.rcpt_lines)
         header = self._received()
-        chunks = itertools.chain((header,), spool.chunks())
-        hop_address = self.config.next_hop
-        pool = gate.hop_pool
-        if self.login is not None and self.config.submission_next_hop is not None:
-            hop_address, pool = self.config.submission_next_hop, None
-        hop: NextHop | None = None
+        hops = gate.hops
+        if self.login is not None and gate.submission_hops is not None:
+            hops = gate.submission_hops
         try:
             async with gate.relay_limit.slot():
-                if pool is not None:
-                    hop = await pool.take()
-                else:
-                    hop = await NextHop.greeted(hop_address, self.config.next_hop_timeout,
-                                                self.config.hostname)
-                answer = await hop.deliver(identity, envelope, chunks, len(header) + size)
+                answer = await hops.deliver(
+                    identity, envelope, lambda: itertools.chain((header,), spool.chunks()),
+                    len(header) + size, self.client_label)
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
-                        hop_address, gate.relay_limit.limit, self.client_label)
+                        hops.label, gate.relay_limit.limit, self.client_label)
             self.reply(RELAY_BUSY)
             return
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
-            log.warning("warning: next hop %s: %s", hop_address, exc)
-            if pool is not None:
-                pool.forget(str(exc))
+            log.warning("warning: next hop %s", exc if isinstance(exc, RelayError)
+                        else f"{hops.label}: {exc}")
             self.reply(replies.RELAY_UNAVAILABLE)
             return
-        finally:
-            if hop is not None:
-                hop.close_quietly()
         self.reply_raw(answer)
         self._log_relayed(answer, size)
 
