@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Any
@@ -42,8 +41,9 @@ from smtpgate.relay.pool import TransactionLimit
 from smtpgate.service.health import start_health
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
-from smtpgate.smtp.tls import TlsError, TlsProvider, load_tls
+from smtpgate.smtp.tls import TlsError, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
@@ -82,17 +82,6 @@ def relay_limit(config: Config) -> TransactionLimit:
     return TransactionLimit(share, config.next_hop_busy_wait)
 
 
-def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
-    """A context for port 465 that hands each handshake the provider's current certificate."""
-    base = provider.context()
-
-    def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = provider.context()
-
-    base.sni_callback = pick
-    return base
-
-
 async def start_listeners(gate: Gate) -> list[asyncio.Server]:
     """Every listener of the configuration, or none: a port that cannot be bound is fatal."""
     config = gate.config
@@ -120,12 +109,12 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
 
 
 def _smtp_starter(gate: Gate, kind: str):
-    tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
-
     def start(host: str, port: int):
+        # 465 reads a PROXY header before its TLS handshake, so TLS is not the listener's
+        factory = (implicit_tls_factory(gate) if kind == SUBMISSIONS
+                   else protocol_factory(gate, kind))
         return asyncio.get_running_loop().create_server(
-            protocol_factory(gate, kind), host, port, reuse_port=True, backlog=1024,
-            ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
+            factory, host, port, reuse_port=True, backlog=1024)
 
     return start
 

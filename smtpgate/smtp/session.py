@@ -1,7 +1,8 @@
 """session - one client connection: the SMTP dialogue, translated to the policy and the relay.
 
 SYNOPSIS
-    protocol_factory(gate, listener) -> Callable[[], Wire]    for loop.create_server()
+    protocol_factory(gate, listener, proxied=None) -> Callable[[], Wire]
+                                                    for loop.create_server()
     Session(gate, wire, listener) ; await session.run()
     session.shut_down()                                       the drain's last word
 
@@ -56,7 +57,7 @@ from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
-from smtpgate.smtp.proxy_header import expects_header, read_header
+from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
@@ -76,12 +77,16 @@ class Closing(Exception):
     """The session ends after the queued replies are written."""
 
 
-def protocol_factory(gate: Gate, listener: str) -> Callable[[], Wire]:
-    """One Wire per connection; its session runs as one task."""
+def protocol_factory(gate: Gate, listener: str,
+                     proxied: ProxiedAddresses | None = None) -> Callable[[], Wire]:
+    """One Wire per connection; its session runs as one task. `proxied`: the client's addresses
+    from a PROXY header read before TLS (port 465, smtpgate.smtp.implicit_tls)."""
     loop = asyncio.get_running_loop()
 
     def start(wire: Wire) -> None:
         session = Session(gate, wire, listener)
+        if proxied is not None:
+            session.take_addresses(proxied)
         task = loop.create_task(session.run())
         gate.sessions.add(session)
         task.add_done_callback(lambda _: gate.sessions.discard(session))
@@ -214,6 +219,8 @@ class Session:
             self.state = self.policy.open(self.client)
             log.info("connect from %s to [%s]:%s", self.client_label, self.client.local_ip,
                      self.client.local_port)
+            if self.listener == SUBMISSIONS:  # the handshake came first (smtp.implicit_tls)
+                log.info("%s", tls_established(self.client_label, wire.extra("ssl_object")))
             if await self._greet():
                 await self._dialogue()
         except Closing:
@@ -238,6 +245,8 @@ class Session:
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
         config = self.config
+        if self.listener == SUBMISSIONS:
+            return True  # read before the TLS handshake, by smtpgate.smtp.implicit_tls
         if not expects_header(self.client.ip, config.proxy_protocol, config.proxy_trusted):
             return True
         found = await read_header(self.wire, config.proxy_protocol)
@@ -246,9 +255,12 @@ class Session:
                         found)
             return False
         if found is not None:
-            self.client = Client(plain_ip(found.client_ip), found.client_port,
-                                 plain_ip(found.local_ip), found.local_port, self.listener)
+            self.take_addresses(found)
         return True
+
+    def take_addresses(self, found: ProxiedAddresses) -> None:
+        self.client = Client(plain_ip(found.client_ip), found.client_port,
+                             plain_ip(found.local_ip), found.local_port, self.listener)
 
     async def _greet(self) -> bool:
         """Banner, with the pregreet wait and the connect-time checks of the policy."""
