@@ -68,7 +68,7 @@ def metrics_text(gate: Any) -> str:
     pid = os.getpid()
     tables = gate.policy.tables
     report = health_report(gate)[1]
-    hop_up = int(report["next_hop"]["ok"] is not False)  # some hop takes mail
+    hop_up = int(report["next_hop"]["ok"] is not False)
     lines = [
         "# HELP smtpgate_sessions Sessions in flight in this worker.",
         "# TYPE smtpgate_sessions gauge",
@@ -79,7 +79,7 @@ def metrics_text(gate: Any) -> str:
         "# HELP smtpgate_table_round_trips_total Redis round trips made by the tables.",
         "# TYPE smtpgate_table_round_trips_total counter",
         f'smtpgate_table_round_trips_total{{pid="{pid}"}} {tables.stats.round_trips}',
-        "# HELP smtpgate_next_hop_up Whether the next hop's last connection attempt succeeded.",
+        "# HELP smtpgate_next_hop_up Whether some next hop's last connection attempt succeeded.",
         "# TYPE smtpgate_next_hop_up gauge",
         f'smtpgate_next_hop_up{{pid="{pid}"}} {hop_up}',
         "# HELP smtpgate_next_hop_host_up Whether each next hop's last connection attempt "
