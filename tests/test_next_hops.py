@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import urllib.error
@@ -10,7 +11,7 @@ import uuid
 
 import pytest
 from services import procs
-from services.ports import start_on_free_ports
+from services.ports import free_port, start_on_free_ports
 from services.postfix_server import PostfixServer
 from services.smtp_talk import Talk
 from services.waiting import wait_until
@@ -123,5 +124,34 @@ def test_with_every_hop_down_the_client_hears_451_and_healthz_is_503(
         finally:
             postfix_server.start()
             second_postfix.start()
+    finally:
+        gate.stop()
+
+
+def test_submission_next_hop_may_list_several_too(start_gate, world, postfix_server):
+    world.set("LOGMAP:user1@example.com", "user1@example.com")
+    dead = f"127.0.0.1:{free_port()}"  # handed out as "nobody listens here"
+    hops = f"{dead},127.0.0.1:{postfix_server.submission_port}"
+    gate = start_gate(listeners=("mx", "submission"), SMTPGATE_SUBMISSION_NEXT_HOP=hops)
+    try:
+        since = postfix_server.log_mark()
+        for _ in range(2):  # in turn: one of the two starts at the dead hop and moves on
+            with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
+                assert talk.banner()[0] == 220
+                talk.cmd("EHLO laptop")
+                assert talk.cmd("STARTTLS")[0] == 220
+                talk.starttls()
+                talk.cmd("EHLO laptop")
+                auth = base64.b64encode(b"\0user1@example.com\0secret1").decode()
+                assert talk.cmd("AUTH PLAIN " + auth)[0] == 235
+                assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
+                assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
+                assert talk.cmd("DATA")[0] == 354
+                talk.send(b"Subject: submission hops\r\n\r\nhops\r\n.\r\n")
+                assert talk.reply()[0] == 250
+                talk.cmd("QUIT")
+        gate.wait_for_log(rf"warning: next hop {re.escape(dead)} is down \(connect to ")
+        wait_until(lambda: postfix_server.log_text()[since:].count(
+            "sasl_username=user1@example.com") >= 2, 20, "both messages at Postfix's submission")
     finally:
         gate.stop()
