@@ -9,12 +9,12 @@ run: setup
 
 test: setup
 	.venv/bin/ruff check smtpgate tests scripts benchmarks
-	.venv/bin/hadolint Dockerfile
+	.venv/bin/hadolint Dockerfile deploy/postfix/Dockerfile
 	.venv/bin/pytest
 
 lint: setup
 	.venv/bin/ruff check smtpgate tests scripts benchmarks
-	.venv/bin/hadolint Dockerfile
+	.venv/bin/hadolint Dockerfile deploy/postfix/Dockerfile
 
 bench:
 	bash scripts/setup.sh --bench

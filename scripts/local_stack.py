@@ -1,27 +1,40 @@
 """local_stack - the whole mail path on loopback: Redis, DNS, Dovecot, Postfix and smtpgate.
 
 SYNOPSIS
-    .venv/bin/python scripts/local_stack.py [--mx-port N] [--submission-port N] [--check]
+    .venv/bin/python scripts/local_stack.py [--mx-port N] [--submission-port N]
+        [--submissions-port N] [--check]
 
 DESCRIPTION
     Starts, in one temporary directory and on loopback only, redis-server
     (with the example keys), a DNS server (unbound) answering for a small
     test world, Dovecot (LMTP to Maildir, SASL auth), and a private Postfix
     that smtpgate relays to with XCLIENT. The services are the test
-    harness's own (tests/services), so what `make run` shows is what the
-    tests exercise. rspamd is left out to keep the start fast.
+    harness's own (tests/services), and Postfix runs the shipped
+    conf/postfix/main.cf and master.cf, reading the Redis keys through
+    smtpgate's socketmap as in compose.yaml: what `make run` shows is what
+    the tests exercise and what a deployment runs. rspamd is left out to
+    keep the start fast.
 
-    Without --check, `smtpgate serve` runs in the foreground (its log on
-    this terminal) on 127.0.0.1:2525 (MX) and 127.0.0.1:2587 (submission),
-    after a note on how to send a first message and where it lands. Ctrl-C
-    or SIGTERM stops smtpgate, then every service, and removes the
-    temporary directory.
+    The example keys are the image README's: example.com with user1 and
+    user2, sales@ for both, and postmaster@ and abuse@ aliased to user1
+    (RFC 5321 4.5.1 requires postmaster; RFC 2142 names abuse). Postfix's
+    recipient_delimiter = + delivers user1+tag@example.com to user1.
+
+    Without --check, `smtpgate serve` runs in the foreground on
+    127.0.0.1:2525 (MX), 127.0.0.1:2587 (submission, STARTTLS) and
+    127.0.0.1:2465 (submissions, implicit TLS), after a note on how to send
+    a first message and where it lands; its log goes to this terminal and
+    to smtpgate.log in the directory. Ctrl-C or SIGTERM stops smtpgate, then
+    every service, and keeps the directory (logs and Maildirs, to look at
+    what happened); its path is printed, and each run makes a new one.
 
     With --check, smtpgate listens on free ports unless ports are given,
-    and the two printed examples are run: one message with swaks through
-    smtpgate's MX port to user1, one through submission (STARTTLS, AUTH as
-    user1) to user2; each must reach its Maildir within 30 s. It prints OK
-    and exits 0, or prints what went wrong with the logs' tails and exits 1.
+    and the printed examples are run: through smtpgate's MX port to user1,
+    to user1+tag and to postmaster (delivered to user1), through submission
+    (STARTTLS, AUTH as user1) to user2, and through submissions (implicit
+    TLS, AUTH as user2) to user1; each must reach its Maildir within 30 s.
+    It prints OK and exits 0, or prints what went wrong with the logs'
+    tails and exits 1; the directory is removed either way.
     tests/test_local_stack.py runs it, so the quick start cannot rot. The
     check also fails if smtpgate does not exit with status 0 after SIGTERM.
 
@@ -38,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -66,6 +80,10 @@ EXAMPLE_KEYS = {
     "VALI:user1@example.com": "user1@example.com",
     "VALI:user2@example.com": "user2@example.com",
     "VALI:sales@example.com": "user1@example.com user2@example.com",
+    # RFC 5321 4.5.1: every domain accepts postmaster; RFC 2142 adds abuse. In the image they
+    # are VALI aliases (its README's own example is VALI:postmaster@example.com user1@...).
+    "VALI:postmaster@example.com": "user1@example.com",
+    "VALI:abuse@example.com": "user1@example.com",
     "LOGMAP:user1@example.com": "user1@example.com",
     "LOGMAP:user2@example.com": "user2@example.com",
 }
@@ -113,13 +131,26 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _copy_log(stream, path: Path, echo: bool) -> None:
+    """smtpgate's output, line by line, into path (and onto this terminal if echo)."""
+    with stream, open(path, "ab", buffering=0) as log:
+        for line in stream:
+            log.write(line)
+            if echo:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+
 class Stack:
     """The services, started in order and stopped in reverse order."""
 
-    def __init__(self, root: Path, mx_port: int, submission_port: int) -> None:
+    def __init__(self, root: Path, mx_port: int, submission_port: int,
+                 submissions_port: int) -> None:
         self.root = root
         self.mx_port = mx_port
         self.submission_port = submission_port
+        self.submissions_port = submissions_port
+        self.socketmap_port = free_port()
         self.redis = RedisServer(root / "redis")
         self.dns = DnsServer(root / "dns")
         self.dovecot = DovecotServer(root / "dovecot")
@@ -128,6 +159,7 @@ class Stack:
             sasl_port=self.dovecot.auth_port)
         self.gate_log = root / "smtpgate.log"
         self.gate: subprocess.Popen | None = None
+        self._copier: threading.Thread | None = None
         self._started: list = []
 
     def start_services(self) -> None:
@@ -141,6 +173,15 @@ class Stack:
             start_on_free_ports(service)  # a port taken meanwhile: new ports, try again
         with self.redis.client() as client:
             client.mset(EXAMPLE_KEYS)
+        # Postfix reads the same keys through smtpgate's socketmap, as the shipped main.cf does
+        # (there on 127.0.0.1:10027): one source of truth for both.
+        self.postfix.postconf(**{
+            key: f"socketmap:inet:127.0.0.1:{self.socketmap_port}:{table}"
+            for key, table in (("virtual_mailbox_domains", "vdom"),
+                               ("virtual_alias_maps", "vali"),
+                               ("virtual_mailbox_maps", "vbox"))})
+        self.postfix.postconf(smtpd_recipient_restrictions=(
+            f"check_recipient_access socketmap:inet:127.0.0.1:{self.socketmap_port}:recip"))
         self.dns.set(DNS_RECORDS)
         _, self.cert, self.key = make_certificate(self.root, (HOSTNAME,))
 
@@ -152,7 +193,10 @@ class Stack:
             "HOSTNAME": HOSTNAME,
             "SMTPGATE_MX_LISTEN": f"127.0.0.1:{self.mx_port}",
             "SMTPGATE_SUBMISSION_LISTEN": f"127.0.0.1:{self.submission_port}",
+            "SMTPGATE_SUBMISSIONS_LISTEN": f"127.0.0.1:{self.submissions_port}",
+            "SMTPGATE_SOCKETMAP_LISTEN": f"127.0.0.1:{self.socketmap_port}",
             "SMTPGATE_NEXT_HOP": f"127.0.0.1:{self.postfix.port}",
+            "SMTPGATE_SUBMISSION_NEXT_HOP": f"127.0.0.1:{self.postfix.submission_port}",
             "SMTPGATE_TLS_CERT": str(self.cert),
             "SMTPGATE_TLS_KEY": str(self.key),
             # trust nobody, so a client on 127.0.0.1 meets every check a stranger meets
@@ -169,26 +213,22 @@ class Stack:
 
     def start_gate(self, foreground: bool, timeout: float = 20.0) -> None:
         print("local_stack: starting smtpgate", flush=True)
-        # In the foreground smtpgate logs to this terminal; for --check to a file.
-        out = None if foreground else open(self.gate_log, "ab")  # noqa: SIM115
-        try:
-            self.gate = subprocess.Popen(
-                [sys.executable, "-m", "smtpgate", "serve"], env=self.gate_env(), cwd=REPO,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
-                # its own session: Ctrl-C reaches this script, which stops smtpgate first
-                start_new_session=True, preexec_fn=_die_with_parent)
-        finally:
-            if out is not None:
-                out.close()
-        for port in (self.mx_port, self.submission_port):
-            wait_for_port("127.0.0.1", port, timeout, proc=self.gate,
-                          log=None if foreground else self.gate_log)
-        if not foreground:
-            deadline = time.monotonic() + timeout
-            while READY not in self.gate_log.read_text(errors="replace"):
-                if time.monotonic() > deadline or self.gate.poll() is not None:
-                    raise RuntimeError("smtpgate did not get ready:\n" + log_tail(self.gate_log))
-                time.sleep(0.05)
+        # smtpgate's log always goes to smtpgate.log; in the foreground also to this terminal.
+        self.gate = subprocess.Popen(
+            [sys.executable, "-m", "smtpgate", "serve"], env=self.gate_env(), cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # its own session: Ctrl-C reaches this script, which stops smtpgate first
+            start_new_session=True, preexec_fn=_die_with_parent)
+        self._copier = threading.Thread(
+            target=_copy_log, args=(self.gate.stdout, self.gate_log, foreground), daemon=True)
+        self._copier.start()
+        for port in (self.mx_port, self.submission_port, self.submissions_port):
+            wait_for_port("127.0.0.1", port, timeout, proc=self.gate, log=self.gate_log)
+        deadline = time.monotonic() + timeout
+        while READY not in self.gate_log.read_text(errors="replace"):
+            if time.monotonic() > deadline or self.gate.poll() is not None:
+                raise RuntimeError("smtpgate did not get ready:\n" + log_tail(self.gate_log))
+            time.sleep(0.05)
 
     def stop(self) -> str | None:
         """Stop smtpgate, then every service; what went wrong with smtpgate's exit, if anything
@@ -203,6 +243,8 @@ class Stack:
                 self.gate.kill()
                 self.gate.wait()
                 problem = "smtpgate did not exit within 40 s of SIGTERM and was killed"
+        if self._copier is not None:
+            self._copier.join(5)  # the pipe closes when smtpgate exits
         if problem is None and self.gate is not None and self.gate.returncode != 0:
             problem = f"smtpgate exited with status {self.gate.returncode}"
         for service in reversed(self._started):
@@ -213,8 +255,8 @@ class Stack:
         self._started.clear()
         return problem
 
-    def swaks_command(self) -> list[str]:
-        return ["swaks", "--server", f"127.0.0.1:{self.mx_port}", "--to", "user1@example.com",
+    def swaks_command(self, to: str = "user1@example.com") -> list[str]:
+        return ["swaks", "--server", f"127.0.0.1:{self.mx_port}", "--to", to,
                 "--from", SENDER, "--helo", CLIENT_HELO]
 
     def swaks_submission_command(self) -> list[str]:
@@ -223,12 +265,25 @@ class Stack:
                 "--auth-password", "secret1", "--from", "user1@example.com",
                 "--to", "user2@example.com", "--helo", CLIENT_HELO]
 
+    def swaks_submissions_command(self) -> list[str]:
+        return ["swaks", "--server", f"127.0.0.1:{self.submissions_port}", "--tlsc",
+                "--auth", "PLAIN", "--auth-user", "user2@example.com",
+                "--auth-password", "secret2", "--from", "user2@example.com",
+                "--to", "user1@example.com", "--helo", CLIENT_HELO]
+
+    def log_paths(self) -> list[Path]:
+        return [self.gate_log, self.postfix.log_path, self.dovecot.log_path,
+                self.redis.log_path, self.dns.log_path]
+
     def instructions(self) -> str:
-        maildir = self.dovecot.maildir("user1@example.com")
+        logs = "\n".join(f"    {path}" for path in self.log_paths())
         return f"""
 =====================================================================
-smtpgate runs on 127.0.0.1:{self.mx_port} (MX) and 127.0.0.1:{self.submission_port} (submission)
-next hop: Postfix on 127.0.0.1:{self.postfix.port}; Redis {self.redis.url}
+smtpgate runs on 127.0.0.1: {self.mx_port} (MX), {self.submission_port} (submission, STARTTLS),
+{self.submissions_port} (submissions, implicit TLS)
+Postfix on 127.0.0.1: {self.postfix.port} (MX), {self.postfix.submission_port} (submission),
+configured from conf/postfix/main.cf and master.cf; it reads the Redis keys
+through smtpgate's socketmap on 127.0.0.1:{self.socketmap_port}. Redis {self.redis.url}
 DNS: {self.dns.nameserver} (unbound, SMTPGATE_NAMESERVERS)
 No pregreet wait here (SMTPGATE_GREET_WAIT=0; postscreen's default is 6 s).
 SMTPGATE_MYNETWORKS is empty, so 127.0.0.1 is a stranger and meets every
@@ -238,14 +293,20 @@ resolves back, and resolves the HELO name {CLIENT_HELO}.
 Send a first message:
     {" ".join(self.swaks_command())}
 It lands in user1's Maildir:
-    {maildir}/new/
+    {self.dovecot.maildir("user1@example.com")}/new/
+So do user1+tag@example.com, postmaster@example.com and abuse@example.com
+(VALI aliases to user1; sales@example.com goes to user1 and user2).
 Submission (STARTTLS, then AUTH as user1@example.com, password secret1):
     {" ".join(self.swaks_submission_command())}
 and it lands in user2's Maildir:
     {self.dovecot.maildir("user2@example.com")}/new/
+Submissions (implicit TLS, AUTH as user2@example.com, password secret2):
+    {" ".join(self.swaks_submissions_command())}
 Redis keys: redis-cli -u {self.redis.url} keys '*'
-Logs: {self.root} (maillog, dovecot.log, redis.log, unbound.log)
-Stop with Ctrl-C: smtpgate, then every service, stops; the directory goes.
+Logs:
+{logs}
+Stop with Ctrl-C: smtpgate, then every service, stops; the directory
+{self.root} stays (logs, Maildirs) and its path is printed again.
 =====================================================================
 """
 
@@ -276,10 +337,20 @@ def send_and_wait(stack: Stack, what: str, command: list[str], user: str) -> boo
 
 
 def check(stack: Stack) -> bool:
-    """The quick start's two examples: one message on the MX port, one on submission."""
-    ok = (send_and_wait(stack, "MX", stack.swaks_command(), "user1@example.com")
-          and send_and_wait(stack, "submission", stack.swaks_submission_command(),
-                            "user2@example.com"))
+    """The quick start's examples, each delivered: MX (plain, +tag, postmaster), submission
+    (STARTTLS), submissions (implicit TLS)."""
+    examples = [
+        ("MX", stack.swaks_command(), "user1@example.com"),
+        ("MX user1+tag", stack.swaks_command("user1+tag@example.com"), "user1@example.com"),
+        ("MX postmaster", stack.swaks_command("postmaster@example.com"), "user1@example.com"),
+        ("submission", stack.swaks_submission_command(), "user2@example.com"),
+        ("submissions", stack.swaks_submissions_command(), "user1@example.com"),
+    ]
+    ok = all(send_and_wait(stack, what, command, user) for what, command, user in examples)
+    missing = [str(path) for path in stack.log_paths() if not path.is_file()]
+    if ok and missing:
+        print(f"local_stack: FAILED: no log file at {', '.join(missing)}")
+        ok = False
     print("local_stack: OK" if ok else "local_stack: check FAILED", flush=True)
     return ok
 
@@ -290,11 +361,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     top.add_argument("--mx-port", type=int, help="smtpgate's MX port (default 2525)")
     top.add_argument("--submission-port", type=int,
                      help="smtpgate's submission port (default 2587)")
+    top.add_argument("--submissions-port", type=int,
+                     help="smtpgate's implicit-TLS submission port (default 2465)")
     top.add_argument("--check", action="store_true",
-                     help="send one message through smtpgate, wait for delivery, stop; "
-                          "free ports unless given")
+                     help="send the examples through smtpgate, wait for delivery, stop and "
+                          "remove the directory; free ports unless given")
     args = top.parse_args(argv)
-    for name in ("mx_port", "submission_port"):
+    for name in ("mx_port", "submission_port", "submissions_port"):
         port = getattr(args, name)
         if port is not None and not 0 < port < 65536:
             top.error(f"--{name.replace('_', '-')}: {port} is not a port number")
@@ -313,18 +386,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local_stack: missing {', '.join(missing)}: run scripts/setup.sh",
               file=sys.stderr)
         return 1
-    mx_port = args.mx_port or (free_port() if args.check else 2525)
-    submission_port = args.submission_port or (free_port() if args.check else 2587)
-    while submission_port == mx_port and not args.submission_port:
-        submission_port = free_port()
-    for what, port in (("--mx-port", mx_port), ("--submission-port", submission_port)):
-        if not port_free(port):
-            print(f"local_stack: 127.0.0.1:{port} is in use (choose another with {what})",
+    ports = {}
+    for option, default in (("--mx-port", 2525), ("--submission-port", 2587),
+                            ("--submissions-port", 2465)):
+        given = getattr(args, option[2:].replace("-", "_"))
+        port = given or (free_port() if args.check else default)
+        while not given and port in ports.values():
+            port = free_port()
+        if port in ports.values():
+            print(f"local_stack: {option} {port} is taken by another of the options",
                   file=sys.stderr)
             return 1
+        if not port_free(port):
+            print(f"local_stack: 127.0.0.1:{port} is in use (choose another with {option})",
+                  file=sys.stderr)
+            return 1
+        ports[option] = port
 
     root = procs.make_root(prefix="smtpgate-local-")
-    stack = Stack(root, mx_port, submission_port)
+    stack = Stack(root, *ports.values())
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
     status = 1
@@ -354,8 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"local_stack: FAILED: {gate_problem}\nsmtpgate log:\n"
                   f"{log_tail(stack.gate_log)}", file=sys.stderr)
             status = 1
-        shutil.rmtree(root, ignore_errors=True)
-        print("local_stack: stopped; removed " + str(root), flush=True)
+        if args.check:
+            shutil.rmtree(root, ignore_errors=True)
+            print("local_stack: stopped; removed " + str(root), flush=True)
+        else:
+            # The logs and Maildirs are what one looks at after trying it out; each run makes
+            # a new directory, so keeping this one costs the next run nothing.
+            print(f"local_stack: stopped; kept {root} (logs and Maildirs; "
+                  f"rm -rf {root} when done)", flush=True)
     return status
 
 

@@ -28,6 +28,7 @@ fi
 packages=(
     postfix redis-server dovecot-core dovecot-lmtpd unbound dnsmasq-base
     swaks rspamd haproxy openssl ca-certificates python3-venv
+    systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
 )
 
 missing=()

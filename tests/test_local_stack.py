@@ -2,18 +2,26 @@
 
 Runs `scripts/local_stack.py --check` as the README's user would (on free
 ports, so it does not collide with a `make run` in another terminal): it
-starts Redis, DNS, Dovecot, Postfix and smtpgate, sends one message on the
-MX port and one on submission with swaks, waits for both in the Maildirs,
-and stops everything.
+starts Redis, DNS, Dovecot, Postfix and smtpgate, sends messages with swaks
+on the MX port (to user1, user1+tag and postmaster), on submission
+(STARTTLS) and on submissions (implicit TLS), waits for each in the
+Maildirs, and stops everything. Then as `make run` itself: the printed log
+files exist, and Ctrl-C stops everything and keeps the directory.
 """
 
 from __future__ import annotations
 
+import re
+import selectors
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from services.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +35,8 @@ def test_local_stack_check_delivers_and_cleans_up():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "local_stack: MX: delivered to" in output, output
-    assert "local_stack: submission: delivered to" in output, output
+    for what in ("MX user1+tag", "MX postmaster", "submission", "submissions"):
+        assert f"local_stack: {what}: delivered to" in output, output
     assert "local_stack: OK" in output, output
     root = next(line.split("removed ", 1)[1] for line in output.splitlines()
                 if line.startswith("local_stack: stopped; removed "))
@@ -41,3 +50,53 @@ def test_local_stack_refuses_a_bad_port():
     assert result.returncode == 2
     assert "--mx-port: 70000 is not a port number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    """proc's output up to and including the line holding marker (deadline: timeout)."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                raise AssertionError(f"no {marker!r} from local_stack.py:\n{seen}")
+            if selector.select(left):
+                line = proc.stdout.readline()
+                seen += line
+    return seen
+
+
+def test_make_run_logs_to_files_and_keeps_its_directory_after_ctrl_c():
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--mx-port", ports[0], "--submission-port", ports[1],
+         "--submissions-port", ports[2]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = None
+    try:
+        shown = _read_until(proc, "Stop with Ctrl-C", timeout=90)
+        logs = re.search(r"^Logs:\n((?:    /\S+\n)+)", shown, re.MULTILINE)
+        assert logs, shown
+        paths = [Path(line.strip()) for line in logs.group(1).splitlines()]
+        assert {p.name for p in paths} >= {"smtpgate.log", "maillog", "dovecot.log"}, paths
+        missing = [p for p in paths if not p.is_file()]
+        assert not missing, f"printed log paths that do not exist: {missing}\n{shown}"
+        # smtpgate's own log reaches its file, not only the terminal
+        gate_log = next(p for p in paths if p.name == "smtpgate.log")
+        assert "smtpgate: ready" in gate_log.read_text(), gate_log.read_text()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, shown + rest
+        kept = re.search(r"^local_stack: stopped; kept (\S+) ", rest, re.MULTILINE)
+        assert kept, rest
+        root = Path(kept.group(1))
+        assert root.is_dir() and all(p.is_file() for p in paths), rest
+        assert str(gate_log).startswith(str(root))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import smtplib
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,97 @@ def test_next_hop_service_accepts_xclient_from_smtpgate(postfix_server):
         smtp.mail("a@example.net")
         code, _ = smtp.rcpt("someone@elsewhere.example")
         assert code == 554  # reject_unauth_destination judges the real client
+
+
+# --- the complete files: conf/postfix/main.cf and master.cf ----------------------------------
+
+
+def _service_block(text: str) -> str:
+    """A fragment's master.cf lines, without its leading comment."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    return "\n".join(lines[start:]) + "\n"
+
+
+@pytest.mark.parametrize("fragment", ["next-hop.cf", "submission.cf"])
+def test_complete_master_cf_holds_the_fragments_verbatim(fragment):
+    """Who appends a fragment to their own master.cf gets what the compose stack and the
+    tests run."""
+    assert _service_block((CONF / fragment).read_text()) in (CONF / "master.cf").read_text()
+
+
+def test_complete_master_cf_has_nothing_on_the_public_ports():
+    """smtpgate owns 25, 587 and 465: every inet service of master.cf is on loopback."""
+    inet = [line.split()[0] for line in (CONF / "master.cf").read_text().splitlines()
+            if line and not line[0].isspace() and not line.startswith("#")
+            and line.split()[1] == "inet"]
+    assert inet == ["127.0.0.1:10025", "127.0.0.1:10587"]
+    assert "postscreen" not in [line.split()[-1] for line in
+                                (CONF / "master.cf").read_text().splitlines()
+                                if line and not line[0].isspace() and not line.startswith("#")]
+
+
+def test_test_instance_changes_only_local_settings():
+    """The tests' Postfix is the shipped configuration: the settings that make it behave as
+    smtpgate's next hop are not among those the harness changes."""
+    from services.postfix_server import LOCAL_KEYS, read_main_cf
+
+    shipped = read_main_cf(CONF / "main.cf")
+    assert not LOCAL_KEYS & {"smtpd_authorized_xclient_hosts", "mynetworks",
+                             "recipient_delimiter", "inet_protocols", "inet_interfaces",
+                             "milter_default_action", "smtpd_sasl_type", "message_size_limit"}
+    assert shipped["inet_protocols"] == "all"
+    assert shipped["recipient_delimiter"] == "+"
+    assert shipped["smtpd_authorized_xclient_hosts"] == "127.0.0.1"
+    added = LOCAL_KEYS - shipped.keys()
+    assert added <= {"queue_directory", "data_directory", "maillog_file_prefixes",
+                     "default_transport", "relay_transport", "delay_warning_time",
+                     "queue_run_delay"}
+
+
+def test_postfix_check_and_postconf_accept_the_complete_files(postfix_server, tmp_path):
+    """`postfix check` and `postconf -n` on the running instance's files (the shipped main.cf
+    and master.cf) say nothing: no unknown or unused parameter, no bad service line."""
+    checked = subprocess.run(["postfix", "-c", str(postfix_server.config_dir), "check"],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+    shown = postconf(postfix_server.config_dir, "-n")
+    assert shown.returncode == 0 and not shown.stderr.strip(), shown.stderr
+    assert "recipient_delimiter = +" in shown.stdout.splitlines()
+    services = postconf(postfix_server.config_dir, "-M")
+    assert services.returncode == 0 and not services.stderr.strip(), services.stderr
+
+
+def test_postfix_check_fails_on_a_broken_main_cf(postfix_server, tmp_path):
+    """The check above can fail: a misspelt parameter is reported."""
+    config_dir = tmp_path / "etc"
+    shutil.copytree(postfix_server.config_dir, config_dir)
+    (config_dir / "main.cf").write_text((config_dir / "main.cf").read_text()
+                                        + "recipient_delimeter = +\n")
+    shown = postconf(config_dir, "-n")
+    assert "recipient_delimeter" in shown.stderr, shown.stderr
+
+
+@pytest.mark.slow
+def test_complete_files_relay_an_ipv6_client_to_dovecot(postfix_server, dovecot_server):
+    """smtpgate's hand-off to the shipped configuration, for real: XCLIENT with an IPv6
+    client (inet_protocols = all), a +tag recipient (recipient_delimiter = +), through the
+    rspamd milter, delivered over LMTP into user1's Maildir."""
+    token = f"complete-files-{uuid.uuid4().hex}"
+    with smtplib.SMTP(postfix_server.host, postfix_server.port, timeout=30) as smtp:
+        smtp.ehlo("mx.example.test")
+        code, text = smtp.docmd(
+            "XCLIENT", "ADDR=IPV6:2001:db8::25 NAME=v6.clients.example.test HELO=v6.example")
+        assert code == 220, text
+        smtp.ehlo("v6.example")
+        smtp.mail("someone@example.net")
+        code, text = smtp.rcpt("user1+tag@example.com")
+        assert code == 250, text
+        code, text = smtp.data(f"Subject: {token}\r\nFrom: someone@example.net\r\n"
+                               f"To: user1+tag@example.com\r\n\r\nhello\r\n".encode())
+        assert code == 250, text
+    raw = dovecot_server.wait_for_message("user1@example.com", lambda m: token.encode() in m,
+                                          timeout=30)
+    # Postfix's Received line names the client XCLIENT gave it, not smtpgate
+    assert b"2001:db8::25" in raw
+    assert b"user1+tag@example.com" in raw

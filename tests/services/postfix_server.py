@@ -23,16 +23,19 @@ DESCRIPTION
     services with chroot n, and listens on loopback only. The default
     instance (/etc/postfix, /var/spool/postfix) is never touched.
 
-    Policy, as smtpgate expects its next hop: mynetworks = 127.0.0.1/32
-    (smtpgate itself) and smtpd_authorized_xclient_hosts = 127.0.0.0/8, so
-    that a client impersonated with XCLIENT (127.0.0.x, x != 1) is a
-    stranger, held to reject_unauth_destination. virtual_mailbox_domains =
-    example.com with texthash maps "virtual_mailbox_maps" (user1, user2)
-    and "virtual_alias_maps" (sales@example.com -> user1 and user2);
-    virtual_transport = lmtp:inet:127.0.0.1:<Dovecot LMTP>; smtpd_milters =
-    inet:127.0.0.1:<rspamd milter>, milter_default_action = tempfail;
-    message_size_limit = 26214400; smtpd_helo_required = no. Mail for
-    other domains is discarded (no outbound mail from tests).
+    The configuration is the shipped one: conf/postfix/main.cf and
+    master.cf (the next-hop.cf and submission.cf services, XCLIENT from
+    127.0.0.1, mynetworks = 127.0.0.1/32 so that a client impersonated with
+    XCLIENT (127.0.0.x, x != 1) is a stranger held to
+    reject_unauth_destination, recipient_delimiter = +, inet_protocols =
+    all, milter_default_action = tempfail), with only LOCAL_KEYS changed:
+    paths, the two services' ports, virtual_transport =
+    lmtp:inet:127.0.0.1:<Dovecot LMTP>, smtpd_milters =
+    inet:127.0.0.1:<rspamd milter>, smtpd_sasl_path = Dovecot's auth port,
+    and texthash tables instead of smtpgate's socketmap:
+    virtual_mailbox_domains = example.com, "virtual_mailbox_maps" (user1,
+    user2) and "virtual_alias_maps" (sales@example.com -> user1 and user2).
+    Mail for other domains is discarded (no outbound mail from tests).
 
     set_map(name, mapping) writes config_dir/<name> ("virtual_alias_maps"
     or "virtual_mailbox_maps", or any new name used in a postconf()
@@ -69,40 +72,41 @@ INITIAL_MAPS = {
     },
 }
 
-MASTER_CF = """\
-# service type private unpriv chroot wakeup maxproc command + args
-{host}:{port} inet n - n - - smtpd
-{host}:{submission_port} inet n - n - - smtpd
-  -o syslog_name=postfix/submission
-  -o smtpd_sasl_auth_enable=yes
-  -o smtpd_tls_security_level=none
-  -o smtpd_client_restrictions=permit_sasl_authenticated,reject
-  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
-  -o milter_macro_daemon_name=ORIGINATING
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+CONF = Path(__file__).resolve().parent.parent.parent / "conf" / "postfix"
+
+# The shipped files' addresses of the two services behind smtpgate (master.cf).
+SHIPPED_MX_SERVICE = "127.0.0.1:10025"
+SHIPPED_SUBMISSION_SERVICE = "127.0.0.1:10587"
+
+# What the test instance changes in the shipped main.cf: where things are (paths, ports, its
+# texthash tables instead of smtpgate's socketmap) and that nothing leaves the machine. The
+# policy (XCLIENT, mynetworks, recipient_delimiter, inet_protocols, milter and SASL types,
+# limits) is the shipped one. tests/test_postfix_fragments.py holds the list to these keys.
+LOCAL_KEYS = frozenset({
+    "queue_directory", "data_directory", "maillog_file_prefixes", "maillog_file",
+    "myhostname", "virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps",
+    "smtpd_recipient_restrictions", "virtual_transport", "default_transport",
+    "relay_transport", "smtpd_milters", "smtpd_sasl_path", "delay_warning_time",
+    "queue_run_delay",
+})
+
+
+def read_main_cf(path: Path) -> dict[str, str]:
+    """main.cf's settings in order (continuation lines joined, comments dropped)."""
+    settings: dict[str, str] = {}
+    key = None
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and key is not None:
+            settings[key] += " " + line.strip()
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"{path}: not a setting: {line!r}")
+        key = key.strip()
+        settings[key] = value.strip()
+    return settings
 
 
 class PostfixServer:
@@ -134,50 +138,41 @@ class PostfixServer:
     # Configuration
 
     def _main_cf(self) -> dict[str, str]:
+        """The shipped conf/postfix/main.cf with this instance's LOCAL_KEYS."""
         maps = self.config_dir
-        settings = {
-            "compatibility_level": "3.6",
+        local = {
             "queue_directory": str(self.queue_dir),
             "data_directory": str(self.data_dir),
             "maillog_file_prefixes": f"/var, /dev/stdout, {self.workdir}",
             "maillog_file": str(self.log_path),
             "myhostname": "next-hop.example.com",
-            "mydomain": "example.com",
-            "myorigin": "$myhostname",
-            "mydestination": "",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.1/32",
-            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-            "smtpd_relay_restrictions": (
-                "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
-            ),
-            "smtpd_helo_required": "no",
-            "smtpd_peername_lookup": "no",
-            "message_size_limit": "26214400",
             "virtual_mailbox_domains": "example.com",
             "virtual_mailbox_maps": f"texthash:{maps}/virtual_mailbox_maps",
             "virtual_alias_maps": f"texthash:{maps}/virtual_alias_maps",
+            "smtpd_recipient_restrictions": "",
             "virtual_transport": f"lmtp:inet:{self.host}:{self.lmtp_port}",
             "default_transport": "discard:no outbound mail in tests",
             "relay_transport": "discard:no outbound mail in tests",
-            "alias_maps": "",
-            "alias_database": "",
-            "local_recipient_maps": "",
-            "biff": "no",
-            "smtputf8_enable": "yes",
-            "smtpd_sasl_auth_enable": "no",
-            "milter_default_action": "tempfail",
-            "milter_protocol": "6",
             "smtpd_milters": f"inet:{self.host}:{self.milter_port}" if self.milter_port else "",
-            "non_smtpd_milters": "",
+            "smtpd_sasl_path": f"inet:{self.host}:{self.sasl_port or 11330}",
             "delay_warning_time": "0",
             "queue_run_delay": "300s",
         }
-        if self.sasl_port:
-            settings["smtpd_sasl_type"] = "dovecot"
-            settings["smtpd_sasl_path"] = f"inet:{self.host}:{self.sasl_port}"
+        if local.keys() != LOCAL_KEYS:
+            raise AssertionError(f"LOCAL_KEYS and the local settings differ: {local.keys()}")
+        settings = read_main_cf(CONF / "main.cf")
+        settings.update(local)
         return settings
+
+    def _master_cf(self) -> str:
+        """The shipped conf/postfix/master.cf, its two services on this instance's ports."""
+        text = (CONF / "master.cf").read_text()
+        for shipped, port in ((SHIPPED_MX_SERVICE, self.port),
+                              (SHIPPED_SUBMISSION_SERVICE, self.submission_port)):
+            if text.count(f"\n{shipped} ") != 1:
+                raise ValueError(f"{CONF / 'master.cf'}: no single {shipped} service")
+            text = text.replace(f"\n{shipped} ", f"\n{self.host}:{port} ")
+        return text
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +181,8 @@ class PostfixServer:
         shutil.chown(self.data_dir, "postfix", "postfix")
         lines = [f"{key} = {value}" for key, value in self._main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        (self.config_dir / "master.cf").write_text(
-            MASTER_CF.format(host=self.host, port=self.port, submission_port=self.submission_port)
-        )
+        (self.config_dir / "master.cf").write_text(self._master_cf())
+        shutil.copy(CONF / "submission_header_cleanup", self.config_dir)
         for name, mapping in INITIAL_MAPS.items():
             if not (self.config_dir / name).exists():
                 self._write_map(name, mapping)
