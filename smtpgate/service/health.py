@@ -7,8 +7,9 @@ SYNOPSIS
 
 DESCRIPTION
     /healthz answers 200 when this worker can do its job (Redis answered
-    its last round trip, and the next hop's last connection attempt
-    succeeded) and 503 otherwise, with a JSON body naming what is wrong.
+    its last round trip, and the last connection attempt to at least one
+    next hop succeeded) and 503 otherwise, with a JSON body naming what is
+    wrong; `next_hops` lists each hop (ok, detail, retry_in seconds).
     Each request also has the connection pool replace connections Postfix
     closed, so a Postfix that stopped or came back shows within a check or
     two, even with no mail flowing. /metrics is the Prometheus text format of this worker's figures
@@ -35,19 +36,32 @@ MAX_REQUEST = 8192
 def health_report(gate: Any) -> tuple[int, dict]:
     tables = gate.policy.tables
     redis_ok = tables.health.ok is not False and gate.policy.redis_ok
-    hop_ok, hop_detail = gate.hop_pool.check() if gate.hop_pool is not None else (None, "")
+    hops = gate.hops.check()
+    hop_ok = next_hop_ok([hop.ok for hop in hops])
     body = {
         "status": "ok" if redis_ok and hop_ok is not False and not gate.draining
         else "unavailable",
         "redis": {"ok": redis_ok, "detail": tables.health.detail,
                   "cache_ready": tables.health.cache_ready},
-        "next_hop": {"ok": hop_ok, "address": str(gate.config.next_hop), "detail": hop_detail},
+        "next_hop": {"ok": hop_ok, "address": gate.hops.label,
+                     "detail": "; ".join(f"{h.address}: {h.detail}" for h in hops if h.detail)},
+        "next_hops": [{"address": str(h.address), "ok": h.ok, "detail": h.detail,
+                       "retry_in": round(h.retry_in, 1)} for h in hops],
         "draining": gate.draining,
         "sessions": len(gate.sessions),
         "dnsbl_unhealthy": sorted(gate.policy.querier.unhealthy),
         "pid": os.getpid(),
     }
     return (200 if body["status"] == "ok" else 503), body
+
+
+def next_hop_ok(each: list[bool | None]) -> bool | None:
+    """One hop that takes mail is enough: a message that finds its hop down moves to another
+    in the same transaction, so a balancer that took this gate out of service would only lose
+    capacity. False (503) when every hop's last attempt failed; None when none was tried."""
+    if all(ok is False for ok in each):
+        return False
+    return True if any(ok for ok in each) else None
 
 
 def metrics_text(gate: Any) -> str:
@@ -65,9 +79,14 @@ def metrics_text(gate: Any) -> str:
         "# HELP smtpgate_table_round_trips_total Redis round trips made by the tables.",
         "# TYPE smtpgate_table_round_trips_total counter",
         f'smtpgate_table_round_trips_total{{pid="{pid}"}} {tables.stats.round_trips}',
-        "# HELP smtpgate_next_hop_up Whether the next hop's last connection attempt succeeded.",
+        "# HELP smtpgate_next_hop_up Whether some next hop's last connection attempt succeeded.",
         "# TYPE smtpgate_next_hop_up gauge",
         f'smtpgate_next_hop_up{{pid="{pid}"}} {hop_up}',
+        "# HELP smtpgate_next_hop_host_up Whether each next hop's last connection attempt "
+        "succeeded.",
+        "# TYPE smtpgate_next_hop_host_up gauge",
+        *(f'smtpgate_next_hop_host_up{{pid="{pid}",hop="{hop["address"]}"}} '
+          f'{int(hop["ok"] is not False)}' for hop in report["next_hops"]),
         "# HELP smtpgate_redis_up Whether Redis answered the last round trip.",
         "# TYPE smtpgate_redis_up gauge",
         f'smtpgate_redis_up{{pid="{pid}"}} {int(report["redis"]["ok"])}',

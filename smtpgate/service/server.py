@@ -30,19 +30,20 @@ import dataclasses
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
-from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.hops import Hops
+from smtpgate.relay.pool import TransactionLimit
 from smtpgate.service.health import start_health
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
-from smtpgate.smtp.tls import TlsError, TlsProvider, load_tls
+from smtpgate.smtp.tls import TlsError, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
@@ -57,12 +58,21 @@ async def build_gate(config: Config) -> Gate:
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
     policy = await Policy.create(config, auth)
-    pool = None
-    if config.next_hop_pool and config.mx_listen:
-        pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
-                       size=config.next_hop_pool)
-    return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool,
-                relay_limit=relay_limit(config))
+    hops, submission_hops = next_hops(config)
+    return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
+                submission_hops=submission_hops, relay_limit=relay_limit(config))
+
+
+def next_hops(config: Config) -> tuple[Hops, Hops | None]:
+    """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
+    pool_size = config.next_hop_pool if config.mx_listen else 0
+    hops = Hops(config.next_hop, config.next_hop_timeout, config.hostname, pool_size,
+                config.next_hop_retry)
+    submission = None
+    if config.submission_next_hop:
+        submission = Hops(config.submission_next_hop, config.next_hop_timeout, config.hostname,
+                          0, config.next_hop_retry)
+    return hops, submission
 
 
 def relay_limit(config: Config) -> TransactionLimit:
@@ -70,17 +80,6 @@ def relay_limit(config: Config) -> TransactionLimit:
     workers = config.workers or os.cpu_count() or 1
     share = max(1, config.next_hop_transaction_limit // workers)
     return TransactionLimit(share, config.next_hop_busy_wait)
-
-
-def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
-    """A context for port 465 that hands each handshake the provider's current certificate."""
-    base = provider.context()
-
-    def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = provider.context()
-
-    base.sni_callback = pick
-    return base
 
 
 async def start_listeners(gate: Gate) -> list[asyncio.Server]:
@@ -110,12 +109,12 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
 
 
 def _smtp_starter(gate: Gate, kind: str):
-    tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
-
     def start(host: str, port: int):
+        # 465 reads a PROXY header before its TLS handshake, so TLS is not the listener's
+        factory = (implicit_tls_factory(gate) if kind == SUBMISSIONS
+                   else protocol_factory(gate, kind))
         return asyncio.get_running_loop().create_server(
-            protocol_factory(gate, kind), host, port, reuse_port=True, backlog=1024,
-            ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
+            factory, host, port, reuse_port=True, backlog=1024)
 
     return start
 
@@ -139,8 +138,7 @@ async def run_worker(config: Config) -> int:
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
     await _drain(gate, config.drain_grace)
-    if gate.hop_pool is not None:
-        gate.hop_pool.close()
+    gate.hops.close()
     await gate.policy.close()
     return 0
 
@@ -178,11 +176,11 @@ def reload(gate: Gate) -> bool:
     if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
-    if gate.hop_pool is not None and (config.next_hop, config.next_hop_pool) != (
-            running.next_hop, running.next_hop_pool):
-        gate.hop_pool.close()
-        gate.hop_pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
-                                size=config.next_hop_pool) if config.next_hop_pool else None
+    hop_settings = ("next_hop", "submission_next_hop", "next_hop_pool", "next_hop_timeout",
+                    "next_hop_retry", "hostname")
+    if any(getattr(config, n) != getattr(running, n) for n in hop_settings):
+        gate.hops.close()  # sessions relaying through the old ones finish with them
+        gate.hops, gate.submission_hops = next_hops(config)
     gate.config, gate.tls = config, tls
     log.info("reloaded configuration")
     return True

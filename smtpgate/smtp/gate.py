@@ -1,7 +1,7 @@
 """gate - the runtime state every session of one worker shares.
 
 SYNOPSIS
-    Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None)
+    Gate(config, tls, policy, relay_limit, hops, auth=None, submission_hops=None)
     gate.sessions       the sessions in flight (drain waits for them)
     gate.draining       true once SIGTERM arrived
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Config
-from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.hops import Hops
+from smtpgate.relay.pool import TransactionLimit
 from smtpgate.smtp.tls import TlsProvider
 
 
@@ -27,7 +28,8 @@ class Gate:
     tls: TlsProvider | None
     policy: Any
     relay_limit: TransactionLimit  # this worker's share of next_hop_transaction_limit
+    hops: Hops  # next_hop, pooled when next_hop_pool > 0
     auth: Any = None
-    hop_pool: HopPool | None = None
+    submission_hops: Hops | None = None  # submission_next_hop, for authenticated clients
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False
