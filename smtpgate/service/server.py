@@ -11,7 +11,9 @@ DESCRIPTION
     One process per worker (SMTPGATE_WORKERS, default one per CPU); every
     worker binds the same ports with SO_REUSEPORT and the kernel spreads
     connections between them. The parent only supervises: it forwards
-    SIGTERM and SIGHUP to the workers and restarts one that died.
+    SIGTERM and SIGHUP to the workers and restarts one that died. Before
+    the first fork it makes the folder the workers' metrics share
+    (smtpgate.service.metrics), and it drops a dead worker's live gauges.
 
     SIGTERM: stop accepting, let sessions in flight finish for up to
     drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
@@ -39,6 +41,7 @@ from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
 from smtpgate.relay.pool import HopPool, TransactionLimit
 from smtpgate.service.health import start_health
+from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
@@ -62,7 +65,7 @@ async def build_gate(config: Config) -> Gate:
         pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
                        size=config.next_hop_pool)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool,
-                relay_limit=relay_limit(config))
+                relay_limit=relay_limit(config), metrics=Metrics())
 
 
 def relay_limit(config: Config) -> TransactionLimit:
@@ -132,6 +135,7 @@ async def run_worker(config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gate)
+    refresher = loop.create_task(gate.metrics.run(gate))
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     gate.draining = True
@@ -139,6 +143,8 @@ async def run_worker(config: Config) -> int:
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
     await _drain(gate, config.drain_grace)
+    refresher.cancel()
+    gate.metrics.refresh(gate)  # the last second's figures, kept in the sums after exit
     if gate.hop_pool is not None:
         gate.hop_pool.close()
     await gate.policy.close()
@@ -147,7 +153,7 @@ async def run_worker(config: Config) -> int:
 
 # Settings bound to sockets, processes or the Redis connections: read once, at start.
 RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
-                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix")
+                "metrics_listen", "metrics_dir", "socketmap_listen", "workers", "ipv6_prefix")
 
 
 def reload(gate: Gate) -> bool:
@@ -207,9 +213,10 @@ async def _drain(gate: Gate, grace: float) -> None:
 
 def serve(config: Config) -> int:
     workers = config.workers or os.cpu_count() or 1
-    if workers == 1:
-        return _run_loop(config)
-    return _supervise(config, workers)
+    with metrics_directory(config.metrics_dir) as path:
+        if workers == 1:
+            return _run_loop(config)
+        return _supervise(config, workers, path)
 
 
 def _run_loop(config: Config) -> int:
@@ -222,7 +229,7 @@ def _run_loop(config: Config) -> int:
     return uvloop.run(run_worker(config))
 
 
-def _supervise(config: Config, workers: int) -> int:
+def _supervise(config: Config, workers: int, metrics_path: str) -> int:
     children: set[int] = set()
     stopping = False
 
@@ -261,6 +268,7 @@ def _supervise(config: Config, workers: int) -> int:
         except ChildProcessError:
             break
         children.discard(pid)
+        worker_gone(pid, metrics_path)
         if code and not stopping and time.monotonic() - started.pop(pid, 0) < 5:
             log.error("fatal: worker %d failed at start (status %d)", pid, code)
             forward(signal.SIGTERM, None)

@@ -1,8 +1,9 @@
 """gate - the runtime state every session of one worker shares.
 
 SYNOPSIS
-    Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None)
+    Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None, metrics=None)
     gate.sessions       the sessions in flight (drain waits for them)
+    gate.metrics        this worker's counters (smtpgate.service.metrics.Metrics)
     gate.draining       true once SIGTERM arrived
 
 DESCRIPTION
@@ -29,5 +30,6 @@ class Gate:
     relay_limit: TransactionLimit  # this worker's share of next_hop_transaction_limit
     auth: Any = None
     hop_pool: HopPool | None = None
+    metrics: Any = None  # smtpgate.service.metrics.Metrics; build_gate() always sets it
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False

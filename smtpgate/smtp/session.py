@@ -45,6 +45,7 @@ import datetime
 import itertools
 import logging
 import re
+import time
 from collections.abc import Callable
 
 from smtpgate import replies
@@ -165,6 +166,7 @@ class Session:
         self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
         if isinstance(reply, Reply) and reply.code >= 400:
             self._count_failure()
+            self.gate.metrics.rejected(self.state, reply, self.last_command)
 
     def reply_raw(self, answer: HopReply) -> None:
         self.wire.reply(answer.raw)
@@ -208,6 +210,7 @@ class Session:
 
     async def run(self) -> None:
         wire = self.wire
+        ended = "closed"  # the metrics' outcome, told apart further by how it closed
         try:
             if not await self._proxy_header():
                 return
@@ -216,18 +219,23 @@ class Session:
                      self.client.local_port)
             if await self._greet():
                 await self._dialogue()
+            else:
+                ended = "refused"
         except Closing:
             pass
         except WireTimeout:
+            ended = "timeout"
             self.reply(replies.timeout(self.config.hostname))
             log.info("timeout after %s from %s", self.last_command or "CONNECT",
                      self.client_label)
         except (ConnectionError, OSError):
             pass
         except Exception:
+            ended = "error"
             log.exception("error: session with %s failed", self.client_label)
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
+            self.gate.metrics.session_ended(self, ended)  # counted before the client hears the end
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
@@ -583,6 +591,7 @@ class Session:
         if self.login is not None and self.config.submission_next_hop is not None:
             hop_address, pool = self.config.submission_next_hop, None
         hop: NextHop | None = None
+        started = time.monotonic()
         try:
             async with gate.relay_limit.slot():
                 if pool is not None:
@@ -594,17 +603,20 @@ class Session:
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
                         hop_address, gate.relay_limit.limit, self.client_label)
+            gate.metrics.relayed("busy")
             self.reply(RELAY_BUSY)
             return
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
             log.warning("warning: next hop %s: %s", hop_address, exc)
             if pool is not None:
                 pool.forget(str(exc))
+            gate.metrics.relayed("tempfail")
             self.reply(replies.RELAY_UNAVAILABLE)
             return
         finally:
             if hop is not None:
                 hop.close_quietly()
+        gate.metrics.relayed(answer.code, time.monotonic() - started)
         self.reply_raw(answer)
         self._log_relayed(answer, size)
 
