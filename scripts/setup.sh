@@ -27,7 +27,7 @@ fi
 
 packages=(
     postfix redis-server dovecot-core dovecot-lmtpd unbound dnsmasq-base
-    swaks rspamd openssl ca-certificates python3-venv
+    swaks rspamd openssl ca-certificates python3-venv prometheus
 )
 
 missing=()
