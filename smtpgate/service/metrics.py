@@ -1,7 +1,7 @@
 """metrics - Prometheus figures that add up across the worker processes.
 
 SYNOPSIS
-    with metrics_directory(config.metrics_dir) as path: ...   serve(), before any fork
+    with metrics_directory(config.metrics_dir, tls=...) as path: ...   serve(), before forking
     worker_gone(pid, path)                                    the master, when a worker dies
     Metrics(path)                                             one per worker (build_gate)
     metrics.session_ended(session, ended)
@@ -26,7 +26,10 @@ DESCRIPTION
     The directory is the metrics_dir setting, cleared at start, or by
     default a fresh temporary one, removed at exit. The variable must be
     set before prometheus_client is first imported, so this module imports
-    it only inside Metrics and worker_gone.
+    it only once the variable is set: metrics_directory() does, in the
+    master, before the fork, with cryptography's x509 when TLS is on, so
+    the workers share those pages rather than load a copy each (about 9 MB
+    a worker).
 
     Cost on the hot path: one counter increment when a session ends, one
     per policy rejection sent, and a counter and a histogram observation
@@ -95,12 +98,12 @@ TEMPFAILS = (CONNECT_TEMPFAIL, RCPT_TEMPFAIL)
 
 
 @contextlib.contextmanager
-def metrics_directory(configured: str) -> Iterator[str]:
+def metrics_directory(configured: str, tls: bool = False) -> Iterator[str]:
     """The workers' shared folder, set in the environment for them; cleared before use.
 
     A configured folder is created if missing and its stale files removed; the default is a
     fresh temporary folder, removed on the way out. Workers leave with os._exit and never
-    run the cleanup.
+    run the cleanup. The modules the workers will need are imported here, before the fork.
     """
     created = not configured
     try:
@@ -116,6 +119,10 @@ def metrics_directory(configured: str) -> Iterator[str]:
                       f"{exc.strerror or exc}") from None
     before = os.environ.get(ENVIRONMENT)
     os.environ[ENVIRONMENT] = path
+    import prometheus_client.multiprocess  # noqa: F401 - now, in multiprocess mode
+
+    if tls:
+        import cryptography.x509  # noqa: F401 - certificate_expiry()'s, shared by the workers
     try:
         yield path
     finally:

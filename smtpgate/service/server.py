@@ -213,7 +213,7 @@ async def _drain(gate: Gate, grace: float) -> None:
 
 def serve(config: Config) -> int:
     workers = config.workers or os.cpu_count() or 1
-    with metrics_directory(config.metrics_dir) as path:
+    with metrics_directory(config.metrics_dir, tls=config.tls_paths is not None) as path:
         if workers == 1:
             return _run_loop(config)
         return _supervise(config, workers, path)
