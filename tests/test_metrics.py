@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -22,7 +23,9 @@ from test_workers import START_WINDOW, age, serving_pids
 
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL
 from smtpgate.service.metrics import (
+    ENVIRONMENT,
     certificate_expiry,
+    metrics_directory,
     rejecting_check,
     relay_result,
     session_outcome,
@@ -166,3 +169,34 @@ def test_certificate_expiry_agrees_with_openssl(certificate):
     stamp = datetime.strptime(" ".join(out.strip().split("=", 1)[1].split()),
                               "%b %d %H:%M:%S %Y %Z").replace(tzinfo=UTC)
     assert certificate_expiry(str(cert_path)) == stamp.timestamp()
+
+
+def test_a_configured_metrics_dir_is_made_and_cleared_of_stale_files_only(tmp_path):
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_4242.db").write_bytes(b"stale")
+    (folder / "README").write_text("not ours")
+    with metrics_directory(str(folder)) as path:
+        assert os.environ[ENVIRONMENT] == path == str(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["README"]
+    assert folder.is_dir() and ENVIRONMENT not in os.environ
+    with metrics_directory(str(tmp_path / "new" / "deeper")) as path:
+        assert os.path.isdir(path)
+
+
+def test_the_default_metrics_dir_is_a_fresh_one_removed_at_exit():
+    with metrics_directory("") as path:
+        assert os.listdir(path) == []
+    assert not os.path.exists(path)
+
+
+def test_an_unusable_metrics_dir_stops_serve_with_a_clear_message(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"PATH": os.environ["PATH"], "SMTPGATE_METRICS_DIR": str(blocker / "metrics"),
+           "SMTPGATE_TLS_OPTIONAL": "yes"}
+    done = subprocess.run([sys.executable, "-m", "smtpgate", "serve"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        f"smtpgate: fatal: metrics_dir {blocker / 'metrics'}: Not a directory"), done.stderr

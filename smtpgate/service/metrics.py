@@ -91,7 +91,6 @@ OUTCOMES = ("refused", "quit", "lost", "timeout", "hangup", "shutdown", "error")
 RELAY_RESULTS = ("queued", "rejected", "deferred", "tempfail", "busy")
 # a hand-off takes milliseconds; seconds mean Postfix (or its milter) is struggling
 RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TEMPFAILS = (CONNECT_TEMPFAIL, RCPT_TEMPFAIL)
 
 
 # --- the directory, in the master -------------------------------------------------------------
