@@ -3,7 +3,7 @@
 SYNOPSIS
     await start_health(gate, host, port) -> asyncio.Server
     health_report(gate) -> (status_code, dict)
-    up(gate) -> (redis_ok, next_hop_ok, next_hop_detail)
+    up(gate, check=True) -> (redis_ok, next_hop_ok, next_hop_detail)
 
 DESCRIPTION
     /healthz answers 200 when this worker can do its job (Redis answered
@@ -36,10 +36,17 @@ MAX_REQUEST = 8192
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def up(gate: Any) -> tuple[bool, bool | None, str]:
-    """Whether Redis and the next hop worked at their last use (None: not tried yet)."""
+def up(gate: Any, check: bool = True) -> tuple[bool, bool | None, str]:
+    """Whether Redis and the next hop worked at their last use (None: not tried yet).
+
+    check: have the pool drop the connections Postfix closed and open new ones first, as a
+    request to this endpoint does; without it nothing is touched.
+    """
     redis_ok = gate.policy.tables.health.ok is not False and gate.policy.redis_ok
-    hop_ok, hop_detail = gate.hop_pool.check() if gate.hop_pool is not None else (None, "")
+    pool = gate.hop_pool
+    if pool is None:
+        return redis_ok, None, ""
+    hop_ok, hop_detail = pool.check() if check else (pool.ok, pool.detail)
     return redis_ok, hop_ok, hop_detail
 
 

@@ -7,7 +7,7 @@ SYNOPSIS
     metrics.session_ended(session, ended)
     metrics.rejected(state, reply, last_command)
     metrics.relayed(result_or_code, seconds=None)
-    metrics.refresh(gate) ; await metrics.run(gate)           the figures kept elsewhere
+    metrics.refresh(gate, check=False) ; await metrics.run(gate)   the figures kept elsewhere
     metrics.exposition(gate) -> bytes                         /metrics, every worker's sum
     certificate_expiry(path) -> float                         not_after, Unix time
 
@@ -38,7 +38,11 @@ DESCRIPTION
     zone, sessions in flight, Redis and next hop health, the certificate)
     are copied in by refresh(): once a second in every worker (run()), and
     by the answering worker just before it answers /metrics. A worker
-    killed with SIGKILL loses at most its last second of those.
+    killed with SIGKILL loses at most its last second of those. The
+    once-a-second copy only reads: it does not have the next-hop pool
+    check its connections (that would hold Postfix processes from the
+    start in every worker); the worker answering /metrics does, as
+    /healthz does, so a Postfix gone quiet shows at the next scrapes.
 
     Metrics (all smtpgate_):
       sessions_total{listener,outcome}   at session end; outcome is one of
@@ -281,8 +285,9 @@ class Metrics:
 
     # --- the figures kept elsewhere -----------------------------------------------------------
 
-    def refresh(self, gate: Any) -> None:
-        """Copy in what the tables, the DNSBL querier and the gate count themselves."""
+    def refresh(self, gate: Any, check: bool = False) -> None:
+        """Copy in what the tables, the DNSBL querier and the gate count themselves; check:
+        have the next-hop pool look at its connections first (health.up)."""
         policy = gate.policy
         stats = policy.tables.stats
         self._copy(self.table_lookups, "lookups", stats.lookups)
@@ -309,7 +314,7 @@ class Metrics:
                     for outcome in OUTCOMES:
                         self._session_outcomes[listener, outcome] = \
                             self.sessions.labels(listener, outcome)
-        redis_ok, hop_ok, _ = up(gate)
+        redis_ok, hop_ok, _ = up(gate, check)
         self.redis_up.set(int(redis_ok))
         self.next_hop_up.set(int(hop_ok is not False))
         self._refresh_certificate(gate.tls)
@@ -357,5 +362,5 @@ class Metrics:
         """The Prometheus text of every worker's figures together."""
         from prometheus_client import generate_latest
 
-        self.refresh(gate)
+        self.refresh(gate, check=True)
         return generate_latest(self.registry)
