@@ -279,6 +279,10 @@ class Config:
     metrics_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 9425),), lambda v: parse_listen(v, 9425),
         "HTTP listener for /metrics and /healthz; empty turns it off")
+    metrics_dir: str = setting(
+        "", optional_path,
+        "folder for the workers' shared metric files (prometheus-client multiprocess mode), "
+        "cleared at start; empty: a fresh temporary folder, removed at exit")
     drain_grace: float = setting(
         30.0, seconds(0, 3600), "on SIGTERM, how long sessions in flight may finish before 421")
     workers: int = setting(0, int_between(0, 256), "worker processes; 0 means one per CPU")

@@ -122,10 +122,15 @@ class Hops:
                         address, detail, wait)
 
     def check(self) -> list[HopHealth]:
-        now = time.monotonic()
+        """Each hop's health after its pool replaced the connections Postfix closed."""
         for pool in self.pools:
             if pool is not None:
                 pool.check()
+        return self.status()
+
+    def status(self) -> list[HopHealth]:
+        """Each hop's health as last seen, touching nothing."""
+        now = time.monotonic()
         return [HopHealth(address, self.ok[i], self.detail[i], self.choice.retry_in(i, now))
                 for i, address in enumerate(self.addresses)]
 

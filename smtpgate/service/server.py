@@ -11,7 +11,9 @@ DESCRIPTION
     One process per worker (SMTPGATE_WORKERS, default one per CPU); every
     worker binds the same ports with SO_REUSEPORT and the kernel spreads
     connections between them. The parent only supervises: it forwards
-    SIGTERM and SIGHUP to the workers and restarts one that died.
+    SIGTERM and SIGHUP to the workers and restarts one that died. Before
+    the first fork it makes the folder the workers' metrics share
+    (smtpgate.service.metrics), and it drops a dead worker's live gauges.
 
     SIGTERM: stop accepting, let sessions in flight finish for up to
     drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
@@ -39,6 +41,7 @@ from smtpgate.config import load as load_config
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
 from smtpgate.service.health import start_health
+from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.implicit_tls import implicit_tls_factory
@@ -60,7 +63,7 @@ async def build_gate(config: Config) -> Gate:
     policy = await Policy.create(config, auth)
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
-                submission_hops=submission_hops, relay_limit=relay_limit(config))
+                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics())
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
@@ -131,6 +134,7 @@ async def run_worker(config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gate)
+    refresher = loop.create_task(gate.metrics.run(gate))
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     gate.draining = True
@@ -138,6 +142,8 @@ async def run_worker(config: Config) -> int:
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
     await _drain(gate, config.drain_grace)
+    refresher.cancel()
+    gate.metrics.refresh(gate)  # the last second's figures, kept in the sums after exit
     gate.hops.close()
     await gate.policy.close()
     return 0
@@ -145,7 +151,8 @@ async def run_worker(config: Config) -> int:
 
 # Settings bound to sockets, processes or the Redis connections: read once, at start.
 RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
-                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix", "log_format")
+                "metrics_listen", "metrics_dir", "socketmap_listen", "workers", "ipv6_prefix",
+                "log_format")
 
 
 def reload(gate: Gate) -> bool:
@@ -205,9 +212,10 @@ async def _drain(gate: Gate, grace: float) -> None:
 
 def serve(config: Config) -> int:
     workers = config.workers or os.cpu_count() or 1
-    if workers == 1:
-        return _run_loop(config)
-    return _supervise(config, workers)
+    with metrics_directory(config.metrics_dir, tls=config.tls_paths is not None) as path:
+        if workers == 1:
+            return _run_loop(config)
+        return _supervise(config, workers, path)
 
 
 def _run_loop(config: Config) -> int:
@@ -220,7 +228,7 @@ def _run_loop(config: Config) -> int:
     return uvloop.run(run_worker(config))
 
 
-def _supervise(config: Config, workers: int) -> int:
+def _supervise(config: Config, workers: int, metrics_path: str) -> int:
     children: set[int] = set()
     stopping = False
 
@@ -259,6 +267,7 @@ def _supervise(config: Config, workers: int) -> int:
         except ChildProcessError:
             break
         children.discard(pid)
+        worker_gone(pid, metrics_path)
         if code and not stopping and time.monotonic() - started.pop(pid, 0) < 5:
             log.error("fatal: worker %d failed at start (status %d)", pid, code)
             forward(signal.SIGTERM, None)

@@ -1,8 +1,10 @@
 """gate - the runtime state every session of one worker shares.
 
 SYNOPSIS
-    Gate(config, tls, policy, relay_limit, hops, auth=None, submission_hops=None)
+    Gate(config, tls, policy, relay_limit, hops, auth=None, submission_hops=None,
+         metrics=None)
     gate.sessions       the sessions in flight (drain waits for them)
+    gate.metrics        this worker's counters (smtpgate.service.metrics.Metrics)
     gate.draining       true once SIGTERM arrived
 
 DESCRIPTION
@@ -31,5 +33,6 @@ class Gate:
     hops: Hops  # next_hop, pooled when next_hop_pool > 0
     auth: Any = None
     submission_hops: Hops | None = None  # submission_next_hop, for authenticated clients
+    metrics: Any = None  # smtpgate.service.metrics.Metrics; build_gate() always sets it
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False

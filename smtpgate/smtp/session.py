@@ -190,6 +190,7 @@ class Session:
         if refused:
             self._count_failure()
             self._refused(text)
+            self.gate.metrics.rejected(self.state, reply, self.last_command)
 
     def reply_raw(self, answer: HopReply) -> None:
         self.wire.reply(answer.raw)
@@ -254,6 +255,7 @@ class Session:
     async def run(self) -> None:
         wire = self.wire
         session_id.current.set(self.id)  # this task's own context: its log lines carry the id
+        ended = "closed"  # the metrics' outcome, told apart further by how it closed
         try:
             if not await self._proxy_header():
                 return
@@ -264,18 +266,23 @@ class Session:
                 log.info("%s", tls_established(self.client_label, wire.extra("ssl_object")))
             if await self._greet():
                 await self._dialogue()
+            else:
+                ended = "refused"
         except Closing:
             pass
         except WireTimeout:
+            ended = "timeout"
             self.reply(replies.timeout(self.config.hostname))
             log.info("timeout after %s from %s", self.last_command or "CONNECT",
                      self.client_label)
         except (ConnectionError, OSError):
             pass
         except Exception:
+            ended = "error"
             log.exception("error: session with %s failed", self.client_label)
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
+            self.gate.metrics.session_ended(self, ended)  # counted before the client hears the end
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
@@ -646,6 +653,7 @@ class Session:
         hops = gate.hops
         if self.login is not None and gate.submission_hops is not None:
             hops = gate.submission_hops
+        started = time.monotonic()
         try:
             async with gate.relay_limit.slot():
                 answer = await hops.deliver(
@@ -654,13 +662,16 @@ class Session:
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
                         hops.label, gate.relay_limit.limit, self.client_label)
+            gate.metrics.relayed("busy")
             self.reply(RELAY_BUSY)
             return
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
             log.warning("warning: next hop %s", exc if isinstance(exc, RelayError)
                         else f"{hops.label}: {exc}")
+            gate.metrics.relayed("tempfail")
             self.reply(replies.RELAY_UNAVAILABLE)
             return
+        gate.metrics.relayed(answer.code, time.monotonic() - started)
         self.reply_raw(answer)
         self._log_relayed(answer, size)
 
