@@ -235,7 +235,7 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
 async def relay(config: gate_config.Config, state: ClientState, helo: str, esmtp: bool,
                 envelope) -> tuple[str, aiosmtplib.SMTP | None]:
     """Hand the envelope to Postfix with XCLIENT: (the client's answer, the connection to QUIT)."""
-    hop = config.next_hop
+    hop = config.next_hop[0]  # the baseline knows one next hop
     smtp = aiosmtplib.SMTP(hostname=hop.host, port=hop.port, start_tls=False,
                            local_hostname=config.hostname, timeout=config.next_hop_timeout)
     client = state.client

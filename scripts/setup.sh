@@ -27,7 +27,7 @@ fi
 
 packages=(
     postfix redis-server dovecot-core dovecot-lmtpd unbound dnsmasq-base
-    swaks rspamd openssl ca-certificates python3-venv
+    swaks rspamd haproxy openssl ca-certificates python3-venv prometheus
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
 )

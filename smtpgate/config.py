@@ -101,6 +101,15 @@ def parse_hostport_list(value: Any, default_port: int) -> tuple[HostPort, ...]:
     return parse_listen(value, default_port)
 
 
+def parse_next_hops(value: Any, default_port: int) -> tuple[HostPort, ...]:
+    hops = parse_hostport_list(value, default_port)
+    if not hops:
+        raise ValueError("is empty")
+    if len(set(hops)) != len(hops):
+        raise ValueError(f"{_show(hops)!r} names a host twice")
+    return hops
+
+
 def parse_networks(value: Any) -> tuple[IPNetwork, ...]:
     items = value if isinstance(value, list) else str(value).replace(",", " ").split()
     nets = []
@@ -247,9 +256,10 @@ class Config:
     timezone: str = setting("", text, "time zone for log time stamps", env="TIMEZONE")
 
     # listeners and the next hop
-    next_hop: HostPort = setting(
-        HostPort("127.0.0.1", 10025), lambda v: parse_hostport(v, 25),
-        "Postfix smtpd that receives accepted mail with XCLIENT, host:port")
+    next_hop: tuple[HostPort, ...] = setting(
+        (HostPort("127.0.0.1", 10025),), lambda v: parse_next_hops(v, 25),
+        "Postfix smtpd that receives accepted mail with XCLIENT, host:port; a comma list "
+        "names several, taken in turn, and one that is down is skipped and retried later")
     mx_listen: tuple[HostPort, ...] = setting(
         (HostPort("0.0.0.0", 25),), lambda v: parse_listen(v, 25),
         "MX listeners, comma-separated host:port; empty turns it off")
@@ -259,15 +269,20 @@ class Config:
     submissions_listen: tuple[HostPort, ...] = setting(
         (), lambda v: parse_listen(v, 465),
         "implicit-TLS submission listeners (465); off by default")
-    submission_next_hop: HostPort | None = setting(
-        None, lambda v: parse_hostport(v, 25) if str(v).strip() else None,
-        "Postfix service for authenticated submission (default: next_hop)")
+    submission_next_hop: tuple[HostPort, ...] = setting(
+        (), lambda v: parse_hostport_list(v, 25),
+        "Postfix service for authenticated submission, host:port or a comma list like "
+        "next_hop (default: next_hop)")
     socketmap_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
         "Postfix socketmap service over the Redis tables; empty turns it off")
     metrics_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 9425),), lambda v: parse_listen(v, 9425),
         "HTTP listener for /metrics and /healthz; empty turns it off")
+    metrics_dir: str = setting(
+        "", optional_path,
+        "folder for the workers' shared metric files (prometheus-client multiprocess mode), "
+        "cleared at start; empty: a fresh temporary folder, removed at exit")
     drain_grace: float = setting(
         30.0, seconds(0, 3600), "on SIGTERM, how long sessions in flight may finish before 421")
     workers: int = setting(0, int_between(0, 256), "worker processes; 0 means one per CPU")
@@ -344,9 +359,13 @@ class Config:
     line_length_limit: int = setting(2048, int_between(512), "longest command line in bytes")
     next_hop_pool: int = setting(
         4, int_between(0, 64),
-        "connections to the next hop kept greeted ahead of need, per worker (0: none)")
+        "connections to each next hop kept greeted ahead of need, per worker (0: none)")
     next_hop_timeout: float = setting(
         300.0, seconds(1, 600), "time limit for one reply from the next hop")
+    next_hop_retry: float = setting(
+        10.0, seconds(1, 3600),
+        "how long a next hop that failed is skipped before a message tries it again; "
+        "each failed retry doubles it, up to eight times as long")
     next_hop_transaction_limit: int = setting(
         80, int_between(1, 10000),
         "messages handed to the next hop at once, all workers together (Postfix's default "

@@ -91,7 +91,8 @@ def test_example_keys_name_their_environment_variable():
 def test_defaults():
     config = load_with({})
     assert config.redis == "redis://127.0.0.1:6379/0"
-    assert config.next_hop == HostPort("127.0.0.1", 10025)
+    assert config.next_hop == (HostPort("127.0.0.1", 10025),)
+    assert config.submission_next_hop == ()  # next_hop's
     assert config.mx_listen == (HostPort("0.0.0.0", 25),)
     assert config.submission_listen == (HostPort("0.0.0.0", 587),)
     assert config.submissions_listen == ()
@@ -105,6 +106,15 @@ def test_defaults():
                if name not in ("hostname",))
 
 
+def test_next_hop_may_list_several_postfix_instances():
+    config = load_with({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025, [2001:db8::5]:10025,postfix",
+                        "SMTPGATE_SUBMISSION_NEXT_HOP": "10.0.0.5:10587,10.0.0.6:10587"})
+    assert config.next_hop == (HostPort("10.0.0.5", 10025), HostPort("2001:db8::5", 10025),
+                               HostPort("postfix", 25))
+    assert config.submission_next_hop == (HostPort("10.0.0.5", 10587),
+                                          HostPort("10.0.0.6", 10587))
+
+
 def test_toml_overrides_defaults_and_environment_overrides_toml(tmp_path):
     path = write(tmp_path, """
 [listeners]
@@ -114,7 +124,7 @@ workers = 3
 greet_wait = "2s"
 """)
     config = load_with({"SMTPGATE_CONFIG": path, "SMTPGATE_WORKERS": "2"})
-    assert config.next_hop == HostPort("10.0.0.5", 10026)  # from the file
+    assert config.next_hop == (HostPort("10.0.0.5", 10026),)  # from the file
     assert config.greet_wait == 2.0                         # from the file, Postfix's units
     assert config.workers == 2                              # the environment wins
     sources = {name: source for name, _, source in config.describe()}
@@ -152,6 +162,12 @@ BAD_ENVIRONMENT = [
                  "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-not-host-port"),
     pytest.param({"SMTPGATE_NEXT_HOP": "127.0.0.1:70000"},
                  "SMTPGATE_NEXT_HOP: '127.0.0.1:70000' is not host:port", id="port-too-big"),
+    pytest.param({"SMTPGATE_NEXT_HOP": ""}, "SMTPGATE_NEXT_HOP: is empty", id="no-next-hop"),
+    pytest.param({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025, 10.0.0.5:10025"},
+                 "SMTPGATE_NEXT_HOP: '10.0.0.5:10025, 10.0.0.5:10025' names a host twice",
+                 id="next-hop-twice"),
+    pytest.param({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025,x:y"},
+                 "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-list-item"),
     pytest.param({"SMTPGATE_MX_LISTEN": "0.0.0.0:0"},
                  "SMTPGATE_MX_LISTEN: '0.0.0.0:0' is not host:port", id="port-zero"),
     pytest.param({"SMTPGATE_MX_LISTEN": "::1:25"},

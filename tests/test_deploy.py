@@ -102,7 +102,7 @@ def test_compose_sets_only_known_settings_and_the_public_ports():
     loaded = config.load({"SMTPGATE_CONFIG": str(REPO / "conf" / "smtpgate.toml"),
                           **{k: str(v) for k, v in smtpgate["environment"].items()
                              if k not in ("REDIS", "SMTPGATE_CONFIG", "LETSENCRYPT")}})
-    assert str(loaded.next_hop) == "127.0.0.1:10025"
+    assert [str(hop) for hop in loaded.next_hop] == ["127.0.0.1:10025"]
     # Postfix shares smtpgate's network namespace: its loopback services are smtpgate's
     postfix = compose["services"]["postfix"]
     assert postfix["network_mode"] == "service:smtpgate"

@@ -27,7 +27,8 @@ def test_health_follows_redis_and_metrics_are_prometheus_text(start_gate, world,
         assert code == 200 and json.loads(body)["redis"]["ok"] is True
         code, text = get(port, "/metrics")
         assert code == 200
-        assert "# TYPE smtpgate_sessions gauge" in text and "smtpgate_redis_up{" in text
+        assert "# TYPE smtpgate_sessions_in_flight gauge" in text
+        assert "\nsmtpgate_redis_up 1.0\n" in text  # no pid label: one figure for all workers
         assert get(port, "/nothing")[0] == 404
         redis_server.stop()
         try:
@@ -56,7 +57,7 @@ def test_health_follows_the_next_hop(start_gate, world, postfix_server):
             code, body = wait_for_health(port, lambda body: body["next_hop"]["ok"] is False)
             assert code == 503 and body["status"] == "unavailable"
             assert body["next_hop"]["address"] == f"127.0.0.1:{postfix_server.port}"
-            assert "smtpgate_next_hop_up{" in get(port, "/metrics")[1]
+            assert "\nsmtpgate_next_hop_up 0.0\n" in get(port, "/metrics")[1]
         finally:
             postfix_server.start()
         # back: the checks themselves reconnect, with no mail needed to notice

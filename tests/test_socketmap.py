@@ -7,6 +7,7 @@ import uuid
 from email.message import EmailMessage
 
 import pytest
+from services.waiting import wait_until
 
 from smtpgate.lookups.tables import Tables
 from smtpgate.service.socketmap import encode, start_socketmap
@@ -135,6 +136,15 @@ def _send(port, rcpts, subject):
         return smtp.send_message(msg, to_addrs=rcpts)
 
 
+def _rcpt_code(port, rcpt):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("probe.example.net")
+        smtp.mail("sender@example.net")
+        code, _ = smtp.rcpt(rcpt)
+        smtp.rset()
+        return code
+
+
 @pytest.mark.slow
 async def test_postfix_alias_expansion_through_socketmap(socketmap, redis, redis_server,
                                                          postfix_server, dovecot_server):
@@ -148,6 +158,11 @@ async def test_postfix_alias_expansion_through_socketmap(socketmap, redis, redis
         virtual_mailbox_maps=f"{base}:vbox",
         smtpd_recipient_restrictions=f"check_recipient_access {base}:recip")
     try:
+        # A reload lets idle smtpd processes of the old configuration finish at their
+        # convenience: one may still take the next connection. Wait for the new maps.
+        await asyncio.to_thread(wait_until, lambda: _rcpt_code(postfix_server.port,
+                                                               "team@example.com") == 250,
+                                20, "Postfix answering from the socketmap after its reload")
         subject = f"socketmap {uuid.uuid4()}"
         refused = await asyncio.to_thread(_send, postfix_server.port, ["team@example.com"], subject)
         assert refused == {}

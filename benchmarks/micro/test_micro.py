@@ -61,6 +61,14 @@ def test_access_list_decide(benchmark):
     assert verdict.outcome is Outcome.FAIL and verdict.reply.code == 521
 
 
+@pytest.mark.parametrize("count", [1, 2], ids=["one-hop", "two-hops"])
+def test_hop_choice_order(benchmark, count):
+    from smtpgate.relay.hop_choice import HopChoice
+
+    choice = HopChoice(count, 10)
+    assert sorted(benchmark(choice.order, 0.0)) == list(range(count))
+
+
 def test_dnsbl_decide_listed(benchmark):
     dnsbl = pytest.importorskip("smtpgate.checks.dnsbl")
     sites_mod = pytest.importorskip("smtpgate.dnsbl_sites")

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 from smtpgate import redis_url
 from smtpgate.config import Config, mask_secret
 from smtpgate.relay.probe import hop_findings, probe_next_hop
-from smtpgate.service.preflight import PROBE_TIMEOUT, ipv6_clients, next_hops
+from smtpgate.service.preflight import PROBE_TIMEOUT, ipv6_clients, listener_hops
 from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
 from smtpgate.verdict import Finding
 
@@ -95,7 +95,7 @@ def _passwords(url: str) -> set[str]:
 
 
 async def next_hop_check(config: Config) -> list[Finding]:
-    hops = sorted(set(next_hops(config).values()), key=str)
+    hops = sorted({hop for hops in listener_hops(config).values() for hop in hops}, key=str)
     timeout = min(config.next_hop_timeout, PROBE_TIMEOUT)
     probes = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout)
                                     for hop in hops))

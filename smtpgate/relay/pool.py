@@ -1,7 +1,7 @@
 """pool - a few Postfix connections greeted ahead of need, and the limit on transactions in flight.
 
 SYNOPSIS
-    HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0)
+    HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0, on_outcome=None)
     await pool.take() -> NextHop            a greeted connection (a fresh one if none idle)
     pool.check() -> (ok: bool | None, detail: str)    for /healthz; starts a reconnect
     pool.forget(reason) ; pool.close()
@@ -13,7 +13,9 @@ DESCRIPTION
     the connect, the banner and the first EHLO happened while nobody
     waited. Each idle connection holds one Postfix smtpd process, so the
     pool stays small, and a connection older than max_age is closed rather
-    than risk Postfix's own idle timeout.
+    than risk Postfix's own idle timeout. on_outcome(ok, detail), when given,
+    hears every connection attempt's outcome, the background ones included
+    (relay.hops marks a hop down or up again by it).
 
     TransactionLimit bounds the Postfix connections this worker uses at
     once (next_hop_transaction_limit, split between the workers), below
@@ -30,6 +32,7 @@ import collections
 import contextlib
 import contextvars
 import time
+from collections.abc import Callable
 
 from smtpgate.config import HostPort
 from smtpgate.relay.next_hop import NextHop, RelayError
@@ -41,8 +44,10 @@ class RelayBusy(Exception):
 
 class HopPool:
     def __init__(self, hop: HostPort, timeout: float, ehlo_name: str, size: int = 4,
-                 max_age: float = 60.0) -> None:
+                 max_age: float = 60.0,
+                 on_outcome: Callable[[bool, str], None] | None = None) -> None:
         self.hop, self.timeout, self.ehlo_name = hop, timeout, ehlo_name
+        self.on_outcome = on_outcome
         self.size, self.max_age = size, max_age
         self.offered: frozenset[str] | None = None  # XCLIENT attributes, once learned
         self._idle: list[NextHop] = []
@@ -63,12 +68,16 @@ class HopPool:
             self.forget(str(exc))
             raise
         self.offered, self.ok, self.detail = hop.offered, True, ""
+        if self.on_outcome is not None:
+            self.on_outcome(True, "")
         return hop
 
     def forget(self, reason: str) -> None:
         """A hand-off failed: learn Postfix's XCLIENT attributes again (its settings may have
         changed), and say so on /healthz until a connection succeeds."""
         self.offered, self.ok, self.detail = None, False, reason
+        if self.on_outcome is not None:
+            self.on_outcome(False, reason)
 
     def check(self) -> tuple[bool | None, str]:
         """The next hop's health as last seen; idle connections Postfix closed are dropped

@@ -3,19 +3,23 @@
 SYNOPSIS
     await start_health(gate, host, port) -> asyncio.Server
     health_report(gate) -> (status_code, dict)
-    metrics_text(gate) -> str
+    up(gate, check=True) -> (redis_ok, next_hop_ok, next_hop_detail)
 
 DESCRIPTION
     /healthz answers 200 when this worker can do its job (Redis answered
-    its last round trip, and the next hop's last connection attempt
-    succeeded) and 503 otherwise, with a JSON body naming what is wrong.
-    Each request also has the connection pool replace connections Postfix
+    its last round trip, and the last connection attempt to at least one
+    next hop succeeded) and 503 otherwise, with a JSON body naming what is
+    wrong; `next_hops` lists each hop (ok, detail, retry_in seconds).
+    Each check also has the connection pool replace connections Postfix
     closed, so a Postfix that stopped or came back shows within a check or
-    two, even with no mail flowing. /metrics is the Prometheus text format of this worker's figures
-    (sessions in flight, table lookups and round trips, DNSBL zone health).
-    With several workers the port is shared (SO_REUSEPORT) and each request
-    is answered by one of them: the figures are per worker, labelled with
-    its pid.
+    two, even with no mail flowing. With several workers the port is
+    shared (SO_REUSEPORT) and each request is answered by one of them:
+    /healthz speaks for that worker.
+
+    /metrics is the Prometheus text of all the workers together, the same
+    whichever worker answers: counters summed over the workers (those that
+    died included), gauges summed or the worst taken, no pid label
+    (smtpgate.service.metrics, which lists the metrics).
 
     Only GET of those two paths is served; anything else is 404 or 405, and
     a request that does not arrive within 5 s is dropped.
@@ -30,18 +34,33 @@ import os
 from typing import Any
 
 MAX_REQUEST = 8192
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def up(gate: Any, check: bool = True) -> tuple[bool, bool | None, list]:
+    """Whether Redis and the next hops worked at their last use (None: not tried yet), and
+    each hop's health (smtpgate.relay.hops.HopHealth).
+
+    check: have the pools drop the connections Postfix closed and open new ones first, as a
+    request to this endpoint does; without it nothing is touched.
+    """
+    redis_ok = gate.policy.tables.health.ok is not False and gate.policy.redis_ok
+    hops = gate.hops.check() if check else gate.hops.status()
+    return redis_ok, next_hop_ok([hop.ok for hop in hops]), hops
 
 
 def health_report(gate: Any) -> tuple[int, dict]:
     tables = gate.policy.tables
-    redis_ok = tables.health.ok is not False and gate.policy.redis_ok
-    hop_ok, hop_detail = gate.hop_pool.check() if gate.hop_pool is not None else (None, "")
+    redis_ok, hop_ok, hops = up(gate)
     body = {
         "status": "ok" if redis_ok and hop_ok is not False and not gate.draining
         else "unavailable",
         "redis": {"ok": redis_ok, "detail": tables.health.detail,
                   "cache_ready": tables.health.cache_ready},
-        "next_hop": {"ok": hop_ok, "address": str(gate.config.next_hop), "detail": hop_detail},
+        "next_hop": {"ok": hop_ok, "address": gate.hops.label,
+                     "detail": "; ".join(f"{h.address}: {h.detail}" for h in hops if h.detail)},
+        "next_hops": [{"address": str(h.address), "ok": h.ok, "detail": h.detail,
+                       "retry_in": round(h.retry_in, 1)} for h in hops],
         "draining": gate.draining,
         "sessions": len(gate.sessions),
         "dnsbl_unhealthy": sorted(gate.policy.querier.unhealthy),
@@ -50,41 +69,19 @@ def health_report(gate: Any) -> tuple[int, dict]:
     return (200 if body["status"] == "ok" else 503), body
 
 
-def metrics_text(gate: Any) -> str:
-    pid = os.getpid()
-    tables = gate.policy.tables
-    report = health_report(gate)[1]
-    hop_up = int(report["next_hop"]["ok"] is not False)
-    lines = [
-        "# HELP smtpgate_sessions Sessions in flight in this worker.",
-        "# TYPE smtpgate_sessions gauge",
-        f'smtpgate_sessions{{pid="{pid}"}} {len(gate.sessions)}',
-        "# HELP smtpgate_table_lookups_total Table lookups by phase call.",
-        "# TYPE smtpgate_table_lookups_total counter",
-        f'smtpgate_table_lookups_total{{pid="{pid}"}} {tables.stats.lookups}',
-        "# HELP smtpgate_table_round_trips_total Redis round trips made by the tables.",
-        "# TYPE smtpgate_table_round_trips_total counter",
-        f'smtpgate_table_round_trips_total{{pid="{pid}"}} {tables.stats.round_trips}',
-        "# HELP smtpgate_next_hop_up Whether the next hop's last connection attempt succeeded.",
-        "# TYPE smtpgate_next_hop_up gauge",
-        f'smtpgate_next_hop_up{{pid="{pid}"}} {hop_up}',
-        "# HELP smtpgate_redis_up Whether Redis answered the last round trip.",
-        "# TYPE smtpgate_redis_up gauge",
-        f'smtpgate_redis_up{{pid="{pid}"}} {int(report["redis"]["ok"])}',
-        "# HELP smtpgate_dnsbl_answers_total DNSBL answers by zone and kind.",
-        "# TYPE smtpgate_dnsbl_answers_total counter",
-    ]
-    for zone, counts in gate.policy.querier.health().items():
-        for kind, value in counts.items():
-            lines.append(f'smtpgate_dnsbl_answers_total{{pid="{pid}",zone="{zone}",'
-                         f'kind="{kind}"}} {value}')
-    return "\n".join(lines) + "\n"
+def next_hop_ok(each: list[bool | None]) -> bool | None:
+    """One hop that takes mail is enough: a message that finds its hop down moves to another
+    in the same transaction, so a balancer that took this gate out of service would only lose
+    capacity. False (503) when every hop's last attempt failed; None when none was tried."""
+    if all(ok is False for ok in each):
+        return False
+    return True if any(ok for ok in each) else None
 
 
-def _response(code: int, content_type: str, body: str) -> bytes:
+def _response(code: int, content_type: str, body: str | bytes) -> bytes:
     reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
               503: "Service Unavailable"}[code]
-    data = body.encode()
+    data = body.encode() if isinstance(body, str) else body
     return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
 
@@ -105,7 +102,7 @@ async def _handle(gate: Any, reader: asyncio.StreamReader, writer: asyncio.Strea
         code, body = health_report(gate)
         reply = _response(code, "application/json", json.dumps(body) + "\n")
     elif path == "/metrics":
-        reply = _response(200, "text/plain; version=0.0.4", metrics_text(gate))
+        reply = _response(200, METRICS_CONTENT_TYPE, gate.metrics.exposition(gate))
     else:
         reply = _response(404, "text/plain", "not found\n")
     writer.write(reply)

@@ -2,9 +2,9 @@
 
 SYNOPSIS
     preflight(config) -> dict[HostPort, HopProbe]    once, before the workers; PreflightError
-    next_hops(config) -> dict[str, HostPort]         listener kind -> where its mail goes
+    listener_hops(config) -> dict[str, tuple[HostPort, ...]]   listener kind -> its next hops
     ipv6_clients(config) -> str                      "listener", "proxy" or ""
-    carry(gate, probes)                              offer each listener what its hop carries
+    carry(gate, probes)                              offer each listener what its hops carry
     start_learning(gate, probes, wait_first=True)    learn_later() as this worker's task
     stop_learning(gate)
     await learn_later(gate, probes, wait_first)      probe the hops not known, until reached
@@ -16,7 +16,10 @@ DESCRIPTION
     inherit what it learned. It logs the certificate's names and expiry
     with the warnings of smtpgate.smtp.certificate (a bad pair is left to
     smtpgate.smtp.tls, which stops the start, or runs without STARTTLS
-    with tls_optional), and probes each next hop (smtpgate.relay.probe).
+    with tls_optional), and probes each next hop (smtpgate.relay.probe),
+    every one of a comma list. A listener's clients are offered what all
+    of its next hops that answered carry, since a message may go to any
+    of them (everything while none has answered).
 
     A next hop that cannot be reached is a warning: the image starts its
     containers in any order, so Postfix may come up after smtpgate. Until
@@ -30,7 +33,9 @@ DESCRIPTION
     (PreflightError, exit status 1, the log naming the Postfix setting):
     running would answer 451 to every message (or to every IPv6 client's)
     while looking healthy, and senders would retry quietly for days
-    before anyone noticed. Found later by learn_later(), the same is
+    before anyone noticed. With several next hops the same holds for any
+    one of them: messages would fail over from it, but it is as
+    misconfigured, and the start is the moment to say so. Found later by learn_later(), the same is
     logged as an error and mail is answered 451 until Postfix is fixed.
 
     A reload (SIGHUP) that names another next hop offers every extension
@@ -60,8 +65,8 @@ class PreflightError(Exception):
     """The next hop will not take smtpgate's hand-offs; the findings were logged."""
 
 
-def next_hops(config: Config) -> dict[str, HostPort]:
-    """Where each enabled SMTP listener's mail goes."""
+def listener_hops(config: Config) -> dict[str, tuple[HostPort, ...]]:
+    """Where each enabled SMTP listener's mail may go."""
     submission = config.submission_next_hop or config.next_hop
     hops = {}
     for kind, listen, hop in ((MX, config.mx_listen, config.next_hop),
@@ -70,6 +75,10 @@ def next_hops(config: Config) -> dict[str, HostPort]:
         if listen:
             hops[kind] = hop
     return hops
+
+
+def _all_hops(config: Config) -> list[HostPort]:
+    return sorted({hop for hops in listener_hops(config).values() for hop in hops}, key=str)
 
 
 def ipv6_clients(config: Config) -> str:
@@ -82,7 +91,7 @@ def ipv6_clients(config: Config) -> str:
 
 def preflight(config: Config) -> dict[HostPort, HopProbe]:
     _certificate(config)
-    hops = sorted(set(next_hops(config).values()), key=str)
+    hops = _all_hops(config)
     if not hops:
         return {}
     probes = asyncio.run(_probe_all(config, hops))
@@ -137,10 +146,11 @@ def _report(probe: HopProbe, ipv6: str, at_start: bool, interval: float) -> list
 
 
 def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
-    """Offer on each listener only what its next hop carries (all, where not known)."""
-    for kind, hop in next_hops(gate.config).items():
-        probe = probes.get(hop)
-        gate.carry(kind, carried_extensions(probe) if probe is not None else None)
+    """Offer on each listener what all its next hops carry, of those known (all: none known)."""
+    for kind, hops in listener_hops(gate.config).items():
+        known = [found for found in (carried_extensions(probes[hop]) for hop in hops
+                                     if hop in probes) if found is not None]
+        gate.carry(kind, frozenset.intersection(*known) if known else None)
 
 
 _learning: dict[int, asyncio.Task] = {}  # id(gate) -> its learn_later task
@@ -164,7 +174,7 @@ async def learn_later(gate: Any, probes: dict[HostPort, HopProbe],
     probes = dict(probes)
     first = True
     while True:
-        waiting = [hop for hop in set(next_hops(gate.config).values())
+        waiting = [hop for hop in _all_hops(gate.config)
                    if hop not in probes or not probes[hop].reached]
         if not waiting:
             return

@@ -12,7 +12,9 @@ DESCRIPTION
     One process per worker (SMTPGATE_WORKERS, default one per CPU); every
     worker binds the same ports with SO_REUSEPORT and the kernel spreads
     connections between them. The parent only supervises: it forwards
-    SIGTERM and SIGHUP to the workers and restarts one that died.
+    SIGTERM and SIGHUP to the workers and restarts one that died. Before
+    the first fork it makes the folder the workers' metrics share
+    (smtpgate.service.metrics), and it drops a dead worker's live gauges.
 
     SIGTERM: stop accepting, let sessions in flight finish for up to
     drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
@@ -22,8 +24,8 @@ DESCRIPTION
     Before the workers start, the master looks at the certificate and the
     next hops once (smtpgate.service.preflight): a next hop that refuses
     XCLIENT stops the start; one not reached yet is probed again by each
-    worker. Each worker offers its clients only the extensions the next hop
-    carries.
+    worker. Each worker offers its clients only the extensions the next
+    hops carry.
 
     "smtpgate: ready" is written to stderr once every listener is bound,
     for scripts and tests that wait on it.
@@ -37,28 +39,30 @@ import dataclasses
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
-from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.hops import Hops
+from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
 from smtpgate.service.health import start_health
+from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.preflight import (
     PreflightError,
     carry,
-    next_hops,
+    listener_hops,
     preflight,
     start_learning,
     stop_learning,
 )
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
-from smtpgate.smtp.tls import TlsError, TlsProvider, load_tls
+from smtpgate.smtp.tls import TlsError, load_tls
 
 log = logging.getLogger("smtpgate.master")
 
@@ -73,12 +77,21 @@ async def build_gate(config: Config) -> Gate:
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
     policy = await Policy.create(config, auth)
-    pool = None
-    if config.next_hop_pool and config.mx_listen:
-        pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
-                       size=config.next_hop_pool)
-    return Gate(config=config, tls=tls, policy=policy, auth=auth, hop_pool=pool,
-                relay_limit=relay_limit(config))
+    hops, submission_hops = next_hops(config)
+    return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
+                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics())
+
+
+def next_hops(config: Config) -> tuple[Hops, Hops | None]:
+    """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
+    pool_size = config.next_hop_pool if config.mx_listen else 0
+    hops = Hops(config.next_hop, config.next_hop_timeout, config.hostname, pool_size,
+                config.next_hop_retry)
+    submission = None
+    if config.submission_next_hop:
+        submission = Hops(config.submission_next_hop, config.next_hop_timeout, config.hostname,
+                          0, config.next_hop_retry)
+    return hops, submission
 
 
 def relay_limit(config: Config) -> TransactionLimit:
@@ -86,17 +99,6 @@ def relay_limit(config: Config) -> TransactionLimit:
     workers = config.workers or os.cpu_count() or 1
     share = max(1, config.next_hop_transaction_limit // workers)
     return TransactionLimit(share, config.next_hop_busy_wait)
-
-
-def implicit_tls_context(provider: TlsProvider) -> ssl.SSLContext:
-    """A context for port 465 that hands each handshake the provider's current certificate."""
-    base = provider.context()
-
-    def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = provider.context()
-
-    base.sni_callback = pick
-    return base
 
 
 async def start_listeners(gate: Gate) -> list[asyncio.Server]:
@@ -126,12 +128,12 @@ async def start_listeners(gate: Gate) -> list[asyncio.Server]:
 
 
 def _smtp_starter(gate: Gate, kind: str):
-    tls_context = implicit_tls_context(gate.tls) if kind == SUBMISSIONS and gate.tls else None
-
     def start(host: str, port: int):
+        # 465 reads a PROXY header before its TLS handshake, so TLS is not the listener's
+        factory = (implicit_tls_factory(gate) if kind == SUBMISSIONS
+                   else protocol_factory(gate, kind))
         return asyncio.get_running_loop().create_server(
-            protocol_factory(gate, kind), host, port, reuse_port=True, backlog=1024,
-            ssl=tls_context, ssl_handshake_timeout=30 if tls_context else None)
+            factory, host, port, reuse_port=True, backlog=1024)
 
     return start
 
@@ -150,6 +152,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gate)
+    refresher = loop.create_task(gate.metrics.run(gate))
     if probes is not None:
         start_learning(gate, probes)
     print("smtpgate: ready", file=sys.stderr, flush=True)
@@ -160,15 +163,17 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) 
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
     await _drain(gate, config.drain_grace)
-    if gate.hop_pool is not None:
-        gate.hop_pool.close()
+    refresher.cancel()
+    gate.metrics.refresh(gate)  # the last second's figures, kept in the sums after exit
+    gate.hops.close()
     await gate.policy.close()
     return 0
 
 
 # Settings bound to sockets, processes or the Redis connections: read once, at start.
 RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
-                "metrics_listen", "socketmap_listen", "workers", "ipv6_prefix", "log_format")
+                "metrics_listen", "metrics_dir", "socketmap_listen", "workers", "ipv6_prefix",
+                "log_format")
 
 
 def reload(gate: Gate) -> bool:
@@ -199,16 +204,16 @@ def reload(gate: Gate) -> bool:
     if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
-    if gate.hop_pool is not None and (config.next_hop, config.next_hop_pool) != (
-            running.next_hop, running.next_hop_pool):
-        gate.hop_pool.close()
-        gate.hop_pool = HopPool(config.next_hop, config.next_hop_timeout, config.hostname,
-                                size=config.next_hop_pool) if config.next_hop_pool else None
+    hop_settings = ("next_hop", "submission_next_hop", "next_hop_pool", "next_hop_timeout",
+                    "next_hop_retry", "hostname")
+    if any(getattr(config, n) != getattr(running, n) for n in hop_settings):
+        gate.hops.close()  # sessions relaying through the old ones finish with them
+        gate.hops, gate.submission_hops = next_hops(config)
     gate.config, gate.tls = config, tls
     if (config.next_hop, config.submission_next_hop) != (running.next_hop,
                                                          running.submission_next_hop):
-        for kind in next_hops(config):
-            gate.carry(kind, None)  # not known until the new hop is probed
+        for kind in listener_hops(config):
+            gate.carry(kind, None)  # not known until the new hops are probed
         start_learning(gate, {}, wait_first=False)
     log.info("reloaded configuration")
     return True
@@ -237,9 +242,10 @@ def serve(config: Config) -> int:
     except PreflightError:
         return 1  # logged, with the setting to change
     workers = config.workers or os.cpu_count() or 1
-    if workers == 1:
-        return _run_loop(config, probes)
-    return _supervise(config, workers, probes)
+    with metrics_directory(config.metrics_dir, tls=config.tls_paths is not None) as path:
+        if workers == 1:
+            return _run_loop(config, probes)
+        return _supervise(config, workers, path, probes)
 
 
 def _run_loop(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
@@ -252,7 +258,8 @@ def _run_loop(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
     return uvloop.run(run_worker(config, probes))
 
 
-def _supervise(config: Config, workers: int, probes: dict[Any, HopProbe] | None = None) -> int:
+def _supervise(config: Config, workers: int, metrics_path: str,
+               probes: dict[Any, HopProbe] | None = None) -> int:
     children: set[int] = set()
     stopping = False
 
@@ -292,6 +299,7 @@ def _supervise(config: Config, workers: int, probes: dict[Any, HopProbe] | None 
         except ChildProcessError:
             break
         children.discard(pid)
+        worker_gone(pid, metrics_path)
         if code and not stopping and time.monotonic() - started.pop(pid, 0) < 5:
             log.error("fatal: worker %d failed at start (status %d)", pid, code)
             forward(signal.SIGTERM, None)

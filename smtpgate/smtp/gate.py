@@ -1,8 +1,10 @@
 """gate - the runtime state every session of one worker shares.
 
 SYNOPSIS
-    Gate(config, tls, policy, relay_limit, auth=None, hop_pool=None)
+    Gate(config, tls, policy, relay_limit, hops, auth=None, submission_hops=None,
+         metrics=None)
     gate.sessions       the sessions in flight (drain waits for them)
+    gate.metrics        this worker's counters (smtpgate.service.metrics.Metrics)
     gate.draining       true once SIGTERM arrived
     gate.ehlo_tail[listener] ; gate.offered[listener]
     gate.carry(listener, extensions)   offer only what the next hop carries
@@ -26,7 +28,8 @@ from typing import Any
 
 from smtpgate.config import Config
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
-from smtpgate.relay.pool import HopPool, TransactionLimit
+from smtpgate.relay.hops import Hops
+from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import CARRIED
 from smtpgate.smtp.tls import TlsProvider
 
@@ -37,8 +40,10 @@ class Gate:
     tls: TlsProvider | None
     policy: Any
     relay_limit: TransactionLimit  # this worker's share of next_hop_transaction_limit
+    hops: Hops  # next_hop, pooled when next_hop_pool > 0
     auth: Any = None
-    hop_pool: HopPool | None = None
+    submission_hops: Hops | None = None  # submission_next_hop, for authenticated clients
+    metrics: Any = None  # smtpgate.service.metrics.Metrics; build_gate() always sets it
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False
     ehlo_tail: dict[str, tuple[str, ...]] = field(default_factory=lambda: {

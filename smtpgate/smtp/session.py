@@ -1,7 +1,8 @@
 """session - one client connection: the SMTP dialogue, translated to the policy and the relay.
 
 SYNOPSIS
-    protocol_factory(gate, listener) -> Callable[[], Wire]    for loop.create_server()
+    protocol_factory(gate, listener, proxied=None) -> Callable[[], Wire]
+                                                    for loop.create_server()
     Session(gate, wire, listener) ; await session.run()
     session.shut_down()                                       the drain's last word
 
@@ -58,14 +59,14 @@ from collections.abc import Callable
 from smtpgate import replies, session_id
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
-from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
+from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
 from smtpgate.smtp.evidence import SHOWN_ARGUMENTS, Refusal, session_record
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
-from smtpgate.smtp.proxy_header import expects_header, read_header
+from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
@@ -85,12 +86,16 @@ class Closing(Exception):
     """The session ends after the queued replies are written."""
 
 
-def protocol_factory(gate: Gate, listener: str) -> Callable[[], Wire]:
-    """One Wire per connection; its session runs as one task."""
+def protocol_factory(gate: Gate, listener: str,
+                     proxied: ProxiedAddresses | None = None) -> Callable[[], Wire]:
+    """One Wire per connection; its session runs as one task. `proxied`: the client's addresses
+    from a PROXY header read before TLS (port 465, smtpgate.smtp.implicit_tls)."""
     loop = asyncio.get_running_loop()
 
     def start(wire: Wire) -> None:
         session = Session(gate, wire, listener)
+        if proxied is not None:
+            session.take_addresses(proxied)
         task = loop.create_task(session.run())
         gate.sessions.add(session)
         task.add_done_callback(lambda _: gate.sessions.discard(session))
@@ -185,6 +190,7 @@ class Session:
         if refused:
             self._count_failure()
             self._refused(text)
+            self.gate.metrics.rejected(self.state, reply, self.last_command)
 
     def reply_raw(self, answer: HopReply) -> None:
         self.wire.reply(answer.raw)
@@ -249,26 +255,34 @@ class Session:
     async def run(self) -> None:
         wire = self.wire
         session_id.current.set(self.id)  # this task's own context: its log lines carry the id
+        ended = "closed"  # the metrics' outcome, told apart further by how it closed
         try:
             if not await self._proxy_header():
                 return
             self.state = self.policy.open(self.client)
             log.info("connect from %s to [%s]:%s session=%s", self.client_label,
                      self.client.local_ip, self.client.local_port, self.id)
+            if self.listener == SUBMISSIONS:  # the handshake came first (smtp.implicit_tls)
+                log.info("%s", tls_established(self.client_label, wire.extra("ssl_object")))
             if await self._greet():
                 await self._dialogue()
+            else:
+                ended = "refused"
         except Closing:
             pass
         except WireTimeout:
+            ended = "timeout"
             self.reply(replies.timeout(self.config.hostname))
             log.info("timeout after %s from %s", self.last_command or "CONNECT",
                      self.client_label)
         except (ConnectionError, OSError):
             pass
         except Exception:
+            ended = "error"
             log.exception("error: session with %s failed", self.client_label)
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
+            self.gate.metrics.session_ended(self, ended)  # counted before the client hears the end
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
@@ -283,6 +297,8 @@ class Session:
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
         config = self.config
+        if self.listener == SUBMISSIONS:
+            return True  # read before the TLS handshake, by smtpgate.smtp.implicit_tls
         if not expects_header(self.client.ip, config.proxy_protocol, config.proxy_trusted):
             return True
         found = await read_header(self.wire, config.proxy_protocol)
@@ -291,9 +307,12 @@ class Session:
                         found)
             return False
         if found is not None:
-            self.client = Client(plain_ip(found.client_ip), found.client_port,
-                                 plain_ip(found.local_ip), found.local_port, self.listener)
+            self.take_addresses(found)
         return True
+
+    def take_addresses(self, found: ProxiedAddresses) -> None:
+        self.client = Client(plain_ip(found.client_ip), found.client_port,
+                             plain_ip(found.local_ip), found.local_port, self.listener)
 
     async def _greet(self) -> bool:
         """Banner, with the pregreet wait and the connect-time checks of the policy."""
@@ -632,34 +651,28 @@ class Session:
             destaddr=self.client.local_ip, destport=self.client.local_port)
         envelope = Envelope(self.mail_line, self.rcpt_lines)
         header = self._received()
-        chunks = itertools.chain((header,), spool.chunks())
-        hop_address = self.config.next_hop
-        pool = gate.hop_pool
-        if self.login is not None and self.config.submission_next_hop is not None:
-            hop_address, pool = self.config.submission_next_hop, None
-        hop: NextHop | None = None
+        hops = gate.hops
+        if self.login is not None and gate.submission_hops is not None:
+            hops = gate.submission_hops
+        started = time.monotonic()
         try:
             async with gate.relay_limit.slot():
-                if pool is not None:
-                    hop = await pool.take()
-                else:
-                    hop = await NextHop.greeted(hop_address, self.config.next_hop_timeout,
-                                                self.config.hostname)
-                answer = await hop.deliver(identity, envelope, chunks, len(header) + size)
+                answer = await hops.deliver(
+                    identity, envelope, lambda: itertools.chain((header,), spool.chunks()),
+                    len(header) + size, self.client_label)
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
-                        hop_address, gate.relay_limit.limit, self.client_label)
+                        hops.label, gate.relay_limit.limit, self.client_label)
+            gate.metrics.relayed("busy")
             self.reply(RELAY_BUSY)
             return
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
-            log.warning("warning: next hop %s: %s", hop_address, exc)
-            if pool is not None:
-                pool.forget(str(exc))
+            log.warning("warning: next hop %s", exc if isinstance(exc, RelayError)
+                        else f"{hops.label}: {exc}")
+            gate.metrics.relayed("tempfail")
             self.reply(replies.RELAY_UNAVAILABLE)
             return
-        finally:
-            if hop is not None:
-                hop.close_quietly()
+        gate.metrics.relayed(answer.code, time.monotonic() - started)
         self.reply_raw(answer)
         self._log_relayed(answer, size)
 

@@ -3,6 +3,7 @@
 SYNOPSIS
     GateProcess(workdir, env, listeners=("mx",))
         .start(timeout=15) ; .stop(timeout=10) ; .log_text() ; .wait_for_log(regex)
+        .kill()                         SIGKILL, a crash on purpose (stop() then checks nothing)
         .workers() -> list[int]         pids of the worker processes (children of the master)
         .mx_port, .submission_port, .submissions_port, .metrics_port, .socketmap_port
         .workers_expected: int          from SMTPGATE_WORKERS (default 1)
@@ -162,6 +163,12 @@ class GateProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: master and workers
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL to the master and its workers, as a crash would; nothing left to check."""
+        if self.proc is not None and not self._checked:
+            self._checked = True
+            self._kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then assert that smtpgate exited with status 0 within timeout seconds."""

@@ -95,8 +95,10 @@ class RedisNode:
             conf.write_text("\n".join(self.extra_args) + "\n")
             argv = ["redis-server", str(conf), "--sentinel", *common]
         else:
+            # shutdown-timeout 0: a master with a replica (after a failover, the former
+            # replica) otherwise waits up to 10 s on SIGTERM for its replica to catch up
             argv = ["redis-server", *common, "--save", "", "--appendonly", "no",
-                    *self.extra_args]
+                    "--shutdown-timeout", "0", *self.extra_args]
         self.killed = False
         self._proc = spawn(argv, self.log_path, cwd=self.workdir)
         wait_for_port(HOST, self.port, timeout, proc=self._proc, log=self.log_path)
