@@ -114,6 +114,35 @@ def test_carried_extensions():
     assert carried_extensions(partial) == {"DSN"}
 
 
+def test_a_listener_offers_what_all_its_next_hops_carry():
+    from smtpgate.config import load
+    from smtpgate.service.preflight import carry
+
+    config = load({"HOSTNAME": "mx.example.test", "SMTPGATE_NEXT_HOP": "10.0.0.1:25,10.0.0.2:25",
+                   "SMTPGATE_SUBMISSION_NEXT_HOP": "10.0.0.3:587",
+                   "SMTPGATE_SUBMISSION_LISTEN": "127.0.0.1:587"})
+    first, second, submission = (*config.next_hop, *config.submission_next_hop)
+    carried: dict[str, frozenset[str] | None] = {}
+
+    class Gate:  # what carry() uses of smtp.gate.Gate
+        def __init__(self):
+            self.config = config
+
+        def carry(self, listener, extensions):
+            carried[listener] = extensions
+
+    def good(hop, extensions):
+        return HopProbe(hop, xclient=ALL_ATTRIBUTES, xclient_reply="220 ok",
+                        extensions=frozenset(extensions))
+
+    carry(Gate(), {first: good(first, {"DSN", "SMTPUTF8"}), second: good(second, {"DSN"}),
+                   submission: HopProbe(submission, error="down")})
+    assert carried == {"mx": {"DSN"}, "submission": None}  # None: not known, all offered
+    carry(Gate(), {first: good(first, {"DSN", "SMTPUTF8"}),
+                   second: HopProbe(second, error="down")})
+    assert carried["mx"] == {"DSN", "SMTPUTF8"}  # what the hops that answered carry
+
+
 # --- probing a real Postfix ---------------------------------------------------------------------
 
 
