@@ -24,13 +24,13 @@ from test_workers import START_WINDOW, age, serving_pids
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL
 from smtpgate.service.metrics import (
     ENVIRONMENT,
-    certificate_expiry,
     metrics_directory,
     rejecting_check,
     relay_result,
     session_outcome,
     stage_of,
 )
+from smtpgate.smtp.certificate import read_certificate
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 SCRAPES = 20  # with 2 workers, all 20 reaching the same one is a 2^-19 chance
@@ -162,13 +162,14 @@ def test_relay_results_and_stages():
 
 
 def test_certificate_expiry_agrees_with_openssl(certificate):
-    _, cert_path, _ = certificate
+    _, cert_path, key_path = certificate
     out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(cert_path)],
                          capture_output=True, text=True, check=True).stdout
     # notAfter=Jan  1 00:00:00 3000 GMT
     stamp = datetime.strptime(" ".join(out.strip().split("=", 1)[1].split()),
                               "%b %d %H:%M:%S %Y %Z").replace(tzinfo=UTC)
-    assert certificate_expiry(str(cert_path)) == stamp.timestamp()
+    info = read_certificate(str(cert_path), str(key_path))
+    assert info.not_after.timestamp() == stamp.timestamp()
 
 
 def test_a_configured_metrics_dir_is_made_and_cleared_of_stale_files_only(tmp_path):

@@ -9,7 +9,6 @@ SYNOPSIS
     metrics.relayed(result_or_code, seconds=None)
     metrics.refresh(gate, check=False) ; await metrics.run(gate)   the figures kept elsewhere
     metrics.exposition(gate) -> bytes                         /metrics, every worker's sum
-    certificate_expiry(path) -> float                         not_after, Unix time
 
 DESCRIPTION
     prometheus-client in multiprocess mode: every worker writes its values
@@ -126,7 +125,7 @@ def metrics_directory(configured: str, tls: bool = False) -> Iterator[str]:
     import prometheus_client.multiprocess  # noqa: F401 - now, in multiprocess mode
 
     if tls:
-        import cryptography.x509  # noqa: F401 - certificate_expiry()'s, shared by the workers
+        import cryptography.x509  # noqa: F401 - smtp.certificate's, shared by the workers
     try:
         yield path
     finally:
@@ -182,15 +181,6 @@ def stage_of(last_command: str) -> str:
     if not last_command:
         return "connect"
     return "helo" if last_command == "EHLO" else last_command.lower()
-
-
-def certificate_expiry(path: str) -> float:
-    """The first certificate's notAfter in a PEM file (the server's own, in a full chain)."""
-    from cryptography import x509
-
-    with open(path, "rb") as fh:
-        certificate = x509.load_pem_x509_certificate(fh.read())
-    return certificate.not_valid_after_utc.timestamp()
 
 
 # --- one worker's figures ---------------------------------------------------------------------
@@ -254,7 +244,7 @@ class Metrics:
         self._rejection_counters: dict[tuple[str, str], Any] = {}
         self._seen: dict[Any, int] = {}  # what refresh() last copied, per source figure
         self._querier: Any = None
-        self._certificate: tuple[str, int] | None = None
+        self._certificate: Any = None  # the CertificateInfo last shown
         self.workers.set(1)
 
     # --- the hot path: a dict lookup and an increment ---------------------------------------
@@ -333,26 +323,17 @@ class Metrics:
             self._seen[key] = value
 
     def _refresh_certificate(self, tls: Any) -> None:
-        if tls is None:
-            return
-        path = tls.cert_path
-        try:
-            stamp = (path, os.stat(path).st_mtime_ns)
-            if stamp == self._certificate:
-                return
-            expiry = certificate_expiry(path)
-        except (OSError, ValueError) as exc:
-            if self._certificate is None or self._certificate[0] != path:
-                log.warning("warning: metrics: cannot read certificate %s: %s", path, exc)
-            self._certificate = (path, 0)
+        """The certificate in use (smtpgate.smtp.tls reads a renewed one by itself)."""
+        info = None if tls is None else tls.info
+        if info is None or info is self._certificate:
             return
         if self.tls_expiry is None:
             self.tls_expiry = self._gauge(
                 "tls_certificate_expiry_timestamp_seconds",
                 "When the TLS certificate expires (notAfter), Unix time; the soonest over "
                 "the workers.", "livemin")
-        self.tls_expiry.set(expiry)
-        self._certificate = stamp
+        self.tls_expiry.set(info.not_after.timestamp())
+        self._certificate = info
 
     async def run(self, gate: Any, interval: float = REFRESH_INTERVAL) -> None:
         """refresh() every interval seconds until cancelled, so the other workers' figures
