@@ -113,6 +113,15 @@ def redis_cluster(service_root):
 
 
 @pytest.fixture
+def cluster_redis(redis_cluster):
+    """The Cluster, emptied (FLUSHDB on every master); a module overrides `redis` with it."""
+    client = redis_cluster.client()
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def redis(redis_server):
     if not redis_server.running:
         redis_server.start()

@@ -14,7 +14,7 @@ import pytest
 from services import procs
 from services.haproxy_server import HaproxyServer
 from services.ports import start_on_free_ports
-from services.smtp_talk import Talk, untag
+from services.smtp_talk import Talk, send_marked, untag
 from services.waiting import wait_until
 
 from smtpgate.lookups import keys
@@ -54,25 +54,12 @@ def logged(gate, since: int, regex: str) -> bool:
     return re.search(regex, gate.log_text()[since:], re.MULTILINE) is not None
 
 
-def send(port: int, mark: str, source: str = "127.0.0.77") -> tuple[int, str]:
-    with Talk("127.0.0.1", port, source=source) as talk:
-        assert talk.banner()[0] == 220
-        talk.cmd("EHLO client.example.test")
-        assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
-        assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
-        assert talk.cmd("DATA")[0] == 354
-        talk.send(f"Subject: {mark}\r\n\r\nthrough haproxy\r\n.\r\n".encode())
-        reply = talk.reply()
-        talk.cmd("QUIT")
-    return reply
-
-
 def test_postfix_sees_the_client_behind_haproxy(balanced, world, postfix_server,
                                                 dovecot_server):
     _, haproxy = balanced
     since = postfix_server.log_mark()
     mark = f"haproxy-{uuid.uuid4().hex}"
-    assert send(haproxy.port, mark)[0] == 250
+    assert send_marked(haproxy.port, mark)[0] == 250
     postfix_server.wait_for_log(r"client=host77\.clients\.example\.test\[127\.0\.0\.77\]",
                                 since=since)
     stored = dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)
@@ -125,10 +112,10 @@ def test_mail_keeps_flowing_when_one_instance_is_killed(balanced, world, postfix
     gates[0].kill()
     # at once, before the health check noticed: HAProxy's retry takes the refused connection
     # to the other instance
-    assert send(haproxy.port, f"haproxy-kill-{uuid.uuid4().hex}")[0] == 250
+    assert send_marked(haproxy.port, f"haproxy-kill-{uuid.uuid4().hex}")[0] == 250
     haproxy.wait_for_log(r"Server gates/gate0 is DOWN", timeout=10)
     since = marks(gates)[1]
     for _ in range(4):
-        assert send(haproxy.port, f"haproxy-after-{uuid.uuid4().hex}")[0] == 250
+        assert send_marked(haproxy.port, f"haproxy-after-{uuid.uuid4().hex}")[0] == 250
     wait_until(lambda: gates[1].log_text()[since:].count("client=host77") >= 4, 10,
                "four messages through the surviving instance")

@@ -72,6 +72,15 @@ GOOD = HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES,
                 ipv6_reply="220 next-hop ESMTP Postfix")
 
 
+def ehlo_keywords(port: int) -> set[str]:
+    """The extensions a gate offers in its EHLO reply."""
+    with Talk("127.0.0.1", port) as talk:
+        talk.banner()
+        _, ehlo = talk.cmd("EHLO client.example.test")
+        talk.cmd("QUIT")
+    return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
+
+
 @pytest.mark.parametrize(("probe_", "ipv6", "expected", "says"), [
     (GOOD, "listener", ["ok"], "XCLIENT authorized for 127.0.0.1"),
     (HopProbe(HOP, error="Connect call failed"), "", ["error"], "cannot be reached"),
@@ -100,6 +109,7 @@ GOOD = HopProbe(HOP, source="127.0.0.1", xclient=ALL_ATTRIBUTES,
 ], ids=["good", "unreachable", "not-authorized", "no-xclient-at-all", "ipv6-refused-and-needed",
         "ipv6-refused-behind-proxy", "ipv6-refused-not-needed", "no-smtputf8-no-dsn",
         "no-chunking"])
+
 def test_findings(probe_, ipv6, expected, says):
     found = hop_findings(probe_, ipv6)
     assert levels(found) == expected
@@ -296,17 +306,10 @@ def test_next_hop_that_comes_up_later_is_learned(service_root, start_gate, redis
         gate.wait_for_log(rf"warning: next hop {hop} cannot be reached .*; clients are offered "
                           r"every extension until it can, and it is tried again every 1 s")
 
-        def ehlo_keywords() -> set[str]:
-            with Talk("127.0.0.1", gate.mx_port) as talk:
-                talk.banner()
-                _, ehlo = talk.cmd("EHLO client.example.test")
-                talk.cmd("QUIT")
-            return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
-
-        assert "SMTPUTF8" in ehlo_keywords()  # nothing known yet: everything offered
+        assert "SMTPUTF8" in ehlo_keywords(gate.mx_port)  # nothing known yet: everything offered
         later.start()
         gate.wait_for_log(rf"warning: next hop {hop} does not offer SMTPUTF8", timeout=15)
-        wait_until(lambda: "SMTPUTF8" not in ehlo_keywords(), 5,
+        wait_until(lambda: "SMTPUTF8" not in ehlo_keywords(gate.mx_port), 5,
                    "smtpgate to stop offering SMTPUTF8")
     finally:
         gate.stop()
@@ -330,18 +333,11 @@ def test_reload_to_another_next_hop_probes_it(configure, redis_server, dns_serve
     procs.on_exit(gate.stop)
     gate.start()
     try:
-        def ehlo_keywords() -> set[str]:
-            with Talk("127.0.0.1", gate.mx_port) as talk:
-                talk.banner()
-                _, ehlo = talk.cmd("EHLO client.example.test")
-                talk.cmd("QUIT")
-            return {line[4:].split()[0] for line in ehlo.splitlines()[1:]}
-
-        assert "SMTPUTF8" in ehlo_keywords()
+        assert "SMTPUTF8" in ehlo_keywords(gate.mx_port)
         toml.write_text(f'next_hop = "{other}"\nnext_hop_pool = 0\n')
         gate.proc.send_signal(signal.SIGHUP)
         gate.wait_for_log(rf"warning: next hop {other} does not offer SMTPUTF8")
-        assert "SMTPUTF8" not in ehlo_keywords()
+        assert "SMTPUTF8" not in ehlo_keywords(gate.mx_port)
     finally:
         gate.stop()
         other_server.stop()

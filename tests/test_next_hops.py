@@ -13,7 +13,7 @@ import pytest
 from services import procs
 from services.ports import free_port, start_on_free_ports
 from services.postfix_server import PostfixServer
-from services.smtp_talk import Talk
+from services.smtp_talk import Talk, send_marked
 from services.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -28,21 +28,6 @@ def second_postfix(service_root, dovecot_server, rspamd_server):
     start_on_free_ports(server)
     yield server
     server.stop()
-
-
-def send(port: int, mark: str, source: str = "127.0.0.77") -> tuple[int, str]:
-    """One message from a good client; the final reply. The Message-ID carries the mark."""
-    with Talk("127.0.0.1", port, source=source) as talk:
-        assert talk.banner()[0] == 220
-        talk.cmd("EHLO client.example.test")
-        assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
-        assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
-        assert talk.cmd("DATA")[0] == 354
-        talk.send(f"Message-ID: <{mark}@example.net>\r\nSubject: {mark}\r\n\r\nhops\r\n.\r\n"
-                  .encode())
-        reply = talk.reply()
-        talk.cmd("QUIT")
-    return reply
 
 
 def received_by(postfix: PostfixServer, mark: str, since: int = 0) -> bool:
@@ -68,7 +53,7 @@ def test_mail_flows_while_one_hop_is_down_and_the_hop_is_used_again_after_it_ret
     try:
         # both up: they take turns
         marks = [f"hops-{uuid.uuid4().hex}" for _ in range(4)]
-        assert all(send(gate.mx_port, mark)[0] == 250 for mark in marks)
+        assert all(send_marked(gate.mx_port, mark)[0] == 250 for mark in marks)
         for postfix in (first, second):
             wait_until(lambda p=postfix: any(received_by(p, m) for m in marks), 20,
                        f"a message at {postfix}")
@@ -76,7 +61,7 @@ def test_mail_flows_while_one_hop_is_down_and_the_hop_is_used_again_after_it_ret
         second.stop()
         since = first.log_mark()
         marks = [f"hops-down-{uuid.uuid4().hex}" for _ in range(4)]
-        replies = [send(gate.mx_port, mark) for mark in marks]
+        replies = [send_marked(gate.mx_port, mark) for mark in marks]
         assert [code for code, _ in replies] == [250] * 4, replies  # no 451 while one is up
         for mark in marks:
             wait_until(lambda m=mark: received_by(first, m, since), 20, f"{mark} at {first}")
@@ -93,7 +78,7 @@ def test_mail_flows_while_one_hop_is_down_and_the_hop_is_used_again_after_it_ret
 
         def second_used_again() -> bool:
             mark = f"hops-back-{uuid.uuid4().hex}"
-            assert send(gate.mx_port, mark)[0] == 250
+            assert send_marked(gate.mx_port, mark)[0] == 250
             wait_until(lambda: received_by(first, mark) or received_by(second, mark, since), 20,
                        f"{mark} at either Postfix")
             return received_by(second, mark, since)
@@ -114,7 +99,7 @@ def test_with_every_hop_down_the_client_hears_451_and_healthz_is_503(
         postfix_server.stop()
         second_postfix.stop()
         try:
-            code, text = send(gate.mx_port, f"hops-none-{uuid.uuid4().hex}")
+            code, text = send_marked(gate.mx_port, f"hops-none-{uuid.uuid4().hex}")
             assert code == 451 and "4.3.0" in text
             gate.wait_for_log(r"warning: next hop 127\.0\.0\.1:\d+: connect to .*; trying "
                               r"127\.0\.0\.1:\d+ for host77\.clients\.example\.test")

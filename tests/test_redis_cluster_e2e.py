@@ -51,12 +51,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def redis(redis_cluster):
-    """The Cluster, emptied (FLUSHDB on every master): `world` fills it."""
-    client = redis_cluster.client()
-    client.flushdb()
-    yield client
-    client.close()
+def redis(cluster_redis):
+    return cluster_redis
 
 
 @pytest.fixture(scope="module")

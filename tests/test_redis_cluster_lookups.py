@@ -36,11 +36,8 @@ from smtpgate.lookups.keys import SESSIONS_ALL, rate_key, sessions_key
 
 
 @pytest.fixture
-def redis(redis_cluster):
-    client = redis_cluster.client()
-    client.flushdb()
-    yield client
-    client.close()
+def redis(cluster_redis):
+    return cluster_redis
 
 
 @pytest.fixture

@@ -122,3 +122,20 @@ class Talk:
         for part in (self.file, self.sock):
             with contextlib.suppress(OSError):
                 part.close()
+
+
+def send_marked(port: int, mark: str, source: str = "127.0.0.77",
+                host: str = "127.0.0.1") -> tuple[int, str]:
+    """One message from a good client to user1@; the final reply. The mark is the
+    Message-ID's local part and the Subject, to find the message at Postfix or Dovecot."""
+    with Talk(host, port, source=source) as talk:
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO client.example.test")
+        assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
+        assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        assert talk.cmd("DATA")[0] == 354
+        talk.send(f"Message-ID: <{mark}@example.net>\r\nSubject: {mark}\r\n\r\nmarked\r\n.\r\n"
+                  .encode())
+        reply = talk.reply()
+        talk.cmd("QUIT")
+    return reply
