@@ -259,10 +259,11 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert loaded.mx_listen[0].port == ports["smtp"]
     assert loaded.submission_listen[0].port == ports["submission"]
+    assert loaded.submissions_listen[0].port == ports["submissions"]
     assert loaded.metrics_listen[0].port == ports["metrics"]
     service = docs["Service"]["spec"]
     assert service["type"] == "LoadBalancer"
     assert {(p["port"], p["targetPort"]) for p in service["ports"]} == {
-        (25, "smtp"), (587, "submission")}
+        (25, "smtp"), (587, "submission"), (465, "submissions")}
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"][
         "selector"]
