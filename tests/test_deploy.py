@@ -248,6 +248,7 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
     assert env["REDIS"].startswith("redis+sentinel://")
     assert env["SMTPGATE_PROXY_PROTOCOL"] in ("v1", "v2", "auto")
     assert env["SMTPGATE_PROXY_TRUSTED"] not in ("", "0.0.0.0/0")
+    assert env["SMTPGATE_MYNETWORKS"] == ""  # behind the balancer, nobody relays unauthenticated
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert "livenessProbe" in container
     # the ConfigMap's file is one smtpgate loads, and its ports are the ones the pod exposes

@@ -67,6 +67,31 @@ def test_untrusted_peer_cannot_claim_another_address(gate, world):
         assert talk.cmd("PROXY TCP4 203.0.113.9 127.0.0.1 5555 25")[0] == 502
 
 
+@pytest.fixture(scope="module")
+def mynetworks_gate(start_gate):
+    process = start_gate(SMTPGATE_PROXY_PROTOCOL="auto", SMTPGATE_PROXY_TRUSTED="127.0.0.1/32",
+                         SMTPGATE_MYNETWORKS="127.0.0.0/8")
+    yield process
+    process.stop()
+
+
+def test_a_header_claiming_loopback_gets_no_mynetworks_trust(mynetworks_gate, world):
+    """Relaying is for mynetworks; a PROXY header naming 127.0.0.1 must not open it."""
+    with Talk("127.0.0.1", mynetworks_gate.mx_port, source="127.0.0.1") as talk:
+        talk.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 5555 25\r\n")
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO client.example.test")
+        assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
+        code, text = talk.cmd("RCPT TO:<victim@elsewhere.example>")
+        assert code == 554 and "Relay access denied" in text, (code, text)
+    # the same address connecting directly is this host: mynetworks, relaying allowed
+    with Talk("127.0.0.1", mynetworks_gate.mx_port, source="127.0.0.2") as talk:
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO client.example.test")
+        assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
+        assert talk.cmd("RCPT TO:<victim@elsewhere.example>")[0] == 250
+
+
 # --- port 465: the PROXY header comes before the TLS handshake ---------------------------------
 
 

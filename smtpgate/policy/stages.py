@@ -48,6 +48,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -163,9 +164,17 @@ class Policy:
     def open(self, client: Client) -> ClientState:
         return ClientState(client)
 
-    def _trusted_network(self, ip: str) -> bool:
-        return access_list.decide(ip, None, mynetworks=self.config.mynetworks).outcome \
-            is Outcome.PERMIT
+    def _mynetworks(self, client: Client) -> tuple:
+        """mynetworks, except for a loopback address from a PROXY header: no balancer
+        forwards such a client, and a peer in proxy_trusted that is not really the balancer
+        must not claim to be this host and relay through it."""
+        if client.proxied and ipaddress.ip_address(client.ip).is_loopback:
+            return ()
+        return self.config.mynetworks
+
+    def _trusted_network(self, client: Client) -> bool:
+        return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
+            .outcome is Outcome.PERMIT
 
     @staticmethod
     def _note(state: ClientState, verdict: Verdict) -> Verdict:
@@ -192,7 +201,7 @@ class Policy:
         """
         client = state.client
         ip, port = client.ip, client.port
-        state.trusted = self._trusted_network(ip)
+        state.trusted = self._trusted_network(client)
         try:
             facts = await self.tables.connect_facts(ip)
         except TableError as exc:
@@ -204,7 +213,7 @@ class Policy:
             return CONNECT_TEMPFAIL
         state.rev_ip = facts.rev.value if facts.rev is not None else None
         verdict = self._note(state, access_list.decide(
-            ip, psa.value if psa else None, mynetworks=self.config.mynetworks,
+            ip, psa.value if psa else None, mynetworks=self._mynetworks(client),
             action=self.config.access_reject_action,
             psa_key=psa.key.partition(":")[2] if psa else ""))  # the name, not the Redis key
         if verdict.outcome is Outcome.PERMIT:

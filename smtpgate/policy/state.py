@@ -1,7 +1,7 @@
 """state - what the engine tells the policy about a connection, and what the policy keeps.
 
 SYNOPSIS
-    Client(ip, port, local_ip, local_port, listener)     facts, set by the engine
+    Client(ip, port, local_ip, local_port, listener, proxied)   facts, set by the engine
     ClientState(client)                                   kept by the policy
     state.record        every Verdict taken for this session, in order
     state.client_name   the verified host name once FCrDNS passed, else "unknown"
@@ -42,6 +42,7 @@ class Client:
     local_ip: str = "0.0.0.0"
     local_port: int = 0
     listener: str = MX
+    proxied: bool = False  # the addresses came from a load balancer's PROXY header
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,7 +312,8 @@ class Session:
 
     def take_addresses(self, found: ProxiedAddresses) -> None:
         self.client = Client(plain_ip(found.client_ip), found.client_port,
-                             plain_ip(found.local_ip), found.local_port, self.listener)
+                             plain_ip(found.local_ip), found.local_port, self.listener,
+                             proxied=True)
 
     async def _greet(self) -> bool:
         """Banner, with the pregreet wait and the connect-time checks of the policy."""
