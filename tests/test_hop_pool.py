@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
 from smtpgate.config import HostPort
-from smtpgate.relay.next_hop import Envelope, NextHop
+from smtpgate.relay.next_hop import Envelope, NextHop, RelayError
 from smtpgate.relay.pool import HopPool
 from smtpgate.relay.xclient import ClientIdentity
 
@@ -67,3 +68,28 @@ async def test_a_closed_pool_keeps_nothing_idle():
     pool.close()
     assert pool.take_idle() is None
     assert (pool._filling, pool._tasks, pool._idle) == (0, set(), [])
+
+
+@pytest.mark.slow
+async def test_the_end_of_a_big_message_goes_out_only_with_quit(postfix_server):
+    """Until quit_sent, Postfix cannot have the whole message: a failure before then may move
+    it to another next hop (relay.hops) without a second copy. Here the connection breaks
+    right after the spool gave its last chunk: Postfix must queue nothing."""
+    hop = await NextHop.greeted(HostPort("127.0.0.1", postfix_server.port), 10, "mx.example.test")
+    mark = f"end-{uuid.uuid4().hex}"
+    first = f"Message-ID: <{mark}@example.net>\r\nSubject: end\r\n\r\n".encode()
+    first += b"x" * (200_000 - len(first) - 2) + b"\r\n"
+    last = b"y" * 199_998 + b"\r\n"
+    since = postfix_server.log_mark()
+
+    def chunks():
+        yield first
+        yield last
+        assert not hop.quit_sent
+        # the connection ends once the last chunk was taken (FIN: what was written arrives)
+        hop._wire.transport.close()
+
+    with pytest.raises(RelayError):
+        await hop.deliver(IDENTITY, ENVELOPE, chunks(), len(first) + len(last))
+    postfix_server.wait_for_log(r"lost connection after BDAT|disconnect from", since=since)
+    assert mark not in postfix_server.log_text()[since:]

@@ -221,16 +221,20 @@ class NextHop:
         """The message in as few writes as its size allows, with QUIT pipelined behind it.
 
         QUIT may end a pipelined group (RFC 2920), so a small message costs one write.
+        The last chunk always goes in the final write, with the end of data and QUIT: with
+        BDAT the last payload byte ends the message, and until quit_sent Postfix cannot
+        have queued it, so a failure before then may move the message to another next
+        hop (smtpgate.relay.hops) without a second copy.
         """
         transport = self._wire.transport
         pending, held = [head], len(head)
         for chunk in chunks:
-            pending.append(chunk)
-            held += len(chunk)
-            if held >= 262144:
+            if held >= 262144:  # before adding this chunk, which may be the last
                 transport.write(b"".join(pending))
                 pending, held = [], 0
                 await self._drained()
+            pending.append(chunk)
+            held += len(chunk)
         pending.append(tail + b"QUIT\r\n")
         transport.write(b"".join(pending))
         self.quit_sent = True
