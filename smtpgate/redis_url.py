@@ -80,7 +80,9 @@ def _multi(scheme: str, rest: str, raw: str) -> RedisTarget:
         user, colon, secret = creds.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    nodes = tuple(_hostport(h, _DEFAULT_PORT[scheme], shown) for h in hosts.split(",") if h)
+    # with credentials in the URL a bad "server" may be a piece of the password: not shown
+    nodes = tuple(_hostport(h, _DEFAULT_PORT[scheme], shown, reveal="@" not in raw)
+                  for h in hosts.split(",") if h)
     if not nodes:
         raise ValueError(f"{shown!r} names no server")
     params = dict(parse_qsl(query, keep_blank_values=True))
@@ -111,10 +113,13 @@ def _db(text: str, shown: str) -> int:
 _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]/\s]+)(?::(\d{1,5}))?$")
 
 
-def _hostport(text: str, default_port: int, shown: str) -> str:
+def _hostport(text: str, default_port: int, shown: str, reveal: bool = True) -> str:
     """host[:port] with the default port filled in; IPv6 in brackets."""
     m = _HOSTPORT.match(text.strip())
     if not m or not 0 < int(m.group(2) or default_port) < 65536:
+        if not reveal:
+            raise ValueError(f"{shown!r}: a server is not host:port (in a password, write "
+                             f"'/', '?', '#' and '@' percent-encoded: %2F %3F %23 %40)")
         raise ValueError(f"{shown!r}: {text!r} is not host:port")
     return f"{m.group(1)}:{int(m.group(2) or default_port)}"
 
@@ -125,20 +130,23 @@ def _split(hostport: str) -> tuple[str, str]:
 
 
 def mask(url: str) -> str:
-    """Hide every password in a REDIS URL: redis://:secret@host -> redis://:***@host."""
+    """Hide every password in a REDIS URL: redis://:secret@host -> redis://:***@host.
+
+    The credentials end at the last "@", whatever they contain ("/", "?", "#" are common in
+    generated passwords, and a URL parser would cut them short): when an "@" is in a query
+    value instead, more is hidden than needed, never less.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    creds, at, rest = rest.rpartition("@")
     rest, q, query = rest.partition("?")
     if query:
         query = "&".join(
             f"{k}=***" if "password" in k.lower() else f"{k}={v}" if e else k
             for k, e, v in (item.partition("=") for item in query.split("&")))
-    netloc, slash, path = rest.partition("/")
-    if scheme.lower() == "unix":  # unix://[creds@]/path: the credentials end at the last @
-        netloc, slash, path = rest, "", ""
-    if "@" in netloc:
-        creds, _, host = netloc.rpartition("@")
+    if at:
         user, colon, _ = creds.partition(":")
-        netloc = f"{user}:***@{host}" if colon or user else f"{user}@{host}"
-    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+        user = user if "/" not in user and "?" not in user else ""
+        creds = f"{user}:***" if colon or not user else user
+    return f"{scheme}://{creds}{at}{rest}{q}{query}"

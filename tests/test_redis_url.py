@@ -62,7 +62,21 @@ MASKS = [
     ("sentinel-both", "redis+sentinel://:pw@s1,s2/mx/0?sentinel_password=spw",
      "redis+sentinel://:***@s1,s2/mx/0?sentinel_password=***"),
     ("cluster", "redis+cluster://u:pw@c1:7000,c2:7001/", "redis+cluster://u:***@c1:7000,c2:7001/"),
+    # generated passwords: "/", "?" and "#" must not end the masking early
+    ("slash", "redis://:ab/cd@h:6379/0", "redis://:***@h:6379/0"),
+    ("question-hash", "redis://user:p?w#x@h/0", "redis://user:***@h/0"),
+    ("at-in-a-query-value", "redis+sentinel://s1/mx/0?sentinel_password=a@b",
+     "redis+sentinel://:***@b"),  # more hidden than needed, never less
 ]
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://:se/cret@h1:26379/m",
+                                 "redis+cluster://:p?x@h1:7000/"])
+def test_an_unencoded_password_is_never_in_the_error(url):
+    with pytest.raises(ValueError) as refused:
+        parse(url)
+    assert "cret" not in str(refused.value) and "p?x" not in str(refused.value)
+    assert "percent-encoded" in str(refused.value)
 
 
 @pytest.mark.parametrize(("url", "shown"), [m[1:] for m in MASKS], ids=[m[0] for m in MASKS])
