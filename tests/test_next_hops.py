@@ -117,7 +117,8 @@ def test_submission_next_hop_may_list_several_too(start_gate, world, postfix_ser
     world.set("LOGMAP:user1@example.com", "user1@example.com")
     dead = f"127.0.0.1:{free_port()}"  # handed out as "nobody listens here"
     hops = f"{dead},127.0.0.1:{postfix_server.submission_port}"
-    gate = start_gate(listeners=("mx", "submission"), SMTPGATE_SUBMISSION_NEXT_HOP=hops)
+    gate = start_gate(listeners=("mx", "submission", "metrics"),
+                      SMTPGATE_SUBMISSION_NEXT_HOP=hops)
     try:
         since = postfix_server.log_mark()
         for _ in range(2):  # in turn: one of the two starts at the dead hop and moves on
@@ -136,7 +137,42 @@ def test_submission_next_hop_may_list_several_too(start_gate, world, postfix_ser
                 assert talk.reply()[0] == 250
                 talk.cmd("QUIT")
         gate.wait_for_log(rf"warning: next hop {re.escape(dead)} is down \(connect to ")
+        code, body = health(gate.metrics_port)  # one submission hop takes mail: enough
+        assert code == 200 and [h["ok"] for h in body["submission_next_hops"]] == [False, True]
         wait_until(lambda: postfix_server.log_text()[since:].count(
             "sasl_username=user1@example.com") >= 2, 20, "both messages at Postfix's submission")
+    finally:
+        gate.stop()
+
+
+def test_health_and_metrics_show_a_submission_next_hop_that_is_down(start_gate, world,
+                                                                    postfix_server):
+    world.set("LOGMAP:user1@example.com", "user1@example.com")
+    dead = f"127.0.0.1:{free_port()}"
+    gate = start_gate(listeners=("mx", "submission", "metrics"),
+                      SMTPGATE_SUBMISSION_NEXT_HOP=dead)
+    try:
+        with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
+            assert talk.banner()[0] == 220
+            talk.cmd("EHLO laptop")
+            assert talk.cmd("STARTTLS")[0] == 220
+            talk.starttls()
+            talk.cmd("EHLO laptop")
+            auth = base64.b64encode(b"\0user1@example.com\0secret1").decode()
+            assert talk.cmd("AUTH PLAIN " + auth)[0] == 235
+            assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
+            assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
+            assert talk.cmd("DATA")[0] == 354
+            talk.send(b"Subject: no submission hop\r\n\r\nx\r\n.\r\n")
+            assert talk.reply()[0] == 451
+            talk.cmd("QUIT")
+        code, body = health(gate.metrics_port)
+        assert code == 503 and body["next_hop"]["ok"] is False, body
+        assert [h["ok"] for h in body["submission_next_hops"]] == [False]
+        assert body["next_hops"][0]["ok"] is not False  # the MX hop is fine
+        with urllib.request.urlopen(f"http://127.0.0.1:{gate.metrics_port}/metrics",
+                                    timeout=10) as response:
+            metrics = response.read().decode()
+        assert f'smtpgate_next_hop_host_up{{hop="{dead}",role="submission"}} 0.0' in metrics
     finally:
         gate.stop()

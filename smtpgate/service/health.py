@@ -3,13 +3,15 @@
 SYNOPSIS
     await start_health(gate, host, port) -> asyncio.Server
     health_report(gate) -> (status_code, dict)
-    up(gate, check=True) -> (redis_ok, next_hop_ok, next_hop_detail)
+    up(gate, check=True) -> (redis_ok, next_hop_ok, mx_hops, submission_hops)
 
 DESCRIPTION
     /healthz answers 200 when this worker can do its job (Redis answered
     its last round trip, and the last connection attempt to at least one
     next hop succeeded) and 503 otherwise, with a JSON body naming what is
-    wrong; `next_hops` lists each hop (ok, detail, retry_in seconds).
+    wrong; `next_hops` lists each hop (ok, detail, retry_in seconds),
+    `submission_next_hops` those of submission_next_hop. Either group with
+    no hop that takes mail makes it 503.
     Each check also has the connection pool replace connections Postfix
     closed, so a Postfix that stopped or came back shows within a check or
     two, even with no mail flowing. With several workers the port is
@@ -37,36 +39,47 @@ MAX_REQUEST = 8192
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def up(gate: Any, check: bool = True) -> tuple[bool, bool | None, list]:
+def up(gate: Any, check: bool = True) -> tuple[bool, bool | None, list, list]:
     """Whether Redis and the next hops worked at their last use (None: not tried yet), and
-    each hop's health (smtpgate.relay.hops.HopHealth).
+    each hop's health (smtpgate.relay.hops.HopHealth): the MX hops, then the submission
+    ones (empty when submission goes to the MX hops). The next hops are not ok when either
+    group has no hop that takes mail.
 
     check: have the pools drop the connections Postfix closed and open new ones first, as a
     request to this endpoint does; without it nothing is touched.
     """
     redis_ok = gate.policy.tables.health.ok is not False and gate.policy.redis_ok
     hops = gate.hops.check() if check else gate.hops.status()
-    return redis_ok, next_hop_ok([hop.ok for hop in hops]), hops
+    submission = gate.submission_hops.status() if gate.submission_hops is not None else []
+    groups = [next_hop_ok([hop.ok for hop in group]) for group in (hops, submission) if group]
+    hop_ok = False if False in groups else True if True in groups else None
+    return redis_ok, hop_ok, hops, submission
 
 
 def health_report(gate: Any) -> tuple[int, dict]:
     tables = gate.policy.tables
-    redis_ok, hop_ok, hops = up(gate)
+    redis_ok, hop_ok, hops, submission = up(gate)
+    every = hops + submission
     body = {
         "status": "ok" if redis_ok and hop_ok is not False and not gate.draining
         else "unavailable",
         "redis": {"ok": redis_ok, "detail": tables.health.detail,
                   "cache_ready": tables.health.cache_ready},
         "next_hop": {"ok": hop_ok, "address": gate.hops.label,
-                     "detail": "; ".join(f"{h.address}: {h.detail}" for h in hops if h.detail)},
-        "next_hops": [{"address": str(h.address), "ok": h.ok, "detail": h.detail,
-                       "retry_in": round(h.retry_in, 1)} for h in hops],
+                     "detail": "; ".join(f"{h.address}: {h.detail}" for h in every if h.detail)},
+        "next_hops": [_hop(h) for h in hops],
+        "submission_next_hops": [_hop(h) for h in submission],
         "draining": gate.draining,
         "sessions": len(gate.sessions),
         "dnsbl_unhealthy": sorted(gate.policy.querier.unhealthy),
         "pid": os.getpid(),
     }
     return (200 if body["status"] == "ok" else 503), body
+
+
+def _hop(hop: Any) -> dict:
+    return {"address": str(hop.address), "ok": hop.ok, "detail": hop.detail,
+            "retry_in": round(hop.retry_in, 1)}
 
 
 def next_hop_ok(each: list[bool | None]) -> bool | None:

@@ -64,7 +64,9 @@ DESCRIPTION
           an error or a failure in some worker (livemin)
       table_lookups_total, table_round_trips_total
       redis_up, next_hop_up              livemin; next_hop_up: some hop works
-      next_hop_host_up{hop}              each next hop (livemin)
+      next_hop_host_up{hop,role}         each next hop, role mx or submission
+          (livemin; a hop a reload dropped keeps its last value until the
+          workers restart: multiprocess files cannot forget a series)
       tls_certificate_expiry_timestamp_seconds   the certificate's notAfter
           as Unix time (livemin); subtract time() for the seconds left. A
           timestamp rather than a countdown, so two scrapes with nothing
@@ -235,8 +237,8 @@ class Metrics:
         self.next_hop_up = gauge("next_hop_up", "Whether some next hop's last connection "
                                  "attempt succeeded, in every worker.", "livemin")
         self.next_hop_host_up = gauge("next_hop_host_up", "Whether each next hop's last "
-                                      "connection attempt succeeded, in every worker.",
-                                      "livemin", ("hop",))
+                                      "connection attempt succeeded, in every worker; role: "
+                                      "mx or submission.", "livemin", ("hop", "role"))
         self._gauge = gauge
         self.tls_expiry: Any = None  # made when a certificate is first seen: no 0 before
         self._session_outcomes: dict[tuple[str, str], Any] = {}  # made at the first refresh
@@ -308,11 +310,12 @@ class Metrics:
                     for outcome in OUTCOMES:
                         self._session_outcomes[listener, outcome] = \
                             self.sessions.labels(listener, outcome)
-        redis_ok, hop_ok, hops = up(gate, check)
+        redis_ok, hop_ok, hops, submission = up(gate, check)
         self.redis_up.set(int(redis_ok))
         self.next_hop_up.set(int(hop_ok is not False))
-        for hop in hops:
-            self.next_hop_host_up.labels(str(hop.address)).set(int(hop.ok is not False))
+        for role, group in (("mx", hops), ("submission", submission)):
+            for hop in group:
+                self.next_hop_host_up.labels(str(hop.address), role).set(int(hop.ok is not False))
         self._refresh_certificate(gate.tls)
 
     def _copy(self, counter: Any, key: Any, value: int) -> None:
