@@ -22,6 +22,7 @@ from test_health import get
 from test_workers import START_WINDOW, age, serving_pids
 
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL
+from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.metrics import (
     ENVIRONMENT,
     metrics_directory,
@@ -153,6 +154,7 @@ def test_the_rejecting_check_is_the_verdict_that_carried_the_reply():
     # an equal reply made elsewhere (a syntax answer, say) is not the policy's
     assert rejecting_check(record, Reply(450, "4.7.1", helo.text)) is None
     assert rejecting_check([], CONNECT_TEMPFAIL) == "tempfail"
+    assert rejecting_check([], AUTH_FAILED) == "auth"
 
 
 def test_relay_results_and_stages():

@@ -87,6 +87,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL
+from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.health import up
 
 log = logging.getLogger("smtpgate.metrics")
@@ -163,12 +164,15 @@ def session_outcome(ended: str, last_command: str, eof: bool, draining: bool) ->
 def rejecting_check(record: list, reply: Any) -> str | None:
     """The check whose verdict carried this reply (the policy hands the Verdict's own Reply
     object on, also when it answers later, as under smtpd_delay_reject), "tempfail" for a
-    lookup that failed, None for a reply the policy did not give (syntax, limits)."""
+    lookup that failed, "auth" for a failed AUTH, None for a reply the policy did not give
+    (syntax, limits)."""
     for verdict in reversed(record):
         if verdict.reply is reply:
             return verdict.check
     if reply is CONNECT_TEMPFAIL or reply is RCPT_TEMPFAIL:
         return "tempfail"
+    if reply is AUTH_FAILED:  # a password guessed wrong: what a brute-force panel counts
+        return "auth"
     return None
 
 
