@@ -7,7 +7,7 @@ import re
 import uuid
 
 import pytest
-from services.smtp_talk import Talk, untag
+from services.smtp_talk import SESSION_TAG, Talk, untag
 from services.world import populate
 
 from smtpgate.relay.pool import RelayBusy, TransactionLimit
@@ -92,6 +92,7 @@ def test_a_recipient_postfix_refuses_fails_the_whole_message(gate, redis_server,
     finally:
         redis_server.client().delete("VALI:ghost@example.com")
     assert code == 550 and "ghost@example.com" in text, text  # Postfix's own words
+    assert SESSION_TAG.search(text), text  # ... ending with the session id, like smtpgate's
     assert not any(mark.encode() in raw for raw in dovecot_server.messages("user1@example.com"))
 
 

@@ -18,8 +18,8 @@ DESCRIPTION
     - The whole message is received (smtpgate.smtp.body into a Spool)
       before a Postfix connection is used, so a slow client never holds a
       Postfix process. The final reply is Postfix's reply to the message,
-      passed through unchanged (an rspamd reject included): 250 only when
-      Postfix queued it.
+      in its words (an rspamd reject included; a refusal gets the session
+      id at its end): 250 only when Postfix queued it.
     - Any failure to reach or finish with Postfix gives 451 4.3.0; no free
       next-hop slot within next_hop_busy_wait gives 451 4.3.2; the client
       never sees 250 for a message Postfix did not queue, and never waits
@@ -36,8 +36,8 @@ DESCRIPTION
       Postfix.
 
     Every session has an id (smtpgate.session_id). Each 4xx/5xx reply
-    smtpgate writes itself ends with `; session=ID` (Postfix's answers
-    to a relayed message are passed through as they are); the connect,
+    ends with `; session=ID`, Postfix's refusal of a relayed message
+    included (its words kept); the connect,
     disconnect, queue id and NOQUEUE lines carry it too. A session that
     got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
     policy's EvidenceStore, which writes it to Redis after the reply.
@@ -193,10 +193,15 @@ class Session:
             self.gate.metrics.rejected(self.state, reply, self.last_command)
 
     def reply_raw(self, answer: HopReply) -> None:
-        self.wire.reply(answer.raw)
-        if answer.code >= 400:
-            self._count_failure()
-            self._refused(answer.text.replace("\r\n", " "))
+        """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
+        a recipient refused at relay time) ends with the session id as smtpgate's own do,
+        so the sender can quote it and `explain --session` finds the record."""
+        if answer.code < 400:
+            self.wire.reply(answer.raw)
+            return
+        self.wire.reply(answer.raw.rstrip(b"\r\n") + f"; session={self.id}\r\n".encode())
+        self._count_failure()
+        self._refused(answer.text.replace("\r\n", " "))
 
     def tagged(self, reply: Reply) -> str:
         """A refusal as smtpgate writes it: the session id at the end, where Postfix's
