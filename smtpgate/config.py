@@ -101,9 +101,9 @@ def parse_hostport_list(value: Any, default_port: int) -> tuple[HostPort, ...]:
     return parse_listen(value, default_port)
 
 
-def parse_next_hops(value: Any, default_port: int) -> tuple[HostPort, ...]:
+def parse_next_hops(value: Any, default_port: int, empty_ok: bool = False) -> tuple[HostPort, ...]:
     hops = parse_hostport_list(value, default_port)
-    if not hops:
+    if not hops and not empty_ok:
         raise ValueError("is empty")
     if len(set(hops)) != len(hops):
         raise ValueError(f"{_show(hops)!r} names a host twice")
@@ -270,7 +270,7 @@ class Config:
         (), lambda v: parse_listen(v, 465),
         "implicit-TLS submission listeners (465); off by default")
     submission_next_hop: tuple[HostPort, ...] = setting(
-        (), lambda v: parse_hostport_list(v, 25),
+        (), lambda v: parse_next_hops(v, 25, empty_ok=True),
         "Postfix service for authenticated submission, host:port or a comma list like "
         "next_hop (default: next_hop)")
     socketmap_listen: tuple[HostPort, ...] = setting(

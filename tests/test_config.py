@@ -166,6 +166,9 @@ BAD_ENVIRONMENT = [
     pytest.param({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025, 10.0.0.5:10025"},
                  "SMTPGATE_NEXT_HOP: '10.0.0.5:10025, 10.0.0.5:10025' names a host twice",
                  id="next-hop-twice"),
+    pytest.param({"SMTPGATE_SUBMISSION_NEXT_HOP": "10.0.0.5:10587,10.0.0.5:10587"},
+                 "SMTPGATE_SUBMISSION_NEXT_HOP: '10.0.0.5:10587, 10.0.0.5:10587' names a host "
+                 "twice", id="submission-next-hop-twice"),
     pytest.param({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025,x:y"},
                  "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-list-item"),
     pytest.param({"SMTPGATE_MX_LISTEN": "0.0.0.0:0"},
