@@ -394,6 +394,11 @@ class Config:
         8192, int_between(1024, 1048576),
         "bytes of one session's evidence record; past it, the middle of its verdicts and "
         "replies is left out")
+    session_record_memory: int = setting(
+        268435456, int_between(0),
+        "bytes of Redis memory the session records of one node may take (divided among its "
+        "workers, counted as written over session_record_ttl); past it, records are not "
+        "written until older ones expire (0: no bound)")
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, where it came from) for check-config; secrets masked."""

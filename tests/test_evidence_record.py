@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import redis.asyncio as aioredis
@@ -13,8 +16,8 @@ from services.ports import free_port
 
 from smtpgate import session_id
 from smtpgate.cli.explain import print_record
-from smtpgate.lookups import keys
-from smtpgate.lookups.evidence import MAX_ENTRIES, MAX_TEXT, EvidenceStore, encode
+from smtpgate.lookups import keys, redis_client
+from smtpgate.lookups.evidence import KEY_COST, MAX_ENTRIES, MAX_TEXT, EvidenceStore, encode
 
 
 def test_ids_are_unique_well_formed_and_say_when_they_were_made():
@@ -160,3 +163,105 @@ async def test_a_dead_redis_costs_one_warning_and_no_error(caplog):
     finally:
         await store.close()
         await client.aclose()
+
+
+def explain_session(redis_server, sid: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "REDIS": redis_server.url, "SMTPGATE_MYNETWORKS": "",
+               "HOSTNAME": "mx.example.test", **env}
+    return subprocess.run([sys.executable, "-m", "smtpgate", "explain", "--session", sid],
+                          env=environ, capture_output=True, text=True, timeout=60)
+
+
+def refused_at_connect(sid: str, ip: str = "192.0.2.7"):
+    """A record of a session turned away at connect, and its repeat signature."""
+    rec = record(verdicts=1, replies=1) | {"session": sid, "client": ip}
+    return (lambda: rec), (lambda: (ip, ("access_list", "521")))
+
+
+async def test_a_repeat_is_an_alias_and_explain_follows_it(redis, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    store = EvidenceStore(client, ttl=86400, size_limit=8192)
+    first, again, later, other = (session_id.new() for _ in range(4))
+    try:
+        store.keep(first, *refused_at_connect(first))
+        await store.flush()
+        store.keep(again, *refused_at_connect(again))
+        store.keep(other, *refused_at_connect(other, ip="192.0.2.8"))  # another client
+        await store.flush()
+        store.keep(later, *refused_at_connect(later))
+        await store.close()
+        assert store.written == 4 and store.aliases == 2
+        alias = json.loads(await client.get(keys.session_record_key(again)))
+        assert alias["same_as"] == first and alias["ip"] == "192.0.2.7"
+        assert (await store.load(later))["same_as"] == first  # not an alias of an alias
+        assert (await store.load(other))["client"] == "192.0.2.8"  # a full record
+        # the alias does not outlive the record it names
+        assert await client.ttl(keys.session_record_key(again)) <= \
+            await client.ttl(keys.session_record_key(first))
+    finally:
+        await client.aclose()
+
+    shown = explain_session(redis_server, again)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"session {again}: client [192.0.2.7] at ")
+    assert f"was refused as session {first} was (same client, check and reply)" in lines[0]
+    assert lines[1].startswith(f"session {first}: mx client unknown[192.0.2.7]")
+
+    redis.delete(keys.session_record_key(first))  # as if expired
+    gone = explain_session(redis_server, again)
+    assert gone.returncode == 1 and f"no record of session {first}: expired" in gone.stderr
+
+
+async def test_over_the_budget_nothing_is_written_and_explain_says_why(redis, redis_server,
+                                                                       caplog):
+    client = aioredis.Redis.from_url(redis_server.url)
+    size = len(encode(refused_at_connect("1R452JA0W1MB")[0](), 8192)) + KEY_COST
+    store = EvidenceStore(client, ttl=86400, size_limit=8192, memory=3 * size)
+    caplog.set_level(logging.WARNING, logger="smtpgate.evidence")
+    ids = [session_id.new() for _ in range(6)]
+    try:
+        for n, sid in enumerate(ids):  # distinct clients: full records, no aliases
+            store.keep(sid, *refused_at_connect(sid, ip=f"192.0.2.{n + 10}"))
+            await store.flush()
+        assert store.written == 3 and store.over_budget == 3
+        stored = [await client.exists(keys.session_record_key(sid)) for sid in ids]
+        assert stored == [1, 1, 1, 0, 0, 0]
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1, warnings  # at most one a minute
+        assert "over session_record_memory" in warnings[0] and "1 records not" in warnings[0]
+        # the same client again: no alias either
+        store.keep(session_id.new(), *refused_at_connect("X", ip="192.0.2.10"))
+        await store.flush()
+        assert store.aliases == 0 and store.over_budget == 4
+    finally:
+        await store.close()
+        await client.aclose()
+    shown = explain_session(redis_server, ids[4])
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert "not recorded (over session_record_memory)" in shown.stderr
+
+
+async def test_an_unreachable_cluster_costs_a_warning_not_a_traceback(caplog):
+    url = f"redis+cluster://127.0.0.1:{free_port()}/"  # nothing listens there
+    client = redis_client.connect(url, 0.5)
+    store = EvidenceStore(client, ttl=86400, size_limit=8192, timeout=2.0)
+    caplog.set_level(logging.WARNING, logger="smtpgate.evidence")
+    try:
+        store.keep("A", lambda: record())
+        await store.flush()
+        messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+        assert [level for level, _ in messages] == [logging.WARNING], messages
+        assert "cannot write to Redis" in messages[0][1]
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+def test_explain_on_an_unreachable_cluster_says_so(redis_server):
+    shown = explain_session(redis_server, "0000000000ZZ",
+                            REDIS=f"redis+cluster://127.0.0.1:{free_port()}/",
+                            SMTPGATE_REDIS_TIMEOUT="0.5")
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    assert "Traceback" not in shown.stderr and "failed" in shown.stderr, shown.stderr

@@ -231,3 +231,26 @@ def test_json_log_lines_carry_the_session(start_gate, world):
 
 def gate_pids(entries: list[dict]) -> set[int]:
     return {e["pid"] for e in entries if e["message"].startswith("listening on")}
+
+
+def test_a_client_refused_again_leaves_an_alias_that_explain_follows(gate, world, redis,
+                                                                     redis_server):
+    world.set("PSA:127.0.26.9", "reject")
+    first = session_of(refused_at_connect(gate, "127.0.26.9"))
+    key = keys.session_record_key(first)
+    wait_until(lambda: '"ended":null' not in (redis.get(key) or '"ended":null'), 5,
+               "the first session's record")
+    again = session_of(refused_at_connect(gate, "127.0.26.9"))
+    assert again != first
+    alias_key = keys.session_record_key(again)
+    wait_until(lambda: redis.get(alias_key), 5, "the second session's record")
+    alias = json.loads(redis.get(alias_key))
+    assert alias["same_as"] == first and alias["ip"] == "127.0.26.9", alias
+    assert 0 < redis.ttl(alias_key) <= redis.ttl(key)
+
+    result = explain(redis_server, "--session", again)
+    assert result.returncode == 0, result.stdout + result.stderr
+    head, rest = result.stdout.split("\n", 1)
+    assert f"was refused as session {first} was" in head
+    assert rest.startswith(f"session {first}: mx client ")
+    assert re.search(r"(?m)^connect\n  access_list +fail", rest), rest

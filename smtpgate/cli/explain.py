@@ -23,7 +23,11 @@ DESCRIPTION
     answered and when. Exit status 0 when printed, 1 when there is no
     such record (unknown, expired, or the session was refused nothing) or
     Redis cannot be read, 2 for an id of the wrong shape or --session
-    given with the dry run's options.
+    given with the dry run's options. A session refused as an earlier one
+    was (same client, check and reply code, minutes apart) has only an
+    alias naming that one: explain says so and prints the earlier record.
+    A session refused while the node's records were over
+    session_record_memory has none ("not recorded").
 """
 
 from __future__ import annotations
@@ -120,8 +124,7 @@ def _rcpt_stage(policy: Any, state: ClientState, rcpt: str):
 
 
 async def _recorded(text: str, config: Config) -> int:
-    from redis.exceptions import RedisError
-
+    from smtpgate.lookups.redis_client import ERRORS
     from smtpgate.policy.stages import Policy
 
     wanted = session_id.normal(text)
@@ -129,19 +132,32 @@ async def _recorded(text: str, config: Config) -> int:
         print(f"smtpgate explain: --session {text!r} is not a session id (12 letters and "
               "digits, as after 'session=' in a reply)", file=sys.stderr)
         return 2
+    days = config.session_record_ttl / 86400
     policy = await Policy.create(config)
     try:
         record = await policy.evidence.load(wanted)
-    except (RedisError, OSError, TimeoutError) as exc:
+        first = None
+        if record is not None and record.get("same_as"):
+            first = record["same_as"]
+            alias, record = record, await policy.evidence.load(first)
+    except (*ERRORS, TimeoutError) as exc:
         print(f"smtpgate explain: Redis at {mask_secret(config.redis)} failed: "
               f"{exc or 'timed out'}", file=sys.stderr)
         return 1
     finally:
         await policy.close()
+    if first is not None:
+        print(f"session {wanted}: client [{alias.get('ip')}] at {_when(alias.get('time'))} "
+              f"was refused as session {first} was (same client, check and reply); "
+              f"not recorded again: session {first}'s record follows")
+        if record is None:
+            print(f"smtpgate explain: no record of session {first}: expired (records are "
+                  f"kept {days:g} days)", file=sys.stderr)
+            return 1
     if record is None:
-        days = config.session_record_ttl / 86400
         print(f"smtpgate explain: no record of session {wanted}: unknown, expired (records "
-              f"are kept {days:g} days), or the session was refused nothing", file=sys.stderr)
+              f"are kept {days:g} days), not recorded (over session_record_memory), or the "
+              "session was refused nothing", file=sys.stderr)
         return 1
     print_record(record)
     return 0

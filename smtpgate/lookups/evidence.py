@@ -1,8 +1,11 @@
 """evidence - refused sessions' records in Redis: written in batches, off the reply path.
 
 SYNOPSIS
-    EvidenceStore(redis, ttl=172800.0, size_limit=8192, timeout=2.0)
-        store.keep(session_id, producer)        producer() -> dict, called when written
+    EvidenceStore(redis, ttl=172800.0, size_limit=8192, timeout=2.0, memory=0)
+        store.keep(session_id, producer, repeat=None)
+                                    producer() -> dict, repeat() -> signature | None,
+                                    both called when written
+        store.written, store.aliases, store.over_budget
         await store.load(session_id) -> dict | None
         await store.flush() ; await store.close()
     encode(record, size_limit) -> bytes
@@ -34,6 +37,39 @@ DESCRIPTION
     1.5 KB, is written as it is). What was left out is counted in the record's `omitted`
     field ({"verdicts": n, "verdicts_at": i, "replies": m, "replies_at":
     j}, the positions where the gaps are), so `explain` says so.
+
+    Repeats. Most MX refusals are the same client turned away at connect
+    (access list, DNSBL, pregreet) again and again. repeat() gives an
+    ended session's signature (smtpgate.smtp.evidence.refused_alike:
+    client IP, rejecting checks, reply codes); the first session with a
+    signature gets its full record, and for REPEAT_WINDOW (10 minutes)
+    later sessions with the same one get an alias, {"same_as": first id,
+    "time": t, "ip": client}, not encoded from the session at all. The
+    alias expires no later than the record it names. The signatures are
+    remembered per worker, the MAX_REPEATS most recent, only once their
+    record was written.
+
+    The budget. memory (session_record_memory divided among the node's
+    workers) bounds what this worker's records may take in Redis: the
+    bytes written (value + KEY_COST) are counted per hour, an hour
+    counting until its records have expired (ttl); past the budget, no
+    record or alias is written, each is counted in over_budget (the
+    metric smtpgate_session_records_over_budget_total) and a warning says
+    so at most once a minute. Overwrites of one session's record count
+    again: the bound errs high.
+
+    What a record costs, measured with Redis 7 (MEMORY USAGE, and
+    used_memory over 10,000 keys, which adds the expiry table): a
+    connect refusal's record, 598 bytes of JSON, 712 by MEMORY USAGE; a
+    RCPT refusal's, 667 bytes, 840 (915 in used_memory); an alias, 68
+    bytes, 152 (223). KEY_COST, 200, rounds that up. So 256 MiB holds
+    about 330,000 full records or 1,000,000 aliases: with the default
+    ttl (2 days), 1.9 distinct refusals a second, or 5.8 repeats, all day.
+    At 50 refusals a second a node would need some 7 GB for 2 days of
+    full records, 2.3 GB if all were repeats; past the budget the newest
+    go unrecorded until the oldest hour expires, so size the budget (or
+    shorten the ttl) to the refusal rate when explain must answer for
+    every session.
 """
 
 from __future__ import annotations
@@ -42,12 +78,13 @@ import asyncio
 import contextvars
 import json
 import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-import redis.exceptions
-
 from smtpgate.lookups import keys
+from smtpgate.lookups.redis_client import ERRORS
 
 log = logging.getLogger("smtpgate.evidence")
 
@@ -56,31 +93,49 @@ MAX_ENTRIES = 64
 MAX_TEXT = 500
 MAX_PENDING = 10000
 LISTS = ("verdicts", "replies")
+REPEAT_WINDOW = 600.0  # seconds a full record stands for later sessions refused alike
+MAX_REPEATS = 4096  # refusals remembered for that, per worker (least recently seen go first)
+KEY_COST = 200  # Redis bytes of a key beyond its value (key, entry, expiry): see DESCRIPTION
+BUCKET = 3600.0  # the budget counts bytes written per hour
+WARN_EVERY = 60.0
 
 
 class EvidenceStore:
     def __init__(self, redis_client: Any, ttl: float = 172800.0, size_limit: int = 8192,
-                 timeout: float = 2.0) -> None:
+                 timeout: float = 2.0, memory: int = 0) -> None:
         self.redis = redis_client
         self.ttl = ttl
         self.size_limit = size_limit
         self.timeout = timeout
+        self.memory = memory  # this worker's share of session_record_memory; 0: no bound
         self.written = 0
+        self.aliases = 0  # of those written, how many were aliases
+        self.over_budget = 0  # not written: the budget was spent (a running total)
         self.lost = 0  # not written since the last warning (Redis failing, or too many waiting)
-        self._pending: dict[str, Callable[[], dict]] = {}
+        self._pending: dict[str, tuple[Callable[[], dict], Callable[[], Any] | None]] = {}
+        # repeat signature -> (first session's id, when written, when its record expires)
+        self._recent: OrderedDict[Any, tuple[str, float, float]] = OrderedDict()
+        self._spent: deque[list[float]] = deque()  # [hour start, Redis bytes written]
+        self._spent_total = 0.0
+        self._over_warned = -WARN_EVERY  # monotonic time of the last over-budget warning
+        self._over_since_warning = 0
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task | None = None
         self._failing = False
         self._closed = False
 
-    def keep(self, session_id: str, producer: Callable[[], dict]) -> None:
-        """Write this session's record soon; producer() builds it when the batch goes."""
+    def keep(self, session_id: str, producer: Callable[[], dict],
+             repeat: Callable[[], Any] | None = None) -> None:
+        """Write this session's record soon; producer() builds it when the batch goes.
+
+        repeat() then says what the session was refused (client IP first, hashable) or
+        None: a session refused alike within REPEAT_WINDOW gets an alias, not a record."""
         if self._closed or self.ttl <= 0:
             return
         if session_id not in self._pending and len(self._pending) >= MAX_PENDING:
             self.lost += 1
             return
-        self._pending[session_id] = producer
+        self._pending[session_id] = (producer, repeat)
         if self._timer is None:
             # a context of its own: the batch belongs to no session (its log lines carry none)
             self._timer = asyncio.get_running_loop().call_later(
@@ -100,14 +155,42 @@ class EvidenceStore:
         if not batch:
             return
         ttl = max(1, int(self.ttl))
+        now, clock = time.time(), time.monotonic()
+        firsts: dict[Any, tuple[str, float, float]] = {}  # this batch's new full records
+        if self.memory:
+            self._spend(now, 0)  # the hours whose records have expired stop counting
+        spent = aliases = skipped = 0
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for session_id, producer in batch.items():
-                pipe.set(keys.session_record_key(session_id),
-                         encode(producer(), self.size_limit), ex=ttl)
+            for session_id, (producer, repeat) in batch.items():
+                if self.memory and self._spent_total + spent >= self.memory:
+                    skipped += 1
+                    continue
+                signature = repeat() if repeat is not None else None
+                first = None
+                if signature is not None:
+                    first = firsts.get(signature) or self._recent.get(signature)
+                    if first is not None and (first[0] == session_id or now - first[1] >
+                                              REPEAT_WINDOW or first[2] - now < 60):
+                        first = None
+                if first is not None:
+                    data = json.dumps({"same_as": first[0], "time": now, "ip": signature[0]},
+                                      separators=(",", ":")).encode()
+                    expiry = min(ttl, int(first[2] - now))  # never outlives the record it names
+                    aliases += 1
+                else:
+                    data = encode(producer(), self.size_limit)
+                    expiry = ttl
+                    if signature is not None:
+                        firsts[signature] = (session_id, now, now + ttl)
+                pipe.set(keys.session_record_key(session_id), data, ex=expiry)
+                spent += len(data) + KEY_COST
+            if len(pipe) == 0:
+                self._over(skipped, clock)
+                return
             async with asyncio.timeout(self.timeout):
                 await pipe.execute()
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except (*ERRORS, TimeoutError) as exc:
             self.lost += len(batch)
             if not self._failing:
                 log.warning("warning: session records: cannot write to Redis: %s; "
@@ -117,11 +200,42 @@ class EvidenceStore:
         except Exception:  # a bug in a record's producer: say so, keep serving
             log.exception("error: session records: %d not written", len(batch))
             return
-        self.written += len(batch)
+        self._spend(now, spent)
+        for signature, first in firsts.items():
+            self._recent[signature] = first
+            self._recent.move_to_end(signature)
+        while len(self._recent) > MAX_REPEATS:
+            self._recent.popitem(last=False)
+        self.written += len(batch) - skipped
+        self.aliases += aliases
+        self._over(skipped, clock)
         if self._failing or self.lost:
             log.warning("warning: session records: written again; %d lost meanwhile",
                         self.lost)
             self._failing, self.lost = False, 0
+
+    def _spend(self, now: float, spent: int) -> None:
+        """Count bytes written in this hour's bucket; forget buckets whose records expired."""
+        hour = now - now % BUCKET
+        if self._spent and self._spent[-1][0] == hour:
+            self._spent[-1][1] += spent
+        else:
+            self._spent.append([hour, float(spent)])
+        self._spent_total += spent
+        while self._spent and self._spent[0][0] + BUCKET + self.ttl <= now:
+            self._spent_total -= self._spent.popleft()[1]
+
+    def _over(self, skipped: int, clock: float) -> None:
+        """Count records the budget kept out; say so at most once a minute."""
+        if not skipped:
+            return
+        self.over_budget += skipped
+        self._over_since_warning += skipped
+        if clock - self._over_warned >= WARN_EVERY:
+            log.warning("warning: session records: over session_record_memory (%d bytes "
+                        "for this worker); %d records not written", self.memory,
+                        self._over_since_warning)
+            self._over_warned, self._over_since_warning = clock, 0
 
     async def load(self, session_id: str) -> dict | None:
         """The stored record, or None when there is none (unknown id, or expired)."""

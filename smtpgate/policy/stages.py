@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,8 @@ class Policy:
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
         self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
             redis_client, ttl=config.session_record_ttl,
-            size_limit=config.session_record_size_limit, timeout=config.redis_timeout)
+            size_limit=config.session_record_size_limit, timeout=config.redis_timeout,
+            memory=record_memory(config))
         self._refresher: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
@@ -138,6 +140,7 @@ class Policy:
             timeout=config.redis_timeout)
         self.evidence.ttl = config.session_record_ttl
         self.evidence.size_limit = config.session_record_size_limit
+        self.evidence.memory = record_memory(config)
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None) -> Policy:
@@ -575,3 +578,8 @@ class Policy:
         if state.lease is not None:
             self.counter.release_soon(state.lease)
             state.lease = None
+
+
+def record_memory(config: Config) -> int:
+    """This worker's share of the node's session_record_memory."""
+    return config.session_record_memory // (config.workers or os.cpu_count() or 1)

@@ -243,6 +243,9 @@ class Metrics:
         self.next_hop_host_up = gauge("next_hop_host_up", "Whether each next hop's last "
                                       "connection attempt succeeded, in every worker; role: "
                                       "mx or submission.", "livemin", ("hop", "role"))
+        self.records_not_written = counter(
+            "session_records_over_budget_total", "Refused sessions' evidence records not "
+            "written: session_record_memory was spent.")
         self._gauge = gauge
         self.tls_expiry: Any = None  # made when a certificate is first seen: no 0 before
         self._session_outcomes: dict[tuple[str, str], Any] = {}  # made at the first refresh
@@ -292,6 +295,7 @@ class Metrics:
         stats = policy.tables.stats
         self._copy(self.table_lookups, "lookups", stats.lookups)
         self._copy(self.table_round_trips, "round_trips", stats.round_trips)
+        self._copy(self.records_not_written, "records_over_budget", policy.evidence.over_budget)
         querier = policy.querier
         if querier is not self._querier:  # a reload made a new one, counting from 0
             self._querier = querier

@@ -3,6 +3,7 @@
 SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
     session_record(session) -> dict             the record smtpgate.lookups.evidence stores
+    refused_alike(session) -> tuple | None      what makes a later session a repeat of it
     SHOWN_ARGUMENTS                             the commands whose argument a record shows
 
 DESCRIPTION
@@ -21,6 +22,13 @@ DESCRIPTION
     number of verdicts taken before it, so `explain` can print each
     refusal after the verdicts that led to it. A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
+
+    refused_alike() is the session's signature once it has ended: the
+    client IP, then each refusal's rejecting check ("-" for a reply no
+    verdict gave, Postfix's say) and reply code. The store keeps one full
+    record per signature for a while and writes later sessions with the
+    same signature as aliases of it (most MX refusals are the same client
+    turned away at connect again and again).
 """
 
 from __future__ import annotations
@@ -64,3 +72,16 @@ def session_record(session: Any) -> dict:
             {"time": r.time, "command": r.command, "reply": r.reply, "verdicts": r.verdicts}
             for r in session.refusals or ()],
     }
+
+
+def refused_alike(session: Any) -> tuple | None:
+    if session.ended is None or not session.refusals:
+        return None  # still running: more may come
+    record = session.state.record if session.state is not None else []
+    signature: list = [session.client.ip]
+    for refusal in session.refusals:
+        n = refusal.verdicts
+        verdict = record[n - 1] if 0 < n <= len(record) else None
+        check = verdict.check if verdict is not None and verdict.reply is not None else "-"
+        signature.append((check, refusal.reply[:3]))
+    return tuple(signature)

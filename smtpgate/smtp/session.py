@@ -63,7 +63,7 @@ from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
-from smtpgate.smtp.evidence import SHOWN_ARGUMENTS, Refusal, session_record
+from smtpgate.smtp.evidence import SHOWN_ARGUMENTS, Refusal, refused_alike, session_record
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
@@ -217,10 +217,13 @@ class Session:
             self.refusals = [refusal]
         else:
             self.refusals.append(refusal)
-        self.policy.evidence.keep(self.id, self.evidence)
+        self.policy.evidence.keep(self.id, self.evidence, self.repeat)
 
     def evidence(self) -> dict:
         return session_record(self)
+
+    def repeat(self) -> tuple | None:
+        return refused_alike(self)
 
     def _count_failure(self) -> None:
         self.errors += 1
@@ -297,7 +300,7 @@ class Session:
                          self.command_counts(), self.id)
             if self.refusals is not None:
                 self.ended = time.time()
-                self.policy.evidence.keep(self.id, self.evidence)
+                self.policy.evidence.keep(self.id, self.evidence, self.repeat)
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
