@@ -191,13 +191,15 @@ async def test_a_repeat_is_an_alias_and_explain_follows_it(redis, redis_server):
         store.keep(later, *refused_at_connect(later))
         await store.close()
         assert store.written == 4 and store.aliases == 2
-        alias = json.loads(await client.get(keys.session_record_key(again)))
+        assert await client.get(keys.session_record_key(again)) is None  # no key of its own
+        field = await client.hget(keys.session_alias_key(again), again)
+        assert field.decode() == f"{first} 192.0.2.7"  # a field of the minute's hash
+        alias = await store.load(again)
         assert alias["same_as"] == first and alias["ip"] == "192.0.2.7"
         assert (await store.load(later))["same_as"] == first  # not an alias of an alias
         assert (await store.load(other))["client"] == "192.0.2.8"  # a full record
-        # the alias does not outlive the record it names
-        assert await client.ttl(keys.session_record_key(again)) <= \
-            await client.ttl(keys.session_record_key(first))
+        # the minute's hash goes a minute after the records of that minute
+        assert 0 < await client.ttl(keys.session_alias_key(again)) <= 86400 + 60
     finally:
         await client.aclose()
 

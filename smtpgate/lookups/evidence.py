@@ -43,15 +43,19 @@ DESCRIPTION
     ended session's signature (smtpgate.smtp.evidence.refused_alike:
     client IP, rejecting checks, reply codes); the first session with a
     signature gets its full record, and for REPEAT_WINDOW (10 minutes)
-    later sessions with the same one get an alias, {"same_as": first id,
-    "time": t, "ip": client}, not encoded from the session at all. The
-    alias expires no later than the record it names. The signatures are
+    later sessions with the same one get an alias, "FIRST_ID IP", not
+    encoded from the session at all: a field in one hash per minute of
+    the session's start (smtpgate.lookups.keys.session_alias_key), so a
+    batch's aliases are one HSET, not a SET each; load() gives it back as
+    {"same_as": first id, "time": t, "ip": client}. The hash expires a
+    minute after the records of its minute; an alias whose record has
+    expired sooner is reported so by explain. The signatures are
     remembered per worker, the MAX_REPEATS most recent, only once their
     record was written.
 
     The budget. memory (session_record_memory divided among the node's
     workers) bounds what this worker's records may take in Redis: the
-    bytes written (value + KEY_COST) are counted per hour, an hour
+    bytes written (value + KEY_COST, alias + ALIAS_COST) are counted per hour, an hour
     counting until its records have expired (ttl); past the budget, no
     record or alias is written, each is counted in over_budget (the
     metric smtpgate_session_records_over_budget_total) and a warning says
@@ -61,12 +65,15 @@ DESCRIPTION
     What a record costs, measured with Redis 7 (MEMORY USAGE, and
     used_memory over 10,000 keys, which adds the expiry table): a
     connect refusal's record, 598 bytes of JSON, 712 by MEMORY USAGE; a
-    RCPT refusal's, 667 bytes, 840 (915 in used_memory); an alias, 68
-    bytes, 152 (223). KEY_COST, 200, rounds that up. So 256 MiB holds
-    about 330,000 full records or 1,000,000 aliases: with the default
-    ttl (2 days), 1.9 distinct refusals a second, or 5.8 repeats, all day.
-    At 50 refusals a second a node would need some 7 GB for 2 days of
-    full records, 2.3 GB if all were repeats; past the budget the newest
+    RCPT refusal's, 667 bytes, 840 (915 in used_memory). KEY_COST, 200,
+    rounds that up. An alias, 38 bytes of field and value, takes 132 in
+    used_memory in a minute's hash of 3,000 (83 by MEMORY USAGE), 44 in a
+    small one (under 128 fields, a listpack); ALIAS_COST, 100, rounds
+    that up. So 256 MiB holds about 330,000 full records or 1,900,000
+    aliases: with the default ttl (2 days), 1.9 distinct refusals a
+    second, or 11 repeats, all day. At 50 refusals a second a node would
+    need some 7 GB for 2 days of full records, 1.2 GB if all were
+    repeats; past the budget the newest
     go unrecorded until the oldest hour expires, so size the budget (or
     shorten the ttl) to the refusal rate when explain must answer for
     every session.
@@ -85,6 +92,7 @@ from typing import Any
 
 from smtpgate.lookups import keys
 from smtpgate.lookups.redis_client import ERRORS
+from smtpgate.session_id import time_of as session_time
 
 log = logging.getLogger("smtpgate.evidence")
 
@@ -96,6 +104,7 @@ LISTS = ("verdicts", "replies")
 REPEAT_WINDOW = 600.0  # seconds a full record stands for later sessions refused alike
 MAX_REPEATS = 4096  # refusals remembered for that, per worker (least recently seen go first)
 KEY_COST = 200  # Redis bytes of a key beyond its value (key, entry, expiry): see DESCRIPTION
+ALIAS_COST = 100  # Redis bytes of a hash field beyond its name and value: see DESCRIPTION
 BUCKET = 3600.0  # the budget counts bytes written per hour
 WARN_EVERY = 60.0
 
@@ -160,6 +169,7 @@ class EvidenceStore:
         if self.memory:
             self._spend(now, 0)  # the hours whose records have expired stop counting
         spent = aliases = skipped = 0
+        buckets: dict[str, dict[str, str]] = {}
         try:
             pipe = self.redis.pipeline(transaction=False)
             for session_id, (producer, repeat) in batch.items():
@@ -174,17 +184,19 @@ class EvidenceStore:
                                               REPEAT_WINDOW or first[2] - now < 60):
                         first = None
                 if first is not None:
-                    data = json.dumps({"same_as": first[0], "time": now, "ip": signature[0]},
-                                      separators=(",", ":")).encode()
-                    expiry = min(ttl, int(first[2] - now))  # never outlives the record it names
+                    alias = f"{first[0]} {signature[0]}"
+                    buckets.setdefault(keys.session_alias_key(session_id), {})[session_id] = alias
                     aliases += 1
-                else:
-                    data = encode(producer(), self.size_limit)
-                    expiry = ttl
-                    if signature is not None:
-                        firsts[signature] = (session_id, now, now + ttl)
-                pipe.set(keys.session_record_key(session_id), data, ex=expiry)
+                    spent += len(alias) + len(session_id) + ALIAS_COST
+                    continue
+                data = encode(producer(), self.size_limit)
+                if signature is not None:
+                    firsts[signature] = (session_id, now, now + ttl)
+                pipe.set(keys.session_record_key(session_id), data, ex=ttl)
                 spent += len(data) + KEY_COST
+            for key, mapping in buckets.items():  # a batch's aliases: one HSET per minute
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, ttl + 60)
             if len(pipe) == 0:
                 self._over(skipped, clock)
                 return
@@ -241,8 +253,17 @@ class EvidenceStore:
         """The stored record, or None when there is none (unknown id, or expired)."""
         async with asyncio.timeout(self.timeout):
             raw = await self.redis.get(keys.session_record_key(session_id))
-        if raw is None:
-            return None
+            if raw is None:
+                try:
+                    bucket = keys.session_alias_key(session_id)
+                except ValueError:  # not an id smtpgate makes: no minute to look in
+                    return None
+                alias = await self.redis.hget(bucket, session_id)
+                if alias is None:
+                    return None
+                first, _, ip = (alias.decode() if isinstance(alias, bytes) else alias) \
+                    .partition(" ")
+                return {"same_as": first, "time": session_time(session_id), "ip": ip}
         return json.loads(raw)
 
     async def close(self) -> None:

@@ -52,6 +52,7 @@ import re
 
 from smtpgate.address import AddressError, IPAddress, client_address, is_fqdn, parse_path
 from smtpgate.checks import access_value
+from smtpgate.session_id import time_of as session_time
 
 PSA = "PSA"
 REV = "REV"
@@ -326,3 +327,13 @@ SESSION_RECORD = OWN_PREFIX + "session:"
 
 def session_record_key(session_id: str) -> str:
     return SESSION_RECORD + session_id
+
+
+# A repeat's alias (a session refused as an earlier one was): one field in a hash per minute
+# of the session's start (its id says when), "FIRST_ID IP", so a batch of aliases is one HSET
+# rather than a SET each. The hash expires with the records.
+SESSION_ALIASES = OWN_PREFIX + "aliases:"
+
+
+def session_alias_key(session_id: str) -> str:
+    return f"{SESSION_ALIASES}{int(session_time(session_id) // 60)}"
