@@ -113,6 +113,25 @@ def test_with_every_hop_down_the_client_hears_451_and_healthz_is_503(
         gate.stop()
 
 
+def submit(port: int) -> int:
+    """One authenticated message from user1 over STARTTLS; the final reply's code."""
+    with Talk("127.0.0.1", port, source="127.0.0.1") as talk:
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO laptop")
+        assert talk.cmd("STARTTLS")[0] == 220
+        talk.starttls()
+        talk.cmd("EHLO laptop")
+        auth = base64.b64encode(b"\0user1@example.com\0secret1").decode()
+        assert talk.cmd("AUTH PLAIN " + auth)[0] == 235
+        assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
+        assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
+        assert talk.cmd("DATA")[0] == 354
+        talk.send(b"Subject: submission hops\r\n\r\nhops\r\n.\r\n")
+        code = talk.reply()[0]
+        talk.cmd("QUIT")
+    return code
+
+
 def test_submission_next_hop_may_list_several_too(start_gate, world, postfix_server):
     world.set("LOGMAP:user1@example.com", "user1@example.com")
     dead = f"127.0.0.1:{free_port()}"  # handed out as "nobody listens here"
@@ -122,20 +141,7 @@ def test_submission_next_hop_may_list_several_too(start_gate, world, postfix_ser
     try:
         since = postfix_server.log_mark()
         for _ in range(2):  # in turn: one of the two starts at the dead hop and moves on
-            with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
-                assert talk.banner()[0] == 220
-                talk.cmd("EHLO laptop")
-                assert talk.cmd("STARTTLS")[0] == 220
-                talk.starttls()
-                talk.cmd("EHLO laptop")
-                auth = base64.b64encode(b"\0user1@example.com\0secret1").decode()
-                assert talk.cmd("AUTH PLAIN " + auth)[0] == 235
-                assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
-                assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
-                assert talk.cmd("DATA")[0] == 354
-                talk.send(b"Subject: submission hops\r\n\r\nhops\r\n.\r\n")
-                assert talk.reply()[0] == 250
-                talk.cmd("QUIT")
+            assert submit(gate.submission_port) == 250
         gate.wait_for_log(rf"warning: next hop {re.escape(dead)} is down \(connect to ")
         code, body = health(gate.metrics_port)  # one submission hop takes mail: enough
         assert code == 200 and [h["ok"] for h in body["submission_next_hops"]] == [False, True]
@@ -152,20 +158,7 @@ def test_health_and_metrics_show_a_submission_next_hop_that_is_down(start_gate, 
     gate = start_gate(listeners=("mx", "submission", "metrics"),
                       SMTPGATE_SUBMISSION_NEXT_HOP=dead)
     try:
-        with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
-            assert talk.banner()[0] == 220
-            talk.cmd("EHLO laptop")
-            assert talk.cmd("STARTTLS")[0] == 220
-            talk.starttls()
-            talk.cmd("EHLO laptop")
-            auth = base64.b64encode(b"\0user1@example.com\0secret1").decode()
-            assert talk.cmd("AUTH PLAIN " + auth)[0] == 235
-            assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
-            assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
-            assert talk.cmd("DATA")[0] == 354
-            talk.send(b"Subject: no submission hop\r\n\r\nx\r\n.\r\n")
-            assert talk.reply()[0] == 451
-            talk.cmd("QUIT")
+        assert submit(gate.submission_port) == 451
         code, body = health(gate.metrics_port)
         assert code == 503 and body["next_hop"]["ok"] is False, body
         assert [h["ok"] for h in body["submission_next_hops"]] == [False]
