@@ -203,10 +203,9 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 # node lost (restart, failover) without an extra round trip to check, and they are short.
 # The single script saves a connect about 35 us of client CPU against the pipeline.
 
-# _CONNECT KEYS: client sessions, all sessions, client rate, the client's screening hash.
-# ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate, total, screening hash}, this session included.
-_CONNECT = """
+# The client's two counts, shared by _CLIENT and _CONNECT. KEYS[1]: client sessions,
+# KEYS[2]: client rate. ARGV: session id, lease s, rate window s.
+_CLIENT_COUNTS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -214,12 +213,24 @@ local id = ARGV[1]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + lease, id)
 redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + lease, id)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
-redis.call('ZADD', KEYS[3], now, id)
-redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000))
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[2]),
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
+"""
+
+# _CLIENT KEYS: client sessions, client rate. ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate}, this session included.
+_CLIENT = _CLIENT_COUNTS + """
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+"""
+
+# _CONNECT KEYS: client sessions, client rate, all sessions, the client's screening hash.
+# ARGV: session id, lease s, rate window s.
+# Returns {client count, client rate, total, screening hash}, this session included.
+_CONNECT = _CLIENT_COUNTS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], now + lease, id)
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
         redis.call('HGETALL', KEYS[4])}
 """
 
@@ -233,22 +244,6 @@ for i = 2, #KEYS do
     redis.call('ZADD', KEYS[1], deadline, ARGV[i])
 end
 return #KEYS - 1
-"""
-
-# _CLIENT KEYS: client sessions, client rate. ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate}, this session included.
-_CLIENT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
-local id = ARGV[1]
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + lease, id)
-redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-redis.call('ZADD', KEYS[2], now, id)
-redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
 """
 
 # _ALL KEYS: all sessions. ARGV: session id, lease s. Returns the total, this session included.
@@ -323,7 +318,7 @@ class ConnectionCounter:
                     ip, client, session_id)
             else:
                 count, rate, total, screening = await self._connect(
-                    keys=[keys.sessions_key(client), keys.SESSIONS_ALL, keys.rate_key(client),
+                    keys=[keys.sessions_key(client), keys.rate_key(client), keys.SESSIONS_ALL,
                           keys.screening_key(ip)],
                     args=[session_id, self._lease, RATE_WINDOW])
                 screening = dict(zip(screening[::2], screening[1::2], strict=True))
