@@ -199,14 +199,18 @@ class Session:
         if answer.code < 400:
             self.wire.reply(answer.raw)
             return
-        self.wire.reply(answer.raw.rstrip(b"\r\n") + f"; session={self.id}\r\n".encode())
+        self.wire.reply(answer.raw.rstrip(b"\r\n") + self.tag().encode() + b"\r\n")
         self._count_failure()
         self._refused(answer.text.replace("\r\n", " "))
 
     def tagged(self, reply: Reply) -> str:
         """A refusal as smtpgate writes it: the session id at the end, where Postfix's
         fail2ban filters, which match the start, do not see it."""
-        return f"{reply}; session={self.id}"
+        return f"{reply}{self.tag()}"
+
+    def tag(self) -> str:
+        """What ends every refusal, smtpgate's own and Postfix's passed on."""
+        return f"; session={self.id}"
 
     def _refused(self, text: str) -> None:
         """Keep the refusal as evidence and have the record written (after the reply)."""
