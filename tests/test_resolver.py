@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import pytest
+import uvloop
 from services.ports import free_port
 from services.waiting import no_hang
 
@@ -14,15 +18,49 @@ from smtpgate.lookups.client_dns import MAX_NAMES, client_hostname, helo_facts
 from smtpgate.lookups.resolver import DnsAnswer, Resolver
 from smtpgate.verdict import Outcome
 
+_made: list[Resolver] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_resolvers():
+    yield
+    while _made:
+        _made.pop().close()
+
+
+def kept(resolver: Resolver) -> Resolver:
+    _made.append(resolver)  # closed after the test: its channel's socket is let go
+    return resolver
+
 
 def make(dns, timeout: float = 2.0, **kwargs) -> Resolver:
     host, port = dns.nameserver.rsplit(":", 1)
-    return Resolver((HostPort(host, int(port)),), timeout, **kwargs)
+    return kept(Resolver((HostPort(host, int(port)),), timeout, **kwargs))
 
 
 def dead_resolver(timeout: float = 0.5) -> Resolver:
     # Nothing listens there: what smtpgate sees when its DNS server is down.
-    return Resolver((HostPort("127.0.0.1", free_port(udp=True)),), timeout)
+    return kept(Resolver((HostPort("127.0.0.1", free_port(udp=True)),), timeout))
+
+
+@pytest.fixture
+def silent_server():
+    """A UDP socket that takes queries and never answers: a resolver that hangs."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def datagrams(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            return count
+        count += 1
 
 
 # --- lookup(): statuses and value formats ---------------------------------------------------
@@ -110,6 +148,36 @@ async def test_dns_server_down_is_tempfail():
     assert answer.status == "tempfail"
 
 
+async def test_silent_server_times_out_after_retries(silent_server):
+    port = silent_server.getsockname()[1]
+    resolver = kept(Resolver((HostPort("127.0.0.1", port),), 0.9))
+    started = time.monotonic()
+    async with no_hang():
+        answer = await resolver.lookup("quiet.test", "A")
+    assert answer == DnsAnswer("tempfail", (), 0)
+    assert 0.5 < time.monotonic() - started < 1.5  # the lookup's limit, not a try's
+    assert datagrams(silent_server) >= 2  # asked again before giving up
+    assert resolver.stats["tempfail"] == 1
+
+
+async def test_next_nameserver_answers_when_the_first_is_down(dns):
+    host, port = dns.nameserver.rsplit(":", 1)
+    dns.set([("two.test", "A", "192.0.2.2")])
+    down = HostPort("127.0.0.1", free_port(udp=True))
+    resolver = kept(Resolver((down, HostPort(host, int(port))), 2.0))
+    async with no_hang():
+        assert (await resolver.lookup("two.test", "A")).values == ("192.0.2.2",)
+
+
+async def test_truncated_answer_is_asked_again_over_tcp(dns):
+    # 30 TXT records of 200 bytes: far more than a UDP answer carries (1232 bytes with EDNS)
+    texts = [f"{i:02d}" + "x" * 198 for i in range(30)]
+    dns.set([("big.test", "TXT", f'"{text}"') for text in texts])
+    answer = await make(dns).lookup("big.test", "TXT")
+    assert answer.status == "ok"
+    assert sorted(answer.values) == texts
+
+
 async def test_tempfail_is_not_cached(dns):
     dns.set_servfail_zone("flaky.test")
     resolver = make(dns)
@@ -120,7 +188,7 @@ async def test_tempfail_is_not_cached(dns):
 
 
 async def test_system_resolver_answers_within_its_timeout():
-    resolver = Resolver((), 1.0)
+    resolver = kept(Resolver((), 1.0))
     async with no_hang():
         answer = await resolver.lookup("smtpgate-test.invalid", "A")
     assert answer.status in ("nxdomain", "nodata", "tempfail")
@@ -138,6 +206,16 @@ async def test_positive_answers_are_cached(dns):
     assert resolver.stats["cache_hits"] == 1
     resolver.clear()
     assert (await resolver.lookup("c.test", "A")).values == ("192.0.2.99",)
+
+
+async def test_no_cache_but_ours(dns):
+    # c-ares keeps answers of its own (an empty one for up to an hour) unless told not to
+    dns.set([("grows.test", "A", "192.0.2.1", 300)])
+    resolver = make(dns)
+    assert (await resolver.lookup("grows.test", "MX")).status == "nodata"
+    dns.set([("grows.test", "MX", "10 mx.grows.test.", 300)])
+    resolver.clear()
+    assert (await resolver.lookup("grows.test", "MX")).values == ("10 mx.grows.test",)
 
 
 async def test_negative_answers_are_cached(dns):
@@ -196,6 +274,36 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_query(dns):
     assert (await second).status == "tempfail"
     assert first.cancelled()
     assert resolver.stats["queries"] == 1
+
+
+async def test_lookup_in_flight_survives_close(dns):
+    dns.set([("closing.test", "A", "192.0.2.7")])
+    resolver = make(dns)
+    pending = asyncio.ensure_future(resolver.lookup("closing.test", "A"))
+    await asyncio.sleep(0)
+    resolver.close()
+    assert (await pending).values == ("192.0.2.7",)
+    resolver.clear()
+    assert (await resolver.lookup("closing.test", "A")).values == ("192.0.2.7",)
+    assert resolver.stats["queries"] == 2
+
+
+def test_each_event_loop_gets_a_channel_of_its_own(dns):
+    # a worker's loop after fork, or uvloop beside asyncio: the channel is made where it is used
+    dns.set([("loops.test", "A", "192.0.2.8", 0)])
+    resolver = make(dns)
+    answers = []
+
+    def run(runner) -> None:
+        answers.append(runner(resolver.lookup("loops.test", "A")))
+
+    for runner in (asyncio.run, uvloop.run, asyncio.run):
+        thread = threading.Thread(target=run, args=(runner,))
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert [a.values for a in answers] == [("192.0.2.8",)] * 3
+    assert resolver.stats["queries"] == 3
 
 
 # --- FCrDNS facts and decisions with real DNS ----------------------------------------------

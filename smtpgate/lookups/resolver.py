@@ -8,13 +8,21 @@ SYNOPSIS
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
+        close() -> None
         .stats: dict[str, int]     queries, cache_hits, shared, tempfail, errors
+    ptr_name(ip: str) -> str
+    answer_from(status, records, soa_ttl, qtype, name, clamp, negative_ttl) -> DnsAnswer
 
 DESCRIPTION
-    A thin layer over dnspython's dns.asyncresolver. nameservers are the
-    resolvers to ask (Config.nameservers, each host and port); empty means
-    the system's /etc/resolv.conf (if that cannot be read, every lookup is
-    "tempfail"). timeout bounds one lookup, all retries included.
+    The queries go through c-ares (smtpgate.lookups.dns_channel: one
+    channel, so one UDP socket per name server, for all lookups of the
+    process, made in the running loop at the first query). nameservers are
+    the resolvers to ask (Config.nameservers, each host and port); empty
+    means the system's /etc/resolv.conf (if it names no server, every
+    lookup is "tempfail"). timeout bounds one lookup, all retries included:
+    c-ares gives the first try a third of it and retries (a truncated answer
+    is asked again over TCP); what has no answer when timeout is up is
+    "tempfail".
 
     lookup() never raises for a DNS condition; the status says what
     happened:
@@ -24,20 +32,29 @@ DESCRIPTION
       "tempfail"  timeout, SERVFAIL, REFUSED, no usable nameserver, network error
     values: addresses as text; names (PTR, CNAME, NS) lower-cased without
     the trailing dot; MX as "pref name" (a null MX is "0 "); TXT as the
-    joined strings of each record; other types as dnspython prints them.
-    A CNAME chain in the answer is followed (chasing one the server left
-    unresolved is the recursive resolver's job). ttl is the answer's TTL clamped to
-    [min_ttl, max_ttl]; for nxdomain/nodata it is the zone's negative TTL
-    (SOA) when given, else negative_ttl, clamped the same way; 0 for
-    tempfail. ok, nxdomain and nodata answers are cached for their ttl
-    (LRU, cache_size entries); tempfail is not. Concurrent lookups of one
-    (name, type) share one query; a caller cancelled while waiting does not
-    cancel it for the others. Names are matched case-insensitively. A bad
-    rdtype raises ValueError.
+    joined strings of each record; SRV "prio weight port target", SOA
+    "mname rname serial refresh retry expire minimum", TLSA "usage selector
+    type hex", CAA 'flags tag "value"', NAPTR as its six fields. A CNAME
+    chain in the answer is followed (chasing one the server left unresolved
+    is the recursive resolver's job). ttl is the smallest TTL of the records
+    used (the chain's too), clamped to [min_ttl, max_ttl]; for nxdomain and
+    nodata it is the zone's negative TTL (SOA) when given, else
+    negative_ttl, clamped the same way; 0 for tempfail. ok, nxdomain and nodata
+    answers are cached for their ttl (LRU, cache_size entries); tempfail is
+    not. Concurrent lookups of one (name, type) share one query; a caller
+    cancelled while waiting does not cancel it for the others. Names are
+    matched case-insensitively. A bad rdtype raises ValueError.
 
-    ptr(ip) looks up the in-addr.arpa / ip6.arpa name of ip (an IPv4-mapped
-    IPv6 address as its IPv4 address); a value that is not an IP address
-    raises ValueError.
+    ptr(ip) looks up ptr_name(ip): the in-addr.arpa / ip6.arpa name of ip
+    (an IPv4-mapped IPv6 address as its IPv4 address); a value that is not
+    an IP address raises ValueError.
+
+    close() lets go of the channel (its sockets): at once when no query is
+    in flight, else when the last one ends (within timeout). A lookup after
+    close() still works: it opens a channel, let go of in the same way.
+
+    answer_from() is the pure conversion of what DnsChannel reports (its
+    status, answer records and negative TTL) to a DnsAnswer.
 """
 
 from __future__ import annotations
@@ -47,23 +64,20 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import dns.asyncresolver
-import dns.exception
-import dns.message
-import dns.name
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
-import dns.reversename
+from pycares import errno as ares_errno
 
 from smtpgate.address import client_address
 from smtpgate.config import HostPort
+from smtpgate.lookups.dns_channel import QTYPES, ChannelError, DnsChannel
 
-__all__ = ["DnsAnswer", "Resolver"]
+__all__ = ["DnsAnswer", "Resolver", "answer_from", "ptr_name"]
 
 log = logging.getLogger(__name__)
+
+TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,31 +88,54 @@ class DnsAnswer:
 
 
 _TEMPFAIL = DnsAnswer("tempfail")
+_NEGATIVE = {ares_errno.ARES_ENOTFOUND: "nxdomain", ares_errno.ARES_ENODATA: "nodata",
+             ares_errno.ARES_EBADNAME: "nxdomain"}
+
+
+class _Query:
+    """One query on the wire and the callers waiting for it."""
+
+    __slots__ = ("guard", "key", "waiters")
+
+    def __init__(self, key: tuple[str, int], waiter: asyncio.Future) -> None:
+        self.key = key
+        self.waiters = [waiter]
+        self.guard: asyncio.TimerHandle | None = None
 
 
 class Resolver:
     def __init__(self, nameservers: tuple[HostPort, ...], timeout: float,
                  cache_size: int = 10000, *, min_ttl: int = 0, max_ttl: int = 3600,
                  negative_ttl: int = 60) -> None:
+        self.nameservers = tuple(nameservers)
         self.timeout = float(timeout)
         self.cache_size = max(0, int(cache_size))
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
-        self._resolver = _make_resolver(nameservers, self.timeout)
         self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
-        self._inflight: dict[tuple[str, int], asyncio.Future[DnsAnswer]] = {}
+        self._inflight: dict[tuple[str, int], _Query] = {}
+        self._channel: DnsChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
         self.stats = {"queries": 0, "cache_hits": 0, "shared": 0, "tempfail": 0, "errors": 0}
 
     def clear(self) -> None:
         self._cache.clear()
+
+    def close(self) -> None:
+        self._closing = True
+        if not self._inflight:
+            self._drop_channel()
 
     async def ptr(self, ip: str) -> DnsAnswer:
         return await self.lookup(ptr_name(ip), "PTR")
 
     def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
         """The answer if the cache has it, without a task or an await: the common case."""
-        key = (name.lower().rstrip("."), _qtype(rdtype))
+        return self._cached((name.lower().rstrip("."), _qtype(rdtype)))
+
+    def _cached(self, key: tuple[str, int]) -> DnsAnswer | None:
         found = self._cache.get(key)
         if found is None:
             return None
@@ -110,65 +147,81 @@ class Resolver:
         return found[1]
 
     async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
-        hit = self.cached(name, rdtype)
+        key = (name.lower().rstrip("."), _qtype(rdtype))
+        hit = self._cached(key)
         if hit is not None:
             return hit
-        key = (name.lower().rstrip("."), _qtype(rdtype))
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._query(key))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))
-        else:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        query = self._inflight.get(key)
+        if query is not None:
             self.stats["shared"] += 1
-        # shield: one waiter's cancellation must not cancel the shared query.
-        return await asyncio.shield(future)
+            query.waiters.append(waiter)
+        else:
+            query = self._inflight[key] = _Query(key, waiter)
+            self._start(loop, query)
+        # each caller waits on a future of its own: cancelling it leaves the query to the others
+        return await waiter
 
-    async def _query(self, key: tuple[str, int]) -> DnsAnswer:
-        name, qtype = key
+    def _start(self, loop: asyncio.AbstractEventLoop, query: _Query) -> None:
+        name, qtype = query.key
         self.stats["queries"] += 1
+        if not _possible(name):
+            self._finish(query, DnsAnswer("nxdomain", (), self._clamp(self.negative_ttl)))
+            return
+        channel = self._channel_in(loop)
+        if channel is None:
+            self._finish(query, _TEMPFAIL)
+            return
+        query.guard = loop.call_later(self.timeout, self._finish, query, _TEMPFAIL)
+        channel.query(name or ".", qtype, functools.partial(self._answered, query))
+
+    def _answered(self, query: _Query, status: int, records: list,
+                  negative_ttl: int | None) -> None:
+        if self._inflight.get(query.key) is not query:
+            return  # timed out already
         try:
-            # dnspython bounds the lookup by its lifetime; the outer limit
-            # is a guard against a hang in the library itself.
-            async with asyncio.timeout(self.timeout + 1.0):
-                answer = await self._resolve(name, qtype)
-        except TimeoutError:
-            answer = _TEMPFAIL
+            answer = answer_from(status, records, negative_ttl, query.key[1], query.key[0],
+                                 self._clamp, self.negative_ttl)
         except Exception:
-            # A library bug must not fail every session waiting on this query.
-            log.exception("DNS lookup %s/%s failed unexpectedly", name,
-                          dns.rdatatype.to_text(qtype))
+            # a bug here must not leave every session waiting on this query hanging
+            log.exception("DNS answer for %s/%s could not be read", *query.key)
             self.stats["errors"] += 1
             answer = _TEMPFAIL
+        self._finish(query, answer)
+
+    def _finish(self, query: _Query, answer: DnsAnswer) -> None:
+        if self._inflight.get(query.key) is query:
+            del self._inflight[query.key]
+        if query.guard is not None:
+            query.guard.cancel()
         if answer.status == "tempfail":
             self.stats["tempfail"] += 1
         else:
-            self._store(key, answer)
-        return answer
+            self._store(query.key, answer)
+        for waiter in query.waiters:
+            if not waiter.done():
+                waiter.set_result(answer)
+        if self._closing and not self._inflight:
+            self._drop_channel()
 
-    async def _resolve(self, name: str, qtype: int) -> DnsAnswer:
-        if self._resolver is None:
-            return _TEMPFAIL
+    def _channel_in(self, loop: asyncio.AbstractEventLoop) -> DnsChannel | None:
+        if self._channel is not None and self._loop is loop:
+            return self._channel
+        self._drop_channel()  # made in another loop (or before a fork): not ours to use
         try:
-            qname = dns.name.from_text(name) if name else dns.name.root
-            answer = await self._resolver.resolve(
-                qname, qtype, search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            return DnsAnswer("nxdomain", (), self._negative_ttl(_nx_response(exc)))
-        except (dns.resolver.NoNameservers, dns.exception.Timeout,
-                dns.resolver.NoResolverConfiguration):
-            return _TEMPFAIL
-        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel,
-                dns.name.BadEscape, dns.name.IDNAException, dns.resolver.YXDOMAIN,
-                UnicodeError):
-            return DnsAnswer("nxdomain", (), self._clamp(self.negative_ttl))
-        except (dns.exception.DNSException, OSError, ValueError):
-            return _TEMPFAIL
-        if answer.rrset is None:
-            return DnsAnswer("nodata", (), self._negative_ttl(answer.response))
-        values = tuple(_text(rdata, qtype) for rdata in answer.rrset)
-        ttl = max(0, int(answer.expiration - time.time() + 0.5))
-        return DnsAnswer("ok", values, self._clamp(min(ttl, answer.rrset.ttl)))
+            self._channel = DnsChannel(loop, self.nameservers, self.timeout / TRIES, TRIES)
+        except ChannelError as exc:
+            log.error("DNS lookups fail: %s", exc)
+            return None
+        self._loop = loop
+        return self._channel
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._loop = None
 
     def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
         if answer.ttl <= 0 or self.cache_size == 0:
@@ -181,20 +234,77 @@ class Resolver:
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, int(ttl)))
 
-    def _negative_ttl(self, response: dns.message.Message | None) -> int:
-        # RFC 2308: a negative answer lives min(SOA TTL, SOA MINIMUM).
-        if response is not None:
-            for rrset in response.authority:
-                if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-                    return self._clamp(min(rrset.ttl, rrset[0].minimum))
-        return self._clamp(self.negative_ttl)
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+
+def answer_from(status: int, records: list, soa_ttl: int | None, qtype: int, name: str,
+                clamp: Callable[[int], int], negative_ttl: int) -> DnsAnswer:
+    """What DnsChannel reported for the question (name, qtype), as a DnsAnswer."""
+    if status:
+        negative = _NEGATIVE.get(status)
+        if negative is None:
+            return _TEMPFAIL
+        return DnsAnswer(negative, (), clamp(negative_ttl if soa_ttl is None else soa_ttl))
+    found, ttl = _chain(records, name, qtype)
+    if not found:  # only a CNAME chain that ends elsewhere
+        return DnsAnswer("nodata", (), clamp(negative_ttl))
+    return DnsAnswer("ok", tuple(_FORMATS[qtype](data) for data in found), clamp(ttl))
+
+
+def _chain(records: list, name: str, qtype: int) -> tuple[list, int]:
+    """The data of the records of qtype at name, following CNAMEs, and the smallest TTL."""
+    ttl = 2**31
+    for _ in range(16):  # a longer chain is a loop or an abuse
+        found = [r for r in records if r[1] == qtype and r[0] == name]
+        if found:
+            return [r[3] for r in found], min(ttl, *(r[2] for r in found))
+        alias = next((r for r in records if r[1] == _CNAME and r[0] == name), None)
+        if alias is None:
+            break
+        ttl = min(ttl, alias[2])
+        name = _name(alias[3].cname)
+    return [], 0
+
+
+_CNAME = QTYPES["CNAME"]
+
+
+def _name(value: str) -> str:
+    return value.lower().rstrip(".")
+
+
+_FORMATS: dict[int, Callable] = {
+    QTYPES["A"]: lambda d: d.addr,
+    QTYPES["AAAA"]: lambda d: d.addr,
+    QTYPES["PTR"]: lambda d: _name(d.dname),
+    QTYPES["CNAME"]: lambda d: _name(d.cname),
+    QTYPES["NS"]: lambda d: _name(d.nsdname),
+    QTYPES["MX"]: lambda d: f"{d.priority} {_name(d.exchange)}",
+    QTYPES["TXT"]: lambda d: d.data.decode("utf-8", "replace"),
+    QTYPES["SRV"]: lambda d: f"{d.priority} {d.weight} {d.port} {_name(d.target)}",
+    QTYPES["SOA"]: lambda d: (f"{_name(d.mname)} {_name(d.rname)} {d.serial} {d.refresh} "
+                              f"{d.retry} {d.expire} {d.minimum}"),
+    QTYPES["TLSA"]: lambda d: (f"{d.cert_usage} {d.selector} {d.matching_type} "
+                               f"{d.cert_association_data.hex()}"),
+    QTYPES["CAA"]: lambda d: f'{d.critical} {d.tag} "{d.value}"',
+    QTYPES["NAPTR"]: lambda d: (f'{d.order} {d.preference} "{d.flags}" "{d.service}" '
+                                f'"{d.regexp}" {_name(d.replacement)}'),
+}
+
+
+def _possible(name: str) -> bool:
+    """Whether a (lower-cased, final-dot-less) name can exist: labels of 1..63, 253 at most."""
+    if len(name) > 253:
+        return False
+    return not name or all(0 < len(label) <= 63 for label in name.split("."))
 
 
 @functools.lru_cache(maxsize=64)
 def _qtype(rdtype: str) -> int:
     try:
-        return int(dns.rdatatype.from_text(rdtype))
-    except dns.exception.DNSException:
+        return QTYPES[rdtype.upper()]
+    except (KeyError, AttributeError):
         raise ValueError(f"unknown DNS record type: {rdtype!r}") from None
 
 
@@ -204,44 +314,4 @@ def ptr_name(ip: str) -> str:
     address = client_address(ip)
     if address.version == 4:
         return ".".join(reversed(str(address).split("."))) + ".in-addr.arpa"
-    return dns.reversename.from_address(str(address)).to_text(omit_final_dot=True)
-
-
-def _make_resolver(nameservers: tuple[HostPort, ...],
-                   timeout: float) -> dns.asyncresolver.Resolver | None:
-    if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver(configure=True)
-        except (dns.resolver.NoResolverConfiguration, OSError):
-            return None
-    resolver.cache = None  # ours keeps negative answers too, and shares queries
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
-    return resolver
-
-
-def _nx_response(exc: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
-    try:
-        responses = exc.responses()
-    except (AttributeError, KeyError, TypeError):
-        return None
-    for response in responses.values():
-        return response
-    return None
-
-
-def _text(rdata, qtype: int) -> str:
-    if qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        return rdata.address
-    if qtype in (dns.rdatatype.PTR, dns.rdatatype.CNAME, dns.rdatatype.NS):
-        return rdata.target.to_text(omit_final_dot=True).lower()
-    if qtype == dns.rdatatype.MX:
-        exchange = rdata.exchange.to_text(omit_final_dot=True).lower()
-        return f"{rdata.preference} {'' if exchange in ('@', '.') else exchange}"
-    if qtype == dns.rdatatype.TXT:
-        return b"".join(rdata.strings).decode("utf-8", "replace")
-    return rdata.to_text()
+    return ".".join(reversed(address.exploded.replace(":", ""))) + ".ip6.arpa"

@@ -130,6 +130,7 @@ class Policy:
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new settings for the next decisions; Redis clients and counters stay."""
         self.config = config
+        self.resolver.close()  # once the lookups in flight end
         self.resolver = Resolver(config.nameservers, config.dns_timeout)
         self.sites = parse_sites(" ".join(config.dnsbl_sites))
         self.querier = DnsblQuerier(
@@ -161,6 +162,7 @@ class Policy:
         await self.evidence.close()
         await self.tables.close()
         await self.redis.aclose()
+        self.resolver.close()
 
     # --- helpers ---------------------------------------------------------------------------
 
