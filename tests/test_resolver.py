@@ -6,16 +6,19 @@ import asyncio
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import uvloop
+from pycares import errno as ares_errno
 from services.ports import free_port
 from services.waiting import no_hang
 
 from smtpgate.checks import client_fcrdns, helo
 from smtpgate.config import HostPort
 from smtpgate.lookups.client_dns import MAX_NAMES, client_hostname, helo_facts
-from smtpgate.lookups.resolver import DnsAnswer, Resolver
+from smtpgate.lookups.dns_channel import QTYPES
+from smtpgate.lookups.resolver import DnsAnswer, Resolver, answer_from
 from smtpgate.verdict import Outcome
 
 _made: list[Resolver] = []
@@ -227,6 +230,12 @@ async def test_negative_answers_are_cached(dns):
     assert resolver.stats["queries"] == 1
 
 
+async def test_negative_ttl_is_the_zones_soa(dns):
+    # unbound's SOA for its local zone "." says 10800: the NXDOMAIN lives that long
+    answer = await make(dns, negative_ttl=60, max_ttl=86400).lookup("absent.test", "A")
+    assert answer == DnsAnswer("nxdomain", (), 10800)
+
+
 async def test_zero_ttl_is_not_cached(dns):
     dns.set([("z.test", "A", "192.0.2.1", 0)])
     resolver = make(dns)
@@ -304,6 +313,35 @@ def test_each_event_loop_gets_a_channel_of_its_own(dns):
         assert not thread.is_alive()
     assert [a.values for a in answers] == [("192.0.2.8",)] * 3
     assert resolver.stats["queries"] == 3
+
+
+# --- answer_from(): c-ares' report as a DnsAnswer (pure) --------------------------------------
+
+
+def record(name: str, rdtype: str, ttl: int, **data):
+    return (name, QTYPES[rdtype], ttl, SimpleNamespace(**data))
+
+
+@pytest.mark.parametrize("status,records,soa_ttl,expected", [
+    (0, [record("a.test", "A", 50, addr="192.0.2.1"), record("a.test", "A", 40, addr="192.0.2.2")],
+     None, DnsAnswer("ok", ("192.0.2.1", "192.0.2.2"), 40)),
+    (0, [record("a.test", "CNAME", 30, cname="B.test."),
+         record("b.test", "A", 90, addr="192.0.2.3")], None, DnsAnswer("ok", ("192.0.2.3",), 30)),
+    (0, [record("a.test", "CNAME", 30, cname="elsewhere.test")], None, DnsAnswer("nodata", (), 60)),
+    (0, [record("other.test", "A", 30, addr="192.0.2.9")], None, DnsAnswer("nodata", (), 60)),
+    (ares_errno.ARES_ENOTFOUND, [], 900, DnsAnswer("nxdomain", (), 900)),
+    (ares_errno.ARES_ENOTFOUND, [], None, DnsAnswer("nxdomain", (), 60)),
+    (ares_errno.ARES_ENODATA, [], 5, DnsAnswer("nodata", (), 10)),
+    (ares_errno.ARES_ESERVFAIL, [], None, DnsAnswer("tempfail")),
+    (ares_errno.ARES_ETIMEOUT, [], None, DnsAnswer("tempfail")),
+    (ares_errno.ARES_ECONNREFUSED, [], None, DnsAnswer("tempfail")),
+], ids=["rrset min ttl", "cname chain", "chain ends elsewhere", "other name only", "nxdomain soa",
+        "nxdomain no soa", "nodata clamped", "servfail", "timeout", "refused"])
+def test_answer_from(status, records, soa_ttl, expected):
+    def clamp(ttl: int) -> int:
+        return max(10, min(3600, ttl))
+
+    assert answer_from(status, records, soa_ttl, QTYPES["A"], "a.test", clamp, 60) == expected
 
 
 # --- FCrDNS facts and decisions with real DNS ----------------------------------------------

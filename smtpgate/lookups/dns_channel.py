@@ -102,7 +102,9 @@ class DnsChannel:
         self._closed = False
         self._thread = threading.get_ident()  # c-ares may call back from pycares' own thread
         self.pending = 0
-        flags = pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOALIASES | pycares.ARES_FLAG_EDNS
+        # STAYOPEN: keep the sockets between bursts of queries (else each burst opens one)
+        flags = (pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOALIASES
+                 | pycares.ARES_FLAG_EDNS | pycares.ARES_FLAG_STAYOPEN)
         if not nameservers:
             flags |= pycares.ARES_FLAG_NO_DFLT_SVR
         try:
@@ -222,7 +224,7 @@ def _answered(token: int, status: int, dnsrec) -> None:
         return  # cancelled by pycares destroying the channel: the caller moved on
     channel.pending -= 1
     if status == _lib.ARES_SUCCESS:
-        callback(None, _records(dnsrec), None)
+        callback(status, _records(dnsrec), None)
     elif status in (_lib.ARES_ENOTFOUND, _lib.ARES_ENODATA):
         callback(status, [], _negative_ttl(dnsrec))
     else:
