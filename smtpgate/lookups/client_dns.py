@@ -65,11 +65,12 @@ async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
 
 
 async def lookups(resolver: Resolver, questions: list[tuple[str, str]]) -> list[DnsAnswer]:
-    """Answers in order; from the cache without a task each, the rest in parallel."""
+    """Answers in order; from the cache without a task each, the rest in parallel (futures,
+    not tasks)."""
     answers = [resolver.cached(name, rdtype) for name, rdtype in questions]
     missing = [i for i, answer in enumerate(answers) if answer is None]
     if missing:
-        found = await asyncio.gather(*(resolver.lookup(*questions[i]) for i in missing))
+        found = await asyncio.gather(*(resolver.start(*questions[i]) for i in missing))
         for i, answer in zip(missing, found, strict=True):
             answers[i] = answer
     return answers

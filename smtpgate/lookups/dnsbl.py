@@ -16,7 +16,7 @@ DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
     at once, through the shared resolver (smtpgate.lookups.resolver: `await
-    resolver.lookup(name, "A") -> DnsAnswer`). Query names are the reversed
+    resolver.start(name, "A") -> Future[DnsAnswer]`). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and
     postscreen use); an IPv4-mapped IPv6 client is queried as IPv4. Zones
@@ -58,6 +58,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections import Counter, OrderedDict
@@ -168,28 +169,37 @@ class DnsblQuerier:
         self._changed.pop(key, None)
 
     async def _query_all(self, ip: str) -> DnsblResult:
-        zones = await asyncio.gather(*(self._query_zone(ip, zone) for zone in self.zones))
+        # one future per zone from the resolver and one time limit for all: no task per zone
+        asked = {zone: self._resolver.start(query_name(ip, zone), "A") for zone in self.zones}
+        for zone, future in asked.items():
+            future.add_done_callback(functools.partial(self._answered, ip, zone))
+        _, late = await asyncio.wait(asked.values(), timeout=self._timeout)
+        for future in late:
+            future.cancel()  # ours alone: the resolver's query goes on for its other askers
+        for zone, future in asked.items():
+            if future in late:
+                self._note(ip, ZoneResult(zone, "timeout"))
+            else:
+                self._answered(ip, zone, future)  # if its callback has not run yet
+        zones = [self._partial[ip][zone] for zone in self.zones]
         result = DnsblResult(ip, tuple(zones), cache_ttl(zones))
         self._store(ip, result)
         return result
 
-    async def _query_zone(self, ip: str, zone: str) -> ZoneResult:
-        result = await self._ask(ip, zone)
-        self._partial.get(ip, {})[zone] = result
+    def _answered(self, ip: str, zone: str, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            answer = future.result()
+            self._note(ip, ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl)))
+
+    def _note(self, ip: str, result: ZoneResult) -> None:
+        """A zone's result, once: counted in its health, seen by settle() and snapshot()."""
+        partial = self._partial.get(ip)
+        if partial is None or result.zone in partial:
+            return
+        partial[result.zone] = result
+        self._count(result)
         if (event := self._changed.get(ip)) is not None:
             event.set()
-        return result
-
-    async def _ask(self, ip: str, zone: str) -> ZoneResult:
-        try:
-            async with asyncio.timeout(self._timeout):
-                answer = await self._resolver.lookup(query_name(ip, zone), "A")
-        except TimeoutError:
-            result = ZoneResult(zone, "timeout")
-        else:
-            result = ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl))
-        self._count(result)
-        return result
 
     def _count(self, result: ZoneResult) -> None:
         counter = self._health[result.zone]

@@ -5,6 +5,7 @@ SYNOPSIS
     Resolver(nameservers: tuple[HostPort, ...], timeout: float, cache_size: int = 10000,
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
+        start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -44,6 +45,10 @@ DESCRIPTION
     not. Concurrent lookups of one (name, type) share one query; a caller
     cancelled while waiting does not cancel it for the others. Names are
     matched case-insensitively. A bad rdtype raises ValueError.
+
+    start() is lookup() as a future of the caller's own, already done on a
+    cache hit: a caller asking several questions gathers the futures
+    without a task each.
 
     ptr(ip) looks up ptr_name(ip): the in-addr.arpa / ip6.arpa name of ip
     (an IPv4-mapped IPv6 address as its IPv4 address); a value that is not
@@ -151,6 +156,21 @@ class Resolver:
         hit = self._cached(key)
         if hit is not None:
             return hit
+        return await self._ask(key)
+
+    def start(self, name: str, rdtype: str) -> asyncio.Future[DnsAnswer]:
+        """lookup() as a future of the caller's own (done at once on a cache hit): several
+        can be gathered without a task each."""
+        key = (name.lower().rstrip("."), _qtype(rdtype))
+        hit = self._cached(key)
+        if hit is None:
+            return self._ask(key)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(hit)
+        return done
+
+    def _ask(self, key: tuple[str, int]) -> asyncio.Future[DnsAnswer]:
+        # each caller waits on a future of its own: cancelling it leaves the query to the others
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         query = self._inflight.get(key)
@@ -160,8 +180,7 @@ class Resolver:
         else:
             query = self._inflight[key] = _Query(key, waiter)
             self._start(loop, query)
-        # each caller waits on a future of its own: cancelling it leaves the query to the others
-        return await waiter
+        return waiter
 
     def _start(self, loop: asyncio.AbstractEventLoop, query: _Query) -> None:
         name, qtype = query.key
@@ -295,9 +314,10 @@ _FORMATS: dict[int, Callable] = {
 
 def _possible(name: str) -> bool:
     """Whether a (lower-cased, final-dot-less) name can exist: labels of 1..63, 253 at most."""
-    if len(name) > 253:
-        return False
-    return not name or all(0 < len(label) <= 63 for label in name.split("."))
+    if not name:
+        return True  # the root
+    lengths = tuple(map(len, name.split(".")))
+    return len(name) <= 253 and min(lengths) > 0 and max(lengths) <= 63
 
 
 @functools.lru_cache(maxsize=64)
