@@ -110,6 +110,11 @@ async def test_impossible_name_is_nxdomain_without_a_query(dns):
     assert resolver.stats["tempfail"] == 0
 
 
+def test_nameserver_must_be_an_address():
+    with pytest.raises(ValueError, match=r"dns\.example\.test:53 is not an IP address"):
+        Resolver((HostPort("dns.example.test", 53),), 1.0)
+
+
 async def test_bad_input_raises_value_error(dns):
     resolver = make(dns)
     with pytest.raises(ValueError, match="record type"):

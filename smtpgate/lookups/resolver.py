@@ -20,7 +20,8 @@ DESCRIPTION
     process, made in the running loop at the first query). nameservers are
     the resolvers to ask (Config.nameservers, each host and port); empty
     means the system's /etc/resolv.conf (if it names no server, every
-    lookup is "tempfail"). timeout bounds one lookup, all retries included:
+    lookup is "tempfail"); a host that is not an IP address raises
+    ValueError. timeout bounds one lookup, all retries included:
     c-ares gives the first try a third of it and retries (a truncated answer
     is asked again over TCP); what has no answer when timeout is up is
     "tempfail".
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -112,6 +114,11 @@ class Resolver:
     def __init__(self, nameservers: tuple[HostPort, ...], timeout: float,
                  cache_size: int = 10000, *, min_ttl: int = 0, max_ttl: int = 3600,
                  negative_ttl: int = 60) -> None:
+        for ns in nameservers:
+            try:
+                ipaddress.ip_address(ns.host)
+            except ValueError:
+                raise ValueError(f"DNS server {ns} is not an IP address") from None
         self.nameservers = tuple(nameservers)
         self.timeout = float(timeout)
         self.cache_size = max(0, int(cache_size))
