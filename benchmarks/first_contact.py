@@ -3,6 +3,7 @@
 SYNOPSIS
     python -m benchmarks.first_contact [--compare DIR] [--sessions N] [--concurrency C]
                                        [--ttl S] [--greet-wait S] [--rounds R]
+                                       [--py-spy FILE]
 
 DESCRIPTION
     A quick measurement of the DNS-heavy first contact, until benchmarks.run
@@ -19,6 +20,11 @@ DESCRIPTION
     holding a `smtpgate` package, e.g. `git archive main smtpgate | tar -x
     -C DIR`), the two taking turns for --rounds rounds, on one stack. The
     machine is usually shared: compare the figures of one run.
+
+    --py-spy FILE records the worker with py-spy during this tree's "new"
+    sessions of the first round (collapsed stacks, for flame graphs or
+    grep), which costs the worker some CPU: take the figures from a run
+    without it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from benchmarks.load import SessionRun, make_body, timed_session
@@ -74,13 +84,26 @@ async def sessions(port: int, sources: list[str], concurrency: int, world) -> Se
     return run
 
 
-def measure(stack: FirstContactStack, sources: list[str], concurrency: int) -> dict:
+def measure(stack: FirstContactStack, sources: list[str], concurrency: int,
+            profile: Path | None = None) -> dict:
     gate = stack.smtpgate
     figures = {}
     for label in ("new", "returning"):
+        spy = None
+        if profile is not None and label == "new":
+            worker = max(gate.pids())  # the worker forked after the master
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
+                                    "--rate", "1000", "--format", "raw", "-o", str(profile),
+                                    "-p", str(worker)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached before the first session
         before = cpu_seconds(gate.pid, gate.pids())
         run = asyncio.run(sessions(gate.port, sources, concurrency, stack.world))
         cpu = cpu_seconds(gate.pid, gate.pids()) - before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            if spy.wait(30) != 0:
+                raise SystemExit(f"py-spy exited with {spy.returncode}")
         if run.errors:
             raise SystemExit(f"{label}: {dict(run.errors)} of {len(sources)} sessions failed")
         figures[label] = cpu / len(sources) * 1000
@@ -95,6 +118,7 @@ def main() -> None:
     parser.add_argument("--ttl", type=int, default=300)
     parser.add_argument("--greet-wait", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--py-spy", type=Path, metavar="FILE", dest="profile")
     args = parser.parse_args()
     trees = {"this": ROOT, **({"compared": args.compare.resolve()} if args.compare else {})}
     stack = FirstContactStack(Settings(greet_wait=args.greet_wait, with_smtpgate=False,
@@ -108,8 +132,9 @@ def main() -> None:
                 stack.source_tree = tree
                 stack.start_smtpgate()
                 try:
-                    results[label].append(
-                        measure(stack, addresses(next(start), args.sessions), args.concurrency))
+                    profile = args.profile if label == "this" and not results[label] else None
+                    results[label].append(measure(
+                        stack, addresses(next(start), args.sessions), args.concurrency, profile))
                 finally:
                     stack.smtpgate.proc.stop()
                     stack.smtpgate = None
