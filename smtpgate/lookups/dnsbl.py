@@ -102,7 +102,7 @@ class DnsblQuerier:
         self._cache: OrderedDict[str, tuple[float, DnsblResult]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[DnsblResult]] = {}
         self._partial: dict[str, dict[str, ZoneResult]] = {}  # answers so far, per IP in flight
-        self._changed: dict[str, asyncio.Event] = {}
+        self._changed: dict[str, asyncio.Future[None]] = {}  # done at each zone's answer
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
 
@@ -130,7 +130,7 @@ class DnsblQuerier:
         future = self._inflight.get(key)
         if future is None:
             self._partial[key] = {}
-            self._changed[key] = asyncio.Event()
+            self._changed[key] = asyncio.get_running_loop().create_future()
             future = asyncio.ensure_future(self._query_all(key))
             self._inflight[key] = future
             future.add_done_callback(lambda _f, k=key: self._forget(k))
@@ -140,16 +140,11 @@ class DnsblQuerier:
         future = self.start(ip)
         key = _normal(ip)
         while not future.done():
-            changed = self._changed[key]
             partial = self.snapshot(key)
             if partial is not None and settled(self._sites, partial, **self._thresholds):
                 return partial
-            changed.clear()
-            waiter = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait({future, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
+            # woken by the next zone's answer (or the end): a future each, no task
+            await asyncio.wait({future, self._changed[key]}, return_when=asyncio.FIRST_COMPLETED)
         return future.result()
 
     def snapshot(self, ip: str) -> DnsblResult | None:
@@ -198,8 +193,10 @@ class DnsblQuerier:
             return
         partial[result.zone] = result
         self._count(result)
-        if (event := self._changed.get(ip)) is not None:
-            event.set()
+        changed = self._changed.get(ip)
+        if changed is not None:  # wake settle(), and give the next answer a future of its own
+            changed.set_result(None)
+            self._changed[ip] = changed.get_loop().create_future()
 
     def _count(self, result: ZoneResult) -> None:
         counter = self._health[result.zone]
