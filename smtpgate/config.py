@@ -378,6 +378,10 @@ class Config:
     spool_memory_limit: int = setting(
         262144, int_between(0), "bytes of a message held in memory; the rest goes to a "
                                 "temporary file")
+    spool_budget: int = setting(
+        268435456, int_between(0),
+        "bytes of received messages (memory and temporary files) one worker holds at once; "
+        "past it, 452 4.3.1 Insufficient system storage at MAIL (SIZE=) and DATA (0: no bound)")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 

@@ -62,6 +62,7 @@ from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
+from smtpgate.smtp.spool_budget import SpoolBudget
 from smtpgate.smtp.tls import TlsError, load_tls
 
 log = logging.getLogger("smtpgate.master")
@@ -79,7 +80,8 @@ async def build_gate(config: Config) -> Gate:
     policy = await Policy.create(config, auth)
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
-                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics())
+                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics(),
+                spool_budget=SpoolBudget(config.spool_budget))
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
@@ -201,6 +203,7 @@ def reload(gate: Gate) -> bool:
         gate.tls.reload_if_changed()
         tls = gate.tls
     gate.policy.reconfigure(config)
+    gate.spool_budget.limit = config.spool_budget  # spools in flight keep what they took
     if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one

@@ -564,13 +564,14 @@ class Session:
         if self.sender is not None:
             self.reply(replies.NESTED_MAIL)
             return
+        offered = self.gate.offered[self.listener]  # bounds: SMTPUTF8 as a parameter, offered
         try:
-            path = parse_mail_arg(arg, smtputf8="SMTPUTF8" in arg.upper())
+            path = parse_mail_arg(arg, smtputf8=None if "SMTPUTF8" in offered else False)
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = mail_params_reply(path.params, self.config.message_size_limit,
-                                    self.gate.offered[self.listener])
+        refusal = mail_params_reply(path.words, self.config.message_size_limit, offered,
+                                    self.gate.spool_budget.room())  # bounds: SIZE= over room
         if refusal is None:
             refusal = await self.policy.mail(self.state, path, self.login)
         if refusal is not None:
@@ -591,7 +592,7 @@ class Session:
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = rcpt_params_reply(path.params, self.gate.offered[self.listener])
+        refusal = rcpt_params_reply(path.words, self.gate.offered[self.listener])  # bounds
         if refusal is not None:
             self.reply(refusal)
             return
@@ -617,8 +618,11 @@ class Session:
         if not self.recipients:
             self.reply(replies.NEED_RCPT)
             return
+        if self.gate.spool_budget.spent:  # bounds: the worker's spool budget
+            self.reply(replies.INSUFFICIENT_STORAGE)
+            return
         self.reply(replies.START_DATA)
-        spool = Spool(self.config.spool_memory_limit)
+        spool = Spool(self.config.spool_memory_limit, self.gate.spool_budget)  # bounds
         try:
             try:
                 body = await self._receive(spool)
@@ -631,6 +635,11 @@ class Session:
                          self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
                          self.proto, self.helo or "")
                 self.reply(replies.MESSAGE_TOO_BIG)
+                return
+            if spool.full:  # bounds: the message outgrew the worker's spool budget
+                log.warning("warning: %s: spool budget of %d bytes spent; 452 4.3.1",
+                            self.client_label, self.gate.spool_budget.limit)
+                self.reply(replies.INSUFFICIENT_STORAGE)
                 return
             if body.bare_newline:
                 await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
