@@ -59,7 +59,7 @@ DESCRIPTION
     without 8BITMIME offered, as in Postfix.
 
     A word shown in a reply has its control characters replaced by "?"
-    (Postfix's printable() with UTF-8 on), so a reply stays one line.
+    (smtpgate.verdict.Reply), so a reply stays one line.
 """
 
 from __future__ import annotations
@@ -126,13 +126,8 @@ def uxtext_valid(value: str) -> bool:
     return True
 
 
-def printable(word: str) -> str:
-    """Control characters (C0, DEL, C1) as "?"; the rest, UTF-8 included, as it is."""
-    return "".join("?" if ch < " " or "\x7f" <= ch <= "\x9f" else ch for ch in word)
-
-
 def _unsupported(word: str) -> Reply:
-    return replies.unsupported_option(printable(word))
+    return replies.unsupported_option(word)  # shown with "?" for controls (verdict.Reply)
 
 
 def mail_params_reply(words: list[str] | tuple[str, ...], size_limit: int,

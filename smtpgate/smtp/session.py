@@ -60,6 +60,7 @@ from smtpgate import replies, session_id
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
+from smtpgate.relay.passed_on import passed_on
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
@@ -196,10 +197,10 @@ class Session:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
         a recipient refused at relay time) ends with the session id as smtpgate's own do,
         so the sender can quote it and `explain --session` finds the record."""
-        if answer.code < 400:
-            self.wire.reply(answer.raw)
+        if answer.code < 400:  # bounds: well-formed whatever the next hop sent
+            self.wire.reply(passed_on(answer.code, answer.raw))
             return
-        self.wire.reply(answer.raw.rstrip(b"\r\n") + self.tag().encode() + b"\r\n")
+        self.wire.reply(passed_on(answer.code, answer.raw, self.tag()))  # bounds
         self._count_failure()
         self._refused(answer.text.replace("\r\n", " "))
 
