@@ -45,6 +45,7 @@ from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
+from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
@@ -87,11 +88,12 @@ async def build_gate(config: Config) -> Gate:
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
     """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
     pool_size = config.next_hop_pool if config.mx_listen else 0
-    hops = Hops(config.next_hop, config.next_hop_timeout, config.hostname, pool_size,
+    timeouts = HopTimeouts.from_config(config)
+    hops = Hops(config.next_hop, timeouts, config.hostname, pool_size,
                 config.next_hop_retry)
     submission = None
     if config.submission_next_hop:
-        submission = Hops(config.submission_next_hop, config.next_hop_timeout, config.hostname,
+        submission = Hops(config.submission_next_hop, timeouts, config.hostname,
                           0, config.next_hop_retry)
     return hops, submission
 
@@ -208,7 +210,8 @@ def reload(gate: Gate) -> bool:
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
     hop_settings = ("next_hop", "submission_next_hop", "next_hop_pool", "next_hop_timeout",
-                    "next_hop_retry", "hostname")
+                    "next_hop_connect_timeout", "next_hop_data_done_timeout",
+                    "next_hop_total_timeout", "next_hop_retry", "hostname")
     if any(getattr(config, n) != getattr(running, n) for n in hop_settings):
         gate.hops.close()  # sessions relaying through the old ones finish with them
         gate.hops, gate.submission_hops = next_hops(config)
