@@ -30,6 +30,7 @@ packages=(
     swaks rspamd haproxy openssl ca-certificates python3-venv prometheus
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    testssl.sh  # the cipher suites per port, checked by hand (tests/test_tls_ciphers_e2e.py)
 )
 
 missing=()

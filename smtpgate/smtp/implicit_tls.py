@@ -95,7 +95,7 @@ async def _enter(gate: Gate, sock: socket.socket) -> None:
     client = (proxied.client_ip, proxied.client_port) if proxied else peer[:2]
     try:
         await asyncio.get_running_loop().connect_accepted_socket(
-            protocol_factory(gate, SUBMISSIONS, proxied), sock, ssl=tls.context(),
+            protocol_factory(gate, SUBMISSIONS, proxied), sock, ssl=tls.context(SUBMISSIONS),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         log.info("SSL_accept error from [%s]:%s: %s", plain_ip(client[0]), client[1],

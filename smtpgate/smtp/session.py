@@ -484,7 +484,8 @@ class Session:
             return
         self.reply(replies.START_TLS)
         try:
-            await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
+            await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
+                                      self.config.smtpd_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("SSL_accept error from %s: %s", self.client_label, exc)
             raise Closing from None
