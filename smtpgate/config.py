@@ -395,6 +395,14 @@ class Config:
         268435456, int_between(0),
         "bytes of received messages (memory and temporary files) one worker holds at once; "
         "past it, 452 4.3.1 Insufficient system storage at MAIL (SIZE=) and DATA (0: no bound)")
+    submissions_handshake_limit: int = setting(
+        200, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per worker; past it, a new "
+        "connection is closed before TLS (0: no bound)")
+    submissions_client_handshake_limit: int = setting(
+        10, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per client address and "
+        "worker; past it, the client's new connection is closed before TLS (0: no bound)")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 

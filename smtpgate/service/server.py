@@ -61,6 +61,7 @@ from smtpgate.service.preflight import (
 )
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.handshake_limit import HandshakeLimit
 from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
 from smtpgate.smtp.spool_budget import SpoolBudget
@@ -82,7 +83,9 @@ async def build_gate(config: Config) -> Gate:
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
                 submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics(),
-                spool_budget=SpoolBudget(config.spool_budget))
+                spool_budget=SpoolBudget(config.spool_budget),
+                handshakes=HandshakeLimit(config.submissions_client_handshake_limit,
+                                          config.submissions_handshake_limit))
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
@@ -206,6 +209,8 @@ def reload(gate: Gate) -> bool:
         tls = gate.tls
     gate.policy.reconfigure(config)
     gate.spool_budget.limit = config.spool_budget  # spools in flight keep what they took
+    gate.handshakes.per_client = config.submissions_client_handshake_limit
+    gate.handshakes.per_worker = config.submissions_handshake_limit
     if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
