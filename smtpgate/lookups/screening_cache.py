@@ -89,7 +89,8 @@ async def _redis_call(what: str, timeout: float):
         async with asyncio.timeout(timeout):
             yield
     except redis_client_module.ERRORS as exc:
-        raise ScreeningStoreError(f"{what}: {exc}") from exc
+        # redis-py's own TimeoutError says nothing: name the class where there is no text
+        raise ScreeningStoreError(f"{what}: {exc or type(exc).__name__}") from exc
     except TimeoutError as exc:
         raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
 
