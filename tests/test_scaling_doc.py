@@ -6,14 +6,14 @@ from pathlib import Path
 
 from smtpgate.config import Config
 
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+DOC = " ".join((Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text().split())
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 SUM = re.compile(r"(\d+)(?: in flight)? \+ (\d+)(?: workers)? × (\d+)(?: pooled)? = (\d+)")
 
 
 def test_the_worker_count_is_the_cpu_count_by_default():
     assert DEFAULTS["workers"] == 0  # 0: one per CPU
-    assert "defaults to the node's CPU count" in " ".join(DOC.split())
+    assert "defaults to the node's CPU count" in DOC
 
 
 def test_each_sum_of_smtpd_processes_uses_the_defaults_and_adds_up():
