@@ -158,3 +158,16 @@ def test_the_total_must_leave_each_step_its_time():
     assert load(base).next_hop_total_timeout == 540.0
     with pytest.raises(ConfigError, match="SMTPGATE_NEXT_HOP_DATA_DONE_TIMEOUT"):
         load({**base, "SMTPGATE_NEXT_HOP_TOTAL_TIMEOUT": "300"})
+
+
+async def test_each_reply_of_a_pipelined_batch_has_the_limit():
+    # MAIL and three RCPTs pipelined, each answered 0.6 s after the one before: 2.4 s for the
+    # batch, over the 1.5 s limit, but no reply is late
+    timeouts = HopTimeouts(connect=5.0, reply=1.5, data_done=5.0, total=60.0)
+    envelope = Envelope(ENVELOPE.mail_line, (b"RCPT TO:<u1@example.com>\r\n",
+                                             b"RCPT TO:<u2@example.com>\r\n",
+                                             b"RCPT TO:<u3@example.com>\r\n"))
+    async with StallingHop(delay=0.6) as address:
+        hops = Hops((address,), timeouts, "mx.example.test", 0, 10.0)
+        reply = await hops.deliver(IDENTITY, envelope, lambda: [b"x\r\n"], 3, "client")
+    assert reply.text.startswith("250 2.0.0 Ok: queued as X")

@@ -287,12 +287,14 @@ class NextHop:
 
     async def _replies(self, count: int, step: str, timeout: float | None = None
                        ) -> list[HopReply]:
+        """count replies; each within the limit (a pipelined batch of many RCPTs, each
+        checked by Postfix's milters, gets the limit per reply, not for all of them)."""
         wire = self._wire
-        if len(wire.replies) < count and not wire.lost:
-            loop = asyncio.get_running_loop()
-            wire.wanted = count
+        loop = asyncio.get_running_loop()
+        limit = self._timeouts.reply if timeout is None else timeout
+        while len(wire.replies) < count and not wire.lost:
+            wire.wanted = len(wire.replies) + 1
             waiter = wire.waiter = loop.create_future()
-            limit = self._timeouts.reply if timeout is None else timeout
             timer = loop.call_later(limit, _time_out, waiter, f"{step} ({limit:g} s)")
             try:
                 await waiter
