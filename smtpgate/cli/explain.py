@@ -9,8 +9,10 @@ SYNOPSIS
 DESCRIPTION
     A dry run against the live Redis tables and DNS: the same Policy the
     server uses, stage by stage (connect, HELO, MAIL, each RCPT), with no
-    greet wait (there is no client to wait for) and nothing sent to
-    Postfix. Each verdict is printed with its evidence (which key, which
+    greet wait (there is no client to wait for), nothing sent to Postfix
+    and nothing written to Redis: the client's connection counts and rate
+    are read as if it connected once more, not counted, and its screening
+    cache is read, not written. Each verdict is printed with its evidence (which key, which
     zone and answer), then the reply the client would get at that stage.
     Exit status 0 when every recipient would be passed on to Postfix, 1
     when something would be refused, 2 for bad arguments.
@@ -76,7 +78,7 @@ def run(args: Any, config: Config) -> int:
 async def _explain(args: Any, config: Config) -> int:
     from smtpgate.policy.stages import Policy
 
-    policy = await Policy.create(config)
+    policy = await Policy.create(config, dry_run=True)
     state = policy.open(Client(args.ip, 0))
     refused = False
     try:
