@@ -25,9 +25,11 @@ DESCRIPTION
     answered and when. Exit status 0 when printed, 1 when there is no
     such record (unknown, expired, or the session was refused nothing) or
     Redis cannot be read, 2 for an id of the wrong shape or --session
-    given with the dry run's options. A session refused as an earlier one
-    was (same client, check and reply code, minutes apart) has only an
-    alias naming that one: explain says so and prints the earlier record.
+    given with the dry run's options. ID may be given as the reply and the
+    log write it (`session=ID`, with the `;` or `,` around it). A session
+    refused as an earlier one was (the same in all that the record shows
+    but its id, port and times, minutes apart) has only an alias naming
+    that one: explain says so and prints the earlier record.
     A session refused while the node's records were over
     session_record_memory has none ("not recorded").
 """
@@ -150,7 +152,9 @@ async def _recorded(text: str, config: Config) -> int:
         await policy.close()
     if first is not None:
         print(f"session {wanted}: client [{alias.get('ip')}] at {_when(alias.get('time'))} "
-              f"was refused as session {first} was (same client, check and reply); "
+              f"was refused as session {first} was (same client, listener, HELO, sender, "
+              f"recipients, commands, verdicts and replies; another port, time and "
+              f"connection count); "
               f"not recorded again: session {first}'s record follows")
         if record is None:
             print(f"smtpgate explain: no record of session {first}: expired (records are "
