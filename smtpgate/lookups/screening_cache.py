@@ -10,7 +10,7 @@ SYNOPSIS
         await .record_fail(ip, test) -> None
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
-    TESTS
+    TESTS, NO_TESTS
 
     ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
         await .connect(ip) -> Lease              counts this session in; Lease has the counts
@@ -77,7 +77,10 @@ from smtpgate.checks.limits import client_key
 from smtpgate.lookups import keys
 from smtpgate.lookups import redis_client as redis_client_module
 
-TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
+# NO_TESTS: the pass of a client screened while every test before the banner was off
+# (postscreen's PASS NEW then), so that its next session is PASS OLD, as in postscreen
+NO_TESTS = "no_tests"
+TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline", NO_TESTS)
 RATE_WINDOW = 60
 RELEASE_BATCH = 0.01  # seconds a closed session may stay counted, to share a round trip
 

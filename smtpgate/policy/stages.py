@@ -84,6 +84,7 @@ from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.evidence import EvidenceStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
+    NO_TESTS,
     ConnectionCounter,
     ScreeningCache,
     ScreeningStoreError,
@@ -263,7 +264,7 @@ class Policy:
         ip, port = state.client.ip, state.client.port
         entries = state.cached_passes  # read with the connection count, in one round trip
         now = time.time()
-        tests = [t for t in SCREENING_TESTS if self._enabled(t)]
+        tests = [t for t in SCREENING_TESTS if self._enabled(t)] or [NO_TESTS]
         if allowlisted(entries, tests, now):
             log.info("PASS OLD [%s]:%s", ip, port)
             return None
@@ -315,6 +316,8 @@ class Policy:
                 state.permitted = True
             else:
                 outcome = self._apply(state, verdict, passes, failed) or outcome
+        if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
+            passes = {NO_TESTS: config.greet_ttl}  # nothing to test: PASS OLD next time
         try:
             for test in failed:
                 await self.cache.record_fail(ip, test)
