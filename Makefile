@@ -4,8 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
+# make run ARGS="--mx-port 3525 --metrics-port 9426": options of scripts/local_stack.py
 run: setup
-	.venv/bin/python scripts/local_stack.py
+	.venv/bin/python scripts/local_stack.py $(ARGS)
 
 test: setup
 	.venv/bin/ruff check smtpgate tests scripts benchmarks
