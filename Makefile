@@ -4,8 +4,10 @@
 setup:
 	bash scripts/setup.sh
 
-# make run ARGS="--mx-port 3525 --metrics-port 9426": options of scripts/local_stack.py
-run: setup
+# make run ARGS="--mx-port 3525 --metrics-port 9426": options of scripts/local_stack.py.
+# It installs only what it runs (setup.sh --run): no HAProxy, Prometheus, fail2ban, rspamd.
+run:
+	bash scripts/setup.sh --run
 	.venv/bin/python scripts/local_stack.py $(ARGS)
 
 test: setup

@@ -95,8 +95,9 @@ def test_make_run_passes_its_port_options_through():
     result = subprocess.run(["make", "-n", "run", "ARGS=--mx-port 3525 --metrics-port 9426"],
                             cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == (
-        ".venv/bin/python scripts/local_stack.py --mx-port 3525 --metrics-port 9426")
+    assert result.stdout.splitlines()[-2:] == [
+        "bash scripts/setup.sh --run",
+        ".venv/bin/python scripts/local_stack.py --mx-port 3525 --metrics-port 9426"]
 
 
 def test_make_run_logs_to_files_and_keeps_its_directory_after_ctrl_c():
