@@ -297,7 +297,7 @@ def test_a_bad_value_in_the_file_is_reported_even_if_the_environment_sets_it(tmp
 # --- smtpgate check-config, as a process ---------------------------------------------------
 
 
-def check_config(env: dict[str, str], command: str = "check-config",
+def check_config(env: dict[str, str], command: str = "check-config", *args: str,
                  timeout: float = 30) -> subprocess.CompletedProcess:
     """The command with env, nothing else (no settings file either); without a certificate
     in env, SMTPGATE_TLS_OPTIONAL=yes, so that the check passes."""
@@ -307,7 +307,7 @@ def check_config(env: dict[str, str], command: str = "check-config",
     tls = {} if {"SMTPGATE_TLS_CERT", "LETSENCRYPT", "SMTPGATE_TLS_OPTIONAL"} & set(env) \
         else {"SMTPGATE_TLS_OPTIONAL": "yes"}
     return subprocess.run(
-        [sys.executable, "-m", "smtpgate", command],
+        [sys.executable, "-m", "smtpgate", command, *args],
         env={**clean, **BASE, "SMTPGATE_ENV_FILE": "", **tls, **env},
         capture_output=True, text=True, timeout=timeout)
 
@@ -342,6 +342,13 @@ def test_check_config_refuses_what_serve_refuses_a_missing_certificate():
     assert ("error: no TLS certificate configured (LETSENCRYPT, or SMTPGATE_TLS_CERT and "
             "SMTPGATE_TLS_KEY): `smtpgate serve` refuses to start (set SMTPGATE_TLS_OPTIONAL="
             "yes to run without STARTTLS)") in result.stdout.splitlines(), result.stdout
+    # --live names the same problem, not what follows from it (no STARTTLS offered)
+    live = check_config({**env, "REDIS": "127.0.0.1:1", "SMTPGATE_NEXT_HOP": "127.0.0.1:1",
+                         "SMTPGATE_REDIS_TIMEOUT": "0.5"}, "check-config", "--live")
+    assert live.returncode == 1
+    certificate = [line for line in live.stdout.splitlines() if "certificate" in line]
+    assert certificate == [line for line in result.stdout.splitlines()
+                           if line.startswith("error: no TLS certificate")], live.stdout
     optional = check_config({**env, "SMTPGATE_TLS_OPTIONAL": "yes"})
     assert optional.returncode == 0, optional.stdout
     assert "warning: no TLS certificate configured" in optional.stdout
