@@ -2,7 +2,8 @@
 
 SYNOPSIS
     UNIT_ENV_FILE, UNIT_CONFIG                 the systemd unit's files
-    read(path) -> dict[str, str]               KEY=VALUE lines; ConfigError naming the line
+    read(path, label="--env-file") -> dict[str, str]
+                                               KEY=VALUE lines; ConfigError naming the line
     gate_environment(env_file, config, environ, unit_env_file=UNIT_ENV_FILE,
                      unit_config=UNIT_CONFIG) -> GateEnvironment
     GateEnvironment(environ, origins, said)
@@ -57,14 +58,18 @@ class GateEnvironment:
     said: str
 
 
-def read(path: str) -> dict[str, str]:
+def read(path: str, label: str = "--env-file") -> dict[str, str]:
+    """label: how the file was named, for the error (the option, or the variable)."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
+    except PermissionError as exc:
+        raise ConfigError(label, f"cannot read {path}: {exc.strerror} (the gate's settings "
+                                 "file: run as root, or name one with --env-file)") from None
     except OSError as exc:
-        raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(label, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError("--env-file", f"{path} is not UTF-8 text") from None
+        raise ConfigError(label, f"{path} is not UTF-8 text") from None
     found: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         text = line.strip()
@@ -100,7 +105,8 @@ def gate_environment(env_file: str | None, config: str | None, environ: Mapping[
                      unit_env_file: str = UNIT_ENV_FILE,
                      unit_config: str = UNIT_CONFIG) -> GateEnvironment:
     path, why = _choose(env_file, environ, unit_env_file)
-    from_file = read(path) if path else {}
+    label = "SMTPGATE_ENV_FILE" if why == "SMTPGATE_ENV_FILE" else "--env-file"
+    from_file = read(path, label) if path else {}
     merged = {**from_file, **environ}
     origins = {name: path for name in from_file if name not in environ}
     if config:
