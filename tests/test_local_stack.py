@@ -108,7 +108,8 @@ def test_make_run_logs_to_files_and_keeps_its_directory_after_ctrl_c():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = None
     try:
-        shown = _read_until(proc, "Stop with Ctrl-C", timeout=90)
+        # five services start first: on a loaded machine that may take a while
+        shown = _read_until(proc, "Stop with Ctrl-C", timeout=180)
         logs = re.search(r"^Logs:\n((?:    /\S+\n)+)", shown, re.MULTILINE)
         assert logs, shown
         paths = [Path(line.strip()) for line in logs.group(1).splitlines()]
