@@ -46,6 +46,7 @@ from smtpgate.address import plain_ip
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.proxy_header import SocketReader, expects_header, read_header
 from smtpgate.smtp.session import SUBMISSIONS, protocol_factory
+from smtpgate.smtp.tls import handshake_error
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -114,7 +115,7 @@ async def _enter(gate: Gate, sock: socket.socket) -> None:
             protocol_factory(gate, SUBMISSIONS, proxied), sock, ssl=tls.context(SUBMISSIONS),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-        log.info("SSL_accept error from [%s]:%s: %s", ip, client[1], exc or "timed out")
+        log.info("SSL_accept error from [%s]:%s: %s", ip, client[1], handshake_error(exc))
         with contextlib.suppress(OSError):
             sock.close()
     finally:
