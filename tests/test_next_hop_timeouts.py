@@ -154,7 +154,7 @@ async def test_a_connect_that_is_not_answered_fails_after_the_connect_limit():
 
 
 def test_the_total_must_leave_each_step_its_time():
-    base = {"SMTPGATE_HOSTNAME": "mx.example.test"}
+    base = {"HOSTNAME": "mx.example.test"}
     assert load(base).next_hop_total_timeout == 540.0
     with pytest.raises(ConfigError, match="SMTPGATE_NEXT_HOP_DATA_DONE_TIMEOUT"):
         load({**base, "SMTPGATE_NEXT_HOP_TOTAL_TIMEOUT": "300"})
