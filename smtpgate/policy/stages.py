@@ -308,13 +308,9 @@ class Policy:
                 state.permitted = True
             else:
                 outcome = self._apply(state, verdict, passes, failed) or outcome
-        try:
-            for test in failed:
-                await self.cache.record_fail(ip, test)
-            if passes and not failed:
-                await self.cache.record_passes(ip, passes)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+        state.screening_failed += tuple(failed)  # written when the session ends
+        if not failed:
+            state.screening_passes.update(passes)
         if outcome is None and not failed:
             log.info("PASS NEW [%s]:%s", ip, port)
         return outcome
@@ -493,11 +489,7 @@ class Policy:
         fresh = time.time() + self.config.greet_ttl / 2
         if all(state.cached_passes.get(t, 0.0) > fresh for t in protocol.TESTS):
             return
-        passes = {t: self.config.greet_ttl for t in protocol.TESTS}
-        try:
-            await self.cache.record_passes(state.client.ip, passes)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+        state.screening_passes.update(dict.fromkeys(protocol.TESTS, self.config.greet_ttl))
 
     # --- protocol tests --------------------------------------------------------------------
 
@@ -528,10 +520,7 @@ class Policy:
         self._note(state, verdict)
         if test not in state.protocol_failed:
             state.protocol_failed += (test,)
-        try:
-            await self.cache.record_fail(ip, test)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+            state.screening_failed += (test,)
         if verdict.failed:
             if hangs_up(verdict):
                 return verdict.reply
@@ -575,8 +564,9 @@ class Policy:
         for task in (state.fcrdns_task, state.settle):
             if task is not None and not task.done():
                 task.cancel()
-        if state.lease is not None:
-            self.counter.release_soon(state.lease)
+        if state.lease is not None:  # its count and what screening found: one round trip
+            self.counter.release_soon(state.lease, self.cache.session_write(
+                state.client.ip, state.screening_passes, state.screening_failed))
             state.lease = None
 
 
