@@ -20,6 +20,7 @@ from test_auth_limits import (  # noqa: F401  (collected here, run on the Cluste
     test_success_clears_the_login_but_not_the_client,
 )
 from test_screening_cache import (  # noqa: F401
+    test_a_lost_release_heals_at_the_next_write,
     test_counts_per_client_and_global_across_processes,
     test_crashed_process_sessions_fall_out_and_live_ones_are_renewed,
     test_entries_vanish_by_themselves,
@@ -28,7 +29,6 @@ from test_screening_cache import (  # noqa: F401
     test_ipv6_counted_per_64,
     test_key_expires_with_the_longest_pass,
     test_pass_is_read_back_with_its_expiry,
-    test_a_lost_release_heals_at_the_next_write,
     test_rate_counts_for_a_minute_from_the_first_connect,
 )
 

@@ -112,19 +112,22 @@ def _text(value: str | bytes) -> str:
 _RECORD = """
 local key = KEYS[1]
 local longest = redis.call('PTTL', key)
+local fields = {}
 for i = 3, #ARGV, 3 do
     local field, expiry, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-    if expiry == '0' then
+    if expiry == '0' and longest ~= 0 then
         local entries = redis.call('HGETALL', key)
         for j = 1, #entries, 2 do
             if entries[j + 1] ~= '0' then redis.call('HDEL', key, entries[j]) end
         end
-        ttl = tonumber(ARGV[2])
         longest = 0  -- the removed passes no longer hold the entry
     end
-    redis.call('HSET', key, field, expiry)
+    if expiry == '0' then ttl = tonumber(ARGV[2]) end
+    fields[#fields + 1] = field
+    fields[#fields + 1] = expiry
     if ttl > longest then longest = ttl end
 end
+redis.call('HSET', key, unpack(fields))  -- one command for all of a session's tests
 if longest > 0 then redis.call('PEXPIRE', key, longest) end
 return longest
 """
@@ -238,12 +241,18 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 # The count fragment. ARGV[1]: instance, ARGV[2]: lease ms. count(key, n) writes this
 # process's n (deleting the field at 0) and returns the sum of the live fields.
 _COUNT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local instance, lease = ARGV[1], tonumber(ARGV[2])
+local now_ms
+local function now()  -- asked once, and only when needed: a release to 0 needs no clock
+    if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    return now_ms
+end
 local function own(key, n)
     if n > 0 then
-        redis.call('HSET', key, instance, string.format('%d %.0f', n, now + lease))
+        redis.call('HSET', key, instance, string.format('%d %.0f', n, now() + lease))
         redis.call('PEXPIRE', key, lease)
     else
         redis.call('HDEL', key, instance)
@@ -254,7 +263,7 @@ local function count(key, n)
     local fields, total = redis.call('HGETALL', key), 0
     for i = 1, #fields, 2 do
         local c, d = string.match(fields[i + 1], '^(%d+) (%d+)$')
-        if c and tonumber(d) > now then
+        if c and tonumber(d) > now() then
             total = total + tonumber(c)
         else
             redis.call('HDEL', key, fields[i])  -- a process that stopped renewing
@@ -435,7 +444,8 @@ class ConnectionCounter:
             await self._send(counts, writes)
 
     async def _send(self, counts: list[tuple[str, int]], writes: list[tuple[str, list]]) -> None:
-        """Own counts and screening writes in one pipeline.
+        """Screening writes, then own counts, in one pipeline (so a count seen gone means
+        the screening results of its sessions are in).
 
         On one server the scripts go by SHA1 (loaded again, and the pipeline repeated once,
         if the server lost them: every call is idempotent). redis-py's Cluster pipeline
@@ -443,19 +453,19 @@ class ConnectionCounter:
         """
         if self._cluster:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key, n in counts:
-                    pipe.eval(_OWN, 1, key, self._instance, self._lease_ms, n)
                 for key, args in writes:
                     pipe.eval(_RECORD, 1, key, *args)
+                for key, n in counts:
+                    pipe.eval(_OWN, 1, key, self._instance, self._lease_ms, n)
                 await pipe.execute()
             return
         for attempt in (1, 2):
             async with self._redis.pipeline(transaction=False) as pipe:
+                for key, args in writes:
+                    pipe.evalsha(_SHA[_RECORD], 1, key, *args)
                 if counts:
                     pipe.evalsha(_SHA[_OWN], len(counts), *(k for k, _ in counts),
                                  self._instance, self._lease_ms, *(n for _, n in counts))
-                for key, args in writes:
-                    pipe.evalsha(_SHA[_RECORD], 1, key, *args)
                 try:
                     await pipe.execute()
                     return
