@@ -267,6 +267,11 @@ def measure(stack: Stack, gate: Smtpgate, ips: list[str], concurrency: int,
 # --- profile summary -------------------------------------------------------------------------
 
 
+def _py_spy() -> str:
+    beside = Path(sys.executable).parent / "py-spy"  # setup.sh --bench installs it in .venv
+    return str(beside) if beside.exists() else "py-spy"
+
+
 def summarize(path: Path, top: int = 40) -> str:
     """The frames that hold the most samples (inclusive) and the leaves (self)."""
     inclusive: collections.Counter = collections.Counter()
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.profile and name == "smtpgate" and round_number == 0:
                     worker = max(gate.pids())  # the worker is the master's child
                     profiler = subprocess.Popen(
-                        ["py-spy", "record", "--pid", str(worker), "--format", "raw",
+                        [_py_spy(), "record", "--pid", str(worker), "--format", "raw",
                          "--rate", "250", "--nonblocking", "-o", str(args.profile)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)  # py-spy attached
