@@ -241,3 +241,34 @@ async def test_a_batch_of_session_ends_is_one_round_trip(redis, redis_server):
     finally:
         await counter.flush()
         await client.aclose()
+
+
+async def test_what_a_process_keeps_per_client_ends_with_the_sessions(redis, aredis):
+    """5,000 new addresses through connect and release leave nothing behind in memory,
+    and nothing in Redis but the rate counters, which expire by themselves."""
+    counter = ConnectionCounter(aredis)
+    ips = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(5_000)]
+    for start in range(0, len(ips), 50):  # 50 at once: within redis-py's pool of 100
+        leases = await asyncio.gather(*(counter.connect(ip) for ip in ips[start:start + 50]))
+        for lease in leases:
+            counter.release_soon(lease)
+        await counter.flush()
+    assert counter.live == 0
+    assert not counter._clients and not counter._live and not counter._ended
+    assert not redis.exists(keys.COUNT_ALL, keys.count_key(ips[0]), keys.count_key(ips[-1]))
+    assert 0 < redis.pttl(keys.rate_key(ips[-1])) <= 60000
+
+
+async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_server):
+    """More sessions at once than Redis connections in the pool: they queue for one (up to
+    redis_timeout), none is refused with 421 for "Too many connections"."""
+    from smtpgate.config import load
+    from smtpgate.policy.stages import Policy
+
+    policy = await Policy.create(load({"REDIS": redis_server.url, "HOSTNAME": "mx.example.test"}))
+    try:
+        leases = await asyncio.gather(*(policy.counter.connect(f"10.9.{i >> 8}.{i & 255}")
+                                        for i in range(300)))
+        assert max(lease.total for lease in leases) == 300
+    finally:
+        await policy.close()

@@ -46,7 +46,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -60,6 +59,7 @@ import dns.reversename
 
 from smtpgate.address import client_address
 from smtpgate.config import HostPort
+from smtpgate.lookups.expiring_cache import ExpiringCache
 
 __all__ = ["DnsAnswer", "Resolver"]
 
@@ -86,7 +86,8 @@ class Resolver:
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
         self._resolver = _make_resolver(nameservers, self.timeout)
-        self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
+        # answers leave when their TTL ends: first contacts' names are rarely asked again
+        self._cache = ExpiringCache(self.cache_size)
         self._inflight: dict[tuple[str, int], asyncio.Future[DnsAnswer]] = {}
         self.stats = {"queries": 0, "cache_hits": 0, "shared": 0, "tempfail": 0, "errors": 0}
 
@@ -102,12 +103,8 @@ class Resolver:
         found = self._cache.get(key)
         if found is None:
             return None
-        if found[0] <= time.monotonic():
-            del self._cache[key]
-            return None
-        self._cache.move_to_end(key)
         self.stats["cache_hits"] += 1
-        return found[1]
+        return found
 
     async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
         hit = self.cached(name, rdtype)
@@ -173,10 +170,7 @@ class Resolver:
     def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
         if answer.ttl <= 0 or self.cache_size == 0:
             return
-        self._cache[key] = (time.monotonic() + answer.ttl, answer)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, answer, answer.ttl)
 
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, int(ttl)))

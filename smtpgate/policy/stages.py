@@ -93,6 +93,7 @@ from smtpgate.verdict import Outcome, Reply, Verdict
 log = logging.getLogger("smtpgate.policy")
 
 SCREENING_TESTS = ("pregreet", "dnsbl")
+REDIS_CONNECTIONS = 64  # per worker: connect scripts take well under a millisecond each
 TEMPFAIL = "tempfail"
 
 
@@ -147,8 +148,11 @@ class Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
-        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
-        client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
+        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart;
+        # a bounded pool that makes a burst of sessions wait for a connection (redis-py's own
+        # default refuses the 101st call at once, which a session answers with 421)
+        client = redis_client.connect(config.redis, config.redis_timeout, decode=False,
+                                      max_connections=REDIS_CONNECTIONS)
         policy = cls(config, tables, resolver, client, auth)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
