@@ -35,6 +35,7 @@ DESCRIPTION
     with the reject, so the log names sender and recipient; `ignore` logs.
     Client (FCrDNS, REV) and HELO (HLO, DNS) restrictions are reported at
     RCPT when smtpd_delay_reject is on (Postfix's default), else at once.
+    The FCrDNS lookups start once screening has let the client through.
 
     Submission listeners skip screening, FCrDNS and HELO checks; only a PSA
     reject applies. They require AUTH before MAIL and check the sender
@@ -247,13 +248,19 @@ class Policy:
             return verdict.reply
         if client.listener != MX:
             return None
-        if not state.trusted:
-            state.fcrdns_task = asyncio.get_running_loop().create_task(
-                client_hostname(self.resolver, ip))
-            state.fcrdns_task.add_done_callback(state.name_found)
         if state.permitted:
+            self._look_up_name(state)
             return None
         return await self._start_screening(state)
+
+    def _look_up_name(self, state: ClientState) -> None:
+        """FCrDNS in the background, for RCPT and XCLIENT NAME: once screening has let the
+        client through, as smtpd looks up a client postscreen handed over. A client refused
+        at connect (most first contacts: DNSBL) costs no PTR and A queries."""
+        if not state.trusted and state.fcrdns_task is None and state.fcrdns is None:
+            state.fcrdns_task = asyncio.get_running_loop().create_task(
+                client_hostname(self.resolver, state.client.ip))
+            state.fcrdns_task.add_done_callback(state.name_found)
 
     async def _start_screening(self, state: ClientState) -> Reply | GreetWait | None:
         """postscreen's tests before the banner: cached passes, else a greet wait or DNSBL."""
@@ -263,6 +270,7 @@ class Policy:
         tests = [t for t in SCREENING_TESTS if self._enabled(t)]
         if allowlisted(entries, tests, now):
             log.info("PASS OLD [%s]:%s", ip, port)
+            self._look_up_name(state)
             return None
         dnsbl_wanted = bool(self.sites) and not passed(entries, "dnsbl", now)
         state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
@@ -317,6 +325,8 @@ class Policy:
             state.screening_passes.update(passes)
         if outcome is None and not failed:
             log.info("PASS NEW [%s]:%s", ip, port)
+        if outcome is None:
+            self._look_up_name(state)
         return outcome
 
     def _enabled(self, test: str) -> bool:
