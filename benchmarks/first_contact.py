@@ -2,8 +2,8 @@
 
 SYNOPSIS
     .venv/bin/python -m benchmarks.first_contact [--sessions 300] [--concurrency 20]
-        [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--profile FILE]
-        [--json FILE]
+        [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--json FILE]
+        [--profile FILE [--profile-phase first|returning|listed]]
 
 DESCRIPTION
     The traffic an internet-facing MX mostly gets: every connection from an
@@ -30,11 +30,14 @@ DESCRIPTION
     machine; the spread between rounds of one target is the noise to read
     the difference against. --profile FILE records the worker with py-spy
     during the first round's "first" phase of the main target (raw collapsed
-    stacks; `benchmarks/first_contact.py --summarize FILE` prints the top
-    frames).
+    stacks; --profile-phase picks another phase; `python -m
+    benchmarks.first_contact --summarize FILE` prints the top frames).
 
     It uses benchmarks.stack for Redis, Postfix (the XCLIENT next hop) and
     the certificate, and runs a dnsmasq of its own for the synthesized names.
+    Each phase is measured after the previous one has settled in Redis (the
+    release batch and the evidence batch written), so its figures are its
+    own.
 """
 
 from __future__ import annotations
@@ -267,6 +270,25 @@ def measure(stack: Stack, gate: Smtpgate, ips: list[str], concurrency: int,
 # --- profile summary -------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def profiled(gate: Smtpgate, output: Path | None):
+    """py-spy recording the worker (raw collapsed stacks) while the block runs."""
+    if output is None:
+        yield
+        return
+    worker = max(gate.pids())  # the worker is the master's child
+    profiler = subprocess.Popen(
+        [_py_spy(), "record", "--pid", str(worker), "--format", "raw", "--rate", "250",
+         "--nonblocking", "-o", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        profiler.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        profiler.wait(30)
+
+
 def _py_spy() -> str:
     beside = Path(sys.executable).parent / "py-spy"  # setup.sh --bench installs it in .venv
     return str(beside) if beside.exists() else "py-spy"
@@ -306,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path)
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--profile-phase", choices=("first", "returning", "listed"),
+                        default="first")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--summarize", type=Path, help="print a py-spy raw profile's top frames")
     args = parser.parse_args(argv)
@@ -339,22 +363,14 @@ def main(argv: list[str] | None = None) -> int:
             random.shuffle(order)  # neither target always runs on a cooler machine
             for name, gate in order:
                 ips = fresh("127.20")
-                profiler = None
-                if args.profile and name == "smtpgate" and round_number == 0:
-                    worker = max(gate.pids())  # the worker is the master's child
-                    profiler = subprocess.Popen(
-                        [_py_spy(), "record", "--pid", str(worker), "--format", "raw",
-                         "--rate", "250", "--nonblocking", "-o", str(args.profile)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    time.sleep(1.0)  # py-spy attached
-                row = {"round": round_number,
-                       "first": measure(stack, gate, ips, args.concurrency, listed=False)}
-                if profiler is not None:
-                    profiler.send_signal(2)
-                    profiler.wait(30)
-                row["returning"] = measure(stack, gate, ips, args.concurrency, listed=False)
-                row["listed"] = measure(stack, gate, fresh("127.21"), args.concurrency,
-                                        listed=True)
+                row: dict = {"round": round_number}
+                for phase, phase_ips, listed in (("first", ips, False),
+                                                 ("returning", ips, False),
+                                                 ("listed", fresh("127.21"), True)):
+                    profiling = (args.profile and name == "smtpgate" and round_number == 0
+                                 and phase == args.profile_phase)
+                    with profiled(gate, args.profile if profiling else None):
+                        row[phase] = measure(stack, gate, phase_ips, args.concurrency, listed)
                 results[name].append(row)
                 print(name, json.dumps(row), flush=True)
     report = {"settings": vars(args) | {"baseline": str(args.baseline or ""),

@@ -94,7 +94,7 @@ from smtpgate.verdict import Outcome, Reply, Verdict
 log = logging.getLogger("smtpgate.policy")
 
 SCREENING_TESTS = ("pregreet", "dnsbl")
-REDIS_CONNECTIONS = 64  # per worker: connect scripts take well under a millisecond each
+REDIS_CONNECTIONS = 2000  # per worker, at most: each call holds one for well under a ms
 TEMPFAIL = "tempfail"
 
 
@@ -150,10 +150,10 @@ class Policy:
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart;
-        # a bounded pool that makes a burst of sessions wait for a connection (redis-py's own
-        # default refuses the 101st call at once, which a session answers with 421)
+        # room for a burst of sessions (redis-py's own default refuses the 101st call at once,
+        # which a session answers with 421), without a blocking pool's cost on every call
         client = redis_client.connect(config.redis, config.redis_timeout, decode=False,
-                                      max_connections=REDIS_CONNECTIONS)
+                                      max_connections=REDIS_CONNECTIONS, wait=False)
         policy = cls(config, tables, resolver, client, auth)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
