@@ -190,6 +190,7 @@ async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
         async with no_hang():  # bounded by the 0.5 s timeouts, never a hang
             with pytest.raises(ScreeningStoreError, match=r"192\.0\.2\.51"):
                 await counter.connect("192.0.2.51")
+            assert counter.live == 1 and not counter._ended  # an outage queues nothing
             with pytest.raises(ScreeningStoreError):
                 await cache.get("192.0.2.50")
             with pytest.raises(ScreeningStoreError):

@@ -366,7 +366,10 @@ class ConnectionCounter:
                               RATE_WINDOW * 1000])
                     screening = dict(zip(screening[::2], screening[1::2], strict=True))
         except ScreeningStoreError:
-            self._forget(session_id)  # no lease: the session answers 421 and ends
+            # no lease: the session answers 421 and ends. Its count is not sent again: if the
+            # script ran after all, the field is one high until this process next writes it
+            # or its lease ends, and a Redis outage leaves no queue of clients to write.
+            self._forget(session_id, ended=False)
             raise
         return Lease(ip, client, session_id, int(count), int(rate), int(total),
                      _entries(screening))
@@ -380,7 +383,7 @@ class ConnectionCounter:
             (count, rate), total, screening = await pipe.execute()
         return count, rate, total, screening
 
-    def _forget(self, session_id: str) -> str | None:
+    def _forget(self, session_id: str, ended: bool = True) -> str | None:
         client = self._live.pop(session_id, None)
         if client is not None:
             left = self._clients[client] - 1
@@ -388,7 +391,8 @@ class ConnectionCounter:
                 self._clients[client] = left
             else:
                 del self._clients[client]
-            self._ended.add(client)
+            if ended:
+                self._ended.add(client)
         return client
 
     async def release(self, lease: Lease, write: tuple[str, list] | None = None) -> None:
