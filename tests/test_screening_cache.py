@@ -1,6 +1,8 @@
 """The screening cache and the connection counters against a real redis-server."""
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -261,8 +263,8 @@ async def test_what_a_process_keeps_per_client_ends_with_the_sessions(redis, are
 
 
 async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_server):
-    """More sessions at once than Redis connections in the pool: they queue for one (up to
-    redis_timeout), none is refused with 421 for "Too many connections"."""
+    """More sessions at once than redis-py's default pool holds (100): none is refused
+    with 421 for "Too many connections"."""
     from smtpgate.config import load
     from smtpgate.policy.stages import Policy
 
@@ -273,3 +275,22 @@ async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_se
         assert max(lease.total for lease in leases) == 300
     finally:
         await policy.close()
+
+
+async def test_a_stalled_redis_is_named_as_such(redis, redis_server):
+    """A Redis that accepts but does not answer: the error says so, not an empty reason."""
+    client = _async_client(redis_server)
+    counter = ConnectionCounter(client, timeout=0.2)
+    try:
+        await counter.release(await counter.connect("192.0.2.40"))  # connected and warm
+        pid = redis_server._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with no_hang():
+                with pytest.raises(ScreeningStoreError) as raised:
+                    await counter.connect("192.0.2.41")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert str(raised.value) == "connection count for 192.0.2.41: no answer from Redis in 0.2s"
+    finally:
+        await client.aclose()

@@ -3,7 +3,7 @@
 SYNOPSIS
     ScreeningStoreError                    every Redis failure (the session answers 421 4.3.0)
 
-    ScreeningCache(redis, *, fail_ttl=86400.0, timeout=2.0, clock=time.time)
+    ScreeningCache(redis, *, fail_ttl=86400.0, timeout=2.0, clock=time.time, read_only=False)
         await .get(ip) -> dict[str, float]           test -> pass expiry (Unix time; 0 = failed)
         await .record_pass(ip, test, ttl) -> None
         await .record_passes(ip, {test: ttl, ...}) -> None
@@ -11,11 +11,13 @@ SYNOPSIS
         .session_write(ip, passes, failed) -> (key, args) | None   for release_soon()
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
-    TESTS
+    TESTS, NO_TESTS
 
     ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
         await .connect(ip) -> Lease              counts this session in; Lease has the counts
                                                  and the client's screening cache
+        await .peek(ip) -> Lease                 the counts connect() would give, nothing
+                                                 written (explain's dry run)
         .release_soon(lease, write=None)         counts it out, writes `write`, in a batch
         await .release(lease, write=None)        the same at once (safe to call twice)
         await .flush() -> None                   send what waits for its batch
@@ -44,7 +46,8 @@ DESCRIPTION
     passes and failures are written when it ends (session_write() with
     release_soon()), not as they happen: another session of the same client
     in the meantime is screened again, which costs it a greet wait, not a
-    wrong verdict.
+    wrong verdict. A read_only cache (explain's dry run) reads and never
+    writes: its session_write() is None.
 
     The counters implement the connect-time limits for smtpgate.checks.limits
     (the comments above the scripts say how they compare with anvil):
@@ -81,7 +84,10 @@ from smtpgate.lookups import redis_client as redis_client_module
 
 log = logging.getLogger("smtpgate.screening")
 
-TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
+# NO_TESTS: the pass of a client screened while every test before the banner was off
+# (postscreen's PASS NEW then), so that its next session is PASS OLD, as in postscreen
+NO_TESTS = "no_tests"
+TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline", NO_TESTS)
 RATE_WINDOW = 60
 RELEASE_BATCH = 0.01  # seconds a closed session may stay counted, to share a round trip
 
@@ -95,10 +101,10 @@ async def _redis_call(what: str, timeout: float):
     try:
         async with asyncio.timeout(timeout):
             yield
+    except TimeoutError as exc:  # first: TimeoutError is an OSError, one of ERRORS
+        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
     except redis_client_module.ERRORS as exc:
         raise ScreeningStoreError(f"{what}: {exc}") from exc
-    except TimeoutError as exc:
-        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
 
 
 def _text(value: str | bytes) -> str:
@@ -141,9 +147,11 @@ class ScreeningCache:
         fail_ttl: float = 86400.0,
         timeout: float = 2.0,
         clock=time.time,
+        read_only: bool = False,
     ) -> None:
         self._redis = redis_client
         self._record = redis_client.register_script(_RECORD)
+        self._read_only = read_only
         self._fail_ttl = fail_ttl
         self._timeout = timeout
         self._clock = clock
@@ -172,6 +180,8 @@ class ScreeningCache:
         failed = tuple(failed)
         for test in (*failed, *passes):
             _check_test(test)
+        if self._read_only:
+            return None
         now = self._clock()
         if failed:
             args = [x for test in failed for x in (test, "0", 0)]
@@ -195,6 +205,17 @@ def _entries(raw: Mapping) -> dict[str, float]:
         with contextlib.suppress(ValueError):
             result[_text(name)] = float(_text(value))
     return result
+
+
+def _live_sum(fields: Mapping, now_ms: float) -> int:
+    """A count hash's sessions (_COUNT's fields "<count> <deadline ms>"), the renewed ones."""
+    total = 0
+    for value in fields.values():
+        count, _, deadline = _text(value).partition(" ")
+        with contextlib.suppress(ValueError):
+            if float(deadline) > now_ms:
+                total += int(count)
+    return total
 
 
 def _check_test(test: str) -> None:
@@ -373,6 +394,24 @@ class ConnectionCounter:
             raise
         return Lease(ip, client, session_id, int(count), int(rate), int(total),
                      _entries(screening))
+
+    async def peek(self, ip: str) -> Lease:
+        """connect()'s counts, this session included, with nothing counted: a dry run must
+        not use up the client's connection rate, nor hold a session. (The deadlines are
+        read against this host's clock, not Redis's: near enough for a dry run.)"""
+        client = client_key(ip, self._ipv6_prefix)
+        async with (
+            _redis_call(f"connection count for {ip}", self._timeout),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            pipe.hgetall(keys.count_key(client))
+            pipe.get(keys.rate_key(client))
+            pipe.hgetall(keys.COUNT_ALL)
+            pipe.hgetall(keys.screening_key(ip))
+            count, rate, total, screening = await pipe.execute()
+        now_ms = time.time() * 1000
+        return Lease(ip, client, "dry-run", _live_sum(count, now_ms) + 1, int(rate or 0) + 1,
+                     _live_sum(total, now_ms) + 1, _entries(screening))
 
     async def _connect_cluster(self, ip: str, client: str, mine: int) -> tuple:
         async with self._redis.pipeline(transaction=False) as pipe:
