@@ -147,6 +147,7 @@ def test_with_every_test_off_a_client_seen_before_is_pass_old(start_gate, screen
             with Talk("127.0.0.1", bare.mx_port, source="127.0.0.92") as talk:
                 assert greeting(talk) == ["220 mx.example.test ESMTP smtpgate"]
                 talk.cmd("QUIT")
+            released(screened)  # the pass is written with the session's end
         bare.wait_for_log(r"PASS OLD \[127\.0\.0\.92\]")
         log = bare.log_text()
         assert log.count("PASS NEW [127.0.0.92]") == 1, log
