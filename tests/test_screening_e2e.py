@@ -157,12 +157,19 @@ def test_with_every_test_off_a_client_seen_before_is_pass_old(start_gate, screen
 
 
 def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
+    """...and without a PTR lookup: FCrDNS waits until screening has let a client through."""
     dns.set([("5.4.0.127.bl.test", "A", "127.0.0.2")])
+    ptr_queries = dns.queries("PTR")
     with Talk("127.0.0.1", gate.mx_port, source="127.0.4.5") as talk:
         lines = greeting(talk)
         assert lines[-1] == ("521 5.7.1 Service unavailable; client [127.0.4.5] "
                              "blocked using bl.test")
         assert talk.closed()
+    assert dns.queries("PTR") == ptr_queries
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.89") as passed:  # let through: looked up
+        assert greeting(passed)[-1] == "220 mx.example.test ESMTP smtpgate"
+        passed.cmd("QUIT")
+    assert dns.queries("PTR") > ptr_queries
 
 
 def test_dnsbl_allowlisted_client_skips_the_wait(gate, screened, dns):
