@@ -45,8 +45,9 @@ DESCRIPTION
     a test counts only when its expiry is still ahead of `now`. A session's
     passes and failures are written when it ends (session_write() with
     release_soon()), not as they happen: another session of the same client
-    in the meantime is screened again, which costs it a greet wait, not a
-    wrong verdict. A read_only cache (explain's dry run) reads and never
+    in the meantime is judged by what the cache held before (screened again,
+    or let through on earlier passes), as it would have been a moment
+    earlier. A read_only cache (explain's dry run) reads and never
     writes: its session_write() is None.
 
     The counters implement the connect-time limits for smtpgate.checks.limits
@@ -249,8 +250,11 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 # after the first connect counted in it. That is anvil's own bookkeeping, not an
 # approximation of it: anvil starts a client's rate interval at its first connection and
 # resets the count when anvil_rate_time_unit (60 s) has passed since then (a fixed window per
-# client, not a sliding one). It costs one command, where a sorted set of connect times cost
-# three and grew with the rate it measured.
+# client, not a sliding one: ANVIL_REMOTE_INCR_RATE in Postfix's src/anvil/anvil.c). It
+# costs one command, where a sorted set of connect times cost three and grew with the rate
+# it measured. What does differ from anvil is the concurrency count's bookkeeping above (a
+# lease per process instead of anvil's per-connection accounting), and that the counts are
+# shared by every process and host instead of held by one anvil per Postfix instance.
 #
 # On one server (or a Sentinel set's master) a connect is one script over every key
 # (_CONNECT, sent by SHA1). On a Redis Cluster the client's count and rate share its hash tag
