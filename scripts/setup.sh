@@ -30,6 +30,8 @@ packages=(
     swaks rspamd haproxy openssl ca-certificates python3-venv prometheus
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    # the image, compose.yaml and the systemd unit run for real (tests/test_container_*.py)
+    podman runc podman-compose debootstrap systemd-container
 )
 
 missing=()
@@ -49,6 +51,119 @@ else
     echo "setup: Debian packages present"
 fi
 
+# --- containers and systemd: what tests/test_container_*.py run on ---------------------------
+#
+# No registry reaches these machines, so the images the repository's files start FROM are
+# made here from Debian's packages; none of it is pulled. Each piece is built once per
+# machine under $cache and rebuilt only when the recipe that made it changes (its name
+# carries a hash of the function's text and of the files it reads).
+
+cache=${SMTPGATE_CONTAINER_CACHE:-/var/cache/smtpgate-test}
+debian_mirror=http://deb.debian.org/debian
+
+recipe_hash() {  # recipe_hash FUNCTION|FILE...: 12 hex digits of the functions' and files' text
+    local part
+    for part in "$@"; do
+        if declare -F "$part" >/dev/null; then declare -f "$part"; else cat "$part"; fi
+    done | sha256sum | cut -c1-12
+}
+
+# Podman on this kind of VM: crun fails on its hybrid cgroups, and root may not raise
+# rlimits past the hard limits (20000 open files, 32768 processes).
+containers_conf() {
+    local conf=/etc/containers/containers.conf
+    local want='# written by smtpgate scripts/setup.sh
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+events_logger = "file"
+cgroup_manager = "cgroupfs"'
+    if [ -e "$conf" ] && ! grep -q '^# written by smtpgate scripts/setup.sh' "$conf"; then
+        echo "setup: keeping your $conf (the container tests need runc, cgroupfs, file events)"
+        return
+    fi
+    if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+        mkdir -p /etc/containers
+        printf '%s\n' "$want" > "$conf"
+    fi
+}
+
+# Debian 13 (Python 3.13, as the image's python:3.13-slim) with the host's CA certificates:
+# HTTPS to the package registries may go through a proxy CA, which pip and apt must trust.
+make_trixie_root() {
+    local root=$1
+    debootstrap --variant=minbase trixie "$root" "$debian_mirror" >"$root.log" 2>&1 \
+        || { tail -20 "$root.log" >&2; return 1; }
+    mkdir -p "$root/usr/local/share/ca-certificates" "$root/etc/ssl/certs"
+    if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+        cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    fi
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+}
+
+# The root systemd-nspawn boots for the unit's test: systemd, D-Bus, libnss-systemd (for
+# DynamicUser), ssl-cert (the unit's SupplementaryGroups) and python3-venv (the unit's install
+# steps). The test lays an overlay on it, so each run starts from this state.
+make_systemd_root() {
+    local root=$1
+    cp -a "$cache/trixie-$(recipe_hash make_trixie_root)/." "$root/"
+    systemd-nspawn --quiet --register=no --keep-unit -D "$root" --pipe \
+        /bin/sh -ec 'apt-get update -q
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                systemd systemd-sysv dbus libnss-systemd ssl-cert python3-venv ca-certificates
+            rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb' >"$root.log" 2>&1 \
+        || { tail -20 "$root.log" >&2; return 1; }
+}
+
+built=
+build_dir() {  # build_dir FUNCTION NAME [RECIPE...]: make $cache/NAME-HASH with FUNCTION once
+    local fn=$1 name=$2 dir    # (HASH of FUNCTION and the other recipes); $built names it
+    shift 2
+    dir="$cache/$name-$(recipe_hash "$fn" "$@")"
+    built=$dir
+    if [ ! -e "$dir/.complete" ]; then
+        echo "setup: building $dir (once per machine)"
+        rm -rf "$dir" "$dir.log"
+        mkdir -p "$dir"
+        "$fn" "$dir"
+        touch "$dir/.complete"
+    fi
+    # Older builds of the same piece are of no further use.
+    find "$cache" -maxdepth 1 -name "$name-*" ! -name "$(basename "$dir")*" \
+        -exec rm -rf {} + 2>/dev/null || true
+}
+
+image_recipe() {  # image_recipe IMAGE: the recipe label of a local image, empty if none
+    podman image inspect --format '{{index .Labels "org.smtpgate.recipe"}}' "$1" 2>/dev/null \
+        || true
+}
+
+# python:3.13-slim, as the shipped Dockerfile names it, stood in by Debian 13's Python.
+python_slim_standin() {
+    local root=$1 base hash
+    hash=$(recipe_hash make_trixie_root tests/containers/python-slim/Containerfile)
+    [ "$(image_recipe docker.io/library/python:3.13-slim)" = "$hash" ] && return
+    echo "setup: building the stand-in for python:3.13-slim (once per machine)"
+    base=localhost/smtpgate-test/trixie:$(recipe_hash make_trixie_root)
+    podman image exists "$base" || tar -C "$root" --exclude=./.complete -c . \
+        | podman import --quiet - "$base" >/dev/null
+    podman images --format '{{.Repository}}:{{.Tag}}' localhost/smtpgate-test/trixie \
+        | grep -vxF "$base" | xargs -r podman rmi --force >/dev/null 2>&1 || true
+    podman build --quiet --pull=never --format docker --build-arg "BASE=$base" \
+        --label "org.smtpgate.recipe=$hash" -t docker.io/library/python:3.13-slim \
+        tests/containers/python-slim >/dev/null
+}
+
+containers_setup() {
+    containers_conf
+    mkdir -p "$cache"
+    build_dir make_trixie_root trixie
+    python_slim_standin "$built"
+    build_dir make_systemd_root systemd-root make_trixie_root
+}
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
@@ -58,5 +173,7 @@ extras=test
 [ "$bench" = yes ] && extras=test,bench
 echo "setup: pip install -e '.[$extras]' into .venv"
 .venv/bin/pip install -q -e ".[$extras]"
+
+containers_setup
 
 echo "setup: done; run the tests with .venv/bin/pytest"
