@@ -104,15 +104,17 @@ make_trixie_root() {
 }
 
 # The root systemd-nspawn boots for the unit's test: systemd, D-Bus, libnss-systemd (for
-# DynamicUser), ssl-cert (the unit's SupplementaryGroups) and python3-venv (the unit's install
-# steps). The test lays an overlay on it, so each run starts from this state.
+# DynamicUser), ssl-cert (the unit's SupplementaryGroups), python3-venv (the unit's install
+# steps) and procps (/bin/kill for ExecReload; every Debian server has it, minbase does not).
+# The test lays an overlay on it, so each run starts from this state.
 make_systemd_root() {
     local root=$1
     cp -a "$cache/trixie-$(recipe_hash make_trixie_root)/." "$root/"
     systemd-nspawn --quiet --register=no --keep-unit -D "$root" --pipe \
         /bin/sh -ec 'apt-get update -q
             DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                systemd systemd-sysv dbus libnss-systemd ssl-cert python3-venv ca-certificates
+                systemd systemd-sysv dbus libnss-systemd ssl-cert python3-venv ca-certificates \
+                procps
             rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb' >"$root.log" 2>&1 \
         || { tail -20 "$root.log" >&2; return 1; }
 }

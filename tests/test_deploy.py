@@ -173,12 +173,12 @@ def test_dovecot_drop_in_parses_with_dovecot(dovecot_server, tmp_path):
 def unit_problems(unit_text: str, tmp_path: Path) -> str:
     """What `systemd-analyze verify` says about the unit ('' when nothing). No systemd runs
     here; verify works offline, but insists that ExecStart's program exists, so the
-    installed path /usr/local/bin/smtpgate is pointed at this environment's smtpgate."""
+    installed path /opt/smtpgate/bin/smtpgate is pointed at this environment's smtpgate."""
     smtpgate = BIN / "smtpgate"
     assert smtpgate.is_file()
-    assert "ExecStart=/usr/local/bin/smtpgate serve\n" in unit_text
+    assert "ExecStart=/opt/smtpgate/bin/smtpgate serve\n" in unit_text
     unit = tmp_path / "smtpgate.service"
-    unit.write_text(unit_text.replace("/usr/local/bin/smtpgate", str(smtpgate)))
+    unit.write_text(unit_text.replace("/opt/smtpgate/bin/smtpgate", str(smtpgate)))
     result = run(tool("systemd-analyze"), "verify", "--man=no", str(unit))
     # verify exits 0 on unknown keys and bad values (it logs them and ignores the line)
     return (result.stdout + result.stderr).strip() + (
