@@ -31,7 +31,7 @@ packages=(
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
     # the image, compose.yaml and the systemd unit run for real (tests/test_container_*.py)
-    podman runc podman-compose debootstrap systemd-container
+    podman runc slirp4netns debootstrap systemd-container
 )
 
 missing=()
@@ -89,11 +89,11 @@ cgroup_manager = "cgroupfs"'
     fi
 }
 
-# Debian 13 (Python 3.13, as the image's python:3.13-slim) with the host's CA certificates:
-# HTTPS to the package registries may go through a proxy CA, which pip and apt must trust.
-make_trixie_root() {
-    local root=$1
-    debootstrap --variant=minbase trixie "$root" "$debian_mirror" >"$root.log" 2>&1 \
+# A minimal Debian with the host's CA certificates: HTTPS to the package registries may go
+# through a proxy CA, which pip and apt inside must trust.
+make_debian_root() {  # make_debian_root ROOT SUITE
+    local root=$1 suite=$2
+    debootstrap --variant=minbase "$suite" "$root" "$debian_mirror" >"$root.log" 2>&1 \
         || { tail -20 "$root.log" >&2; return 1; }
     mkdir -p "$root/usr/local/share/ca-certificates" "$root/etc/ssl/certs"
     if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
@@ -102,6 +102,8 @@ make_trixie_root() {
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
     rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
 }
+make_trixie_root() { make_debian_root "$1" trixie; }      # Debian 13: Python 3.13
+make_bookworm_root() { make_debian_root "$1" bookworm; }  # Debian 12: debian:12-slim
 
 # The root systemd-nspawn boots for the unit's test: systemd, D-Bus, libnss-systemd (for
 # DynamicUser), ssl-cert (the unit's SupplementaryGroups), python3-venv (the unit's install
@@ -109,7 +111,8 @@ make_trixie_root() {
 # The test lays an overlay on it, so each run starts from this state.
 make_systemd_root() {
     local root=$1
-    cp -a "$cache/trixie-$(recipe_hash make_trixie_root)/." "$root/"
+    cp -a "$trixie_root/." "$root/"
+    rm -f "$root/.complete"
     systemd-nspawn --quiet --register=no --keep-unit -D "$root" --pipe \
         /bin/sh -ec 'apt-get update -q
             DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -142,28 +145,43 @@ image_recipe() {  # image_recipe IMAGE: the recipe label of a local image, empty
         || true
 }
 
-# python:3.13-slim, as the shipped Dockerfile names it, stood in by Debian 13's Python.
-python_slim_standin() {
-    local root=$1 base hash
-    hash=$(recipe_hash make_trixie_root tests/containers/python-slim/Containerfile)
-    [ "$(image_recipe docker.io/library/python:3.13-slim)" = "$hash" ] && return
-    echo "setup: building the stand-in for python:3.13-slim (once per machine)"
-    base=localhost/smtpgate-test/trixie:$(recipe_hash make_trixie_root)
-    podman image exists "$base" || tar -C "$root" --exclude=./.complete -c . \
-        | podman import --quiet - "$base" >/dev/null
-    podman images --format '{{.Repository}}:{{.Tag}}' localhost/smtpgate-test/trixie \
-        | grep -vxF "$base" | xargs -r podman rmi --force >/dev/null 2>&1 || true
+import_root() {  # import_root ROOT IMAGE: the folder as an image, labelled with its folder's hash
+    local root=$1 image=$2 hash=${1##*-}
+    [ "$(image_recipe "$image")" = "$hash" ] && return
+    echo "setup: importing $root as $image"
+    tar -C "$root" --exclude=./.complete -c . \
+        | podman import --quiet --change "LABEL org.smtpgate.recipe=$hash" - "$image" >/dev/null
+}
+
+# standin IMAGE DIR BASE: DIR's Containerfile built FROM BASE and tagged IMAGE, the name of an
+# image no registry here serves; rebuilt when DIR or BASE changes.
+standin() {
+    local image=$1 dir=$2 base=$3 hash
+    hash=$( { image_recipe "$base"; cat "$dir"/*; } | sha256sum | cut -c1-12)
+    [ "$(image_recipe "$image")" = "$hash" ] && return
+    echo "setup: building the stand-in for $image (once per machine)"
     podman build --quiet --pull=never --format docker --build-arg "BASE=$base" \
-        --label "org.smtpgate.recipe=$hash" -t docker.io/library/python:3.13-slim \
-        tests/containers/python-slim >/dev/null
+        --label "org.smtpgate.recipe=$hash" -t "$image" "$dir" >/dev/null
 }
 
 containers_setup() {
     containers_conf
     mkdir -p "$cache"
-    build_dir make_trixie_root trixie
-    python_slim_standin "$built"
-    build_dir make_systemd_root systemd-root make_trixie_root
+    build_dir make_trixie_root trixie make_debian_root
+    trixie_root=$built
+    import_root "$trixie_root" localhost/smtpgate-test/trixie:latest
+    # the Dockerfile's python:3.13-slim: Debian 13's Python 3.13
+    standin docker.io/library/python:3.13-slim tests/containers/python-slim \
+        localhost/smtpgate-test/trixie:latest
+    build_dir make_systemd_root systemd-root make_trixie_root make_debian_root
+    # deploy/postfix's debian:12-slim, and what compose.yaml pulls, from Debian 12's packages
+    build_dir make_bookworm_root bookworm make_debian_root
+    import_root "$built" docker.io/library/debian:12-slim
+    local name
+    for name in redis rspamd dovecot; do
+        standin "$(sed -n 's/^# IMAGE: //p' "tests/containers/$name/Containerfile")" \
+            "tests/containers/$name" docker.io/library/debian:12-slim
+    done
 }
 
 if [ ! -x .venv/bin/python ]; then
