@@ -164,9 +164,7 @@ standin() {
         --label "org.smtpgate.recipe=$hash" -t "$image" "$dir" >/dev/null
 }
 
-containers_setup() {
-    containers_conf
-    mkdir -p "$cache"
+trixie_chain() {
     build_dir make_trixie_root trixie make_debian_root
     trixie_root=$built
     import_root "$trixie_root" localhost/smtpgate-test/trixie:latest
@@ -174,14 +172,31 @@ containers_setup() {
     standin docker.io/library/python:3.13-slim tests/containers/python-slim \
         localhost/smtpgate-test/trixie:latest
     build_dir make_systemd_root systemd-root make_trixie_root make_debian_root
+}
+
+bookworm_chain() {
     # deploy/postfix's debian:12-slim, and what compose.yaml pulls, from Debian 12's packages
     build_dir make_bookworm_root bookworm make_debian_root
     import_root "$built" docker.io/library/debian:12-slim
-    local name
+    local name pids=()
     for name in redis rspamd dovecot; do
         standin "$(sed -n 's/^# IMAGE: //p' "tests/containers/$name/Containerfile")" \
-            "tests/containers/$name" docker.io/library/debian:12-slim
+            "tests/containers/$name" docker.io/library/debian:12-slim &
+        pids+=($!)
     done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+# The two Debian releases are made side by side: most of the time goes to downloads.
+containers_setup() {
+    containers_conf
+    mkdir -p "$cache"
+    trixie_chain & local trixie=$!
+    bookworm_chain & local bookworm=$!
+    local status=0
+    wait "$trixie" || status=$?
+    wait "$bookworm" || status=$?
+    [ "$status" -eq 0 ] || { echo "setup: making the container images failed" >&2; exit 1; }
 }
 
 if [ ! -x .venv/bin/python ]; then
