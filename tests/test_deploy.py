@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,27 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
         (25, "smtp"), (587, "submission"), (465, "submissions")}
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"][
         "selector"]
+
+
+def test_kubernetes_image_is_the_one_its_build_comment_makes():
+    """The Deployment's image tag is the project's version, which the comment above it
+    builds; a tag nothing builds leaves the pods in ImagePullBackOff."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    text = (KUBERNETES / "deployment.yaml").read_text()
+    assert f"docker build -t REGISTRY/smtpgate:{version} ." in text
+    images = [c["image"] for doc in yaml.safe_load_all(text) if doc
+              for c in doc.get("spec", {}).get("template", {}).get("spec", {})
+              .get("containers", [])]
+    assert images == [f"smtpgate:{version}"]
+
+
+def test_deployment_files_cite_only_what_the_repository_has():
+    """A reader sent to a file the repository lacks (design.md lives outside it) is lost."""
+    for path in [*KUBERNETES.iterdir(), COMPOSE, UNIT, REPO / "Dockerfile"]:
+        assert "design.md" not in path.read_text(), path
+
+
+def test_dockerfile_exposes_every_listener_of_the_image():
+    exposed = next(line.split()[1:] for line in (REPO / "Dockerfile").read_text().splitlines()
+                   if line.startswith("EXPOSE"))
+    assert sorted(exposed) == ["25", "465", "587"]
