@@ -43,6 +43,7 @@ PROJECT = "smtpgate"  # compose.yaml's name:
 NAME = "mx.example.test"
 LOCK = Path("/run/lock/smtpgate-compose.lock")
 IMAGE_GID = 10025
+TEST_LABEL = ("org.smtpgate.test", "compose")  # on the ssl-certs volume the tests make
 
 
 def compose(*args: str, timeout: float = 600, check: bool = True,
@@ -108,7 +109,7 @@ def certificate_volume(service_root: Path, ca: trustme.CA) -> None:
     archive = folder.with_suffix(".tar")
     with tarfile.open(archive, "w") as tar:
         tar.add(folder / "live", arcname="live")
-    podman("volume", "create", "ssl-certs")
+    podman("volume", "create", "--label", "=".join(TEST_LABEL), "ssl-certs")
     podman("volume", "import", "ssl-certs", str(archive))
 
 
@@ -119,8 +120,14 @@ def stack(smtpgate_image, service_root):
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run's stack holds the ports: wait for it
         taken = [port for port in (25, 587, 465) if port_taken(port)]
         assert not taken, f"ports {taken} of the host are taken: compose.yaml publishes them"
-        assert what_is_left() == {"containers": [], "networks": [], "volumes": []}, \
-            f"a stack of {PROJECT} is up already: {what_is_left()}"
+        if any(what_is_left().values()):  # a run killed before its clean-up: ours to end
+            compose("down", "-v", timeout=300)
+        if podman("volume", "ls", "--quiet", "--filter", "name=ssl-certs").split():
+            labels = json.loads(podman("volume", "inspect", "--format", "{{json .Labels}}",
+                                       "ssl-certs"))
+            assert labels.get(TEST_LABEL[0]) == TEST_LABEL[1], \
+                "an ssl-certs volume the tests did not make exists: not touched"
+            podman("volume", "rm", "ssl-certs")
         ca = trustme.CA()
         env = {"MAIL_HOSTNAME": NAME, "MAIL_DOMAIN": "example.com", "LETSENCRYPT": NAME}
         try:
