@@ -22,7 +22,6 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 import uuid
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pytest
 import trustme
 from cryptography import x509
 from services.podman import HOST_LOOPBACK, Container, podman
-from services.smtp_talk import Talk
+from services.smtp_talk import Talk, deliver_across_stop
 from services.waiting import wait_until
 from services.world import populate
 
@@ -246,24 +245,13 @@ def test_the_healthcheck_command_answers(container, smtpgate_image):
 def test_podman_stop_drains_and_exits_0(container, dovecot_server):
     """Last in the module: it stops the container."""
     mark = f"image-drain-{uuid.uuid4().hex}"
-    with Talk("127.0.0.1", container.host_port(25), timeout=30) as busy:
-        assert busy.banner()[0] == 220
-        busy.cmd("EHLO client.example.test")
-        busy.cmd("MAIL FROM:<sender@example.net>")
-        assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
-        status: list[int] = []
-        stopper = threading.Thread(target=lambda: status.append(container.stop(timeout=40)))
-        stopper.start()
-        try:
-            container.wait_for_log(r"draining|stopping", 20)
-            unhealthy = healthcheck(container)  # a balancer stops sending clients
-            assert unhealthy.returncode != 0, unhealthy.stdout + unhealthy.stderr
-            assert busy.cmd("DATA")[0] == 354
-            busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
-            code, text = busy.reply()
-            assert code == 250, text
-            busy.cmd("QUIT")
-        finally:
-            stopper.join(60)
-    assert status == [0], container.logs()[-3000:]
+
+    def draining():
+        container.wait_for_log(r"draining|stopping", 20)
+        unhealthy = healthcheck(container)  # a balancer stops sending clients
+        assert unhealthy.returncode != 0, unhealthy.stdout + unhealthy.stderr
+
+    status = deliver_across_stop(container.host_port(25), lambda: container.stop(timeout=40),
+                                 draining, mark)
+    assert status == 0, container.logs()[-3000:]
     dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email
 import re
 import shutil
-import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import trustme
 from services.nspawn import BootedRoot, systemd_root
 from services.ports import free_port
-from services.smtp_talk import Talk
+from services.smtp_talk import Talk, deliver_across_stop
 from services.waiting import wait_until
 from services.world import populate
 
@@ -236,23 +235,11 @@ def test_systemctl_reload_rereads_the_configuration(booted, running):
 def test_systemctl_stop_drains_and_exits_0(booted, running, dovecot_server):
     """Last in the module: it stops the unit."""
     mark = f"unit-drain-{uuid.uuid4().hex}"
-    with Talk("127.0.0.1", running.mx_port, source="127.0.0.78", timeout=30) as busy:
-        assert busy.banner()[0] == 220
-        busy.cmd("EHLO client.example.test")
-        busy.cmd("MAIL FROM:<sender@example.net>")
-        assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
-        stopper = threading.Thread(target=booted.systemctl, args=("stop", UNIT))
-        stopper.start()
-        try:
-            wait_until(lambda: "draining" in booted.journal(UNIT)
-                       or "stopping" in booted.journal(UNIT), 20, "smtpgate to drain")
-            assert busy.cmd("DATA")[0] == 354
-            busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
-            code, text = busy.reply()
-            assert code == 250, text
-            busy.cmd("QUIT")
-        finally:
-            stopper.join(60)
+    deliver_across_stop(
+        running.mx_port, lambda: booted.systemctl("stop", UNIT),
+        lambda: wait_until(lambda: re.search("draining|stopping", booted.journal(UNIT)), 20,
+                           "smtpgate to drain"),
+        mark, source="127.0.0.78")
     state = booted.show(UNIT, "ActiveState", "Result", "ExecMainStatus")
     assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, \
         booted.journal(UNIT)[-3000:]
