@@ -227,8 +227,9 @@ trixie_chain() {
     import_root "$trixie_root" localhost/smtpgate-test/trixie:latest
     # the Dockerfile's python:3.13-slim: Debian 13's Python 3.13
     standin docker.io/library/python:3.13-slim tests/containers/python-slim \
-        localhost/smtpgate-test/trixie:latest
+        localhost/smtpgate-test/trixie:latest & local python=$!
     build_dir make_systemd_root systemd-root make_trixie_root make_debian_root
+    wait "$python"
 }
 
 bookworm_chain() {
