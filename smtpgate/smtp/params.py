@@ -14,8 +14,9 @@ DESCRIPTION
 
     - Words are separated by Postfix's ISSPACE in the C locale: SP, HT, LF,
       VT, FF, CR (smtpgate.address.BLANKS, split_words). Nothing else
-      separates: \\x1c-\\x1f, NBSP and other Unicode spaces are part of a word, so `SIZE=1\\x1fBODY=7BIT` is
-      one SIZE word and gets "501 5.5.4 Bad message size syntax".
+      separates: \\x1c-\\x1f, NBSP and other Unicode spaces are part of a
+      word, so `SIZE=1\\x1fBODY=7BIT` is one SIZE word and gets "501 5.5.4 Bad
+      message size syntax".
     - SMTPUTF8 counts only as a parameter word of its own (any case), never
       as text elsewhere in the line, and only while SMTPUTF8 is offered.
     - A word is matched by its prefix and checked in order, the first
