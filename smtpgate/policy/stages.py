@@ -36,9 +36,11 @@ DESCRIPTION
     Client (FCrDNS, REV) and HELO (HLO, DNS) restrictions are reported at
     RCPT when smtpd_delay_reject is on (Postfix's default), else at once.
 
-    Submission listeners skip screening, FCrDNS and HELO checks; only a PSA
-    reject applies. They require AUTH before MAIL and check the sender
-    against LOGMAP.
+    Submission listeners (587, 465) skip the access list (a PSA reject
+    included: postscreen only ever guarded port 25, and a network blocked
+    there must not lock its own users out), screening, FCrDNS and HELO
+    checks; the connection limits apply. They require AUTH before MAIL and
+    check the sender against LOGMAP.
 
     A lookup that cannot be answered (Redis down, DNS timing out) is a
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
@@ -203,8 +205,18 @@ class Policy:
         clients cheap.
         """
         client = state.client
-        ip, port = client.ip, client.port
         state.trusted = self._trusted_network(client)
+        if client.listener == MX:
+            refused = await self._access_list(state)
+            if refused is not None:
+                return refused
+        return await self._count_and_screen(state)
+
+    async def _access_list(self, state: ClientState) -> Reply | None:
+        """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
+        only port 25; a network denied there keeps its users' submission on 587 and 465."""
+        client = state.client
+        ip, port = client.ip, client.port
         try:
             facts = await self.tables.connect_facts(ip)
         except TableError as exc:
@@ -226,6 +238,13 @@ class Policy:
                 log.info("DENYLISTED [%s]:%s", ip, port)
                 return verdict.reply
             state.enforced = verdict.reply
+        return None
+
+    async def _count_and_screen(self, state: ClientState) -> Reply | GreetWait | None:
+        """The connection limits (every listener, as anvil counts for every smtpd), then
+        postscreen's tests (port 25)."""
+        client = state.client
+        ip = client.ip
         try:
             state.lease = await self.counter.connect(ip)
         except ScreeningStoreError as exc:
