@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,40 @@ def test_dovecot_drop_in_parses_with_dovecot(dovecot_server, tmp_path):
     assert "port = 11330" in auth[:auth.index("\n}")]
     combined.write_text(combined.read_text() + "service auth {\n  inet_listner x {\n  }\n}\n")
     assert run("doveconf", "-c", str(combined), "-n").returncode != 0
+
+
+def _passdbs(dovecot_conf: Path, tmp_path: Path) -> list[dict[str, str]]:
+    """The passdb sections doveconf finds in a dovecot.conf of the compose stack (the
+    image's paths moved to tmp_path: its certificate pair, conf.d holding smtpgate.conf)."""
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir(exist_ok=True)
+    shutil.copy(REPO / "conf" / "dovecot" / "smtpgate.conf", conf_d)
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("")
+    text = (dovecot_conf.read_text().replace("</etc/dovecot/", f"<{tmp_path}/")
+            .replace("/etc/dovecot/conf.d/", f"{conf_d}/"))
+    (tmp_path / "dovecot.conf").write_text(text)
+    result = run("doveconf", "-c", str(tmp_path / "dovecot.conf"), "-n", "-P", "passdb")
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    sections = re.findall(r"passdb \{\n(.*?)\n\}", result.stdout, re.S)
+    return [dict(line.strip().split(" = ", 1) for line in body.splitlines())
+            for body in sections]
+
+
+def test_compose_dovecot_has_no_accept_anyone_user_database(tmp_path):
+    """The compose stack replaces the dovecot/dovecot image's dovecot.conf, whose static
+    passdb lets any user in with the password "pass": a drop-in cannot remove a passdb."""
+    dovecot = _compose()["services"]["dovecot"]
+    assert "./conf/dovecot/dovecot.conf:/etc/dovecot/dovecot.conf:ro" in dovecot["volumes"]
+    assert any(v.endswith(":/etc/dovecot/users") for v in dovecot["volumes"])
+    shipped = REPO / "conf" / "dovecot" / "dovecot.conf"
+    assert _passdbs(shipped, tmp_path) == [
+        {"driver": "passwd-file", "args": "username_format=%Lu /etc/dovecot/users/passwd"}]
+    # the image's own passdb, had it stayed, is seen
+    image = tmp_path / "image.conf"
+    image.write_text(shipped.read_text()
+                     + "passdb {\n  driver = static\n  args = password=pass\n}\n")
+    assert {"driver": "static", "args": "password=pass"} in _passdbs(image, tmp_path)
 
 
 # --- the systemd unit --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """stages - each stage's checks, in order: facts fetched, decisions taken, actions applied.
 
 SYNOPSIS
-    await Policy.create(config, auth=None) -> Policy
+    await Policy.create(config, auth=None, auth_probe=None) -> Policy
     policy.open(client: Client) -> ClientState
     await policy.connect(state) -> Reply | GreetWait | None     None: send the banner
     await policy.screened(state, received: bytes, delay: float) -> Reply | None
@@ -77,6 +77,7 @@ from smtpgate.config import Config
 from smtpgate.dnsbl_sites import parse_sites
 from smtpgate.lookups import redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
+from smtpgate.lookups.auth_probe import AuthGuard, AuthProbe
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.evidence import EvidenceStore
@@ -106,12 +107,15 @@ class AuthOutcome:
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: Any, auth: Any = None) -> None:
+                 redis_client: Any, auth: Any = None, auth_probe: AuthProbe | None = None) \
+            -> None:
         self.config = config
         self.tables = tables
         self.resolver = resolver
         self.redis = redis_client
         self.auth = auth  # the authenticator (Dovecot), None where submission is off
+        # no password reaches Dovecot before it refused a made-up login
+        self.auth_guard = AuthGuard(auth, auth_probe) if auth is not None else None
         self.sites = parse_sites(" ".join(config.dnsbl_sites))
         self.querier = DnsblQuerier(
             resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
@@ -145,13 +149,14 @@ class Policy:
         self.evidence.memory = record_memory(config)
 
     @classmethod
-    async def create(cls, config: Config, auth: Any = None) -> Policy:
+    async def create(cls, config: Config, auth: Any = None,
+                     auth_probe: AuthProbe | None = None) -> Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
         client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
-        policy = cls(config, tables, resolver, client, auth)
+        policy = cls(config, tables, resolver, client, auth, auth_probe)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
@@ -569,8 +574,12 @@ class Policy:
         verdict = await self.auth_limits.check(ip, login or None)
         if verdict.failed:
             return AuthOutcome(verdict.reply)
-        if self.auth is None:
+        if self.auth is None or self.auth_guard is None:
             return AuthOutcome(replies.AUTH_NOT_ENABLED)
+        if not await self.auth_guard.safe():
+            log.warning("warning: %s: SASL %s authentication refused: the auth service is not "
+                        "known to refuse made-up logins", state.label, mechanism)
+            return AuthOutcome(replies.AUTH_TEMPFAIL)
         result = await self.auth.authenticate(
             "PLAIN", plain, client_ip=ip, local_ip=state.client.local_ip, secured=secured)
         if result.ok:

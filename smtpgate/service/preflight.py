@@ -2,6 +2,7 @@
 
 SYNOPSIS
     preflight(config) -> dict[HostPort, HopProbe]    once, before the workers; PreflightError
+    auth_preflight(config) -> AuthProbe | None       once, before the workers; PreflightError
     listener_hops(config) -> dict[str, tuple[HostPort, ...]]   listener kind -> its next hops
     ipv6_clients(config) -> str                      "listener", "proxy" or ""
     carry(gate, probes)                              offer each listener what its hops carry
@@ -38,6 +39,13 @@ DESCRIPTION
     misconfigured, and the start is the moment to say so. Found later by learn_later(), the same is
     logged as an error and mail is answered 451 until Postfix is fixed.
 
+    auth_preflight() asks Dovecot's auth service, when a submission
+    listener is on, whether it accepts a made-up login
+    (smtpgate.lookups.auth_probe). If it does, the start stops
+    (PreflightError, exit status 1) with a line saying why and what to
+    change: AUTH would let anyone relay as anyone. Dovecot not reachable
+    yet is a warning, and each worker asks again before the first AUTH.
+
     A reload (SIGHUP) that names another next hop offers every extension
     again and probes the new hop at once (start_learning(gate, {},
     wait_first=False)). A next hop that changes its settings while
@@ -52,6 +60,8 @@ import logging
 from typing import Any
 
 from smtpgate.config import Config, HostPort
+from smtpgate.lookups.auth_probe import AuthProbe, auth_finding, probe_auth
+from smtpgate.lookups.dovecot_auth import DovecotAuth
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
 from smtpgate.relay.probe import HopProbe, carried_extensions, hop_findings, probe_next_hop
 from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
@@ -101,6 +111,30 @@ def preflight(config: Config) -> dict[HostPort, HopProbe]:
     if fatal:
         raise PreflightError("; ".join(fatal))
     return probes
+
+
+def auth_preflight(config: Config) -> AuthProbe | None:
+    if not (config.submission_listen or config.submissions_listen):
+        return None
+    probe = asyncio.run(_probe_auth(config))
+    finding = auth_finding(probe)
+    if finding.level == "error":
+        log.error("fatal: %s", finding.text)
+        raise PreflightError(finding.text)
+    if finding.level == "warning":
+        log.warning("warning: %s", finding.text)
+    else:
+        log.info("%s", finding.text)
+    return probe
+
+
+async def _probe_auth(config: Config) -> AuthProbe:
+    auth = DovecotAuth(config.dovecot, config.dovecot_auth_port,
+                       min(config.dns_timeout * 2, PROBE_TIMEOUT))
+    try:
+        return await probe_auth(auth)
+    finally:
+        await auth.close()
 
 
 def _certificate(config: Config) -> None:
