@@ -33,6 +33,8 @@ from typing import Any
 from smtpgate import redis_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# the port of Postfix's submission service behind smtpgate (conf/postfix/submission.cf)
+SUBMISSION_SERVICE_PORT = 10587
 
 
 class ConfigError(ValueError):
@@ -270,9 +272,11 @@ class Config:
         (), lambda v: parse_listen(v, 465),
         "implicit-TLS submission listeners (465); off by default")
     submission_next_hop: tuple[HostPort, ...] = setting(
-        (), lambda v: parse_next_hops(v, 25, empty_ok=True),
+        (), lambda v: parse_next_hops(v, SUBMISSION_SERVICE_PORT, empty_ok=True),
         "Postfix service for authenticated submission, host:port or a comma list like "
-        "next_hop (default: next_hop)")
+        "next_hop (default: each next_hop host on port 10587, the submission service of "
+        "conf/postfix/submission.cf); it must relay for an XCLIENT LOGIN, which the "
+        "start checks")
     socketmap_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
         "Postfix socketmap service over the Redis tables; empty turns it off")
@@ -414,6 +418,15 @@ class Config:
     @property
     def _sources(self) -> dict[str, str]:
         return getattr(self, "_source_map", {})
+
+    @property
+    def submission_hops(self) -> tuple[HostPort, ...]:
+        """Where authenticated mail goes: submission_next_hop, else Postfix's submission
+        service (conf/postfix/submission.cf) on each next_hop host."""
+        if self.submission_next_hop:
+            return self.submission_next_hop
+        hosts = dict.fromkeys(hop.host for hop in self.next_hop)
+        return tuple(HostPort(host, SUBMISSION_SERVICE_PORT) for host in hosts)
 
     @property
     def tls_paths(self) -> tuple[str, str] | None:

@@ -29,8 +29,11 @@ DESCRIPTION
     (learn_later), then logs what it found and offers what the hop
     carries.
 
-    A next hop that is reached but refuses XCLIENT, or refuses IPv6
-    client addresses when smtpgate listens on IPv6, stops the start
+    A next hop that is reached but refuses XCLIENT, refuses IPv6
+    client addresses when smtpgate listens on IPv6, or, as a submission
+    next hop, refuses to relay for an authenticated login (its users'
+    mail to other domains would be refused after the whole message),
+    stops the start
     (PreflightError, exit status 1, the log naming the Postfix setting):
     running would answer 451 to every message (or to every IPv6 client's)
     while looking healthy, and senders would retry quietly for days
@@ -77,7 +80,7 @@ class PreflightError(Exception):
 
 def listener_hops(config: Config) -> dict[str, tuple[HostPort, ...]]:
     """Where each enabled SMTP listener's mail may go."""
-    submission = config.submission_next_hop or config.next_hop
+    submission = config.submission_hops
     hops = {}
     for kind, listen, hop in ((MX, config.mx_listen, config.next_hop),
                               (SUBMISSION, config.submission_listen, submission),
@@ -155,7 +158,10 @@ def _certificate(config: Config) -> None:
 
 async def _probe_all(config: Config, hops) -> dict[HostPort, HopProbe]:
     timeout = min(config.next_hop_timeout, PROBE_TIMEOUT)
-    found = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout)
+    kinds = listener_hops(config)
+    submission = {*kinds.get(SUBMISSION, ()), *kinds.get(SUBMISSIONS, ())}
+    found = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout,
+                                                  relay=hop in submission)
                                    for hop in hops))
     return dict(zip(hops, found, strict=True))
 

@@ -87,13 +87,14 @@ async def build_gate(config: Config, auth_probe: AuthProbe | None = None) -> Gat
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
-    """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
+    """The MX next hops (pooled, when there is an MX listener) and the submission ones
+    (None without a submission listener)."""
     pool_size = config.next_hop_pool if config.mx_listen else 0
     hops = Hops(config.next_hop, config.next_hop_timeout, config.hostname, pool_size,
                 config.next_hop_retry)
     submission = None
-    if config.submission_next_hop:
-        submission = Hops(config.submission_next_hop, config.next_hop_timeout, config.hostname,
+    if config.submission_listen or config.submissions_listen:
+        submission = Hops(config.submission_hops, config.next_hop_timeout, config.hostname,
                           0, config.next_hop_retry)
     return hops, submission
 
