@@ -30,6 +30,7 @@ packages=(
     swaks rspamd haproxy openssl ca-certificates python3-venv prometheus
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    iproute2  # ip: tests/services/readme_stack.py brings up loopback in its own network namespace
 )
 
 missing=()
