@@ -353,6 +353,10 @@ class Config:
         False, parse_bool, "let trusted clients use user%host and source-routed recipients")
     sender_login_check: bool = setting(
         True, parse_bool, "reject_sender_login_mismatch on submission")
+    show_user_unknown_table_name: bool = setting(
+        True, parse_bool,
+        "show_user_unknown_table_name: name the table in the unknown-user reply (\"User unknown "
+        "in virtual mailbox table\"); no: \"User unknown\", as the docker-postfix-redis image")
 
     # protocol limits (Postfix's names and defaults)
     message_size_limit: int = setting(

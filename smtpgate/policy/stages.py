@@ -502,7 +502,8 @@ class Policy:
         recip = facts.recip.value if facts.recip is not None else None
         verdict = self._note(state, recipient.decide(
             path.address, local=local,
-            listed=facts.vali is not None or facts.vbox is not None, access=recip))
+            listed=facts.vali is not None or facts.vbox is not None, access=recip,
+            show_table=self.config.show_user_unknown_table_name))
         if verdict.failed:
             return verdict.reply
         await self._protocol_passes(state)
