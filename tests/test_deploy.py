@@ -252,7 +252,7 @@ def test_systemd_unit_sets_only_known_settings():
 def manifests() -> list[Path]:
     found = sorted(KUBERNETES.glob("*.yaml"))
     assert {p.name for p in found} >= {"deployment.yaml", "service.yaml", "configmap.yaml",
-                                        "poddisruptionbudget.yaml"}
+                                        "poddisruptionbudget.yaml", "networkpolicy.yaml"}
     return found
 
 
@@ -305,3 +305,26 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
         (25, "smtp"), (587, "submission"), (465, "submissions")}
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"][
         "selector"]
+
+
+def test_only_smtpgate_pods_reach_postfixs_xclient_services(tmp_path):
+    """Postfix trusts the pod network for XCLIENT; the NetworkPolicy keeps every other pod
+    away from 10025 and 10587, the ports the ConfigMap sends to."""
+    docs = _documents()
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "postfix"}}
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    smtpgate_pods = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": smtpgate_pods}}]  # this namespace
+    ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
+    toml = tmp_path / "smtpgate.toml"
+    toml.write_text(docs["ConfigMap"]["data"]["smtpgate.toml"])
+    loaded = config.load({"SMTPGATE_CONFIG": str(toml), "HOSTNAME": "mx.example.com"})
+    assert {hop.host for hop in (*loaded.next_hop, *loaded.submission_hops)} == {"postfix"}
+    assert ports == {("TCP", hop.port) for hop in (*loaded.next_hop, *loaded.submission_hops)}
+    assert "networkpolicy.yaml" in (KUBERNETES / "deployment.yaml").read_text()
+    broken = tmp_path / "networkpolicy.yaml"
+    broken.write_text((KUBERNETES / "networkpolicy.yaml").read_text()
+                      .replace("podSelector:\n    matchLabels", "podSelektor:\n    matchLabels"))
+    assert "podSelektor" in kubernetes_problems(broken)
