@@ -11,7 +11,7 @@ SYNOPSIS
 DESCRIPTION
     probe_auth() logs in with a made-up user (a random name under the
     reserved .invalid domain) and, both at once, a random password and
-    the password every dovecot/dovecot image accepts out of the box
+    the password the dovecot/dovecot 2.3 image accepts out of the box
     ("pass": its dovecot.conf has `passdb { driver = static; args =
     password=pass }`, github.com/dovecot/docker, 2.3.21/dovecot.conf). A
     user database the owner configured refuses both. If either is
@@ -40,8 +40,8 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
+from smtpgate.lookups.dovecot_auth import AuthResult, DovecotAuth
 from smtpgate.verdict import Finding
 
 log = logging.getLogger("smtpgate.auth_probe")
@@ -63,7 +63,7 @@ class AuthProbe:
     detail: str = ""  # which password got in, or why the probe learned nothing
 
 
-async def probe_auth(auth: Any) -> AuthProbe:
+async def probe_auth(auth: DovecotAuth) -> AuthProbe:
     where = f"{auth.host}:{auth.port}"
     user = f"smtpgate-probe-{secrets.token_hex(8)}@probe.invalid"
     # at once: Dovecot delays each failure (auth_failure_delay, 2 s)
@@ -78,7 +78,7 @@ async def probe_auth(auth: Any) -> AuthProbe:
     return AuthProbe(where, "refused")
 
 
-async def _try(auth: Any, user: str, which: str) -> Any:
+async def _try(auth: DovecotAuth, user: str, which: str) -> AuthResult:
     password = secrets.token_urlsafe(24) if which == "random" else which
     plain = b"\0" + user.encode() + b"\0" + password.encode()
     return await auth.authenticate("PLAIN", plain, client_ip="", local_ip="", secured=True)
@@ -95,10 +95,10 @@ def auth_finding(probe: AuthProbe) -> Finding:
 
 
 class AuthGuard:
-    def __init__(self, auth: Any, probe: AuthProbe | None = None) -> None:
+    def __init__(self, auth: DovecotAuth, probe: AuthProbe | None = None) -> None:
         self.auth = auth
         self._safe = probe is not None and probe.verdict == "refused"
-        self._running: asyncio.Task | None = None
+        self._running: asyncio.Task[AuthProbe] | None = None
 
     async def safe(self) -> bool:
         if self._safe:
