@@ -480,3 +480,15 @@ def test_serve_stops_when_the_submission_next_hop_does_not_relay(configure, star
                      r"authenticated login \(XCLIENT LOGIN=smtpgate-probe, MAIL FROM:<>, RCPT "
                      r"TO:<postmaster@\[192\.0\.2\.2\]>: 554 5\.7\.1 .*Relay access denied\)",
                      text), text
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("250 2.1.5 Ok", ["ok"]),
+    ("554 5.7.1 <postmaster@[192.0.2.2]>: Relay access denied", ["error", "ok"]),
+    ("451 4.3.0 <postmaster@[192.0.2.2]>: Temporary lookup failure", ["ok", "ok"]),
+    ("XCLIENT LOGIN: 501 5.5.4 Bad LOGIN syntax", ["error", "ok"]),
+], ids=["relays", "refuses", "tables-not-up-yet", "login-refused"])
+def test_relay_findings(reply, expected):
+    import dataclasses
+
+    assert levels(hop_findings(dataclasses.replace(GOOD, relay_reply=reply))) == expected
