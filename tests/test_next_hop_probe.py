@@ -137,6 +137,7 @@ def test_a_listener_offers_what_all_its_next_hops_carry():
     class Gate:  # what carry() uses of smtp.gate.Gate
         def __init__(self):
             self.config = config
+            self.hops = self.submission_hops = None  # no Hops to tell what was probed
 
         def carry(self, listener, extensions):
             carried[listener] = extensions
