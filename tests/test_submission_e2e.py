@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import uuid
 
@@ -166,3 +167,12 @@ def test_psa_reject_refuses_port_25_only(gate, logins):
     finally:
         logins.delete("PSA:127.0.0.0/8")
         wait_until(lambda: mx_greeting().startswith("220"), 10, "port 25 to greet again")
+
+
+def test_a_client_that_leaves_before_the_handshake_is_logged_with_a_reason(gate, logins):
+    # connect to 465 and hang up without a ClientHello, as a port scanner does
+    with socket.create_connection(("127.0.0.1", gate.submissions_port),
+                                  source_address=("127.0.0.93", 0), timeout=10):
+        pass
+    line = gate.wait_for_log(r"SSL_accept error from \[127\.0\.0\.93\]:\d+: ?(.*)")
+    assert line.group(1) == "lost connection", line.group(0)

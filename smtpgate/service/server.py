@@ -58,6 +58,7 @@ from smtpgate.service.preflight import (
     auth_preflight,
     carry,
     listener_hops,
+    mark_reached,
     preflight,
     start_learning,
     stop_learning,
@@ -80,7 +81,7 @@ async def build_gate(config: Config, auth_probe: AuthProbe | None = None) -> Gat
         from smtpgate.lookups.dovecot_auth import DovecotAuth
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
-    policy = await Policy.create(config, auth, auth_probe)
+    policy = await Policy.create(config, auth, auth_probe=auth_probe)
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
                 submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics())
@@ -148,6 +149,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     gate = await build_gate(config, auth_probe)
     if probes is not None:  # what the master's preflight learned of the next hops
         carry(gate, probes)
+        mark_reached(gate, probes)
     try:
         servers = await start_listeners(gate)
     except OSError:
