@@ -51,7 +51,12 @@ def configure(hop_server):
             f"{hop_server.host}:{port}/inet/smtpd_authorized_xclient_hosts={xclient_hosts}"
             for port in (hop_server.port, hop_server.submission_port))])
         hop_server.postconf(**{**DEFAULTS, **settings})  # writes main.cf and reloads
-        return HostPort(hop_server.host, hop_server.port)
+        hop = HostPort(hop_server.host, hop_server.port)
+        # an smtpd of the old configuration may still take a connection after the reload:
+        # wait until the XCLIENT answer is the new one's
+        trusted = "127.0.0.1" in xclient_hosts.replace(",", " ").split()
+        wait_until(lambda: probe(hop).authorized == trusted, 10, "Postfix's reload")
+        return hop
 
     return apply
 
