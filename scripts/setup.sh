@@ -46,6 +46,7 @@ test_packages=(
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
     iproute2  # ip: tests/services/readme_stack.py brings up loopback in its own network namespace
+    testssl.sh  # the cipher suites per port (tests/test_tls_ciphers_e2e.py)
 )
 
 packages=("${run_packages[@]}")
