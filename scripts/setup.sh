@@ -47,6 +47,7 @@ test_packages=(
     prometheus  # the dashboard test runs a private Prometheus and promtool
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    iproute2  # ip: tests/services/readme_stack.py brings up loopback in its own network namespace
     testssl.sh  # the cipher suites per port (tests/test_tls_ciphers_e2e.py)
     # the image, compose.yaml and the systemd unit run for real (tests/test_container_*.py)
     podman runc slirp4netns debootstrap systemd-container
