@@ -6,6 +6,7 @@ SYNOPSIS
     await case_new(stack, args, state) -> list[dict]
     await case_returning(stack, args, state) -> list[dict]
     await case_mix(stack, args, state) -> list[dict]
+    await case_listed(stack, args, state) -> list[dict]
     await measure(stack, args, target, plan, *, case, concurrency, ramp, window) -> dict
 
 DESCRIPTION
@@ -29,7 +30,9 @@ DESCRIPTION
                  new case in the run, a first pass makes them;
       mix        --mix-shares of first contacts refused by the DNSBL, by the
                  access list, refused at RCPT (unknown recipient), accepted,
-                 and returning clients accepted (mx_plan.Mix).
+                 and returning clients accepted (mx_plan.Mix);
+      listed     every session a DNSBL-listed first contact (refused at
+                 connect): what the mix's largest share costs on its own.
 
     measure() keeps `concurrency` sessions in flight for ramp + window
     seconds and measures the window only: CPU of the front end, Postfix
@@ -227,4 +230,15 @@ async def case_mix(stack, args, state: MxState) -> list[dict]:
                                   ramp=_first_contact_ramp(args), window=args.mx_window,
                                   stagger=args.greet_wait))
         rows[-1]["planned_shares"] = dict(args.mix_shares)
+    return rows
+
+
+async def case_listed(stack, args, state: MxState) -> list[dict]:
+    rows = []
+    for target in targets(stack):
+        plan = Mix(stack.world, state.pools[target], {"dnsbl": 1})
+        rows.append(await measure(stack, args, target, plan, case="listed",
+                                  concurrency=args.mx_concurrency,
+                                  ramp=_first_contact_ramp(args), window=args.mx_window,
+                                  stagger=args.greet_wait))
     return rows

@@ -2,7 +2,8 @@
 
 SYNOPSIS
     python -m benchmarks.run [--smoke] [--out DIR]
-        [--cases chain,unknown,screening,idle,starttls,big,slow,new,returning,mix,micro]
+        [--cases chain,unknown,screening,idle,starttls,big,slow,new,returning,mix,listed,
+                 micro]
         [--concurrency 1,10,50] [--messages N] [--latency-sessions N] [--size BYTES]
         [--workers N] [--uvloop on|off] [--aiosmtpd on|off] [--idle N] [--screen-concurrency N]
         [--screen-duration S] [--tls-sessions N] [--greet-wait S]
@@ -51,10 +52,11 @@ DESCRIPTION
                  with default_process_limit = --slow-process-limit (100,
                  Postfix's default) for this case only (postconf -e and
                  postfix reload, restored after);
-      new, returning, mix
+      new, returning, mix, listed
                  MX traffic: every session from an address of its own (first
                  contacts; the same clients again; a mix of DNSBL and access
-                 list refusals, unknown recipients and accepted clients),
+                 list refusals, unknown recipients and accepted clients;
+                 DNSBL-listed first contacts only),
                  smtpgate against postscreen -> smtpd only, CPU per session
                  of each chain's parts (benchmarks.mx_cases);
       micro      pytest-benchmark over benchmarks/micro (pure functions).
@@ -107,7 +109,7 @@ from benchmarks.stack import Settings, Stack, StackError
 
 HERE = Path(__file__).resolve().parent
 CASES = ("chain", "unknown", "screening", "idle", "starttls", "big", "slow", "new", "returning",
-         "mix", "micro")
+         "mix", "listed", "micro")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -720,7 +722,8 @@ async def run_cases(stack: Stack, args, results: dict) -> None:
                      ("big", case_big), ("slow", case_slow),
                      ("new", functools.partial(mx_cases.case_new, state=mx)),
                      ("returning", functools.partial(mx_cases.case_returning, state=mx)),
-                     ("mix", functools.partial(mx_cases.case_mix, state=mx))):
+                     ("mix", functools.partial(mx_cases.case_mix, state=mx)),
+                     ("listed", functools.partial(mx_cases.case_listed, state=mx))):
         if name not in args.cases:
             continue
         print(f"case {name}", flush=True)

@@ -200,7 +200,7 @@ def test_unknown_recipient_figures(bench):
     assert positive(rows["smtpgate"]["front_cpu_ms_per_session"])
 
 
-@pytest.mark.parametrize("case", ["new", "returning", "mix"])
+@pytest.mark.parametrize("case", ["new", "returning", "mix", "listed"])
 def test_mx_traffic_figures(bench, case):
     """Every session from its own address got what its kind should get, every message the
     servers took was delivered once, and each chain's CPU was measured."""
@@ -217,14 +217,16 @@ def test_mx_traffic_figures(bench, case):
         assert 0 < row["sessions_in_window"] <= row["sessions"]
         assert positive(row["sessions_per_s"]) and positive(row["p50_ms"])
         assert row["p99_ms"] >= row["p50_ms"]
-        assert row["queued"] == row["delivered"] > 0
+        assert row["queued"] == row["delivered"]
+        assert (row["queued"] == 0) == (case == "listed")  # messages, except from the listed
         assert not row["addresses_exhausted"]
-        assert positive(row["chain_cpu_ms_per_session"])
+        # a few dozen refusals at postscreen may take less than one 10 ms clock tick
+        assert row["chain_cpu_ms_per_session"] >= 0
         parts = [row[f"{p}_cpu_ms_per_session"] for p in ("front", "postfix", "redis", "dns")]
         assert row["chain_cpu_ms_per_session"] == pytest.approx(sum(p or 0.0 for p in parts))
         assert sum(row["shares"].values()) == pytest.approx(1.0)
     gate, ps = rows["smtpgate"], rows["postscreen"]
-    assert positive(gate["front_cpu_ms_per_session"])
+    assert positive(gate["front_cpu_ms_per_session"]) and positive(gate["chain_cpu_ms_per_session"])
     assert positive(gate["redis_commands_per_session"])
     assert ps["front_cpu_ms_per_session"] is None and ps["redis_cpu_ms_per_session"] is None
     if case == "new":
@@ -236,17 +238,25 @@ def test_mx_traffic_figures(bench, case):
         for row in rows.values():
             assert row["returning_addresses"] > 0 and set(row["outcomes"]) == {"returning"}
     if case == "mix":
-        for row in rows.values():  # every kind ran, at both
-            assert set(row["outcomes"]) == set(EXPECTED), row["outcomes"]
+        for row in rows.values():  # every kind ran, at both (a returning client only once
+            # someone was accepted: not asserted, a slow machine may not get that far)
+            assert set(EXPECTED) - {"returning"} <= set(row["outcomes"]), row["outcomes"]
+    if case == "listed":
+        for row in rows.values():
+            assert set(row["outcomes"]) == {"dnsbl"} and row["queued"] == 0
 
 
 def test_mx_goals_and_best_case_reported(bench):
     out, data = bench
     goals = data["targets"]
     for name in ("new_client_front_cpu_ms", "returning_client_front_cpu_ms",
-                 "mix_chain_cpu_vs_postscreen", "mix_sessions_vs_postscreen"):
+                 "listed_first_contact_front_cpu_ms", "mix_sessions_vs_postscreen"):
         assert positive(goals[name]) and goals["met"][name] in (True, False), name
+    (postscreen_mix,) = [r for r in data["mix"] if r["target"] == "postscreen"]
+    if postscreen_mix["chain_cpu_ms_per_session"] > 0:  # else less than a clock tick: no ratio
+        assert positive(goals["mix_chain_cpu_vs_postscreen"])
     best = [r for r in data["chain"] if r["target"] in ("smtpgate", "postscreen")]
     for row in best:  # the one-address case has the same CPU columns as the MX cases
-        assert row["total_cpu_ms_per_msg"] >= row["chain_cpu_ms_per_msg"] > 0
+        assert row["total_cpu_ms_per_msg"] >= row["chain_cpu_ms_per_msg"] >= 0
+        assert row["dns_cpu_ms_per_msg"] >= 0
     assert "| best case | smtpgate |" in (out / "bench.md").read_text()
