@@ -1,7 +1,7 @@
 """config - the effective configuration: defaults, then a TOML file, then the environment.
 
 SYNOPSIS
-    load(environ=os.environ) -> Config
+    load(environ=os.environ, origins=None) -> Config   origins: variable -> the file it came from
     Config.describe() -> list[tuple[str, str, str]]     (key, value shown, source)
     ConfigError(setting, message)
 
@@ -14,7 +14,12 @@ DESCRIPTION
     Precedence: the defaults below, then the TOML file named by
     SMTPGATE_CONFIG, then the environment. A bad value raises ConfigError
     naming the setting the way the user wrote it (the variable or the key)
-    and what is wrong with it; nothing is half-loaded.
+    and what is wrong with it; nothing is half-loaded. An unknown key in the
+    file, or an SMTPGATE_ variable that names no setting (NOT_SETTINGS
+    apart), is an error too, with the closest known name as a suggestion.
+
+    A next hop named without a port is the shipped Postfix service:
+    next_hop port 10025, submission_next_hop port 10587.
 
     Settings named after Postfix keep Postfix's meaning and default
     (greet_wait ~ postscreen_greet_wait, message_size_limit, ...).
@@ -22,6 +27,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import socket
@@ -228,6 +234,10 @@ def _record_ttl(value: Any) -> float:
 # --- the settings ------------------------------------------------------------------------------
 
 _ACTIONS = ("ignore", "enforce", "drop")
+# the shipped Postfix services (conf/postfix/master.cf, submission.cf): a next hop named
+# without a port is one of them, never Postfix's public port 25
+NEXT_HOP_PORT = 10025
+SUBMISSION_NEXT_HOP_PORT = 10587
 
 
 def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None = None) -> Any:
@@ -235,6 +245,11 @@ def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None
 
 
 SECRET_FIELDS = frozenset({"redis"})
+
+# SMTPGATE_ variables that are not settings of Config: the files settings come from, and
+# switches read elsewhere (the event loop, the test harness, the Postfix image)
+NOT_SETTINGS = ("SMTPGATE_CONFIG", "SMTPGATE_ENV_FILE", "SMTPGATE_SHADOW_CONFIG",
+                "SMTPGATE_UVLOOP", "SMTPGATE_TEST_KEEP", "SMTPGATE_POSTFIX_CONF")
 
 
 @dataclass(frozen=True)
@@ -257,9 +272,10 @@ class Config:
 
     # listeners and the next hop
     next_hop: tuple[HostPort, ...] = setting(
-        (HostPort("127.0.0.1", 10025),), lambda v: parse_next_hops(v, 25),
-        "Postfix smtpd that receives accepted mail with XCLIENT, host:port; a comma list "
-        "names several, taken in turn, and one that is down is skipped and retried later")
+        (HostPort("127.0.0.1", 10025),), lambda v: parse_next_hops(v, NEXT_HOP_PORT),
+        "Postfix smtpd that receives accepted mail with XCLIENT, host[:port] (port 10025 when "
+        "left out); a comma list names several, taken in turn, and one that is down is "
+        "skipped and retried later")
     mx_listen: tuple[HostPort, ...] = setting(
         (HostPort("0.0.0.0", 25),), lambda v: parse_listen(v, 25),
         "MX listeners, comma-separated host:port; empty turns it off")
@@ -270,9 +286,9 @@ class Config:
         (), lambda v: parse_listen(v, 465),
         "implicit-TLS submission listeners (465); off by default")
     submission_next_hop: tuple[HostPort, ...] = setting(
-        (), lambda v: parse_next_hops(v, 25, empty_ok=True),
-        "Postfix service for authenticated submission, host:port or a comma list like "
-        "next_hop (default: next_hop)")
+        (), lambda v: parse_next_hops(v, SUBMISSION_NEXT_HOP_PORT, empty_ok=True),
+        "Postfix service for authenticated submission, host[:port] (port 10587 when left "
+        "out) or a comma list like next_hop (default: next_hop)")
     socketmap_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
         "Postfix socketmap service over the Redis tables; empty turns it off")
@@ -360,8 +376,21 @@ class Config:
     next_hop_pool: int = setting(
         4, int_between(0, 64),
         "connections to each next hop kept greeted ahead of need, per worker (0: none)")
+    next_hop_connect_timeout: float = setting(
+        30.0, seconds(1, 600), "time limit for connecting to the next hop (Postfix's "
+                               "smtp_connect_timeout)")
     next_hop_timeout: float = setting(
-        300.0, seconds(1, 600), "time limit for one reply from the next hop")
+        100.0, seconds(1, 600),
+        "time limit for each reply of the next hop before the message's (banner, XCLIENT, EHLO, "
+        "MAIL, RCPT, DATA) and for each write of the message (Postfix's smtpd_proxy_timeout)")
+    next_hop_data_done_timeout: float = setting(
+        330.0, seconds(1, 600),
+        "time limit for the next hop's reply to the end of the message; above Postfix's "
+        "milter_content_timeout (300 s), so its milters get their full time")
+    next_hop_total_timeout: float = setting(
+        540.0, seconds(1, 590),
+        "time limit for the whole hand-off of one message, under the 10 minutes a client "
+        "waits for its reply to the final dot")
     next_hop_retry: float = setting(
         10.0, seconds(1, 3600),
         "how long a next hop that failed is skipped before a message tries it again; "
@@ -378,6 +407,18 @@ class Config:
     spool_memory_limit: int = setting(
         262144, int_between(0), "bytes of a message held in memory; the rest goes to a "
                                 "temporary file")
+    spool_budget: int = setting(
+        268435456, int_between(0),
+        "bytes of received messages (memory and temporary files) one worker holds at once; "
+        "past it, 452 4.3.1 Insufficient system storage at MAIL (SIZE=) and DATA (0: no bound)")
+    submissions_handshake_limit: int = setting(
+        200, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per worker; past it, a new "
+        "connection is closed before TLS (0: no bound)")
+    submissions_client_handshake_limit: int = setting(
+        10, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per client address and "
+        "worker; past it, the client's new connection is closed before TLS (0: no bound)")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 
@@ -444,8 +485,10 @@ def env_name(f_name: str, f_env: str | None) -> str:
     return f_env or f"SMTPGATE_{f_name.upper()}"
 
 
-def load(environ: Mapping[str, str] | None = None) -> Config:
+def load(environ: Mapping[str, str] | None = None,
+         origins: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
+    origins = origins or {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     specs = {f.name: f for f in fields(Config)}
@@ -454,24 +497,41 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if path:
         for key, raw in _read_toml(path).items():
             if key not in specs:
-                raise ConfigError(f"{path}: {key}", "unknown setting")
+                raise ConfigError(f"{path}: {key}", "unknown setting" + _close_match(key, specs))
             values[key] = _parse(specs[key], raw, f"{path}: {key}")
             sources[key] = path
 
+    known = set(NOT_SETTINGS)
     for name, spec in specs.items():
         var = env_name(name, spec.metadata["env"])
+        known.add(var)
         if var in environ:
             values[name] = _parse(spec, environ[var], var)
-            sources[name] = "environment"
+            sources[name] = origins.get(var, "environment")
+    _check_unknown_variables(environ, known)
 
     if not values.get("hostname"):
         values["hostname"] = socket.getfqdn()
     if not values.get("domain"):
         values["domain"] = values["hostname"]
     _check_tls_pair(values)
+    _check_hop_timeouts({name: values.get(name, spec.default) for name, spec in specs.items()})
     config = Config(**values)
     object.__setattr__(config, "_source_map", sources)
     return config
+
+
+def _check_unknown_variables(environ: Mapping[str, str], known: set[str]) -> None:
+    """A misspelt SMTPGATE_ variable is an error, as a misspelt key in the TOML file is:
+    ignored, it would leave the setting at its default without a word."""
+    for var in sorted(environ):
+        if var.startswith("SMTPGATE_") and var not in known:
+            raise ConfigError(var, "unknown setting" + _close_match(var, known))
+
+
+def _close_match(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _parse(spec: Any, raw: Any, label: str) -> Any:
@@ -496,6 +556,15 @@ def _read_toml(path: str) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def _check_hop_timeouts(values: dict[str, Any]) -> None:
+    # the total must leave each step its full time, or the step's own limit means nothing
+    total = values["next_hop_total_timeout"]
+    for name in ("next_hop_data_done_timeout", "next_hop_connect_timeout", "next_hop_timeout"):
+        if values[name] >= total:
+            raise ConfigError(env_name("next_hop_total_timeout", None),
+                              f"must be more than {env_name(name, None)}")
 
 
 def _check_tls_pair(values: dict[str, Any]) -> None:

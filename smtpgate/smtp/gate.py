@@ -6,6 +6,8 @@ SYNOPSIS
     gate.sessions       the sessions in flight (drain waits for them)
     gate.metrics        this worker's counters (smtpgate.service.metrics.Metrics)
     gate.draining       true once SIGTERM arrived
+    gate.spool_budget   bytes of messages this worker may hold (smtpgate.smtp.spool_budget)
+    gate.handshakes     465 handshakes in progress (smtpgate.smtp.handshake_limit)
     gate.ehlo_tail[listener] ; gate.offered[listener]
     gate.carry(listener, extensions)   offer only what the next hop carries
 
@@ -31,6 +33,8 @@ from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import CARRIED
+from smtpgate.smtp.handshake_limit import HandshakeLimit
+from smtpgate.smtp.spool_budget import SpoolBudget
 from smtpgate.smtp.tls import TlsProvider
 
 
@@ -46,6 +50,8 @@ class Gate:
     metrics: Any = None  # smtpgate.service.metrics.Metrics; build_gate() always sets it
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False
+    spool_budget: SpoolBudget = field(default_factory=lambda: SpoolBudget(0))
+    handshakes: HandshakeLimit = field(default_factory=lambda: HandshakeLimit(0, 0))
     ehlo_tail: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         kind: ("ENHANCEDSTATUSCODES", *CARRIED) for kind in (MX, SUBMISSION, SUBMISSIONS)})
     offered: dict[str, frozenset[str]] = field(default_factory=lambda: {

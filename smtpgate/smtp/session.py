@@ -60,6 +60,7 @@ from smtpgate import replies, session_id
 from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
+from smtpgate.relay.passed_on import passed_on
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
@@ -69,6 +70,7 @@ from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
+from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
@@ -196,10 +198,10 @@ class Session:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
         a recipient refused at relay time) ends with the session id as smtpgate's own do,
         so the sender can quote it and `explain --session` finds the record."""
-        if answer.code < 400:
-            self.wire.reply(answer.raw)
+        if answer.code < 400:  # bounds: well-formed whatever the next hop sent
+            self.wire.reply(passed_on(answer.code, answer.raw))
             return
-        self.wire.reply(answer.raw.rstrip(b"\r\n") + self.tag().encode() + b"\r\n")
+        self.wire.reply(passed_on(answer.code, answer.raw, self.tag()))  # bounds
         self._count_failure()
         self._refused(answer.text.replace("\r\n", " "))
 
@@ -483,9 +485,10 @@ class Session:
             return
         self.reply(replies.START_TLS)
         try:
-            await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
+            await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
+                                      self.config.smtpd_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
-            log.info("SSL_accept error from %s: %s", self.client_label, exc)
+            log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
             raise Closing from None
         self.tls = True
         self.helo, self.esmtp = None, False
@@ -564,13 +567,14 @@ class Session:
         if self.sender is not None:
             self.reply(replies.NESTED_MAIL)
             return
+        offered = self.gate.offered[self.listener]  # bounds: SMTPUTF8 as a parameter, offered
         try:
-            path = parse_mail_arg(arg, smtputf8="SMTPUTF8" in arg.upper())
+            path = parse_mail_arg(arg, smtputf8=None if "SMTPUTF8" in offered else False)
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = mail_params_reply(path.params, self.config.message_size_limit,
-                                    self.gate.offered[self.listener])
+        refusal = mail_params_reply(path.words, self.config.message_size_limit, offered,
+                                    self.gate.spool_budget.room())  # bounds: SIZE= over room
         if refusal is None:
             refusal = await self.policy.mail(self.state, path, self.login)
         if refusal is not None:
@@ -591,7 +595,7 @@ class Session:
         except AddressError as exc:
             self.reply(exc.reply)
             return
-        refusal = rcpt_params_reply(path.params, self.gate.offered[self.listener])
+        refusal = rcpt_params_reply(path.words, self.gate.offered[self.listener])  # bounds
         if refusal is not None:
             self.reply(refusal)
             return
@@ -617,8 +621,11 @@ class Session:
         if not self.recipients:
             self.reply(replies.NEED_RCPT)
             return
+        if self.gate.spool_budget.spent:  # bounds: the worker's spool budget
+            self.reply(replies.INSUFFICIENT_STORAGE)
+            return
         self.reply(replies.START_DATA)
-        spool = Spool(self.config.spool_memory_limit)
+        spool = Spool(self.config.spool_memory_limit, self.gate.spool_budget)  # bounds
         try:
             try:
                 body = await self._receive(spool)
@@ -631,6 +638,11 @@ class Session:
                          self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
                          self.proto, self.helo or "")
                 self.reply(replies.MESSAGE_TOO_BIG)
+                return
+            if spool.full:  # bounds: the message outgrew the worker's spool budget
+                log.warning("warning: %s: spool budget of %d bytes spent; 452 4.3.1",
+                            self.client_label, self.gate.spool_budget.limit)
+                self.reply(replies.INSUFFICIENT_STORAGE)
                 return
             if body.bare_newline:
                 await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
