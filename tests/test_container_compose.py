@@ -179,6 +179,10 @@ def test_mail_from_the_host_lands_in_dovecot_through_postfix_and_rspamd(stack):
                                ("REV", gateway(), "permit"),
                                ("HLO", "client.example.test", "permit")):
         table_set(prefix, key, value)
+    # the user, as conf/dovecot/dovecot.conf's header says (Dovecot delivers to none before)
+    compose("exec", "-T", "dovecot", "sh", "-c",
+            'echo "user1@example.com:$(doveadm pw -s SHA512-CRYPT -p secret)"'
+            " >> /etc/dovecot/users/passwd")
     mark = f"compose-{uuid.uuid4().hex}"
     result = subprocess.run(
         ["swaks", "--server", "127.0.0.1", "--port", "25", "--tls", "--helo",
