@@ -1,154 +1,408 @@
-"""first_contact - smtpgate's CPU per session for clients never seen before, two versions.
+"""first_contact - smtpgate's CPU per session when every client is new, and what Redis pays.
 
 SYNOPSIS
-    python -m benchmarks.first_contact [--compare DIR] [--sessions N] [--concurrency C]
-                                       [--ttl S] [--greet-wait S] [--rounds R]
-                                       [--py-spy FILE]
+    .venv/bin/python -m benchmarks.first_contact [--sessions 300] [--concurrency 20]
+        [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--json FILE]
+        [--profile FILE [--profile-phase first|returning|listed]]
 
 DESCRIPTION
-    A quick measurement of the DNS-heavy first contact, until benchmarks.run
-    has such a case. It starts the benchmark stack (benchmarks.stack: Redis,
-    dnsmasq, Postfix) with dnsmasq also synthesizing a forward-confirmed
-    name for every address of 127.20.0.0/16 (`--synth-domain`, TTL --ttl),
-    then runs sessions (greet, EHLO, MAIL, RCPT, 2 KiB DATA, QUIT), C at a
-    time, each from an address of its own that no earlier session used
-    ("new"), and then the same addresses again ("returning": screening
-    cache and DNS cache hits). smtpgate's CPU (utime+stime of the master
-    and its worker, from /proc) is divided by the sessions.
+    The traffic an internet-facing MX mostly gets: every connection from an
+    address smtpgate has never seen (127.20.0.0/16, one address per session),
+    each with a forward-confirmed name from dnsmasq's --synth-domain
+    (c-127-20-X-Y.fc.bench.test, PTR and A, TTL --ttl), greeting with that
+    name and sending one 2 KiB message. Three phases per round:
 
-    --compare DIR also runs another smtpgate source tree (a directory
-    holding a `smtpgate` package, e.g. `git archive main smtpgate | tar -x
-    -C DIR`), the two taking turns for --rounds rounds, on one stack. The
-    machine is usually shared: compare the figures of one run.
+      first      sessions from new addresses, accepted (greet wait, PTR, A, two DNSBL
+                 zones, HELO name, the screening pass recorded)
+      returning  the same addresses again (the screening cache says PASS OLD)
+      listed     new addresses from 127.21.0.0/16, listed in both DNSBL zones, refused
+                 at connect
 
-    --py-spy FILE records the worker with py-spy during this tree's "new"
-    sessions of the first round (collapsed stacks, for flame graphs or
-    grep), which costs the worker some CPU: take the figures from a run
-    without it.
+    For each phase: smtpgate's CPU per session (utime+stime of its processes,
+    from /proc), redis-server's (INFO cpu used_cpu_user+used_cpu_sys), the
+    Redis commands (INFO commandstats, those run inside scripts too) and
+    round trips (INFO stats total_reads_processed) per session, sessions/s,
+    and errors. One worker, uvloop.
+
+    --baseline DIR runs the same phases, interleaved round by round, with the
+    smtpgate found in DIR (a checkout, e.g. /work/main) as a second target,
+    so a change is measured against its baseline in one run on one busy
+    machine; the spread between rounds of one target is the noise to read
+    the difference against. --profile FILE records the worker with py-spy
+    during the first round's "first" phase of the main target (raw collapsed
+    stacks; --profile-phase picks another phase; `python -m
+    benchmarks.first_contact --summarize FILE` prints the top frames).
+
+    It uses benchmarks.stack for Redis, Postfix (the XCLIENT next hop) and
+    the certificate, and runs a dnsmasq of its own for the synthesized names.
+    Each phase is measured after the previous one has settled in Redis (the
+    release batch and the evidence batch written), so its figures are its
+    own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import signal
+import collections
+import contextlib
+import json
+import os
+import random
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.load import SessionRun, make_body, timed_session
 from benchmarks.procstat import cpu_seconds
-from benchmarks.stack import ROOT, Settings, Stack, spawn, wait_for
+from benchmarks.stack import (
+    Settings,
+    Smtpgate,
+    Stack,
+    StackError,
+    redis_command,
+    spawn,
+    wait_for,
+)
 
-SYNTH = "synth.bench.test"
-
-
-class FirstContactStack(Stack):
-    ttl: int = 300
-    source_tree: Path = ROOT
-
-    def _start_dns(self) -> None:
-        super()._start_dns()
-        conf = self.workdir / "dnsmasq.conf"
-        text = conf.read_text().replace("local-ttl=3600", f"local-ttl={self.ttl}")
-        conf.write_text(text + f"local=/{SYNTH}/\nsynth-domain={SYNTH},127.20.0.0/16,h-\n")
-        self.procs.pop().stop()
-        proc = spawn("dnsmasq", ["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}",
-                                 "--user=root"], self.workdir)
-        self.procs.append(proc)
-        wait_for("dnsmasq with synth-domain",
-                 lambda: self._dns_answers(f"h-127-20-0-1.{SYNTH}") == "127.20.0.1", 10, proc.log)
-
-    def smtpgate_env(self, port: int | None = None) -> dict[str, str]:
-        env = super().smtpgate_env(port)
-        env["PYTHONPATH"] = f"{self.source_tree}:{ROOT}"
-        return env
+ZONE = "fc.bench.test"
+DNSBL = ("bl1.fc.bench.test", "bl2.fc.bench.test")
+BODY = ("Subject: first contact\r\n\r\n" + ("x" * 76 + "\r\n") * 26).encode()  # ~2 KiB
 
 
-def addresses(start: int, count: int) -> list[str]:
-    return [f"127.20.{1 + i // 250}.{1 + i % 250}" for i in range(start, start + count)]
+def name_of(ip: str) -> str:
+    return f"c-{ip.replace('.', '-')}.{ZONE}"
 
 
-async def sessions(port: int, sources: list[str], concurrency: int, world) -> SessionRun:
-    run = SessionRun()
-    body = make_body(2048, world, "first-contact")
-    queue = iter(sources)
-
-    async def worker() -> None:
-        for source in queue:
-            await timed_session(run, port, body, world, None, source, 60.0)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return run
+def addresses(net: str, start: int, count: int) -> list[str]:
+    """count addresses of net (e.g. "127.20") from index start: .0.1, .0.2 ... .0.254, .1.1."""
+    return [f"{net}.{i // 254}.{1 + i % 254}" for i in range(start, start + count)]
 
 
-def measure(stack: FirstContactStack, sources: list[str], concurrency: int,
-            profile: Path | None = None) -> dict:
-    gate = stack.smtpgate
-    figures = {}
-    for label in ("new", "returning"):
-        spy = None
-        if profile is not None and label == "new":
-            worker = max(gate.pids())  # the worker forked after the master
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
-                                    "--rate", "1000", "--format", "raw", "-o", str(profile),
-                                    "-p", str(worker)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)  # attached before the first session
-        before = cpu_seconds(gate.pid, gate.pids())
-        run = asyncio.run(sessions(gate.port, sources, concurrency, stack.world))
-        cpu = cpu_seconds(gate.pid, gate.pids()) - before
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            if spy.wait(30) != 0:
-                raise SystemExit(f"py-spy exited with {spy.returncode}")
-        if run.errors:
-            raise SystemExit(f"{label}: {dict(run.errors)} of {len(sources)} sessions failed")
-        figures[label] = cpu / len(sources) * 1000
+# --- the services this benchmark adds ------------------------------------------------------
+
+
+def start_dnsmasq(stack: Stack, ttl: int):
+    """dnsmasq with synthesized forward-confirmed names and the two DNSBL zones."""
+    port = _free_udp_port()
+    lines = [
+        "no-resolv", "no-hosts", f"local-ttl={ttl}", f"neg-ttl={ttl}",
+        "listen-address=127.0.0.1", "bind-interfaces", f"port={port}", "cache-size=0",
+        f"local=/{ZONE}/", "local=/127.in-addr.arpa/",
+        f"synth-domain={ZONE},127.20.0.0/16,c-",
+        f"synth-domain={ZONE},127.21.0.0/16,c-",
+    ]
+    for zone in DNSBL:
+        lines += [f"local=/{zone}/", f"address=/21.127.{zone}/127.0.0.2"]  # 127.21.x.y listed
+    conf = stack.workdir / "dnsmasq-fc.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    proc = spawn("dnsmasq-fc", ["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}",
+                                "--user=root"], stack.workdir)
+    stack.procs.append(proc)
+    wait_for("dnsmasq (synth-domain)", lambda: _resolves(port, name_of("127.20.0.1")),
+             10, proc.log)
+    return port
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _resolves(port: int, name: str) -> bool:
+    import dns.exception
+    import dns.message
+    import dns.query
+
+    try:
+        answer = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", timeout=0.5,
+                               port=port)
+    except dns.exception.Timeout:
+        return False
+    return bool(answer.answer)
+
+
+def start_gate(stack: Stack, name: str, source: Path, dns_port: int,
+               greet_wait: float) -> Smtpgate:
+    from benchmarks.stack import free_port
+
+    port = free_port()
+    env = stack.smtpgate_env(port)
+    env.update({
+        "PYTHONPATH": str(source),
+        "SMTPGATE_NAMESERVERS": f"127.0.0.1:{dns_port}",
+        "SMTPGATE_DNSBL_SITES": " ".join(f"{zone}*2" for zone in DNSBL),
+        "SMTPGATE_DNSBL_THRESHOLD": "3",
+        "SMTPGATE_GREET_WAIT": f"{greet_wait:g}",
+        "SMTPGATE_WORKERS": "1",
+        "SMTPGATE_UVLOOP": "yes",
+    })
+    proc = spawn(name, [sys.executable, "-m", "smtpgate", "serve"], stack.workdir, env)
+    stack.procs.append(proc)
+    wait_for(name, lambda: b"ready" in proc.log.read_bytes(), 30, proc.log)
+    return Smtpgate(proc, port, env)
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class Failed(Exception):
+    pass
+
+
+async def _reply(reader: asyncio.StreamReader) -> str:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise Failed("connection closed")
+        if line[3:4] != b"-":
+            return line.decode(errors="replace").rstrip()
+
+
+async def _expect(reader, code: str) -> None:
+    reply = await _reply(reader)
+    if not reply.startswith(code):
+        raise Failed(reply)
+
+
+async def session(port: int, ip: str, listed: bool) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0))
+    try:
+        banner = await _reply(reader)
+        if listed:
+            if not banner.startswith("521"):
+                raise Failed(f"not refused: {banner}")
+            return
+        if not banner.startswith("220"):
+            raise Failed(banner)
+        for line, code in ((f"EHLO {name_of(ip)}", "250"),
+                           (f"MAIL FROM:<sender@{name_of(ip)}>", "250"),
+                           ("RCPT TO:<user@bench.test>", "250"), ("DATA", "354")):
+            writer.write(line.encode() + b"\r\n")
+            await _expect(reader, code)
+        writer.write(BODY + b".\r\n")
+        await _expect(reader, "250")
+        writer.write(b"QUIT\r\n")
+        await _expect(reader, "221")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def load(port: int, ips: list[str], concurrency: int, listed: bool) -> dict:
+    queue = collections.deque(ips)
+    errors: collections.Counter = collections.Counter()
+
+    async def client() -> None:
+        while queue:
+            ip = queue.popleft()
+            try:
+                await asyncio.wait_for(session(port, ip, listed), 60)
+            except (Failed, OSError, TimeoutError) as exc:
+                errors[str(exc)[:60] or type(exc).__name__] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"seconds": time.monotonic() - started, "errors": dict(errors)}
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def redis_figures(port: int) -> dict[str, float]:
+    """redis-server's CPU seconds, reads, and commands (less INFO and EXISTS: ours)."""
+    figures = {"cpu": 0.0, "reads": 0.0, "commands": 0.0}
+    for section in ("cpu", "stats", "commandstats"):  # three reads of our own
+        for line in redis_command(port, "INFO", section).decode().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("used_cpu_sys", "used_cpu_user"):
+                figures["cpu"] += float(value)
+            elif key == "total_reads_processed":
+                figures["reads"] = float(value)
+            elif key.startswith("cmdstat_") and key not in ("cmdstat_info", "cmdstat_exists"):
+                figures["commands"] += float(value.split(",")[0].partition("=")[2])
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--compare", type=Path, metavar="DIR")
-    parser.add_argument("--sessions", type=int, default=200)
+def settle(redis_port: int, deadline: float = 10.0) -> int:
+    """Wait until smtpgate has sent the sessions' ends (the count hashes gone, the evidence
+    batch out); returns how many reads of our own that took."""
+    end = time.monotonic() + deadline
+    polls = 0
+    while time.monotonic() < end:
+        polls += 1
+        found = redis_command(redis_port, "EXISTS", "smtpgate:conns", "smtpgate:sessions")
+        if found.strip() == b":0":
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # the evidence batch (50 ms) and the release batch (10 ms)
+    return polls
+
+
+def measure(stack: Stack, gate: Smtpgate, ips: list[str], concurrency: int,
+            listed: bool) -> dict:
+    pids = gate.pids()
+    redis_before = redis_figures(stack.redis_port)
+    cpu_before = cpu_seconds(gate.pid, pids)
+    result = asyncio.run(load(gate.port, ips, concurrency, listed))
+    polls = settle(stack.redis_port)
+    cpu = cpu_seconds(gate.pid, gate.pids()) - cpu_before
+    redis_after = redis_figures(stack.redis_port)
+    n = len(ips)
+    # ours between the two reads figures: the commandstats INFO before, the polls, the cpu
+    # INFO after, and the stats INFO after, which counts itself
+    own_reads = 1 + polls + 2
+    return {
+        "sessions": n,
+        "errors": result["errors"],
+        "sessions_per_s": round(n / result["seconds"], 1),
+        "smtpgate_cpu_ms": round(cpu * 1000 / n, 3),
+        "redis_cpu_ms": round((redis_after["cpu"] - redis_before["cpu"]) * 1000 / n, 3),
+        "redis_commands": round((redis_after["commands"] - redis_before["commands"]) / n, 2),
+        "redis_round_trips": round(
+            (redis_after["reads"] - redis_before["reads"] - own_reads) / n, 2),
+    }
+
+
+# --- profile summary -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(gate: Smtpgate, output: Path | None):
+    """py-spy recording the worker (raw collapsed stacks) while the block runs."""
+    if output is None:
+        yield
+        return
+    worker = max(gate.pids())  # the worker is the master's child
+    profiler = subprocess.Popen(
+        [_py_spy(), "record", "--pid", str(worker), "--format", "raw", "--rate", "250",
+         "--nonblocking", "-o", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        profiler.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        profiler.wait(30)
+
+
+def _py_spy() -> str:
+    beside = Path(sys.executable).parent / "py-spy"  # setup.sh --bench installs it in .venv
+    return str(beside) if beside.exists() else "py-spy"
+
+
+def summarize(path: Path, top: int = 40) -> str:
+    """The frames that hold the most samples (inclusive) and the leaves (self)."""
+    inclusive: collections.Counter = collections.Counter()
+    leaf: collections.Counter = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        for frame in set(frames):
+            inclusive[frame] += n
+        leaf[frames[-1]] += n
+    out = [f"{total} samples", "", "inclusive:"]
+    out += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
+    out += ["", "self:"]
+    out += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in leaf.most_common(top)]
+    return "\n".join(out)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.first_contact")
+    parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--ttl", type=int, default=300)
     parser.add_argument("--greet-wait", type=float, default=1.0)
+    parser.add_argument("--ttl", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--py-spy", type=Path, metavar="FILE", dest="profile")
-    args = parser.parse_args()
-    trees = {"this": ROOT, **({"compared": args.compare.resolve()} if args.compare else {})}
-    stack = FirstContactStack(Settings(greet_wait=args.greet_wait, with_smtpgate=False,
-                                       with_aiosmtpd=False))
-    stack.ttl = args.ttl
-    results: dict[str, list[dict]] = {label: [] for label in trees}
-    start = itertools.count(0, args.sessions)
-    with stack:
-        for _ in range(args.rounds):
-            for label, tree in trees.items():
-                stack.source_tree = tree
-                stack.start_smtpgate()
-                try:
-                    profile = args.profile if label == "this" and not results[label] else None
-                    results[label].append(measure(
-                        stack, addresses(next(start), args.sessions), args.concurrency, profile))
-                finally:
-                    stack.smtpgate.proc.stop()
-                    stack.smtpgate = None
-    for label, rounds in results.items():
-        for kind in ("new", "returning"):
-            values = [r[kind] for r in rounds]
-            print(f"{label:<9} {kind:<10} {sum(values) / len(values):6.2f} CPU-ms/session"
-                  f"  (rounds: {', '.join(f'{v:.2f}' for v in values)})")
-    if args.compare:
-        for kind in ("new", "returning"):
-            this = sum(r[kind] for r in results["this"])
-            other = sum(r[kind] for r in results["compared"])
-            print(f"ratio     {kind:<10} {this / other:6.2f} (CPU, this / compared)")
+    parser.add_argument("--baseline", type=Path)
+    parser.add_argument("--profile", type=Path)
+    parser.add_argument("--profile-phase", choices=("first", "returning", "listed"),
+                        default="first")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--summarize", type=Path, help="print a py-spy raw profile's top frames")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
+    root = Path(__file__).resolve().parent.parent
+    targets = {"smtpgate": root}
+    if args.baseline:
+        targets["baseline"] = args.baseline.resolve()
+    results: dict[str, list[dict]] = {name: [] for name in targets}
+    next_address = {"127.20": 0, "127.21": 0}
+
+    def fresh(net: str) -> list[str]:
+        start = next_address[net]
+        next_address[net] += args.sessions
+        if next_address[net] > 254 * 256:
+            raise SystemExit("more sessions than addresses in a /16: lower --sessions/--rounds")
+        return addresses(net, start, args.sessions)
+
+    settings = Settings(with_smtpgate=False, with_aiosmtpd=False)  # its postscreen: unused
+    with Stack(settings) as stack:
+        dns_port = start_dnsmasq(stack, args.ttl)
+        gates = {name: start_gate(stack, f"gate-{name}", source, dns_port, args.greet_wait)
+                 for name, source in targets.items()}
+        warm = addresses("127.20", 254 * 250, 20)  # never used by a phase
+        for gate in gates.values():
+            measure(stack, gate, warm, args.concurrency, listed=False)
+        for round_number in range(args.rounds):
+            order = list(gates.items())
+            random.shuffle(order)  # neither target always runs on a cooler machine
+            for name, gate in order:
+                ips = fresh("127.20")
+                row: dict = {"round": round_number}
+                for phase, phase_ips, listed in (("first", ips, False),
+                                                 ("returning", ips, False),
+                                                 ("listed", fresh("127.21"), True)):
+                    profiling = (args.profile and name == "smtpgate" and round_number == 0
+                                 and phase == args.profile_phase)
+                    with profiled(gate, args.profile if profiling else None):
+                        row[phase] = measure(stack, gate, phase_ips, args.concurrency, listed)
+                results[name].append(row)
+                print(name, json.dumps(row), flush=True)
+    report = {"settings": vars(args) | {"baseline": str(args.baseline or ""),
+                                        "profile": str(args.profile or ""),
+                                        "json": str(args.json or ""), "summarize": ""},
+              "cpus": os.cpu_count(), "load_before": os.getloadavg(), "results": results}
+    print()
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = ["| target | phase | smtpgate CPU ms/session (each round) | Redis CPU ms | "
+             "Redis cmds | Redis round trips | sessions/s | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        for phase in ("first", "returning", "listed"):
+            cells = [r[phase] for r in rows]
+            lines.append(
+                f"| {name} | {phase} | {' / '.join(str(c['smtpgate_cpu_ms']) for c in cells)} | "
+                f"{' / '.join(str(c['redis_cpu_ms']) for c in cells)} | "
+                f"{cells[-1]['redis_commands']} | {cells[-1]['redis_round_trips']} | "
+                f"{' / '.join(str(c['sessions_per_s']) for c in cells)} | "
+                f"{sum(sum(c['errors'].values()) for c in cells)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except StackError as exc:
+        print(f"benchmarks.first_contact: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -11,6 +11,8 @@ SYNOPSIS
     await hold_idle(port, *, sources, count, budget) -> IdleHold   (.close())
     await trickle_senders(port, *, sources, count, world, interval, until) -> SlowRun
     await run_paced(port, *, interval, until, body, world, timeout) -> SessionRun
+    await run_clients(port, *, plan, concurrency, until, body, timeout, stagger=0)
+        -> ClientRun
     percentile(values, q) -> float
 
 DESCRIPTION
@@ -60,6 +62,14 @@ DESCRIPTION
     (one_session) every `interval` seconds until `until`, each in its own
     task bounded by timeout, and waits for all; latencies are end to end,
     connect to 221, whatever the client had to wait for on the way.
+
+    run_clients is the MX traffic client: every session a Client of its own
+    (kind, source address, HELO name, sender, recipient; from a plan, see
+    benchmarks.mx_plan), `concurrency` sessions in flight until `until`,
+    each bound to its source address, through banner, EHLO, MAIL, RCPT,
+    DATA and QUIT (client_session). ClientRun.sessions has the start, end,
+    kind and outcome of each ("250", or "CODE@STEP" where it was refused,
+    "timeout@STEP", "ExceptionName@STEP").
 
     Every loop is bounded in count and in time.
 """
@@ -474,4 +484,98 @@ async def run_paced(port: int, *, interval: float, until: float, body: bytes, wo
         await asyncio.sleep(interval)
     await asyncio.gather(*tasks)
     run.elapsed = time.perf_counter() - start
+    return run
+
+
+# --- MX traffic: every session a client of its own -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Client:
+    """One session's client: its kind (what the case expects of it), address and names."""
+
+    kind: str
+    source: str
+    helo: str
+    sender: str
+    rcpt: str
+
+
+@dataclass
+class ClientRun:
+    # (start, end, kind, outcome) per session, perf_counter seconds
+    sessions: list[tuple[float, float, str, str]] = field(default_factory=list)
+    queued: int = 0  # messages the server took (250 to the final dot)
+    exhausted: bool = False  # the plan ran out of addresses before the time was up
+
+    def ended_between(self, t0: float, t1: float) -> list[tuple[float, float, str, str]]:
+        return [s for s in self.sessions if t0 <= s[1] < t1]
+
+
+async def client_session(port: int, client: Client, body: bytes, run: ClientRun,
+                         where: list[str]) -> str:
+    """Banner, EHLO, MAIL, RCPT, DATA, QUIT from the client's own address.
+
+    Returns "250" for a message taken and a 221 to QUIT, else "CODE@STEP" where the
+    server said no (after a refusal past the banner the client still says QUIT)."""
+    where[0] = "connect"
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(client.source, 0))
+    try:
+        for step, command, want in (
+                ("banner", None, "220"),
+                ("ehlo", b"EHLO %s\r\n" % client.helo.encode(), "250"),
+                ("mail", b"MAIL FROM:<%s>\r\n" % client.sender.encode(), "250"),
+                ("rcpt", b"RCPT TO:<%s>\r\n" % client.rcpt.encode(), "250"),
+                ("data", b"DATA\r\n", "354"),
+                ("dot", body + b".\r\n", "250")):
+            where[0] = step
+            if command is not None:
+                writer.write(command)
+            got = await read_reply(reader)
+            if got != want:
+                if step != "banner" and got[:1] in ("4", "5"):
+                    where[0] = "quit"
+                    writer.write(b"QUIT\r\n")
+                    await read_reply(reader)
+                return f"{got}@{step}"
+        run.queued += 1
+        where[0] = "quit"
+        writer.write(b"QUIT\r\n")
+        got = await read_reply(reader)
+        return "250" if got == "221" else f"{got}@quit"
+    finally:
+        writer.transport.abort()
+
+
+async def run_clients(port: int, *, plan, concurrency: int, until: float, body: bytes,
+                      timeout: float, stagger: float = 0.0) -> ClientRun:
+    """Keep `concurrency` sessions in flight until the perf_counter time `until`.
+
+    plan.next() gives each session's Client (None: no address left, stop starting),
+    plan.done(client, outcome) hears how it ended. The clients start spread evenly over
+    `stagger` seconds: clients that all began together would stay in step (all in the
+    greet wait, then all at DATA at once), which no MX sees."""
+    run = ClientRun()
+
+    async def worker(delay: float) -> None:
+        await asyncio.sleep(delay)
+        while time.perf_counter() < until:
+            client = plan.next()
+            if client is None:
+                run.exhausted = True
+                return
+            where = ["connect"]
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout):
+                    outcome = await client_session(port, client, body, run, where)
+            except TimeoutError:
+                outcome = f"timeout@{where[0]}"
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                outcome = f"{type(exc).__name__}@{where[0]}"
+            run.sessions.append((t0, time.perf_counter(), client.kind, outcome))
+            plan.done(client, outcome)
+
+    count = max(1, concurrency)
+    await asyncio.gather(*(worker(stagger * i / count) for i in range(count)))
     return run

@@ -2,13 +2,15 @@
 
 SYNOPSIS
     python -m benchmarks.run [--smoke] [--out DIR]
-        [--cases chain,screening,idle,starttls,big,slow,micro]
+        [--cases chain,unknown,screening,idle,starttls,big,slow,new,returning,mix,listed,
+                 micro]
         [--concurrency 1,10,50] [--messages N] [--latency-sessions N] [--size BYTES]
         [--workers N] [--uvloop on|off] [--aiosmtpd on|off] [--idle N] [--screen-concurrency N]
         [--screen-duration S] [--tls-sessions N] [--greet-wait S]
         [--big-size BYTES] [--big-messages N] [--big-concurrency N]
         [--slow-senders N] [--slow-duration S] [--slow-interval S] [--normal-interval S]
-        [--slow-process-limit N] [--keep]
+        [--slow-process-limit N] [--mx-concurrency N] [--returning-concurrency N]
+        [--mx-window S] [--mix-shares KIND=PCT,...] [--dns-ttl S] [--keep]
     main(argv=None) -> int
 
 DESCRIPTION
@@ -20,7 +22,8 @@ DESCRIPTION
     cases in one process on the same machine, and writes bench.json,
     bench.md and bench.png into --out (default benchmarks/results/).
 
-    Targets: "smtpgate" (smtpgate -> Postfix), "aiosmtpd-front" (aiosmtpd
+    Case 1 ("chain") is the best case: one client address, every DNS answer
+    cached. Targets: "smtpgate" (smtpgate -> Postfix), "aiosmtpd-front" (aiosmtpd
     hooks asking smtpgate's policy, aiosmtplib -> Postfix: the design as
     first sketched), "postscreen" (postscreen -> smtpd, the image's
     settings) and "smtpd" (smtpd directly, same restrictions). The report
@@ -49,6 +52,13 @@ DESCRIPTION
                  with default_process_limit = --slow-process-limit (100,
                  Postfix's default) for this case only (postconf -e and
                  postfix reload, restored after);
+      new, returning, mix, listed
+                 MX traffic: every session from an address of its own (first
+                 contacts; the same clients again; a mix of DNSBL and access
+                 list refusals, unknown recipients and accepted clients;
+                 DNSBL-listed first contacts only),
+                 smtpgate against postscreen -> smtpd only, CPU per session
+                 of each chain's parts (benchmarks.mx_cases);
       micro      pytest-benchmark over benchmarks/micro (pure functions).
 
     Deliveries are counted per message: the messages of each case, target
@@ -70,10 +80,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import ssl
@@ -84,13 +94,22 @@ import traceback
 import uuid
 from pathlib import Path
 
-from benchmarks import load, procstat, report
-from benchmarks.stack import Settings, Stack, StackError, redis_info_commands
+from benchmarks import load, mx_cases, mx_plan, procstat, report
+from benchmarks.meter import (
+    PY_FRONTS,
+    TARGETS,
+    Meter,
+    available_targets,
+    front_of,
+    marker,
+    others_meanwhile,
+    port_of,
+)
+from benchmarks.stack import Settings, Stack, StackError
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("smtpgate", "aiosmtpd-front", "postscreen", "smtpd")
-PY_FRONTS = ("smtpgate", "aiosmtpd-front")  # Python front ends: CPU, memory, Redis measured
-CASES = ("chain", "unknown", "screening", "idle", "starttls", "big", "slow", "micro")
+CASES = ("chain", "unknown", "screening", "idle", "starttls", "big", "slow", "new", "returning",
+         "mix", "listed", "micro")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,6 +132,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 raise argparse.ArgumentTypeError(f"{value} is not in {low:g}..{high:g}")
             return value
         return parse
+
+    def shares(text: str) -> dict[str, int]:
+        try:
+            return mx_plan.parse_shares(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     def case_list(text: str) -> list[str]:
         names = [c.strip() for c in text.split(",") if c.strip()]
@@ -164,6 +189,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds between two sessions of the normal client (slow case)")
     p.add_argument("--slow-process-limit", type=bounded(1, 1000), default=100,
                    help="Postfix default_process_limit during the slow case")
+    p.add_argument("--mx-concurrency", type=bounded(1, 5000), default=1500,
+                   help="clients in flight in the new and mix cases (each first contact "
+                        "waits the greet wait)")
+    p.add_argument("--returning-concurrency", type=bounded(1, 1000), default=40)
+    p.add_argument("--mx-window", type=bounded(0.5, 300, float), default=15.0,
+                   help="seconds measured in each MX case and target, after the ramp")
+    p.add_argument("--mix-shares", type=shares, default=mx_plan.parse_shares(
+        mx_plan.DEFAULT_SHARES), help=f"kinds of client in the mix case, in percent "
+                                     f"(default {mx_plan.DEFAULT_SHARES})")
+    p.add_argument("--dns-ttl", type=bounded(0, 86400), default=300,
+                   help="TTL of the DNS answers (the one-address case's names keep 3600)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
     args.run_id = uuid.uuid4().hex[:12]
@@ -178,82 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.big_size, args.big_messages, args.big_concurrency = 256 * 1024, 3, 1
         args.slow_senders, args.slow_duration, args.slow_interval = 6, 3.0, 0.5
         args.normal_interval = 0.5
+        args.mx_concurrency, args.returning_concurrency, args.mx_window = 40, 4, 2.0
     return args
-
-
-# --- measuring one target ------------------------------------------------------------------------
-
-
-def marker(args, *parts) -> str:
-    """The Message-ID marker of one case's messages: its own per run, case, target and point."""
-    return ".".join(["bench", args.run_id,
-                     *(re.sub(r"[^A-Za-z0-9-]", "-", str(part)) for part in parts)])
-
-
-def others_meanwhile(before: dict, after: dict, *mine: str) -> dict[str, int]:
-    """Deliveries of other markers between two snapshots (what a plain count would add)."""
-    was = before["delivered_by_marker"]
-    return {m: n - was.get(m, 0) for m, n in after["delivered_by_marker"].items()
-            if m not in mine and n != was.get(m, 0)}
-
-
-class Meter:
-    """CPU, memory and Redis counters of the front end and of Postfix around one run."""
-
-    def __init__(self, stack: Stack, target: str) -> None:
-        self.stack, self.target = stack, target
-
-    def front(self) -> tuple[int | None, list[int]]:
-        gate = front_of(self.stack, self.target)
-        if gate:
-            return gate.pid, gate.pids()
-        return None, []
-
-    def snapshot(self) -> dict:
-        root, pids = self.front()
-        pf = self.stack.postfix
-        redis = redis_info_commands(self.stack.redis_port)
-        return {
-            "front_cpu": procstat.cpu_seconds(root, pids) if root else 0.0,
-            "postfix_cpu": procstat.cpu_seconds(pf.master_pid(), pf.pids()),
-            "delivered_by_marker": pf.delivered_by_marker(),
-            "redis": sum(v for k, v in redis.items() if k not in ("info", "ping")),
-            "redis_by_command": redis,
-        }
-
-    def sampler(self) -> procstat.PeakSampler:
-        if self.target in PY_FRONTS:
-            return procstat.PeakSampler(lambda: self.front()[1])
-        return procstat.PeakSampler(self.stack.postfix.pids, interval=0.5)
-
-    async def wait_delivered(self, mark: str, count: int, deadline: float) -> int:
-        """Deliveries of the messages marked `mark`, once count are in or the deadline passed."""
-        pf = self.stack.postfix
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            got = pf.delivered(mark)
-            if got >= count:
-                return got
-            await asyncio.sleep(0.05)
-        return pf.delivered(mark)
-
-
-def front_of(stack: Stack, target: str):
-    """The Python front end's process (benchmarks.stack.Smtpgate), None for Postfix's."""
-    return {"smtpgate": stack.smtpgate, "aiosmtpd-front": stack.aiosmtpd}.get(target)
-
-
-def port_of(stack: Stack, target: str) -> int:
-    if target in PY_FRONTS:
-        front = front_of(stack, target)
-        if not front:
-            raise StackError(f"{target} is not running")
-        return front.port
-    return stack.postfix.ports["postscreen" if target == "postscreen" else "direct"]
-
-
-def available_targets(stack: Stack) -> list[str]:
-    return [t for t in TARGETS if t not in PY_FRONTS or front_of(stack, t)]
 
 
 # --- the cases -----------------------------------------------------------------------------------
@@ -323,6 +285,12 @@ async def case_chain(stack: Stack, args) -> list[dict]:
                     if k != "info" and v != before["redis_by_command"].get(k, 0)}
             row["chain_cpu_ms_per_msg"] = (row["front_cpu_ms_per_msg"] or 0.0) \
                 + row["postfix_cpu_ms_per_msg"]
+            # Redis serves only the Python front ends here (Postfix reads files)
+            row["redis_cpu_ms_per_msg"] = (after["redis_cpu"] - before["redis_cpu"]) * 1000 \
+                / msgs if target in PY_FRONTS else None
+            row["dns_cpu_ms_per_msg"] = (after["dns_cpu"] - before["dns_cpu"]) * 1000 / msgs
+            row["total_cpu_ms_per_msg"] = row["chain_cpu_ms_per_msg"] \
+                + (row["redis_cpu_ms_per_msg"] or 0.0) + row["dns_cpu_ms_per_msg"]
             lat = await load.run_sessions(
                 port, sessions=args.latency_sessions, concurrency=concurrency,
                 body=load.make_body(args.size, stack.world, latency_mark),
@@ -681,6 +649,9 @@ def meta(args, argv) -> dict:
         "messages": args.messages, "idle": args.idle, "smoke": args.smoke,
         "big_size": args.big_size, "slow_senders": args.slow_senders,
         "slow_duration": args.slow_duration,
+        "dns_ttl": args.dns_ttl, "mx_concurrency": args.mx_concurrency,
+        "returning_concurrency": args.returning_concurrency, "mx_window": args.mx_window,
+        "mix_shares": args.mix_shares,
         "fd_limit": raise_fd_limit(),
     }
 
@@ -744,10 +715,15 @@ def python_runtime(front) -> dict:
 async def run_cases(stack: Stack, args, results: dict) -> None:
     results["meta"]["fronts"] = await asyncio.to_thread(front_runtimes, stack)
     results["warm_up"] = await warm_up(stack, args)
+    mx = mx_cases.MxState(stack)
     for name, fn in (("chain", case_chain), ("screening", case_screening),
                      ("unknown", case_unknown), ("idle", case_idle),
                      ("starttls", case_starttls),
-                     ("big", case_big), ("slow", case_slow)):
+                     ("big", case_big), ("slow", case_slow),
+                     ("new", functools.partial(mx_cases.case_new, state=mx)),
+                     ("returning", functools.partial(mx_cases.case_returning, state=mx)),
+                     ("mix", functools.partial(mx_cases.case_mix, state=mx)),
+                     ("listed", functools.partial(mx_cases.case_listed, state=mx))):
         if name not in args.cases:
             continue
         print(f"case {name}", flush=True)
@@ -776,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     results: dict = {"meta": meta(args, argv)}
     settings = Settings(workers=args.workers, uvloop=args.uvloop == "on",
-                        greet_wait=args.greet_wait, keep=args.keep,
+                        greet_wait=args.greet_wait, keep=args.keep, dns_ttl=args.dns_ttl,
+                        postscreen_mx_queue_limit=max(1000, 2 * args.mx_concurrency),
                         with_aiosmtpd=args.aiosmtpd == "on")
     stack = Stack(settings)
     try:

@@ -3,7 +3,8 @@
 SYNOPSIS
     World(base) -> the names, addresses and keys every service agrees on
     Stack(settings).start() / .stop()          (also a context manager)
-    Stack.redis_port, .dns_addr, .postfix.ports["direct"|"postscreen"|"next_hop"]
+    Stack.redis_port, .dns_addr, .service_pid("redis"|"dnsmasq")
+    Stack.postfix.ports["direct"|"postscreen"|"postscreen_mx"|"next_hop"]
     Stack.smtpgate: Smtpgate | None            .pid, .port, .pids()
     Stack.aiosmtpd: Smtpgate | None            the aiosmtpd front end, same shape (.runtime)
     Stack.postfix.pids(), .master_pid(), .smtpd_processes()
@@ -18,11 +19,18 @@ DESCRIPTION
       VALI, VBOX) for the test world below;
     - dnsmasq on port 53 of a random 127.83.x.y address: the client's PTR and
       A records, the HELO name, and two DNSBL zones (bl1, bl2) listing the
-      clients in 127.0.1.0/24;
+      clients in 127.0.1.0/24; answers with a TTL of Settings.dns_ttl (300 s)
+      except the one-address case's names (3600 s, as always). For the MX
+      traffic cases, synth-domain gives every address of 127.20.0.0/16,
+      127.21.0.0/16 and 127.22.0.0/16 a forward-confirmed name
+      (c-127-20-1-2.pool.bench.test), both DNSBL zones list all of
+      127.21.0.0/16, and PSA rejects 127.22.0.0/16 (Redis and postscreen);
     - one private Postfix instance (postfix -c DIR) with a real queue and the
       discard transport, offering three services: "direct" (smtpd with the
       image's restrictions), "postscreen" (postscreen configured like the
-      image in front of smtpd), and "next_hop" (smtpd trusting XCLIENT from
+      image in front of smtpd), "postscreen_mx" (the same postscreen with a
+      pre-queue limit above the MX cases' concurrency and a cache of its
+      own), and "next_hop" (smtpd trusting XCLIENT from
       127.0.0.1, what smtpgate relays to). Postfix reads its resolver from
       /etc/resolv.conf and cannot be given a port, so the instance runs in
       its own mount namespace (unshare -m) with a resolv.conf naming the
@@ -136,6 +144,20 @@ class World:
     idle_net: str = "127.1"  # 127.1.x.y: idle clients, unknown to DNS
     slow_net: str = "127.0.4"  # 127.0.4.1 .. .slow_count: slowN.bench.test, PTR and A
     slow_count: int = 8
+    # The MX traffic cases: clients never seen before, each /16 with a forward-confirmed name
+    # per address (dnsmasq's synth-domain: c-127-20-1-2.pool.bench.test <-> 127.20.1.2)
+    pool_domain: str = "pool.bench.test"
+    pool_net: str = "127.20"  # first contacts that pass screening (accepted, unknown recipient)
+    pool_listed_net: str = "127.21"  # listed in both DNSBL zones
+    pool_denied_net: str = "127.22"  # PSA reject (access list)
+    unknown_rcpt: str = "nobody@bench.test"
+
+    def pool_nets(self) -> tuple[str, ...]:
+        return (self.pool_net, self.pool_listed_net, self.pool_denied_net)
+
+    def pool_name(self, ip: str) -> str:
+        """The name dnsmasq's synth-domain gives a pool address (PTR and A agree)."""
+        return f"c-{ip.replace('.', '-')}.{self.pool_domain}"
 
     def listed_ips(self) -> list[str]:
         return [f"{self.listed_net}.{i}" for i in range(1, self.listed_count + 1)]
@@ -165,6 +187,8 @@ class Settings:
     workers: int = 1
     uvloop: bool = True
     greet_wait: float = 6.0
+    dns_ttl: int = 300  # TTL of dnsmasq's answers, except the one-address case's names (3600)
+    postscreen_mx_queue_limit: int = 5000  # postscreen_pre_queue_limit of the MX cases' service
     with_smtpgate: bool = True
     with_aiosmtpd: bool = True  # the aiosmtpd front end (benchmarks.aiosmtpd_front)
     keep: bool = False  # keep the temporary directory (logs) after stop
@@ -372,6 +396,13 @@ class Stack:
         self.start()
         return self
 
+    def service_pid(self, name: str) -> int | None:
+        """The pid of a service started here ("redis", "dnsmasq"), None if it is not running."""
+        for proc in self.procs:
+            if proc.name == name and proc.popen.poll() is None:
+                return proc.pid
+        return None
+
     def __exit__(self, *exc) -> None:
         self.stop()
 
@@ -443,6 +474,7 @@ class Stack:
             f"VALI:{w.rcpt}": w.rcpt,
             f"VBOX:{w.rcpt}": f"{w.domain}/user/",
             f"PSA:{w.denied_net}.0/24": "reject",
+            f"PSA:{w.pool_denied_net}.0.0/16": "reject",
         }
         for k, v in keys.items():
             if redis_command(self.redis_port, "SET", k, v) != b"+OK\r\n":
@@ -464,20 +496,25 @@ class Stack:
         self.dns_addr = addr
         w = self.world
         lines = [
-            "no-resolv", "no-hosts", "no-negcache", "local-ttl=3600",
+            "no-resolv", "no-hosts", "no-negcache", f"local-ttl={self.settings.dns_ttl}",
             f"listen-address={addr}", "bind-interfaces", "port=53", "cache-size=10000",
             f"local=/{w.domain}/", "local=/127.in-addr.arpa/",
-            f"host-record={w.client_name},{w.client_ip}",
-            f"host-record={w.mx_name},127.0.0.1",
+            # the one-address (best) case's names keep the hour-long TTL they always had
+            f"host-record={w.client_name},{w.client_ip},3600",
+            f"host-record={w.mx_name},127.0.0.1,3600",
             f"mx-host={w.domain},{w.mx_name},10",
         ]
-        lines += [f"host-record=slow{ip.rsplit('.', 1)[1]}.{w.domain},{ip}"
+        lines += [f"host-record=slow{ip.rsplit('.', 1)[1]}.{w.domain},{ip},3600"
                   for ip in w.slow_ips()]
+        lines += [f"synth-domain={w.pool_domain},{net}.0.0/16,c-" for net in w.pool_nets()]
         for zone in w.dnsbl_zones:
             lines.append(f"local=/{zone}/")
             for ip in w.listed_ips():
                 rev = ".".join(reversed(ip.split(".")))
                 lines.append(f"address=/{rev}.{zone}/127.0.0.2")
+            # the whole listed /16 at once: its query names all end in 21.127.<zone>
+            rev16 = ".".join(reversed(w.pool_listed_net.split(".")))
+            lines.append(f"address=/{rev16}.{zone}/127.0.0.2")
         conf = self.workdir / "dnsmasq.conf"
         conf.write_text("\n".join(lines) + "\n")
         proc = spawn("dnsmasq", [
@@ -509,7 +546,8 @@ class Stack:
         data = cfg / "data"
         data.mkdir()
         shutil.chown(data, "postfix", "postfix")
-        ports = {"direct": free_port(), "postscreen": free_port(), "next_hop": free_port()}
+        ports = {"direct": free_port(), "postscreen": free_port(), "next_hop": free_port(),
+                 "postscreen_mx": free_port()}
         log = self.workdir / "postfix.log"
         for name, content in {
             "vdom": f"{w.domain} OK\n",
@@ -518,7 +556,7 @@ class Stack:
             "rev": "192.0.2.1 OK\n",
             "hlo": "never.bench.test OK\n",
             "recip": "sendonly@bench.test REJECT\n",
-            "psa.cidr": f"{w.denied_net}.0/24 reject\n",
+            "psa.cidr": f"{w.denied_net}.0/24 reject\n{w.pool_denied_net}.0.0/16 reject\n",
         }.items():
             (cfg / name).write_text(content)
         cert, key = self.cert
@@ -585,9 +623,16 @@ postscreen_cache_map = btree:$data_directory/postscreen_cache
             " -o smtpd_relay_restrictions=reject_unauth_destination"
             " -o smtpd_authorized_xclient_hosts=127.0.0.1 -o smtpd_tls_security_level=none"
         )
+        # The MX traffic cases' postscreen: the same settings, but room for as many clients
+        # in the greet wait as the cases keep in flight (the pre-queue limit is otherwise
+        # default_process_limit, and a client past it gets 421), and a cache of its own (two
+        # postscreen processes must not share one btree file)
+        mx_screen = (f"-o postscreen_pre_queue_limit={self.settings.postscreen_mx_queue_limit}"
+                     " -o postscreen_cache_map=btree:$data_directory/postscreen_mx_cache")
         master_cf = f"""
 127.0.0.1:{ports['direct']} inet n - n - - smtpd
 127.0.0.1:{ports['postscreen']} inet n - n - 1 postscreen
+127.0.0.1:{ports['postscreen_mx']} inet n - n - 1 postscreen {mx_screen}
 smtpd pass - - n - - smtpd
 dnsblog unix - - n - 0 dnsblog
 tlsproxy unix - - n - 0 tlsproxy

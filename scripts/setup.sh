@@ -6,7 +6,9 @@
 # Installs the Debian packages (only those missing): with --run, what
 # `make run` needs; without it, also what the tests and benchmarks run for
 # real. Then creates ./.venv and installs smtpgate with its test extras
-# (and bench extras with --bench). Idempotent: a second run only checks.
+# (and bench extras with --bench), and, without --run, makes the images and
+# the systemd root the container tests run on (once per machine, under
+# /var/cache/smtpgate-test). Idempotent: a second run only checks.
 # Starts and enables no system service: Postfix, Dovecot, Redis and the rest
 # are installed with a policy-rc.d that denies every start, removed again
 # afterwards, and the units of the packages it installed are disabled
@@ -21,7 +23,7 @@ for arg in "$@"; do
     case "$arg" in
         --run) only_run=yes ;;
         --bench) bench=yes ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown argument: $arg (usage: scripts/setup.sh [--run] [--bench])" >&2
            exit 2 ;;
     esac
@@ -45,7 +47,10 @@ test_packages=(
     prometheus  # the dashboard test runs a private Prometheus and promtool
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    iproute2  # ip: tests/services/readme_stack.py brings up loopback in its own network namespace
     testssl.sh  # the cipher suites per port (tests/test_tls_ciphers_e2e.py)
+    # the image, compose.yaml and the systemd unit run for real (tests/test_container_*.py)
+    podman runc slirp4netns debootstrap systemd-container
 )
 
 packages=("${run_packages[@]}")
@@ -104,6 +109,155 @@ else
     echo "setup: Debian packages present"
 fi
 
+# --- containers and systemd: what tests/test_container_*.py run on ---------------------------
+#
+# No registry reaches these machines, so the images the repository's files start FROM are
+# made here from Debian's packages; none of it is pulled. Each piece is built once per
+# machine under $cache and rebuilt only when the recipe that made it changes (its name
+# carries a hash of the function's text and of the files it reads).
+
+cache=${SMTPGATE_CONTAINER_CACHE:-/var/cache/smtpgate-test}
+debian_mirror=http://deb.debian.org/debian
+
+recipe_hash() {  # recipe_hash FUNCTION|FILE...: 12 hex digits of the functions' and files' text
+    local part
+    for part in "$@"; do
+        if declare -F "$part" >/dev/null; then declare -f "$part"; else cat "$part"; fi
+    done | sha256sum | cut -c1-12
+}
+
+# Podman on this kind of VM: crun fails on its hybrid cgroups, and root may not raise
+# rlimits past the hard limits (20000 open files, 32768 processes).
+containers_conf() {
+    local conf=/etc/containers/containers.conf
+    local want='# written by smtpgate scripts/setup.sh
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+events_logger = "file"
+cgroup_manager = "cgroupfs"'
+    if [ -e "$conf" ] && ! grep -q '^# written by smtpgate scripts/setup.sh' "$conf"; then
+        echo "setup: keeping your $conf (the container tests need runc, cgroupfs, file events)"
+        return
+    fi
+    if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+        mkdir -p /etc/containers
+        printf '%s\n' "$want" > "$conf"
+    fi
+}
+
+# A minimal Debian with the host's CA certificates: HTTPS to the package registries may go
+# through a proxy CA, which pip and apt inside must trust.
+make_debian_root() {  # make_debian_root ROOT SUITE
+    local root=$1 suite=$2
+    debootstrap --variant=minbase "$suite" "$root" "$debian_mirror" >"$root.log" 2>&1 \
+        || { tail -20 "$root.log" >&2; return 1; }
+    mkdir -p "$root/usr/local/share/ca-certificates" "$root/etc/ssl/certs"
+    if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+        cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    fi
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+}
+make_trixie_root() { make_debian_root "$1" trixie; }      # Debian 13: Python 3.13
+make_bookworm_root() { make_debian_root "$1" bookworm; }  # Debian 12: debian:12-slim
+
+# The root systemd-nspawn boots for the unit's test: systemd, D-Bus, libnss-systemd (for
+# DynamicUser), ssl-cert (the unit's SupplementaryGroups), python3-venv (the unit's install
+# steps) and procps (/bin/kill for ExecReload; every Debian server has it, minbase does not).
+# The test lays an overlay on it, so each run starts from this state.
+make_systemd_root() {
+    local root=$1
+    cp -a "$trixie_root/." "$root/"
+    rm -f "$root/.complete"
+    systemd-nspawn --quiet --register=no --keep-unit -D "$root" --pipe \
+        /bin/sh -ec 'apt-get update -q
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                systemd systemd-sysv dbus libnss-systemd ssl-cert python3-venv ca-certificates \
+                procps
+            rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb' >"$root.log" 2>&1 \
+        || { tail -20 "$root.log" >&2; return 1; }
+}
+
+built=
+build_dir() {  # build_dir FUNCTION NAME [RECIPE...]: make $cache/NAME-HASH with FUNCTION once
+    local fn=$1 name=$2 dir    # (HASH of FUNCTION and the other recipes); $built names it
+    shift 2
+    dir="$cache/$name-$(recipe_hash "$fn" "$@")"
+    built=$dir
+    if [ ! -e "$dir/.complete" ]; then
+        echo "setup: building $dir (once per machine)"
+        rm -rf "$dir" "$dir.log"
+        mkdir -p "$dir"
+        "$fn" "$dir"
+        touch "$dir/.complete"
+    fi
+    # Older builds of the same piece are of no further use.
+    find "$cache" -maxdepth 1 -name "$name-*" ! -name "$(basename "$dir")*" \
+        -exec rm -rf {} + 2>/dev/null || true
+}
+
+image_recipe() {  # image_recipe IMAGE: the recipe label of a local image, empty if none
+    podman image inspect --format '{{index .Labels "org.smtpgate.recipe"}}' "$1" 2>/dev/null \
+        || true
+}
+
+import_root() {  # import_root ROOT IMAGE: the folder as an image, labelled with its folder's hash
+    local root=$1 image=$2 hash=${1##*-}
+    [ "$(image_recipe "$image")" = "$hash" ] && return
+    echo "setup: importing $root as $image"
+    tar -C "$root" --exclude=./.complete -c . \
+        | podman import --quiet --change "LABEL org.smtpgate.recipe=$hash" - "$image" >/dev/null
+}
+
+# standin IMAGE DIR BASE: DIR's Containerfile built FROM BASE and tagged IMAGE, the name of an
+# image no registry here serves; rebuilt when DIR or BASE changes.
+standin() {
+    local image=$1 dir=$2 base=$3 hash
+    hash=$( { image_recipe "$base"; cat "$dir"/*; } | sha256sum | cut -c1-12)
+    [ "$(image_recipe "$image")" = "$hash" ] && return
+    echo "setup: building the stand-in for $image (once per machine)"
+    podman build --quiet --pull=never --format docker --build-arg "BASE=$base" \
+        --label "org.smtpgate.recipe=$hash" -t "$image" "$dir" >/dev/null
+}
+
+trixie_chain() {
+    build_dir make_trixie_root trixie make_debian_root
+    trixie_root=$built
+    import_root "$trixie_root" localhost/smtpgate-test/trixie:latest
+    # the Dockerfile's python:3.13-slim: Debian 13's Python 3.13
+    standin docker.io/library/python:3.13-slim tests/containers/python-slim \
+        localhost/smtpgate-test/trixie:latest & local python=$!
+    build_dir make_systemd_root systemd-root make_trixie_root make_debian_root
+    wait "$python"
+}
+
+bookworm_chain() {
+    # deploy/postfix's debian:12-slim, and what compose.yaml pulls, from Debian 12's packages
+    build_dir make_bookworm_root bookworm make_debian_root
+    import_root "$built" docker.io/library/debian:12-slim
+    local name pids=()
+    for name in redis rspamd dovecot; do
+        standin "$(sed -n 's/^# IMAGE: //p' "tests/containers/$name/Containerfile")" \
+            "tests/containers/$name" docker.io/library/debian:12-slim &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+# The two Debian releases are made side by side: most of the time goes to downloads.
+containers_setup() {
+    containers_conf
+    mkdir -p "$cache"
+    trixie_chain & local trixie=$!
+    bookworm_chain & local bookworm=$!
+    local status=0
+    wait "$trixie" || status=$?
+    wait "$bookworm" || status=$?
+    [ "$status" -eq 0 ] || { echo "setup: making the container images failed" >&2; exit 1; }
+}
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
@@ -113,5 +267,7 @@ extras=test
 [ "$bench" = yes ] && extras=test,bench
 echo "setup: pip install -e '.[$extras]' into .venv"
 .venv/bin/pip install -q -e ".[$extras]"
+
+[ "$only_run" = yes ] || containers_setup
 
 echo "setup: done; run the tests with .venv/bin/pytest"

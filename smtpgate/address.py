@@ -11,6 +11,9 @@ SYNOPSIS
     valid_address_literal(domain: str) -> bool
     client_address(ip: str | IPAddress) -> IPv4Address | IPv6Address
     plain_ip(ip: str) -> str
+    BLANKS                          the characters that separate ESMTP parameters
+    split_words(text: str) -> list[str]
+    declares_smtputf8(words) -> bool
 
     class AddressError(ValueError): .reply: Reply
     class Path: address, local, domain, params, words, route, quoted, raw, null, routed
@@ -18,7 +21,7 @@ SYNOPSIS
 DESCRIPTION
     parse_path() takes what follows "MAIL FROM:" or "RCPT TO:" (leading
     blanks allowed): a path in angle brackets, then ESMTP parameters
-    separated by blanks as Postfix separates them (smtpgate.smtp.params:
+    separated by blanks as Postfix separates them (BLANKS:
     SP, HT, LF, VT, FF, CR; not \x1c-\x1f, not NBSP). Angle brackets are required, as with Postfix's
     strict_rfc821_envelopes = yes. The path must be a RFC 5321 Mailbox (a
     dot-string or quoted-string local part, "@", a domain or an address
@@ -75,8 +78,21 @@ import re
 from dataclasses import dataclass, field
 
 from smtpgate.replies import MAIL_SYNTAX, RCPT_SYNTAX
-from smtpgate.smtp.params import BLANKS, declares_smtputf8, split_words
 from smtpgate.verdict import Reply
+
+# the characters Postfix's smtpd_token() separates words at (ISSPACE in the C locale):
+# nothing else, so \x1c-\x1f, NBSP and other Unicode spaces stay inside a word
+BLANKS = " \t\n\v\f\r"
+_SPLIT = re.compile(r"[ \t\n\v\f\r]+")
+
+
+def split_words(text: str) -> list[str]:
+    """The words of `text` as Postfix's smtpd_token() separates them."""
+    return [word for word in _SPLIT.split(text) if word]
+
+
+def declares_smtputf8(words: list[str] | tuple[str, ...]) -> bool:
+    return any(word.upper() == "SMTPUTF8" for word in words)
 
 __all__ = [
     "AddressError",

@@ -288,7 +288,9 @@ class Config:
     submission_next_hop: tuple[HostPort, ...] = setting(
         (), lambda v: parse_next_hops(v, SUBMISSION_NEXT_HOP_PORT, empty_ok=True),
         "Postfix service for authenticated submission, host[:port] (port 10587 when left "
-        "out) or a comma list like next_hop (default: next_hop)")
+        "out) or a comma list like next_hop (default: each next_hop host on port 10587, the "
+        "submission service of conf/postfix/submission.cf); it must relay for an XCLIENT "
+        "LOGIN, which the start checks")
     socketmap_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
         "Postfix socketmap service over the Redis tables; empty turns it off")
@@ -365,6 +367,10 @@ class Config:
         False, parse_bool, "let trusted clients use user%host and source-routed recipients")
     sender_login_check: bool = setting(
         True, parse_bool, "reject_sender_login_mismatch on submission")
+    show_user_unknown_table_name: bool = setting(
+        True, parse_bool,
+        "show_user_unknown_table_name: name the table in the unknown-user reply (\"User unknown "
+        "in virtual mailbox table\"); no: \"User unknown\", as the docker-postfix-redis image")
 
     # protocol limits (Postfix's names and defaults)
     message_size_limit: int = setting(
@@ -455,6 +461,15 @@ class Config:
     @property
     def _sources(self) -> dict[str, str]:
         return getattr(self, "_source_map", {})
+
+    @property
+    def submission_hops(self) -> tuple[HostPort, ...]:
+        """Where authenticated mail goes: submission_next_hop, else Postfix's submission
+        service (conf/postfix/submission.cf) on each next_hop host."""
+        if self.submission_next_hop:
+            return self.submission_next_hop
+        hosts = dict.fromkeys(hop.host for hop in self.next_hop)
+        return tuple(HostPort(host, SUBMISSION_NEXT_HOP_PORT) for host in hosts)
 
     @property
     def tls_paths(self) -> tuple[str, str] | None:

@@ -13,6 +13,7 @@ SYNOPSIS
         redis           redis.Redis on a flushed db 0 (Redis restarted if a test left it down)
         dns             dns_server with no records and no special zones
     Session fixture start_gate(listeners=("mx",), **env) -> services.gate_process.GateProcess
+    Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per run)
     Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
     closed after it, and a test that passed but left one open fails at teardown.
 
@@ -39,6 +40,7 @@ from services import procs, smtp_talk
 from services.dns_server import DnsServer
 from services.dovecot_server import DovecotServer
 from services.gate_process import GateProcess, make_certificate
+from services.podman import build_image, remove_image, require_standins
 from services.ports import start_on_free_ports
 from services.postfix_server import PostfixServer
 from services.redis_ha import RedisClusterSet
@@ -236,3 +238,18 @@ def start_gate(service_root, postfix_server, redis_server, dns_server, dovecot_s
             failures.append(f"{gate.workdir.name}: {exc}")
     if failures:
         raise AssertionError("\n\n".join(failures))
+
+
+# --- the shipped image ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smtpgate_image() -> str:
+    """The repository's Dockerfile, unchanged, built once per run on the local stand-in for
+    python:3.13-slim (scripts/setup.sh makes it); a tag of its own, removed at the end."""
+    require_standins()
+    tag = f"localhost/smtpgate-test/smtpgate:{os.getpid()}"
+    procs.on_exit(lambda: remove_image(tag))
+    build_image(Path(__file__).resolve().parent.parent, tag)
+    yield tag
+    remove_image(tag)

@@ -51,6 +51,12 @@ def test_recipient(access, local, listed, outcome, reply):
     assert verdict.reason
 
 
+def test_unknown_user_without_the_table_name():
+    """Postfix's show_user_unknown_table_name = no, the docker-postfix-redis image's."""
+    verdict = decide(R, local=True, listed=False, show_table=False)
+    assert str(verdict.reply) == f"550 5.1.1 <{R}>: Recipient address rejected: User unknown"
+
+
 @pytest.mark.parametrize("address,keys", [
     ("user@dom.example", ("user@dom.example", "@dom.example")),
     ("User+Tag@Dom.Example", ("user+tag@dom.example", "user@dom.example", "@dom.example")),

@@ -92,7 +92,8 @@ def test_defaults():
     config = load_with({})
     assert config.redis == "redis://127.0.0.1:6379/0"
     assert config.next_hop == (HostPort("127.0.0.1", 10025),)
-    assert config.submission_next_hop == ()  # next_hop's
+    assert config.submission_next_hop == ()
+    assert config.submission_hops == (HostPort("127.0.0.1", 10587),)  # submission.cf
     assert config.mx_listen == (HostPort("0.0.0.0", 25),)
     assert config.submission_listen == (HostPort("0.0.0.0", 587),)
     assert config.submissions_listen == ()

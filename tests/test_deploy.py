@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,8 +144,10 @@ def test_postfix_image_start_script_applies_the_image_variables(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning" not in result.stderr, result.stderr
     shown = run("postconf", "-c", str(etc), "-h", "myhostname", "mydomain", "virtual_transport",
-                "recipient_delimiter").stdout.split()
-    assert shown == ["mx.example.org", "mx.example.org", "lmtp:inet:imap.internal:24", "+"]
+                "recipient_delimiter", "maillog_file").stdout.split()
+    # the container logs to standard output (postfix start-fg); the shipped main.cf does not
+    assert shown == ["mx.example.org", "mx.example.org", "lmtp:inet:imap.internal:24", "+",
+                     "/dev/stdout"]
 
 
 def test_postfix_image_start_script_refuses_to_start_without_hostname(tmp_path):
@@ -166,6 +169,40 @@ def test_dovecot_drop_in_parses_with_dovecot(dovecot_server, tmp_path):
     assert "port = 11330" in auth[:auth.index("\n}")]
     combined.write_text(combined.read_text() + "service auth {\n  inet_listner x {\n  }\n}\n")
     assert run("doveconf", "-c", str(combined), "-n").returncode != 0
+
+
+def _passdbs(dovecot_conf: Path, tmp_path: Path) -> list[dict[str, str]]:
+    """The passdb sections doveconf finds in a dovecot.conf of the compose stack (the
+    image's paths moved to tmp_path: its certificate pair, conf.d holding smtpgate.conf)."""
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir(exist_ok=True)
+    shutil.copy(REPO / "conf" / "dovecot" / "smtpgate.conf", conf_d)
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("")
+    text = (dovecot_conf.read_text().replace("</etc/dovecot/", f"<{tmp_path}/")
+            .replace("/etc/dovecot/conf.d/", f"{conf_d}/"))
+    (tmp_path / "dovecot.conf").write_text(text)
+    result = run("doveconf", "-c", str(tmp_path / "dovecot.conf"), "-n", "-P", "passdb")
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    sections = re.findall(r"passdb \{\n(.*?)\n\}", result.stdout, re.S)
+    return [dict(line.strip().split(" = ", 1) for line in body.splitlines())
+            for body in sections]
+
+
+def test_compose_dovecot_has_no_accept_anyone_user_database(tmp_path):
+    """The compose stack replaces the dovecot/dovecot image's dovecot.conf, whose static
+    passdb lets any user in with the password "pass": a drop-in cannot remove a passdb."""
+    dovecot = _compose()["services"]["dovecot"]
+    assert "./conf/dovecot/dovecot.conf:/etc/dovecot/dovecot.conf:ro" in dovecot["volumes"]
+    assert any(v.endswith(":/etc/dovecot/users") for v in dovecot["volumes"])
+    shipped = REPO / "conf" / "dovecot" / "dovecot.conf"
+    assert _passdbs(shipped, tmp_path) == [
+        {"driver": "passwd-file", "args": "username_format=%Lu /etc/dovecot/users/passwd"}]
+    # the image's own passdb, had it stayed, is seen
+    image = tmp_path / "image.conf"
+    image.write_text(shipped.read_text()
+                     + "passdb {\n  driver = static\n  args = password=pass\n}\n")
+    assert {"driver": "static", "args": "password=pass"} in _passdbs(image, tmp_path)
 
 
 # --- the systemd unit --------------------------------------------------------------------------
@@ -216,7 +253,7 @@ def test_systemd_unit_sets_only_known_settings():
 def manifests() -> list[Path]:
     found = sorted(KUBERNETES.glob("*.yaml"))
     assert {p.name for p in found} >= {"deployment.yaml", "service.yaml", "configmap.yaml",
-                                        "poddisruptionbudget.yaml"}
+                                        "poddisruptionbudget.yaml", "networkpolicy.yaml"}
     return found
 
 
@@ -269,6 +306,29 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
         (25, "smtp"), (587, "submission"), (465, "submissions")}
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"][
         "selector"]
+
+
+def test_only_smtpgate_pods_reach_postfixs_xclient_services(tmp_path):
+    """Postfix trusts the pod network for XCLIENT; the NetworkPolicy keeps every other pod
+    away from 10025 and 10587, the ports the ConfigMap sends to."""
+    docs = _documents()
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "postfix"}}
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    smtpgate_pods = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": smtpgate_pods}}]  # this namespace
+    ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
+    toml = tmp_path / "smtpgate.toml"
+    toml.write_text(docs["ConfigMap"]["data"]["smtpgate.toml"])
+    loaded = config.load({"SMTPGATE_CONFIG": str(toml), "HOSTNAME": "mx.example.com"})
+    assert {hop.host for hop in (*loaded.next_hop, *loaded.submission_hops)} == {"postfix"}
+    assert ports == {("TCP", hop.port) for hop in (*loaded.next_hop, *loaded.submission_hops)}
+    assert "networkpolicy.yaml" in (KUBERNETES / "deployment.yaml").read_text()
+    broken = tmp_path / "networkpolicy.yaml"
+    broken.write_text((KUBERNETES / "networkpolicy.yaml").read_text()
+                      .replace("podSelector:\n    matchLabels", "podSelektor:\n    matchLabels"))
+    assert "podSelektor" in kubernetes_problems(broken)
 
 
 def test_kubernetes_image_is_the_one_its_build_comment_makes():

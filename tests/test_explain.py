@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -66,9 +65,8 @@ def test_a_dry_run_counts_nothing_and_caches_nothing(world, redis_server, dns_se
         assert result.returncode == 0, result.stdout + result.stderr
     assert redis.keys("smtpgate:*") == [], redis.keys("smtpgate:*")
     # what the live gate counted is read: two connects this minute, the dry run the third
-    now = time.time()
-    redis.zadd(keys.rate_key(ip), {"gate:1": now, "gate:2": now})
+    redis.set(keys.rate_key(ip), 2, ex=60)
     result = explain(redis_server, dns_server, *args, SMTPGATE_CLIENT_CONNECTION_RATE_LIMIT="2")
     assert result.returncode == 1, result.stdout
     assert "reply: 421 4.7.0" in result.stdout, result.stdout
-    assert redis.zcard(keys.rate_key(ip)) == 2
+    assert redis.get(keys.rate_key(ip)) == "2"

@@ -42,7 +42,7 @@ def balanced(start_gate, service_root):
 
 def released(redis_client, timeout: float = 5.0) -> None:
     """No session counted any more (closed sessions leave the count in batches)."""
-    wait_until(lambda: not redis_client.zcard(keys.SESSIONS_ALL), timeout,
+    wait_until(lambda: not redis_client.exists(keys.COUNT_ALL), timeout,
                "the closed sessions to leave the count")
 
 

@@ -51,7 +51,12 @@ def configure(hop_server):
             f"{hop_server.host}:{port}/inet/smtpd_authorized_xclient_hosts={xclient_hosts}"
             for port in (hop_server.port, hop_server.submission_port))])
         hop_server.postconf(**{**DEFAULTS, **settings})  # writes main.cf and reloads
-        return HostPort(hop_server.host, hop_server.port)
+        hop = HostPort(hop_server.host, hop_server.port)
+        # an smtpd of the old configuration may still take a connection after the reload:
+        # wait until the XCLIENT answer is the new one's
+        trusted = "127.0.0.1" in xclient_hosts.replace(",", " ").split()
+        wait_until(lambda: probe(hop).authorized == trusted, 10, "Postfix's reload")
+        return hop
 
     return apply
 
@@ -137,6 +142,7 @@ def test_a_listener_offers_what_all_its_next_hops_carry():
     class Gate:  # what carry() uses of smtp.gate.Gate
         def __init__(self):
             self.config = config
+            self.hops = self.submission_hops = None  # no Hops to tell what was probed
 
         def carry(self, listener, extensions):
             carried[listener] = extensions
@@ -440,3 +446,55 @@ def test_check_config_without_live_names_a_mismatched_key(tmp_path):
                           SMTPGATE_NEXT_HOP=f"127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert findings(result) == [f"error: TLS key {key} does not match the certificate {cert}"]
+
+
+# --- a submission next hop must relay for an authenticated login ------------------------------
+
+
+def relay_probe(hop: HostPort) -> HopProbe:
+    return asyncio.run(probe_next_hop(hop, "mx.example.test", 10, relay=True))
+
+
+def test_the_submission_service_relays_for_a_login(postfix_server):
+    """The harness's Postfix (the shipped files, with its Dovecot for SASL)."""
+    found = relay_probe(HostPort(postfix_server.host, postfix_server.submission_port))
+    assert found.relay_reply.startswith("250"), found.relay_reply
+    assert levels(hop_findings(found)) == ["ok"]
+    assert "relays for an authenticated login" in hop_findings(found)[0].text
+
+
+def test_the_mx_service_is_no_submission_next_hop(configure):
+    """What the old default (submission to next_hop) did: Postfix refuses the relay, and a
+    user would hear it only after sending the whole message. The probe finds it at start."""
+    found = relay_probe(configure())
+    assert found.relay_reply == ("554 5.7.1 <postmaster@[192.0.2.2]>: Relay access denied"), \
+        found.relay_reply
+    (error,) = [f for f in hop_findings(found) if f.level == "error"]
+    assert "does not relay for an authenticated login" in error.text
+    assert "SMTPGATE_SUBMISSION_NEXT_HOP" in error.text and "10587" in error.text
+    assert relay_probe(configure()).relay_reply == found.relay_reply  # nothing was queued
+
+
+def test_serve_stops_when_the_submission_next_hop_does_not_relay(configure, start_gate):
+    hop = configure()
+    with pytest.raises(RuntimeError) as failed:
+        start_gate(listeners=("mx", "submission"), SMTPGATE_NEXT_HOP=str(hop),
+                   SMTPGATE_SUBMISSION_NEXT_HOP=str(hop))
+    text = str(failed.value)
+    assert "smtpgate exited with 1 at start" in text
+    assert re.search(rf"fatal: submission next hop {re.escape(str(hop))} does not relay for an "
+                     r"authenticated login \(XCLIENT LOGIN=smtpgate-probe, MAIL FROM:<>, RCPT "
+                     r"TO:<postmaster@\[192\.0\.2\.2\]>: 554 5\.7\.1 .*Relay access denied\)",
+                     text), text
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("250 2.1.5 Ok", ["ok"]),
+    ("554 5.7.1 <postmaster@[192.0.2.2]>: Relay access denied", ["error", "ok"]),
+    ("451 4.3.0 <postmaster@[192.0.2.2]>: Temporary lookup failure", ["ok", "ok"]),
+    ("XCLIENT LOGIN: 501 5.5.4 Bad LOGIN syntax", ["error", "ok"]),
+], ids=["relays", "refuses", "tables-not-up-yet", "login-refused"])
+def test_relay_findings(reply, expected):
+    import dataclasses
+
+    assert levels(hop_findings(dataclasses.replace(GOOD, relay_reply=reply))) == expected

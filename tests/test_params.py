@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply, split_words
+from smtpgate.address import split_words
+from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
 
 MAIL = [
     ("nothing", "", None),

@@ -3,6 +3,7 @@ MX next-hop service they define takes XCLIENT from smtpgate."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import smtplib
 import subprocess
@@ -98,8 +99,8 @@ def test_test_instance_changes_only_local_settings():
     assert shipped["smtpd_authorized_xclient_hosts"] == "127.0.0.1"
     added = LOCAL_KEYS - shipped.keys()
     assert added <= {"queue_directory", "data_directory", "maillog_file_prefixes",
-                     "default_transport", "relay_transport", "delay_warning_time",
-                     "queue_run_delay"}
+                     "maillog_file", "default_transport", "relay_transport",
+                     "delay_warning_time", "queue_run_delay"}
 
 
 def test_postfix_check_and_postconf_accept_the_complete_files(postfix_server, tmp_path):
@@ -148,3 +149,55 @@ def test_complete_files_relay_an_ipv6_client_to_dovecot(postfix_server, dovecot_
     # Postfix's Received line names the client XCLIENT gave it, not smtpgate
     assert b"2001:db8::25" in raw
     assert b"user1+tag@example.com" in raw
+
+
+# --- main.cf copied to a host as it is ------------------------------------------------------------
+
+
+def host_copy(workdir: Path, *extra: str) -> Path:
+    """The shipped main.cf and master.cf as a host would have them in /etc/postfix, with a
+    private queue and free ports, so that this machine's own Postfix stays out of it."""
+    from services.ports import free_port
+    from services.postfix_server import SHIPPED_MX_SERVICE, SHIPPED_SUBMISSION_SERVICE
+
+    config_dir = workdir / "etc"
+    config_dir.mkdir(parents=True)
+    for sub in ("queue", "data"):
+        (workdir / sub).mkdir()
+    shutil.chown(workdir / "data", "postfix", "postfix")
+    master = (CONF / "master.cf").read_text()
+    for service in (SHIPPED_MX_SERVICE, SHIPPED_SUBMISSION_SERVICE):
+        master = master.replace(f"\n{service} ", f"\n127.0.0.1:{free_port()} ")
+    (config_dir / "master.cf").write_text(master)
+    shutil.copy(CONF / "submission_header_cleanup", config_dir)
+    (config_dir / "main.cf").write_text(
+        (CONF / "main.cf").read_text() + f"queue_directory = {workdir / 'queue'}\n"
+        f"data_directory = {workdir / 'data'}\n" + "".join(f"{line}\n" for line in extra))
+    return config_dir
+
+
+DAEMON_STARTED = re.compile(r"postfix/master\[\d+\]: daemon started -- version")
+
+
+@pytest.mark.slow
+def test_a_host_postfix_started_like_debians_service_logs_to_syslog(service_root):
+    """Debian's postfix.service runs `postfix start`: with the shipped main.cf the log goes
+    to syslog (journald), not to a standard output nobody reads."""
+    from services.host_syslog import postfix_start_syslog
+
+    config_dir = host_copy(service_root / "host-postfix")
+    assert postconf(config_dir, "-h", "maillog_file").stdout.strip() == ""
+    lines = postfix_start_syslog(config_dir, service_root / "host-postfix")
+    assert any(DAEMON_STARTED.search(line) for line in lines), lines
+
+
+@pytest.mark.slow
+def test_maillog_file_stdout_loses_a_host_postfixs_log(service_root):
+    """What the shipped main.cf had: maillog_file = /dev/stdout, which only `postfix
+    start-fg` (the container's entrypoint) gives a reader; started as a service, nothing of
+    the master's reaches syslog."""
+    from services.host_syslog import postfix_start_syslog
+
+    config_dir = host_copy(service_root / "host-postfix-stdout", "maillog_file = /dev/stdout")
+    lines = postfix_start_syslog(config_dir, service_root / "host-postfix-stdout", wait=0)
+    assert not [line for line in lines if "postfix/master" in line], lines

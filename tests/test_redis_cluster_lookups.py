@@ -3,8 +3,8 @@
 The tests of test_screening_cache.py and test_auth_limits.py that talk to Redis, imported
 and run here with their clients pointing at the three-master Redis Cluster
 (services.redis_ha): the per-client sessions and rate keys meet in one script under the
-client's hash tag, the global set and the screening hash go to whichever master holds
-them, lease renewal goes per sessions set, and an IP's and a login's failure counters
+client's hash tag, the global count and the screening hash go to whichever master holds
+them, releases and renewals go per count hash, and an IP's and a login's failure counters
 (two slots) are read together.
 """
 
@@ -20,6 +20,7 @@ from test_auth_limits import (  # noqa: F401  (collected here, run on the Cluste
     test_success_clears_the_login_but_not_the_client,
 )
 from test_screening_cache import (  # noqa: F401
+    test_a_lost_release_heals_at_the_next_write,
     test_counts_per_client_and_global_across_processes,
     test_crashed_process_sessions_fall_out_and_live_ones_are_renewed,
     test_entries_vanish_by_themselves,
@@ -28,11 +29,11 @@ from test_screening_cache import (  # noqa: F401
     test_ipv6_counted_per_64,
     test_key_expires_with_the_longest_pass,
     test_pass_is_read_back_with_its_expiry,
-    test_rate_is_a_sliding_window,
+    test_rate_counts_for_a_minute_from_the_first_connect,
 )
 
 from smtpgate.lookups import redis_client
-from smtpgate.lookups.keys import SESSIONS_ALL, rate_key, sessions_key
+from smtpgate.lookups.keys import COUNT_ALL, count_key, rate_key
 
 
 @pytest.fixture
@@ -56,6 +57,6 @@ async def client(aredis):
 def test_a_clients_keys_share_a_slot_and_clients_spread_over_masters(redis):
     slot = redis.keyslot
     for client in ("192.0.2.1", "2001:db8:1:2::/64"):
-        assert slot(sessions_key(client)) == slot(rate_key(client))
-    slots = {slot(sessions_key(f"192.0.2.{n}")) for n in range(20)} | {slot(SESSIONS_ALL)}
+        assert slot(count_key(client)) == slot(rate_key(client))
+    slots = {slot(count_key(f"192.0.2.{n}")) for n in range(20)} | {slot(COUNT_ALL)}
     assert len({redis.nodes_manager.get_node_from_slot(s).name for s in slots}) == 3

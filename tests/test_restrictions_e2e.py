@@ -174,6 +174,16 @@ def test_unknown_user_is_rejected_by_smtpgate(gate, world):
              "User unknown in virtual mailbox table")
 
 
+def test_the_images_unknown_user_wording(start_gate, world):
+    """show_user_unknown_table_name = no, as the docker-postfix-redis image's Postfix had."""
+    quiet = start_gate(SMTPGATE_SHOW_USER_UNKNOWN_TABLE_NAME="no")
+    try:
+        assert rcpt(quiet, "127.0.0.76", to="nobody@example.com") == (
+            550, "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown")
+    finally:
+        quiet.stop()
+
+
 def test_alias_extension_and_catch_all_are_delivered(gate, world, dovecot_server, postfix_server):
     """smtpgate's RCPT rules and Postfix's (through the socketmap) agree, and mail arrives."""
     mark = f"rules-{uuid.uuid4().hex}"

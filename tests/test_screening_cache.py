@@ -99,6 +99,11 @@ async def test_ipv6_client(redis, aredis):
 # --- counters ------------------------------------------------------------------------------
 
 
+def counted(redis, key: str) -> int:
+    """The sessions a count hash holds, all processes' fields together."""
+    return sum(int(value.split()[0]) for value in redis.hvals(key))
+
+
 async def test_counts_per_client_and_global_across_processes(redis, aredis):
     one = ConnectionCounter(aredis, instance="hostA:1")
     two = ConnectionCounter(aredis, instance="hostB:2")
@@ -108,6 +113,7 @@ async def test_counts_per_client_and_global_across_processes(redis, aredis):
     assert (a1.client_count, a1.total) == (1, 1)
     assert (a2.client_count, a2.client_rate, a2.total) == (2, 2, 2)
     assert (b1.client_count, b1.client_rate, b1.total) == (1, 1, 3)
+    assert counted(redis, keys.COUNT_ALL) == 3
     await one.release(a1)
     await one.release(a1)  # twice is harmless
     a3 = await one.connect("192.0.2.20")
@@ -116,7 +122,8 @@ async def test_counts_per_client_and_global_across_processes(redis, aredis):
         await two.release(lease)
     for lease in (a3, b1):
         await one.release(lease)
-    assert redis.zcard(keys.SESSIONS_ALL) == 0
+    # every process removed its fields, so the keys are gone
+    assert not redis.exists(keys.COUNT_ALL, keys.count_key("192.0.2.20"))
     assert one.live == two.live == 0
 
 
@@ -127,7 +134,7 @@ async def test_ipv6_counted_per_64(redis, aredis):
     other = await counter.connect("2001:db8:1:3::1")
     assert second.client == "2001:db8:1:2::/64"
     assert (first.client_count, second.client_count, other.client_count) == (1, 2, 1)
-    assert redis.zcard(keys.sessions_key("2001:db8:1:2::/64")) == 2
+    assert counted(redis, keys.count_key("2001:db8:1:2::/64")) == 2
 
 
 async def test_crashed_process_sessions_fall_out_and_live_ones_are_renewed(redis, aredis):
@@ -148,18 +155,32 @@ async def test_crashed_process_sessions_fall_out_and_live_ones_are_renewed(redis
     assert check.client_count == 2  # the renewed session and this one; the dead one is gone
 
 
-async def test_rate_is_a_sliding_window(redis, aredis):
+async def test_a_lost_release_heals_at_the_next_write(redis, aredis):
+    """A process writes the count it holds, never an increment: nothing drifts."""
+    counter = ConnectionCounter(aredis, instance="hostA:1")
+    leases = [await counter.connect("192.0.2.32") for _ in range(3)]
+    redis.hset(keys.count_key("192.0.2.32"), "hostA:1", f"7 {int(time.time() * 1000) + 60000}")
+    await counter.release(leases[0])
+    assert counted(redis, keys.count_key("192.0.2.32")) == 2
+
+
+async def test_rate_counts_for_a_minute_from_the_first_connect(redis, aredis):
+    """anvil's interval: it starts at the client's first connect and is not slid along."""
     counter = ConnectionCounter(aredis)
     leases = [await counter.connect("192.0.2.40") for _ in range(5)]
+    ttl = redis.pttl(keys.rate_key("192.0.2.40"))
     for lease in leases:
         await counter.release(lease)
     again = await counter.connect("192.0.2.40")
     assert (again.client_count, again.client_rate) == (1, 6)
-    assert 0 < redis.ttl(keys.rate_key("192.0.2.40")) <= 60
-    # connects older than the window are trimmed
-    redis.zadd(keys.rate_key("192.0.2.41"), {"old": time.time() - 61})
+    assert 0 < redis.pttl(keys.rate_key("192.0.2.40")) <= ttl <= 60000  # not restarted
+    # a new interval once the last one ran out
+    redis.set(keys.rate_key("192.0.2.41"), 30, px=20)
+    while redis.exists(keys.rate_key("192.0.2.41")):
+        await asyncio.sleep(0.01)
     fresh = await counter.connect("192.0.2.41")
     assert fresh.client_rate == 1
+    assert 59000 < redis.pttl(keys.rate_key("192.0.2.41")) <= 60000
 
 
 async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
@@ -171,6 +192,7 @@ async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
         async with no_hang():  # bounded by the 0.5 s timeouts, never a hang
             with pytest.raises(ScreeningStoreError, match=r"192\.0\.2\.51"):
                 await counter.connect("192.0.2.51")
+            assert counter.live == 1 and not counter._ended  # an outage queues nothing
             with pytest.raises(ScreeningStoreError):
                 await cache.get("192.0.2.50")
             with pytest.raises(ScreeningStoreError):
@@ -182,29 +204,77 @@ async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
     assert (await counter.connect("192.0.2.52")).total == 1  # back, and empty
 
 
-async def test_releases_are_batched_into_one_round_trip(redis, redis_server):
+async def test_a_batch_of_session_ends_is_one_round_trip(redis, redis_server):
+    """Five sessions' releases and their screening results: one pipeline, scripts by SHA1,
+    and the scripts loaded again when the server lost them (SCRIPT FLUSH, a restart)."""
     import redis.asyncio as aioredis
 
-    from smtpgate.lookups import keys as key_formats
-    from smtpgate.lookups.screening_cache import RELEASE_BATCH, ConnectionCounter
+    from smtpgate.lookups.screening_cache import RELEASE_BATCH
 
     client = aioredis.Redis.from_url(redis_server.url)
     counter = ConnectionCounter(client)
+    cache = ScreeningCache(client)
     try:
-        leases = [await counter.connect(f"192.0.2.{n}") for n in range(1, 6)]
-        assert redis.zcard(key_formats.SESSIONS_ALL) == 5
-        before = redis.info("commandstats").get("cmdstat_zrem", {}).get("calls", 0)
-        for lease in leases:
-            counter.release_soon(lease)
-        assert redis.zcard(key_formats.SESSIONS_ALL) == 5  # not yet: waiting for the batch
-        async with asyncio.timeout(2):  # the batch goes out after RELEASE_BATCH seconds
-            while redis.zcard(key_formats.SESSIONS_ALL):
-                await asyncio.sleep(RELEASE_BATCH / 5)
-        after = redis.info("commandstats")["cmdstat_zrem"]["calls"]
-        assert after - before == 6  # five client sets and one ZREM for the global set
+        for flush_scripts in (True, False):  # first: as if a new server
+            leases = [await counter.connect(f"192.0.2.{n}") for n in range(1, 6)]
+            assert counted(redis, keys.COUNT_ALL) == 5
+            if flush_scripts:
+                redis.script_flush()
+            before = redis.info("commandstats")
+            reads = redis.info("stats")["total_reads_processed"]
+            for lease in leases:
+                counter.release_soon(lease, cache.session_write(lease.ip, {"dnsbl": 60}, ()))
+            assert counted(redis, keys.COUNT_ALL) == 5  # not yet: waiting for the batch
+            polls = 2  # that HVALS, and the INFO that read `reads`
+            async with asyncio.timeout(2):  # the batch goes out after RELEASE_BATCH seconds
+                while redis.exists(keys.COUNT_ALL):
+                    polls += 1
+                    await asyncio.sleep(RELEASE_BATCH / 5)
+            polls += 2  # the last EXISTS, and the INFO commandstats below
+            after = redis.info("commandstats")
+            # the batch: one round trip (three when the scripts were lost: the failed
+            # pipeline, the SCRIPT LOADs, the pipeline again)
+            assert redis.info("stats")["total_reads_processed"] - reads - polls == (
+                4 if flush_scripts else 1)
+            evalsha = (after["cmdstat_evalsha"]["calls"]
+                       - before.get("cmdstat_evalsha", {}).get("calls", 0))
+            assert evalsha == (12 if flush_scripts else 6)  # one release, five screening writes
+            for n in range(1, 6):
+                assert passed(await cache.get(f"192.0.2.{n}"), "dnsbl", time.time())
     finally:
         await counter.flush()
         await client.aclose()
+
+
+async def test_what_a_process_keeps_per_client_ends_with_the_sessions(redis, aredis):
+    """5,000 new addresses through connect and release leave nothing behind in memory,
+    and nothing in Redis but the rate counters, which expire by themselves."""
+    counter = ConnectionCounter(aredis)
+    ips = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(5_000)]
+    for start in range(0, len(ips), 50):  # 50 at once: within redis-py's pool of 100
+        leases = await asyncio.gather(*(counter.connect(ip) for ip in ips[start:start + 50]))
+        for lease in leases:
+            counter.release_soon(lease)
+        await counter.flush()
+    assert counter.live == 0
+    assert not counter._clients and not counter._live and not counter._ended
+    assert not redis.exists(keys.COUNT_ALL, keys.count_key(ips[0]), keys.count_key(ips[-1]))
+    assert 0 < redis.pttl(keys.rate_key(ips[-1])) <= 60000
+
+
+async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_server):
+    """More sessions at once than redis-py's default pool holds (100): none is refused
+    with 421 for "Too many connections"."""
+    from smtpgate.config import load
+    from smtpgate.policy.stages import Policy
+
+    policy = await Policy.create(load({"REDIS": redis_server.url, "HOSTNAME": "mx.example.test"}))
+    try:
+        leases = await asyncio.gather(*(policy.counter.connect(f"10.9.{i >> 8}.{i & 255}")
+                                        for i in range(300)))
+        assert max(lease.total for lease in leases) == 300
+    finally:
+        await policy.close()
 
 
 async def test_a_stalled_redis_is_named_as_such(redis, redis_server):

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from services.smtp_talk import Talk, untag
+from services.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +140,33 @@ def test_implicit_tls_on_465(gate, logins, dovecot_server):
                    "--header", f"Subject: {mark}")
     assert result.returncode == 0, result.stdout + result.stderr
     dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)
+
+
+def test_psa_reject_refuses_port_25_only(gate, logins):
+    """postscreen only ever guarded port 25: `PSA 127.0.0.0/8 reject` drops MX clients, while
+    the same network's users still get 587's banner and can authenticate and send."""
+    refusal = "521 5.3.2 Service currently unavailable"
+
+    def mx_greeting() -> str:
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.9.25") as talk:
+            return untag(talk.reply())[1]
+
+    logins.set("PSA:127.0.0.0/8", "reject")
+    try:
+        # the gate's table cache learns of the key asynchronously: wait for the refusal
+        wait_until(lambda: mx_greeting() == refusal, 10, "port 25 to refuse 127.0.0.0/8")
+        with tls_talk(gate, "127.0.9.87") as talk:
+            talk.cmd("EHLO laptop")
+            assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 235
+            assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 250
+            assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 250
+            talk.cmd("QUIT")
+        with Talk("127.0.0.1", gate.submissions_port, source="127.0.9.88") as raw:
+            raw.starttls()  # 465: the handshake first, then the banner
+            assert raw.reply()[0] == 220
+    finally:
+        logins.delete("PSA:127.0.0.0/8")
+        wait_until(lambda: mx_greeting().startswith("220"), 10, "port 25 to greet again")
 
 
 def test_a_client_that_leaves_before_the_handshake_is_logged_with_a_reason(gate, logins):

@@ -2,7 +2,7 @@
 
 SYNOPSIS
     decide(rcpt: str, *, local: bool, listed: bool | None,
-           access: str | None = None) -> Verdict
+           access: str | None = None, show_table: bool = True) -> Verdict
 
 DESCRIPTION
     rcpt is the recipient in internal form (Path.address). access is the
@@ -18,6 +18,8 @@ DESCRIPTION
     order, is smtpgate.lookups.keys's to say (address_keys, recip_keys),
     the one home of every key format. Not listed:
       550 5.1.1 <rcpt>: Recipient address rejected: User unknown in virtual mailbox table
+    or, with show_table False (Postfix's show_user_unknown_table_name = no,
+    the docker-postfix-redis image's setting), "... rejected: User unknown".
     a failed lookup:
       451 4.3.0 <rcpt>: Temporary lookup failure
     A non-local recipient (relayed for a trusted client) skips the test.
@@ -33,7 +35,7 @@ CLASS = "Recipient address"
 
 
 def decide(rcpt: str, *, local: bool, listed: bool | None,
-           access: str | None = None) -> Verdict:
+           access: str | None = None, show_table: bool = True) -> Verdict:
     shown = access_verdict.printable(rcpt)
     table = access_verdict.evaluate(CHECK, access, shown, CLASS)
     if table is not None and table.failed:
@@ -47,9 +49,9 @@ def decide(rcpt: str, *, local: bool, listed: bool | None,
                        Reply(451, "4.3.0", f"<{shown}>: Temporary lookup failure"),
                        "VALI/VBOX lookup failed")
     if not listed:
+        unknown = "User unknown in virtual mailbox table" if show_table else "User unknown"
         return Verdict(CHECK, Outcome.FAIL,
-                       Reply(550, "5.1.1", f"<{shown}>: {CLASS} rejected: "
-                                           "User unknown in virtual mailbox table"),
+                       Reply(550, "5.1.1", f"<{shown}>: {CLASS} rejected: {unknown}"),
                        "reject_unlisted_recipient: not in VALI or VBOX")
     return Verdict(CHECK, Outcome.PERMIT if permitted else Outcome.PASS,
                    reason="RECIP permit; listed" if permitted else "listed")

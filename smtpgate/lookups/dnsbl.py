@@ -61,12 +61,13 @@ import asyncio
 import functools
 import ipaddress
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 
 from smtpgate.address import client_address
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
+from smtpgate.lookups.expiring_cache import ExpiringCache
 
 HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "error")
 
@@ -97,9 +98,9 @@ class DnsblQuerier:
         self._thresholds = {"threshold": threshold, "allowlist_threshold": allowlist_threshold}
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
         self._timeout = timeout
-        self._cache_size = cache_size
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, DnsblResult]] = OrderedDict()
+        # a score leaves when its TTL ends: most clients are never seen again
+        self._cache = ExpiringCache(cache_size, clock)
         self._inflight: dict[str, asyncio.Future[DnsblResult]] = {}
         self._partial: dict[str, dict[str, ZoneResult]] = {}  # answers so far, per IP in flight
         self._changed: dict[str, asyncio.Future[None]] = {}  # done at each zone's answer
@@ -121,12 +122,9 @@ class DnsblQuerier:
         key = _normal(ip)
         cached = self._cache.get(key)
         if cached is not None:
-            if cached[0] > self._clock():
-                self._cache.move_to_end(key)
-                future = asyncio.get_running_loop().create_future()
-                future.set_result(cached[1])
-                return future
-            del self._cache[key]
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(cached)
+            return future
         future = self._inflight.get(key)
         if future is None:
             self._partial[key] = {}
@@ -150,8 +148,8 @@ class DnsblQuerier:
     def snapshot(self, ip: str) -> DnsblResult | None:
         key = _normal(ip)
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > self._clock():
-            return cached[1]
+        if cached is not None:
+            return cached
         partial = self._partial.get(key)
         if partial is None:
             return None
@@ -212,12 +210,7 @@ class DnsblQuerier:
             self._unhealthy.discard(result.zone)
 
     def _store(self, ip: str, result: DnsblResult) -> None:
-        if self._cache_size <= 0:
-            return
-        self._cache[ip] = (self._clock() + result.ttl, result)
-        self._cache.move_to_end(ip)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(ip, result, result.ttl)
 
 
 def _normal(ip: str) -> str:

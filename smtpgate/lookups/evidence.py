@@ -86,11 +86,12 @@ import contextvars
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from smtpgate.lookups import keys
+from smtpgate.lookups.expiring_cache import ExpiringCache
 from smtpgate.lookups.redis_client import ERRORS
 from smtpgate.session_id import time_of as session_time
 
@@ -123,7 +124,8 @@ class EvidenceStore:
         self.lost = 0  # not written since the last warning (Redis failing, or too many waiting)
         self._pending: dict[str, tuple[Callable[[], dict], Callable[[], Any] | None]] = {}
         # repeat signature -> (first session's id, when written, when its record expires)
-        self._recent: OrderedDict[Any, tuple[str, float, float]] = OrderedDict()
+        # (kept REPEAT_WINDOW: a refusal from a client never seen again leaves after that)
+        self._recent = ExpiringCache(MAX_REPEATS)
         self._spent: deque[list[float]] = deque()  # [hour start, Redis bytes written]
         self._spent_total = 0.0
         self._over_warned = -WARN_EVERY  # monotonic time of the last over-budget warning
@@ -214,10 +216,7 @@ class EvidenceStore:
             return
         self._spend(now, spent)
         for signature, first in firsts.items():
-            self._recent[signature] = first
-            self._recent.move_to_end(signature)
-        while len(self._recent) > MAX_REPEATS:
-            self._recent.popitem(last=False)
+            self._recent.put(signature, first, REPEAT_WINDOW)
         self.written += len(batch) - skipped
         self.aliases += aliases
         self._over(skipped, clock)

@@ -329,15 +329,17 @@ OWN_PREFIX = "smtpgate:"
 # The key's own EXPIRE is the longest expiry in it (smtpgate.lookups.screening_cache sets it), so
 # Redis removes whole entries and nothing ever scans the cache.
 SCREENING = OWN_PREFIX + "psc:"
-# Sessions in flight: sorted sets of session ids scored by lease deadline (Redis TIME),
-# per client (client_key: IPv4, or IPv6 /64) and for all hosts together. Live processes
-# renew their leases; a crashed process's sessions fall out when their deadline passes.
-SESSIONS = OWN_PREFIX + "sessions:"
-SESSIONS_ALL = OWN_PREFIX + "sessions"
-# Connection rate: a sorted set per client of session ids scored by connect time, trimmed
-# to the last 60 s on every connect, expiring 60 s after the last connect.
-RATE = OWN_PREFIX + "rate:"
-# A client's sessions and rate keys meet in one Lua script, so the client is their Redis
+# Sessions in flight: a hash per client (client_key: IPv4, or IPv6 /64) and one for all hosts
+# together, one field per smtpgate process: "<its sessions> <deadline, ms of Redis TIME>".
+# Each process writes only its own field and renews it; a field past its deadline is dropped
+# by the next connect, and the key expires a lease after its last write.
+# (These replaced sorted sets under "smtpgate:sessions", hence the new names.)
+COUNT = OWN_PREFIX + "conns:"
+COUNT_ALL = OWN_PREFIX + "conns"
+# Connection rate: a counter per client INCR'd by every connect, expiring 60 s after the
+# connect that created it (anvil's per-client interval).
+RATE = OWN_PREFIX + "connrate:"
+# A client's count and rate keys meet in one Lua script, so the client is their Redis
 # Cluster hash tag ({...}: only it picks the slot); the other keys stand alone, each in
 # its own command, and may live on any node.
 
@@ -346,8 +348,8 @@ def screening_key(ip: str) -> str:
     return SCREENING + ip
 
 
-def sessions_key(client: str) -> str:
-    return f"{SESSIONS}{{{client}}}"
+def count_key(client: str) -> str:
+    return f"{COUNT}{{{client}}}"
 
 
 def rate_key(client: str) -> str:

@@ -70,7 +70,6 @@ import functools
 import ipaddress
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +78,7 @@ from pycares import errno as ares_errno
 from smtpgate.address import client_address
 from smtpgate.config import HostPort
 from smtpgate.lookups.dns_channel import QTYPES, ChannelError, DnsChannel
+from smtpgate.lookups.expiring_cache import ExpiringCache
 
 __all__ = ["DnsAnswer", "Resolver", "answer_from", "ptr_name"]
 
@@ -125,7 +125,8 @@ class Resolver:
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
-        self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
+        # answers leave when their TTL ends: first contacts' names are rarely asked again
+        self._cache: ExpiringCache = ExpiringCache(self.cache_size)
         self._inflight: dict[tuple[str, int], _Query] = {}
         self._channel: DnsChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -151,12 +152,8 @@ class Resolver:
         found = self._cache.get(key)
         if found is None:
             return None
-        if found[0] <= time.monotonic():
-            del self._cache[key]
-            return None
-        self._cache.move_to_end(key)
         self.stats["cache_hits"] += 1
-        return found[1]
+        return found
 
     async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
         key = (name.lower().rstrip("."), _qtype(rdtype))
@@ -252,10 +249,7 @@ class Resolver:
     def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
         if answer.ttl <= 0 or self.cache_size == 0:
             return
-        self._cache[key] = (time.monotonic() + answer.ttl, answer)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, answer, answer.ttl)
 
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, int(ttl)))

@@ -8,57 +8,59 @@ SYNOPSIS
         await .record_pass(ip, test, ttl) -> None
         await .record_passes(ip, {test: ttl, ...}) -> None
         await .record_fail(ip, test) -> None
+        .session_write(ip, passes, failed) -> (key, args) | None   for release_soon()
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
     TESTS, NO_TESTS
 
     ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
         await .connect(ip) -> Lease              counts this session in; Lease has the counts
+                                                 and the client's screening cache
         await .peek(ip) -> Lease                 the counts connect() would give, nothing
                                                  written (explain's dry run)
-        await .release(lease) -> None            counts it out (safe to call twice)
-        await .refresh() -> None                 renews the leases of this process's sessions
+        .release_soon(lease, write=None)         counts it out, writes `write`, in a batch
+        await .release(lease, write=None)        the same at once (safe to call twice)
+        await .flush() -> None                   send what waits for its batch
+        await .refresh() -> None                 renews this process's counts
         await .run_refresher() -> None           refresh() every lease/3 s until cancelled
-    Lease(ip, client, session_id, client_count, client_rate, total)
+    Lease(ip, client, session_id, client_count, client_rate, total, screening)
 
 DESCRIPTION
     Everything lives under `smtpgate:` (smtpgate.lookups.keys) and is shared by all
-    smtpgate processes and hosts that use one Redis. Each call is one round
-    trip (a Lua script or one pipeline). Redis errors, timeouts and lost
-    connections raise ScreeningStoreError and nothing else.
+    smtpgate processes and hosts that use one Redis. A session costs two
+    round trips: connect() (the counts and the screening cache, one script)
+    and its end (release_soon(): the count and what screening found, one
+    pipeline shared with the sessions that ended in the same RELEASE_BATCH).
+    Redis errors, timeouts and lost connections raise ScreeningStoreError and
+    nothing else.
 
     The screening cache is one hash per client IP (`smtpgate:psc:<ip>`),
     one field per test holding the Unix time its pass expires. A pass
     extends the key's own EXPIRE to the longest expiry in it, so Redis
     drops whole entries by itself: no process scans the cache, and there is
-    no cleanup to coordinate between processes. record_fail() removes every
+    no cleanup to coordinate between processes. A failure removes every
     pass of that client and marks the test failed (0) for at least
     `fail_ttl`: a client that failed a test is never allowlisted until it
     passes that test again. passed() and allowlisted() read get()'s result:
-    a test counts only when its expiry is still ahead of `now`. A
-    read_only cache (explain's dry run) reads and never writes.
+    a test counts only when its expiry is still ahead of `now`. A session's
+    passes and failures are written when it ends (session_write() with
+    release_soon()), not as they happen: another session of the same client
+    in the meantime is judged by what the cache held before (screened again,
+    or let through on earlier passes), as it would have been a moment
+    earlier. A read_only cache (explain's dry run) reads and never
+    writes: its session_write() is None.
 
-    The counters implement the connect-time limits for smtpgate.checks.limits:
+    The counters implement the connect-time limits for smtpgate.checks.limits
+    (the comments above the scripts say how they compare with anvil):
     - sessions in flight, per client (client_key: IPv4 as is, IPv6 per
-      /ipv6_prefix) and for everyone, are sorted sets of session ids scored
-      by a lease deadline taken from Redis's own clock (TIME), so hosts with
-      skewed clocks agree. connect() adds the session, drops members whose
-      lease ran out, and returns the counts, including this session.
-      release() removes it. A process renews its own sessions' leases with
-      refresh() (run_refresher() in the background); if it crashes, its
+      /ipv6_prefix) and for everyone: a hash per client and one for all,
+      one field per process holding its own count and a deadline on Redis's
+      clock. A process renews its fields every lease/3 s; if it crashes, its
       sessions fall out of the counts within `lease` seconds.
-    - the connection rate is a sorted set of connect times per client,
-      trimmed to the last 60 seconds on each connect: an exact sliding
-      window, as Postfix's anvil counts, expiring when the client goes quiet.
+    - the connection rate per client: a counter that starts with the
+      client's first connect and expires 60 s later, as anvil's does.
     Refused connections are counted too (anvil counts attempts); the session
-    calls release() when it closes, whatever the verdict.
-
-    On one server (or a Sentinel set's master) a connect is one script over
-    all its keys. On a Redis Cluster a client's sessions and rate keys share
-    its hash tag and meet in one script; the global set and the screening
-    hash are commands of their own in the same pipeline, which the Cluster
-    client splits per node. Each key is still updated atomically; the counts
-    of one connect are no longer one snapshot (they never needed to be).
+    is released when it closes, whatever the verdict.
 """
 
 from __future__ import annotations
@@ -66,16 +68,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
 import itertools
+import logging
 import os
 import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from redis.exceptions import NoScriptError
+
 from smtpgate.checks.limits import client_key
 from smtpgate.lookups import keys
 from smtpgate.lookups import redis_client as redis_client_module
+
+log = logging.getLogger("smtpgate.screening")
 
 # NO_TESTS: the pass of a client screened while every test before the banner was off
 # (postscreen's PASS NEW then), so that its next session is PASS OLD, as in postscreen
@@ -111,19 +119,22 @@ def _text(value: str | bytes) -> str:
 _RECORD = """
 local key = KEYS[1]
 local longest = redis.call('PTTL', key)
+local fields = {}
 for i = 3, #ARGV, 3 do
     local field, expiry, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-    if expiry == '0' then
+    if expiry == '0' and longest ~= 0 then
         local entries = redis.call('HGETALL', key)
         for j = 1, #entries, 2 do
             if entries[j + 1] ~= '0' then redis.call('HDEL', key, entries[j]) end
         end
-        ttl = tonumber(ARGV[2])
         longest = 0  -- the removed passes no longer hold the entry
     end
-    redis.call('HSET', key, field, expiry)
+    if expiry == '0' then ttl = tonumber(ARGV[2]) end
+    fields[#fields + 1] = field
+    fields[#fields + 1] = expiry
     if ttl > longest then longest = ttl end
 end
+redis.call('HSET', key, unpack(fields))  -- one command for all of a session's tests
 if longest > 0 then redis.call('PEXPIRE', key, longest) end
 return longest
 """
@@ -155,28 +166,38 @@ class ScreeningCache:
         await self.record_passes(ip, {test: ttl})
 
     async def record_passes(self, ip: str, passes: Mapping[str, float]) -> None:
-        now = self._clock()
-        args: list = []
-        for test, ttl in passes.items():
-            _check_test(test)
-            if ttl <= 0:
-                continue  # nothing to cache; 0 would read as a failure
-            args += [test, f"{now + ttl:.3f}", int(ttl * 1000)]
-        if args:
-            await self._run(ip, args, f"screening cache pass for {ip}")
+        await self._run(self.session_write(ip, passes, ()), f"screening cache pass for {ip}")
 
     async def record_fail(self, ip: str, test: str) -> None:
-        _check_test(test)
-        await self._run(ip, [test, "0", 0], f"screening cache failure for {ip}")
+        await self._run(self.session_write(ip, {}, (test,)), f"screening cache failure for {ip}")
 
-    async def _run(self, ip: str, args: list, what: str) -> None:
+    def session_write(self, ip: str, passes: Mapping[str, float],
+                      failed: Iterable[str]) -> tuple[str, list] | None:
+        """What a session learnt, as (key, ARGV) of the record script; None if nothing.
+
+        Failures win: a session that failed any test records only its failures, which
+        remove the client's passes, so a pass of the same session cannot outlive them.
+        """
+        failed = tuple(failed)
+        for test in (*failed, *passes):
+            _check_test(test)
         if self._read_only:
+            return None
+        now = self._clock()
+        if failed:
+            args = [x for test in failed for x in (test, "0", 0)]
+        else:  # a ttl of 0 would read as a failure: nothing to cache
+            args = [x for test, ttl in passes.items() if ttl > 0
+                    for x in (test, f"{now + ttl:.3f}", int(ttl * 1000))]
+        if not args:
+            return None
+        return keys.screening_key(ip), [f"{now:.3f}", int(self._fail_ttl * 1000), *args]
+
+    async def _run(self, write: tuple[str, list] | None, what: str) -> None:
+        if write is None:
             return
         async with _redis_call(what, self._timeout):
-            await self._record(
-                keys=[keys.screening_key(ip)],
-                args=[f"{self._clock():.3f}", int(self._fail_ttl * 1000), *args],
-            )
+            await self._record(keys=[write[0]], args=write[1])
 
 
 def _entries(raw: Mapping) -> dict[str, float]:
@@ -185,6 +206,17 @@ def _entries(raw: Mapping) -> dict[str, float]:
         with contextlib.suppress(ValueError):
             result[_text(name)] = float(_text(value))
     return result
+
+
+def _live_sum(fields: Mapping, now_ms: float) -> int:
+    """A count hash's sessions (_COUNT's fields "<count> <deadline ms>"), the renewed ones."""
+    total = 0
+    for value in fields.values():
+        count, _, deadline = _text(value).partition(" ")
+        with contextlib.suppress(ValueError):
+            if float(deadline) > now_ms:
+                total += int(count)
+    return total
 
 
 def _check_test(test: str) -> None:
@@ -204,79 +236,101 @@ def allowlisted(entries: Mapping[str, float], tests: Iterable[str], now: float) 
 
 # --- the connection counters -----------------------------------------------------------------
 
-# One server (or a Sentinel set's master): a connect is one script over all four keys
-# (_CONNECT), a lease renewal one script (_REFRESH). On a Cluster those keys live in
-# different slots, so a connect is one pipeline instead (still one round trip per node,
-# the nodes at once): the client's counts (_CLIENT: its two keys share the client's hash
-# tag), everyone's sessions (_ALL) and the screening hash; a renewal is one _RENEW per
-# sessions set. Those scripts go as EVAL, not EVALSHA: a pipeline cannot reload a script a
-# node lost (restart, failover) without an extra round trip to check, and they are short.
-# The single script saves a connect about 35 us of client CPU against the pipeline.
+# Concurrency: each process writes its own count of a client's sessions (and of all its
+# sessions) into one hash field, "<count> <deadline ms>", the deadline from Redis's clock
+# (TIME) so hosts with skewed clocks agree. A connect sums the fields whose deadline is ahead
+# and deletes the others: a crashed process's sessions fall out of everyone's counts within
+# one lease, as anvil forgets an smtpd whose connection to it closed. A process only ever
+# writes the count it holds in memory, never an increment, so a lost or reordered write is
+# corrected by its next connect, release or lease renewal (every lease/3 s) instead of
+# drifting; the price is a count that may be one off for that long when a release and a
+# connect of one client from one process race over two Redis connections.
+#
+# Rate: one integer per client, INCR'd by every connect, that expires RATE_WINDOW seconds
+# after the first connect counted in it. That is anvil's own bookkeeping, not an
+# approximation of it: anvil starts a client's rate interval at its first connection and
+# resets the count when anvil_rate_time_unit (60 s) has passed since then (a fixed window per
+# client, not a sliding one: ANVIL_REMOTE_INCR_RATE in Postfix's src/anvil/anvil.c). It
+# costs one command, where a sorted set of connect times cost three and grew with the rate
+# it measured. What does differ from anvil is the concurrency count's bookkeeping above (a
+# lease per process instead of anvil's per-connection accounting), and that the counts are
+# shared by every process and host instead of held by one anvil per Postfix instance.
+#
+# On one server (or a Sentinel set's master) a connect is one script over every key
+# (_CONNECT, sent by SHA1). On a Redis Cluster the client's count and rate share its hash tag
+# and meet in _CLIENT, everyone's count is _ALL and the screening hash an HGETALL, in one
+# pipeline (one round trip per node, the nodes at once). The end of a session, its release
+# and its screening results, is one pipeline for every session that ended within
+# RELEASE_BATCH seconds of it: each session costs at most two round trips, connect and end.
 
-# The client's two counts, shared by _CLIENT and _CONNECT. KEYS[1]: client sessions,
-# KEYS[2]: client rate. ARGV: session id, lease s, rate window s.
-_CLIENT_COUNTS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local lease, window = tonumber(ARGV[2]), tonumber(ARGV[3])
-local id = ARGV[1]
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + lease, id)
-redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-redis.call('ZADD', KEYS[2], now, id)
-redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000))
+# The count fragment. ARGV[1]: instance, ARGV[2]: lease ms. count(key, n) writes this
+# process's n (deleting the field at 0) and returns the sum of the live fields.
+_COUNT = """
+local instance, lease = ARGV[1], tonumber(ARGV[2])
+local now_ms
+local function now()  -- asked once, and only when needed: a release to 0 needs no clock
+    if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    return now_ms
+end
+local function own(key, n)
+    if n > 0 then
+        redis.call('HSET', key, instance, string.format('%d %.0f', n, now() + lease))
+        redis.call('PEXPIRE', key, lease)
+    else
+        redis.call('HDEL', key, instance)
+    end
+end
+local function count(key, n)
+    own(key, n)
+    local fields, total = redis.call('HGETALL', key), 0
+    for i = 1, #fields, 2 do
+        local c, d = string.match(fields[i + 1], '^(%d+) (%d+)$')
+        if c and tonumber(d) > now() then
+            total = total + tonumber(c)
+        else
+            redis.call('HDEL', key, fields[i])  -- a process that stopped renewing
+        end
+    end
+    return total
+end
+local function rate(key, window)
+    local r = redis.call('INCR', key)
+    if r == 1 then redis.call('PEXPIRE', key, window) end
+    return r
+end
 """
 
-# _CLIENT KEYS: client sessions, client rate. ARGV: session id, lease s, rate window s.
-# Returns {client count, client rate}, this session included.
-_CLIENT = _CLIENT_COUNTS + """
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
-"""
-
-# _CONNECT KEYS: client sessions, client rate, all sessions, the client's screening hash.
-# ARGV: session id, lease s, rate window s.
+# _CONNECT KEYS: client count, client rate, all count, the client's screening hash.
+# ARGV: instance, lease ms, this process's sessions of the client, all its sessions, window ms.
 # Returns {client count, client rate, total, screening hash}, this session included.
-_CONNECT = _CLIENT_COUNTS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-redis.call('ZADD', KEYS[3], now + lease, id)
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
-        redis.call('HGETALL', KEYS[4])}
+_CONNECT = _COUNT + """
+return {count(KEYS[1], tonumber(ARGV[3])), rate(KEYS[2], tonumber(ARGV[5])),
+        count(KEYS[3], tonumber(ARGV[4])), redis.call('HGETALL', KEYS[4])}
 """
 
-# _REFRESH KEYS: all sessions, then one client-sessions key per session. ARGV: lease, ids.
-_REFRESH = """
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 2, #KEYS do
-    redis.call('ZADD', KEYS[i], deadline, ARGV[i])
-    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[1]) * 1000))
-    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
-end
-return #KEYS - 1
+# _CLIENT KEYS: client count, client rate. ARGV: instance, lease ms, this process's sessions
+# of the client, window ms. Returns {client count, client rate}.
+_CLIENT = _COUNT + """
+return {count(KEYS[1], tonumber(ARGV[3])), rate(KEYS[2], tonumber(ARGV[4]))}
 """
 
-# _ALL KEYS: all sessions. ARGV: session id, lease s. Returns the total, this session included.
-_ALL = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return redis.call('ZCARD', KEYS[1])
+# _ALL KEYS: all count. ARGV: instance, lease ms, this process's sessions. Returns the total.
+_ALL = _COUNT + """
+return count(KEYS[1], tonumber(ARGV[3]))
 """
 
-# _RENEW KEYS: one sessions set. ARGV: lease s, "1" to restart the set's expiry, then ids.
-_RENEW = """
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 3, #ARGV do
-    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
-end
-if ARGV[2] == '1' then redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000)) end
-return #ARGV - 2
+# _OWN KEYS: count hashes. ARGV: instance, lease ms, then this process's count for each key.
+# Releases and renewals: nobody reads the sum then, so no HGETALL.
+_OWN = _COUNT + """
+for i = 1, #KEYS do own(KEYS[i], tonumber(ARGV[i + 2])) end
+return #KEYS
 """
 
-_REFRESH_BATCH = 500
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_OWN, _RECORD)}
+_OWN_BATCH = 500  # count hashes per _OWN call at a renewal
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,15 +357,16 @@ class ConnectionCounter:
         self._redis = redis_client
         self._cluster = redis_client_module.is_cluster(redis_client)
         self._connect = redis_client.register_script(_CONNECT)
-        self._refresh = redis_client.register_script(_REFRESH)
+        self._lease_ms = max(1, int(lease * 1000))
         self._lease = lease
         self._ipv6_prefix = ipv6_prefix
         self._timeout = timeout
         self._instance = instance or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._serial = itertools.count(1)
-        self._live: dict[str, str] = {}  # session id -> client key, for refresh()
-        self._released: list[tuple[str, str]] = []  # (client key, session id) to remove
-        self._pending: dict[str, int] = {}  # client key -> released, not yet removed in Redis
+        self._live: dict[str, str] = {}  # session id -> client key
+        self._clients: dict[str, int] = {}  # client key -> its sessions in self._live
+        self._ended: set[str] = set()  # clients whose count changed since the last flush
+        self._writes: list[tuple[str, list]] = []  # screening hash -> _RECORD ARGV, to send
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task] = set()
 
@@ -322,63 +377,86 @@ class ConnectionCounter:
     async def connect(self, ip: str) -> Lease:
         client = client_key(ip, self._ipv6_prefix)
         session_id = f"{self._instance}:{next(self._serial)}"
-        async with _redis_call(f"connection count for {ip}", self._timeout):
-            if self._cluster:
-                count, rate, total, screening = await self._connect_cluster(
-                    ip, client, session_id)
-            else:
-                count, rate, total, screening = await self._connect(
-                    keys=[keys.sessions_key(client), keys.rate_key(client), keys.SESSIONS_ALL,
-                          keys.screening_key(ip)],
-                    args=[session_id, self._lease, RATE_WINDOW])
-                screening = dict(zip(screening[::2], screening[1::2], strict=True))
-        self._live[session_id] = client
-        # sessions of this worker that closed but wait for their release batch do not count
-        count = int(count) - self._pending.get(client, 0)
-        total = int(total) - sum(self._pending.values())
-        return Lease(ip, client, session_id, count, int(rate), total, _entries(screening))
+        self._live[session_id] = client  # counted at once: a concurrent release sees it
+        mine = self._clients[client] = self._clients.get(client, 0) + 1
+        try:
+            async with _redis_call(f"connection count for {ip}", self._timeout):
+                if self._cluster:
+                    count, rate, total, screening = await self._connect_cluster(ip, client, mine)
+                else:
+                    count, rate, total, screening = await self._connect(
+                        keys=[keys.count_key(client), keys.rate_key(client), keys.COUNT_ALL,
+                              keys.screening_key(ip)],
+                        args=[self._instance, self._lease_ms, mine, len(self._live),
+                              RATE_WINDOW * 1000])
+                    screening = dict(zip(screening[::2], screening[1::2], strict=True))
+        except ScreeningStoreError:
+            # no lease: the session answers 421 and ends. Its count is not sent again: if the
+            # script ran after all, the field is one high until this process next writes it
+            # or its lease ends, and a Redis outage leaves no queue of clients to write.
+            self._forget(session_id, ended=False)
+            raise
+        return Lease(ip, client, session_id, int(count), int(rate), int(total),
+                     _entries(screening))
 
     async def peek(self, ip: str) -> Lease:
         """connect()'s counts, this session included, with nothing counted: a dry run must
-        not use up the client's connection rate, nor hold a session."""
+        not use up the client's connection rate, nor hold a session. (The deadlines are
+        read against this host's clock, not Redis's: near enough for a dry run.)"""
         client = client_key(ip, self._ipv6_prefix)
-        now = time.time()
         async with (
             _redis_call(f"connection count for {ip}", self._timeout),
             self._redis.pipeline(transaction=False) as pipe,
         ):
-            pipe.zcount(keys.sessions_key(client), f"({now}", "+inf")
-            pipe.zcount(keys.rate_key(client), f"({now - RATE_WINDOW}", "+inf")
-            pipe.zcount(keys.SESSIONS_ALL, f"({now}", "+inf")
+            pipe.hgetall(keys.count_key(client))
+            pipe.get(keys.rate_key(client))
+            pipe.hgetall(keys.COUNT_ALL)
             pipe.hgetall(keys.screening_key(ip))
             count, rate, total, screening = await pipe.execute()
-        return Lease(ip, client, "dry-run", int(count) + 1, int(rate) + 1, int(total) + 1,
-                     _entries(screening))
+        now_ms = time.time() * 1000
+        return Lease(ip, client, "dry-run", _live_sum(count, now_ms) + 1, int(rate or 0) + 1,
+                     _live_sum(total, now_ms) + 1, _entries(screening))
 
-    async def _connect_cluster(self, ip: str, client: str, session_id: str) -> tuple:
+    async def _connect_cluster(self, ip: str, client: str, mine: int) -> tuple:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.eval(_CLIENT, 2, keys.sessions_key(client), keys.rate_key(client),
-                      session_id, self._lease, RATE_WINDOW)
-            pipe.eval(_ALL, 1, keys.SESSIONS_ALL, session_id, self._lease)
+            pipe.eval(_CLIENT, 2, keys.count_key(client), keys.rate_key(client),
+                      self._instance, self._lease_ms, mine, RATE_WINDOW * 1000)
+            pipe.eval(_ALL, 1, keys.COUNT_ALL, self._instance, self._lease_ms, len(self._live))
             pipe.hgetall(keys.screening_key(ip))
             (count, rate), total, screening = await pipe.execute()
         return count, rate, total, screening
 
-    async def release(self, lease: Lease) -> None:
-        if self._live.pop(lease.session_id, None) is None:
-            return
-        await self._remove([(lease.client, lease.session_id)])
+    def _forget(self, session_id: str, ended: bool = True) -> str | None:
+        client = self._live.pop(session_id, None)
+        if client is not None:
+            left = self._clients[client] - 1
+            if left:
+                self._clients[client] = left
+            else:
+                del self._clients[client]
+            if ended:
+                self._ended.add(client)
+        return client
 
-    def release_soon(self, lease: Lease) -> None:
+    async def release(self, lease: Lease, write: tuple[str, list] | None = None) -> None:
+        """Count the session out (safe to call twice) and write its screening results."""
+        if self._forget(lease.session_id) is not None or write is not None:
+            if write is not None:
+                self._writes.append(write)
+            await self._flush()
+
+    def release_soon(self, lease: Lease, write: tuple[str, list] | None = None) -> None:
         """Release with the others that end within RELEASE_BATCH seconds: one round trip.
 
-        A session's count lingers that long after its connection closed, which no limit
-        notices; a busy worker saves a Redis round trip for almost every session.
+        `write` is the session's screening results (ScreeningCache.session_write), sent in
+        the same round trip. The session stops counting in this process at once; Redis
+        hears of it with the batch, which no limit notices, and a busy worker saves a round
+        trip for almost every session.
         """
-        if self._live.pop(lease.session_id, None) is None:
+        if self._forget(lease.session_id) is None and write is None:
             return
-        self._released.append((lease.client, lease.session_id))
-        self._pending[lease.client] = self._pending.get(lease.client, 0) + 1
+        if write is not None:
+            self._writes.append(write)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(  # for all sessions
                 RELEASE_BATCH, self._start_flush, context=contextvars.Context())
@@ -390,56 +468,67 @@ class ConnectionCounter:
         task.add_done_callback(self._flushing.discard)
 
     async def flush(self) -> None:
-        """Send the releases waiting for their batch (also at shutdown)."""
-        batch, self._released = self._released, []
-        if not batch:
-            return
-        try:
-            with contextlib.suppress(ScreeningStoreError):  # the leases expire on their own
-                await self._remove(batch)
-        finally:  # until Redis has them removed, connect() keeps discounting them
-            for client, _ in batch:
-                left = self._pending[client] - 1
-                if left:
-                    self._pending[client] = left
-                else:
-                    del self._pending[client]
+        """Send the releases and screening results waiting for their batch (also at shutdown).
 
-    async def _remove(self, batch: list[tuple[str, str]]) -> None:
-        what = f"connection release for {len(batch)} sessions"
-        async with (
-            _redis_call(what, self._timeout),
-            self._redis.pipeline(transaction=False) as pipe,
-        ):
-            for client, session_id in batch:
-                pipe.zrem(keys.sessions_key(client), session_id)
-            pipe.zrem(keys.SESSIONS_ALL, *(session_id for _, session_id in batch))
-            await pipe.execute()
+        A failed release is not retried: the count heals at the next connect or renewal,
+        and at worst the lease runs out. A failed screening write is logged and lost: the
+        client is screened again next time.
+        """
+        try:
+            await self._flush()
+        except ScreeningStoreError as exc:
+            log.warning("warning: connection count and screening cache: %s", exc)
+
+    async def _flush(self) -> None:
+        ended, self._ended = self._ended, set()
+        writes, self._writes = self._writes, []
+        if not ended and not writes:
+            return
+        counts = [(keys.count_key(c), self._clients.get(c, 0)) for c in ended]
+        if ended:
+            counts.append((keys.COUNT_ALL, len(self._live)))
+        async with _redis_call(f"end of sessions of {len(ended)} clients", self._timeout):
+            await self._send(counts, writes)
+
+    async def _send(self, counts: list[tuple[str, int]], writes: list[tuple[str, list]]) -> None:
+        """Screening writes, then own counts, in one pipeline (so a count seen gone means
+        the screening results of its sessions are in).
+
+        On one server the scripts go by SHA1 (loaded again, and the pipeline repeated once,
+        if the server lost them: every call is idempotent). redis-py's Cluster pipeline
+        takes no EVALSHA, so there they go as EVAL, one _OWN per slot.
+        """
+        if self._cluster:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, args in writes:
+                    pipe.eval(_RECORD, 1, key, *args)
+                for key, n in counts:
+                    pipe.eval(_OWN, 1, key, self._instance, self._lease_ms, n)
+                await pipe.execute()
+            return
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, args in writes:
+                    pipe.evalsha(_SHA[_RECORD], 1, key, *args)
+                if counts:
+                    pipe.evalsha(_SHA[_OWN], len(counts), *(k for k, _ in counts),
+                                 self._instance, self._lease_ms, *(n for _, n in counts))
+                try:
+                    await pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for script in (_OWN, _RECORD):
+                await self._redis.script_load(script)
 
     async def refresh(self) -> None:
-        # Renewing re-adds members too, so a session whose lease lapsed while this process
-        # was stalled counts again; a release racing this call leaves at most one stale
-        # member, which expires after one lease.
-        live = list(self._live.items())
-        for start in range(0, len(live), _REFRESH_BATCH):
-            batch = live[start:start + _REFRESH_BATCH]
+        """Renew this process's fields: every client it holds sessions of, and the total."""
+        counts = [(keys.count_key(c), n) for c, n in self._clients.items()]
+        counts.append((keys.COUNT_ALL, len(self._live)))
+        for start in range(0, len(counts), _OWN_BATCH):
             async with _redis_call("connection lease renewal", self._timeout):
-                if self._cluster:
-                    await self._refresh_cluster(batch)
-                else:
-                    await self._refresh(
-                        keys=[keys.SESSIONS_ALL, *(keys.sessions_key(c) for _, c in batch)],
-                        args=[self._lease, *(sid for sid, _ in batch)])
-
-    async def _refresh_cluster(self, batch: list[tuple[str, str]]) -> None:
-        by_client: dict[str, list[str]] = {}
-        for session_id, client in batch:
-            by_client.setdefault(client, []).append(session_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for client, ids in by_client.items():
-                pipe.eval(_RENEW, 1, keys.sessions_key(client), self._lease, "1", *ids)
-            pipe.eval(_RENEW, 1, keys.SESSIONS_ALL, self._lease, "0", *(sid for sid, _ in batch))
-            await pipe.execute()
+                await self._send(counts[start:start + _OWN_BATCH], [])
 
     async def run_refresher(self) -> None:
         while True:

@@ -1,7 +1,7 @@
 """stages - each stage's checks, in order: facts fetched, decisions taken, actions applied.
 
 SYNOPSIS
-    await Policy.create(config, auth=None, dry_run=False) -> Policy
+    await Policy.create(config, auth=None, dry_run=False, auth_probe=None) -> Policy
     policy.open(client: Client) -> ClientState
     await policy.connect(state) -> Reply | GreetWait | None     None: send the banner
     await policy.screened(state, received: bytes, delay: float) -> Reply | None
@@ -35,10 +35,13 @@ DESCRIPTION
     with the reject, so the log names sender and recipient; `ignore` logs.
     Client (FCrDNS, REV) and HELO (HLO, DNS) restrictions are reported at
     RCPT when smtpd_delay_reject is on (Postfix's default), else at once.
+    The FCrDNS lookups start once screening has let the client through.
 
-    Submission listeners skip screening, FCrDNS and HELO checks; only a PSA
-    reject applies. They require AUTH before MAIL and check the sender
-    against LOGMAP.
+    Submission listeners (587, 465) skip the access list (a PSA reject
+    included: postscreen only ever guarded port 25, and a network blocked
+    there must not lock its own users out), screening, FCrDNS and HELO
+    checks; the connection limits apply. They require AUTH before MAIL and
+    check the sender against LOGMAP.
 
     A lookup that cannot be answered (Redis down, DNS timing out) is a
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
@@ -79,6 +82,7 @@ from smtpgate.config import Config
 from smtpgate.dnsbl_sites import parse_sites
 from smtpgate.lookups import redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
+from smtpgate.lookups.auth_probe import AuthGuard, AuthProbe
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.evidence import EvidenceStore
@@ -98,6 +102,7 @@ from smtpgate.verdict import Outcome, Reply, Verdict
 log = logging.getLogger("smtpgate.policy")
 
 SCREENING_TESTS = ("pregreet", "dnsbl")
+REDIS_CONNECTIONS = 2000  # per worker, at most: each call holds one for well under a ms
 TEMPFAIL = "tempfail"
 
 
@@ -109,13 +114,16 @@ class AuthOutcome:
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: Any, auth: Any = None, dry_run: bool = False) -> None:
+                 redis_client: Any, auth: Any = None, dry_run: bool = False,
+                 auth_probe: AuthProbe | None = None) -> None:
         self.config = config
         self.dry_run = dry_run  # explain: decide, count and cache nothing
         self.tables = tables
         self.resolver = resolver
         self.redis = redis_client
         self.auth = auth  # the authenticator (Dovecot), None where submission is off
+        # no password reaches Dovecot before it refused a made-up login
+        self.auth_guard = AuthGuard(auth, auth_probe) if auth is not None else None
         self.sites = parse_sites(" ".join(config.dnsbl_sites))
         self.querier = DnsblQuerier(
             resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
@@ -151,13 +159,17 @@ class Policy:
         self.evidence.memory = record_memory(config)
 
     @classmethod
-    async def create(cls, config: Config, auth: Any = None, dry_run: bool = False) -> Policy:
+    async def create(cls, config: Config, auth: Any = None, dry_run: bool = False,
+                     auth_probe: AuthProbe | None = None) -> Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
-        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
-        client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
-        policy = cls(config, tables, resolver, client, auth, dry_run)
+        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart;
+        # room for a burst of sessions (redis-py's own default refuses the 101st call at once,
+        # which a session answers with 421), without a blocking pool's cost on every call
+        client = redis_client.connect(config.redis, config.redis_timeout, decode=False,
+                                      max_connections=REDIS_CONNECTIONS, wait=False)
+        policy = cls(config, tables, resolver, client, auth, dry_run, auth_probe)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
@@ -212,8 +224,18 @@ class Policy:
         clients cheap.
         """
         client = state.client
-        ip, port = client.ip, client.port
         state.trusted = self._trusted_network(client)
+        if client.listener == MX:
+            refused = await self._access_list(state)
+            if refused is not None:
+                return refused
+        return await self._count_and_screen(state)
+
+    async def _access_list(self, state: ClientState) -> Reply | None:
+        """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
+        only port 25; a network denied there keeps its users' submission on 587 and 465."""
+        client = state.client
+        ip, port = client.ip, client.port
         try:
             facts = await self.tables.connect_facts(ip)
         except TableError as exc:
@@ -235,6 +257,13 @@ class Policy:
                 log.info("DENYLISTED [%s]:%s", ip, port)
                 return verdict.reply
             state.enforced = verdict.reply
+        return None
+
+    async def _count_and_screen(self, state: ClientState) -> Reply | GreetWait | None:
+        """The connection limits (every listener, as anvil counts for every smtpd), then
+        postscreen's tests (port 25)."""
+        client = state.client
+        ip = client.ip
         try:
             state.lease = await (self.counter.peek(ip) if self.dry_run
                                  else self.counter.connect(ip))
@@ -253,13 +282,19 @@ class Policy:
             return verdict.reply
         if client.listener != MX:
             return None
-        if not state.trusted:
-            state.fcrdns_task = asyncio.get_running_loop().create_task(
-                client_hostname(self.resolver, ip))
-            state.fcrdns_task.add_done_callback(state.name_found)
         if state.permitted:
+            self._look_up_name(state)
             return None
         return await self._start_screening(state)
+
+    def _look_up_name(self, state: ClientState) -> None:
+        """FCrDNS in the background, for RCPT and XCLIENT NAME: once screening has let the
+        client through, as smtpd looks up a client postscreen handed over. A client refused
+        at connect (most first contacts: DNSBL) costs no PTR and A queries."""
+        if not state.trusted and state.fcrdns_task is None and state.fcrdns is None:
+            state.fcrdns_task = asyncio.get_running_loop().create_task(
+                client_hostname(self.resolver, state.client.ip))
+            state.fcrdns_task.add_done_callback(state.name_found)
 
     async def _start_screening(self, state: ClientState) -> Reply | GreetWait | None:
         """postscreen's tests before the banner: cached passes, else a greet wait or DNSBL."""
@@ -269,6 +304,7 @@ class Policy:
         tests = [t for t in SCREENING_TESTS if self._enabled(t)] or [NO_TESTS]
         if allowlisted(entries, tests, now):
             log.info("PASS OLD [%s]:%s", ip, port)
+            self._look_up_name(state)
             return None
         dnsbl_wanted = bool(self.sites) and not passed(entries, "dnsbl", now)
         state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
@@ -320,15 +356,13 @@ class Policy:
                 outcome = self._apply(state, verdict, passes, failed) or outcome
         if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
             passes = {NO_TESTS: config.greet_ttl}  # nothing to test: PASS OLD next time
-        try:
-            for test in failed:
-                await self.cache.record_fail(ip, test)
-            if passes and not failed:
-                await self.cache.record_passes(ip, passes)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+        state.screening_failed += tuple(failed)  # written when the session ends
+        if not failed:
+            state.screening_passes.update(passes)
         if outcome is None and not failed:
             log.info("PASS NEW [%s]:%s", ip, port)
+        if outcome is None:
+            self._look_up_name(state)
         return outcome
 
     def _enabled(self, test: str) -> bool:
@@ -490,7 +524,8 @@ class Policy:
         recip = facts.recip.value if facts.recip is not None else None
         verdict = self._note(state, recipient.decide(
             path.address, local=local,
-            listed=facts.vali is not None or facts.vbox is not None, access=recip))
+            listed=facts.vali is not None or facts.vbox is not None, access=recip,
+            show_table=self.config.show_user_unknown_table_name))
         if verdict.failed:
             return verdict.reply
         await self._protocol_passes(state)
@@ -505,11 +540,7 @@ class Policy:
         fresh = time.time() + self.config.greet_ttl / 2
         if all(state.cached_passes.get(t, 0.0) > fresh for t in protocol.TESTS):
             return
-        passes = {t: self.config.greet_ttl for t in protocol.TESTS}
-        try:
-            await self.cache.record_passes(state.client.ip, passes)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+        state.screening_passes.update(dict.fromkeys(protocol.TESTS, self.config.greet_ttl))
 
     # --- protocol tests --------------------------------------------------------------------
 
@@ -540,10 +571,7 @@ class Policy:
         self._note(state, verdict)
         if test not in state.protocol_failed:
             state.protocol_failed += (test,)
-        try:
-            await self.cache.record_fail(ip, test)
-        except ScreeningStoreError as exc:
-            log.warning("warning: screening cache: %s", exc)
+            state.screening_failed += (test,)
         if verdict.failed:
             if hangs_up(verdict):
                 return verdict.reply
@@ -562,8 +590,12 @@ class Policy:
         verdict = await self.auth_limits.check(ip, login or None)
         if verdict.failed:
             return AuthOutcome(verdict.reply)
-        if self.auth is None:
+        if self.auth is None or self.auth_guard is None:
             return AuthOutcome(replies.AUTH_NOT_ENABLED)
+        if not await self.auth_guard.safe():
+            log.warning("warning: %s: SASL %s authentication refused: the auth service is not "
+                        "known to refuse made-up logins", state.label, mechanism)
+            return AuthOutcome(replies.AUTH_TEMPFAIL)
         result = await self.auth.authenticate(
             "PLAIN", plain, client_ip=ip, local_ip=state.client.local_ip, secured=secured)
         if result.ok:
@@ -587,8 +619,9 @@ class Policy:
         for task in (state.fcrdns_task, state.settle):
             if task is not None and not task.done():
                 task.cancel()
-        if state.lease is not None:
-            self.counter.release_soon(state.lease)
+        if state.lease is not None:  # its count and what screening found: one round trip
+            self.counter.release_soon(state.lease, self.cache.session_write(
+                state.client.ip, state.screening_passes, state.screening_failed))
             state.lease = None
 
 

@@ -71,6 +71,9 @@ class ClientState:
     protocol_failed: tuple[str, ...] = ()  # a tuple, not a set: most sessions fail none
     client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
     recorded_rcpt_pass: bool = False
+    # what screening found, written to the cache with the session's release
+    screening_passes: dict[str, float] = field(default_factory=dict)
+    screening_failed: tuple[str, ...] = ()
 
     def name_found(self, task: asyncio.Task) -> None:
         """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as

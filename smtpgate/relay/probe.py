@@ -1,12 +1,12 @@
 """probe - ask the next hop, before any mail, whether it will take smtpgate's hand-offs.
 
 SYNOPSIS
-    await probe_next_hop(hop, ehlo_name, timeout) -> HopProbe
-    HopProbe(hop, error, source, xclient, xclient_reply, extensions, ipv6_reply)
+    await probe_next_hop(hop, ehlo_name, timeout, relay=False) -> HopProbe
+    HopProbe(hop, error, source, xclient, xclient_reply, extensions, ipv6_reply, relay_reply)
     probe.reached ; probe.authorized
     hop_findings(probe, ipv6_clients="") -> list[Finding]     ipv6_clients: "listener", "proxy", ""
     carried_extensions(probe) -> frozenset[str] | None
-    CARRIED, PROBE_ADDR, PROBE_ADDR6
+    CARRIED, PROBE_ADDR, PROBE_ADDR6, PROBE_LOGIN, PROBE_RCPT
 
 DESCRIPTION
     probe_next_hop() talks to the next hop with aiosmtplib, the way the
@@ -25,6 +25,16 @@ DESCRIPTION
        with inet_protocols = ipv4 answers "501 5.5.4 Bad ADDR syntax:
        IPV6:2001:db8::1"; with inet_protocols = all (or ipv6), 220.
 
+    5. With relay (a submission next hop), a third connection: XCLIENT
+       ADDR=192.0.2.1 LOGIN=smtpgate-probe, EHLO, MAIL FROM:<>, RCPT
+       TO:<postmaster@[192.0.2.2]> (an address literal: no DNS, no
+       domain of ours), then RSET: does the hop relay to another domain
+       for an authenticated login? Postfix's submission service
+       (conf/postfix/submission.cf) answers 250; the MX service
+       (next-hop.cf) "554 5.7.1 <postmaster@[192.0.2.2]>: Relay access
+       denied", which a user would hear only after sending the whole
+       message. No mail is sent.
+
     The documentation addresses (RFC 5737, RFC 3849) stand for the
     client, so Postfix logs the probe as a connect from smtpgate and a
     "disconnect from unknown[192.0.2.1] ehlo=2 xclient=0/1 quit=1" (and
@@ -36,9 +46,12 @@ DESCRIPTION
     hop_findings() turns a probe into findings, each naming the Postfix
     setting that would change it:
     - error: XCLIENT refused or not offered (every message would get
-      451); IPv6 addresses refused when smtpgate has IPv6 clients for
+      451); a submission next hop that refuses (5xx) to relay for an
+      authenticated login; IPv6 addresses refused when smtpgate has IPv6 clients for
       certain (ipv6_clients "listener": it listens on an IPv6 address);
       the next hop not reached.
+    - ok, as a note: a submission next hop's temporary (4xx) answer to
+      the relay test (its tables may be smtpgate's socketmap, not up yet).
     - warning: IPv6 addresses refused when smtpgate may have IPv6
       clients (ipv6_clients "proxy": a PROXY balancer may pass them on,
       or may speak IPv4 only); SMTPUTF8, 8BITMIME or DSN not offered
@@ -61,6 +74,10 @@ from smtpgate.verdict import Finding
 
 PROBE_ADDR = "192.0.2.1"  # RFC 5737 TEST-NET-1
 PROBE_ADDR6 = "2001:db8::1"  # RFC 3849
+PROBE_LOGIN = "smtpgate-probe"
+PROBE_RCPT = "postmaster@[192.0.2.2]"  # another domain, and no DNS lookup for it
+SUBMISSION_FIX = ("point SMTPGATE_SUBMISSION_NEXT_HOP at Postfix's submission service "
+                  "(conf/postfix/submission.cf, port 10587), which relays for XCLIENT LOGIN")
 # what smtpgate offers its clients only when the next hop offers it too
 CARRIED = ("8BITMIME", "DSN", "SMTPUTF8")
 NOTED = ("CHUNKING", "PIPELINING")  # the relay does without these
@@ -81,6 +98,7 @@ class HopProbe:
     xclient_reply: str = ""  # the answer to XCLIENT ADDR=192.0.2.1 ...
     extensions: frozenset[str] = frozenset()  # EHLO keywords after XCLIENT (else before it)
     ipv6_reply: str = ""  # the answer to XCLIENT ADDR=IPV6:2001:db8::1; "" not asked
+    relay_reply: str = ""  # RCPT TO:<PROBE_RCPT> after XCLIENT LOGIN=; "" not asked
 
     @property
     def reached(self) -> bool:
@@ -98,16 +116,19 @@ class HopProbe:
 # --- the I/O ----------------------------------------------------------------------------------
 
 
-async def probe_next_hop(hop: HostPort, ehlo_name: str, timeout: float) -> HopProbe:
+async def probe_next_hop(hop: HostPort, ehlo_name: str, timeout: float,
+                         relay: bool = False) -> HopProbe:
     try:
         source, xclient, reply, extensions = await _first_connection(hop, ehlo_name, timeout)
-        ipv6 = ""
+        ipv6 = relayed = ""
         if reply.startswith("220"):
             ipv6 = await _ipv6_connection(hop, ehlo_name, timeout, xclient or frozenset())
+            if relay:
+                relayed = await _relay_connection(hop, ehlo_name, timeout)
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         return HopProbe(hop, error=_reason(exc))
     return HopProbe(hop, source=source, xclient=xclient, xclient_reply=reply,
-                    extensions=extensions, ipv6_reply=ipv6)
+                    extensions=extensions, ipv6_reply=ipv6, relay_reply=relayed)
 
 
 async def _first_connection(hop: HostPort, ehlo_name: str, timeout: float):
@@ -139,6 +160,28 @@ async def _ipv6_connection(hop: HostPort, ehlo_name: str, timeout: float,
     finally:
         smtp.close()
     return reply
+
+
+async def _relay_connection(hop: HostPort, ehlo_name: str, timeout: float) -> str:
+    """The answer to a recipient in another domain, for an authenticated login."""
+    smtp = _client(hop, ehlo_name, timeout)
+    await smtp.connect()
+    try:
+        response = await smtp.execute_command(
+            b"XCLIENT", f"ADDR={PROBE_ADDR}".encode(), b"NAME=[UNAVAILABLE]",
+            f"LOGIN={PROBE_LOGIN}".encode())
+        if response.code != 220:
+            return f"XCLIENT LOGIN: {_one_line(response.code, response.message)}"
+        await smtp.ehlo()
+        response = await smtp.execute_command(b"MAIL", b"FROM:<>")
+        if response.code == 250:
+            response = await smtp.execute_command(b"RCPT", f"TO:<{PROBE_RCPT}>".encode())
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await smtp.execute_command(b"RSET")
+        await _quit(smtp)
+    finally:
+        smtp.close()
+    return _one_line(response.code, response.message)
 
 
 def _client(hop: HostPort, ehlo_name: str, timeout: float) -> aiosmtplib.SMTP:
@@ -211,6 +254,7 @@ def hop_findings(probe: HopProbe, ipv6_clients: str = "") -> list[Finding]:
         ipv6 = "IPv6 client addresses refused"
     else:
         ipv6 = "IPv6 client addresses refused (smtpgate has no IPv6 listener)"
+    found += _relay_findings(probe)
     for name in CARRIED:
         if name not in probe.extensions:
             found.append(Finding("warning", f"next hop {hop} does not offer {name}, so "
@@ -220,10 +264,28 @@ def hop_findings(probe: HopProbe, ipv6_clients: str = "") -> list[Finding]:
     offered = " ".join(sorted(n for n in (*CARRIED, *NOTED) if n in probe.extensions))
     line = (f"next hop {hop}: XCLIENT authorized for {probe.source or 'smtpgate'} "
             f"({' '.join(sorted(probe.xclient or ()))}); {ipv6}; offers {offered or 'none'}")
+    if probe.relay_reply.startswith("2"):
+        line += "; relays for an authenticated login"
     if missing:
         line += f"; without {' '.join(missing)} (the relay does without)"
     found.append(Finding("ok", line))
     return found
+
+
+def _relay_findings(probe: HopProbe) -> list[Finding]:
+    reply = probe.relay_reply
+    if not reply or reply.startswith("2"):
+        return []
+    said = (f"XCLIENT LOGIN={PROBE_LOGIN}, MAIL FROM:<>, RCPT TO:<{PROBE_RCPT}>: {reply}"
+            if not reply.startswith("XCLIENT") else reply)
+    if reply.startswith("5") or reply.startswith("XCLIENT"):
+        return [Finding("error", f"submission next hop {probe.hop} does not relay for an "
+                                 f"authenticated login ({said}): every message a user sends to "
+                                 f"another domain would be refused; {SUBMISSION_FIX}")]
+    # a temporary answer: Postfix's tables may not be up yet (its socketmap is smtpgate's,
+    # started after this probe); the first message shows how it is
+    return [Finding("ok", f"submission next hop {probe.hop} did not say yet whether it relays "
+                          f"for an authenticated login ({said})")]
 
 
 def _xclient_refused(probe: HopProbe) -> Finding:

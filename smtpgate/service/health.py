@@ -10,7 +10,7 @@ DESCRIPTION
     its last round trip, and the last connection attempt to at least one
     next hop succeeded) and 503 otherwise, with a JSON body naming what is
     wrong; `next_hops` lists each hop (ok, detail, retry_in seconds),
-    `submission_next_hops` those of submission_next_hop. Either group with
+    `submission_next_hops` those authenticated mail goes to. Either group with
     no hop that takes mail makes it 503.
     Each check also has the connection pool replace connections Postfix
     closed, so a Postfix that stopped or came back shows within a check or
@@ -42,7 +42,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def up(gate: Any, check: bool = True) -> tuple[bool, bool | None, list, list]:
     """Whether Redis and the next hops worked at their last use (None: not tried yet), and
     each hop's health (smtpgate.relay.hops.HopHealth): the MX hops, then the submission
-    ones (empty when submission goes to the MX hops). The next hops are not ok when either
+    ones (empty without a submission listener). The next hops are not ok when either
     group has no hop that takes mail.
 
     check: have the pools drop the connections Postfix closed and open new ones first, as a

@@ -2,6 +2,7 @@
 
 SYNOPSIS
     preflight(config) -> dict[HostPort, HopProbe]    once, before the workers; PreflightError
+    auth_preflight(config) -> AuthProbe | None       once, before the workers; PreflightError
     listener_hops(config) -> dict[str, tuple[HostPort, ...]]   listener kind -> its next hops
     ipv6_clients(config) -> str                      "listener", "proxy" or ""
     carry(gate, probes)                              offer each listener what its hops carry
@@ -29,8 +30,11 @@ DESCRIPTION
     (learn_later), then logs what it found and offers what the hop
     carries.
 
-    A next hop that is reached but refuses XCLIENT, or refuses IPv6
-    client addresses when smtpgate listens on IPv6, stops the start
+    A next hop that is reached but refuses XCLIENT, refuses IPv6
+    client addresses when smtpgate listens on IPv6, or, as a submission
+    next hop, refuses to relay for an authenticated login (its users'
+    mail to other domains would be refused after the whole message),
+    stops the start
     (PreflightError, exit status 1, the log naming the Postfix setting):
     running would answer 451 to every message (or to every IPv6 client's)
     while looking healthy, and senders would retry quietly for days
@@ -38,6 +42,13 @@ DESCRIPTION
     one of them: messages would fail over from it, but it is as
     misconfigured, and the start is the moment to say so. Found later by learn_later(), the same is
     logged as an error and mail is answered 451 until Postfix is fixed.
+
+    auth_preflight() asks Dovecot's auth service, when a submission
+    listener is on, whether it accepts a made-up login
+    (smtpgate.lookups.auth_probe). If it does, the start stops
+    (PreflightError, exit status 1) with a line saying why and what to
+    change: AUTH would let anyone relay as anyone. Dovecot not reachable
+    yet is a warning, and each worker asks again before the first AUTH.
 
     A reload (SIGHUP) that names another next hop offers every extension
     again and probes the new hop at once (start_learning(gate, {},
@@ -53,6 +64,8 @@ import logging
 from typing import Any
 
 from smtpgate.config import Config, HostPort
+from smtpgate.lookups.auth_probe import AuthProbe, auth_finding, probe_auth
+from smtpgate.lookups.dovecot_auth import DovecotAuth
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS
 from smtpgate.relay.probe import HopProbe, carried_extensions, hop_findings, probe_next_hop
 from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
@@ -68,7 +81,7 @@ class PreflightError(Exception):
 
 def listener_hops(config: Config) -> dict[str, tuple[HostPort, ...]]:
     """Where each enabled SMTP listener's mail may go."""
-    submission = config.submission_next_hop or config.next_hop
+    submission = config.submission_hops
     hops = {}
     for kind, listen, hop in ((MX, config.mx_listen, config.next_hop),
                               (SUBMISSION, config.submission_listen, submission),
@@ -104,6 +117,30 @@ def preflight(config: Config) -> dict[HostPort, HopProbe]:
     return probes
 
 
+def auth_preflight(config: Config) -> AuthProbe | None:
+    if not (config.submission_listen or config.submissions_listen):
+        return None
+    probe = asyncio.run(_probe_auth(config))
+    finding = auth_finding(probe)
+    if finding.level == "error":
+        log.error("fatal: %s", finding.text)
+        raise PreflightError(finding.text)
+    if finding.level == "warning":
+        log.warning("warning: %s", finding.text)
+    else:
+        log.info("%s", finding.text)
+    return probe
+
+
+async def _probe_auth(config: Config) -> AuthProbe:
+    auth = DovecotAuth(config.dovecot, config.dovecot_auth_port,
+                       min(config.dns_timeout * 2, PROBE_TIMEOUT))
+    try:
+        return await probe_auth(auth)
+    finally:
+        await auth.close()
+
+
 def _certificate(config: Config) -> None:
     paths = config.tls_paths
     if paths is None:
@@ -122,7 +159,10 @@ def _certificate(config: Config) -> None:
 
 async def _probe_all(config: Config, hops) -> dict[HostPort, HopProbe]:
     timeout = min(config.next_hop_timeout, PROBE_TIMEOUT)
-    found = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout)
+    kinds = listener_hops(config)
+    submission = {*kinds.get(SUBMISSION, ()), *kinds.get(SUBMISSIONS, ())}
+    found = await asyncio.gather(*(probe_next_hop(hop, config.hostname, timeout,
+                                                  relay=hop in submission)
                                    for hop in hops))
     return dict(zip(hops, found, strict=True))
 

@@ -2,7 +2,7 @@
 
 SYNOPSIS
     Gate(config, tls, policy, relay_limit, auth)  the runtime state every session shares
-    await build_gate(config) -> Gate
+    await build_gate(config, auth_probe=None) -> Gate
     await start_listeners(gate) -> list[asyncio.Server]
     serve(config) -> int                        run until SIGTERM; the `serve` command
                                                 (first smtpgate.service.preflight)
@@ -25,7 +25,9 @@ DESCRIPTION
     next hops once (smtpgate.service.preflight): a next hop that refuses
     XCLIENT stops the start; one not reached yet is probed again by each
     worker. Each worker offers its clients only the extensions the next
-    hops carry.
+    hops carry. With submission on, the master also asks Dovecot whether
+    it accepts a made-up login, and does not start if it does
+    (preflight.auth_preflight); the workers keep what it found.
 
     "smtpgate: ready" is written to stderr once every listener is bound,
     for scripts and tests that wait on it.
@@ -45,6 +47,7 @@ from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
+from smtpgate.lookups.auth_probe import AuthProbe
 from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
@@ -53,6 +56,7 @@ from smtpgate.service.health import start_health
 from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.preflight import (
     PreflightError,
+    auth_preflight,
     carry,
     listener_hops,
     mark_reached,
@@ -71,7 +75,7 @@ from smtpgate.smtp.tls import TlsError, load_tls
 log = logging.getLogger("smtpgate.master")
 
 
-async def build_gate(config: Config) -> Gate:
+async def build_gate(config: Config, auth_probe: AuthProbe | None = None) -> Gate:
     from smtpgate.policy.stages import Policy
 
     tls = load_tls(config)
@@ -80,7 +84,7 @@ async def build_gate(config: Config) -> Gate:
         from smtpgate.lookups.dovecot_auth import DovecotAuth
 
         auth = DovecotAuth(config.dovecot, config.dovecot_auth_port, config.dns_timeout * 2)
-    policy = await Policy.create(config, auth)
+    policy = await Policy.create(config, auth, auth_probe=auth_probe)
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
                 submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics(),
@@ -90,14 +94,15 @@ async def build_gate(config: Config) -> Gate:
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
-    """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
+    """The MX next hops (pooled, when there is an MX listener) and the submission ones
+    (None without a submission listener)."""
     pool_size = config.next_hop_pool if config.mx_listen else 0
     timeouts = HopTimeouts.from_config(config)
     hops = Hops(config.next_hop, timeouts, config.hostname, pool_size,
                 config.next_hop_retry)
     submission = None
-    if config.submission_next_hop:
-        submission = Hops(config.submission_next_hop, timeouts, config.hostname,
+    if config.submission_listen or config.submissions_listen:
+        submission = Hops(config.submission_hops, timeouts, config.hostname,
                           0, config.next_hop_retry)
     return hops, submission
 
@@ -146,8 +151,9 @@ def _smtp_starter(gate: Gate, kind: str):
     return start
 
 
-async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
-    gate = await build_gate(config)
+async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
+                     auth_probe: AuthProbe | None = None) -> int:
+    gate = await build_gate(config, auth_probe)
     if probes is not None:  # what the master's preflight learned of the next hops
         carry(gate, probes)
         mark_reached(gate, probes)
@@ -252,27 +258,31 @@ async def _drain(gate: Gate, grace: float) -> None:
 def serve(config: Config) -> int:
     try:
         probes = preflight(config)
+        auth_probe = auth_preflight(config)
     except PreflightError:
         return 1  # logged, with the setting to change
     workers = config.workers or os.cpu_count() or 1
     with metrics_directory(config.metrics_dir, tls=config.tls_paths is not None) as path:
         if workers == 1:
-            return _run_loop(config, probes)
-        return _supervise(config, workers, path, probes)
+            return _run_loop(config, probes, auth_probe)
+        return _supervise(config, workers, path, probes, auth_probe)
 
 
-def _run_loop(config: Config, probes: dict[Any, HopProbe] | None = None) -> int:
+def _run_loop(config: Config, probes: dict[Any, HopProbe] | None = None,
+              auth_probe: AuthProbe | None = None) -> int:
+    worker = run_worker(config, probes, auth_probe)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
-        return asyncio.run(run_worker(config, probes))
+        return asyncio.run(worker)
     if os.environ.get("SMTPGATE_UVLOOP", "yes").lower() in ("no", "0", "off"):
-        return asyncio.run(run_worker(config, probes))
-    return uvloop.run(run_worker(config, probes))
+        return asyncio.run(worker)
+    return uvloop.run(worker)
 
 
 def _supervise(config: Config, workers: int, metrics_path: str,
-               probes: dict[Any, HopProbe] | None = None) -> int:
+               probes: dict[Any, HopProbe] | None = None,
+               auth_probe: AuthProbe | None = None) -> int:
     children: set[int] = set()
     stopping = False
 
@@ -283,7 +293,7 @@ def _supervise(config: Config, workers: int, metrics_path: str,
         if pid == 0:
             code = 1
             try:
-                code = _run_loop(config, probes)
+                code = _run_loop(config, probes, auth_probe)
             except Exception as exc:
                 print(f"smtpgate: fatal: {exc}", file=sys.stderr, flush=True)
             finally:

@@ -1,9 +1,6 @@
 """params - MAIL and RCPT parameters, split and checked word by word as Postfix 3.7's smtpd does.
 
 SYNOPSIS
-    BLANKS                          the characters that separate parameters
-    split_words(text) -> list[str]
-    declares_smtputf8(words) -> bool
     mail_params_reply(words, size_limit, offered=ALL_OFFERED, room=None) -> Reply | None
     rcpt_params_reply(words, offered=ALL_OFFERED) -> Reply | None
 
@@ -16,9 +13,10 @@ DESCRIPTION
     rcpt_cmd()), rule for rule:
 
     - Words are separated by Postfix's ISSPACE in the C locale: SP, HT, LF,
-      VT, FF, CR (BLANKS). Nothing else separates: \\x1c-\\x1f, NBSP and
-      other Unicode spaces are part of a word, so `SIZE=1\\x1fBODY=7BIT` is
-      one SIZE word and gets "501 5.5.4 Bad message size syntax".
+      VT, FF, CR (smtpgate.address.BLANKS, split_words). Nothing else
+      separates: \\x1c-\\x1f, NBSP and other Unicode spaces are part of a
+      word, so `SIZE=1\\x1fBODY=7BIT` is one SIZE word and gets "501 5.5.4 Bad
+      message size syntax".
     - SMTPUTF8 counts only as a parameter word of its own (any case), never
       as text elsewhere in the line, and only while SMTPUTF8 is offered.
     - A word is matched by its prefix and checked in order, the first
@@ -69,8 +67,6 @@ import re
 from smtpgate import replies
 from smtpgate.verdict import Reply
 
-BLANKS = " \t\n\v\f\r"
-_SPLIT = re.compile(r"[ \t\n\v\f\r]+")
 _UXTEXT_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]*)\}")
 _HEX = frozenset("0123456789abcdefABCDEF")
 NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
@@ -85,15 +81,6 @@ BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
 DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled")
 MULTIPLE_AUTH = Reply(503, "5.5.4", "Error: multiple AUTH= options")
 ALL_OFFERED = frozenset({"8BITMIME", "DSN", "SMTPUTF8"})
-
-
-def split_words(text: str) -> list[str]:
-    """The words of `text` as Postfix's smtpd_token() separates them."""
-    return [word for word in _SPLIT.split(text) if word]
-
-
-def declares_smtputf8(words: list[str] | tuple[str, ...]) -> bool:
-    return any(word.upper() == "SMTPUTF8" for word in words)
 
 
 def xtext_decode(value: str) -> str | None:

@@ -74,9 +74,17 @@ def build_context(cert_path: str, key_path: str, ciphers: str = MX_CIPHERS) -> s
 def _load(cert_path: str, key_path: str,
           ciphers: str = MX_CIPHERS) -> tuple[ssl.SSLContext, CertificateInfo]:
     for path in (cert_path, key_path):
-        if not os.access(path, os.R_OK):
-            reason = "does not exist" if not os.path.exists(path) else "is not readable"
-            raise TlsError(f"TLS certificate file {path} {reason}")
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise TlsError(f"TLS certificate file {path} does not exist") from None
+        except OSError as exc:
+            # certbot keeps live/ and archive/ root-only: a file behind a folder this user
+            # may not enter is unreadable, not missing; say whose permission is lacking
+            raise TlsError(f"TLS certificate file {path} cannot be read by uid {os.getuid()}"
+                           f" (groups {' '.join(map(str, os.getgroups()))}): {exc.strerror}"
+                           ) from None
     try:
         info = read_certificate(cert_path, key_path)
     except CertificateError as exc:

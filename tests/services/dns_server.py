@@ -16,6 +16,7 @@ SYNOPSIS
         .set_timeout_zone(zone) -> None
         .records() -> list[tuple[str, str, str, int]]
         .resolver(timeout=2.0) -> dns.resolver.Resolver
+        .queries(rtype) -> int     queries of that type asked so far (unbound's statistics)
     reverse_name(ip) -> str        "77.0.0.127.in-addr.arpa" or the ip6.arpa name
 
 DESCRIPTION
@@ -175,6 +176,7 @@ class DnsServer:
   do-not-query-localhost: no
   access-control: 127.0.0.0/8 allow
   msg-cache-size: 1m
+  extended-statistics: yes
   rrset-cache-size: 1m
   local-zone: "." static
   include: "{self.zone_path}"
@@ -210,6 +212,14 @@ remote-control:
             timeout=10,
             what=f"unbound-control {' '.join(args)} (log: {log_tail(self.log_path, 10)})",
         ).stdout
+
+    def queries(self, rtype: str) -> int:
+        """How many queries of this type the server has been asked since it started."""
+        for line in self._control("stats_noreset").splitlines():
+            key, _, value = line.partition("=")
+            if key == f"num.query.type.{rtype}":
+                return int(value)
+        return 0
 
     def _answers(self) -> bool:
         query = dns.message.make_query("localhost.", "A")

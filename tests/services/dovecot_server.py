@@ -1,7 +1,7 @@
 """dovecot_server - a private Dovecot: LMTP delivery to Maildir, SASL auth service
 
 SYNOPSIS
-    DovecotServer(workdir: Path)
+    DovecotServer(workdir: Path, passdb: str | None = None)
         .host: str                       "127.0.0.1"
         .lmtp_port: int                  LMTP, plain TCP on loopback
         .auth_port: int                  auth "client" protocol (Postfix smtpd_sasl_type = dovecot)
@@ -17,6 +17,9 @@ SYNOPSIS
 DESCRIPTION
     Users live in a passwd-file (passdb and userdb, PLAIN scheme) that
     Dovecot rereads when it changes, so add_user() takes effect at once.
+    passdb, when given, is the body of the passdb section instead (e.g.
+    "driver = static\nargs = password=pass", the dovecot/dovecot image's
+    accept-anyone default); "{users}" in it is the passwd-file's path.
     The initial users are user1@example.com/secret1 and
     user2@example.com/secret2. Mail is delivered as the "mail" user.
 
@@ -47,8 +50,9 @@ INITIAL_USERS = {"user1@example.com": "secret1", "user2@example.com": "secret2"}
 
 
 class DovecotServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, passdb: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.passdb = passdb
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.pick_ports()
@@ -70,6 +74,9 @@ class DovecotServer:
         base = self.workdir / "run"
         base.mkdir(exist_ok=True)
         (self.workdir / "state").mkdir(exist_ok=True)
+        passdb = (self.passdb or "driver = passwd-file\n"
+                  "args = scheme=PLAIN username_format=%Lu {users}").format(users=self.users_path)
+        passdb = "\n".join(f"  {line.strip()}" for line in passdb.splitlines())
         self.conf_path.write_text(
             f"""# smtpgate test harness Dovecot
 instance_name = smtpgate-test-{self.lmtp_port}
@@ -89,8 +96,7 @@ mail_uid = {uid}
 mail_gid = {gid}
 lmtp_rcpt_check_quota = no
 passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%Lu {self.users_path}
+{passdb}
 }}
 userdb {{
   driver = passwd-file

@@ -6,6 +6,7 @@ SYNOPSIS
     .banner() -> (code, text) ; .starttls(ca_path) ; .closed() -> bool ; .close()
     open_clients() -> list[Talk]
     untag(reply) -> reply        a refusal without smtpgate's `; session=ID` (asserted there)
+    deliver_across_stop(port, stop, draining, mark, source="127.0.0.1") -> stop()'s result
     SESSION_TAG                  the regex of that ending; group 1 is the id
 
 DESCRIPTION
@@ -23,6 +24,13 @@ DESCRIPTION
     asserts that the last line ends with smtpgate's session id and returns
     the reply without it, so a test can compare Postfix's wording exactly.
 
+    deliver_across_stop() opens a transaction to user1@example.com, calls
+    stop() in a thread (podman stop, systemctl stop: whatever sends the
+    SIGTERM and waits), waits for draining() to return (it waits for the
+    drain to show, with a deadline), then sends the message, which must be
+    accepted (250) although the gate is stopping; it returns what stop()
+    returned, once it has.
+
     open_clients() lists the clients not closed yet; tests/conftest.py
     closes them after each test and fails a test that left one open.
 """
@@ -33,6 +41,8 @@ import contextlib
 import re
 import socket
 import ssl
+import threading
+from collections.abc import Callable
 
 SESSION_TAG = re.compile(r"; session=([0-9A-HJKMNP-TV-Z]{12})$")
 
@@ -139,3 +149,27 @@ def send_marked(port: int, mark: str, source: str = "127.0.0.77",
         reply = talk.reply()
         talk.cmd("QUIT")
     return reply
+
+
+def deliver_across_stop(port: int, stop: Callable[[], object], draining: Callable[[], object],
+                        mark: str, source: str = "127.0.0.1"):
+    """A message whose transaction began before the stop and ends during the drain."""
+    stopped: list = []
+    with Talk("127.0.0.1", port, source=source, timeout=30) as busy:
+        assert busy.banner()[0] == 220
+        busy.cmd("EHLO client.example.test")
+        busy.cmd("MAIL FROM:<sender@example.net>")
+        assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        stopper = threading.Thread(target=lambda: stopped.append(stop()))
+        stopper.start()
+        try:
+            draining()
+            assert busy.cmd("DATA")[0] == 354
+            busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
+            code, text = busy.reply()
+            assert code == 250, text
+            busy.cmd("QUIT")
+        finally:
+            stopper.join(60)
+    assert stopped, "the stop did not return within 60 s"
+    return stopped[0]
