@@ -79,8 +79,10 @@ def test_a_stream_of_new_addresses_leaves_it_bounded_by_what_is_alive():
 
 async def test_dnsbl_scores_of_new_addresses_leave_with_their_ttl():
     class Nxdomain:  # every address unlisted, answered at once, TTL 300
-        async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
-            return DnsAnswer("nxdomain", (), 300)
+        def start(self, name: str, rdtype: str) -> asyncio.Future[DnsAnswer]:
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_result(DnsAnswer("nxdomain", (), 300))
+            return answer
 
     clock = Clock()
     querier = DnsblQuerier(Nxdomain(), parse_sites("bl1.test*2 bl2.test*2"), clock=clock)

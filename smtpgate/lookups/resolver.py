@@ -69,7 +69,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
