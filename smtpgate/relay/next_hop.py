@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smtpgate.config import HostPort
+from smtpgate.flow_control import WriteFlow
 from smtpgate.relay.xclient import ClientIdentity, xclient_command
 
 READ_HIGH = 1 << 20  # a reply longer than this is not Postfix talking
@@ -80,7 +81,7 @@ class _HopWire(asyncio.Protocol):
         self.lost: str | None = None
         self.waiter: asyncio.Future | None = None
         self.wanted = 0
-        self.drained: asyncio.Future | None = None  # set while the kernel buffer is full
+        self.flow = WriteFlow()  # paused while the kernel buffer is full
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -104,11 +105,10 @@ class _HopWire(asyncio.Protocol):
         self.resume_writing()
 
     def pause_writing(self) -> None:
-        self.drained = asyncio.get_running_loop().create_future()
+        self.flow.pause()
 
     def resume_writing(self) -> None:
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
+        self.flow.resume()
 
     def _cut(self) -> None:
         buf = self.buf
@@ -243,12 +243,10 @@ class NextHop:
 
     async def _drained(self) -> None:
         # the spool may hold megabytes: let the kernel take them before reading more
-        drained = self._wire.drained
-        if drained is not None and not drained.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(drained), self._timeout)
-            except TimeoutError:
-                raise RelayError("next hop: timed out taking the message") from None
+        try:
+            await self._wire.flow.drained(self._timeout)
+        except TimeoutError:
+            raise RelayError("next hop: timed out taking the message") from None
         if self._wire.lost:
             raise RelayError(self._wire.lost)
 

@@ -4,7 +4,6 @@ SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
     session_record(session) -> dict             the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
-    SHOWN_ARGUMENTS                             the commands whose argument a record shows
 
 DESCRIPTION
     A session keeps nothing of this until it refuses something: then it
@@ -18,7 +17,8 @@ DESCRIPTION
     ended; HELO name, login, sender and the recipients accepted in the
     transaction in progress; `commands`, the disconnect line's counts;
     `verdicts`, every verdict of the policy (check, outcome, reason: which
-    key, zone and answer; reply); `replies`, the refusals, each with the
+    key, zone and answer; reply) the session kept, `unrecorded` the number
+    taken past that cap (smtpgate.policy.state); `replies`, the refusals, each with the
     number of verdicts taken before it, so `explain` can print each
     refusal after the verdicts that led to it. A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
@@ -36,8 +36,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from smtpgate import session_id
-
-SHOWN_ARGUMENTS = frozenset({"HELO", "EHLO", "MAIL", "RCPT"})
 
 
 class Refusal(NamedTuple):
@@ -64,8 +62,9 @@ def session_record(session: Any) -> dict:
         "sender": session.sender,
         "recipients": list(session.recipients),
         "commands": session.command_counts(),
+        **({"unrecorded": state.unrecorded} if state is not None and state.unrecorded else {}),
         "verdicts": [
-            {"check": v.check, "outcome": str(v.outcome), "reason": v.reason,
+            {"check": v.check, "outcome": str(v.outcome), "reason": v.logged,
              "reply": str(v.reply) if v.reply is not None else None}
             for v in verdicts],
         "replies": [
