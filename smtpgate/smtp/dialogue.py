@@ -98,61 +98,63 @@ class Transaction:
 
 
 # --- actions ------------------------------------------------------------------------------------
+# Plain slotted classes, made per command: a frozen dataclass's __init__ costs a call per field.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     verb: str  # upper case; not in VERBS: an unknown command
     arg: bytes
     line: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     reply: Reply | str
     counted: bool = True  # a 4xx/5xx that is an error (a 452 within the overshoot is not)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     name: str
     esmtp: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mail:
     path: Path
     line: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rcpt:
     path: Path
     line: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTls:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Authenticate:
     mechanism: str
     initial: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReceiveBody:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Quit:
     pass
 
 
 Action = Answer | Hello | Mail | Rcpt | StartTls | Authenticate | ReceiveBody | Quit
+_OK, _QUIT, _STARTTLS, _RECEIVE_BODY = Answer(replies.OK), Quit(), StartTls(), ReceiveBody()
 
 
 @dataclass(slots=True)
@@ -234,7 +236,7 @@ class Dialogue:
             return Answer(replies.TLS_ACTIVE)
         if not self.offers_tls:
             return Answer(replies.NOT_IMPLEMENTED)
-        return StartTls()
+        return _STARTTLS
 
     @property
     def auth_offered(self) -> bool:
@@ -289,19 +291,19 @@ class Dialogue:
             return Answer(replies.NEED_MAIL)
         if not self.tx.recipients:
             return Answer(replies.NEED_RCPT)
-        return ReceiveBody()
+        return _RECEIVE_BODY
 
     def _rset(self, arg: str) -> Action:
         if arg:
             return Answer(replies.NO_ARGS)
         self._end_transaction()
-        return Answer(replies.OK)
+        return _OK
 
     def _noop(self, arg: str) -> Action:
-        return Answer(replies.OK)
+        return _OK
 
     def _quit(self, arg: str) -> Action:
-        return Quit()
+        return _QUIT
 
     def _vrfy(self, arg: str) -> Action:
         return Answer(replies.VRFY_DISABLED)

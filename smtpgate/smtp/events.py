@@ -40,7 +40,7 @@ from typing import Any
 from smtpgate.verdict import Reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refused:
     listener: str
     command: str  # the last command ("" before the first: at connect)
@@ -50,19 +50,19 @@ class Refused:
     counted: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Relayed:
     result: int | str
     seconds: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProtocolTestFailed:
     test: str
     listener: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ended:
     listener: str
     how: str

@@ -137,12 +137,21 @@ def protocol_factory(gate: Gate, listener: str,
 
 
 def limits_of(gate: Gate, listener: str) -> Limits:
-    config = gate.config
-    return Limits(recipients=config.smtpd_recipient_limit,
-                  overshoot=config.smtpd_recipient_overshoot_limit,
-                  junk=config.smtpd_junk_command_limit,
-                  hard_errors=config.smtpd_hard_error_limit, size=config.message_size_limit,
-                  offered=gate.offered[listener])
+    """The dialogue's limits for a listener, made once per configuration (not per session)."""
+    config, offered = gate.config, gate.offered[listener]
+    cached = _LIMITS.get(listener)
+    if cached is not None and cached[0] is config and cached[1] is offered:
+        return cached[2]
+    limits = Limits(recipients=config.smtpd_recipient_limit,
+                    overshoot=config.smtpd_recipient_overshoot_limit,
+                    junk=config.smtpd_junk_command_limit,
+                    hard_errors=config.smtpd_hard_error_limit, size=config.message_size_limit,
+                    offered=offered)
+    _LIMITS[listener] = (config, offered, limits)
+    return limits
+
+
+_LIMITS: dict[str, tuple] = {}
 
 
 class Session:
@@ -419,23 +428,14 @@ class Session:
             return
         await self._protocol_tests_of(command)
         action = self.dialogue.step(command)
-        if isinstance(action, Answer):
+        if type(action) is Answer:
             self._answer(action)
-        elif isinstance(action, Hello):
-            await self._hello(action)
-        elif isinstance(action, Mail):
-            await self._mail(action)
-        elif isinstance(action, Rcpt):
-            await self._rcpt(action)
-        elif isinstance(action, ReceiveBody):
-            await self._data()
-        elif isinstance(action, StartTls):
-            await self._starttls()
-        elif isinstance(action, Authenticate):
-            await self._auth(action)
-        elif isinstance(action, Quit):
-            self.reply(replies.BYE)
-            raise Closing
+        else:
+            await _DRIVE[type(action)](self, action)
+
+    async def _quit(self, quit: Quit) -> None:
+        self.reply(replies.BYE)
+        raise Closing
 
     # --- postscreen's deep protocol tests ------------------------------------------------------
 
@@ -504,7 +504,7 @@ class Session:
         lines += self.gate.ehlo_tail[self.listener]  # what the next hop carries
         return lines
 
-    async def _starttls(self) -> None:
+    async def _starttls(self, start: StartTls | None = None) -> None:
         self.reply(replies.START_TLS)
         try:
             await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
@@ -586,7 +586,7 @@ class Session:
         self.dialogue.rcpt_accepted(rcpt.path, rcpt.line)
         self.reply(replies.RCPT_OK)
 
-    async def _data(self) -> None:
+    async def _data(self, receive: ReceiveBody | None = None) -> None:
         if self.gate.draining:  # a message begun now might not end within the grace
             self.reply(replies.shutting_down(self.config.hostname))
             raise Closing
@@ -713,6 +713,10 @@ class Session:
 
 
 _QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
+# what the session does for each of the dialogue's actions but an Answer
+_DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
+          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
+          Quit: Session._quit}
 
 
 def tls_established(label: str, ssl_object) -> str:
