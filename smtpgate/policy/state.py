@@ -14,7 +14,8 @@ DESCRIPTION
     The engine creates a Client when a connection starts and asks
     Policy.open(client) for a ClientState; it hands that state back at each
     stage and reads from it only what the policy found (client_name for
-    XCLIENT NAME and the log, record for the log and `explain`). The policy
+    XCLIENT NAME and the log, record for the log and `explain`,
+    protocol_failed so that a deep protocol test is asked once). The policy
     changes nothing but its own state: it writes to no socket and sets no
     field of the engine's session.
 

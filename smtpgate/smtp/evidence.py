@@ -2,7 +2,7 @@
 
 SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
-    session_record(session) -> dict             the record smtpgate.lookups.evidence stores
+    session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
 
 DESCRIPTION
@@ -33,7 +33,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from smtpgate import session_id
 
@@ -45,7 +45,27 @@ class Refusal(NamedTuple):
     verdicts: int  # how many verdicts the policy had taken when it was given
 
 
-def session_record(session: Any) -> dict:
+class Recorded(Protocol):
+    """What a record is made of: the session as smtpgate.smtp.session.Session shows it."""
+
+    id: str
+    client: Any  # smtpgate.policy.state.Client
+    state: Any  # smtpgate.policy.state.ClientState, None before the policy opened one
+    ended: float | None
+    refusals: list[Refusal] | None
+
+    @property
+    def helo(self) -> str | None: ...
+    @property
+    def login(self) -> str | None: ...
+    @property
+    def sender(self) -> str | None: ...
+    @property
+    def recipients(self) -> tuple[str, ...]: ...
+    def command_counts(self) -> str: ...
+
+
+def session_record(session: Recorded) -> dict:
     client, state = session.client, session.state
     verdicts = state.record if state is not None else []
     return {
@@ -73,7 +93,7 @@ def session_record(session: Any) -> dict:
     }
 
 
-def refused_alike(session: Any) -> tuple | None:
+def refused_alike(session: Recorded) -> tuple | None:
     if session.ended is None or not session.refusals:
         return None  # still running: more may come
     record = session.state.record if session.state is not None else []

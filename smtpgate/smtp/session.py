@@ -5,7 +5,6 @@ SYNOPSIS
                                                     for loop.create_server()
     Session(gate, wire, listener) ; await session.run()
     session.shut_down()                                       the drain's last word
-    session.handing_off                               the final dot came: the message is committed
 
 DESCRIPTION
     The session owns all I/O of one connection (smtpgate.smtp.wire): the
@@ -235,11 +234,6 @@ class Session:
     @property
     def proto(self) -> str:
         return "ESMTP" if self.dialogue.esmtp else "SMTP"
-
-    @property
-    def handing_off(self) -> bool:
-        """The final dot came: the message is the client's no more, but Postfix's answer."""
-        return self.committed
 
     # --- output and events ---------------------------------------------------------------------
 
