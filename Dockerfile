@@ -32,7 +32,7 @@ RUN pip install --no-cache-dir . \
 WORKDIR /
 USER 10025:10025
 
-EXPOSE 25 587
+EXPOSE 25 587 465
 
 # Healthy while this worker can reach Redis and is not draining: /healthz on the metrics
 # listener (SMTPGATE_METRICS_LISTEN, 127.0.0.1:9425 by default) answers 200, else 503.

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -173,12 +174,12 @@ def test_dovecot_drop_in_parses_with_dovecot(dovecot_server, tmp_path):
 def unit_problems(unit_text: str, tmp_path: Path) -> str:
     """What `systemd-analyze verify` says about the unit ('' when nothing). No systemd runs
     here; verify works offline, but insists that ExecStart's program exists, so the
-    installed path /usr/local/bin/smtpgate is pointed at this environment's smtpgate."""
+    installed path /opt/smtpgate/bin/smtpgate is pointed at this environment's smtpgate."""
     smtpgate = BIN / "smtpgate"
     assert smtpgate.is_file()
-    assert "ExecStart=/usr/local/bin/smtpgate serve\n" in unit_text
+    assert "ExecStart=/opt/smtpgate/bin/smtpgate serve\n" in unit_text
     unit = tmp_path / "smtpgate.service"
-    unit.write_text(unit_text.replace("/usr/local/bin/smtpgate", str(smtpgate)))
+    unit.write_text(unit_text.replace("/opt/smtpgate/bin/smtpgate", str(smtpgate)))
     result = run(tool("systemd-analyze"), "verify", "--man=no", str(unit))
     # verify exits 0 on unknown keys and bad values (it logs them and ignores the line)
     return (result.stdout + result.stderr).strip() + (
@@ -268,3 +269,27 @@ def test_kubernetes_smtpgate_settings_are_known_and_load(tmp_path):
         (25, "smtp"), (587, "submission"), (465, "submissions")}
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"][
         "selector"]
+
+
+def test_kubernetes_image_is_the_one_its_build_comment_makes():
+    """The Deployment's image tag is the project's version, which the comment above it
+    builds; a tag nothing builds leaves the pods in ImagePullBackOff."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    text = (KUBERNETES / "deployment.yaml").read_text()
+    assert f"docker build -t REGISTRY/smtpgate:{version} ." in text
+    images = [c["image"] for doc in yaml.safe_load_all(text) if doc
+              for c in doc.get("spec", {}).get("template", {}).get("spec", {})
+              .get("containers", [])]
+    assert images == [f"smtpgate:{version}"]
+
+
+def test_deployment_files_cite_only_what_the_repository_has():
+    """A reader sent to a file the repository lacks (design.md lives outside it) is lost."""
+    for path in [*KUBERNETES.iterdir(), COMPOSE, UNIT, REPO / "Dockerfile"]:
+        assert "design.md" not in path.read_text(), path
+
+
+def test_dockerfile_exposes_every_listener_of_the_image():
+    exposed = next(line.split()[1:] for line in (REPO / "Dockerfile").read_text().splitlines()
+                   if line.startswith("EXPOSE"))
+    assert sorted(exposed) == ["25", "465", "587"]

@@ -74,3 +74,18 @@ def wait_for_health(port: int, wanted, timeout: float = 20.0) -> tuple[int, dict
         if wanted(body) or time.monotonic() > deadline:
             return code, body
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_hop_the_start_up_probe_reached_is_up_before_any_mail(start_gate, world, postfix_server):
+    """Without a pool nothing connects to the hop until a message comes; the probe that let
+    smtpgate start already showed it takes mail, so /healthz must not say "not tried"."""
+    gate = start_gate(listeners=("mx", "metrics"), SMTPGATE_NEXT_HOP_POOL="0")
+    try:
+        code, text = get(gate.metrics_port, "/healthz")
+        body = json.loads(text)
+        assert code == 200, body
+        assert body["next_hop"]["ok"] is True
+        assert [hop["ok"] for hop in body["next_hops"]] == [True]
+    finally:
+        gate.stop()

@@ -1,6 +1,8 @@
 """The screening cache and the connection counters against a real redis-server."""
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -202,4 +204,23 @@ async def test_releases_are_batched_into_one_round_trip(redis, redis_server):
         assert after - before == 6  # five client sets and one ZREM for the global set
     finally:
         await counter.flush()
+        await client.aclose()
+
+
+async def test_a_stalled_redis_is_named_as_such(redis, redis_server):
+    """A Redis that accepts but does not answer: the error says so, not an empty reason."""
+    client = _async_client(redis_server)
+    counter = ConnectionCounter(client, timeout=0.2)
+    try:
+        await counter.release(await counter.connect("192.0.2.40"))  # connected and warm
+        pid = redis_server._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with no_hang():
+                with pytest.raises(ScreeningStoreError) as raised:
+                    await counter.connect("192.0.2.41")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert str(raised.value) == "connection count for 192.0.2.41: no answer from Redis in 0.2s"
+    finally:
         await client.aclose()

@@ -165,6 +165,8 @@ def test_fail2ban_finds_the_offenders_and_only_them(gate, world, dns, tmp_path):
 
     matched = fail2ban_ips(log, str(FILTER))
     assert matched == {ip for ip, _ in offenders.values()}, (matched, offenders)
+    # and a running fail2ban with the shipped jail bans exactly them
+    assert banned_by_a_running_fail2ban(log, tmp_path, len(matched)) == matched
 
     # Debian's own postfix filter, told smtpgate's tag, still reads smtpgate's refusals
     # (the session id at the end is no obstacle) and the failed AUTH
@@ -179,28 +181,84 @@ def fail2ban_ips(log: Path, filter_spec: str) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_the_jail_loads_with_the_filter(tmp_path):
-    """fail2ban-client -t and -d on a copy of Debian's configuration with ours added: the
-    jail parses, uses the filter, watches 25, 465 and 587 and reads the log it names."""
+def fail2ban_config(tmp_path: Path, jail: str) -> Path:
+    """A copy of Debian's fail2ban configuration with our filter and `jail` added."""
     conf = tmp_path / "fail2ban"
     shutil.copytree("/etc/fail2ban", conf)
     (conf / "jail.d" / "defaults-debian.conf").unlink(missing_ok=True)  # its sshd log is absent
     shutil.copy(FILTER, conf / "filter.d" / "smtpgate.conf")
-    log = tmp_path / "smtpgate.log"
-    log.write_text("")
-    (conf / "jail.d" / "smtpgate.conf").write_text(
-        JAIL.read_text().replace("/var/log/smtpgate.log", str(log)))
+    (conf / "jail.d" / "smtpgate.conf").write_text(jail)
+    return conf
+
+
+def as_the_jail_says_for_a_log_file(jail: str, log: Path) -> str:
+    """The jail changed as its own comment tells a reader whose log goes to a file."""
+    assert "backend  = systemd\n" in jail
+    assert "#     backend = auto\n#     logpath = /var/log/smtpgate.log\n" in jail
+    return jail.replace("backend  = systemd\n", f"backend = auto\nlogpath = {log}\n")
+
+
+def jail_dump(conf: Path) -> list[str]:
     test = subprocess.run(["fail2ban-client", "-c", str(conf), "-t"], capture_output=True,
                           text=True, timeout=60)
     assert test.returncode == 0 and "OK" in test.stdout, test.stdout + test.stderr
     dump = subprocess.run(["fail2ban-client", "-c", str(conf), "-d"], capture_output=True,
                           text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    jail = [line for line in dump.stdout.splitlines() if "'smtpgate'" in line]
-    assert "['add', 'smtpgate', 'auto']" in jail
+    return [line for line in dump.stdout.splitlines() if "'smtpgate'" in line]
+
+
+def test_the_shipped_jail_reads_the_units_journal(tmp_path):
+    """As shipped, the jail needs no log file (smtpgate writes none): it reads the journal
+    entries of the systemd unit, and watches 25, 465 and 587."""
+    jail = jail_dump(fail2ban_config(tmp_path, JAIL.read_text()))
+    assert "['add', 'smtpgate', 'systemd']" in jail
+    assert any("addjournalmatch" in line and "_SYSTEMD_UNIT=smtpgate.service" in line
+               for line in jail)
+    assert not any("addlogpath" in line for line in jail)
     assert any("addfailregex" in line and "SASL" in line and "NOQUEUE" in line for line in jail)
-    assert any(f"'addlogpath', '{log}'" in line for line in jail)
     assert any("--dports smtp,465,submission" in line for line in jail)
+
+
+def test_the_jail_on_a_log_file_loads_with_the_filter(tmp_path):
+    log = tmp_path / "smtpgate.log"
+    log.write_text("")
+    jail = jail_dump(fail2ban_config(
+        tmp_path, as_the_jail_says_for_a_log_file(JAIL.read_text(), log)))
+    assert "['add', 'smtpgate', 'auto']" in jail
+    assert any(f"'addlogpath', '{log}'" in line for line in jail)
+
+
+def banned_by_a_running_fail2ban(log: Path, tmp_path: Path, count: int) -> set[str]:
+    """Start Debian's fail2ban with the shipped jail on `log` (as its comment says for a
+    file; one failure enough and a ban that touches no firewall), and read whom it banned
+    once `count` are."""
+    jail = as_the_jail_says_for_a_log_file(JAIL.read_text(), log)
+    jail = jail.replace("maxretry = 5\n", "maxretry = 1\nbanaction = dummy\n"
+                        "banaction_allports = dummy\n")
+    conf = fail2ban_config(tmp_path, jail)
+    (conf / "fail2ban.local").write_text(
+        f"[Definition]\ndbfile = :memory:\nlogtarget = {tmp_path / 'fail2ban.log'}\n")
+    sock, pid = tmp_path / "fail2ban.sock", tmp_path / "fail2ban.pid"
+    client = ["fail2ban-client", "-c", str(conf), "-s", str(sock), "-p", str(pid)]
+    server = subprocess.Popen([*client, "-x", "-f", "start"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        def status() -> str:
+            result = subprocess.run([*client, "status", "smtpgate"], capture_output=True,
+                                    text=True, timeout=30)
+            return result.stdout if result.returncode == 0 else ""
+
+        def banned() -> set[str]:
+            match = re.search(r"Banned IP list:\s*(.*)", status())
+            return set(match.group(1).split()) if match else set()
+
+        wait_until(lambda: len(banned()) >= count, timeout=30,
+                   what=f"fail2ban to ban {count} clients")
+        return banned()
+    finally:
+        subprocess.run([*client, "stop"], capture_output=True, timeout=30)
+        assert server.wait(timeout=30) == 0
 
 
 def test_json_log_lines_carry_the_session(start_gate, world):

@@ -3,6 +3,7 @@
 import asyncio
 import smtplib
 import subprocess
+import sys
 import uuid
 from email.message import EmailMessage
 
@@ -185,3 +186,35 @@ async def test_postfix_alias_expansion_through_socketmap(socketmap, redis, redis
     finally:
         redis_server.start()
         await asyncio.to_thread(postfix_server.postconf, **saved)
+
+
+STOP_WITH_OPEN_CONNECTIONS = """
+import asyncio, socket, sys
+import uvloop
+from smtpgate.lookups.tables import Tables
+from smtpgate.service.socketmap import start_socketmap
+
+async def main():
+    tables = Tables(sys.argv[2], timeout=0.3)
+    server = await start_socketmap(tables, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    while len(asyncio.all_tasks()) < 4:  # each connection's task has started
+        await asyncio.sleep(0.01)
+    server.close()
+    return held  # still open, as Postfix keeps them, when the loop ends
+
+(uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
+print("stopped")
+"""
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_worker_stopping_with_postfixs_connections_open_logs_no_traceback(
+        loop, redis_server, tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_WITH_OPEN_CONNECTIONS)
+    result = subprocess.run([sys.executable, str(script), loop, redis_server.url],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "stopped\n", result.stderr
+    assert result.stderr == ""

@@ -88,10 +88,10 @@ async def _redis_call(what: str, timeout: float):
     try:
         async with asyncio.timeout(timeout):
             yield
+    except TimeoutError as exc:  # first: TimeoutError is an OSError, one of ERRORS
+        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
     except redis_client_module.ERRORS as exc:
         raise ScreeningStoreError(f"{what}: {exc}") from exc
-    except TimeoutError as exc:
-        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
 
 
 def _text(value: str | bytes) -> str:

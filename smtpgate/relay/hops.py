@@ -121,6 +121,13 @@ class Hops:
             log.warning("warning: next hop %s is still down (%s); next try in %.0f s",
                         address, detail, wait)
 
+    def probed(self, address: HostPort) -> None:
+        """The start-up probe reached `address`: healthy until a message says otherwise, so
+        /healthz does not show a hop nothing has used yet as unknown."""
+        for index, known in enumerate(self.addresses):
+            if known == address and self.ok[index] is None:
+                self.ok[index] = True
+
     def check(self) -> list[HopHealth]:
         """Each hop's health after its pool replaced the connections Postfix closed."""
         for pool in self.pools:

@@ -239,7 +239,8 @@ class Metrics:
                                      ("zone", "kind"))
         self.dnsbl_up = gauge("dnsbl_zone_up", "Whether the zone's last answer was a "
                               "usable one, in every worker.", "livemin", ("zone",))
-        self.table_lookups = counter("table_lookups_total", "Table lookups by phase call.")
+        self.table_lookups = counter("table_lookups_total",
+                                     "Table lookups (the Redis keys a session asked for).")
         self.table_round_trips = counter("table_round_trips_total",
                                          "Redis round trips made by the tables.")
         self.redis_up = gauge("redis_up", "Whether Redis answered the last round trip, "

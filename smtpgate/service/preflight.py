@@ -151,6 +151,11 @@ def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
         known = [found for found in (carried_extensions(probes[hop]) for hop in hops
                                      if hop in probes) if found is not None]
         gate.carry(kind, frozenset.intersection(*known) if known else None)
+    for hops in (gate.hops, gate.submission_hops):
+        if hops is not None:
+            for hop, probe in probes.items():
+                if probe.reached:
+                    hops.probed(hop)
 
 
 _learning: dict[int, asyncio.Task] = {}  # id(gate) -> its learn_later task

@@ -145,7 +145,11 @@ async def start_socketmap(tables: Tables, host: str, port: int, *,
                           max_request: int = MAX_REQUEST,
                           idle_timeout: float = IDLE_TIMEOUT) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve(tables, max_request, idle_timeout, reader, writer)
+        # Postfix keeps its socketmap connections open, so a stopping worker cancels them;
+        # Python 3.11's start_server then logs the cancellation as a traceback (its callback
+        # asks a cancelled task for its exception). Ending here is normal.
+        with contextlib.suppress(asyncio.CancelledError):
+            await _serve(tables, max_request, idle_timeout, reader, writer)
 
     # every worker process binds the same port (SO_REUSEPORT), as the SMTP listeners do
     return await asyncio.start_server(handle, host, port, reuse_port=True)
