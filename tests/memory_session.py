@@ -12,7 +12,8 @@ DESCRIPTION
     is connected to a FakeTransport that records what is written, pauses
     and resumes like a real one and, when `stalled` (a client that does
     not read), holds what was written and calls pause_writing() past
-    `high` bytes until client_reads(). The policy and the next hop are
+    `high` bytes until client_reads(); what the client sends while reading
+    is paused is held, as the kernel would, until it resumes. The policy and the next hop are
     stubs that answer at once and count what they were asked, so a test of
     the dialogue's sequencing and bounds runs in milliseconds. The real
     policy and Postfix are the end-to-end tests' (test_engine_e2e and
@@ -52,6 +53,7 @@ class FakeTransport:
         self.stalled = False  # the client reads nothing: writes pile up here
         self.unread = 0
         self._writing_paused = False
+        self.held: list[bytes] = []  # what the client sent while reading was paused (the kernel's)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -73,11 +75,23 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.unread
 
+    def client_sends(self, data: bytes) -> None:
+        if self.reading:
+            self.protocol.data_received(data)
+        else:
+            self.held.append(data)
+
     def pause_reading(self) -> None:
         self.reading = False
 
     def resume_reading(self) -> None:
         self.reading = True
+        asyncio.get_running_loop().call_soon(self._deliver_held)  # as a socket's next read
+
+    def _deliver_held(self) -> None:
+        held, self.held = self.held, []
+        for data in held:
+            self.client_sends(data)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -208,7 +222,7 @@ class Talk:
         return next(iter(self.gate.sessions), None)
 
     async def send(self, data: bytes) -> None:
-        self.wire.data_received(data)
+        self.transport.client_sends(data)
         await asyncio.sleep(0)
 
     async def until(self, condition, what: str = "condition") -> None:

@@ -14,7 +14,7 @@ import test_fuzz_session as fuzz
 from hypothesis import given, settings
 from memory_session import StubHop, StubPolicy, memory_session
 
-from smtpgate.policy.state import Client, ClientState
+from smtpgate.policy.state import SUBMISSION, Client, ClientState
 from smtpgate.smtp import wire as wire_module
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -106,6 +106,28 @@ async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypat
         assert b"STARTTLS" not in await talk.reply()
 
 
+@pytest.mark.parametrize(("commands", "last"), [
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>"], b"530 5.7.0 Must issue a STARTTLS",
+                 id="starttls-first"),
+    pytest.param([b"EHLO x", b"AUTH PLAIN AGEAYg=="], b"530 5.7.0 Must issue a STARTTLS",
+                 id="no-auth-in-clear"),
+])
+async def test_submission_wants_starttls_first(commands, last):
+    async with memory_session(listener=SUBMISSION) as talk:
+        for command in commands:
+            await talk.send(command + b"\r\n")
+        got = await talk.replies(len(commands))
+    assert got[-1].startswith(last), got
+    assert b"AUTH" not in got[0]  # not offered before TLS
+
+
+async def test_auth_is_not_a_command_on_port_25():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
+        got = await talk.replies(2)
+    assert got[1].startswith(b"503 5.5.1 Error: authentication not enabled"), got
+
+
 # --- bounds ------------------------------------------------------------------------------------
 
 
@@ -151,6 +173,10 @@ async def test_replies_are_flushed_with_back_pressure(monkeypatch):
         await asyncio.sleep(0.02)
         assert len(talk.transport.out) < 700  # the banner and one flush of 512 bytes
         assert talk.session is not None and len(talk.wire.buf) > 0  # not read on
+        for _ in range(50):  # more and more pipelined: the wire stops reading from the socket
+            await talk.send(b"NOOP\r\n" * 1000)
+        assert not talk.transport.reading
+        assert len(talk.wire.buf) < wire_module.BUFFER_HIGH + 6000
         talk.transport.client_reads()
         await talk.closed()
     assert talk.transport.out.count(b"250 2.0.0 Ok") == 121
