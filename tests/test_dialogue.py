@@ -14,8 +14,10 @@ import test_fuzz_session as fuzz
 from hypothesis import given, settings
 from memory_session import StubHop, StubPolicy, memory_session
 
-from smtpgate.policy.state import SUBMISSION, Client, ClientState
+from smtpgate import replies
+from smtpgate.policy.state import MX, SUBMISSION, Client, ClientState
 from smtpgate.smtp import wire as wire_module
+from smtpgate.smtp.dialogue import Answer, Dialogue, Hello, Mail, Rcpt, ReceiveBody, Stage
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
@@ -305,3 +307,67 @@ async def test_hostile_sessions_get_replies_only_in_memory(lines):
         talk.transport.close()
     fuzz.assert_replies_only(bytes(talk.transport.out))
     assert "error" not in talk.metrics.ended
+
+
+# --- the rules alone: no session, no loop ------------------------------------------------------
+
+
+def run_lines(dialogue: Dialogue, lines: list[bytes]) -> list:
+    """The lines through the dialogue, a policy that accepts everything standing in."""
+    actions = []
+    for line in lines:
+        command = dialogue.parse(line)
+        action = command if isinstance(command, Answer) else dialogue.step(command)
+        if isinstance(action, Mail):
+            dialogue.mail_accepted(action.path, action.line)
+        elif isinstance(action, Rcpt):
+            dialogue.rcpt_accepted(action.path, action.line)
+        actions.append(action)
+    return actions
+
+
+@pytest.mark.parametrize(("lines", "stage", "last"), [
+    pytest.param([], Stage.START, None, id="start"),
+    pytest.param([b"EHLO x"], Stage.GREETED, Hello("x", True), id="ehlo"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>"], Stage.MAIL, None, id="mail"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>"], Stage.RCPT,
+                 None, id="rcpt"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>", b"DATA"],
+                 Stage.RCPT, ReceiveBody(), id="data"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RSET"], Stage.GREETED,
+                 Answer(replies.OK), id="rset"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"EHLO y"], Stage.GREETED,
+                 Hello("y", True), id="ehlo-again"),
+    pytest.param([b"MAIL FROM:<a@b.test>"], Stage.START, Answer(replies.NEED_HELO),
+                 id="mail-first"),
+    pytest.param([b"\xff\xfe"], Stage.START, Answer(replies.BAD_SYNTAX), id="binary"),
+    pytest.param([b"EXPN root"], Stage.START, Answer(replies.UNKNOWN_COMMAND), id="unknown"),
+])
+def test_stages_and_actions(lines, stage, last):
+    dialogue = Dialogue(MX)
+    actions = run_lines(dialogue, lines)
+    assert dialogue.stage is stage
+    if last is not None:
+        assert actions[-1] == last
+
+
+def test_a_transaction_is_replaced_whole_not_reset():
+    dialogue = Dialogue(MX)
+    run_lines(dialogue, [b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>"])
+    first = dialogue.tx
+    run_lines(dialogue, [b"RSET", b"MAIL FROM:<d@b.test>"])
+    assert dialogue.tx is not first and dialogue.tx.recipients == ()
+    assert first.recipients == ("u@c.test",)  # the old one untouched
+    dialogue.tls_started()
+    assert dialogue.tx is None and dialogue.stage is Stage.START and dialogue.helo is None
+
+
+def test_the_disconnect_counts_follow_postfix():
+    dialogue = Dialogue(MX)
+    for action in run_lines(dialogue, [b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>",
+                                       b"DATA", b"NOOP", b"BOGUS"]):
+        if isinstance(action, Answer) and isinstance(action.reply, Reply) \
+                and action.reply.code >= 400:
+            dialogue.refused(action.counted)
+    assert dialogue.command_counts() == \
+        "ehlo=1 mail=1 rcpt=1 data=1 noop=1 unknown=0/1 commands=5/6"

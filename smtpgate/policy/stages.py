@@ -13,6 +13,7 @@ SYNOPSIS
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
     policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
+    STAGES              each stage's checks, in the order they run (README's table says the same)
 
 DESCRIPTION
     Facts in, decisions out. The engine passes what it knows (the client's
