@@ -4,8 +4,11 @@
 setup:
 	bash scripts/setup.sh
 
-run: setup
-	.venv/bin/python scripts/local_stack.py
+# make run ARGS="--mx-port 3525 --metrics-port 9426": options of scripts/local_stack.py.
+# It installs only what it runs (setup.sh --run): no HAProxy, Prometheus, fail2ban, rspamd.
+run:
+	bash scripts/setup.sh --run
+	.venv/bin/python scripts/local_stack.py $(ARGS)
 
 test: setup
 	.venv/bin/ruff check smtpgate tests scripts benchmarks

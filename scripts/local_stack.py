@@ -2,7 +2,8 @@
 
 SYNOPSIS
     .venv/bin/python scripts/local_stack.py [--mx-port N] [--submission-port N]
-        [--submissions-port N] [--check]
+        [--submissions-port N] [--metrics-port N] [--check]
+    make run ARGS="--mx-port N ..."
 
 DESCRIPTION
     Starts, in one temporary directory and on loopback only, redis-server
@@ -22,9 +23,15 @@ DESCRIPTION
 
     Without --check, `smtpgate serve` runs in the foreground on
     127.0.0.1:2525 (MX), 127.0.0.1:2587 (submission, STARTTLS) and
-    127.0.0.1:2465 (submissions, implicit TLS), after a note on how to send
-    a first message and where it lands; its log goes to this terminal and
-    to smtpgate.log in the directory. Ctrl-C or SIGTERM stops smtpgate, then
+    127.0.0.1:2465 (submissions, implicit TLS), with /metrics and /healthz
+    on 127.0.0.1:9425, after a note on how to send a first message, where
+    it lands, and how to point the CLI at this gate; its log goes to this
+    terminal and to smtpgate.log in the directory. Its settings are also
+    written to smtpgate.env in the directory, the file the CLI reads with
+    SMTPGATE_ENV_FILE or --env-file (smtpgate.env_file), so that `smtpgate
+    explain` and `smtpgate table` see this gate's Redis and mynetworks.
+    Readiness is smtpgate's "ready" line (written once every listener is
+    bound), so no session is opened to find out. Ctrl-C or SIGTERM stops smtpgate, then
     every service, and keeps the directory (logs and Maildirs, to look at
     what happened); its path is printed, and each run makes a new one.
 
@@ -47,6 +54,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -66,7 +74,7 @@ from services.gate_process import READY, make_certificate  # noqa: E402
 from services.ports import free_port, start_on_free_ports  # noqa: E402
 from services.postfix_server import PostfixServer  # noqa: E402
 from services.redis_server import RedisServer  # noqa: E402
-from services.waiting import log_tail, wait_for_port  # noqa: E402
+from services.waiting import log_tail  # noqa: E402
 
 HOSTNAME = "mx.example.test"
 CLIENT_HELO = "client.example.test"
@@ -145,11 +153,12 @@ class Stack:
     """The services, started in order and stopped in reverse order."""
 
     def __init__(self, root: Path, mx_port: int, submission_port: int,
-                 submissions_port: int) -> None:
+                 submissions_port: int, metrics_port: int) -> None:
         self.root = root
         self.mx_port = mx_port
         self.submission_port = submission_port
         self.submissions_port = submissions_port
+        self.metrics_port = metrics_port
         self.socketmap_port = free_port()
         self.redis = RedisServer(root / "redis")
         self.dns = DnsServer(root / "dns")
@@ -158,6 +167,7 @@ class Stack:
             root / "postfix", lmtp_port=self.dovecot.lmtp_port, milter_port=None,
             sasl_port=self.dovecot.auth_port)
         self.gate_log = root / "smtpgate.log"
+        self.env_file = root / "smtpgate.env"
         self.gate: subprocess.Popen | None = None
         self._copier: threading.Thread | None = None
         self._started: list = []
@@ -188,7 +198,12 @@ class Stack:
     def gate_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SMTPGATE_") and k not in IMAGE_VARIABLES}
-        env.update({
+        env.update(self.settings())
+        return env
+
+    def settings(self) -> dict[str, str]:
+        """smtpgate's settings here: its environment, and the env file the CLI reads."""
+        return {
             "REDIS": self.redis.url,
             "HOSTNAME": HOSTNAME,
             "SMTPGATE_MX_LISTEN": f"127.0.0.1:{self.mx_port}",
@@ -207,12 +222,19 @@ class Stack:
             "DOVECOT": "127.0.0.1",
             "SMTPGATE_DOVECOT_AUTH_PORT": str(self.dovecot.auth_port),
             "SMTPGATE_WORKERS": "1",
-            "SMTPGATE_METRICS_LISTEN": "",
-        })
-        return env
+            "SMTPGATE_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+        }
+
+    def write_env_file(self) -> None:
+        lines = ["# smtpgate's settings under `make run` (scripts/local_stack.py); the CLI reads",
+                 f"# them with SMTPGATE_ENV_FILE={self.env_file} or --env-file"]
+        lines += [f"{name}={shlex.quote(value) if value else ''}"
+                  for name, value in self.settings().items()]
+        self.env_file.write_text("\n".join(lines) + "\n")
 
     def start_gate(self, foreground: bool, timeout: float = 20.0) -> None:
         print("local_stack: starting smtpgate", flush=True)
+        self.write_env_file()
         # smtpgate's log always goes to smtpgate.log; in the foreground also to this terminal.
         self.gate = subprocess.Popen(
             [sys.executable, "-m", "smtpgate", "serve"], env=self.gate_env(), cwd=REPO,
@@ -222,10 +244,11 @@ class Stack:
         self._copier = threading.Thread(
             target=_copy_log, args=(self.gate.stdout, self.gate_log, foreground), daemon=True)
         self._copier.start()
-        for port in (self.mx_port, self.submission_port, self.submissions_port):
-            wait_for_port("127.0.0.1", port, timeout, proc=self.gate, log=self.gate_log)
+        # "ready" comes once every listener is bound: connecting to find out would log
+        # sessions (and an SSL_accept error on the implicit-TLS port) that nobody opened
         deadline = time.monotonic() + timeout
-        while READY not in self.gate_log.read_text(errors="replace"):
+        while not self.gate_log.is_file() \
+                or READY not in self.gate_log.read_text(errors="replace"):
             if time.monotonic() > deadline or self.gate.poll() is not None:
                 raise RuntimeError("smtpgate did not get ready:\n" + log_tail(self.gate_log))
             time.sleep(0.05)
@@ -302,7 +325,15 @@ and it lands in user2's Maildir:
     {self.dovecot.maildir("user2@example.com")}/new/
 Submissions (implicit TLS, AUTH as user2@example.com, password secret2):
     {" ".join(self.swaks_submissions_command())}
-Redis keys: redis-cli -u {self.redis.url} keys '*'
+The CLI against this gate (its settings, Redis and mynetworks included, are in
+{self.env_file}):
+    export SMTPGATE_ENV_FILE={self.env_file}
+    .venv/bin/smtpgate explain --ip 127.0.0.1 --helo {CLIENT_HELO} \\
+        --from {SENDER} --rcpt user1@example.com
+    .venv/bin/smtpgate table list
+REDIS={self.redis.url}
+    redis-cli -u {self.redis.url} keys '*'
+Metrics: http://127.0.0.1:{self.metrics_port}/metrics  health: http://127.0.0.1:{self.metrics_port}/healthz
 Logs:
 {logs}
 Stop with Ctrl-C: smtpgate, then every service, stops; the directory
@@ -363,11 +394,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="smtpgate's submission port (default 2587)")
     top.add_argument("--submissions-port", type=int,
                      help="smtpgate's implicit-TLS submission port (default 2465)")
+    top.add_argument("--metrics-port", type=int,
+                     help="smtpgate's /metrics and /healthz port (default 9425)")
     top.add_argument("--check", action="store_true",
                      help="send the examples through smtpgate, wait for delivery, stop and "
                           "remove the directory; free ports unless given")
     args = top.parse_args(argv)
-    for name in ("mx_port", "submission_port", "submissions_port"):
+    for name in ("mx_port", "submission_port", "submissions_port", "metrics_port"):
         port = getattr(args, name)
         if port is not None and not 0 < port < 65536:
             top.error(f"--{name.replace('_', '-')}: {port} is not a port number")
@@ -388,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ports = {}
     for option, default in (("--mx-port", 2525), ("--submission-port", 2587),
-                            ("--submissions-port", 2465)):
+                            ("--submissions-port", 2465), ("--metrics-port", 9425)):
         given = getattr(args, option[2:].replace("-", "_"))
         port = given or (free_port() if args.check else default)
         while not given and port in ports.values():
@@ -398,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         if not port_free(port):
-            print(f"local_stack: 127.0.0.1:{port} is in use (choose another with {option})",
-                  file=sys.stderr)
+            print(f"local_stack: 127.0.0.1:{port} is in use (choose another with {option}; "
+                  f"with make: make run ARGS=\"{option} N\")", file=sys.stderr)
             return 1
         ports[option] = port
 

@@ -1,7 +1,7 @@
 """config - the effective configuration: defaults, then a TOML file, then the environment.
 
 SYNOPSIS
-    load(environ=os.environ) -> Config
+    load(environ=os.environ, origins=None) -> Config   origins: variable -> the file it came from
     Config.describe() -> list[tuple[str, str, str]]     (key, value shown, source)
     ConfigError(setting, message)
 
@@ -14,7 +14,12 @@ DESCRIPTION
     Precedence: the defaults below, then the TOML file named by
     SMTPGATE_CONFIG, then the environment. A bad value raises ConfigError
     naming the setting the way the user wrote it (the variable or the key)
-    and what is wrong with it; nothing is half-loaded.
+    and what is wrong with it; nothing is half-loaded. An unknown key in the
+    file, or an SMTPGATE_ variable that names no setting (NOT_SETTINGS
+    apart), is an error too, with the closest known name as a suggestion.
+
+    A next hop named without a port is the shipped Postfix service:
+    next_hop port 10025, submission_next_hop port 10587.
 
     Settings named after Postfix keep Postfix's meaning and default
     (greet_wait ~ postscreen_greet_wait, message_size_limit, ...).
@@ -22,6 +27,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import socket
@@ -228,6 +234,10 @@ def _record_ttl(value: Any) -> float:
 # --- the settings ------------------------------------------------------------------------------
 
 _ACTIONS = ("ignore", "enforce", "drop")
+# the shipped Postfix services (conf/postfix/master.cf, submission.cf): a next hop named
+# without a port is one of them, never Postfix's public port 25
+NEXT_HOP_PORT = 10025
+SUBMISSION_NEXT_HOP_PORT = 10587
 
 
 def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None = None) -> Any:
@@ -235,6 +245,11 @@ def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None
 
 
 SECRET_FIELDS = frozenset({"redis"})
+
+# SMTPGATE_ variables that are not settings of Config: the files settings come from, and
+# switches read elsewhere (the event loop, the test harness, the Postfix image)
+NOT_SETTINGS = ("SMTPGATE_CONFIG", "SMTPGATE_ENV_FILE", "SMTPGATE_SHADOW_CONFIG",
+                "SMTPGATE_UVLOOP", "SMTPGATE_TEST_KEEP", "SMTPGATE_POSTFIX_CONF")
 
 
 @dataclass(frozen=True)
@@ -257,9 +272,10 @@ class Config:
 
     # listeners and the next hop
     next_hop: tuple[HostPort, ...] = setting(
-        (HostPort("127.0.0.1", 10025),), lambda v: parse_next_hops(v, 25),
-        "Postfix smtpd that receives accepted mail with XCLIENT, host:port; a comma list "
-        "names several, taken in turn, and one that is down is skipped and retried later")
+        (HostPort("127.0.0.1", 10025),), lambda v: parse_next_hops(v, NEXT_HOP_PORT),
+        "Postfix smtpd that receives accepted mail with XCLIENT, host[:port] (port 10025 when "
+        "left out); a comma list names several, taken in turn, and one that is down is "
+        "skipped and retried later")
     mx_listen: tuple[HostPort, ...] = setting(
         (HostPort("0.0.0.0", 25),), lambda v: parse_listen(v, 25),
         "MX listeners, comma-separated host:port; empty turns it off")
@@ -270,9 +286,9 @@ class Config:
         (), lambda v: parse_listen(v, 465),
         "implicit-TLS submission listeners (465); off by default")
     submission_next_hop: tuple[HostPort, ...] = setting(
-        (), lambda v: parse_next_hops(v, 25, empty_ok=True),
-        "Postfix service for authenticated submission, host:port or a comma list like "
-        "next_hop (default: next_hop)")
+        (), lambda v: parse_next_hops(v, SUBMISSION_NEXT_HOP_PORT, empty_ok=True),
+        "Postfix service for authenticated submission, host[:port] (port 10587 when left "
+        "out) or a comma list like next_hop (default: next_hop)")
     socketmap_listen: tuple[HostPort, ...] = setting(
         (HostPort("127.0.0.1", 10027),), lambda v: parse_listen(v, 10027),
         "Postfix socketmap service over the Redis tables; empty turns it off")
@@ -450,8 +466,10 @@ def env_name(f_name: str, f_env: str | None) -> str:
     return f_env or f"SMTPGATE_{f_name.upper()}"
 
 
-def load(environ: Mapping[str, str] | None = None) -> Config:
+def load(environ: Mapping[str, str] | None = None,
+         origins: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
+    origins = origins or {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     specs = {f.name: f for f in fields(Config)}
@@ -460,15 +478,18 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if path:
         for key, raw in _read_toml(path).items():
             if key not in specs:
-                raise ConfigError(f"{path}: {key}", "unknown setting")
+                raise ConfigError(f"{path}: {key}", "unknown setting" + _close_match(key, specs))
             values[key] = _parse(specs[key], raw, f"{path}: {key}")
             sources[key] = path
 
+    known = set(NOT_SETTINGS)
     for name, spec in specs.items():
         var = env_name(name, spec.metadata["env"])
+        known.add(var)
         if var in environ:
             values[name] = _parse(spec, environ[var], var)
-            sources[name] = "environment"
+            sources[name] = origins.get(var, "environment")
+    _check_unknown_variables(environ, known)
 
     if not values.get("hostname"):
         values["hostname"] = socket.getfqdn()
@@ -478,6 +499,19 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     config = Config(**values)
     object.__setattr__(config, "_source_map", sources)
     return config
+
+
+def _check_unknown_variables(environ: Mapping[str, str], known: set[str]) -> None:
+    """A misspelt SMTPGATE_ variable is an error, as a misspelt key in the TOML file is:
+    ignored, it would leave the setting at its default without a word."""
+    for var in sorted(environ):
+        if var.startswith("SMTPGATE_") and var not in known:
+            raise ConfigError(var, "unknown setting" + _close_match(var, known))
+
+
+def _close_match(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _parse(spec: Any, raw: Any, label: str) -> Any:

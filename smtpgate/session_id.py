@@ -4,7 +4,8 @@ SYNOPSIS
     new() -> str                   "0KTJ8M4ZP9AQ": 12 characters, Crockford's base32
     valid(text) -> bool            the shape of an id, for `explain --session`
     time_of(id) -> float           when it was made (Unix time)
-    normal(text) -> str            upper case, O read as 0, I and L as 1
+    normal(text) -> str            upper case, O read as 0, I and L as 1, a `session=`
+                                   copied with it (and the `;` or `,` around) dropped
     current: ContextVar[str | None]  the id of the session whose task is running
 
 DESCRIPTION
@@ -67,6 +68,9 @@ def new() -> str:
 
 
 def normal(text: str) -> str:
+    text = text.strip().strip(";,.").strip()
+    if text.lower().startswith("session="):
+        text = text[len("session="):]
     return text.strip().upper().translate(_READ_AS)
 
 

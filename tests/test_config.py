@@ -110,7 +110,7 @@ def test_next_hop_may_list_several_postfix_instances():
     config = load_with({"SMTPGATE_NEXT_HOP": "10.0.0.5:10025, [2001:db8::5]:10025,postfix",
                         "SMTPGATE_SUBMISSION_NEXT_HOP": "10.0.0.5:10587,10.0.0.6:10587"})
     assert config.next_hop == (HostPort("10.0.0.5", 10025), HostPort("2001:db8::5", 10025),
-                               HostPort("postfix", 25))
+                               HostPort("postfix", 10025))
     assert config.submission_next_hop == (HostPort("10.0.0.5", 10587),
                                           HostPort("10.0.0.6", 10587))
 
@@ -231,6 +231,29 @@ BAD_ENVIRONMENT = [
 ]
 
 
+def test_a_next_hop_without_a_port_is_the_shipped_postfix_service():
+    config = load_with({"SMTPGATE_NEXT_HOP": "postfix", "SMTPGATE_SUBMISSION_NEXT_HOP": "postfix"})
+    assert config.next_hop == (HostPort("postfix", 10025),)  # master.cf's, never port 25
+    assert config.submission_next_hop == (HostPort("postfix", 10587),)  # submission.cf's
+
+
+BAD_ENVIRONMENT += [
+    pytest.param({"SMTPGATE_MYNETWORK": "10.0.0.0/8"},
+                 "SMTPGATE_MYNETWORK: unknown setting (did you mean SMTPGATE_MYNETWORKS?)",
+                 id="misspelt-variable"),
+    pytest.param({"SMTPGATE_NEXTHOP": "10.0.0.5"},
+                 "SMTPGATE_NEXTHOP: unknown setting (did you mean SMTPGATE_NEXT_HOP?)",
+                 id="misspelt-variable-no-underscore"),
+    pytest.param({"SMTPGATE_COLOUR": "blue"}, "SMTPGATE_COLOUR: unknown setting",
+                 id="unknown-variable"),
+]
+
+
+def test_variables_that_are_not_settings_are_not_misspellings(tmp_path):
+    load_with({"SMTPGATE_UVLOOP": "no", "SMTPGATE_TEST_KEEP": "1",
+               "SMTPGATE_ENV_FILE": "", "SMTPGATE_CONFIG": write(tmp_path, "")})
+
+
 @pytest.mark.parametrize(("env", "message"), BAD_ENVIRONMENT)
 def test_bad_environment_value_is_named(env, message):
     with pytest.raises(ConfigError) as caught:
@@ -240,7 +263,9 @@ def test_bad_environment_value_is_named(env, message):
 
 
 BAD_TOML = [
-    pytest.param('gret_wait = "2s"\n', "{path}: gret_wait: unknown setting", id="unknown-key"),
+    pytest.param('gret_wait = "2s"\n',
+                 "{path}: gret_wait: unknown setting (did you mean greet_wait?)",
+                 id="unknown-key"),
     pytest.param('[postscreen]\ngret_wait = 1\n', "{path}: gret_wait: unknown setting",
                  id="unknown-key-in-a-section"),
     pytest.param("workers = true\n", "{path}: workers: True is not a whole number",
@@ -272,20 +297,31 @@ def test_a_bad_value_in_the_file_is_reported_even_if_the_environment_sets_it(tmp
 # --- smtpgate check-config, as a process ---------------------------------------------------
 
 
-def check_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+def check_config(env: dict[str, str], command: str = "check-config", *args: str,
+                 timeout: float = 30) -> subprocess.CompletedProcess:
+    """The command with env, nothing else (no settings file either); without a certificate
+    in env, SMTPGATE_TLS_OPTIONAL=yes, so that the check passes."""
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("SMTPGATE_")
              and k not in ("REDIS", "HOSTNAME", "DOMAIN", "LETSENCRYPT", "DOVECOT", "TIMEZONE")}
+    tls = {} if {"SMTPGATE_TLS_CERT", "LETSENCRYPT", "SMTPGATE_TLS_OPTIONAL"} & set(env) \
+        else {"SMTPGATE_TLS_OPTIONAL": "yes"}
     return subprocess.run(
-        [sys.executable, "-m", "smtpgate", "check-config"], env={**clean, **BASE, **env},
-        capture_output=True, text=True, timeout=30)
+        [sys.executable, "-m", "smtpgate", command, *args],
+        env={**clean, **BASE, "SMTPGATE_ENV_FILE": "", **tls, **env},
+        capture_output=True, text=True, timeout=timeout)
+
+
+def settings_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines()
+            if not re.match(r"(ok|warning|error): ", line)]
 
 
 def test_check_config_prints_the_effective_configuration(tmp_path):
     path = write(tmp_path, "message_size_limit = 10240000\n")
     result = check_config({"SMTPGATE_CONFIG": path, "SMTPGATE_NEXT_HOP": "10.0.0.5:10026"})
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = settings_lines(result)
     assert len(lines) == len(dataclasses.fields(Config))
     assert any(re.fullmatch(r"next_hop +=  ?10\.0\.0\.5:10026 +# environment", line)
                for line in lines), result.stdout
@@ -294,11 +330,62 @@ def test_check_config_prints_the_effective_configuration(tmp_path):
     assert any(re.fullmatch(r"greet_wait += 6\.0", line) for line in lines), result.stdout
 
 
+def test_check_config_refuses_what_serve_refuses_a_missing_certificate():
+    # serve stops before it listens: the listeners below are never bound
+    env = {"SMTPGATE_MX_LISTEN": "127.0.0.1:1", "SMTPGATE_SUBMISSION_LISTEN": "",
+           "SMTPGATE_METRICS_LISTEN": "", "SMTPGATE_SOCKETMAP_LISTEN": "",
+           "SMTPGATE_TLS_OPTIONAL": "no"}
+    served = check_config(env, command="serve", timeout=60)
+    assert served.returncode == 1 and "no TLS certificate" in served.stderr, served.stderr
+    result = check_config(env)
+    assert result.returncode == 1, result.stdout
+    assert ("error: no TLS certificate configured (LETSENCRYPT, or SMTPGATE_TLS_CERT and "
+            "SMTPGATE_TLS_KEY): `smtpgate serve` refuses to start (set SMTPGATE_TLS_OPTIONAL="
+            "yes to run without STARTTLS)") in result.stdout.splitlines(), result.stdout
+    # --live names the same problem, not what follows from it (no STARTTLS offered)
+    live = check_config({**env, "REDIS": "127.0.0.1:1", "SMTPGATE_NEXT_HOP": "127.0.0.1:1",
+                         "SMTPGATE_REDIS_TIMEOUT": "0.5"}, "check-config", "--live")
+    assert live.returncode == 1
+    certificate = [line for line in live.stdout.splitlines() if "certificate" in line]
+    assert certificate == [line for line in result.stdout.splitlines()
+                           if line.startswith("error: no TLS certificate")], live.stdout
+    optional = check_config({**env, "SMTPGATE_TLS_OPTIONAL": "yes"})
+    assert optional.returncode == 0, optional.stdout
+    assert "warning: no TLS certificate configured" in optional.stdout
+
+
+def test_check_config_refuses_a_certificate_it_cannot_read(tmp_path):
+    result = check_config({"SMTPGATE_TLS_CERT": str(tmp_path / "none.pem"),
+                           "SMTPGATE_TLS_KEY": str(tmp_path / "none.key")})
+    assert result.returncode == 1, result.stdout
+    assert any(line.startswith("error: ") and "none.pem" in line
+               and "`smtpgate serve` refuses to start" in line
+               for line in result.stdout.splitlines()), result.stdout
+
+
+def test_check_config_warns_of_a_hostname_that_is_not_fully_qualified():
+    result = check_config({"HOSTNAME": "localhost"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("warning: HOSTNAME 'localhost' is not a fully qualified domain name: set HOSTNAME "
+            "to the name in the MX record") in result.stdout.splitlines(), result.stdout
+    assert "not a fully qualified" not in check_config({}).stdout  # BASE's mx.example.test
+
+
+def test_check_config_names_a_misspelt_variable():
+    result = check_config({"SMTPGATE_GRET_WAIT": "0"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "smtpgate: SMTPGATE_GRET_WAIT: unknown setting (did you mean SMTPGATE_GREET_WAIT?)")
+
+
 def test_check_config_fails_with_one_line_naming_the_setting():
     result = check_config({"SMTPGATE_NEXT_HOP": "x:y"})
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr == "smtpgate: SMTPGATE_NEXT_HOP: 'x:y' is not host:port\n"
+    # the line that says where settings came from, then the one error
+    assert result.stderr.splitlines() == [
+        "smtpgate: settings from the environment only (SMTPGATE_ENV_FILE is empty)",
+        "smtpgate: SMTPGATE_NEXT_HOP: 'x:y' is not host:port"]
 
 
 def test_check_config_bad_file_is_one_line_not_a_traceback(tmp_path):
@@ -306,8 +393,9 @@ def test_check_config_bad_file_is_one_line_not_a_traceback(tmp_path):
     result = check_config({"SMTPGATE_CONFIG": path})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"smtpgate: SMTPGATE_CONFIG: {path} is not valid TOML")
+    assert len(result.stderr.splitlines()) == 2
+    assert result.stderr.splitlines()[1].startswith(
+        f"smtpgate: SMTPGATE_CONFIG: {path} is not valid TOML")
 
 
 @pytest.mark.parametrize("url", [

@@ -35,6 +35,10 @@ def test_an_id_as_a_person_types_it():
     made = session_id.new()
     assert session_id.normal(f"  {made.lower()} ") == made
     assert session_id.normal("1r45oil0w1mb") == "1R45011" + "0W1MB"
+    # copied from a log line or a reply, with what surrounds it there
+    for copied in (f"session={made}", f"session={made};", f"; session={made}",
+                   f"Session={made.lower()},"):
+        assert session_id.normal(copied) == made, copied
     for bad in ("", "1R45", "1R452JA0W1MBX", "1R452JA0W1M!", "1R452JA0W1MU"):
         assert not session_id.valid(bad), bad
 
@@ -207,7 +211,9 @@ async def test_a_repeat_is_an_alias_and_explain_follows_it(redis, redis_server):
     assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].startswith(f"session {again}: client [192.0.2.7] at ")
-    assert f"was refused as session {first} was (same client, check and reply)" in lines[0]
+    assert f"was refused as session {first} was (same client, listener, HELO, sender, " \
+           "recipients, commands, verdicts and replies; another port, time and connection " \
+           "count)" in lines[0]
     assert lines[1].startswith(f"session {first}: mx client unknown[192.0.2.7]")
 
     redis.delete(keys.session_record_key(first))  # as if expired
@@ -267,3 +273,42 @@ def test_explain_on_an_unreachable_cluster_says_so(redis_server):
                             SMTPGATE_REDIS_TIMEOUT="0.5")
     assert shown.returncode == 1, shown.stdout + shown.stderr
     assert "Traceback" not in shown.stderr and "failed" in shown.stderr, shown.stderr
+
+
+class _Ended:
+    """What refused_alike() reads of an ended session (smtpgate.smtp.session.Session)."""
+
+    def __init__(self, sid: str, port: int, rcpt: str = "nobody@example.com",
+                 listener: str = "mx", sender: str = "a@example.net", rate: int = 1) -> None:
+        from smtpgate.policy.state import Client, ClientState
+        from smtpgate.smtp.evidence import Refusal
+        from smtpgate.verdict import Outcome, Reply, Verdict
+
+        self.id, self.ended = sid, time.time()
+        self.client = Client("192.0.2.7", port, "127.0.0.1", 25, listener)
+        self.state = ClientState(self.client)
+        self.state.client_name = "host.example.net"
+        reply = Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: User unknown")
+        self.state.record = [
+            Verdict("limits", Outcome.PASS, reason=f"[192.0.2.7] 1 sessions, {rate}/60s"),
+            Verdict("pipelining", Outcome.PASS, reason=f"PASS pipelining [192.0.2.7]:{port}"),
+            Verdict("recipient", Outcome.FAIL, reason="reject_unlisted_recipient", reply=reply)]
+        self.helo, self.login, self.sender, self.recipients = "h.example", None, sender, []
+        self.refusals = [Refusal(self.ended, f"RCPT TO:<{rcpt}>", f"{reply}; session={sid}", 3)]
+
+    def command_counts(self) -> str:
+        return "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"
+
+
+def test_a_repeat_is_the_same_in_all_that_explain_shows():
+    from smtpgate.smtp.evidence import refused_alike
+
+    first = refused_alike(_Ended(session_id.new(), 40001))
+    assert first[0] == "192.0.2.7"  # the store reads the client from the signature's head
+    # another id, port, time and connection rate: the same story
+    assert refused_alike(_Ended(session_id.new(), 40002, rate=7)) == first
+    # the same client, check and code, told of another recipient, sender or listener: not
+    for other in (_Ended(session_id.new(), 40003, rcpt="other@example.com"),
+                  _Ended(session_id.new(), 40004, sender="b@example.net"),
+                  _Ended(session_id.new(), 40005, listener="submission")):
+        assert refused_alike(other) != first

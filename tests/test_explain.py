@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+from smtpgate.lookups import keys
 
-def explain(redis_server, dns_server, *args: str) -> subprocess.CompletedProcess:
+
+def explain(redis_server, dns_server, *args: str, **settings: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "REDIS": redis_server.url, "SMTPGATE_NAMESERVERS": dns_server.nameserver,
-           "SMTPGATE_MYNETWORKS": "", "HOSTNAME": "mx.example.test"}
+           "SMTPGATE_MYNETWORKS": "", "HOSTNAME": "mx.example.test", "SMTPGATE_ENV_FILE": "",
+           **settings}
     return subprocess.run([sys.executable, "-m", "smtpgate", "explain", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -47,3 +51,24 @@ def test_client_is_judged_once_however_many_recipients(world, redis_server, dns_
                      "--rcpt", "user1@example.com", "--rcpt", "user2@example.com")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("client_fcrdns") == 1
+
+
+def test_a_dry_run_counts_nothing_and_caches_nothing(world, redis_server, dns_server):
+    """explain reads the live counters as if the client connected once more, and writes none:
+    run as often as one likes, it neither uses up the client's rate nor leaves a pass."""
+    redis = world
+    ip = "127.0.0.88"
+    args = ("--ip", ip, "--helo", "client.example.test", "--from", "a@example.net",
+            "--rcpt", "user1@example.com")
+    for _ in range(3):
+        result = explain(redis_server, dns_server, *args,
+                         SMTPGATE_CLIENT_CONNECTION_RATE_LIMIT="2")
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert redis.keys("smtpgate:*") == [], redis.keys("smtpgate:*")
+    # what the live gate counted is read: two connects this minute, the dry run the third
+    now = time.time()
+    redis.zadd(keys.rate_key(ip), {"gate:1": now, "gate:2": now})
+    result = explain(redis_server, dns_server, *args, SMTPGATE_CLIENT_CONNECTION_RATE_LIMIT="2")
+    assert result.returncode == 1, result.stdout
+    assert "reply: 421 4.7.0" in result.stdout, result.stdout
+    assert redis.zcard(keys.rate_key(ip)) == 2

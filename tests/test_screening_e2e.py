@@ -136,6 +136,23 @@ def test_patient_client_passes_and_is_remembered(gate, screened):
     assert screened.hget("smtpgate:psc:127.0.0.91", "pregreet")
 
 
+def test_with_every_test_off_a_client_seen_before_is_pass_old(start_gate, screened):
+    """postscreen with no test before the banner: PASS NEW once, then PASS OLD while the
+    client's cache entry lasts (make run's setting: no greet wait, no DNSBL)."""
+    bare = start_gate()  # SMTPGATE_GREET_WAIT=0 and no DNSBL sites
+    try:
+        for _ in range(2):
+            with Talk("127.0.0.1", bare.mx_port, source="127.0.0.92") as talk:
+                assert greeting(talk) == ["220 mx.example.test ESMTP smtpgate"]
+                talk.cmd("QUIT")
+        bare.wait_for_log(r"PASS OLD \[127\.0\.0\.92\]")
+        log = bare.log_text()
+        assert log.count("PASS NEW [127.0.0.92]") == 1, log
+        assert screened.hget("smtpgate:psc:127.0.0.92", "no_tests")
+    finally:
+        bare.stop()
+
+
 def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
     dns.set([("5.4.0.127.bl.test", "A", "127.0.0.2")])
     with Talk("127.0.0.1", gate.mx_port, source="127.0.4.5") as talk:

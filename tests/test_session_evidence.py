@@ -53,13 +53,13 @@ def explain(redis_server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def unknown_user(gate, source: str) -> str:
+def unknown_user(gate, source: str, rcpt: str = "nobody@example.com") -> str:
     """A good client (FCrDNS passes) asks for a user that does not exist: the reply."""
     with Talk("127.0.0.1", gate.mx_port, source=source) as talk:
         assert talk.reply()[0] == 220  # after the greet wait (teaser, then the banner)
         assert talk.cmd("EHLO client.example.test")[0] == 250
         assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
-        code, text = talk.cmd("RCPT TO:<nobody@example.com>")
+        code, text = talk.cmd(f"RCPT TO:<{rcpt}>")
         assert code == 550, text
         talk.cmd("QUIT")
     return text
@@ -312,3 +312,33 @@ def test_a_client_refused_again_leaves_an_alias_that_explain_follows(gate, world
     assert f"was refused as session {first} was" in head
     assert rest.startswith(f"session {first}: mx client ")
     assert re.search(r"(?m)^connect\n  access_list +fail", rest), rest
+
+
+def test_an_alias_stands_only_for_a_session_explain_would_show_alike(gate, world, redis,
+                                                                     redis_server):
+    """The same client refused by the same check with the same code, but for another
+    recipient, is another story: its own record, not the first one's."""
+    def final_record(sid: str) -> None:
+        wait_until(lambda: '"ended":null' not in (redis.get(keys.session_record_key(sid))
+                                                  or '"ended":null'), 5, f"{sid}'s record")
+
+    first = session_of(unknown_user(gate, "127.0.0.82", "nobody1@example.com"))
+    final_record(first)
+    other = session_of(unknown_user(gate, "127.0.0.82", "nobody2@example.com"))
+    final_record(other)  # a record of its own, no alias of the first
+    assert redis.hget(keys.session_alias_key(other), other) is None
+    # copied from the log line or the reply as it stands: "session=ID;"
+    result = explain(redis_server, "--session", f"session={other};")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"session {other}: mx client "), result.stdout
+    assert "nobody2@example.com" in result.stdout and "nobody1" not in result.stdout
+
+    # the same again, to the letter but for the port and time: that one is an alias
+    again = session_of(unknown_user(gate, "127.0.0.82", "nobody2@example.com"))
+    alias = wait_until(lambda: redis.hget(keys.session_alias_key(again), again), 5,
+                       "the repeat's alias")
+    assert alias == f"{other} 127.0.0.82"
+    result = explain(redis_server, "--session", again)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"was refused as session {other} was" in result.stdout
+    assert "nobody2@example.com" in result.stdout and "nobody1" not in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import uuid
 
@@ -138,3 +139,12 @@ def test_implicit_tls_on_465(gate, logins, dovecot_server):
                    "--header", f"Subject: {mark}")
     assert result.returncode == 0, result.stdout + result.stderr
     dovecot_server.wait_for_message("user1@example.com", lambda raw: mark.encode() in raw)
+
+
+def test_a_client_that_leaves_before_the_handshake_is_logged_with_a_reason(gate, logins):
+    # connect to 465 and hang up without a ClientHello, as a port scanner does
+    with socket.create_connection(("127.0.0.1", gate.submissions_port),
+                                  source_address=("127.0.0.93", 0), timeout=10):
+        pass
+    line = gate.wait_for_log(r"SSL_accept error from \[127\.0\.0\.93\]:\d+: ?(.*)")
+    assert line.group(1) == "lost connection", line.group(0)

@@ -4,7 +4,13 @@ import ipaddress
 
 import pytest
 
-from smtpgate.lookups.table_cache import MISS, NameIndex, NetworkIndex, TableCache
+from smtpgate.lookups.table_cache import (
+    MISS,
+    NameIndex,
+    NetworkIndex,
+    TableCache,
+    loaded_text,
+)
 
 NETS = {
     "PSA:0.0.0.0/0": "dunno",
@@ -116,3 +122,8 @@ def test_clear_makes_not_ready():
     cache.clear()
     assert not cache.ready
     assert cache.lookup_ip("PSA", ipaddress.ip_address("10.0.0.1")) is None
+
+
+def test_the_load_is_logged_in_words_not_as_a_dict():
+    assert loaded_text({"PSA": 2, "REV": 0, "HLO": 1, "VDOM": 1, "point": 0}) == (
+        "PSA 2 keys, REV 0 keys, HLO 1 key, VDOM 1 key, 0 point lookups remembered")

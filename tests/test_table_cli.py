@@ -211,3 +211,53 @@ def test_redis_unreachable_is_a_clear_error():
     err = io.StringIO()
     assert run(["get", "PSA", "1.2.3.4"], config, stdout=io.StringIO(), stderr=err) == 1
     assert "Redis at redis://127.0.0.1:1/0 failed" in err.getvalue()
+
+
+def test_get_names_the_key_that_decides(cli, redis):
+    redis.set("PSA:192.0.2.0/24", "reject")
+    status, out, err = cli("get", "PSA", "192.0.2.7")
+    assert (status, out) == (0, "reject\n"), err
+    assert err == "PSA:192.0.2.0/24 decides for 192.0.2.7 (no PSA:192.0.2.7)\n"
+    redis.set("PSA:192.0.2.0/25", "permit")  # the longer prefix decides, as in a lookup
+    assert cli("get", "PSA", "192.0.2.7")[1:] == (
+        "permit\n", "PSA:192.0.2.0/25 decides for 192.0.2.7 (no PSA:192.0.2.7)\n")
+    redis.set("PSA:192.0.2.7", "dunno")  # the key itself, when there is one
+    assert cli("get", "PSA", "192.0.2.7") == (0, "dunno\n", "")
+    redis.set("VALI:user1@example.com", "user1@example.com")
+    assert cli("get", "VALI", "user1+tag@example.com")[1:] == (
+        "user1@example.com\n",
+        "VALI:user1@example.com decides for user1+tag@example.com "
+        "(no VALI:user1+tag@example.com)\n")
+    status, _, err = cli("get", "PSA", "198.51.100.1")
+    assert status == 1
+    assert err == "smtpgate table get: no key PSA:198.51.100.1 nor any key that covers it\n"
+
+
+def test_list_without_a_prefix_lists_every_table(cli, redis):
+    redis.mset({"VDOM:example.com": "example.com", "PSA:192.0.2.0/24": "reject",
+                "VALI:a@example.com": "a@example.com", "smtpgate:psc:192.0.2.1": "x",
+                "other": "y"})
+    redis.hset("smtpgate:aliases:x", "a", "b")
+    status, out, err = cli("list")
+    assert status == 0
+    assert out == ("PSA:192.0.2.0/24 reject\nVDOM:example.com example.com\n"
+                   "VALI:a@example.com a@example.com\n")
+    assert err.startswith("3 keys under PSA:* REV:* HLO:* VDOM:*")
+
+
+@pytest.mark.parametrize(("prefix", "value", "said"), [
+    ("PSA", "rejct", "PSA value 'rejct': unknown action 'rejct' (did you mean reject?); "
+                     "PSA takes permit, reject or dunno"),
+    ("RECIP", "REJCT no thanks", "RECIP value 'REJCT no thanks': unknown action 'REJCT' (did "
+                                 "you mean REJECT?); RECIP takes OK, REJECT [text], DEFER "
+                                 "[text], DEFER_IF_PERMIT [text], DEFER_IF_REJECT [text], 4NN "
+                                 "text, 5NN text or DUNNO"),
+    ("HLO", "frobnicate", "HLO value 'frobnicate': unknown action 'frobnicate'; HLO takes OK, "
+                          "REJECT [text]"),
+])
+def test_a_misspelt_action_is_refused_with_the_valid_ones(cli, redis, prefix, value, said):
+    status, out, err = cli("set", prefix, "example.com" if prefix != "PSA" else "192.0.2.1",
+                           *value.split())
+    assert status == 1 and out == ""
+    assert err.startswith(f"smtpgate table set: {said}"), err
+    assert redis.dbsize() == 0

@@ -2,7 +2,8 @@
 
 SYNOPSIS
     run_checks(config, live, out=sys.stdout) -> int     1 when a finding is an error, else 0
-    certificate_check(config, now, live=True) -> list[Finding]
+    certificate_check(config, now) -> list[Finding]
+    hostname_check(config) -> list[Finding]
     redis_check(config) -> list[Finding]
     await next_hop_check(config) -> list[Finding]
 
@@ -10,13 +11,15 @@ DESCRIPTION
     Printed after the settings, one line per finding: "ok: ...",
     "warning: ..." or "error: ...".
 
-    Always, when a certificate is configured: its names and expiry, a
-    warning when HOSTNAME is not among them or the expiry is near or past
-    (smtpgate.smtp.certificate), an error when a file cannot be read or
-    the key does not match the certificate.
+    Always: a warning when HOSTNAME is not a fully qualified name; the
+    certificate's names and expiry, a warning when HOSTNAME is not among
+    them or the expiry is near or past (smtpgate.smtp.certificate); an
+    error when no certificate is configured, a file cannot be read or the
+    key does not match the certificate, since `smtpgate serve` refuses to
+    start then (a warning with tls_optional, which starts without
+    STARTTLS).
 
-    With --live, also: no certificate configured (an error unless
-    tls_optional); Redis asked PING at the configured URL (one server, a
+    With --live, also: Redis asked PING at the configured URL (one server, a
     Sentinel set's master or a Cluster; shown with the passwords masked);
     every next hop probed as `smtpgate serve` does at start
     (smtpgate.relay.probe): XCLIENT authorized, IPv6 client addresses
@@ -44,7 +47,7 @@ from smtpgate.verdict import Finding
 
 def run_checks(config: Config, live: bool, out: TextIO = sys.stdout) -> int:
     now = datetime.datetime.now(datetime.UTC)
-    found = certificate_check(config, now, live)
+    found = hostname_check(config) + certificate_check(config, now)
     if live:
         found += redis_check(config)
         found += asyncio.run(next_hop_check(config))
@@ -53,19 +56,33 @@ def run_checks(config: Config, live: bool, out: TextIO = sys.stdout) -> int:
     return 1 if any(f.level == "error" for f in found) else 0
 
 
-def certificate_check(config: Config, now: datetime.datetime, live: bool = True) -> list[Finding]:
+def certificate_check(config: Config, now: datetime.datetime) -> list[Finding]:
+    """What `smtpgate serve` would say of the certificate: no certificate, or one it cannot
+    read, stops its start (an error here) unless tls_optional (a warning)."""
     paths = config.tls_paths
+    refused = "warning" if config.tls_optional else "error"
+    consequence = ("STARTTLS is not offered (SMTPGATE_TLS_OPTIONAL)" if config.tls_optional
+                   else "`smtpgate serve` refuses to start (set SMTPGATE_TLS_OPTIONAL=yes to "
+                        "run without STARTTLS)")
     if paths is None:
-        if not live:
-            return []
-        level = "warning" if config.tls_optional else "error"
-        return [Finding(level, "no TLS certificate configured (LETSENCRYPT, or "
-                               "SMTPGATE_TLS_CERT and SMTPGATE_TLS_KEY): STARTTLS is not offered")]
+        return [Finding(refused, "no TLS certificate configured (LETSENCRYPT, or "
+                                 f"SMTPGATE_TLS_CERT and SMTPGATE_TLS_KEY): {consequence}")]
     try:
         info = read_certificate(*paths)
     except CertificateError as exc:
-        return [Finding("error", str(exc))]
+        return [Finding(refused, f"{exc}: {consequence}")]
     return certificate_findings(info, config.hostname, now)
+
+
+def hostname_check(config: Config) -> list[Finding]:
+    """The banner's and EHLO's name: a bare host name (HOSTNAME unset on a host whose
+    name has no domain gives `localhost`) makes receivers' HELO checks refuse our mail
+    and our own replies look misconfigured."""
+    name = config.hostname.rstrip(".")
+    if "." not in name:
+        return [Finding("warning", f"HOSTNAME {config.hostname!r} is not a fully qualified "
+                                   "domain name: set HOSTNAME to the name in the MX record")]
+    return []
 
 
 def redis_check(config: Config) -> list[Finding]:

@@ -9,8 +9,10 @@ SYNOPSIS
 DESCRIPTION
     A dry run against the live Redis tables and DNS: the same Policy the
     server uses, stage by stage (connect, HELO, MAIL, each RCPT), with no
-    greet wait (there is no client to wait for) and nothing sent to
-    Postfix. Each verdict is printed with its evidence (which key, which
+    greet wait (there is no client to wait for), nothing sent to Postfix
+    and nothing written to Redis: the client's connection counts and rate
+    are read as if it connected once more, not counted, and its screening
+    cache is read, not written. Each verdict is printed with its evidence (which key, which
     zone and answer), then the reply the client would get at that stage.
     Exit status 0 when every recipient would be passed on to Postfix, 1
     when something would be refused, 2 for bad arguments.
@@ -23,9 +25,11 @@ DESCRIPTION
     answered and when. Exit status 0 when printed, 1 when there is no
     such record (unknown, expired, or the session was refused nothing) or
     Redis cannot be read, 2 for an id of the wrong shape or --session
-    given with the dry run's options. A session refused as an earlier one
-    was (same client, check and reply code, minutes apart) has only an
-    alias naming that one: explain says so and prints the earlier record.
+    given with the dry run's options. ID may be given as the reply and the
+    log write it (`session=ID`, with the `;` or `,` around it). A session
+    refused as an earlier one was (the same in all that the record shows
+    but its id, port and times, minutes apart) has only an alias naming
+    that one: explain says so and prints the earlier record.
     A session refused while the node's records were over
     session_record_memory has none ("not recorded").
 """
@@ -76,7 +80,7 @@ def run(args: Any, config: Config) -> int:
 async def _explain(args: Any, config: Config) -> int:
     from smtpgate.policy.stages import Policy
 
-    policy = await Policy.create(config)
+    policy = await Policy.create(config, dry_run=True)
     state = policy.open(Client(args.ip, 0))
     refused = False
     try:
@@ -148,7 +152,9 @@ async def _recorded(text: str, config: Config) -> int:
         await policy.close()
     if first is not None:
         print(f"session {wanted}: client [{alias.get('ip')}] at {_when(alias.get('time'))} "
-              f"was refused as session {first} was (same client, check and reply); "
+              f"was refused as session {first} was (same client, listener, HELO, sender, "
+              f"recipients, commands, verdicts and replies; another port, time and "
+              f"connection count); "
               f"not recorded again: session {first}'s record follows")
         if record is None:
             print(f"smtpgate explain: no record of session {first}: expired (records are "

@@ -7,6 +7,13 @@ DESCRIPTION
     Every command reads the effective configuration first (smtpgate.config);
     a bad setting ends the command with exit status 1 and one line naming
     the setting and what is wrong with it, never a traceback.
+
+    `serve` takes its settings from its environment. The other commands
+    read the gate's settings file too (smtpgate.env_file: --env-file FILE,
+    $SMTPGATE_ENV_FILE, or the systemd unit's /etc/smtpgate/smtpgate.env),
+    and --config FILE names the TOML file; they say on standard error
+    which files they read, so that an answer is not taken for another
+    gate's.
 """
 
 from __future__ import annotations
@@ -113,17 +120,25 @@ def setup_logging(level: str = "INFO", log_format: str = "postfix") -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="smtpgate", description=__doc__.split("\n")[0])
     top.add_argument("--version", action="version", version=f"smtpgate {__version__}")
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--env-file", metavar="FILE",
+                       help="the gate's KEY=VALUE settings file (default: $SMTPGATE_ENV_FILE, "
+                            "else /etc/smtpgate/smtpgate.env when it exists)")
+    files.add_argument("--config", metavar="FILE", help="the gate's TOML file (SMTPGATE_CONFIG)")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the listeners until SIGTERM")
-    check = sub.add_parser("check-config", help="print the effective configuration")
+    check = sub.add_parser("check-config", parents=[files],
+                           help="print the effective configuration")
     check.add_argument("--live", action="store_true",
                        help="also probe Redis and the next hop (XCLIENT, IPv6, extensions)")
-    table = sub.add_parser("table", help="get, set, delete or list Redis table keys")
+    table = sub.add_parser("table", parents=[files],
+                           help="get, set, delete or list Redis table keys")
     table.add_argument("args", nargs=argparse.REMAINDER,
                        help="get|set|del|list PREFIX [KEY [VALUE]]")
     explain = sub.add_parser(
-        "explain", help="run the policy as a dry run for a client (--ip), or show a past "
-                        "session's evidence (--session)")
+        "explain", parents=[files],
+        help="run the policy as a dry run for a client (--ip), or show a past session's "
+             "evidence (--session)")
     explain.add_argument("--ip", help="the client's address, for a dry run")
     explain.add_argument("--session", help="the id that ended a refusal (session=ID)")
     explain.add_argument("--helo")
@@ -135,7 +150,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        config = load()
+        if args.command == "serve":
+            config = load()
+        else:
+            from smtpgate.env_file import gate_environment
+
+            gate = gate_environment(args.env_file, args.config, os.environ)
+            print(f"smtpgate: {gate.said}", file=sys.stderr)
+            config = load(gate.environ, gate.origins)
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 1

@@ -9,12 +9,17 @@ DESCRIPTION
     `table` (a leading "table" is also accepted). PREFIX is one of PSA REV
     HLO VDOM VALI VBOX RECIP LOGMAP, in any case.
 
-    get PREFIX KEY          print the value of PREFIX:KEY
+    get PREFIX KEY          print the value that decides for KEY: PREFIX:KEY,
+                            or the key smtpgate's lookup finds first in its
+                            place (keys.lookup_keys: a network holding an IP,
+                            an address without its +extension, the domain),
+                            named on stderr ("PSA:192.0.2.0/24 decides ...")
     set PREFIX KEY VALUE..  store it; the words of VALUE are joined by spaces
     del PREFIX KEY          delete it
     list PREFIX [PATTERN]   print "KEY VALUE" lines for PREFIX:PATTERN (glob,
                             default *), read with SCAN so Redis is never blocked
                             (on a Cluster, SCAN on every primary)
+    list                    every prefix's keys, as "PREFIX:KEY VALUE" lines
 
     Keys are stored the way smtpgate looks them up (keys.normalize_key):
     networks canonical (`192.168.0.0/24`), names and addresses lower-cased;
@@ -38,10 +43,10 @@ from smtpgate.lookups import keys, redis_client
 USAGE = """usage: smtpgate table get PREFIX KEY
        smtpgate table set PREFIX KEY VALUE...
        smtpgate table del PREFIX KEY
-       smtpgate table list PREFIX [PATTERN]
+       smtpgate table list [PREFIX [PATTERN]]
 PREFIX: """ + " ".join(keys.PREFIXES)
 
-_ARITY = {"get": (2, 2), "set": (3, None), "del": (2, 2), "list": (1, 2)}
+_ARITY = {"get": (2, 2), "set": (3, None), "del": (2, 2), "list": (0, 2)}
 
 
 class _Refused(Exception):
@@ -66,8 +71,8 @@ def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
     if len(rest) < low or (high is not None and len(rest) > high):
         print(f"smtpgate table {command}: wrong number of arguments\n{USAGE}", file=err)
         return 2
-    prefix = rest[0].upper().rstrip(":")
-    if prefix not in keys.PREFIXES:
+    prefix = rest[0].upper().rstrip(":") if rest else ""
+    if rest and prefix not in keys.PREFIXES:
         print(f"smtpgate table: unknown prefix {rest[0]!r} (one of {' '.join(keys.PREFIXES)})",
               file=err)
         return 2
@@ -97,9 +102,15 @@ def _key(prefix: str, name: str) -> str:
 
 def _get(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
     redis_key = _key(prefix, rest[0])
-    value = client.get(redis_key)
-    if value is None:
-        raise _Refused(f"no key {redis_key}")
+    tried = [redis_key, *(k for k in keys.lookup_keys(prefix, rest[0]) if k != redis_key)]
+    values = redis_client.mget_sync(client, tried)
+    found = next(((k, v) for k, v in zip(tried, values, strict=True) if v is not None), None)
+    if found is None:
+        covering = " nor any key that covers it" if len(tried) > 1 else ""
+        raise _Refused(f"no key {redis_key}{covering}")
+    decider, value = found
+    if decider != redis_key:
+        print(f"{decider} decides for {rest[0]} (no {redis_key})", file=err)
     print(value, file=out)
     return 0
 
@@ -128,17 +139,24 @@ def _del(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) ->
 
 
 def _list(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
-    pattern = f"{prefix}:{rest[0] if rest else '*'}"
+    patterns = [f"{prefix}:{rest[0] if rest else '*'}"] if prefix else \
+        [f"{p}:*" for p in keys.PREFIXES]
     rows = []
-    found = list(client.scan_iter(match=pattern, count=500))  # a Cluster: every primary
-    for start in range(0, len(found), 500):
-        batch = found[start:start + 500]
-        values = redis_client.mget_sync(client, batch)
-        rows += [(k, v) for k, v in zip(batch, values, strict=True) if v is not None]
-    for redis_key, value in sorted(rows):
-        print(f"{redis_key.partition(':')[2]} {value}", file=out)
-    print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {pattern}", file=err)
+    for pattern in patterns:
+        found = list(client.scan_iter(match=pattern, count=500))  # a Cluster: every primary
+        for start in range(0, len(found), 500):
+            batch = found[start:start + 500]
+            values = redis_client.mget_sync(client, batch)
+            rows += [(k, v) for k, v in zip(batch, values, strict=True) if v is not None]
+    for redis_key, value in sorted(rows, key=_table_order):
+        print(f"{redis_key.partition(':')[2] if prefix else redis_key} {value}", file=out)
+    print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {' '.join(patterns)}", file=err)
     return 0
+
+
+def _table_order(row: tuple[str, str]) -> tuple[int, str]:
+    table, _, name = row[0].partition(":")
+    return keys.PREFIXES.index(table) if table in keys.PREFIXES else len(keys.PREFIXES), name
 
 
 _COMMANDS = {"get": _get, "set": _set, "del": _del, "list": _list}

@@ -41,7 +41,7 @@ DESCRIPTION
     Repeats. Most MX refusals are the same client turned away at connect
     (access list, DNSBL, pregreet) again and again. repeat() gives an
     ended session's signature (smtpgate.smtp.evidence.refused_alike:
-    client IP, rejecting checks, reply codes); the first session with a
+    client IP, then all that explain shows but the id, port and times); the first session with a
     signature gets its full record, and for REPEAT_WINDOW (10 minutes)
     later sessions with the same one get an alias, "FIRST_ID IP", not
     encoded from the session at all: a field in one hash per minute of

@@ -15,6 +15,7 @@ SYNOPSIS
     recip_keys(address) -> list[str]                   full address, then domain (RECIP)
     logmap_keys(sender) -> list[str]                   sender, then @domain (LOGMAP)
     split_targets(value) -> tuple[str, ...]            "a@x, b@x c@x" -> ("a@x", "b@x", "c@x")
+    lookup_keys(prefix, name) -> list[str]             the keys smtpgate tries for name, in order
 
     normalize_key(prefix, name) -> str                 canonical key name, ValueError why not
     check_value(prefix, value) -> str                  the value to store, ValueError why not
@@ -47,6 +48,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 
@@ -162,6 +164,25 @@ def split_targets(value: str) -> tuple[str, ...]:
     return tuple(t for t in re.split(r"[\s,]+", value.strip()) if t)
 
 
+def lookup_keys(prefix: str, name: str) -> list[str]:
+    """The keys a lookup of name tries, in the order above, the first found deciding: a
+    client IP in PSA or REV meets its networks, an address its +extension-less form and
+    domain. Anything else (a network, a hostname, a domain) is looked up as it is."""
+    text = name.strip()
+    if prefix in (PSA, REV):
+        try:
+            return network_keys(prefix, text)
+        except ValueError:
+            return [key(prefix, text)]
+    if prefix in (VALI, VBOX) and not text.startswith("@") and "@" in text:
+        return list(dict.fromkeys(address_keys(prefix, text)))
+    if prefix == RECIP and "@" in text:
+        return recip_keys(text)
+    if prefix == LOGMAP and not text.startswith("@") and "@" in text:
+        return logmap_keys(text)
+    return [key(prefix, text)]
+
+
 # --- validation for the CLI ---------------------------------------------------------------------
 
 # One grammar for addresses and domains: the SMTP parser's (smtpgate.address), with
@@ -241,6 +262,27 @@ def normalize_key(prefix: str, name: str) -> str:
     raise ValueError(f"{prefix} key {name!r} is not an address or @domain")
 
 
+# What each access table takes, for the CLI's refusals (PSA is postscreen's access list).
+_PSA_WORDS = "permit, reject or dunno"
+_ACCESS_WORDS = ("OK, REJECT [text], DEFER [text], DEFER_IF_PERMIT [text], DEFER_IF_REJECT "
+                 "[text], 4NN text, 5NN text or DUNNO")
+_KEYWORDS = {PSA: ("permit", "reject", "dunno", "ok"),
+             "": ("ok", "reject", "defer", "defer_if_permit", "defer_if_reject", "dunno")}
+
+
+def _action_hint(prefix: str, text: str) -> str:
+    """'(did you mean reject?); valid: ...' for a value whose action is misspelt."""
+    word = text.split(None, 1)[0]
+    close = difflib.get_close_matches(word.lower(), _KEYWORDS.get(prefix, _KEYWORDS[""]), n=1,
+                                      cutoff=0.6)
+    if close:
+        shown = close[0] if prefix == PSA or word.islower() else close[0].upper()
+        hint = f" (did you mean {shown}?)"
+    else:
+        hint = ""
+    return f"{hint}; {prefix} takes {_PSA_WORDS if prefix == PSA else _ACCESS_WORDS}"
+
+
 def check_value(prefix: str, value: str) -> str:
     """The value to store under PREFIX (stripped; aliases comma-free); ValueError if refused."""
     if prefix not in PREFIXES:
@@ -251,13 +293,14 @@ def check_value(prefix: str, value: str) -> str:
     if prefix in ACCESS_TABLES:
         action = access_value.parse(text)
         if action.kind is access_value.Kind.INVALID:
-            raise ValueError(f"{prefix} value {value!r}: {action.reason}")
+            raise ValueError(f"{prefix} value {value!r}: {action.reason}"
+                             f"{_action_hint(prefix, text)}")
         if text.isdigit():
             raise ValueError(
                 f"{prefix} value {value!r}: an all-numerical value means OK in access(5); "
                 f"write '{text} text' or REJECT to refuse")
         if prefix == PSA and action.kind not in PSA_ACTIONS:
-            raise ValueError(f"PSA value {value!r} is not permit, reject or dunno")
+            raise ValueError(f"PSA value {value!r} is not {_PSA_WORDS}")
         return text
     if prefix == VALI:
         targets = split_targets(text)

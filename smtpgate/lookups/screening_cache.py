@@ -3,17 +3,19 @@
 SYNOPSIS
     ScreeningStoreError                    every Redis failure (the session answers 421 4.3.0)
 
-    ScreeningCache(redis, *, fail_ttl=86400.0, timeout=2.0, clock=time.time)
+    ScreeningCache(redis, *, fail_ttl=86400.0, timeout=2.0, clock=time.time, read_only=False)
         await .get(ip) -> dict[str, float]           test -> pass expiry (Unix time; 0 = failed)
         await .record_pass(ip, test, ttl) -> None
         await .record_passes(ip, {test: ttl, ...}) -> None
         await .record_fail(ip, test) -> None
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
-    TESTS
+    TESTS, NO_TESTS
 
     ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
         await .connect(ip) -> Lease              counts this session in; Lease has the counts
+        await .peek(ip) -> Lease                 the counts connect() would give, nothing
+                                                 written (explain's dry run)
         await .release(lease) -> None            counts it out (safe to call twice)
         await .refresh() -> None                 renews the leases of this process's sessions
         await .run_refresher() -> None           refresh() every lease/3 s until cancelled
@@ -33,7 +35,8 @@ DESCRIPTION
     pass of that client and marks the test failed (0) for at least
     `fail_ttl`: a client that failed a test is never allowlisted until it
     passes that test again. passed() and allowlisted() read get()'s result:
-    a test counts only when its expiry is still ahead of `now`.
+    a test counts only when its expiry is still ahead of `now`. A
+    read_only cache (explain's dry run) reads and never writes.
 
     The counters implement the connect-time limits for smtpgate.checks.limits:
     - sessions in flight, per client (client_key: IPv4 as is, IPv6 per
@@ -74,7 +77,10 @@ from smtpgate.checks.limits import client_key
 from smtpgate.lookups import keys
 from smtpgate.lookups import redis_client as redis_client_module
 
-TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
+# NO_TESTS: the pass of a client screened while every test before the banner was off
+# (postscreen's PASS NEW then), so that its next session is PASS OLD, as in postscreen
+NO_TESTS = "no_tests"
+TESTS = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline", NO_TESTS)
 RATE_WINDOW = 60
 RELEASE_BATCH = 0.01  # seconds a closed session may stay counted, to share a round trip
 
@@ -131,9 +137,11 @@ class ScreeningCache:
         fail_ttl: float = 86400.0,
         timeout: float = 2.0,
         clock=time.time,
+        read_only: bool = False,
     ) -> None:
         self._redis = redis_client
         self._record = redis_client.register_script(_RECORD)
+        self._read_only = read_only
         self._fail_ttl = fail_ttl
         self._timeout = timeout
         self._clock = clock
@@ -162,6 +170,8 @@ class ScreeningCache:
         await self._run(ip, [test, "0", 0], f"screening cache failure for {ip}")
 
     async def _run(self, ip: str, args: list, what: str) -> None:
+        if self._read_only:
+            return
         async with _redis_call(what, self._timeout):
             await self._record(
                 keys=[keys.screening_key(ip)],
@@ -327,6 +337,23 @@ class ConnectionCounter:
         count = int(count) - self._pending.get(client, 0)
         total = int(total) - sum(self._pending.values())
         return Lease(ip, client, session_id, count, int(rate), total, _entries(screening))
+
+    async def peek(self, ip: str) -> Lease:
+        """connect()'s counts, this session included, with nothing counted: a dry run must
+        not use up the client's connection rate, nor hold a session."""
+        client = client_key(ip, self._ipv6_prefix)
+        now = time.time()
+        async with (
+            _redis_call(f"connection count for {ip}", self._timeout),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            pipe.zcount(keys.sessions_key(client), f"({now}", "+inf")
+            pipe.zcount(keys.rate_key(client), f"({now - RATE_WINDOW}", "+inf")
+            pipe.zcount(keys.SESSIONS_ALL, f"({now}", "+inf")
+            pipe.hgetall(keys.screening_key(ip))
+            count, rate, total, screening = await pipe.execute()
+        return Lease(ip, client, "dry-run", int(count) + 1, int(rate) + 1, int(total) + 1,
+                     _entries(screening))
 
     async def _connect_cluster(self, ip: str, client: str, session_id: str) -> tuple:
         async with self._redis.pipeline(transaction=False) as pipe:

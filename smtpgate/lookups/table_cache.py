@@ -24,6 +24,7 @@ SYNOPSIS
 
     CacheSync(cache, url, timeout, on_state=None)
         .start() -> asyncio.Task   .stop()   .ready_event
+    loaded_text(sizes) -> str     TableCache.sizes() as its log line says them
 
 DESCRIPTION
     The scanned tables are small and need more than exact-key lookups (CIDR
@@ -203,6 +204,7 @@ class TableCache:
         return self._names[prefix].lookup(name)
 
     def sizes(self) -> dict[str, int]:
+        """Keys held per scanned table, and "point": the point tables' keys remembered."""
         sizes = {p: len(self._names[p]) for p in SCANNED}
         for p in NETWORK_TABLES:
             sizes[p] += len(self._nets[p])
@@ -328,7 +330,7 @@ class CacheSync:
             self.cache.ready = True
             self.ready_event.set()
             self.on_state(True, "cache loaded")
-            log.info("table cache: loaded %s", self.cache.sizes())
+            log.info("table cache: loaded %s", loaded_text(self.cache.sizes()))
             listeners = [asyncio.create_task(self._listen(p, c))
                          for p, c in zip(pubsubs, clients, strict=True)]
             try:
@@ -432,3 +434,11 @@ class CacheSync:
             for redis_key, value in zip(scanned, values, strict=True):
                 self.cache.apply(redis_key, value)
 
+
+
+def loaded_text(sizes: dict[str, int]) -> str:
+    """The load's log line: `PSA 2 keys, REV 0 keys, ..., 0 point lookups remembered`."""
+    tables = [f"{table} {count} key{'' if count == 1 else 's'}"
+              for table, count in sizes.items() if table != "point"]
+    point = sizes.get("point", 0)
+    return ", ".join([*tables, f"{point} point lookup{'' if point == 1 else 's'} remembered"])

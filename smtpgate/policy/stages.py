@@ -1,7 +1,7 @@
 """stages - each stage's checks, in order: facts fetched, decisions taken, actions applied.
 
 SYNOPSIS
-    await Policy.create(config, auth=None) -> Policy
+    await Policy.create(config, auth=None, dry_run=False) -> Policy
     policy.open(client: Client) -> ClientState
     await policy.connect(state) -> Reply | GreetWait | None     None: send the banner
     await policy.screened(state, received: bytes, delay: float) -> Reply | None
@@ -45,6 +45,10 @@ DESCRIPTION
     A lookup that cannot be answered (Redis down, DNS timing out) is a
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
     permit.
+
+    A dry_run policy (`smtpgate explain --ip`) decides with the same
+    facts and writes nothing: the connection counts are read, not
+    counted (ConnectionCounter.peek), and the screening cache is read only.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.evidence import EvidenceStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
+    NO_TESTS,
     ConnectionCounter,
     ScreeningCache,
     ScreeningStoreError,
@@ -131,8 +136,9 @@ class AuthOutcome:
 
 class Policy:
     def __init__(self, config: Config, tables: Tables, resolver: Resolver,
-                 redis_client: Any, auth: Any = None) -> None:
+                 redis_client: Any, auth: Any = None, dry_run: bool = False) -> None:
         self.config = config
+        self.dry_run = dry_run  # explain: decide, count and cache nothing
         self.tables = tables
         self.resolver = resolver
         self.redis = redis_client
@@ -141,7 +147,8 @@ class Policy:
         self.querier = DnsblQuerier(
             resolver, self.sites, config.dnsbl_timeout, threshold=config.dnsbl_threshold,
             allowlist_threshold=config.dnsbl_allowlist_threshold)
-        self.cache = ScreeningCache(redis_client, timeout=config.redis_timeout)
+        self.cache = ScreeningCache(redis_client, timeout=config.redis_timeout,
+                                    read_only=dry_run)
         self.counter = ConnectionCounter(redis_client, ipv6_prefix=config.ipv6_prefix,
                                          timeout=config.redis_timeout)
         self.auth_limits = AuthLimits(
@@ -170,13 +177,13 @@ class Policy:
         self.evidence.memory = record_memory(config)
 
     @classmethod
-    async def create(cls, config: Config, auth: Any = None) -> Policy:
+    async def create(cls, config: Config, auth: Any = None, dry_run: bool = False) -> Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart
         client = redis_client.connect(config.redis, config.redis_timeout, decode=False)
-        policy = cls(config, tables, resolver, client, auth)
+        policy = cls(config, tables, resolver, client, auth, dry_run)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
         return policy
@@ -254,7 +261,8 @@ class Policy:
                 return verdict.reply
             state.enforced = verdict.reply
         try:
-            state.lease = await self.counter.connect(ip)
+            state.lease = await (self.counter.peek(ip) if self.dry_run
+                                 else self.counter.connect(ip))
         except ScreeningStoreError as exc:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
@@ -283,7 +291,7 @@ class Policy:
         ip, port = state.client.ip, state.client.port
         entries = state.cached_passes  # read with the connection count, in one round trip
         now = time.time()
-        tests = [t for t in SCREENING_TESTS if self._enabled(t)]
+        tests = [t for t in SCREENING_TESTS if self._enabled(t)] or [NO_TESTS]
         if allowlisted(entries, tests, now):
             log.info("PASS OLD [%s]:%s", ip, port)
             return None
@@ -335,6 +343,8 @@ class Policy:
                 state.permitted = True
             else:
                 outcome = self._apply(state, verdict, passes, failed) or outcome
+        if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
+            passes = {NO_TESTS: config.greet_ttl}  # nothing to test: PASS OLD next time
         try:
             for test in failed:
                 await self.cache.record_fail(ip, test)

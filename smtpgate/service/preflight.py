@@ -5,6 +5,7 @@ SYNOPSIS
     listener_hops(config) -> dict[str, tuple[HostPort, ...]]   listener kind -> its next hops
     ipv6_clients(config) -> str                      "listener", "proxy" or ""
     carry(gate, probes)                              offer each listener what its hops carry
+    mark_reached(gate, probes)                       the hops a probe reached count as up
     start_learning(gate, probes, wait_first=True)    learn_later() as this worker's task
     stop_learning(gate)
     await learn_later(gate, probes, wait_first)      probe the hops not known, until reached
@@ -151,6 +152,10 @@ def carry(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
         known = [found for found in (carried_extensions(probes[hop]) for hop in hops
                                      if hop in probes) if found is not None]
         gate.carry(kind, frozenset.intersection(*known) if known else None)
+
+
+def mark_reached(gate: Any, probes: dict[HostPort, HopProbe]) -> None:
+    """Count the hops a probe reached as up, so /healthz does not call them untried."""
     for hops in (gate.hops, gate.submission_hops):
         if hops is not None:
             for hop, probe in probes.items():
@@ -193,3 +198,4 @@ async def learn_later(gate: Any, probes: dict[HostPort, HopProbe],
                 probes[hop] = probe
         first = False
         carry(gate, probes)
+        mark_reached(gate, probes)

@@ -57,6 +57,7 @@ from smtpgate.service.preflight import (
     PreflightError,
     carry,
     listener_hops,
+    mark_reached,
     preflight,
     start_learning,
     stop_learning,
@@ -145,6 +146,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None) 
     gate = await build_gate(config)
     if probes is not None:  # what the master's preflight learned of the next hops
         carry(gate, probes)
+        mark_reached(gate, probes)
     try:
         servers = await start_listeners(gate)
     except OSError:

@@ -24,11 +24,17 @@ DESCRIPTION
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
 
     refused_alike() is the session's signature once it has ended: the
-    client IP, then each refusal's rejecting check ("-" for a reply no
-    verdict gave, Postfix's say) and reply code. The store keeps one full
-    record per signature for a while and writes later sessions with the
-    same signature as aliases of it (most MX refusals are the same client
-    turned away at connect again and again).
+    client IP first, then everything else the record shows but the
+    session's id, port and times: listener and local address, the
+    client's name, HELO, login, sender, recipients, the command counts,
+    every verdict (the client's port taken out of its reason, and a
+    passed limits check's counts, which change with every connect) and every
+    refusal's command and reply. The store keeps one full record per
+    signature for a while and writes later sessions with the same
+    signature as aliases of it (most MX refusals are the same client
+    turned away at connect again and again): `explain --session` of an
+    alias prints the first session's record, which must then say nothing
+    that is not also true of the alias.
 """
 
 from __future__ import annotations
@@ -96,11 +102,19 @@ def session_record(session: Recorded) -> dict:
 def refused_alike(session: Recorded) -> tuple | None:
     if session.ended is None or not session.refusals:
         return None  # still running: more may come
-    record = session.state.record if session.state is not None else []
-    signature: list = [session.client.ip]
-    for refusal in session.refusals:
-        n = refusal.verdicts
-        verdict = record[n - 1] if 0 < n <= len(record) else None
-        check = verdict.check if verdict is not None and verdict.reply is not None else "-"
-        signature.append((check, refusal.reply[:3]))
-    return tuple(signature)
+    client, state = session.client, session.state
+    # the client's port, the session's id and times, and the connection counts of the moment
+    # (a passed limits check) are what two sessions never share; everything else explain
+    # prints must be the same, or the alias would show another session
+    with_port, without = f"[{client.ip}]:{client.port}", f"[{client.ip}]"
+    tag = f"; session={session.id}"
+    verdicts = tuple(
+        (v.check, str(v.outcome),
+         "" if v.check == "limits" and v.reply is None else v.logged.replace(with_port, without),
+         str(v.reply) if v.reply is not None else None)
+        for v in (state.record if state is not None else ()))
+    replies = tuple((r.command, r.reply.replace(tag, ""), r.verdicts) for r in session.refusals)
+    return (client.ip, client.listener, client.local_ip, client.local_port,
+            state.client_name if state is not None else "unknown", session.helo, session.login,
+            session.sender, tuple(session.recipients), session.command_counts(), verdicts,
+            state.unrecorded if state is not None else 0, replies)

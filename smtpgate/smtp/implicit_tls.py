@@ -39,6 +39,7 @@ from smtpgate.address import plain_ip
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.proxy_header import SocketReader, expects_header, read_header
 from smtpgate.smtp.session import SUBMISSIONS, protocol_factory
+from smtpgate.smtp.tls import handshake_error
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -99,6 +100,6 @@ async def _enter(gate: Gate, sock: socket.socket) -> None:
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
         log.info("SSL_accept error from [%s]:%s: %s", plain_ip(client[0]), client[1],
-                 exc or "timed out")
+                 handshake_error(exc))
         with contextlib.suppress(OSError):
             sock.close()

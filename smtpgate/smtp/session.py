@@ -101,6 +101,7 @@ from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
+from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
@@ -503,7 +504,7 @@ class Session:
         try:
             await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
-            log.info("SSL_accept error from %s: %s", self.client_label, exc)
+            log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
             raise Closing from None
         self.dialogue.tls_started()
         log.info("%s", tls_established(self.client_label, self.wire.extra("ssl_object")))

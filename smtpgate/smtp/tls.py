@@ -5,6 +5,7 @@ SYNOPSIS
     provider.context() -> ssl.SSLContext   (the current one; cheap)
     provider.info -> CertificateInfo        names, not_after of the certificate in use
     load_tls(config) -> TlsProvider | None
+    handshake_error(exc) -> str            why a handshake failed, never empty
 
 DESCRIPTION
     certbot renews /etc/letsencrypt/live/NAME/*.pem in place (new symlink
@@ -18,6 +19,11 @@ DESCRIPTION
 
     TLS 1.2 is the lowest version offered, as the image's
     smtpd_tls_protocols = >=TLSv1.2.
+
+    handshake_error() is the reason in `SSL_accept error from ...: reason`:
+    the exception's text, or, for the ones that have none (a client that
+    connects and goes away), "lost connection" as Postfix says, "timed
+    out", or the exception's name.
 """
 
 from __future__ import annotations
@@ -114,3 +120,14 @@ def load_tls(config: Config) -> TlsProvider | None:
             log.warning("warning: %s: STARTTLS is not offered", exc)
             return None
         raise
+
+
+def handshake_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if text:
+        return text
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionError | ssl.SSLEOFError | EOFError):
+        return "lost connection"
+    return type(exc).__name__
