@@ -45,6 +45,7 @@ test_packages=(
     prometheus  # the dashboard test runs a private Prometheus and promtool
     systemd  # systemd-analyze verify checks conf/systemd/smtpgate.service (no systemd runs)
     fail2ban  # fail2ban-regex and fail2ban-client -t check conf/fail2ban (no fail2ban runs)
+    testssl.sh  # the cipher suites per port (tests/test_tls_ciphers_e2e.py)
 )
 
 packages=("${run_packages[@]}")

@@ -2,7 +2,7 @@
 
 SYNOPSIS
     parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path
-    parse_mail_arg(arg: str, smtputf8: bool = False) -> Path
+    parse_mail_arg(arg: str, smtputf8: bool | None = None) -> Path
     parse_rcpt_arg(arg: str, smtputf8: bool = False) -> Path
     split(address: str) -> tuple[str, str]
     is_fqdn(domain: str, smtputf8: bool = False) -> bool
@@ -13,12 +13,13 @@ SYNOPSIS
     plain_ip(ip: str) -> str
 
     class AddressError(ValueError): .reply: Reply
-    class Path: address, local, domain, params, route, quoted, raw, null, routed
+    class Path: address, local, domain, params, words, route, quoted, raw, null, routed
 
 DESCRIPTION
     parse_path() takes what follows "MAIL FROM:" or "RCPT TO:" (leading
     blanks allowed): a path in angle brackets, then ESMTP parameters
-    separated by blanks. Angle brackets are required, as with Postfix's
+    separated by blanks as Postfix separates them (smtpgate.smtp.params:
+    SP, HT, LF, VT, FF, CR; not \x1c-\x1f, not NBSP). Angle brackets are required, as with Postfix's
     strict_rfc821_envelopes = yes. The path must be a RFC 5321 Mailbox (a
     dot-string or quoted-string local part, "@", a domain or an address
     literal), optionally preceded by a source route "@a,@b:" which is
@@ -29,17 +30,23 @@ DESCRIPTION
 
     Path.address is the internal form used for lookups and replies: quotes
     and quoted-pairs removed, route dropped ("" for the null sender).
-    Path.params maps upper-cased keywords to their value (None when the
-    parameter has no "=value"). Without smtputf8, any non-ASCII byte is
-    refused. Path.routed is true for a source route, or a local part that
-    carries another address ("%", "!" or "@" in it): such a recipient must
+    Path.words are the parameters as they came, in order, for
+    smtpgate.smtp.params to check as Postfix does; Path.params maps their
+    upper-cased keywords to their value (None when the word has no
+    "=value"; a repeated keyword: the last). Without smtputf8, a non-ASCII
+    address is refused: in the domain as Postfix refuses it (Bad ...
+    address syntax), in the local part with Postfix's strict_smtputf8
+    reply. parse_mail_arg() takes smtputf8 from the parameters when it is
+    not given: a word SMTPUTF8 of its own, nothing else in the line.
+    Path.routed is true for a source route, or a local part that carries
+    another address ("%", "!" or "@" in it): such a recipient must
     never relay.
 
     Every failure raises AddressError whose .reply is what Postfix says:
     "501 5.1.7 Bad sender address syntax" (mail=True), "501 5.1.3 Bad
     recipient address syntax" (mail=False), "553 5.6.7 Must declare SMTPUTF8
-    to send unicode address", "555 5.5.4 Unsupported option: <param>" for a
-    malformed or repeated parameter. Nothing else is raised for any str.
+    to send unicode address" for a non-ASCII local part without SMTPUTF8.
+    Parameters are not checked here. Nothing else is raised for any str.
 
     parse_mail_arg() and parse_rcpt_arg() take the whole argument of the
     command and first require "FROM:" / "TO:" (any case), else
@@ -68,6 +75,7 @@ import re
 from dataclasses import dataclass, field
 
 from smtpgate.replies import MAIL_SYNTAX, RCPT_SYNTAX
+from smtpgate.smtp.params import BLANKS, declares_smtputf8, split_words
 from smtpgate.verdict import Reply
 
 __all__ = [
@@ -110,9 +118,6 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 _LABEL_UTF8 = rf"[A-Za-z0-9_{_U}](?:[A-Za-z0-9_{_U}-]*[A-Za-z0-9_{_U}])?"
 _DOMAIN_UTF8 = re.compile(rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*\Z")
 _NUMERIC = re.compile(r"[0-9.]*\Z")
-_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
-_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
-_VALUE_UTF8 = re.compile(rf"[\x21-\x3c\x3e-\x7e{_U}]+\Z")
 _ROUTING = frozenset("%!@")
 
 
@@ -134,6 +139,7 @@ class Path:
     route: tuple[str, ...] = ()
     quoted: bool = False
     raw: str = ""
+    words: tuple[str, ...] = ()
 
     @property
     def null(self) -> bool:
@@ -144,7 +150,7 @@ class Path:
         return bool(self.route) or not _ROUTING.isdisjoint(self.local)
 
 
-def parse_mail_arg(arg: str, smtputf8: bool = False) -> Path:
+def parse_mail_arg(arg: str, smtputf8: bool | None = None) -> Path:
     if arg[:5].upper() != "FROM:":
         raise AddressError(MAIL_SYNTAX)
     return parse_path(arg[5:], smtputf8, mail=True)
@@ -156,9 +162,10 @@ def parse_rcpt_arg(arg: str, smtputf8: bool = False) -> Path:
     return parse_path(arg[3:], smtputf8, mail=False)
 
 
-def parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path:
+def parse_path(text: str, smtputf8: bool | None = False, *, mail: bool = False) -> Path:
+    """smtputf8=None: as the parameters declare it (MAIL)."""
     bad = BAD_SENDER if mail else BAD_RECIPIENT
-    text = text.lstrip(" \t")
+    text = text.lstrip(BLANKS)
     if not text.startswith("<"):
         raise AddressError(bad, "missing <")
     end = _closing_bracket(text)
@@ -166,15 +173,19 @@ def parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path
         raise AddressError(bad, "missing >")
     raw = text[1:end]
     rest = text[end + 1:]
-    if not smtputf8 and not text.isascii():
-        raise AddressError(NEED_SMTPUTF8)
-    if rest and rest[0] not in " \t":
+    if rest and rest[0] not in BLANKS:
         raise AddressError(bad, "junk after >")
-    params = _parse_params(rest, smtputf8)
+    words = tuple(split_words(rest))
+    if smtputf8 is None:
+        smtputf8 = declares_smtputf8(words)
+    if not smtputf8 and not raw.isascii():
+        # Postfix refuses a non-ASCII domain as bad syntax, a local part with strict_smtputf8
+        raise AddressError(bad if not split(raw)[1].isascii() else NEED_SMTPUTF8)
+    params = _params(words)
     if not raw:
         if not mail:
             raise AddressError(bad, "null recipient")
-        return Path("", params=params)
+        return Path("", params=params, words=words)
     route: tuple[str, ...] = ()
     mailbox = raw
     if raw[0] == "@":
@@ -185,7 +196,7 @@ def parse_path(text: str, smtputf8: bool = False, *, mail: bool = False) -> Path
         mailbox = raw[colon + 1:]
     local, domain, quoted = _parse_mailbox(mailbox, bad, smtputf8)
     address = f"{local}@{domain}" if domain else local
-    return Path(address, local, domain, params, route, quoted, raw)
+    return Path(address, local, domain, params, route, quoted, raw, words)
 
 
 def split(address: str) -> tuple[str, str]:
@@ -249,25 +260,12 @@ def _closing_bracket(text: str) -> int:
     return -1
 
 
-def _parse_params(rest: str, smtputf8: bool) -> dict[str, str | None]:
-    if not rest:
-        return {}
+def _params(words: tuple[str, ...]) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
-    value_re = _VALUE_UTF8 if smtputf8 else _VALUE
-    for word in rest.split():
+    for word in words:
         keyword, eq, value = word.partition("=")
-        key = keyword.upper()
-        if (not _KEYWORD.match(keyword) or (eq and not value_re.match(value))
-                or key in params):
-            raise AddressError(Reply(555, "5.5.4", f"Unsupported option: {_printable(word)}"))
-        params[key] = value if eq else None
+        params[keyword.upper()] = value if eq else None
     return params
-
-
-def _printable(text: str) -> str:
-    # Reply text must stay one clean line of printable characters.
-    out = "".join(ch if " " < ch < "\x7f" or ch > "\x9f" else "?" for ch in text)
-    return out[:100]
 
 
 def _route_domains(route: str, bad: Reply, smtputf8: bool) -> list[str]:

@@ -382,8 +382,21 @@ class Config:
     next_hop_pool: int = setting(
         4, int_between(0, 64),
         "connections to each next hop kept greeted ahead of need, per worker (0: none)")
+    next_hop_connect_timeout: float = setting(
+        30.0, seconds(1, 600), "time limit for connecting to the next hop (Postfix's "
+                               "smtp_connect_timeout)")
     next_hop_timeout: float = setting(
-        300.0, seconds(1, 600), "time limit for one reply from the next hop")
+        100.0, seconds(1, 600),
+        "time limit for each reply of the next hop before the message's (banner, XCLIENT, EHLO, "
+        "MAIL, RCPT, DATA) and for each write of the message (Postfix's smtpd_proxy_timeout)")
+    next_hop_data_done_timeout: float = setting(
+        330.0, seconds(1, 600),
+        "time limit for the next hop's reply to the end of the message; above Postfix's "
+        "milter_content_timeout (300 s), so its milters get their full time")
+    next_hop_total_timeout: float = setting(
+        540.0, seconds(1, 590),
+        "time limit for the whole hand-off of one message, under the 10 minutes a client "
+        "waits for its reply to the final dot")
     next_hop_retry: float = setting(
         10.0, seconds(1, 3600),
         "how long a next hop that failed is skipped before a message tries it again; "
@@ -400,6 +413,18 @@ class Config:
     spool_memory_limit: int = setting(
         262144, int_between(0), "bytes of a message held in memory; the rest goes to a "
                                 "temporary file")
+    spool_budget: int = setting(
+        268435456, int_between(0),
+        "bytes of received messages (memory and temporary files) one worker holds at once; "
+        "past it, 452 4.3.1 Insufficient system storage at MAIL (SIZE=) and DATA (0: no bound)")
+    submissions_handshake_limit: int = setting(
+        200, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per worker; past it, a new "
+        "connection is closed before TLS (0: no bound)")
+    submissions_client_handshake_limit: int = setting(
+        10, int_between(0),
+        "TLS handshakes in progress on the submissions port (465) per client address and "
+        "worker; past it, the client's new connection is closed before TLS (0: no bound)")
     auth_failure_limit: int = setting(
         5, int_between(1), "failed AUTH attempts per client or login per 10 minutes before 421")
 
@@ -496,6 +521,7 @@ def load(environ: Mapping[str, str] | None = None,
     if not values.get("domain"):
         values["domain"] = values["hostname"]
     _check_tls_pair(values)
+    _check_hop_timeouts({name: values.get(name, spec.default) for name, spec in specs.items()})
     config = Config(**values)
     object.__setattr__(config, "_source_map", sources)
     return config
@@ -536,6 +562,15 @@ def _read_toml(path: str) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def _check_hop_timeouts(values: dict[str, Any]) -> None:
+    # the total must leave each step its full time, or the step's own limit means nothing
+    total = values["next_hop_total_timeout"]
+    for name in ("next_hop_data_done_timeout", "next_hop_connect_timeout", "next_hop_timeout"):
+        if values[name] >= total:
+            raise ConfigError(env_name("next_hop_total_timeout", None),
+                              f"must be more than {env_name(name, None)}")
 
 
 def _check_tls_pair(values: dict[str, Any]) -> None:

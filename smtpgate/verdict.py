@@ -2,6 +2,7 @@
 
 SYNOPSIS
     Reply(code, status, text)            str(reply) == "550 5.1.1 text"
+    printable_text(text) -> str          control characters as "?"
     Outcome.PERMIT | PASS | FAIL | SKIP
     Verdict(check, outcome, reply=None, reason="", ttl=0.0, ignored=False)
     verdict.failed ; verdict.logged       the reason as the log and explain show it
@@ -22,12 +23,25 @@ DESCRIPTION
     A Finding is what a look at the surroundings found (the certificate,
     the next hop): "error" stops `smtpgate serve` at start and makes
     `smtpgate check-config` exit 1; "warning" is logged and served through.
+
+    str(reply) is always one line: control characters in the text (C0 but
+    HT, DEL, C1; CR and LF included) are shown as "?", as Postfix's
+    printable() shows them, whatever the text came from (a HELO name, a
+    table's value, a client's parameter), so no text can end a reply early
+    or start a second one.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable_text(text: str) -> str:
+    return _CONTROL.sub("?", text) if _CONTROL.search(text) else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +51,10 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
+        text = printable_text(self.text)
         if self.status:
-            return f"{self.code} {self.status} {self.text}"
-        return f"{self.code} {self.text}"
+            return f"{self.code} {self.status} {text}"
+        return f"{self.code} {text}"
 
     @property
     def temporary(self) -> bool:

@@ -85,7 +85,7 @@ async def test_a_pipelined_batch_is_answered_in_one_write():
 
 async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
     class Tls:
-        def context(self):
+        def context(self, listener):
             return None
 
     async def handshake(self, context, timeout):

@@ -1,7 +1,7 @@
 """hops - the next hops of one kind: a pool each, and the move to another one on failure.
 
 SYNOPSIS
-    hops = Hops(addresses, timeout, ehlo_name, pool_size, retry)
+    hops = Hops(addresses, timeouts, ehlo_name, pool_size, retry)
     await hops.deliver(identity, envelope, chunks, size, client_label) -> HopReply
     hops.check() -> list[HopHealth]            for /healthz; pools replace closed connections
     hops.label ; hops.close()
@@ -26,10 +26,15 @@ DESCRIPTION
 
     `chunks` is a callable giving the message's chunks afresh, since a
     message that moves on is sent again from its start.
+
+    `timeouts` (smtpgate.relay.hop_timeouts) limit each step of a hand-off,
+    and all of deliver() together to their total: a message that is moving
+    on from a stalled hop still ends before its client stops waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 
 from smtpgate.config import HostPort
 from smtpgate.relay.hop_choice import HopChoice
+from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
 from smtpgate.relay.pool import HopPool
 from smtpgate.relay.xclient import ClientIdentity
@@ -54,14 +60,15 @@ class HopHealth:
 
 
 class Hops:
-    def __init__(self, addresses: tuple[HostPort, ...], timeout: float, ehlo_name: str,
-                 pool_size: int, retry: float) -> None:
-        self.addresses, self.timeout, self.ehlo_name = addresses, timeout, ehlo_name
+    def __init__(self, addresses: tuple[HostPort, ...], timeout: float | HopTimeouts,
+                 ehlo_name: str, pool_size: int, retry: float) -> None:
+        self.addresses, self.ehlo_name = addresses, ehlo_name
+        self.timeouts = HopTimeouts.of(timeout)
         self.label = ",".join(map(str, addresses))
         self.choice = HopChoice(len(addresses), retry)
         self.ok: list[bool | None] = [None] * len(addresses)
         self.detail = [""] * len(addresses)
-        self.pools = [HopPool(address, timeout, ehlo_name, size=pool_size,
+        self.pools = [HopPool(address, self.timeouts, ehlo_name, size=pool_size,
                               on_outcome=functools.partial(self._outcome, index))
                       if pool_size else None for index, address in enumerate(addresses)]
 
@@ -69,7 +76,18 @@ class Hops:
                       chunks: Callable[[], Iterable[bytes]], size: int,
                       client_label: str) -> HopReply:
         """Postfix's answer to the message, from the first hop that gives one; RelayError
-        (naming the hop) when none could take it."""
+        (naming the hop) when none could take it, or not within the total time limit."""
+        total = self.timeouts.total
+        try:
+            async with asyncio.timeout(total):
+                return await self._deliver(identity, envelope, chunks, size, client_label)
+        except TimeoutError:
+            raise RelayError(f"{self.label}: the hand-off took over {total:g} s "
+                             "(next_hop_total_timeout)") from None
+
+    async def _deliver(self, identity: ClientIdentity, envelope: Envelope,
+                       chunks: Callable[[], Iterable[bytes]], size: int,
+                       client_label: str) -> HopReply:
         order = self.choice.order(time.monotonic())
         last = len(order) - 1
         for position, index in enumerate(order):
@@ -95,7 +113,7 @@ class Hops:
 
     async def _greeted(self, index: int) -> NextHop:
         try:
-            hop = await NextHop.greeted(self.addresses[index], self.timeout, self.ehlo_name)
+            hop = await NextHop.greeted(self.addresses[index], self.timeouts, self.ehlo_name)
         except RelayError as exc:
             self._outcome(index, False, str(exc))
             raise

@@ -1,7 +1,7 @@
 """next_hop - one complete message handed to Postfix with XCLIENT, in as few round trips as it can.
 
 SYNOPSIS
-    await NextHop.greeted(hop, timeout, ehlo_name) -> NextHop     banner read, EHLO said
+    await NextHop.greeted(hop, timeouts, ehlo_name) -> NextHop    banner read, EHLO said
     await next_hop.deliver(identity, envelope, chunks, size) -> HopReply
     Envelope(mail_line, rcpt_lines)
     HopReply(code, raw) ; reply.ok
@@ -31,6 +31,10 @@ DESCRIPTION
     talk to Postfix (refused, closed, timed out, a 4xx/5xx to XCLIENT or
     EHLO, a malformed reply) raises RelayError: the session answers 451
     4.3.0 and never 250.
+
+    Each step has its own time limit (smtpgate.relay.hop_timeouts: the
+    connect, each reply, the reply to the end of the message); the
+    RelayError of one missed names the step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 from smtpgate.config import HostPort
 from smtpgate.flow_control import WriteFlow
+from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.xclient import ClientIdentity, xclient_command
 
 READ_HIGH = 1 << 20  # a reply longer than this is not Postfix talking
@@ -140,9 +145,9 @@ class _HopWire(asyncio.Protocol):
 
 
 class NextHop:
-    def __init__(self, wire: _HopWire, timeout: float) -> None:
+    def __init__(self, wire: _HopWire, timeouts: HopTimeouts) -> None:
         self._wire = wire
-        self._timeout = timeout
+        self._timeouts = timeouts
         self.closed = False
         self.offered: frozenset[str] = frozenset()  # XCLIENT attributes
         self.features: dict[str, str] = {}
@@ -151,7 +156,7 @@ class NextHop:
         self.quit_sent = False
 
     @classmethod
-    async def greeted(cls, hop: HostPort, timeout: float, ehlo_name: str,
+    async def greeted(cls, hop: HostPort, timeout: float | HopTimeouts, ehlo_name: str,
                       offered: frozenset[str] | None = None) -> NextHop:
         """A connection that has read the banner, ready for XCLIENT.
 
@@ -160,14 +165,17 @@ class NextHop:
         takes it at any time outside a transaction), which saves Postfix a round trip.
         """
         loop = asyncio.get_running_loop()
+        timeouts = HopTimeouts.of(timeout)
         try:
             _, wire = await asyncio.wait_for(
-                loop.create_connection(_HopWire, hop.host, hop.port), timeout)
+                loop.create_connection(_HopWire, hop.host, hop.port), timeouts.connect)
         except (OSError, TimeoutError) as exc:
-            raise RelayError(f"connect to {hop}: {exc or 'timed out'}") from None
-        self = cls(wire, timeout)
+            reason = (f"timed out after {timeouts.connect:g} s" if isinstance(exc, TimeoutError)
+                      else exc)
+            raise RelayError(f"connect to {hop}: {reason}") from None
+        self = cls(wire, timeouts)
         try:
-            (banner,) = await self._replies(1)
+            (banner,) = await self._replies(1, "the banner")
             self._expect(banner, 220, "banner")
             if offered:
                 self.offered = offered
@@ -189,17 +197,17 @@ class NextHop:
                       chunks: Iterable[bytes], size: int) -> HopReply:
         """The whole hand-off; Postfix's reply to the message, or RelayError."""
         try:
-            (reply,) = await self._send([xclient_command(identity, self.offered)])
+            (reply,) = await self._send([xclient_command(identity, self.offered)], "XCLIENT")
             self._expect(reply, 220, "XCLIENT")
             self.features = await self._ehlo(identity.helo or "unknown")
             commands = [envelope.mail_line, *envelope.rcpt_lines]
             if "PIPELINING" in self.features:
-                answers = await self._send(commands)
+                answers = await self._send(commands, "MAIL and RCPT")
             else:
-                answers = [(await self._send([line]))[0] for line in commands]
+                answers = [(await self._send([line], "MAIL and RCPT"))[0] for line in commands]
             refused = next((a for a in answers if not a.ok), None)
             if refused is not None:
-                await self._send([b"RSET\r\n"])
+                await self._send([b"RSET\r\n"], "RSET")
                 return refused
             if self.use_chunking and "CHUNKING" in self.features:
                 return await self._bdat(chunks, size)
@@ -212,7 +220,7 @@ class NextHop:
         return await self._stream(b"BDAT %d LAST\r\n" % size, chunks, b"")
 
     async def _data(self, chunks: Iterable[bytes]) -> HopReply:
-        (reply,) = await self._send([b"DATA\r\n"])
+        (reply,) = await self._send([b"DATA\r\n"], "DATA")
         if reply.code != 354:
             return reply
         return await self._stream(b"", dot_stuffed(chunks), b".\r\n")
@@ -238,22 +246,24 @@ class NextHop:
         pending.append(tail + b"QUIT\r\n")
         transport.write(b"".join(pending))
         self.quit_sent = True
-        (reply,) = await self._replies(1)
+        (reply,) = await self._replies(1, "the end of the message", self._timeouts.data_done)
         return reply
 
     async def _drained(self) -> None:
         # the spool may hold megabytes: let the kernel take them before reading more
         try:
-            await self._wire.flow.drained(self._timeout)
+            await self._wire.flow.drained(self._timeouts.reply)
         except TimeoutError:
-            raise RelayError("next hop: timed out taking the message") from None
+            raise RelayError(f"next hop: timed out after {self._timeouts.reply:g} s "
+                             "taking the message") from None
         if self._wire.lost:
             raise RelayError(self._wire.lost)
 
     # --- the wire --------------------------------------------------------------------------
 
     async def _ehlo(self, name: str) -> dict[str, str]:
-        (reply,) = await self._send([b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"])
+        (reply,) = await self._send([b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"],
+                                    "EHLO")
         self._expect(reply, 250, "EHLO")
         features = {}
         for line in reply.raw.split(b"\r\n")[1:]:
@@ -267,19 +277,23 @@ class NextHop:
         if reply.code != code:
             raise RelayError(f"{what}: {reply.text}")
 
-    async def _send(self, lines: list[bytes]) -> list[HopReply]:
+    async def _send(self, lines: list[bytes], step: str) -> list[HopReply]:
         if self.closed:
             raise RelayError("connection to the next hop is closed")
         self._wire.transport.write(b"".join(lines) if len(lines) > 1 else lines[0])
-        return await self._replies(len(lines))
+        return await self._replies(len(lines), f"the reply to {step}")
 
-    async def _replies(self, count: int) -> list[HopReply]:
+    async def _replies(self, count: int, step: str, timeout: float | None = None
+                       ) -> list[HopReply]:
+        """count replies; each within the limit (a pipelined batch of many RCPTs, each
+        checked by Postfix's milters, gets the limit per reply, not for all of them)."""
         wire = self._wire
-        if len(wire.replies) < count and not wire.lost:
-            loop = asyncio.get_running_loop()
-            wire.wanted = count
+        loop = asyncio.get_running_loop()
+        limit = self._timeouts.reply if timeout is None else timeout
+        while len(wire.replies) < count and not wire.lost:
+            wire.wanted = len(wire.replies) + 1
             waiter = wire.waiter = loop.create_future()
-            timer = loop.call_later(self._timeout, _time_out, waiter)
+            timer = loop.call_later(limit, _time_out, waiter, f"{step} ({limit:g} s)")
             try:
                 await waiter
             finally:
@@ -315,9 +329,9 @@ class NextHop:
             self._wire.transport.abort()
 
 
-def _time_out(waiter: asyncio.Future) -> None:
+def _time_out(waiter: asyncio.Future, what: str) -> None:
     if not waiter.done():
-        waiter.set_exception(RelayError("next hop: timed out waiting for a reply"))
+        waiter.set_exception(RelayError(f"next hop: timed out waiting for {what}"))
 
 
 def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from smtpgate.config import HostPort
+from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.next_hop import NextHop, RelayError
 
 
@@ -43,7 +44,7 @@ class RelayBusy(Exception):
 
 
 class HopPool:
-    def __init__(self, hop: HostPort, timeout: float, ehlo_name: str, size: int = 4,
+    def __init__(self, hop: HostPort, timeout: float | HopTimeouts, ehlo_name: str, size: int = 4,
                  max_age: float = 60.0,
                  on_outcome: Callable[[bool, str], None] | None = None) -> None:
         self.hop, self.timeout, self.ehlo_name = hop, timeout, ehlo_name

@@ -253,6 +253,13 @@ class Metrics:
         self.records_not_written = counter(
             "session_records_over_budget_total", "Refused sessions' evidence records not "
             "written: session_record_memory was spent.")
+        self.handshakes_refused = counter(
+            "tls_handshakes_refused_total", "Connections to the submissions port (465) closed "
+            "before TLS: too many handshakes in progress from the client or in the worker.",
+            ("limit",))
+        self.spool_refused = counter(
+            "spool_budget_refused_total", "Messages refused with 452 4.3.1 after the final dot: "
+            "they outgrew what was left of the worker's spool_budget.")
         self._gauge = gauge
         self.tls_expiry: Any = None  # made when a certificate is first seen: no 0 before
         self._session_outcomes: dict[tuple[str, str], Any] = {}  # made at the first refresh
@@ -310,6 +317,9 @@ class Metrics:
         self._copy(self.table_lookups, "lookups", stats.lookups)
         self._copy(self.table_round_trips, "round_trips", stats.round_trips)
         self._copy(self.records_not_written, "records_over_budget", policy.evidence.over_budget)
+        self._copy(self.spool_refused, "spool_refused", gate.spool_budget.refused)
+        for limit, refused in gate.handshakes.refused.items():
+            self._copy(self.handshakes_refused.labels(limit), ("handshakes", limit), refused)
         querier = policy.querier
         if querier is not self._querier:  # a reload made a new one, counting from 0
             self._querier = querier

@@ -48,6 +48,7 @@ from typing import Any
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.config import load as load_config
+from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
@@ -64,8 +65,10 @@ from smtpgate.service.preflight import (
 )
 from smtpgate.service.socketmap import start_socketmap
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.handshake_limit import HandshakeLimit
 from smtpgate.smtp.implicit_tls import implicit_tls_factory
 from smtpgate.smtp.session import MX, SUBMISSION, SUBMISSIONS, protocol_factory
+from smtpgate.smtp.spool_budget import SpoolBudget
 from smtpgate.smtp.tls import TlsError, load_tls
 
 log = logging.getLogger("smtpgate.master")
@@ -83,17 +86,21 @@ async def build_gate(config: Config) -> Gate:
     policy = await Policy.create(config, auth)
     hops, submission_hops = next_hops(config)
     return Gate(config=config, tls=tls, policy=policy, auth=auth, hops=hops,
-                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics())
+                submission_hops=submission_hops, relay_limit=relay_limit(config), metrics=Metrics(),
+                spool_budget=SpoolBudget(config.spool_budget),
+                handshakes=HandshakeLimit(config.submissions_client_handshake_limit,
+                                          config.submissions_handshake_limit))
 
 
 def next_hops(config: Config) -> tuple[Hops, Hops | None]:
     """The MX next hops (pooled, when there is an MX listener) and the submission ones."""
     pool_size = config.next_hop_pool if config.mx_listen else 0
-    hops = Hops(config.next_hop, config.next_hop_timeout, config.hostname, pool_size,
+    timeouts = HopTimeouts.from_config(config)
+    hops = Hops(config.next_hop, timeouts, config.hostname, pool_size,
                 config.next_hop_retry)
     submission = None
     if config.submission_next_hop:
-        submission = Hops(config.submission_next_hop, config.next_hop_timeout, config.hostname,
+        submission = Hops(config.submission_next_hop, timeouts, config.hostname,
                           0, config.next_hop_retry)
     return hops, submission
 
@@ -206,11 +213,15 @@ def reload(gate: Gate) -> bool:
         gate.tls.reload_if_changed()
         tls = gate.tls
     gate.policy.reconfigure(config)
+    gate.spool_budget.limit = config.spool_budget  # spools in flight keep what they took
+    gate.handshakes.per_client = config.submissions_client_handshake_limit
+    gate.handshakes.per_worker = config.submissions_handshake_limit
     if (config.next_hop_transaction_limit, config.next_hop_busy_wait) != (
             running.next_hop_transaction_limit, running.next_hop_busy_wait):
         gate.relay_limit = relay_limit(config)  # slots in use are returned to the old one
     hop_settings = ("next_hop", "submission_next_hop", "next_hop_pool", "next_hop_timeout",
-                    "next_hop_retry", "hostname")
+                    "next_hop_connect_timeout", "next_hop_data_done_timeout",
+                    "next_hop_total_timeout", "next_hop_retry", "hostname")
     if any(getattr(config, n) != getattr(running, n) for n in hop_settings):
         gate.hops.close()  # sessions relaying through the old ones finish with them
         gate.hops, gate.submission_hops = next_hops(config)

@@ -10,7 +10,7 @@ SYNOPSIS
         queued)
     dialogue.refused(counted=True)                  a 4xx/5xx was given for the last command
     dialogue.stage ; dialogue.tx ; dialogue.too_many_errors ; dialogue.command_counts()
-    Limits(recipients, overshoot, junk, hard_errors, size, offered)
+    Limits(recipients, overshoot, junk, hard_errors, offered)
     Stage.START | GREETED | MAIL | RCPT
     Transaction(sender, smtputf8, mail_line) ; tx.rcpt_lines ; tx.recipients ; tx.overshoot
     Answer(reply, counted=True) | Hello(name, esmtp) | Mail(path, line) | Rcpt(path, line)
@@ -27,7 +27,9 @@ DESCRIPTION
     action. An Answer is written as it is; the other actions need the
     driver (smtpgate.smtp.session) to ask the policy, talk TLS or SASL,
     receive a message or relay it, and it reports back with the methods
-    above, which move the stage.
+    above, which move the stage. MAIL's parameters are the driver's to
+    check (SIZE= against what the worker's spool budget has left at that
+    moment); RCPT's are checked here.
 
     A transaction is one object, made at an accepted MAIL and dropped
     whole at RSET, HELO/EHLO, STARTTLS and the end of a message; an idle
@@ -55,7 +57,7 @@ from enum import Enum
 from smtpgate import replies
 from smtpgate.address import AddressError, Path, parse_mail_arg, parse_rcpt_arg
 from smtpgate.policy.state import MX, SUBMISSION
-from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
+from smtpgate.smtp.params import rcpt_params_reply
 from smtpgate.verdict import Reply
 
 VERBS = frozenset({"HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
@@ -82,7 +84,6 @@ class Limits:
     overshoot: int = 1000  # smtpd_recipient_overshoot_limit
     junk: int = 100  # smtpd_junk_command_limit
     hard_errors: int = 20  # smtpd_hard_error_limit
-    size: int = 0  # message_size_limit, for MAIL's SIZE=
     offered: frozenset[str] = frozenset()  # what MAIL and RCPT parameters may use
 
 
@@ -258,13 +259,13 @@ class Dialogue:
             return Answer(replies.NEED_HELO)
         if self.tx is not None:
             return Answer(replies.NESTED_MAIL)
+        # SMTPUTF8 counts as a parameter of its own, and only where it is offered
+        smtputf8 = None if "SMTPUTF8" in self.limits.offered else False
         try:
-            path = parse_mail_arg(arg, smtputf8="SMTPUTF8" in arg.upper())
+            path = parse_mail_arg(arg, smtputf8=smtputf8)
         except AddressError as exc:
             return Answer(exc.reply)
-        refusal = mail_params_reply(path.params, self.limits.size, self.limits.offered)
-        if refusal is not None:
-            return Answer(refusal)
+        # its parameters are the driver's to check: SIZE= against the spool's room now
         return Mail(path, b"MAIL FROM:" + arg[5:].strip().encode("utf-8") + b"\r\n")
 
     def _rcpt(self, arg: str) -> Action:
@@ -275,7 +276,7 @@ class Dialogue:
             path = parse_rcpt_arg(arg, smtputf8=tx.smtputf8)
         except AddressError as exc:
             return Answer(exc.reply)
-        refusal = rcpt_params_reply(path.params, self.limits.offered)
+        refusal = rcpt_params_reply(path.words, self.limits.offered)
         if refusal is not None:
             return Answer(refusal)
         if len(tx.recipients) >= self.limits.recipients:

@@ -6,6 +6,8 @@ SYNOPSIS
     gate.sessions       the sessions in flight (drain waits for them)
     gate.metrics        this worker's counters, told the sessions' events
     gate.draining       true once SIGTERM arrived
+    gate.spool_budget   bytes of messages this worker may hold (smtpgate.smtp.spool_budget)
+    gate.handshakes     465 handshakes in progress (smtpgate.smtp.handshake_limit)
     gate.ehlo_tail[listener] ; gate.offered[listener]
     gate.carry(listener, extensions)   offer only what the next hop carries
     SessionPolicy, EvidenceKeeper, Authenticator, EventSink, NextHops   the seams (Protocols)
@@ -43,6 +45,8 @@ from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import CARRIED
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.events import Event
+from smtpgate.smtp.handshake_limit import HandshakeLimit
+from smtpgate.smtp.spool_budget import SpoolBudget
 from smtpgate.smtp.tls import TlsProvider
 from smtpgate.verdict import Reply
 
@@ -113,6 +117,8 @@ class Gate:
     metrics: EventSink = field(default_factory=_NoMetrics)  # build_gate(): service.metrics
     sessions: set[Any] = field(default_factory=set)  # smtp.session.Session
     draining: bool = False
+    spool_budget: SpoolBudget = field(default_factory=lambda: SpoolBudget(0))
+    handshakes: HandshakeLimit = field(default_factory=lambda: HandshakeLimit(0, 0))
     ehlo_tail: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         kind: ("ENHANCEDSTATUSCODES", *CARRIED) for kind in (MX, SUBMISSION, SUBMISSIONS)})
     offered: dict[str, frozenset[str]] = field(default_factory=lambda: {

@@ -23,6 +23,13 @@ DESCRIPTION
     (postscreen's upstream proxy behaviour); other peers are ordinary
     clients and get TLS at once. A failed handshake is logged as
     `SSL_accept error from [ip]:port: reason`.
+
+    Handshakes in progress are bounded per client address and per worker
+    (smtpgate.smtp.handshake_limit: submissions_client_handshake_limit,
+    submissions_handshake_limit); one over a bound is closed before TLS,
+    with Postfix's `warning: Refusing TLS service request from
+    unknown[ip] for service submissions (too many handshakes from the
+    client|in progress)`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from smtpgate.smtp.tls import handshake_error
 log = logging.getLogger("smtpgate.smtpd")
 
 HANDSHAKE_TIMEOUT = 30.0
+_OVER = {"client": "too many handshakes from the client", "worker": "too many handshakes in "
+                                                                    "progress"}
 
 
 def implicit_tls_factory(gate: Gate) -> Callable[[], asyncio.Protocol]:
@@ -94,12 +103,20 @@ async def _enter(gate: Gate, sock: socket.socket) -> None:
         sock.close()  # a reload lost the certificate, or the gate is stopping
         return
     client = (proxied.client_ip, proxied.client_port) if proxied else peer[:2]
+    ip = plain_ip(client[0])
+    over = gate.handshakes.enter(ip)
+    if over is not None:
+        log.warning("warning: Refusing TLS service request from unknown[%s] for service %s "
+                    "(%s)", ip, SUBMISSIONS, _OVER[over])
+        sock.close()
+        return
     try:
         await asyncio.get_running_loop().connect_accepted_socket(
-            protocol_factory(gate, SUBMISSIONS, proxied), sock, ssl=tls.context(),
+            protocol_factory(gate, SUBMISSIONS, proxied), sock, ssl=tls.context(SUBMISSIONS),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
     except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-        log.info("SSL_accept error from [%s]:%s: %s", plain_ip(client[0]), client[1],
-                 handshake_error(exc))
+        log.info("SSL_accept error from [%s]:%s: %s", ip, client[1], handshake_error(exc))
         with contextlib.suppress(OSError):
             sock.close()
+    finally:
+        gate.handshakes.leave(ip)

@@ -77,6 +77,7 @@ from smtpgate import replies, session_id
 from smtpgate.address import plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
+from smtpgate.relay.passed_on import passed_on
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
@@ -98,6 +99,7 @@ from smtpgate.smtp.dialogue import (
 from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
 from smtpgate.smtp.evidence import Refusal, refused_alike, session_record
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.params import mail_params_reply
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
@@ -145,8 +147,7 @@ def limits_of(gate: Gate, listener: str) -> Limits:
     limits = Limits(recipients=config.smtpd_recipient_limit,
                     overshoot=config.smtpd_recipient_overshoot_limit,
                     junk=config.smtpd_junk_command_limit,
-                    hard_errors=config.smtpd_hard_error_limit, size=config.message_size_limit,
-                    offered=offered)
+                    hard_errors=config.smtpd_hard_error_limit, offered=offered)
     _LIMITS[listener] = (config, offered, limits)
     return limits
 
@@ -250,10 +251,10 @@ class Session:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
         a recipient refused at relay time) ends with the session id as smtpgate's own do,
         so the sender can quote it and `explain --session` finds the record."""
-        if answer.code < 400:
-            self.wire.reply(answer.raw)
+        if answer.code < 400:  # bounds: well-formed whatever the next hop sent
+            self.wire.reply(passed_on(answer.code, answer.raw))
             return
-        self.wire.reply(answer.raw.rstrip(b"\r\n") + self.tag().encode() + b"\r\n")
+        self.wire.reply(passed_on(answer.code, answer.raw, self.tag()))  # bounds
         self.publish(Refused(self.listener, self.dialogue.last_command, None,
                              answer.text.replace("\r\n", " "), self.state))
 
@@ -502,7 +503,8 @@ class Session:
     async def _starttls(self, start: StartTls | None = None) -> None:
         self.reply(replies.START_TLS)
         try:
-            await self.wire.start_tls(self.gate.tls.context(), self.config.smtpd_timeout)
+            await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
+                                      self.config.smtpd_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
             raise Closing from None
@@ -564,7 +566,11 @@ class Session:
             return None
 
     async def _mail(self, mail: Mail) -> None:
-        refusal = await self.policy.mail(self.state, mail.path, self.login)
+        refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
+                                    self.dialogue.limits.offered,
+                                    self.gate.spool_budget.room())  # bounds: SIZE= over room
+        if refusal is None:
+            refusal = await self.policy.mail(self.state, mail.path, self.login)
         if refusal is not None:
             self._log_reject("MAIL", refusal)
             self.reply(refusal)
@@ -585,9 +591,12 @@ class Session:
         if self.gate.draining:  # a message begun now might not end within the grace
             self.reply(replies.shutting_down(self.config.hostname))
             raise Closing
+        if self.gate.spool_budget.spent:  # bounds: the worker's spool budget
+            self.reply(replies.INSUFFICIENT_STORAGE)
+            return
         self.reply(replies.START_DATA)
         header = self._received()
-        spool = Spool(self.config.spool_memory_limit)
+        spool = Spool(self.config.spool_memory_limit, self.gate.spool_budget)  # bounds
         queued = False
         try:
             try:
@@ -601,6 +610,10 @@ class Session:
                          self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
                          self.proto, self.helo or "")
                 self.reply(replies.MESSAGE_TOO_BIG)
+            elif spool.full:  # bounds: the message outgrew the worker's spool budget
+                log.warning("warning: %s: spool budget of %d bytes spent; 452 4.3.1",
+                            self.client_label, self.gate.spool_budget.limit)
+                self.reply(replies.INSUFFICIENT_STORAGE)
             else:
                 if body.bare_newline:
                     await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF

@@ -2,7 +2,7 @@
 
 SYNOPSIS
     TlsProvider(cert_path, key_path)       raises TlsError naming the path
-    provider.context() -> ssl.SSLContext   (the current one; cheap)
+    provider.context(listener=MX) -> ssl.SSLContext   (the current one; cheap)
     provider.info -> CertificateInfo        names, not_after of the certificate in use
     load_tls(config) -> TlsProvider | None
     handshake_error(exc) -> str            why a handshake failed, never empty
@@ -18,7 +18,19 @@ DESCRIPTION
     KEY_VALUES_MISMATCH.
 
     TLS 1.2 is the lowest version offered, as the image's
-    smtpd_tls_protocols = >=TLSv1.2.
+    smtpd_tls_protocols = >=TLSv1.2. The cipher suites depend on the
+    listener (TLS 1.3's are all AEAD and the same everywhere):
+    - MX (25): opportunistic TLS, where any cipher beats plain text, so
+      the breadth of Postfix's smtpd_tls_ciphers = medium
+      (tls_medium_cipherlist, "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH";
+      no RC4 is left in OpenSSL 3): the CBC and static-RSA suites old
+      MTAs need stay, behind the AEAD ones (the server's preference
+      picks those first). Anonymous suites are left out (Postfix keeps
+      them; TLS 1.3 has none, and a client offering only those is rare).
+    - submission (587) and submissions (465): the users' own clients,
+      which all speak AEAD, so Mozilla's "intermediate" profile (server
+      side TLS guidelines 5.7): ECDHE (and DHE) with AES-GCM or
+      ChaCha20-Poly1305, nothing else.
 
     handshake_error() is the reason in `SSL_accept error from ...: reason`:
     the exception's text, or, for the ones that have none (a client that
@@ -34,20 +46,33 @@ import ssl
 import time
 
 from smtpgate.config import Config
+from smtpgate.policy.state import MX
 from smtpgate.smtp.certificate import CertificateError, CertificateInfo, read_certificate
 
 log = logging.getLogger("smtpgate.tls")
+
+
+# Mozilla's server side TLS guidelines 5.7, "intermediate": AEAD suites only
+SUBMISSION_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305"))
+# Postfix's medium breadth (HIGH:MEDIUM) behind the AEAD suites, which the server's
+# preference picks first; anonymous, null and pre-shared-key suites are left out
+MX_CIPHERS = f"{SUBMISSION_CIPHERS}:HIGH:MEDIUM:!aNULL:!eNULL:!PSK:!SRP"
 
 
 class TlsError(Exception):
     pass
 
 
-def build_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    return _load(cert_path, key_path)[0]
+def build_context(cert_path: str, key_path: str, ciphers: str = MX_CIPHERS) -> ssl.SSLContext:
+    return _load(cert_path, key_path, ciphers)[0]
 
 
-def _load(cert_path: str, key_path: str) -> tuple[ssl.SSLContext, CertificateInfo]:
+def _load(cert_path: str, key_path: str,
+          ciphers: str = MX_CIPHERS) -> tuple[ssl.SSLContext, CertificateInfo]:
     for path in (cert_path, key_path):
         if not os.access(path, os.R_OK):
             reason = "does not exist" if not os.path.exists(path) else "is not readable"
@@ -61,6 +86,7 @@ def _load(cert_path: str, key_path: str) -> tuple[ssl.SSLContext, CertificateInf
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_ciphers(ciphers)
     try:
         context.load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as exc:
@@ -73,7 +99,7 @@ class TlsProvider:
     def __init__(self, cert_path: str, key_path: str) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        self._context, self.info = _load(cert_path, key_path)
+        self._load()
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
 
@@ -83,19 +109,23 @@ class TlsProvider:
         except OSError:
             return (0.0, 0.0)
 
-    def context(self) -> ssl.SSLContext:
+    def _load(self) -> None:
+        self._context, self.info = _load(self.cert_path, self.key_path, MX_CIPHERS)
+        self._submission, _ = _load(self.cert_path, self.key_path, SUBMISSION_CIPHERS)
+
+    def context(self, listener: str = MX) -> ssl.SSLContext:
         now = time.monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
             self.reload_if_changed()
-        return self._context
+        return self._context if listener == MX else self._submission
 
     def reload_if_changed(self) -> bool:
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return False
         try:
-            self._context, self.info = _load(self.cert_path, self.key_path)
+            self._load()
         except TlsError as exc:
             log.warning("warning: keeping the previous certificate: %s", exc)
             return False

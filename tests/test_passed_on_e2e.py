@@ -1,0 +1,45 @@
+"""A multi-line refusal from the real Postfix reaches the client as one reply, tagged once."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from services.smtp_talk import SESSION_TAG, Talk
+from services.world import populate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gate(start_gate, redis_server, dns_server):
+    populate(redis_server.client(), dns_server)
+    process = start_gate()
+    yield process
+    process.stop()
+
+
+def test_postfix_multi_line_refusal_is_one_reply_with_the_session_id_at_its_end(
+        gate, redis_server, postfix_server):
+    # smtpgate's tables know ghost@, Postfix's do not: Postfix refuses it at relay time, and
+    # its reject footer makes that refusal three lines long
+    redis_server.client().set("VALI:ghost@example.com", "ghost@example.com")
+    postfix_server.postconf(smtpd_reject_footer=r"second line\nthird line")
+    try:
+        with Talk("127.0.0.1", gate.mx_port, source="127.0.0.94") as talk:
+            talk.banner()
+            assert talk.cmd("EHLO client.example.test")[0] == 250
+            assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
+            assert talk.cmd("RCPT TO:<ghost@example.com>")[0] == 250
+            assert talk.cmd("DATA")[0] == 354
+            talk.send(b"Subject: footer\r\n\r\nx\r\n.\r\n")
+            code, text = talk.reply()
+            assert talk.cmd("NOOP")[0] == 250  # nothing else was left to read
+    finally:
+        postfix_server.postconf(smtpd_reject_footer="")
+        redis_server.client().delete("VALI:ghost@example.com")
+    lines = text.split("\n")
+    assert code == 550 and len(lines) == 3, text
+    assert [line[:4] for line in lines] == ["550-", "550-", "550 "], text
+    assert lines[1].endswith("second line") and re.search(r"third line; session=\w+$", lines[2])
+    assert text.count("session=") == 1 and SESSION_TAG.search(text)
