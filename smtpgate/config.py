@@ -377,7 +377,13 @@ class Config:
         26214400, int_between(0), "largest message in bytes (0: none)")
     smtpd_timeout: float = setting(300.0, seconds(1, 3600), "idle time limit per command")
     smtpd_recipient_limit: int = setting(1000, int_between(1), "recipients per message")
+    smtpd_recipient_overshoot_limit: int = setting(
+        1000, int_between(0), "recipients past smtpd_recipient_limit answered 452 before each "
+        "one counts as an error")
     smtpd_hard_error_limit: int = setting(20, int_between(1), "errors before 421 and close")
+    smtpd_junk_command_limit: int = setting(
+        100, int_between(1), "HELO, EHLO, RSET, NOOP and VRFY commands before each one counts "
+        "as an error (until a message is queued)")
     line_length_limit: int = setting(2048, int_between(512), "longest command line in bytes")
     next_hop_pool: int = setting(
         4, int_between(0, 64),

@@ -4,7 +4,8 @@ SYNOPSIS
     Reply(code, status, text)            str(reply) == "550 5.1.1 text"
     printable_text(text) -> str          control characters as "?"
     Outcome.PERMIT | PASS | FAIL | SKIP
-    Verdict(check, outcome, reply=None, reason="", ttl=0.0)
+    Verdict(check, outcome, reply=None, reason="", ttl=0.0, ignored=False)
+    verdict.failed ; verdict.logged       the reason as the log and explain show it
     Finding(level, text)                 level: "ok", "warning" or "error"
 
 DESCRIPTION
@@ -14,7 +15,10 @@ DESCRIPTION
     reply to send; a 4xx reply is a temporary failure. SKIP means the check
     did not apply (not configured, trusted client). `reason` is the evidence
     for the log and `smtpgate explain` (which key, which zone and answer);
-    `ttl` is how long a pass may be cached, 0 for not at all.
+    `ttl` is how long a pass may be cached, 0 for not at all. `ignored`
+    marks a finding the configured action `ignore` let pass (postscreen's
+    flag for it): a PASS that is still a failed test, logged and never
+    cached as a pass; `logged` adds "(action ignore)" to its reason.
 
     A Finding is what a look at the surroundings found (the certificate,
     the next hop): "error" stops `smtpgate serve` at start and makes
@@ -71,10 +75,15 @@ class Verdict:
     reply: Reply | None = None
     reason: str = ""
     ttl: float = 0.0
+    ignored: bool = False
 
     @property
     def failed(self) -> bool:
         return self.outcome is Outcome.FAIL
+
+    @property
+    def logged(self) -> str:
+        return f"{self.reason} (action ignore)" if self.ignored else self.reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ def test_access_list(ip, psa, action, outcome, reply, reason):
     )
     assert verdict.outcome is outcome
     assert (str(verdict.reply) if verdict.reply else None) == reply
-    assert reason in verdict.reason
+    assert reason in verdict.logged
     assert verdict.ttl == 0
 
 
@@ -81,7 +81,7 @@ def test_pregreet(received, delay, action, outcome, reply, reason):
     verdict = pregreet.decide(received, delay, "192.0.2.1", 4321, action=action, ttl=86400)
     assert verdict.outcome is outcome
     assert (str(verdict.reply) if verdict.reply else None) == reply
-    assert reason in verdict.reason
+    assert reason in verdict.logged
     assert verdict.ttl == (86400 if not received else 0)
     if len(received) > 100:
         assert verdict.reason.endswith("A" * 100)

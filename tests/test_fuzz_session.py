@@ -74,7 +74,7 @@ def assert_replies_only(received: bytes) -> None:
     assert b"Traceback" not in received
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=10, deadline=None,  # 300 more in memory: test_dialogue.py
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(session)
 def test_hostile_sessions_get_replies_only(fuzz_gate, lines):

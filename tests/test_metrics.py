@@ -22,6 +22,7 @@ from test_health import get
 from test_workers import START_WINDOW, age, serving_pids
 
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL
+from smtpgate.policy.state import Client, ClientState
 from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.metrics import (
     ENVIRONMENT,
@@ -146,15 +147,24 @@ def test_session_outcome(ended, last, eof, draining, outcome):
 def test_the_rejecting_check_is_the_verdict_that_carried_the_reply():
     helo = Reply(450, "4.7.1", "Helo command rejected: Host not found")
     unknown = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
-    record = [Verdict("helo", Outcome.FAIL, helo), Verdict("sender", Outcome.PASS),
-              Verdict("recipient", Outcome.FAIL, unknown)]
-    assert rejecting_check(record, unknown) == "recipient"
+    state = ClientState(Client("192.0.2.7", 40000))
+    for verdict in (Verdict("helo", Outcome.FAIL, helo), Verdict("sender", Outcome.PASS),
+                    Verdict("recipient", Outcome.FAIL, unknown)):
+        state.note(verdict)
+    assert rejecting_check(state, unknown) == "recipient"
     # smtpd_delay_reject: the HELO verdict's reply, sent at RCPT, after later verdicts
-    assert rejecting_check(record, helo) == "helo"
+    assert rejecting_check(state, helo) == "helo"
     # an equal reply made elsewhere (a syntax answer, say) is not the policy's
-    assert rejecting_check(record, Reply(450, "4.7.1", helo.text)) is None
-    assert rejecting_check([], CONNECT_TEMPFAIL) == "tempfail"
-    assert rejecting_check([], AUTH_FAILED) == "auth"
+    assert rejecting_check(state, Reply(450, "4.7.1", helo.text)) is None
+    empty = ClientState(Client("192.0.2.7", 40000))
+    assert rejecting_check(empty, CONNECT_TEMPFAIL) == "tempfail"
+    assert rejecting_check(empty, AUTH_FAILED) == "auth"
+    # past the record's cap, the latest verdict still names its check
+    for _ in range(ClientState.RECORD_LIMIT):
+        state.note(Verdict("sender", Outcome.PASS))
+    late = Reply(550, "5.1.1", "late")
+    state.note(Verdict("recipient", Outcome.FAIL, late))
+    assert rejecting_check(state, late) == "recipient"
 
 
 def test_relay_results_and_stages():

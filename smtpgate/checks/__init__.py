@@ -1,7 +1,7 @@
 """checks - the smtpd restrictions, one pure decide() per module.
 
 DESCRIPTION
-    Among them, the smtpd restrictions of issue 6:
+    Each module is one check; the smtpd restrictions among them:
     helo            reject_invalid/non_fqdn/unknown_helo_hostname, HLO: access
     client_fcrdns   reject_unknown_client_hostname, REV: access
     destination     reject_non_fqdn_recipient, reject_unknown_recipient_domain,

@@ -13,8 +13,8 @@ DESCRIPTION
     acting on it):
 
     ignore   the finding is logged and the session goes on: PASS with the
-             reason kept and ttl 0, so an ignored failure is never cached as
-             a pass.
+             reason kept, `ignored` set and ttl 0, so an ignored failure is
+             never cached as a pass.
     enforce  FAIL with the `enforce` reply (550 ...): the session keeps
              talking and answers every RCPT with it, so the log line names
              sender and recipient.
@@ -45,7 +45,7 @@ _ESCAPES = {0x0D: "\\r", 0x0A: "\\n", 0x09: "\\t", 0x5C: "\\\\"}
 
 def act(check: str, action: str, reason: str, drop: Reply, enforce: Reply) -> Verdict:
     if action == "ignore":
-        return Verdict(check, Outcome.PASS, None, f"{reason} (action ignore)", 0.0)
+        return Verdict(check, Outcome.PASS, None, reason, 0.0, ignored=True)
     if action == "enforce":
         return Verdict(check, Outcome.FAIL, enforce, reason)
     if action == "drop":

@@ -102,7 +102,7 @@ async def _explain(args: Any, config: Config) -> int:
             reply = await stage()
             print(title)
             for verdict in state.record[seen:]:
-                print(f"  {verdict.check:<16} {verdict.outcome:<7} {verdict.reason}")
+                print(f"  {verdict.check:<16} {verdict.outcome:<7} {verdict.logged}")
             if reply is not None:
                 print(f"  reply: {reply}")
                 refused = True

@@ -13,6 +13,7 @@ SYNOPSIS
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
     policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
+    STAGES              each stage's checks, in the order they run (README's table says the same)
 
 DESCRIPTION
     Facts in, decisions out. The engine passes what it knows (the client's
@@ -25,7 +26,8 @@ DESCRIPTION
     the tables (Redis), the resolver (DNS), the DNSBL querier, the
     screening cache, the counters and the authenticator, hands the facts to
     each decide(), and turns verdicts into replies. Every verdict taken is
-    appended to state.record (the decision record).
+    kept in state.record (the decision record, bounded by
+    smtpgate.policy.state).
 
     On the MX listener, in postscreen's order at connect: the permanent
     access list (mynetworks, PSA; a drop answers before anything is
@@ -104,6 +106,31 @@ log = logging.getLogger("smtpgate.policy")
 SCREENING_TESTS = ("pregreet", "dnsbl")
 REDIS_CONNECTIONS = 2000  # per worker, at most: each call holds one for well under a ms
 TEMPFAIL = "tempfail"
+
+# The checks of each stage, in the order they run; README's stage table is tested against it.
+# HELO, MAIL and RCPT run theirs from here (_MAIL_STEPS, _RCPT_STEPS, one method per check);
+# connect runs in this order in connect() and screened(), around the greet wait. At RCPT,
+# "screening" is an `enforce` finding of the access list or a screening test, and
+# client_fcrdns, helo and sender are those restrictions' findings reported late
+# (smtpd_delay_reject); on submission only sender_login, sender, destination and recipient
+# apply.
+STAGES: dict[str, tuple[str, ...]] = {
+    "connect": ("access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
+    "helo": ("helo",),
+    "mail": ("sender_login", "sender"),
+    "rcpt": ("screening", "client_fcrdns", "helo", "sender", "destination", "recipient"),
+    "data": (),
+}
+
+
+@dataclass(slots=True)
+class Request:
+    """What one MAIL or RCPT asks, and the facts its checks share."""
+
+    path: Path
+    login: str | None
+    smtputf8: bool = False
+    facts: Any = None  # RCPT: the tables' answer for the recipient
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +234,9 @@ class Policy:
         Passes go to the debug log: at a few hundred sessions a second, one line per check
         per session would cost more than the checks themselves.
         """
-        state.record.append(verdict)
-        if verdict.outcome is Outcome.FAIL or "(action ignore)" in verdict.reason:
-            log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
+        state.note(verdict)
+        if verdict.outcome is Outcome.FAIL or verdict.ignored:
+            log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.logged)
         elif verdict.reason and verdict.outcome is not Outcome.SKIP and log.isEnabledFor(10):
             log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
         return verdict
@@ -378,7 +405,7 @@ class Policy:
         if verdict.outcome is Outcome.PASS:
             if verdict.ttl:
                 passes[verdict.check] = verdict.ttl
-            elif "(action ignore)" in verdict.reason:
+            elif verdict.ignored:
                 failed.append(verdict.check)
             return None
         if not verdict.failed:
@@ -435,15 +462,26 @@ class Policy:
 
     async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
         state.sender_reject = None
-        if state.client.listener != MX:
-            if login is None:
-                return replies.AUTH_REQUIRED
-            verdict = await self._sender_login(state, path, login)
-            if verdict.failed:
-                return verdict.reply
-        if path.null:
+        request = Request(path, login)
+        for check in STAGES["mail"]:
+            reply = await _MAIL_STEPS[check](self, state, request)
+            if reply is not None:
+                return reply
+        return None
+
+    async def _mail_sender_login(self, state: ClientState, request: Request) -> Reply | None:
+        if state.client.listener == MX:
             return None
-        verdict = self._note(state, sender.decide(path, smtputf8="SMTPUTF8" in path.params))
+        if request.login is None:
+            return replies.AUTH_REQUIRED
+        verdict = await self._sender_login(state, request.path, request.login)
+        return verdict.reply if verdict.failed else None
+
+    async def _mail_sender(self, state: ClientState, request: Request) -> Reply | None:
+        if request.path.null:
+            return None
+        verdict = self._note(state, sender.decide(request.path,
+                                                  smtputf8="SMTPUTF8" in request.path.params))
         if verdict.failed and not self.config.smtpd_delay_reject:
             return verdict.reply
         state.sender_reject = verdict.reply if verdict.failed else None
@@ -464,14 +502,32 @@ class Policy:
 
     async def rcpt(self, state: ClientState, path: Path, login: str | None,
                    smtputf8: bool) -> Reply | None:
-        if state.client.listener == MX and not state.trusted:
-            # Postfix's order under smtpd_delay_reject: client, HELO, sender, then recipient
-            reply = (state.enforced or await self._client_reject(state)
-                     or state.helo_reject or state.sender_reject)
+        """Postfix's order under smtpd_delay_reject: what screening enforces, then client,
+        HELO and sender restrictions, then the recipient's (STAGES["rcpt"])."""
+        request = Request(path, login, smtputf8)
+        for check in STAGES["rcpt"]:
+            reply = await _RCPT_STEPS[check](self, state, request)
             if reply is not None:
                 return reply
-        trusted = state.trusted or login is not None
-        return await self._recipient(state, path, trusted, smtputf8)
+        await self._protocol_passes(state)
+        return None
+
+    @staticmethod
+    def _delayed(state: ClientState) -> bool:
+        """Whether the client, HELO and sender findings apply (MX, not mynetworks)."""
+        return state.client.listener == MX and not state.trusted
+
+    async def _rcpt_screening(self, state: ClientState, request: Request) -> Reply | None:
+        return state.enforced if self._delayed(state) else None
+
+    async def _rcpt_client(self, state: ClientState, request: Request) -> Reply | None:
+        return await self._client_reject(state) if self._delayed(state) else None
+
+    async def _rcpt_helo(self, state: ClientState, request: Request) -> Reply | None:
+        return state.helo_reject if self._delayed(state) else None
+
+    async def _rcpt_sender(self, state: ClientState, request: Request) -> Reply | None:
+        return state.sender_reject if self._delayed(state) else None
 
     async def _client_reject(self, state: ClientState) -> Reply | None:
         verdict = state.client_verdict
@@ -504,8 +560,8 @@ class Policy:
         state.client_verdict = verdict
         return verdict.reply if verdict.failed else None
 
-    async def _recipient(self, state: ClientState, path: Path, trusted: bool,
-                         smtputf8: bool) -> Reply | None:
+    async def _rcpt_destination(self, state: ClientState, request: Request) -> Reply | None:
+        path = request.path
         address = path.address
         if destination.is_postmaster(path):
             address = f"postmaster@{self.config.domain}"
@@ -515,21 +571,21 @@ class Policy:
             return RCPT_TEMPFAIL
         if facts.invalid:
             return RCPT_TEMPFAIL
-        local = facts.vdom is not None
+        request.facts = facts  # the recipient check's too: one round trip for both
         verdict = self._note(state, destination.decide(
-            path, local=local or destination.is_postmaster(path), trusted=trusted,
-            smtputf8=smtputf8, allow_trusted_routing=self.config.allow_trusted_routing))
-        if verdict.failed:
-            return verdict.reply
+            path, local=facts.vdom is not None or destination.is_postmaster(path),
+            trusted=state.trusted or request.login is not None, smtputf8=request.smtputf8,
+            allow_trusted_routing=self.config.allow_trusted_routing))
+        return verdict.reply if verdict.failed else None
+
+    async def _rcpt_recipient(self, state: ClientState, request: Request) -> Reply | None:
+        facts = request.facts
         recip = facts.recip.value if facts.recip is not None else None
         verdict = self._note(state, recipient.decide(
-            path.address, local=local,
+            request.path.address, local=facts.vdom is not None,
             listed=facts.vali is not None or facts.vbox is not None, access=recip,
             show_table=self.config.show_user_unknown_table_name))
-        if verdict.failed:
-            return verdict.reply
-        await self._protocol_passes(state)
-        return None
+        return verdict.reply if verdict.failed else None
 
     async def _protocol_passes(self, state: ClientState) -> None:
         """postscreen counts its deep protocol tests as passed once a client reaches RCPT."""
@@ -551,8 +607,8 @@ class Policy:
     async def protocol(self, state: ClientState, test: str, line: bytes, pending: bytes,
                        after: str, esmtp: bool) -> Reply | None:
         """A deep protocol test on the MX listener; a reply means hang up with it."""
-        if not self.wants_protocol_tests(state):
-            return None
+        if not self.wants_protocol_tests(state) or test in state.protocol_failed:
+            return None  # a test is reported once per session: the first finding decides
         ip, port = state.client.ip, state.client.port
         text = line.decode("utf-8", "replace")
         if test == "pipelining":
@@ -565,8 +621,7 @@ class Policy:
         else:
             verdict = protocol.bare_newline(
                 line, ip, port, after=after, action=self.config.bare_newline_action)
-        if verdict.outcome is Outcome.PASS and not verdict.reason.startswith("COMMAND") \
-                and "(action ignore)" not in verdict.reason:
+        if not verdict.failed and not verdict.ignored:
             return None
         self._note(state, verdict)
         if test not in state.protocol_failed:
@@ -628,3 +683,11 @@ class Policy:
 def record_memory(config: Config) -> int:
     """This worker's share of the node's session_record_memory."""
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
+
+
+_MAIL_STEPS = {"sender_login": Policy._mail_sender_login, "sender": Policy._mail_sender}
+_RCPT_STEPS = {
+    "screening": Policy._rcpt_screening, "client_fcrdns": Policy._rcpt_client,
+    "helo": Policy._rcpt_helo, "sender": Policy._rcpt_sender,
+    "destination": Policy._rcpt_destination, "recipient": Policy._rcpt_recipient,
+}

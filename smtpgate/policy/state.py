@@ -3,7 +3,9 @@
 SYNOPSIS
     Client(ip, port, local_ip, local_port, listener, proxied)   facts, set by the engine
     ClientState(client)                                   kept by the policy
-    state.record        every Verdict taken for this session, in order
+    state.note(verdict)  keep a Verdict in the session's record
+    state.record        the first RECORD_LIMIT verdicts taken for this session, in order
+    state.unrecorded    how many were taken after those ; state.latest  the last one
     state.client_name   the verified host name once FCrDNS passed, else "unknown"
     state.label         "name[ip]", as Postfix writes a client in its log
     GreetWait(seconds, decided)
@@ -12,9 +14,15 @@ DESCRIPTION
     The engine creates a Client when a connection starts and asks
     Policy.open(client) for a ClientState; it hands that state back at each
     stage and reads from it only what the policy found (client_name for
-    XCLIENT NAME and the log, record for the log and `explain`). The policy
+    XCLIENT NAME and the log, record for the log and `explain`,
+    protocol_failed so that a deep protocol test is asked once). The policy
     changes nothing but its own state: it writes to no socket and sets no
     field of the engine's session.
+
+    The record is bounded: a client that repeats commands for hours must
+    not grow its session without end, so past RECORD_LIMIT verdicts only
+    a count and the latest verdict are kept (the evidence record and
+    `explain` say how many were left out).
 
     GreetWait is the policy's request for postscreen's greet wait: the
     engine sends the "220-" teaser, then waits `seconds` for the client to
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from smtpgate.verdict import Reply, Verdict
 
@@ -53,8 +61,12 @@ class GreetWait:
 
 @dataclass(slots=True)
 class ClientState:
+    RECORD_LIMIT: ClassVar[int] = 100
+
     client: Client
     record: list[Verdict] = field(default_factory=list)
+    unrecorded: int = 0  # verdicts taken past RECORD_LIMIT, counted only
+    latest: Verdict | None = None
     client_name: str = "unknown"
     # screening, kept between stages
     lease: Any = None  # the connection count's lease, released when the session ends
@@ -74,6 +86,14 @@ class ClientState:
     # what screening found, written to the cache with the session's release
     screening_passes: dict[str, float] = field(default_factory=dict)
     screening_failed: tuple[str, ...] = ()
+
+    def note(self, verdict: Verdict) -> Verdict:
+        self.latest = verdict
+        if len(self.record) < self.RECORD_LIMIT:
+            self.record.append(verdict)
+        else:
+            self.unrecorded += 1
+        return verdict
 
     def name_found(self, task: asyncio.Task) -> None:
         """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as

@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smtpgate.config import HostPort
+from smtpgate.flow_control import WriteFlow
 from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.xclient import ClientIdentity, xclient_command
 
@@ -85,7 +86,7 @@ class _HopWire(asyncio.Protocol):
         self.lost: str | None = None
         self.waiter: asyncio.Future | None = None
         self.wanted = 0
-        self.drained: asyncio.Future | None = None  # set while the kernel buffer is full
+        self.flow = WriteFlow()  # paused while the kernel buffer is full
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -109,11 +110,10 @@ class _HopWire(asyncio.Protocol):
         self.resume_writing()
 
     def pause_writing(self) -> None:
-        self.drained = asyncio.get_running_loop().create_future()
+        self.flow.pause()
 
     def resume_writing(self) -> None:
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
+        self.flow.resume()
 
     def _cut(self) -> None:
         buf = self.buf
@@ -251,13 +251,11 @@ class NextHop:
 
     async def _drained(self) -> None:
         # the spool may hold megabytes: let the kernel take them before reading more
-        drained = self._wire.drained
-        if drained is not None and not drained.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(drained), self._timeouts.reply)
-            except TimeoutError:
-                raise RelayError(f"next hop: timed out after {self._timeouts.reply:g} s "
-                                 "taking the message") from None
+        try:
+            await self._wire.flow.drained(self._timeouts.reply)
+        except TimeoutError:
+            raise RelayError(f"next hop: timed out after {self._timeouts.reply:g} s "
+                             "taking the message") from None
         if self._wire.lost:
             raise RelayError(self._wire.lost)
 

@@ -4,8 +4,9 @@ SYNOPSIS
     with metrics_directory(config.metrics_dir, tls=...) as path: ...   serve(), before forking
     worker_gone(pid, path)                                    the master, when a worker dies
     Metrics(path)                                             one per worker (build_gate)
-    metrics.session_ended(session, ended)
-    metrics.rejected(state, reply, last_command)
+    metrics.notify(event)          a session's event (smtpgate.smtp.events): Refused,
+                                   Relayed and Ended are counted
+    metrics.session_ended(listener, outcome) ; metrics.rejected(check, stage)
     metrics.relayed(result_or_code, seconds=None)
     metrics.refresh(gate, check=False) ; await metrics.run(gate)   the figures kept elsewhere
     metrics.exposition(gate) -> bytes                         /metrics, every worker's sum
@@ -89,6 +90,7 @@ from typing import Any
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL
 from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.health import up
+from smtpgate.smtp.events import Ended, Event, Refused, Relayed
 
 log = logging.getLogger("smtpgate.metrics")
 
@@ -161,12 +163,16 @@ def session_outcome(ended: str, last_command: str, eof: bool, draining: bool) ->
     return "lost" if eof else "hangup"
 
 
-def rejecting_check(record: list, reply: Any) -> str | None:
+def rejecting_check(state: Any, reply: Any) -> str | None:
     """The check whose verdict carried this reply (the policy hands the Verdict's own Reply
     object on, also when it answers later, as under smtpd_delay_reject), "tempfail" for a
     lookup that failed, "auth" for a failed AUTH, None for a reply the policy did not give
-    (syntax, limits)."""
-    for verdict in reversed(record):
+    (syntax, limits). `state`: the session's ClientState (its record, and its latest
+    verdict past the record's cap)."""
+    latest = state.latest
+    if latest is not None and latest.reply is reply:
+        return latest.check
+    for verdict in reversed(state.record):
         if verdict.reply is reply:
             return verdict.check
     if reply is CONNECT_TEMPFAIL or reply is RCPT_TEMPFAIL:
@@ -266,22 +272,29 @@ class Metrics:
 
     # --- the hot path: a dict lookup and an increment ---------------------------------------
 
-    def session_ended(self, session: Any, ended: str) -> None:
-        outcome = session_outcome(ended, session.last_command, session.wire.eof,
-                                  session.gate.draining)
-        key = (session.listener, outcome)
+    def notify(self, event: Event) -> None:
+        """The sessions' events (smtpgate.smtp.events) this worker counts."""
+        if isinstance(event, Refused):
+            if event.reply is not None and event.state is not None:
+                self.rejected(rejecting_check(event.state, event.reply),
+                              stage_of(event.command))
+        elif isinstance(event, Relayed):
+            self.relayed(event.result, event.seconds)
+        elif isinstance(event, Ended):
+            self.session_ended(event.listener, session_outcome(
+                event.how, event.last_command, event.eof, event.draining))
+
+    def session_ended(self, listener: str, outcome: str) -> None:
+        key = (listener, outcome)
         counter = self._session_outcomes.get(key)
         if counter is None:
             counter = self._session_outcomes[key] = self.sessions.labels(*key)
         counter.inc()
 
-    def rejected(self, state: Any, reply: Any, last_command: str) -> None:
-        if state is None:
-            return
-        check = rejecting_check(state.record, reply)
+    def rejected(self, check: str | None, stage: str) -> None:
         if check is None:
             return
-        key = (check, stage_of(last_command))
+        key = (check, stage)
         counter = self._rejection_counters.get(key)
         if counter is None:
             counter = self._rejection_counters[key] = self.rejections.labels(*key)

@@ -1,8 +1,8 @@
 """server - the listeners, the worker processes, and the shutdown and reload phases.
 
 SYNOPSIS
-    Gate(config, tls, policy, relay_limit, auth)  the runtime state every session shares
-    await build_gate(config, auth_probe=None) -> Gate
+    await build_gate(config, auth_probe=None) -> Gate   the runtime state every session
+                                                 shares (smtpgate.smtp.gate.Gate)
     await start_listeners(gate) -> list[asyncio.Server]
     serve(config) -> int                        run until SIGTERM; the `serve` command
                                                 (first smtpgate.service.preflight)
@@ -17,7 +17,10 @@ DESCRIPTION
     (smtpgate.service.metrics), and it drops a dead worker's live gauges.
 
     SIGTERM: stop accepting, let sessions in flight finish for up to
-    drain_grace seconds, then tell the rest 421 and close. SIGHUP: read
+    drain_grace seconds (a DATA command that comes meanwhile gets 421),
+    then tell the rest 421 and close; a session whose message's final dot
+    has come finishes its hand-off first (HAND_OFF_WAIT more seconds at
+    most, which the stop timeouts in deploy/ and conf/ leave room for). SIGHUP: read
     the configuration (SMTPGATE_CONFIG) and the certificate again; new
     sessions get them, running ones keep theirs (see reload()).
 
@@ -238,6 +241,9 @@ def reload(gate: Gate) -> bool:
     return True
 
 
+HAND_OFF_WAIT = 10.0  # after the grace: the 421s written, the hand-offs under way finished
+
+
 async def _drain(gate: Gate, grace: float) -> None:
     """Let sessions finish for `grace` seconds, then tell the rest 421 and hang up."""
     with contextlib.suppress(TimeoutError):
@@ -250,7 +256,7 @@ async def _drain(gate: Gate, grace: float) -> None:
     for session in list(gate.sessions):
         session.shut_down()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(HAND_OFF_WAIT):
             while gate.sessions:
                 await asyncio.sleep(0.05)
 

@@ -2,9 +2,8 @@
 
 SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
-    session_record(session) -> dict             the record smtpgate.lookups.evidence stores
+    session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
-    SHOWN_ARGUMENTS                             the commands whose argument a record shows
 
 DESCRIPTION
     A session keeps nothing of this until it refuses something: then it
@@ -18,7 +17,8 @@ DESCRIPTION
     ended; HELO name, login, sender and the recipients accepted in the
     transaction in progress; `commands`, the disconnect line's counts;
     `verdicts`, every verdict of the policy (check, outcome, reason: which
-    key, zone and answer; reply); `replies`, the refusals, each with the
+    key, zone and answer; reply) the session kept, `unrecorded` the number
+    taken past that cap (smtpgate.policy.state); `replies`, the refusals, each with the
     number of verdicts taken before it, so `explain` can print each
     refusal after the verdicts that led to it. A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
@@ -39,11 +39,9 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from smtpgate import session_id
-
-SHOWN_ARGUMENTS = frozenset({"HELO", "EHLO", "MAIL", "RCPT"})
 
 
 class Refusal(NamedTuple):
@@ -53,7 +51,27 @@ class Refusal(NamedTuple):
     verdicts: int  # how many verdicts the policy had taken when it was given
 
 
-def session_record(session: Any) -> dict:
+class Recorded(Protocol):
+    """What a record is made of: the session as smtpgate.smtp.session.Session shows it."""
+
+    id: str
+    client: Any  # smtpgate.policy.state.Client
+    state: Any  # smtpgate.policy.state.ClientState, None before the policy opened one
+    ended: float | None
+    refusals: list[Refusal] | None
+
+    @property
+    def helo(self) -> str | None: ...
+    @property
+    def login(self) -> str | None: ...
+    @property
+    def sender(self) -> str | None: ...
+    @property
+    def recipients(self) -> tuple[str, ...]: ...
+    def command_counts(self) -> str: ...
+
+
+def session_record(session: Recorded) -> dict:
     client, state = session.client, session.state
     verdicts = state.record if state is not None else []
     return {
@@ -70,8 +88,9 @@ def session_record(session: Any) -> dict:
         "sender": session.sender,
         "recipients": list(session.recipients),
         "commands": session.command_counts(),
+        **({"unrecorded": state.unrecorded} if state is not None and state.unrecorded else {}),
         "verdicts": [
-            {"check": v.check, "outcome": str(v.outcome), "reason": v.reason,
+            {"check": v.check, "outcome": str(v.outcome), "reason": v.logged,
              "reply": str(v.reply) if v.reply is not None else None}
             for v in verdicts],
         "replies": [
@@ -80,7 +99,7 @@ def session_record(session: Any) -> dict:
     }
 
 
-def refused_alike(session: Any) -> tuple | None:
+def refused_alike(session: Recorded) -> tuple | None:
     if session.ended is None or not session.refusals:
         return None  # still running: more may come
     client, state = session.client, session.state
@@ -91,11 +110,11 @@ def refused_alike(session: Any) -> tuple | None:
     tag = f"; session={session.id}"
     verdicts = tuple(
         (v.check, str(v.outcome),
-         "" if v.check == "limits" and v.reply is None else v.reason.replace(with_port, without),
+         "" if v.check == "limits" and v.reply is None else v.logged.replace(with_port, without),
          str(v.reply) if v.reply is not None else None)
         for v in (state.record if state is not None else ()))
     replies = tuple((r.command, r.reply.replace(tag, ""), r.verdicts) for r in session.refusals)
     return (client.ip, client.listener, client.local_ip, client.local_port,
             state.client_name if state is not None else "unknown", session.helo, session.login,
             session.sender, tuple(session.recipients), session.command_counts(), verdicts,
-            replies)
+            state.unrecorded if state is not None else 0, replies)

@@ -1,4 +1,4 @@
-"""session - one client connection: the SMTP dialogue, translated to the policy and the relay.
+"""session - one client connection: the driver joining the wire, dialogue, policy and relay.
 
 SYNOPSIS
     protocol_factory(gate, listener, proxied=None) -> Callable[[], Wire]
@@ -7,19 +7,24 @@ SYNOPSIS
     session.shut_down()                                       the drain's last word
 
 DESCRIPTION
-    The session owns the protocol state and all I/O of one connection
-    (smtpgate.smtp.wire): the banner and postscreen's greet wait, the
-    commands, pipelining detection, STARTTLS, AUTH's challenges and DATA.
-    It decides nothing itself: at each stage it hands the facts to the
-    policy (smtpgate.policy.stages) and sends the reply it gets, and it
-    hands each complete message to Postfix (smtpgate.relay).
+    The session owns all I/O of one connection (smtpgate.smtp.wire): the
+    banner and postscreen's greet wait, the command lines, pipelining
+    detection, STARTTLS, AUTH's challenges and DATA. What a command means
+    at this point of the dialogue is smtpgate.smtp.dialogue's to say (a
+    state machine without I/O); the session does what it answers: writes
+    the reply, hands the facts to the policy (smtpgate.policy.stages) and
+    sends the reply it gets, and hands each complete message to Postfix
+    (smtpgate.relay). What follows from a reply (the error count, the
+    evidence record, the metrics) is done by the subscribers of the
+    session's events (smtpgate.smtp.events).
 
     Before-queue guarantees:
     - The whole message is received (smtpgate.smtp.body into a Spool)
       before a Postfix connection is used, so a slow client never holds a
       Postfix process. The final reply is Postfix's reply to the message,
       in its words (an rspamd reject included; a refusal gets the session
-      id at its end): 250 only when Postfix queued it.
+      id at its end): 250 only when Postfix queued it. A 421 from Postfix
+      ends the session, as it would have ended Postfix's.
     - Any failure to reach or finish with Postfix gives 451 4.3.0; no free
       next-hop slot within next_hop_busy_wait gives 451 4.3.2; the client
       never sees 250 for a message Postfix did not queue, and never waits
@@ -31,9 +36,21 @@ DESCRIPTION
       RCPT with Postfix's reply (smtpgate.smtp.params).
     - End of data is CRLF.CRLF only; a bare LF never ends the message and
       no second message can be smuggled (smtpgate.smtp.body).
-    - A message over message_size_limit is read to its end and refused
-      with 552 5.3.4; a client that vanishes mid-DATA leaves nothing at
-      Postfix.
+    - A message over message_size_limit, counting the Received header
+      smtpgate adds (Postfix counts it against the same limit), is read to
+      its end and refused with 552 5.3.4; a client that vanishes mid-DATA
+      leaves nothing at Postfix.
+    - The final dot commits the message: from then on the drain lets the
+      hand-off finish and the client hears Postfix's answer before the
+      421. A DATA command that comes while the gate drains gets 421.
+
+    Bounds on what one client can make the session hold or do: the
+    dialogue's error, junk-command and recipient counts; replies flushed
+    once WRITE_HIGH bytes are queued, with the wire's back-pressure (the
+    client's next commands are not read until it reads its replies); each
+    deep protocol test reported once per session, with at most
+    PENDING_SHOWN bytes of what was pipelined; the policy's record capped
+    (smtpgate.policy.state).
 
     Every session has an id (smtpgate.session_id). Each 4xx/5xx reply
     ends with `; session=ID`, Postfix's refusal of a relayed message
@@ -57,16 +74,32 @@ import time
 from collections.abc import Callable
 
 from smtpgate import replies, session_id
-from smtpgate.address import AddressError, parse_mail_arg, parse_rcpt_arg, plain_ip
+from smtpgate.address import plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
 from smtpgate.relay.passed_on import passed_on
 from smtpgate.relay.pool import RelayBusy
 from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
-from smtpgate.smtp.evidence import SHOWN_ARGUMENTS, Refusal, refused_alike, session_record
+from smtpgate.smtp.dialogue import VERBS as KNOWN_VERBS
+from smtpgate.smtp.dialogue import (
+    Answer,
+    Authenticate,
+    Command,
+    Dialogue,
+    Hello,
+    Limits,
+    Mail,
+    Quit,
+    Rcpt,
+    ReceiveBody,
+    StartTls,
+    Transaction,
+)
+from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
+from smtpgate.smtp.evidence import Refusal, refused_alike, session_record
 from smtpgate.smtp.gate import Gate
-from smtpgate.smtp.params import mail_params_reply, rcpt_params_reply
+from smtpgate.smtp.params import mail_params_reply
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.spool import Spool
@@ -79,9 +112,9 @@ log = logging.getLogger("smtpgate.smtpd")
 __all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
 
 NON_SMTP_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
-BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "QUIT", "RSET"})
 RELAY_BUSY = Reply(451, "4.3.2", "Error: too many messages in flight to the mail system; "
                                  "try again later")
+PENDING_SHOWN = 100  # bytes of a pipelined batch a protocol test sees (and the log shows)
 
 
 class Closing(Exception):
@@ -105,35 +138,40 @@ def protocol_factory(gate: Gate, listener: str,
     return lambda: Wire(start)
 
 
+def limits_of(gate: Gate, listener: str) -> Limits:
+    """The dialogue's limits for a listener, made once per configuration (not per session)."""
+    config, offered = gate.config, gate.offered[listener]
+    cached = _LIMITS.get(listener)
+    if cached is not None and cached[0] is config and cached[1] is offered:
+        return cached[2]
+    limits = Limits(recipients=config.smtpd_recipient_limit,
+                    overshoot=config.smtpd_recipient_overshoot_limit,
+                    junk=config.smtpd_junk_command_limit,
+                    hard_errors=config.smtpd_hard_error_limit, offered=offered)
+    _LIMITS[listener] = (config, offered, limits)
+    return limits
+
+
+_LIMITS: dict[str, tuple] = {}
+
+
 class Session:
     __slots__ = (
         "bare_newline",
         "client",
+        "committed",
         "config",
-        "counts",
+        "dialogue",
         "ended",
-        "errors",
-        "esmtp",
-        "failed",
         "gate",
-        "helo",
         "id",
-        "last_arg",
-        "last_command",
         "listener",
-        "login",
-        "mail_line",
         "policy",
         "protocol_tests",
-        "rcpt_lines",
-        "recipients",
         "refusals",
         "relaying",
-        "sender",
         "shutting_down",
-        "smtputf8",
         "state",
-        "tls",
         "wire",
     )
 
@@ -148,30 +186,46 @@ class Session:
         sock = wire.extra("sockname") or ("0.0.0.0", 0)
         self.client = Client(plain_ip(peer[0]), peer[1], plain_ip(sock[0]), sock[1], listener)
         self.state: ClientState | None = None
-        self.helo: str | None = None
-        self.esmtp = False
-        self.tls = listener == SUBMISSIONS
-        self.login: str | None = None
-        self.errors = 0
-        self.counts: dict[str, int] = {}  # commands given, per verb
-        self.failed: dict[str, int] | None = None  # of those, the ones answered 4xx or 5xx
-        self.last_command = ""
-        self.last_arg = ""  # shown in the evidence for SHOWN_ARGUMENTS only (never AUTH's)
+        self.dialogue = Dialogue(listener, limits_of(gate, listener),
+                                 offers_tls=gate.tls is not None,
+                                 offers_auth=gate.auth is not None,
+                                 tls=listener == SUBMISSIONS)
         self.refusals: list[Refusal] | None = None  # the 4xx/5xx replies given, as evidence
         self.ended: float | None = None
         self.bare_newline = False
         self.protocol_tests = False
+        self.committed = False  # the final dot came; the hand-off is not over
         self.relaying = False
         self.shutting_down = False
-        self._reset_transaction()
 
-    def _reset_transaction(self) -> None:
-        self.sender: str | None = None
-        self.smtputf8 = False
-        self.mail_line = b""
-        # tuples: an idle session holds no list (there may be thousands of them)
-        self.rcpt_lines: tuple[bytes, ...] = ()
-        self.recipients: tuple[str, ...] = ()
+    # --- what the evidence record and the log read ---------------------------------------------
+
+    @property
+    def helo(self) -> str | None:
+        return self.dialogue.helo
+
+    @property
+    def login(self) -> str | None:
+        return self.dialogue.login
+
+    @property
+    def tx(self) -> Transaction | None:
+        return self.dialogue.tx
+
+    @property
+    def sender(self) -> str | None:
+        return self.tx.sender if self.tx is not None else None
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return self.tx.recipients if self.tx is not None else ()
+
+    @property
+    def last_command(self) -> str:
+        return self.dialogue.last_command
+
+    def command_counts(self) -> str:
+        return self.dialogue.command_counts()
 
     @property
     def client_label(self) -> str:
@@ -181,18 +235,17 @@ class Session:
 
     @property
     def proto(self) -> str:
-        return "ESMTP" if self.esmtp else "SMTP"
+        return "ESMTP" if self.dialogue.esmtp else "SMTP"
 
-    # --- output ----------------------------------------------------------------------------
+    # --- output and events ---------------------------------------------------------------------
 
-    def reply(self, reply: Reply | str) -> None:
+    def reply(self, reply: Reply | str, counted: bool = True) -> None:
         refused = isinstance(reply, Reply) and reply.code >= 400
         text = self.tagged(reply) if refused else str(reply)
         self.wire.reply(text.encode("utf-8", "replace") + b"\r\n")
         if refused:
-            self._count_failure()
-            self._refused(text)
-            self.gate.metrics.rejected(self.state, reply, self.last_command)
+            self.publish(Refused(self.listener, self.dialogue.last_command, reply, text,
+                                 self.state, counted))
 
     def reply_raw(self, answer: HopReply) -> None:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
@@ -202,8 +255,8 @@ class Session:
             self.wire.reply(passed_on(answer.code, answer.raw))
             return
         self.wire.reply(passed_on(answer.code, answer.raw, self.tag()))  # bounds
-        self._count_failure()
-        self._refused(answer.text.replace("\r\n", " "))
+        self.publish(Refused(self.listener, self.dialogue.last_command, None,
+                             answer.text.replace("\r\n", " "), self.state))
 
     def tagged(self, reply: Reply) -> str:
         """A refusal as smtpgate writes it: the session id at the end, where Postfix's
@@ -214,11 +267,24 @@ class Session:
         """What ends every refusal, smtpgate's own and Postfix's passed on."""
         return f"; session={self.id}"
 
-    def _refused(self, text: str) -> None:
+    def publish(self, event: Event) -> None:
+        """The session's subscribers: the dialogue's counts, the evidence, the metrics."""
+        if isinstance(event, Refused):
+            self.dialogue.refused(event.counted)
+            if event.counted:
+                self._keep_refusal(event.text)
+        elif isinstance(event, Ended) and self.refusals is not None:
+            self.ended = time.time()
+            self.policy.evidence.keep(self.id, self.evidence, self.repeat)
+        self.gate.metrics.notify(event)
+
+    def _keep_refusal(self, text: str) -> None:
         """Keep the refusal as evidence and have the record written (after the reply)."""
-        verb = self.last_command or "CONNECT"
-        refusal = Refusal(time.time(), f"{verb} {self.last_arg}" if self.last_arg else verb,
-                          text, len(self.state.record) if self.state is not None else 0)
+        dialogue = self.dialogue
+        verb = dialogue.last_command or "CONNECT"
+        refusal = Refusal(time.time(), f"{verb} {dialogue.last_arg}" if dialogue.last_arg
+                          else verb, text, len(self.state.record) if self.state is not None
+                          else 0)
         if self.refusals is None:
             self.refusals = [refusal]
         else:
@@ -231,40 +297,21 @@ class Session:
     def repeat(self) -> tuple | None:
         return refused_alike(self)
 
-    def _count_failure(self) -> None:
-        self.errors += 1
-        verb = self.last_command
-        if verb:
-            failed = self.failed if self.failed is not None else {}
-            if failed.get(verb, 0) < self.counts.get(verb, 0):
-                failed[verb] = failed.get(verb, 0) + 1
-                self.failed = failed
-
-    def command_counts(self) -> str:
-        """Postfix's disconnect summary: `ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 commands=3/5`."""
-        words, ok, total = [], 0, 0
-        for verb in sorted(self.counts, key=_COUNT_ORDER.get):
-            given, failed = self.counts[verb], (self.failed or {}).get(verb, 0)
-            words.append(f"{verb.lower()}={given - failed}/{given}" if failed
-                         else f"{verb.lower()}={given}")
-            ok, total = ok + given - failed, total + given
-        words.append(f"commands={ok}/{total}" if ok != total else f"commands={total}")
-        return " ".join(words)
-
     def shut_down(self) -> None:
         """The drain's last word: 421, then the connection closes.
 
         Nothing is at Postfix before a message is complete, so a client cut off here, having
-        heard no 250, sends its message again later. A hand-off in progress is let finish
-        first: the client hears Postfix's answer, then the 421, and sends nothing twice.
+        heard no 250, sends its message again later. A message whose final dot has come is
+        let finish first: the client hears Postfix's answer, then the 421, and sends nothing
+        twice.
         """
-        if self.relaying:
+        if self.committed:
             self.shutting_down = True
             return
         self.wire.write_now(str(replies.shutting_down(self.config.hostname)).encode() + b"\r\n")
         self.wire.close()
 
-    # --- the dialogue ----------------------------------------------------------------------
+    # --- the connection ------------------------------------------------------------------------
 
     async def run(self) -> None:
         wire = self.wire
@@ -279,7 +326,7 @@ class Session:
             if self.listener == SUBMISSIONS:  # the handshake came first (smtp.implicit_tls)
                 log.info("%s", tls_established(self.client_label, wire.extra("ssl_object")))
             if await self._greet():
-                await self._dialogue()
+                await self._commands()
             else:
                 ended = "refused"
         except Closing:
@@ -296,7 +343,9 @@ class Session:
             log.exception("error: session with %s failed", self.client_label)
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
-            self.gate.metrics.session_ended(self, ended)  # counted before the client hears the end
+            # counted before the client hears the end
+            self.publish(Ended(self.listener, ended, self.last_command, wire.eof,
+                               self.gate.draining))
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
@@ -304,9 +353,6 @@ class Session:
                 self.policy.close_session(self.state)
                 log.info("disconnect from %s %s session=%s", self.client_label,
                          self.command_counts(), self.id)
-            if self.refusals is not None:
-                self.ended = time.time()
-                self.policy.evidence.keep(self.id, self.evidence, self.repeat)
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
@@ -346,10 +392,9 @@ class Session:
         self.reply(banner)
         return True
 
-    async def _dialogue(self) -> None:
-        wire = self.wire
+    async def _commands(self) -> None:
+        wire, dialogue = self.wire, self.dialogue
         timeout, limit = self.config.smtpd_timeout, self.config.line_length_limit
-        hard_limit = self.config.smtpd_hard_error_limit
         while True:
             line = await wire.line(timeout, limit)
             if line is None:  # Postfix's words for a client that left without QUIT
@@ -357,60 +402,51 @@ class Session:
                          self.client_label)
                 return
             if line is TOO_LONG:
-                self._count("UNKNOWN")
-                self.reply(replies.LINE_TOO_LONG)
+                self._answer(dialogue.too_long())
             elif line[-2:-1] == b"\r":
-                await self._dispatch(line[:-2])
+                await self._command(line[:-2])
             else:
-                await self._dispatch(line[:-1])
+                await self._command(line[:-1])
                 await self._bare_newline(line)  # "after" the command that carried it
-            if self.errors >= hard_limit:
+            if dialogue.too_many_errors:
                 self.reply(replies.too_many_errors(self.config.hostname))
                 log.info("too many errors after %s from %s", self.last_command or "CONNECT",
                          self.client_label)
                 return
 
-    async def _dispatch(self, line: bytes) -> None:
-        if not line:
-            self._count("UNKNOWN")
-            self.reply(replies.BAD_SYNTAX)
-            return
-        verb_bytes, _, arg_bytes = line.partition(b" ")
-        try:
-            verb = verb_bytes.decode("ascii").upper()
-        except UnicodeDecodeError:
-            self._count("UNKNOWN")
-            self.reply(replies.BAD_SYNTAX)
-            return
-        handler = _HANDLERS.get(verb)
-        if handler is None:
-            await self._unknown(verb, line)
-            return
-        if self.protocol_tests and self.wire.buf:
-            await self._protocol_test("pipelining", line, bytes(self.wire.buf))
-        self._count(verb)
-        try:
-            arg = arg_bytes.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self.reply(replies.BAD_UTF8)
-            return
-        if verb in SHOWN_ARGUMENTS:
-            self.last_arg = arg
-        if self.listener == SUBMISSION and not self.tls and verb not in BEFORE_TLS:
-            self.reply(replies.MUST_STARTTLS)
-            return
-        await handler(self, arg)
+    def _answer(self, answer: Answer) -> None:
+        self.reply(answer.reply, answer.counted)
 
-    async def _unknown(self, verb: str, line: bytes) -> None:
+    async def _command(self, line: bytes) -> None:
+        command = self.dialogue.parse(line)
+        if isinstance(command, Answer):
+            self._answer(command)
+            return
+        await self._protocol_tests_of(command)
+        action = self.dialogue.step(command)
+        if type(action) is Answer:
+            self._answer(action)
+        else:
+            await _DRIVE[type(action)](self, action)
+
+    async def _quit(self, quit: Quit) -> None:
+        self.reply(replies.BYE)
+        raise Closing
+
+    # --- postscreen's deep protocol tests ------------------------------------------------------
+
+    async def _protocol_tests_of(self, command: Command) -> None:
+        if not self.protocol_tests:
+            return
+        if command.verb in KNOWN_VERBS:
+            if self.wire.buf:
+                pending = bytes(memoryview(self.wire.buf)[:PENDING_SHOWN])
+                await self._protocol_test("pipelining", command.line, pending)
+            return
+        verb, line = command.verb, command.line
         looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
-        if self.protocol_tests and (verb in NON_SMTP_COMMANDS or looks_like_header):
+        if verb in NON_SMTP_COMMANDS or looks_like_header:
             await self._protocol_test("non_smtp_command", line, b"")
-        self._count("UNKNOWN")  # and its 502 as failed, as Postfix counts it
-        self.reply(replies.UNKNOWN_COMMAND)
-
-    def _count(self, verb: str) -> None:
-        self.last_command, self.last_arg = verb, ""
-        self.counts[verb] = self.counts.get(verb, 0) + 1
 
     async def _bare_newline(self, line: bytes) -> None:
         """postscreen's bare newline test, on the first line (command or body) that has one.
@@ -425,34 +461,29 @@ class Session:
             await self._protocol_test("bare_newline", line, b"")
 
     async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
-        hang_up = await self.policy.protocol(self.state, test, line, pending,
-                                             self.last_command, self.esmtp)
+        """One test, reported once per session: the first finding decides (postscreen's)."""
+        state = self.state
+        if test in state.protocol_failed:
+            return
+        hang_up = await self.policy.protocol(state, test, line, pending, self.last_command,
+                                             self.dialogue.esmtp)
+        if test in state.protocol_failed:
+            self.publish(ProtocolTestFailed(test, self.listener))
         if hang_up is not None:
             self._log_reject(self.last_command or "CONNECT", hang_up)
             self.reply(hang_up)
             raise Closing
 
-    # --- commands --------------------------------------------------------------------------
+    # --- the commands that need the policy, TLS, SASL or the relay -----------------------------
 
-    async def smtp_HELO(self, arg: str) -> None:
-        await self._hello(arg, esmtp=False)
-
-    async def smtp_EHLO(self, arg: str) -> None:
-        await self._hello(arg, esmtp=True)
-
-    async def _hello(self, arg: str, esmtp: bool) -> None:
-        if not arg or " " in arg:
-            self.reply(replies.EHLO_SYNTAX if esmtp else replies.HELO_SYNTAX)
-            return
-        self._reset_transaction()
-        self.helo, self.esmtp = arg, esmtp
-        verdict = await self.policy.helo(self.state, arg)
+    async def _hello(self, hello: Hello) -> None:
+        verdict = await self.policy.helo(self.state, hello.name)
         if verdict is not None:
-            self._log_reject("EHLO" if esmtp else "HELO", verdict)
+            self._log_reject("EHLO" if hello.esmtp else "HELO", verdict)
             self.reply(verdict)
-            self.helo = None
+            self.dialogue.hello_refused()
             return
-        if not esmtp:
+        if not hello.esmtp:
             self.reply(f"250 {self.config.hostname}")
             return
         lines = self._ehlo_lines()
@@ -462,27 +493,14 @@ class Session:
         lines = [self.config.hostname, "PIPELINING"]
         if self.config.message_size_limit:
             lines.append(f"SIZE {self.config.message_size_limit}")
-        if not self.tls and self.gate.tls is not None:
+        if not self.dialogue.tls and self.dialogue.offers_tls:
             lines.append("STARTTLS")
-        if self._auth_offered():
+        if self.dialogue.auth_offered:
             lines.append("AUTH PLAIN LOGIN")
         lines += self.gate.ehlo_tail[self.listener]  # what the next hop carries
         return lines
 
-    def _auth_offered(self) -> bool:
-        return (self.listener != MX and self.tls and self.login is None
-                and self.gate.auth is not None)
-
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if arg:
-            self.reply(replies.NO_ARGS)
-            return
-        if self.tls:
-            self.reply(replies.TLS_ACTIVE)
-            return
-        if self.gate.tls is None:
-            self.reply(replies.NOT_IMPLEMENTED)
-            return
+    async def _starttls(self, start: StartTls | None = None) -> None:
         self.reply(replies.START_TLS)
         try:
             await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
@@ -490,28 +508,15 @@ class Session:
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
             raise Closing from None
-        self.tls = True
-        self.helo, self.esmtp = None, False
-        self._reset_transaction()
+        self.dialogue.tls_started()
         log.info("%s", tls_established(self.client_label, self.wire.extra("ssl_object")))
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        if not self._auth_offered():
-            self.reply(replies.AUTH_ALREADY if self.login is not None
-                       else replies.AUTH_NOT_ENABLED)
-            return
-        if self.helo is None:
-            self.reply(replies.NEED_HELO)
-            return
-        if self.sender is not None:
-            self.reply(replies.AUTH_IN_MAIL)
-            return
-        mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
+    async def _auth(self, auth: Authenticate) -> None:
         refusal = await self.policy.auth_allowed(self.state)
         if refusal is not None:
             self.reply(refusal)
             raise Closing
+        mechanism, initial = auth.mechanism, auth.initial
         if mechanism == "PLAIN":
             plain = await self._auth_read(initial, "")
             if plain is None:
@@ -528,10 +533,11 @@ class Session:
             self.reply(replies.AUTH_MECHANISM)
             return
         login = plain.split(b"\0")[1].decode("utf-8", "replace") if plain.count(b"\0") == 2 else ""
-        outcome = await self.policy.authenticate(self.state, mechanism, plain, login, self.tls)
+        outcome = await self.policy.authenticate(self.state, mechanism, plain, login,
+                                                 self.dialogue.tls)
         self.reply(outcome.reply)
         if outcome.user is not None:
-            self.login = outcome.user
+            self.dialogue.authenticated(outcome.user)
         elif outcome.reply.code == 421:
             raise Closing
 
@@ -545,8 +551,7 @@ class Session:
             if line is None:
                 raise Closing
             if line is TOO_LONG:
-                self._count("UNKNOWN")
-                self.reply(replies.LINE_TOO_LONG)
+                self._answer(self.dialogue.too_long())
                 return None
             text = line.decode("ascii", "replace").strip()
         if text == "*":
@@ -560,75 +565,42 @@ class Session:
             self.reply(replies.AUTH_BAD_BASE64)
             return None
 
-    async def smtp_MAIL(self, arg: str) -> None:
-        if self.helo is None:
-            self.reply(replies.NEED_HELO)
-            return
-        if self.sender is not None:
-            self.reply(replies.NESTED_MAIL)
-            return
-        offered = self.gate.offered[self.listener]  # bounds: SMTPUTF8 as a parameter, offered
-        try:
-            path = parse_mail_arg(arg, smtputf8=None if "SMTPUTF8" in offered else False)
-        except AddressError as exc:
-            self.reply(exc.reply)
-            return
-        refusal = mail_params_reply(path.words, self.config.message_size_limit, offered,
+    async def _mail(self, mail: Mail) -> None:
+        refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
+                                    self.dialogue.limits.offered,
                                     self.gate.spool_budget.room())  # bounds: SIZE= over room
         if refusal is None:
-            refusal = await self.policy.mail(self.state, path, self.login)
+            refusal = await self.policy.mail(self.state, mail.path, self.login)
         if refusal is not None:
             self._log_reject("MAIL", refusal)
             self.reply(refusal)
             return
-        self.sender = path.address
-        self.smtputf8 = "SMTPUTF8" in path.params
-        self.mail_line = b"MAIL FROM:" + arg[5:].strip().encode("utf-8") + b"\r\n"
+        self.dialogue.mail_accepted(mail.path, mail.line)
         self.reply(replies.MAIL_OK)
 
-    async def smtp_RCPT(self, arg: str) -> None:
-        if self.sender is None:
-            self.reply(replies.NEED_MAIL)
-            return
-        try:
-            path = parse_rcpt_arg(arg, smtputf8=self.smtputf8)
-        except AddressError as exc:
-            self.reply(exc.reply)
-            return
-        refusal = rcpt_params_reply(path.words, self.gate.offered[self.listener])  # bounds
-        if refusal is not None:
-            self.reply(refusal)
-            return
-        if len(self.recipients) >= self.config.smtpd_recipient_limit:
-            self.reply(replies.TOO_MANY_RECIPIENTS)
-            return
-        verdict = await self.policy.rcpt(self.state, path, self.login, self.smtputf8)
+    async def _rcpt(self, rcpt: Rcpt) -> None:
+        verdict = await self.policy.rcpt(self.state, rcpt.path, self.login, self.tx.smtputf8)
         if verdict is not None:
             self.reply(verdict)
-            self._log_reject("RCPT", verdict, path.address)
+            self._log_reject("RCPT", verdict, rcpt.path.address)
             return
-        self.rcpt_lines += (b"RCPT TO:" + arg[3:].strip().encode("utf-8") + b"\r\n",)
-        self.recipients += (path.address,)
+        self.dialogue.rcpt_accepted(rcpt.path, rcpt.line)
         self.reply(replies.RCPT_OK)
 
-    async def smtp_DATA(self, arg: str) -> None:
-        if arg:
-            self.reply(replies.NO_ARGS)
-            return
-        if self.sender is None:
-            self.reply(replies.NEED_MAIL)
-            return
-        if not self.recipients:
-            self.reply(replies.NEED_RCPT)
-            return
+    async def _data(self, receive: ReceiveBody | None = None) -> None:
+        if self.gate.draining:  # a message begun now might not end within the grace
+            self.reply(replies.shutting_down(self.config.hostname))
+            raise Closing
         if self.gate.spool_budget.spent:  # bounds: the worker's spool budget
             self.reply(replies.INSUFFICIENT_STORAGE)
             return
         self.reply(replies.START_DATA)
+        header = self._received()
         spool = Spool(self.config.spool_memory_limit, self.gate.spool_budget)  # bounds
+        queued = False
         try:
             try:
-                body = await self._receive(spool)
+                body = await self._receive(spool, len(header))
             except OSError as exc:  # the spool's file: a full disk, say
                 log.warning("warning: %s: spool: %s", self.client_label, exc)
                 self.reply(replies.RELAY_UNAVAILABLE)
@@ -638,44 +610,52 @@ class Session:
                          self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
                          self.proto, self.helo or "")
                 self.reply(replies.MESSAGE_TOO_BIG)
-                return
-            if spool.full:  # bounds: the message outgrew the worker's spool budget
+            elif spool.full:  # bounds: the message outgrew the worker's spool budget
                 log.warning("warning: %s: spool budget of %d bytes spent; 452 4.3.1",
                             self.client_label, self.gate.spool_budget.limit)
                 self.reply(replies.INSUFFICIENT_STORAGE)
-                return
-            if body.bare_newline:
-                await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
-            self.relaying = True
-            try:
-                await self._relay(spool, body.size)
-            finally:
-                self.relaying = False
-            if self.shutting_down:
-                self.reply(replies.shutting_down(self.config.hostname))
-                raise Closing
+            else:
+                if body.bare_newline:
+                    await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
+                self.relaying = True
+                try:
+                    queued = await self._relay(spool, header, body.size)
+                finally:
+                    self.relaying = False
         finally:
             spool.close()
-            self._reset_transaction()
+            self.committed = False
+            self.dialogue.message_done(queued)
+        if self.shutting_down:
+            self.reply(replies.shutting_down(self.config.hostname))
+            raise Closing
 
-    async def _receive(self, spool: Spool) -> BodyReader:
-        """The whole message into the spool, reading until CRLF.CRLF."""
-        body = BodyReader(spool, self.config.message_size_limit)
-        if not await self.wire.feed_until(body.feed, self.config.smtpd_timeout):
+    async def _receive(self, spool: Spool, header_size: int) -> BodyReader:
+        """The whole message into the spool, reading until CRLF.CRLF; the Received header
+        counts toward the size limit, as it does at Postfix."""
+        limit = self.config.message_size_limit
+        body = BodyReader(spool, max(limit - header_size, 1) if limit else 0)
+
+        def feed(buf: bytearray) -> bool:
+            done = body.feed(buf)
+            if done:  # in data_received: before the drain can see the session again
+                self.committed = True
+            return done
+
+        if not await self.wire.feed_until(feed, self.config.smtpd_timeout):
             log.info("lost connection after DATA (%d bytes) from %s", body.size,
                      self.client_label)
             raise Closing
         return body
 
-    async def _relay(self, spool: Spool, size: int) -> None:
-        """Hand the message to Postfix; its answer is the client's answer."""
-        gate = self.gate
+    async def _relay(self, spool: Spool, header: bytes, size: int) -> bool:
+        """Hand the message to Postfix; its answer is the client's answer. True: queued."""
+        gate, tx = self.gate, self.tx
         identity = ClientIdentity(
             addr=self.client.ip, port=self.client.port, name=self._xclient_name(),
             helo=self.helo or "", proto=self.proto, login=self.login,
             destaddr=self.client.local_ip, destport=self.client.local_port)
-        envelope = Envelope(self.mail_line, self.rcpt_lines)
-        header = self._received()
+        envelope = Envelope(tx.mail_line, tx.rcpt_lines)
         hops = gate.hops
         if self.login is not None and gate.submission_hops is not None:
             hops = gate.submission_hops
@@ -688,18 +668,21 @@ class Session:
         except RelayBusy:
             log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
                         hops.label, gate.relay_limit.limit, self.client_label)
-            gate.metrics.relayed("busy")
+            self.publish(Relayed("busy"))
             self.reply(RELAY_BUSY)
-            return
+            return False
         except (RelayError, OSError) as exc:  # OSError: reading the spool back
             log.warning("warning: next hop %s", exc if isinstance(exc, RelayError)
                         else f"{hops.label}: {exc}")
-            gate.metrics.relayed("tempfail")
+            self.publish(Relayed("tempfail"))
             self.reply(replies.RELAY_UNAVAILABLE)
-            return
-        gate.metrics.relayed(answer.code, time.monotonic() - started)
+            return False
+        self.publish(Relayed(answer.code, time.monotonic() - started))
         self.reply_raw(answer)
         self._log_relayed(answer, size)
+        if answer.code == 421:  # Postfix is closing: so does the session, as Postfix's would
+            raise Closing
+        return answer.code == 250
 
     def _log_relayed(self, answer: HopReply, size: int) -> None:
         """One line per message, keyed by Postfix's queue id, so its log lines can be found."""
@@ -723,29 +706,12 @@ class Session:
             tls = (ssl_object.version() or "TLS", cipher, bits)
         return received_header(
             self.helo or "", self.state.client_name, self.client.ip, self.config.hostname,
-            esmtp=self.esmtp, tls=tls, login=self.login is not None,
+            esmtp=self.dialogue.esmtp, tls=tls, login=self.login is not None,
             recipients=self.recipients, when=datetime.datetime.now(datetime.UTC))
 
     def _xclient_name(self) -> str:
         name = self.state.client_name
         return name if name != "unknown" else "[UNAVAILABLE]"
-
-    async def smtp_RSET(self, arg: str) -> None:
-        if arg:
-            self.reply(replies.NO_ARGS)
-            return
-        self._reset_transaction()
-        self.reply(replies.OK)
-
-    async def smtp_NOOP(self, arg: str) -> None:
-        self.reply(replies.OK)
-
-    async def smtp_QUIT(self, arg: str) -> None:
-        self.reply(replies.BYE)
-        raise Closing
-
-    async def smtp_VRFY(self, arg: str) -> None:
-        self.reply(replies.VRFY_DISABLED)
 
     def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None) -> None:
         to = f" to=<{recipient}>" if recipient is not None else ""
@@ -755,10 +721,10 @@ class Session:
 
 
 _QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
-# the order of Postfix's smtpd command table, which its disconnect line follows
-_COUNT_ORDER = {verb: i for i, verb in enumerate(
-    ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT",
-     "UNKNOWN"))}
+# what the session does for each of the dialogue's actions but an Answer
+_DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
+          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
+          Quit: Session._quit}
 
 
 def tls_established(label: str, ssl_object) -> str:
@@ -769,8 +735,3 @@ def tls_established(label: str, ssl_object) -> str:
     name, _, bits = ssl_object.cipher() or ("unknown", "", 0)
     return (f"Anonymous TLS connection established from {label}: {ssl_object.version()} "
             f"with cipher {name} ({bits}/{bits} bits)")
-
-
-_HANDLERS = {
-    name[5:]: getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")
-}

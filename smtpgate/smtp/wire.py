@@ -22,10 +22,13 @@ DESCRIPTION
     period, not one per command.
 
     Replies are queued with reply() and written by flush() in one write;
-    the session flushes only when the client has nothing more pipelined,
-    so a pipelined batch of commands gets one write of replies. When the
-    client does not read (the kernel buffer is full), flush() waits for
-    the transport to drain, bounded by the same deadline.
+    the session flushes when the client has nothing more pipelined, so a
+    pipelined batch of commands gets one write of replies, and also once
+    WRITE_HIGH bytes are queued, so a long batch cannot make the gate hold
+    its replies. When the client does not read (the transport's buffer is
+    past its high mark), flush() waits for it to drain (smtpgate.flow_control),
+    bounded by the same deadline; meanwhile no command is read, and
+    reading pauses as below.
 
     Reading pauses when `buf` holds more than BUFFER_HIGH bytes and
     resumes when the session waits again, so a client cannot make the
@@ -37,8 +40,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from smtpgate.flow_control import WriteFlow
+
 BUFFER_HIGH = 262144
-WRITE_HIGH = 262144
+WRITE_HIGH = 65536  # replies queued past this are written before the next command is read
 TOO_LONG = b"<too long>"  # a marker, compared by identity
 CLOSE_GRACE = 10.0
 HEADER_TIMEOUT = 5.0  # postscreen_upstream_proxy_timeout, for the PROXY header's reads
@@ -50,11 +55,12 @@ class WireTimeout(Exception):
 
 class Wire(asyncio.Protocol):
     __slots__ = (
-        "_drain",
+        "_flow",
         "_loop",
         "_on_connect",
         "_out",
         "_paused",
+        "_queued",
         "_sink",
         "_sink_error",
         "_sink_timeout",
@@ -79,9 +85,10 @@ class Wire(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
         self._waiter: asyncio.Future | None = None
-        self._drain: asyncio.Future | None = None
+        self._flow = WriteFlow()
         self._paused = False
         self._out: list[bytes] = []
+        self._queued = 0  # bytes in _out
         self._sink: Callable[[bytearray], bool] | None = None
         self._sink_error: BaseException | None = None
         self._sink_timeout = 0.0
@@ -122,16 +129,13 @@ class Wire(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._wake()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._flow.resume()
 
     def pause_writing(self) -> None:
-        if self._drain is None or self._drain.done():
-            self._drain = self._loop.create_future()
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._flow.resume()
 
     # --- waiting ---------------------------------------------------------------------------
 
@@ -204,6 +208,8 @@ class Wire(asyncio.Protocol):
 
         The rest of an over-long line is read and thrown away, so the next line is whole.
         """
+        if self._queued >= WRITE_HIGH:  # a long pipelined batch: its replies go out now
+            await self.flush()
         buf = self.buf
         while True:
             end = buf.find(b"\n")
@@ -257,22 +263,25 @@ class Wire(asyncio.Protocol):
 
     def reply(self, line: bytes) -> None:
         self._out.append(line)
+        self._queued += len(line)
 
     async def flush(self) -> None:
         if not self._out:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
+        self._queued = 0
         if self.closed:
             return
         self.transport.write(data)
-        if self._drain is not None and not self._drain.done():
+        if self._flow.paused:
             await self._wait_drain()
 
     async def _wait_drain(self) -> None:
-        remaining = max(self.deadline - self._loop.time(), 1.0)
+        """The client reads nothing: wait for it (reading no more of its commands meanwhile),
+        at most until the deadline of the last wait for it."""
         try:
-            await asyncio.wait_for(asyncio.shield(self._drain), remaining)
+            await self._flow.drained(max(self.deadline - self._loop.time(), 1.0))
         except TimeoutError:
             self.abort()
             raise WireTimeout from None
@@ -283,6 +292,7 @@ class Wire(asyncio.Protocol):
         if not self.closed:
             self.transport.write(b"".join(self._out))
         self._out.clear()
+        self._queued = 0
 
     # --- TLS and closing -------------------------------------------------------------------
 

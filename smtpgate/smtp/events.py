@@ -1,0 +1,75 @@
+"""events - what a session tells its subscribers: refused, relayed, protocol test failed, ended.
+
+SYNOPSIS
+    Refused(listener, command, reply, text, state, counted)
+    Relayed(result, seconds)
+    ProtocolTestFailed(test, listener)
+    Ended(listener, how, last_command, eof, draining)
+    Event                                    any of them
+    Subscriber                               Callable[[Event], None]
+
+DESCRIPTION
+    The session writes replies; what else happens because of one is done
+    by subscribers to these events, each with one job: the dialogue counts
+    errors, the session's evidence keeps refusals for `smtpgate explain
+    --session` (smtpgate.smtp.evidence), and the worker's metrics count
+    them (smtpgate.service.metrics.Metrics.notify). An event carries the
+    facts its subscribers need, so none of them reaches into the session,
+    its wire or the gate.
+
+    Refused: a 4xx/5xx the client got, smtpgate's own or Postfix's passed
+    on (reply None then; `text` is what was written, session id included).
+    `state` is the policy's ClientState (its record says which check gave
+    the reply); `counted` is false for a reply that is no error (a 452
+    within smtpd_recipient_overshoot_limit). Relayed: a message's end at
+    the next hop, Postfix's reply code or "tempfail" / "busy", with the
+    seconds the hand-off took. ProtocolTestFailed: a deep protocol test
+    found something, once per test and session. Ended: the session is
+    over; `how` is "closed" (no error), "timeout", "error" or "refused"
+    (at connect), told apart further by the metrics with the last command,
+    whether the client closed first (eof) and whether the gate was
+    draining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from smtpgate.verdict import Reply
+
+
+@dataclass(slots=True)
+class Refused:
+    listener: str
+    command: str  # the last command ("" before the first: at connect)
+    reply: Reply | None  # None: Postfix's reply, passed on
+    text: str
+    state: Any  # smtpgate.policy.state.ClientState, or None before the policy opened one
+    counted: bool = True
+
+
+@dataclass(slots=True)
+class Relayed:
+    result: int | str
+    seconds: float | None = None
+
+
+@dataclass(slots=True)
+class ProtocolTestFailed:
+    test: str
+    listener: str
+
+
+@dataclass(slots=True)
+class Ended:
+    listener: str
+    how: str
+    last_command: str
+    eof: bool
+    draining: bool
+
+
+Event = Refused | Relayed | ProtocolTestFailed | Ended
+Subscriber = Callable[[Event], None]

@@ -1,0 +1,373 @@
+"""The SMTP dialogue in memory: sequencing, pipelining, STARTTLS, drain and the session's bounds.
+
+A fake transport, a stub policy and a stub next hop (tests/memory_session.py): each test runs in
+milliseconds. What only real services show (the policy's lookups, Postfix's answers, TLS) is in
+the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import test_fuzz_session as fuzz
+from hypothesis import given, settings
+from memory_session import StubHop, StubPolicy, memory_session
+
+from smtpgate import replies
+from smtpgate.policy.state import MX, SUBMISSION, Client, ClientState
+from smtpgate.smtp import wire as wire_module
+from smtpgate.smtp.dialogue import Answer, Dialogue, Hello, Mail, Rcpt, ReceiveBody, Stage
+from smtpgate.verdict import Outcome, Reply, Verdict
+
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+async def transaction(talk, recipients: int = 1) -> None:
+    await talk.send(b"EHLO client.test\r\n")
+    await talk.reply()
+    await talk.send(b"MAIL FROM:<a@sender.test>\r\n")
+    assert await talk.codes(1) == [250]
+    for i in range(recipients):
+        await talk.send(f"RCPT TO:<u{i}@gate.test>\r\n".encode())
+    await talk.replies(recipients)
+
+
+# --- sequencing --------------------------------------------------------------------------------
+
+
+async def test_a_message_is_relayed_and_the_client_hears_postfix():
+    async with memory_session() as talk:
+        await transaction(talk)
+        await talk.send(b"DATA\r\n")
+        assert await talk.codes(1) == [354]
+        await talk.send(MESSAGE)
+        assert (await talk.reply()).startswith(b"250 2.0.0 Ok: queued as 4XyZ1")
+        envelope, body, _size = talk.hop.messages[0]
+        assert envelope.mail_line == b"MAIL FROM:<a@sender.test>\r\n"
+        assert envelope.rcpt_lines == (b"RCPT TO:<u0@gate.test>\r\n",)
+        assert body.startswith(b"Received: from client.test") and body.endswith(b"hello\r\n")
+        await talk.send(b"QUIT\r\n")
+        assert await talk.codes(1) == [221]
+        await talk.closed()
+    assert talk.metrics.ended == ["quit"]
+
+
+@pytest.mark.parametrize(("commands", "last"), [
+    pytest.param([b"MAIL FROM:<a@b.test>"], b"503 5.5.1 Error: send HELO/EHLO first", id="mail"),
+    pytest.param([b"EHLO x", b"RCPT TO:<u@gate.test>"], b"503 5.5.1 Error: need MAIL command",
+                 id="rcpt"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"DATA"],
+                 b"503 5.5.1 Error: need RCPT command", id="data"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<a@b.test>"],
+                 b"503 5.5.1 Error: nested MAIL command", id="nested"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RSET", b"RCPT TO:<u@gate.test>"],
+                 b"503 5.5.1 Error: need MAIL command", id="rset-ends-the-transaction"),
+])
+async def test_commands_out_of_order_are_refused(commands, last):
+    async with memory_session() as talk:
+        for command in commands:
+            await talk.send(command + b"\r\n")
+        got = await talk.replies(len(commands))
+        assert got[-1].startswith(last), got
+
+
+async def test_a_pipelined_batch_is_answered_in_one_write():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\n")
+        await talk.reply()
+        before = len(talk.transport.writes)
+        await talk.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u1@gate.test>\r\n"
+                        b"RCPT TO:<u2@gate.test>\r\n")
+        assert await talk.codes(3) == [250, 250, 250]
+        assert len(talk.transport.writes) == before + 1
+
+
+async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
+    class Tls:
+        def context(self, listener):
+            return None
+
+    async def handshake(self, context, timeout):
+        self.buf.clear()  # what the real start_tls does with text sent in clear
+        await self.flush()
+
+    monkeypatch.setattr(wire_module.Wire, "start_tls", handshake)
+    async with memory_session(tls=Tls()) as talk:
+        await talk.send(b"EHLO x\r\n")
+        assert b"STARTTLS" in await talk.reply()
+        await talk.send(b"MAIL FROM:<a@b.test>\r\n")
+        assert await talk.codes(1) == [250]
+        await talk.send(b"STARTTLS\r\n")
+        assert await talk.codes(1) == [220]
+        await talk.send(b"RCPT TO:<u@gate.test>\r\n")
+        assert (await talk.reply()).startswith(b"503 5.5.1 Error: need MAIL")
+        await talk.send(b"MAIL FROM:<a@b.test>\r\n")
+        assert (await talk.reply()).startswith(b"503 5.5.1 Error: send HELO/EHLO first")
+        await talk.send(b"EHLO x\r\n")
+        assert b"STARTTLS" not in await talk.reply()
+
+
+@pytest.mark.parametrize(("commands", "last"), [
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>"], b"530 5.7.0 Must issue a STARTTLS",
+                 id="starttls-first"),
+    pytest.param([b"EHLO x", b"AUTH PLAIN AGEAYg=="], b"530 5.7.0 Must issue a STARTTLS",
+                 id="no-auth-in-clear"),
+])
+async def test_submission_wants_starttls_first(commands, last):
+    async with memory_session(listener=SUBMISSION) as talk:
+        for command in commands:
+            await talk.send(command + b"\r\n")
+        got = await talk.replies(len(commands))
+    assert got[-1].startswith(last), got
+    assert b"AUTH" not in got[0]  # not offered before TLS
+
+
+async def test_auth_is_not_a_command_on_port_25():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
+        got = await talk.replies(2)
+    assert got[1].startswith(b"503 5.5.1 Error: authentication not enabled"), got
+
+
+# --- bounds ------------------------------------------------------------------------------------
+
+
+async def test_junk_commands_count_as_errors_past_the_junk_limit():
+    """Postfix's smtpd_junk_command_limit: the 102nd NOOP onward is an error each, so with
+    smtpd_hard_error_limit 20 the 121st ends the session with 421."""
+    async with memory_session() as talk:
+        await talk.send(b"NOOP\r\n" * 130)
+        codes = await talk.codes(130)
+        await talk.closed()
+    assert codes == [250] * 121 + [421]
+
+
+async def test_mail_and_rset_pipelined_forever_are_cut_off():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\n")
+        await talk.reply()
+        await talk.send(b"MAIL FROM:<a@b.test>\r\nRSET\r\n" * 1000)
+        await talk.closed()
+        record = talk.session and talk.session.state
+    assert b"421 4.7.0 mx.gate.test Error: too many errors; session=" in talk.transport.out
+    assert talk.transport.out.count(b"250 2.1.0") < 130
+    del record
+
+
+async def test_what_one_session_records_is_capped():
+    state = ClientState(Client("192.0.2.7", 40000))
+    for i in range(10_000):
+        state.note(Verdict("sender", Outcome.PASS, reason=f"#{i}"))
+    assert len(state.record) == ClientState.RECORD_LIMIT
+    assert state.record[0].reason == "#0"
+    assert state.unrecorded == 10_000 - ClientState.RECORD_LIMIT
+    assert state.latest.reason == "#9999"  # still known to the metrics
+
+
+async def test_replies_are_flushed_with_back_pressure(monkeypatch):
+    """A client that pipelines and never reads: the replies stop at the write buffer's mark
+    and the session reads no more commands; once the client reads, the rest follows."""
+    monkeypatch.setattr(wire_module, "WRITE_HIGH", 512)
+    async with memory_session(high=512) as talk:
+        talk.transport.stalled = True
+        await talk.send(b"NOOP\r\n" * 130)  # 121 x "250 2.0.0 Ok", then 421: 1.8 KB
+        await asyncio.sleep(0.02)
+        assert len(talk.transport.out) < 700  # the banner and one flush of 512 bytes
+        assert talk.session is not None and len(talk.wire.buf) > 0  # not read on
+        for _ in range(50):  # more and more pipelined: the wire stops reading from the socket
+            await talk.send(b"NOOP\r\n" * 1000)
+        assert not talk.transport.reading
+        assert len(talk.wire.buf) < wire_module.BUFFER_HIGH + 6000
+        talk.transport.client_reads()
+        await talk.closed()
+    assert talk.transport.out.count(b"250 2.0.0 Ok") == 121
+
+
+async def test_a_protocol_test_is_reported_once_per_session():
+    policy = StubPolicy(protocol_tests=True)
+    async with memory_session(policy=policy) as talk:
+        await talk.send(b"EHLO x\r\n")
+        await talk.reply()
+        await talk.send(b"NOOP\r\n" * 60)
+        await talk.replies(60)
+    pipelining = [pending for test, pending in policy.protocol_calls if test == "pipelining"]
+    assert len(pipelining) == 1
+    assert len(pipelining[0]) <= 100  # what the log shows, not the whole buffer
+
+
+async def test_recipients_past_the_limit_get_452_without_counting_as_errors():
+    async with memory_session({"SMTPGATE_SMTPD_RECIPIENT_LIMIT": "5"}) as talk:
+        await transaction(talk, recipients=30)
+        await talk.send(b"DATA\r\n")
+        assert await talk.codes(1) == [354]
+        await talk.send(MESSAGE)
+        assert await talk.codes(1) == [250]
+    out = bytes(talk.transport.out)
+    assert out.count(b"250 2.1.5") == 5
+    assert out.count(b"452 4.5.3 Error: too many recipients") == 25
+    assert len(talk.hop.messages[0][0].rcpt_lines) == 5
+
+
+async def test_recipients_past_the_overshoot_count_as_errors():
+    async with memory_session({"SMTPGATE_SMTPD_RECIPIENT_LIMIT": "5",
+                               "SMTPGATE_SMTPD_RECIPIENT_OVERSHOOT_LIMIT": "3"}) as talk:
+        await transaction(talk, recipients=30)
+        await talk.closed()
+    out = bytes(talk.transport.out)
+    assert out.count(b"452 4.5.3") == 23  # 3 free, then 20 errors
+    assert out.split(b"\r\n")[-2].startswith(b"421 4.7.0 mx.gate.test Error: too many errors")
+
+
+async def test_a_421_from_postfix_ends_the_session():
+    hop = StubHop(b"421 4.3.0 mx.gate.test Error: queue file write error\r\n")
+    async with memory_session(hop=hop) as talk:
+        await transaction(talk)
+        await talk.send(b"DATA\r\n")
+        await talk.reply()
+        await talk.send(MESSAGE + b"NOOP\r\n")
+        assert (await talk.reply()).startswith(b"421 4.3.0")
+        await talk.closed()
+    assert b"250 2.0.0 Ok\r\n" not in talk.transport.out  # the NOOP was not answered
+
+
+async def test_the_received_header_counts_toward_the_size_limit():
+    async with memory_session({"SMTPGATE_MESSAGE_SIZE_LIMIT": "1000"}) as talk:
+        await transaction(talk)
+        await talk.send(b"DATA\r\n")
+        await talk.reply()
+        await talk.send(b"X" * 900 + b"\r\n.\r\n")  # under the limit alone, over it with ours
+        assert (await talk.reply()).startswith(b"552 5.3.4")
+    assert not talk.hop.messages
+
+
+# --- drain -------------------------------------------------------------------------------------
+
+
+async def test_data_while_draining_gets_421():
+    async with memory_session() as talk:
+        await transaction(talk)
+        talk.gate.draining = True
+        await talk.send(b"DATA\r\n")
+        assert (await talk.reply()).startswith(b"421 4.3.2 mx.gate.test Service shutting down")
+        await talk.closed()
+    assert not talk.hop.messages
+
+
+async def test_the_final_dot_commits_the_message_before_the_drain_cuts():
+    """The dot has arrived but the session has not started the hand-off: shut_down() must
+    let it finish, so the client hears Postfix's 250, not a 421 it would resend after."""
+    async with memory_session() as talk:
+        await transaction(talk)
+        await talk.send(b"DATA\r\n")
+        await talk.reply()
+        session = talk.session
+        talk.wire.data_received(MESSAGE)  # the dot is here; the session has not run yet
+        session.shut_down()
+        first = await talk.reply()
+        assert first.startswith(b"250 2.0.0 Ok: queued"), first
+        assert (await talk.reply()).startswith(b"421 4.3.2")
+        await talk.closed()
+    assert len(talk.hop.messages) == 1
+
+
+async def test_an_idle_session_hears_421_at_the_drain():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\n")
+        await talk.reply()
+        talk.session.shut_down()
+        assert (await talk.reply()).startswith(b"421 4.3.2")
+        await talk.closed()
+
+
+async def test_a_refusal_ends_with_the_session_id_and_is_kept_as_evidence():
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<u0@gate.test>: Recipient address rejected")
+    async with memory_session(policy=policy) as talk:
+        await transaction(talk)
+        sid = talk.session.id
+    assert f"Recipient address rejected; session={sid}\r\n".encode() in talk.transport.out
+    assert policy.evidence.kept and set(policy.evidence.kept) == {sid}
+    assert talk.metrics.rejections == 1
+
+
+# --- hostile input -----------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(fuzz.session)
+async def test_hostile_sessions_get_replies_only_in_memory(lines):
+    """test_fuzz_session's sessions, many more of them: replies only, the session ends, and
+    nothing fails inside it. (The real server's run there keeps what only it shows.)"""
+    policy = StubPolicy(protocol_tests=True)
+    async with memory_session(policy=policy) as talk:
+        await talk.send(b"".join(text + end for text, end in lines) + b"\r\n.\r\nQUIT\r\n")
+        await talk.until(lambda: talk.transport.closed or talk.session is None
+                         or (talk.session.dialogue.last_command == "QUIT"), "the end")
+        talk.transport.close()
+    fuzz.assert_replies_only(bytes(talk.transport.out))
+    assert "error" not in talk.metrics.ended
+
+
+# --- the rules alone: no session, no loop ------------------------------------------------------
+
+
+def run_lines(dialogue: Dialogue, lines: list[bytes]) -> list:
+    """The lines through the dialogue, a policy that accepts everything standing in."""
+    actions = []
+    for line in lines:
+        command = dialogue.parse(line)
+        action = command if isinstance(command, Answer) else dialogue.step(command)
+        if isinstance(action, Mail):
+            dialogue.mail_accepted(action.path, action.line)
+        elif isinstance(action, Rcpt):
+            dialogue.rcpt_accepted(action.path, action.line)
+        actions.append(action)
+    return actions
+
+
+@pytest.mark.parametrize(("lines", "stage", "last"), [
+    pytest.param([], Stage.START, None, id="start"),
+    pytest.param([b"EHLO x"], Stage.GREETED, Hello("x", True), id="ehlo"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>"], Stage.MAIL, None, id="mail"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>"], Stage.RCPT,
+                 None, id="rcpt"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>", b"DATA"],
+                 Stage.RCPT, ReceiveBody(), id="data"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"RSET"], Stage.GREETED,
+                 Answer(replies.OK), id="rset"),
+    pytest.param([b"EHLO x", b"MAIL FROM:<a@b.test>", b"EHLO y"], Stage.GREETED,
+                 Hello("y", True), id="ehlo-again"),
+    pytest.param([b"MAIL FROM:<a@b.test>"], Stage.START, Answer(replies.NEED_HELO),
+                 id="mail-first"),
+    pytest.param([b"\xff\xfe"], Stage.START, Answer(replies.BAD_SYNTAX), id="binary"),
+    pytest.param([b"EXPN root"], Stage.START, Answer(replies.UNKNOWN_COMMAND), id="unknown"),
+])
+def test_stages_and_actions(lines, stage, last):
+    dialogue = Dialogue(MX)
+    actions = run_lines(dialogue, lines)
+    assert dialogue.stage is stage
+    if last is not None:
+        assert actions[-1] == last
+
+
+def test_a_transaction_is_replaced_whole_not_reset():
+    dialogue = Dialogue(MX)
+    run_lines(dialogue, [b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>"])
+    first = dialogue.tx
+    run_lines(dialogue, [b"RSET", b"MAIL FROM:<d@b.test>"])
+    assert dialogue.tx is not first and dialogue.tx.recipients == ()
+    assert first.recipients == ("u@c.test",)  # the old one untouched
+    dialogue.tls_started()
+    assert dialogue.tx is None and dialogue.stage is Stage.START and dialogue.helo is None
+
+
+def test_the_disconnect_counts_follow_postfix():
+    dialogue = Dialogue(MX)
+    for action in run_lines(dialogue, [b"EHLO x", b"MAIL FROM:<a@b.test>", b"RCPT TO:<u@c.test>",
+                                       b"DATA", b"NOOP", b"BOGUS"]):
+        if isinstance(action, Answer) and isinstance(action.reply, Reply) \
+                and action.reply.code >= 400:
+            dialogue.refused(action.counted)
+    assert dialogue.command_counts() == \
+        "ehlo=1 mail=1 rcpt=1 data=1 noop=1 unknown=0/1 commands=5/6"
