@@ -125,6 +125,7 @@ class StubPolicy:
         self.evidence = StubEvidence()
         self.protocol_tests = protocol_tests
         self.protocol_calls: list[tuple[str, bytes]] = []
+        self.mail_reply: Reply | None = None
         self.rcpt_reply: Reply | None = None
         self.closed = 0
 
@@ -142,8 +143,9 @@ class StubPolicy:
         return None
 
     async def mail(self, state, path, login):
-        state.note(Verdict("sender", Outcome.PASS))
-        return None
+        state.note(Verdict("sender", Outcome.PASS if self.mail_reply is None
+                           else Outcome.FAIL, self.mail_reply))
+        return self.mail_reply
 
     async def rcpt(self, state, path, login, smtputf8):
         state.note(Verdict("recipient", Outcome.PASS if self.rcpt_reply is None
@@ -203,7 +205,7 @@ class StubMetrics:
 
     @property
     def ended(self) -> list[str]:
-        return [session_outcome(e.how, e.last_command, e.eof, e.draining)
+        return [session_outcome(e.how, e.last_command, e.eof, e.draining, e.rejected)
                 for e in self.events if isinstance(e, Ended)]
 
     @property

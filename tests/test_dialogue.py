@@ -8,6 +8,7 @@ the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import test_fuzz_session as fuzz
@@ -289,6 +290,30 @@ async def test_a_refusal_ends_with_the_session_id_and_is_kept_as_evidence():
     assert f"Recipient address rejected; session={sid}\r\n".encode() in talk.transport.out
     assert policy.evidence.kept and set(policy.evidence.kept) == {sid}
     assert talk.metrics.rejections == 1
+
+
+async def test_a_sender_refused_at_mail_is_named_in_the_noqueue_line(caplog):
+    """Postfix logs the sender it refused (from=<...>), not an empty one."""
+    policy = StubPolicy()
+    policy.mail_reply = Reply(530, "5.7.0", "Authentication required")
+    with caplog.at_level(logging.INFO, logger="smtpgate"):
+        async with memory_session(policy=policy) as talk:
+            await talk.send(b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\n")
+            assert await talk.codes(2) == [250, 530]
+    (line,) = [r.getMessage() for r in caplog.records if "NOQUEUE: reject: MAIL" in r.getMessage()]
+    assert "; from=<a@sender.test> proto=ESMTP helo=<client.test>" in line, line
+
+
+async def test_a_client_refused_after_the_banner_ends_as_rejected_not_quit():
+    """The dashboard's rejected share counts refusals at RCPT too, not only at connect."""
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<u0@gate.test>: Recipient address rejected")
+    async with memory_session(policy=policy) as talk:
+        await transaction(talk)
+        await talk.send(b"QUIT\r\n")
+        assert await talk.codes(1) == [221]
+        await talk.closed()
+    assert talk.metrics.ended == ["rejected"]
 
 
 # --- hostile input -----------------------------------------------------------------------------

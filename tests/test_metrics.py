@@ -130,18 +130,23 @@ def test_a_killed_workers_counts_are_neither_lost_nor_doubled(gate):
 # --- the pure parts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("ended", "last", "eof", "draining", "outcome"), [
-    ("closed", "QUIT", True, False, "quit"),
-    ("closed", "QUIT", False, True, "quit"),
-    ("closed", "RCPT", True, False, "lost"),
-    ("closed", "", False, False, "hangup"),  # a protocol test's drop, the error limit
-    ("closed", "MAIL", True, True, "shutdown"),
-    ("refused", "", False, False, "refused"),
-    ("timeout", "EHLO", False, False, "timeout"),
-    ("error", "DATA", False, False, "error"),
+@pytest.mark.parametrize(("ended", "last", "eof", "draining", "rejected", "outcome"), [
+    ("closed", "QUIT", True, False, False, "quit"),
+    ("closed", "QUIT", False, True, False, "quit"),
+    ("closed", "RCPT", True, False, False, "lost"),
+    ("closed", "", False, False, False, "hangup"),  # a protocol test's drop, the error limit
+    ("closed", "MAIL", True, True, False, "shutdown"),
+    # refused after the banner (an unknown user, a relay attempt), nothing queued
+    ("closed", "QUIT", True, False, True, "rejected"),
+    ("closed", "RCPT", True, False, True, "rejected"),  # left without QUIT
+    ("closed", "RCPT", False, False, True, "hangup"),  # smtpgate hung up: the error limit
+    ("closed", "MAIL", True, True, True, "shutdown"),
+    ("refused", "", False, False, False, "refused"),
+    ("timeout", "EHLO", False, False, True, "timeout"),
+    ("error", "DATA", False, False, False, "error"),
 ])
-def test_session_outcome(ended, last, eof, draining, outcome):
-    assert session_outcome(ended, last, eof, draining) == outcome
+def test_session_outcome(ended, last, eof, draining, rejected, outcome):
+    assert session_outcome(ended, last, eof, draining, rejected) == outcome
 
 
 def test_the_rejecting_check_is_the_verdict_that_carried_the_reply():

@@ -46,7 +46,8 @@ DESCRIPTION
 
     Metrics (all smtpgate_):
       sessions_total{listener,outcome}   at session end; outcome is one of
-          refused (at connect), quit, lost (client left without QUIT),
+          refused (at connect), rejected (refused later, nothing queued, then
+          quit or left), quit, lost (client left without QUIT),
           timeout, hangup (smtpgate hung up: protocol test, error limit),
           shutdown (closed by the drain), error
       rejections_total{check,stage}      policy refusals sent, by the check
@@ -96,7 +97,7 @@ log = logging.getLogger("smtpgate.metrics")
 
 ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
 REFRESH_INTERVAL = 1.0
-OUTCOMES = ("refused", "quit", "lost", "timeout", "hangup", "shutdown", "error")
+OUTCOMES = ("refused", "rejected", "quit", "lost", "timeout", "hangup", "shutdown", "error")
 RELAY_RESULTS = ("queued", "rejected", "deferred", "tempfail", "busy")
 # a hand-off takes milliseconds; seconds mean Postfix (or its milter) is struggling
 RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -152,15 +153,20 @@ def worker_gone(pid: int, path: str) -> None:
 # --- pure decisions ---------------------------------------------------------------------------
 
 
-def session_outcome(ended: str, last_command: str, eof: bool, draining: bool) -> str:
-    """The outcome label of a session that ended as `ended` says ("closed": no error)."""
+def session_outcome(ended: str, last_command: str, eof: bool, draining: bool,
+                    rejected: bool = False) -> str:
+    """The outcome label of a session that ended as `ended` says ("closed": no error).
+    A client that was refused something, had no message queued and then quit or left is
+    "rejected", so that refusals after the banner count in the rejected share too."""
     if ended != "closed":
         return ended
     if last_command == "QUIT":
-        return "quit"
+        return "rejected" if rejected else "quit"
     if draining:
         return "shutdown"
-    return "lost" if eof else "hangup"
+    if eof:
+        return "rejected" if rejected else "lost"
+    return "hangup"
 
 
 def rejecting_check(state: Any, reply: Any) -> str | None:
@@ -282,7 +288,7 @@ class Metrics:
             self.relayed(event.result, event.seconds)
         elif isinstance(event, Ended):
             self.session_ended(event.listener, session_outcome(
-                event.how, event.last_command, event.eof, event.draining))
+                event.how, event.last_command, event.eof, event.draining, event.rejected))
 
     def session_ended(self, listener: str, outcome: str) -> None:
         key = (listener, outcome)

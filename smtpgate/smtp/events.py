@@ -27,8 +27,9 @@ DESCRIPTION
     found something, once per test and session. Ended: the session is
     over; `how` is "closed" (no error), "timeout", "error" or "refused"
     (at connect), told apart further by the metrics with the last command,
-    whether the client closed first (eof) and whether the gate was
-    draining.
+    whether the client closed first (eof), whether the gate was draining,
+    and whether the client was refused something and had no message queued
+    (rejected).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Ended:
     last_command: str
     eof: bool
     draining: bool
+    rejected: bool = False
 
 
 Event = Refused | Relayed | ProtocolTestFailed | Ended

@@ -168,6 +168,7 @@ class Session:
         "listener",
         "policy",
         "protocol_tests",
+        "queued",
         "refusals",
         "relaying",
         "shutting_down",
@@ -191,6 +192,7 @@ class Session:
                                  offers_auth=gate.auth is not None,
                                  tls=listener == SUBMISSIONS)
         self.refusals: list[Refusal] | None = None  # the 4xx/5xx replies given, as evidence
+        self.queued = 0  # messages Postfix took
         self.ended: float | None = None
         self.bare_newline = False
         self.protocol_tests = False
@@ -345,7 +347,8 @@ class Session:
         finally:
             # counted before the client hears the end
             self.publish(Ended(self.listener, ended, self.last_command, wire.eof,
-                               self.gate.draining))
+                               self.gate.draining,
+                               self.refusals is not None and not self.queued))
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
@@ -572,7 +575,7 @@ class Session:
         if refusal is None:
             refusal = await self.policy.mail(self.state, mail.path, self.login)
         if refusal is not None:
-            self._log_reject("MAIL", refusal)
+            self._log_reject("MAIL", refusal, sender=mail.path.address)
             self.reply(refusal)
             return
         self.dialogue.mail_accepted(mail.path, mail.line)
@@ -678,6 +681,8 @@ class Session:
             self.reply(replies.RELAY_UNAVAILABLE)
             return False
         self.publish(Relayed(answer.code, time.monotonic() - started))
+        if answer.code < 400:
+            self.queued += 1
         self.reply_raw(answer)
         self._log_relayed(answer, size)
         if answer.code == 421:  # Postfix is closing: so does the session, as Postfix's would
@@ -713,10 +718,14 @@ class Session:
         name = self.state.client_name
         return name if name != "unknown" else "[UNAVAILABLE]"
 
-    def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None) -> None:
+    def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None,
+                    sender: str | None = None) -> None:
+        """Postfix's NOQUEUE line; at MAIL the sender refused is named, as Postfix does,
+        although the transaction never took it."""
         to = f" to=<{recipient}>" if recipient is not None else ""
+        sender = self.sender if sender is None else sender
         log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
-                 stage, self.client_label, self.tagged(reply), self.sender or "", to,
+                 stage, self.client_label, self.tagged(reply), sender or "", to,
                  self.proto, self.helo or "")
 
 
