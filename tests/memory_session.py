@@ -112,9 +112,11 @@ class FakeTransport:
 @dataclass
 class StubEvidence:
     kept: list[str] = field(default_factory=list)
+    producers: dict = field(default_factory=dict)  # session id -> its record's producer
 
     def keep(self, session_id, producer, repeat=None) -> None:
         self.kept.append(session_id)
+        self.producers[session_id] = producer
 
 
 class StubPolicy:

@@ -304,6 +304,25 @@ async def test_a_sender_refused_at_mail_is_named_in_the_noqueue_line(caplog):
     assert "; from=<a@sender.test> proto=ESMTP helo=<client.test>" in line, line
 
 
+async def test_a_refusal_after_the_dot_keeps_its_envelope_in_the_record():
+    """The record is written after the reply, when the transaction has ended: it must still
+    name the sender and recipients the refused message had (explain --session shows them)."""
+    policy = StubPolicy()
+    hop = StubHop(b"554 5.7.1 Spam message rejected\r\n")
+    async with memory_session(policy=policy, hop=hop) as talk:
+        await transaction(talk)
+        await talk.send(b"DATA\r\n")
+        assert await talk.codes(1) == [354]
+        await talk.send(MESSAGE)
+        assert (await talk.reply()).startswith(b"554 5.7.1 Spam message rejected")
+        await talk.send(b"RSET\r\n")
+        assert await talk.codes(1) == [250]
+        sid = talk.session.id
+        record = policy.evidence.producers[sid]()
+    assert record["sender"] == "a@sender.test"
+    assert record["recipients"] == ["u0@gate.test"]
+
+
 async def test_a_client_refused_after_the_banner_ends_as_rejected_not_quit():
     """The dashboard's rejected share counts refusals at RCPT too, not only at connect."""
     policy = StubPolicy()

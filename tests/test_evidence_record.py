@@ -293,7 +293,7 @@ class _Ended:
             Verdict("limits", Outcome.PASS, reason=f"[192.0.2.7] 1 sessions, {rate}/60s"),
             Verdict("pipelining", Outcome.PASS, reason=f"PASS pipelining [192.0.2.7]:{port}"),
             Verdict("recipient", Outcome.FAIL, reason="reject_unlisted_recipient", reply=reply)]
-        self.helo, self.login, self.sender, self.recipients = "h.example", None, sender, []
+        self.helo, self.login, self.envelope = "h.example", None, (sender, ())
         self.refusals = [Refusal(self.ended, f"RCPT TO:<{rcpt}>", f"{reply}; session={sid}", 3)]
 
     def command_counts(self) -> str:

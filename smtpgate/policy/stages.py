@@ -674,10 +674,15 @@ class Policy:
         for task in (state.fcrdns_task, state.settle):
             if task is not None and not task.done():
                 task.cancel()
-        if state.lease is not None:  # its count and what screening found: one round trip
-            self.counter.release_soon(state.lease, self.cache.session_write(
-                state.client.ip, state.screening_passes, state.screening_failed))
-            state.lease = None
+        lease, state.lease = state.lease, None
+        if lease is not None:  # its count and what screening found: one round trip
+            try:
+                write = self.cache.session_write(
+                    state.client.ip, state.screening_passes, state.screening_failed)
+            except ValueError:  # a test name it does not know: a bug, but the count must go
+                log.exception("screening results of %s not written", state.client.ip)
+                write = None
+            self.counter.release_soon(lease, write)
 
 
 def record_memory(config: Config) -> int:

@@ -4,7 +4,7 @@ SYNOPSIS
     Refused(listener, command, reply, text, state, counted)
     Relayed(result, seconds)
     ProtocolTestFailed(test, listener)
-    Ended(listener, how, last_command, eof, draining)
+    Ended(listener, how, last_command, eof, draining, rejected=False)
     Event                                    any of them
     Subscriber                               Callable[[Event], None]
 

@@ -65,9 +65,7 @@ class Recorded(Protocol):
     @property
     def login(self) -> str | None: ...
     @property
-    def sender(self) -> str | None: ...
-    @property
-    def recipients(self) -> tuple[str, ...]: ...
+    def envelope(self) -> tuple[str | None, tuple[str, ...]]: ...
     def command_counts(self) -> str: ...
 
 
@@ -85,8 +83,8 @@ def session_record(session: Recorded) -> dict:
         "ended": session.ended,
         "helo": session.helo,
         "login": session.login,
-        "sender": session.sender,
-        "recipients": list(session.recipients),
+        "sender": session.envelope[0],
+        "recipients": list(session.envelope[1]),
         "commands": session.command_counts(),
         **({"unrecorded": state.unrecorded} if state is not None and state.unrecorded else {}),
         "verdicts": [
@@ -116,5 +114,5 @@ def refused_alike(session: Recorded) -> tuple | None:
     replies = tuple((r.command, r.reply.replace(tag, ""), r.verdicts) for r in session.refusals)
     return (client.ip, client.listener, client.local_ip, client.local_port,
             state.client_name if state is not None else "unknown", session.helo, session.login,
-            session.sender, tuple(session.recipients), session.command_counts(), verdicts,
+            *session.envelope, session.command_counts(), verdicts,
             state.unrecorded if state is not None else 0, replies)

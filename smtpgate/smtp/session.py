@@ -170,7 +170,7 @@ class Session:
         "protocol_tests",
         "queued",
         "refusals",
-        "relaying",
+        "refused_tx",
         "shutting_down",
         "state",
         "wire",
@@ -197,7 +197,7 @@ class Session:
         self.bare_newline = False
         self.protocol_tests = False
         self.committed = False  # the final dot came; the hand-off is not over
-        self.relaying = False
+        self.refused_tx: Transaction | None = None  # the envelope at the latest refusal
         self.shutting_down = False
 
     # --- what the evidence record and the log read ---------------------------------------------
@@ -221,6 +221,16 @@ class Session:
     @property
     def recipients(self) -> tuple[str, ...]:
         return self.tx.recipients if self.tx is not None else ()
+
+    @property
+    def envelope(self) -> tuple[str | None, tuple[str, ...]]:
+        """The sender and recipients a refusal's record names: the transaction under way,
+        or, once it ended (a refusal after the dot, an RSET after a refused RCPT), the one
+        the latest refusal was given in; the record is written after the reply."""
+        tx = self.tx
+        if (tx is None or tx.sender is None) and self.refused_tx is not None:
+            tx = self.refused_tx
+        return (tx.sender, tx.recipients) if tx is not None else (None, ())
 
     @property
     def last_command(self) -> str:
@@ -287,6 +297,7 @@ class Session:
         refusal = Refusal(time.time(), f"{verb} {dialogue.last_arg}" if dialogue.last_arg
                           else verb, text, len(self.state.record) if self.state is not None
                           else 0)
+        self.refused_tx = dialogue.tx
         if self.refusals is None:
             self.refusals = [refusal]
         else:
@@ -620,11 +631,7 @@ class Session:
             else:
                 if body.bare_newline:
                     await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
-                self.relaying = True
-                try:
-                    queued = await self._relay(spool, header, body.size)
-                finally:
-                    self.relaying = False
+                queued = await self._relay(spool, header, body.size)
         finally:
             spool.close()
             self.committed = False
@@ -681,7 +688,7 @@ class Session:
             self.reply(replies.RELAY_UNAVAILABLE)
             return False
         self.publish(Relayed(answer.code, time.monotonic() - started))
-        if answer.code < 400:
+        if answer.code == 250:
             self.queued += 1
         self.reply_raw(answer)
         self._log_relayed(answer, size)
