@@ -42,8 +42,8 @@ DESCRIPTION
     used (the chain's too), clamped to [min_ttl, max_ttl]; for nxdomain and
     nodata it is the zone's negative TTL (SOA) when given, else
     negative_ttl, clamped the same way; 0 for tempfail. ok, nxdomain and nodata
-    answers are cached for their ttl (at most cache_size entries, each gone when its ttl ends); tempfail is
-    not. Concurrent lookups of one (name, type) share one query; a caller
+    answers are cached for their ttl (at most cache_size entries, each gone
+    when its ttl ends); tempfail is not. Concurrent lookups of one (name, type) share one query; a caller
     cancelled while waiting does not cancel it for the others. Names are
     matched case-insensitively. A bad rdtype raises ValueError.
 
