@@ -43,8 +43,8 @@ DESCRIPTION
     nodata it is the zone's negative TTL (SOA) when given, else
     negative_ttl, clamped the same way; 0 for tempfail. ok, nxdomain and nodata
     answers are cached for their ttl (at most cache_size entries, each gone
-    when its ttl ends); tempfail is not. Concurrent lookups of one (name, type) share one query; a caller
-    cancelled while waiting does not cancel it for the others. Names are
+    when its ttl ends); tempfail is not. Concurrent lookups of one (name,
+    type) share one query; a caller cancelled while waiting does not cancel it for the others. Names are
     matched case-insensitively. A bad rdtype raises ValueError.
 
     start() is lookup() as a future of the caller's own, already done on a
