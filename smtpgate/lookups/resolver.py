@@ -44,8 +44,9 @@ DESCRIPTION
     negative_ttl, clamped the same way; 0 for tempfail. ok, nxdomain and nodata
     answers are cached for their ttl (at most cache_size entries, each gone
     when its ttl ends); tempfail is not. Concurrent lookups of one (name,
-    type) share one query; a caller cancelled while waiting does not cancel it for the others. Names are
-    matched case-insensitively. A bad rdtype raises ValueError.
+    type) share one query; a caller cancelled while waiting does not cancel
+    it for the others. Names are matched case-insensitively. A bad rdtype
+    raises ValueError.
 
     start() is lookup() as a future of the caller's own, already done on a
     cache hit: a caller asking several questions gathers the futures
