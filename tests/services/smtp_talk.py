@@ -153,18 +153,20 @@ def send_marked(port: int, mark: str, source: str = "127.0.0.77",
 
 def deliver_across_stop(port: int, stop: Callable[[], object], draining: Callable[[], object],
                         mark: str, source: str = "127.0.0.1"):
-    """A message whose transaction began before the stop and ends during the drain."""
+    """A message whose body began before the stop and ends during the drain: the drain lets
+    it finish (a DATA command given during the drain would get 421, and the client would
+    send the message again later)."""
     stopped: list = []
     with Talk("127.0.0.1", port, source=source, timeout=30) as busy:
         assert busy.banner()[0] == 220
         busy.cmd("EHLO client.example.test")
         busy.cmd("MAIL FROM:<sender@example.net>")
         assert busy.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        assert busy.cmd("DATA")[0] == 354
         stopper = threading.Thread(target=lambda: stopped.append(stop()))
         stopper.start()
         try:
             draining()
-            assert busy.cmd("DATA")[0] == 354
             busy.send(f"Subject: {mark}\r\n\r\nfinished while draining\r\n.\r\n".encode())
             code, text = busy.reply()
             assert code == 250, text
