@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 from services.smtp_talk import SESSION_TAG, Talk, untag
-from services.world import populate
+from services.world import gate_in_world
 
 from smtpgate.relay.pool import RelayBusy, TransactionLimit
 
@@ -25,10 +25,7 @@ def has(text: str):
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate()
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server)
 
 
 def envelope(talk: Talk, *recipients: str, mail: str = "MAIL FROM:<a@example.net>") -> None:

@@ -7,7 +7,7 @@ import socket
 import ssl
 
 import pytest
-from services.world import populate
+from services.world import gate_in_world
 
 from smtpgate.smtp.handshake_limit import HandshakeLimit
 
@@ -34,12 +34,10 @@ def test_no_bound():
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate(listeners=("mx", "submissions"),
-                         SMTPGATE_SUBMISSIONS_CLIENT_HANDSHAKE_LIMIT="2",
-                         SMTPGATE_SUBMISSIONS_HANDSHAKE_LIMIT="3")
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server,
+                             listeners=("mx", "submissions"),
+                             SMTPGATE_SUBMISSIONS_CLIENT_HANDSHAKE_LIMIT="2",
+                             SMTPGATE_SUBMISSIONS_HANDSHAKE_LIMIT="3")
 
 
 def silent(port: int, source: str) -> socket.socket:

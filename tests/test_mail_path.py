@@ -10,7 +10,7 @@ import uuid
 import pytest
 from services.gate_process import GateProcess
 from services.smtp_talk import Talk, untag
-from services.world import populate
+from services.world import gate_in_world
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,7 @@ def no_message(dovecot_server, user: str, text: str) -> bool:
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate()
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server)
 
 
 def swaks(gate: GateProcess, *args: str, source: str = "127.0.0.77") -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from services.smtp_talk import Talk, untag
-from services.world import populate
+from services.world import gate_in_world
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +75,7 @@ DIFFERENT = {
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate()
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server)
 
 
 def answer(port: int, source: str, line: str, before: tuple[str, ...] = (),

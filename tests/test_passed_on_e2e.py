@@ -6,17 +6,14 @@ import re
 
 import pytest
 from services.smtp_talk import SESSION_TAG, Talk
-from services.world import populate
+from services.world import gate_in_world
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate()
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server)
 
 
 def test_postfix_multi_line_refusal_is_one_reply_with_the_session_id_at_its_end(

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from services.smtp_talk import Talk, untag
-from services.world import populate
+from services.world import gate_in_world
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +17,8 @@ STORAGE = (452, "452 4.3.1 Insufficient system storage")
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate(SMTPGATE_SPOOL_BUDGET=str(BUDGET), SMTPGATE_WORKERS="1")
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server,
+                             SMTPGATE_SPOOL_BUDGET=str(BUDGET), SMTPGATE_WORKERS="1")
 
 
 def hello(talk: Talk) -> None:

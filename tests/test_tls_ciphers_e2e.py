@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from services.world import populate
+from services.world import gate_in_world
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,8 @@ CHACHA = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server):
-    populate(redis_server.client(), dns_server)
-    process = start_gate(listeners=("mx", "submission", "submissions"))
-    yield process
-    process.stop()
+    yield from gate_in_world(start_gate, redis_server, dns_server,
+                             listeners=("mx", "submission", "submissions"))
 
 
 def handshake(port: int, ciphers: str, starttls: bool) -> str | None:

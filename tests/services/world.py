@@ -37,3 +37,14 @@ def populate(redis_client, dns_server) -> None:
     dns_server.set(records)
     for ip in GOOD_CLIENTS:
         dns_server.add_ptr(ip, f"host{ip.rsplit('.', 1)[1]}.clients.example.test")
+
+
+def gate_in_world(start_gate, redis_server, dns_server, **options):
+    """A module's gate (start_gate's options) with the README's keys and the clients' DNS in
+    place, as a fixture's body: `yield from gate_in_world(...)`; stopped afterwards."""
+    populate(redis_server.client(), dns_server)
+    process = start_gate(**options)
+    try:
+        yield process
+    finally:
+        process.stop()
