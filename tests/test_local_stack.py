@@ -99,8 +99,12 @@ def _cli(env_file: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_make_run_passes_its_port_options_through():
+    # as a user types it: not as a sub-make of `make test` (CI), whose MAKEFLAGS and
+    # MAKELEVEL would add "Entering directory" lines and pass its own flags on
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(["make", "-n", "run", "ARGS=--mx-port 3525 --metrics-port 9426"],
-                            cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=30)
+                            cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=30,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-2:] == [
         "bash scripts/setup.sh --run",
