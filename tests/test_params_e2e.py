@@ -42,6 +42,9 @@ MAIL_LINES = [
     f"MAIL FROM:<{SENDER}> AUTH=x+2By",
     f"MAIL FROM:<{SENDER}> AUTH=a AUTH=b",
     f"MAIL FROM:<{SENDER}>SIZE=1",
+    f"MAIL FROM:<{SENDER}> SIZE=1\x1f",  # a trailing \x1c-\x1f or NBSP is part of the word
+    f"MAIL FROM:<{SENDER}> BODY=7BIT\xa0",
+    f"MAIL\tFROM:<{SENDER}>",  # the verb ends at any blank, a tab too
     "MAIL FROM:<a@exämple.net> ENVID=SMTPUTF8",
     "MAIL FROM:<a@exämple.net> SMTPUTF8",
     "MAIL FROM:<jörg@example.net> SMTPUTF8",

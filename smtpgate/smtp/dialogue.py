@@ -51,14 +51,17 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 from smtpgate import replies
-from smtpgate.address import AddressError, Path, parse_mail_arg, parse_rcpt_arg
+from smtpgate.address import BLANKS, AddressError, Path, parse_mail_arg, parse_rcpt_arg
 from smtpgate.policy.state import MX, SUBMISSION
 from smtpgate.smtp.params import rcpt_params_reply
 from smtpgate.verdict import Reply
+
+_BLANK = re.compile(rb"[ \t\n\v\f\r]")
 
 VERBS = frozenset({"HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
                    "QUIT", "VRFY"})
@@ -181,7 +184,10 @@ class Dialogue:
 
     def parse(self, line: bytes) -> Command | Answer:
         """A command line (without CRLF) as a Command, or the answer to a line that is none."""
-        verb_bytes, _, arg = line.partition(b" ")
+        # the verb ends at any blank Postfix's smtpd_token() splits at (`MAIL\tFROM:` is MAIL)
+        blank = _BLANK.search(line)
+        verb_bytes, arg = (line, b"") if blank is None else (line[:blank.start()],
+                                                             line[blank.end():])
         try:
             verb = verb_bytes.decode("ascii").upper()
         except UnicodeDecodeError:
@@ -208,7 +214,8 @@ class Dialogue:
                 self.errors += 1
             self.junk += 1
         try:
-            arg = command.arg.decode("utf-8").strip()
+            # only Postfix's blanks: \x1c-\x1f and NBSP at the end stay part of the last word
+            arg = command.arg.decode("utf-8").strip(BLANKS)
         except UnicodeDecodeError:
             return Answer(replies.BAD_UTF8)
         if verb in SHOWN_ARGUMENTS:
@@ -266,7 +273,7 @@ class Dialogue:
         except AddressError as exc:
             return Answer(exc.reply)
         # its parameters are the driver's to check: SIZE= against the spool's room now
-        return Mail(path, b"MAIL FROM:" + arg[5:].strip().encode("utf-8") + b"\r\n")
+        return Mail(path, b"MAIL FROM:" + arg[5:].strip(BLANKS).encode("utf-8") + b"\r\n")
 
     def _rcpt(self, arg: str) -> Action:
         tx = self.tx
@@ -283,7 +290,7 @@ class Dialogue:
             tx.overshoot += 1
             return Answer(replies.TOO_MANY_RECIPIENTS,
                           counted=tx.overshoot > self.limits.overshoot)
-        return Rcpt(path, b"RCPT TO:" + arg[3:].strip().encode("utf-8") + b"\r\n")
+        return Rcpt(path, b"RCPT TO:" + arg[3:].strip(BLANKS).encode("utf-8") + b"\r\n")
 
     def _data(self, arg: str) -> Action:
         if arg:
