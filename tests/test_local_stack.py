@@ -133,7 +133,8 @@ def test_make_run_logs_to_files_and_keeps_its_directory_after_ctrl_c():
         assert "smtpgate: ready" in started, started
         # finding out that it was ready opened no session
         assert "connect from" not in started and "SSL_accept" not in started, started
-        loaded = re.search(r"table cache: loaded (.*)", started)
+        # each worker loads its table cache after the master says ready
+        loaded = re.search(r"table cache: loaded (.*)", _wait_for(gate_log, "table cache: loaded"))
         assert loaded and "{" not in loaded.group(1), started
 
         # the CLI, pointed at the printed file, answers for this gate
