@@ -316,6 +316,20 @@ class Config:
         False, parse_bool,
         "start without STARTTLS (with a warning) when no certificate is readable")
 
+    # DANE: the certificate against the TLSA records of _25._tcp.HOSTNAME (smtpgate.smtp.dane)
+    dane_check: bool = setting(
+        True, parse_bool,
+        "look up the TLSA records of _25._tcp.HOSTNAME at start, on reload and when the "
+        "certificate files change, and hold back a renewed certificate that matches none "
+        "while the one it replaces does")
+    dane_hold_time: float = setting(
+        604800.0, seconds(0, 90 * 86400),
+        "a renewed certificate matching no TLSA record is held back while the previous one "
+        "has more than this left (then served, with an error in the log)")
+    dane_recheck_time: float = setting(
+        3600.0, seconds(1, 86400),
+        "at most this long between TLSA lookups (sooner when the records' TTL is shorter)")
+
     # lookups
     nameservers: tuple[HostPort, ...] = setting(
         (), lambda v: parse_hostport_list(v, 53), "DNS resolvers host[:port]; empty: the system's")

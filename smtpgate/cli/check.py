@@ -6,6 +6,7 @@ SYNOPSIS
     hostname_check(config) -> list[Finding]
     redis_check(config) -> list[Finding]
     await next_hop_check(config) -> list[Finding]
+    await dane_check(config, now) -> list[Finding]
 
 DESCRIPTION
     Printed after the settings, one line per finding: "ok: ...",
@@ -25,7 +26,12 @@ DESCRIPTION
     (smtpgate.relay.probe): XCLIENT authorized, IPv6 client addresses
     accepted, the extensions offered. A next hop or Redis that
     cannot be reached is an error here: --live asks whether mail would
-    flow now.
+    flow now. And the TLSA records of _25._tcp.HOSTNAME against the
+    certificate in the files (smtpgate.smtp.dane, as `smtpgate serve`
+    decides): none, or an answer the resolver did not validate, is said
+    as such; a certificate matching no record is a warning with the
+    record to publish in zone-file form (the server may still be serving
+    the previous certificate, held back, so mail may still flow).
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from urllib.parse import urlsplit
 
 from smtpgate import redis_url
 from smtpgate.config import Config, mask_secret
+from smtpgate.lookups.tlsa import lookup_tlsa
 from smtpgate.relay.probe import hop_findings, probe_next_hop
 from smtpgate.service.preflight import PROBE_TIMEOUT, ipv6_clients, listener_hops
 from smtpgate.smtp.certificate import CertificateError, certificate_findings, read_certificate
+from smtpgate.smtp.dane import choose
 from smtpgate.verdict import Finding
 
 
@@ -51,6 +59,7 @@ def run_checks(config: Config, live: bool, out: TextIO = sys.stdout) -> int:
     if live:
         found += redis_check(config)
         found += asyncio.run(next_hop_check(config))
+        found += asyncio.run(dane_check(config, now))
     for finding in found:
         print(finding, file=out)
     return 1 if any(f.level == "error" for f in found) else 0
@@ -72,6 +81,22 @@ def certificate_check(config: Config, now: datetime.datetime) -> list[Finding]:
     except CertificateError as exc:
         return [Finding(refused, f"{exc}: {consequence}")]
     return certificate_findings(info, config.hostname, now)
+
+
+async def dane_check(config: Config, now: datetime.datetime) -> list[Finding]:
+    paths = config.tls_paths
+    if paths is None or not config.dane_check:
+        return []
+    try:
+        info = read_certificate(*paths)
+    except CertificateError:
+        return []  # certificate_check said why
+    answer = await lookup_tlsa(config.hostname, config.nameservers, config.dns_timeout)
+    choice = choose(answer, info, None, now, config.dane_hold_time)
+    if choice.state == "mismatch":
+        return [Finding("warning", f"{choice.text} (while the previous certificate matches "
+                                   "and has time left, `smtpgate serve` keeps serving it)")]
+    return [Finding("warning" if choice.state == "unknown" else "ok", choice.text)]
 
 
 def hostname_check(config: Config) -> list[Finding]:

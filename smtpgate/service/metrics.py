@@ -73,6 +73,12 @@ DESCRIPTION
           as Unix time (livemin); subtract time() for the seconds left. A
           timestamp rather than a countdown, so two scrapes with nothing
           happening in between are identical.
+      tls_dane_state{state}              1 for the state of the certificate
+          against the TLSA records (smtpgate.smtp.dane: unknown, no_records,
+          match, held, mismatch), 0 for the others (livemax: 1 when some
+          worker is in it); made at the first DANE check. held: a renewed
+          certificate matching no TLSA record is held back; mismatch: the
+          certificate served matches none, DANE senders cannot deliver.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ from typing import Any
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL
 from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.health import up
+from smtpgate.smtp.dane import STATES as DANE_STATES
 from smtpgate.smtp.events import Ended, Event, Refused, Relayed
 
 log = logging.getLogger("smtpgate.metrics")
@@ -274,6 +281,8 @@ class Metrics:
         self._seen: dict[Any, int] = {}  # what refresh() last copied, per source figure
         self._querier: Any = None
         self._certificate: Any = None  # the CertificateInfo last shown
+        self.dane_state: Any = None  # made at the first DANE check
+        self._dane: Any = None  # the Choice last shown
         self.workers.set(1)
 
     # --- the hot path: a dict lookup and an increment ---------------------------------------
@@ -355,6 +364,7 @@ class Metrics:
             for hop in group:
                 self.next_hop_host_up.labels(str(hop.address), role).set(int(hop.ok is not False))
         self._refresh_certificate(gate.tls)
+        self._refresh_dane(gate.tls)
 
     def _copy(self, counter: Any, key: Any, value: int) -> None:
         """Add what a running total grew by since the last copy."""
@@ -375,6 +385,21 @@ class Metrics:
                 "the workers.", "livemin")
         self.tls_expiry.set(info.not_after.timestamp())
         self._certificate = info
+
+    def _refresh_dane(self, tls: Any) -> None:
+        """The last DANE decision (smtpgate.service.dane_watch), one series per state."""
+        choice = None if tls is None else tls.dane
+        if choice is None or choice is self._dane:
+            return
+        if self.dane_state is None:
+            self.dane_state = self._gauge(
+                "tls_dane_state", "The certificate against the TLSA records of "
+                "_25._tcp.HOSTNAME: 1 for the current state (held: a renewed certificate "
+                "matching no record is held back; mismatch: DANE senders cannot deliver).",
+                "livemax", ("state",))
+        for state in DANE_STATES:
+            self.dane_state.labels(state).set(int(state == choice.state))
+        self._dane = choice
 
     async def run(self, gate: Any, interval: float = REFRESH_INTERVAL) -> None:
         """refresh() every interval seconds until cancelled, so the other workers' figures

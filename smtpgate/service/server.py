@@ -55,6 +55,7 @@ from smtpgate.relay.hop_timeouts import HopTimeouts
 from smtpgate.relay.hops import Hops
 from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
+from smtpgate.service.dane_watch import DaneWatch
 from smtpgate.service.health import start_health
 from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.preflight import (
@@ -169,8 +170,10 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, gate)
+    dane = DaneWatch(gate)
+    loop.add_signal_handler(signal.SIGHUP, _reload_and_poke, gate, dane)
     refresher = loop.create_task(gate.metrics.run(gate))
+    watcher = loop.create_task(dane.run())
     if probes is not None:
         start_learning(gate, probes)
     print("smtpgate: ready", file=sys.stderr, flush=True)
@@ -182,6 +185,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     log.info("stopping: %d sessions in flight", len(gate.sessions))
     await _drain(gate, config.drain_grace)
     refresher.cancel()
+    watcher.cancel()
     gate.metrics.refresh(gate)  # the last second's figures, kept in the sums after exit
     gate.hops.close()
     await gate.policy.close()
@@ -192,6 +196,11 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
 RESTART_ONLY = ("redis", "redis_timeout", "mx_listen", "submission_listen", "submissions_listen",
                 "metrics_listen", "metrics_dir", "socketmap_listen", "workers", "ipv6_prefix",
                 "log_format")
+
+
+def _reload_and_poke(gate: Gate, dane: DaneWatch) -> None:
+    reload(gate)
+    dane.poke()  # the TLSA records again, and a certificate the reload found renewed
 
 
 def reload(gate: Gate) -> bool:

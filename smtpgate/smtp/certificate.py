@@ -2,7 +2,7 @@
 
 SYNOPSIS
     read_certificate(cert_path, key_path) -> CertificateInfo     CertificateError naming the file
-    CertificateInfo(names, not_after, key_matches, cert_path, key_path)
+    CertificateInfo(names, not_after, key_matches, cert_path, key_path, not_before, chain)
     info.days_left(now) -> float
     name_matches(hostname, names) -> bool
     certificate_findings(info, hostname, now) -> list[Finding]
@@ -16,6 +16,8 @@ DESCRIPTION
     name when there is no such extension. not_after is an aware datetime
     in UTC (the metrics' expiry gauge reads it). key_matches says whether
     the private key is the certificate's: the two public keys compared.
+    chain holds every certificate of cert_path, the leaf first (DANE
+    matches the leaf and the CA certificates after it: smtpgate.smtp.dane).
 
     name_matches() matches as TLS clients do (RFC 6125, as OpenSSL's
     X509_check_host without partial wildcards): case-insensitive, a
@@ -58,6 +60,8 @@ class CertificateInfo:
     key_matches: bool
     cert_path: str = ""
     key_path: str = ""
+    not_before: datetime.datetime | None = None  # aware, UTC
+    chain: tuple[x509.Certificate, ...] = ()  # the leaf first
 
     def days_left(self, now: datetime.datetime) -> float:
         return (self.not_after - now).total_seconds() / 86400
@@ -66,10 +70,11 @@ class CertificateInfo:
 def read_certificate(cert_path: str, key_path: str) -> CertificateInfo:
     cert_pem = _read(cert_path, "certificate")
     try:
-        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+        chain = tuple(x509.load_pem_x509_certificates(cert_pem))
     except ValueError:
         raise CertificateError(
             f"TLS certificate file {cert_path} holds no PEM certificate") from None
+    cert = chain[0]
     key_pem = _read(key_path, "key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -79,7 +84,8 @@ def read_certificate(cert_path: str, key_path: str) -> CertificateInfo:
     return CertificateInfo(
         names=_names(cert), not_after=cert.not_valid_after_utc,
         key_matches=_spki(key.public_key()) == _spki(cert.public_key()),
-        cert_path=cert_path, key_path=key_path)
+        cert_path=cert_path, key_path=key_path, not_before=cert.not_valid_before_utc,
+        chain=chain)
 
 
 def _read(path: str, what: str) -> bytes:

@@ -4,6 +4,10 @@ SYNOPSIS
     TlsProvider(cert_path, key_path)       raises TlsError naming the path
     provider.context(listener=MX) -> ssl.SSLContext   (the current one; cheap)
     provider.info -> CertificateInfo        names, not_after of the certificate in use
+    provider.renewed -> CertificateInfo | None   renewed files read but not served yet
+    provider.on_renewal = callback | None   when set, a renewal waits for adopt()
+    provider.adopt() -> bool                serve the renewed files (False: none waiting)
+    provider.dane -> Choice | None          the last DANE decision (smtpgate.service.dane_watch)
     load_tls(config) -> TlsProvider | None
     handshake_error(exc) -> str            why a handshake failed, never empty
 
@@ -13,7 +17,10 @@ DESCRIPTION
     a second and builds a new context when they changed, so new sessions get
     the new certificate without a restart; sessions already running keep
     theirs. A renewal that leaves an unreadable or mismatched pair keeps the
-    old context and logs why. A key that is not the certificate's is
+    old context and logs why. With on_renewal set (the DANE check,
+    smtpgate.service.dane_watch), renewed files are read and kept ready
+    but not served: on_renewal() is called, and adopt() serves them; a
+    further change while they wait replaces them. A key that is not the certificate's is
     named as such, with both files, rather than as OpenSSL's
     KEY_VALUES_MISMATCH.
 
@@ -44,10 +51,15 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from smtpgate.config import Config
 from smtpgate.policy.state import MX
 from smtpgate.smtp.certificate import CertificateError, CertificateInfo, read_certificate
+
+if TYPE_CHECKING:
+    from smtpgate.smtp.dane import Choice
 
 log = logging.getLogger("smtpgate.tls")
 
@@ -107,7 +119,10 @@ class TlsProvider:
     def __init__(self, cert_path: str, key_path: str) -> None:
         self.cert_path = cert_path
         self.key_path = key_path
-        self._load()
+        self.on_renewal: Callable[[], None] | None = None
+        self.dane: Choice | None = None
+        self._waiting: tuple[ssl.SSLContext, ssl.SSLContext, CertificateInfo] | None = None
+        self._context, self._submission, self.info = self._read()
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
 
@@ -117,9 +132,22 @@ class TlsProvider:
         except OSError:
             return (0.0, 0.0)
 
-    def _load(self) -> None:
-        self._context, self.info = _load(self.cert_path, self.key_path, MX_CIPHERS)
-        self._submission, _ = _load(self.cert_path, self.key_path, SUBMISSION_CIPHERS)
+    def _read(self) -> tuple[ssl.SSLContext, ssl.SSLContext, CertificateInfo]:
+        context, info = _load(self.cert_path, self.key_path, MX_CIPHERS)
+        submission, _ = _load(self.cert_path, self.key_path, SUBMISSION_CIPHERS)
+        return context, submission, info
+
+    @property
+    def renewed(self) -> CertificateInfo | None:
+        return None if self._waiting is None else self._waiting[2]
+
+    def adopt(self) -> bool:
+        if self._waiting is None:
+            return False
+        self._context, self._submission, self.info = self._waiting
+        self._waiting = None
+        log.info("loaded renewed TLS certificate %s", self.cert_path)
+        return True
 
     def context(self, listener: str = MX) -> ssl.SSLContext:
         now = time.monotonic()
@@ -133,12 +161,14 @@ class TlsProvider:
         if stamp == self._stamp:
             return False
         try:
-            self._load()
+            self._waiting = self._read()
         except TlsError as exc:
             log.warning("warning: keeping the previous certificate: %s", exc)
             return False
         self._stamp = stamp
-        log.info("loaded renewed TLS certificate %s", self.cert_path)
+        if self.on_renewal is None:
+            return self.adopt()
+        self.on_renewal()
         return True
 
 
