@@ -6,6 +6,8 @@ SYNOPSIS
         redis_server    services.redis_server.RedisServer
         redis_cluster   services.redis_ha.RedisClusterSet (three masters)
         dns_server      services.dns_server.DnsServer
+        signed_zone     services.signed_zone.SignedZoneServer (a validating resolver over a
+                        signed example.test: answers with the AD bit, for DANE)
         dovecot_server  services.dovecot_server.DovecotServer
         rspamd_server   services.rspamd_server.RspamdServer
         postfix_server  services.postfix_server.PostfixServer (uses dovecot, rspamd)
@@ -46,6 +48,7 @@ from services.postfix_server import PostfixServer
 from services.redis_ha import RedisClusterSet
 from services.redis_server import RedisServer
 from services.rspamd_server import RspamdServer
+from services.signed_zone import SignedZoneServer
 from services.world import populate
 
 _root: Path | None = None
@@ -136,6 +139,13 @@ def redis(redis_server):
 @pytest.fixture(scope="session")
 def dns_server(service_root):
     server = _serve(DnsServer(service_root / "dns"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def signed_zone(service_root):
+    server = _serve(SignedZoneServer(service_root / "signed-zone"))
     yield server
     server.stop()
 
