@@ -121,7 +121,9 @@ class DaneWatch:
         self._report(choice, provider)
         if answer.status == "tempfail":
             return min(TEMPFAIL_RETRY, config.dane_recheck_time)
-        return max(1.0, min(config.dane_recheck_time, answer.ttl or config.dane_recheck_time))
+        if answer.status == "ok":  # a cached answer's TTL may have come down to 0
+            return max(1.0, min(config.dane_recheck_time, answer.ttl))
+        return config.dane_recheck_time
 
     def _report(self, choice: Choice, provider: TlsProvider) -> None:
         key = (choice.state, choice.level, choice.publish, provider.info.not_after)
