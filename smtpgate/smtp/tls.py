@@ -17,12 +17,15 @@ DESCRIPTION
     a second and builds a new context when they changed, so new sessions get
     the new certificate without a restart; sessions already running keep
     theirs. A renewal that leaves an unreadable or mismatched pair keeps the
-    old context and logs why. With on_renewal set (the DANE check,
-    smtpgate.service.dane_watch), renewed files are read and kept ready
-    but not served: on_renewal() is called, and adopt() serves them; a
-    further change while they wait replaces them. A key that is not the certificate's is
+    old context and logs why. A key that is not the certificate's is
     named as such, with both files, rather than as OpenSSL's
     KEY_VALUES_MISMATCH.
+
+    With on_renewal set (the DANE check, smtpgate.service.dane_watch),
+    renewed files are read and kept ready but not served: on_renewal()
+    is called, and adopt() serves them; a further change while they
+    wait replaces them. reload_if_changed() is that look at the files,
+    at once (SIGHUP, and the watch once a second).
 
     TLS 1.2 is the lowest version offered, as the image's
     smtpd_tls_protocols = >=TLSv1.2. The cipher suites depend on the
