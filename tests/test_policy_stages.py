@@ -19,8 +19,8 @@ from smtpgate.replies import AUTH_REQUIRED
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-ROWS = {"connect (port 25)": "connect", "HELO": "helo", "MAIL": "mail", "RCPT": "rcpt",
-        "DATA": "data"}
+ROWS = {"connect (port 25)": "connect", "HELO": "helo", "STARTTLS": "starttls", "AUTH": "auth",
+        "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
 
 
 def test_the_readme_lists_each_stages_checks_in_the_order_the_policy_runs_them():
