@@ -155,10 +155,30 @@ def test_empty_mynetworks_trusts_none():
     assert load_with({"SMTPGATE_MYNETWORKS": ""}).mynetworks == ()
 
 
+@pytest.mark.parametrize(("value", "spared"), [
+    pytest.param(None, "10.0.0.0/8", id="default-is-mynetworks"),
+    pytest.param("", "", id="empty-spares-none"),
+    pytest.param("$mynetworks, 192.0.2.0/24", "10.0.0.0/8 192.0.2.0/24", id="mynetworks-and"),
+    pytest.param("[2001:db8::]/32", "2001:db8::/32", id="only-its-own"),
+])
+def test_event_limit_exceptions_write_out_mynetworks(value, spared):
+    environ = {"SMTPGATE_MYNETWORKS": "10.0.0.0/8"}
+    if value is not None:
+        environ["SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS"] = value
+    config = load_with(environ)
+    assert config.event_limit_exceptions == tuple(map(ipaddress.ip_network, spared.split()))
+
+
 # --- one clear message per bad value ---------------------------------------------------------
 
 
 BAD_ENVIRONMENT = [
+    pytest.param({"SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS": "$mynetworks 10.0.0.300/8"},
+                 "SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS: '10.0.0.300/8' is not an IP network",
+                 id="event-limit-exception-not-a-network"),
+    pytest.param({"SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT": "-1"},
+                 "SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT: -1 is out of range (at least 0)",
+                 id="negative-rate-limit"),
     pytest.param({"SMTPGATE_NEXT_HOP": "x:y"},
                  "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-not-host-port"),
     pytest.param({"SMTPGATE_NEXT_HOP": "127.0.0.1:70000"},
