@@ -439,3 +439,15 @@ def test_check_config_masks_the_redis_password(url):
     assert shown == url.replace(":secret@", ":***@").replace("=secret", "=***")
     assert re.search(rf"^redis += {re.escape(shown)}  ", result.stdout, re.MULTILINE), \
         result.stdout
+
+
+def test_the_readmes_rate_limit_settings_load_as_written():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Rate limits"):text.index("## Moving from")]
+    environ = {m.group(1): m.group(2).strip("'") for m in
+               re.finditer(r"^(SMTPGATE_\w+)=('[^']*'|\S+)", section, re.M)}
+    assert len(environ) == 11
+    config = load_with(environ)
+    assert config.client_message_rate_limit == 100
+    assert config.login_rate_time_unit == 3600.0
+    assert ipaddress.ip_network("192.0.2.0/24") in config.event_limit_exceptions
