@@ -11,6 +11,8 @@ the 421 of a new TLS session too many.
 from __future__ import annotations
 
 import base64
+import socket
+import ssl
 import subprocess
 import urllib.request
 import uuid
@@ -171,7 +173,7 @@ def test_new_tls_sessions_over_the_limit_421_after_the_handshake_then_454_before
         assert talk.cmd("QUIT")[0] == 221
 
 
-def test_implicit_tls_sessions_count_and_the_one_over_hears_421_instead_of_the_banner(
+def test_implicit_tls_sessions_count_the_one_over_hears_421_and_then_no_handshake(
         gates, world):
     first, second = gates
     client = "127.0.10.5"
@@ -185,6 +187,13 @@ def test_implicit_tls_sessions_count_and_the_one_over_hears_421_instead_of_the_b
         assert untag(talk.reply()) == (421, f"421 4.7.0 {HOSTNAME} Error: too many new TLS "
                                             "sessions from unknown[127.0.10.5]")
         assert talk.closed()
+    # now over it: the next one gets no handshake at all, on either gate
+    with socket.create_connection(("127.0.0.1", second.submissions_port),
+                                  source_address=(client, 0), timeout=10) as sock, \
+            pytest.raises((ssl.SSLError, ConnectionError)):
+        ssl._create_unverified_context().wrap_socket(sock)
+    second.wait_for_log(r"warning: Refusing TLS service request from unknown\[127\.0\.10\.5\] "
+                        r"for service submissions \(too many new TLS sessions\)")
 
 
 def test_the_login_limits_count_its_messages_from_every_client_and_gate(gates, logins,

@@ -11,6 +11,7 @@ SYNOPSIS
     await policy.protocol(state, test, line, pending, after, esmtp) -> Reply | None
     await policy.starttls(state) -> Reply | None                  before the handshake: 454
     await policy.tls_started(state, resumed) -> Reply | None      after it: 421, then close
+    await policy.tls_service_refused(client) -> bool              465, before its handshake
     await policy.auth_allowed(state) -> Reply | None              a 421 closes, a 450 not
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
@@ -544,22 +545,39 @@ class Policy:
                 return verdict.reply
         return None
 
-    async def starttls(self, state: ClientState) -> Reply | None:
-        """Before the handshake: 454 once the client has had too many new TLS sessions
-        (read, not counted: the handshake that follows is counted by tls_started())."""
-        counted = self._rate_limits_of(state, rate_limits.NEW_TLS)
-        if not counted or self.dry_run:
+    async def _tls_sessions_so_far(self, client: Client, name: str,
+                                   spared: bool) -> Verdict | None:
+        """The look before a handshake: the client's new TLS sessions read, not counted
+        (the handshake that follows is counted by tls_started()); None when not limited."""
+        limit = self.config.client_new_tls_session_rate_limit
+        if limit <= 0 or spared or self.dry_run:
             return None
-        key = keys.event_rate_key(rate_limits.NEW_TLS, counted[0].key)
+        key = keys.event_rate_key(rate_limits.NEW_TLS,
+                                  limits.client_key(client.ip, self.config.ipv6_prefix))
         try:
             rate = await self.event_rates.peek(key)
         except EventRateError as exc:
-            log.warning("warning: %s: TLS session rate not read: %s", state.label, exc)
+            log.warning("warning: %s[%s]: TLS session rate not read: %s", name, client.ip, exc)
             return None
-        verdict = self._note(state, rate_limits.starttls_refused(
-            rate, counted[0].limit, ip=state.client.ip, name=state.client_name,
-            window=self.config.anvil_rate_time_unit))
+        return rate_limits.starttls_refused(rate, limit, ip=client.ip, name=name,
+                                            window=self.config.anvil_rate_time_unit)
+
+    async def starttls(self, state: ClientState) -> Reply | None:
+        """Before the STARTTLS handshake: 454 once the client has had too many new TLS
+        sessions; the session goes on without TLS."""
+        verdict = await self._tls_sessions_so_far(state.client, state.client_name,
+                                                  state.rate_exempt)
+        if verdict is None:
+            return None
+        self._note(state, verdict)
         return verdict.reply if verdict.failed else None
+
+    async def tls_service_refused(self, client: Client) -> bool:
+        """Port 465, before its handshake: whether the client has had too many new TLS
+        sessions already, so that no handshake is started (Postfix's wrapper mode closes
+        the connection without a word then)."""
+        verdict = await self._tls_sessions_so_far(client, "unknown", self._spared(client))
+        return verdict is not None and verdict.failed
 
     async def tls_started(self, state: ClientState, resumed: bool) -> Reply | None:
         """After a handshake (STARTTLS, or port 465's): a new session is counted, and one
