@@ -93,3 +93,11 @@ def test_exempt(ip, spared):
 def test_an_unknown_event_is_a_bug_not_a_pass():
     with pytest.raises(ValueError, match="rate-limited event"):
         rate_limits.decide("vrfy", 5, 1, ip=IP)
+
+
+def test_each_events_limit_is_a_setting_off_by_default():
+    from smtpgate.config import Config
+
+    defaults = Config()
+    assert len(rate_limits.SETTINGS) == 6
+    assert all(getattr(defaults, name) == 0 for name in rate_limits.SETTINGS)

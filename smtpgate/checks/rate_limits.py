@@ -2,6 +2,7 @@
 
 SYNOPSIS
     MESSAGE, RECIPIENT, NEW_TLS, AUTH, LOGIN_MESSAGE, LOGIN_RECIPIENT    the events counted
+    CLIENT_SETTINGS, LOGIN_SETTINGS, SETTINGS      each event's limit among the settings
     Limit(event, limit, key)            one counter to bump: what, its limit, whose
     exempt(ip, networks) -> bool        smtpd_client_event_limit_exceptions
     decide(event, rate, limit, *, ip, name="unknown", login="", hostname="",
@@ -60,6 +61,19 @@ AUTH = "auth"
 LOGIN_MESSAGE = "login_message"
 LOGIN_RECIPIENT = "login_recipient"
 EVENTS = (MESSAGE, RECIPIENT, NEW_TLS, AUTH, LOGIN_MESSAGE, LOGIN_RECIPIENT)
+
+# each event's limit among the settings (smtpgate.config), the client's and the login's
+CLIENT_SETTINGS = {
+    MESSAGE: "client_message_rate_limit",
+    RECIPIENT: "client_recipient_rate_limit",
+    NEW_TLS: "client_new_tls_session_rate_limit",
+    AUTH: "client_auth_rate_limit",
+}
+LOGIN_SETTINGS = {
+    MESSAGE: (LOGIN_MESSAGE, "login_message_rate_limit"),
+    RECIPIENT: (LOGIN_RECIPIENT, "login_recipient_rate_limit"),
+}
+SETTINGS = (*CLIENT_SETTINGS.values(), *(name for _, name in LOGIN_SETTINGS.values()))
 
 # Postfix's warning for each event (smtpd.c), the log's reason
 _WARNING = {

@@ -137,18 +137,6 @@ STAGES: dict[str, tuple[str, ...]] = {
     "data": (),
 }
 
-# each rate-limited event: its client limit, its login limit (Config's names)
-_CLIENT_LIMIT = {
-    rate_limits.MESSAGE: "client_message_rate_limit",
-    rate_limits.RECIPIENT: "client_recipient_rate_limit",
-    rate_limits.NEW_TLS: "client_new_tls_session_rate_limit",
-    rate_limits.AUTH: "client_auth_rate_limit",
-}
-_LOGIN_LIMIT = {
-    rate_limits.MESSAGE: (rate_limits.LOGIN_MESSAGE, "login_message_rate_limit"),
-    rate_limits.RECIPIENT: (rate_limits.LOGIN_RECIPIENT, "login_recipient_rate_limit"),
-}
-
 
 @dataclass(slots=True)
 class Request:
@@ -503,12 +491,12 @@ class Policy:
         """The limits that count this event: the client's unless it is exempt, the login's."""
         config = self.config
         found = []
-        limit = getattr(config, _CLIENT_LIMIT[event])
+        limit = getattr(config, rate_limits.CLIENT_SETTINGS[event])
         if limit > 0 and not state.rate_exempt:
             found.append(rate_limits.Limit(
                 event, limit, limits.client_key(state.client.ip, config.ipv6_prefix)))
-        if login and event in _LOGIN_LIMIT:
-            login_event, name = _LOGIN_LIMIT[event]
+        if login and event in rate_limits.LOGIN_SETTINGS:
+            login_event, name = rate_limits.LOGIN_SETTINGS[event]
             limit = getattr(config, name)
             if limit > 0:
                 found.append(rate_limits.Limit(login_event, limit, login.lower()))
