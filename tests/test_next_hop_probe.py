@@ -375,7 +375,7 @@ def test_check_config_live_all_good(configure, redis_server, certificate):
                           SMTPGATE_TLS_CERT=str(cert), SMTPGATE_TLS_KEY=str(key))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = findings(result)
-    assert len(lines) == 3, lines  # no rate limit on: nothing said of the rate counters
+    assert len(lines) == 3, lines
     assert re.fullmatch(rf"ok: TLS certificate {re.escape(str(cert))} \(key "
                         rf"{re.escape(str(key))}\): mx\.example\.test; valid until .* "
                         r"\(\d+ days left\)", lines[0]), lines
@@ -383,19 +383,6 @@ def test_check_config_live_all_good(configure, redis_server, certificate):
     assert lines[2].startswith(f"ok: next hop {hop}: XCLIENT authorized for 127.0.0.1 (")
     assert "IPv6 client addresses accepted" in lines[2]
     assert "offers 8BITMIME CHUNKING DSN PIPELINING SMTPUTF8" in lines[2]
-
-
-def test_check_config_live_says_redis_counts_the_rate_limits_that_are_on(
-        configure, redis_server, certificate):
-    hop = configure()
-    _, cert, key = certificate
-    result = check_config("--live", REDIS=redis_server.url, SMTPGATE_NEXT_HOP=str(hop),
-                          SMTPGATE_TLS_CERT=str(cert), SMTPGATE_TLS_KEY=str(key),
-                          SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT="100",
-                          SMTPGATE_LOGIN_RECIPIENT_RATE_LIMIT="1000")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (f"ok: Redis at {redis_server.url} counts the rate limits "
-            "(client_message_rate_limit, login_recipient_rate_limit)") in findings(result)
 
 
 def test_check_config_live_failures(configure, tmp_path):

@@ -5,7 +5,6 @@ SYNOPSIS
     certificate_check(config, now) -> list[Finding]
     hostname_check(config) -> list[Finding]
     redis_check(config) -> list[Finding]
-    rate_counter_check(client, config, shown) -> list[Finding]
     await next_hop_check(config) -> list[Finding]
 
 DESCRIPTION
@@ -21,9 +20,7 @@ DESCRIPTION
     STARTTLS).
 
     With --live, also: Redis asked PING at the configured URL (one server, a
-    Sentinel set's master or a Cluster; shown with the passwords masked)
-    and, with a rate limit on, whether it takes the PEXPIRE NX the rate
-    counters send (a warning if not: the limits would count nothing);
+    Sentinel set's master or a Cluster; shown with the passwords masked);
     every next hop probed as `smtpgate serve` does at start
     (smtpgate.relay.probe): XCLIENT authorized, IPv6 client addresses
     accepted, the extensions offered. A next hop or Redis that
@@ -96,7 +93,6 @@ def redis_check(config: Config) -> list[Finding]:
         client = redis_client.connect_sync(config.redis, config.redis_timeout)
         try:
             client.ping()
-            counts = rate_counter_check(client, config, shown)
         finally:
             client.close()
     except redis_client.ERRORS as exc:
@@ -104,26 +100,7 @@ def redis_check(config: Config) -> list[Finding]:
         for secret in _passwords(config.redis):
             reason = reason.replace(secret, "***")
         return [Finding("error", f"Redis at {shown} does not answer PING: {reason}")]
-    return [Finding("ok", f"Redis at {shown} answers PING"), *counts]
-
-
-def rate_counter_check(client, config: Config, shown: str) -> list[Finding]:
-    """With a rate limit on: whether Redis takes `PEXPIRE key ms NX` (7.0 and later), which
-    the counters send with every count (smtpgate.lookups.event_rates)."""
-    from redis.exceptions import ResponseError
-
-    from smtpgate.checks.rate_limits import SETTINGS
-    from smtpgate.lookups.keys import EVENT_RATE
-
-    names = [name for name in SETTINGS if getattr(config, name) > 0]
-    if not names:
-        return []
-    try:
-        client.pexpire(f"{EVENT_RATE}probe", 1000, nx=True)  # no such key: changes nothing
-    except ResponseError as exc:
-        return [Finding("warning", f"Redis at {shown} refuses PEXPIRE ... NX ({exc}; Redis 7.0 "
-                                   f"or later has it): {', '.join(names)} will count nothing")]
-    return [Finding("ok", f"Redis at {shown} counts the rate limits ({', '.join(names)})")]
+    return [Finding("ok", f"Redis at {shown} answers PING")]
 
 
 def _passwords(url: str) -> set[str]:

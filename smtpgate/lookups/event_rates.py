@@ -9,21 +9,21 @@ SYNOPSIS
 DESCRIPTION
     The counts behind smtpgate.checks.rate_limits, under
     smtpgate.lookups.keys.event_rate_key(event, whose), shared by every
-    worker and host that uses one Redis. count() sends, for each key, INCR
-    and `PEXPIRE key window NX` in one pipeline (one round trip however
-    many limits a stage checks; on a Cluster one per node, the nodes at
-    once) and returns the counts with this event included. The window
-    starts with the event that created the counter and ends `window`
-    seconds later, when Redis drops the key: anvil's fixed window per
-    client (ANVIL_REMOTE_INCR_RATE in Postfix's anvil.c), kept like the
-    connection rate of smtpgate.lookups.screening_cache. Anvil keeps one
-    window for all of a client's events; here each event has its own,
-    which differs only in where a window starts. Because every count also
-    sends PEXPIRE NX, a counter that somehow lost its expiry gets it back
-    at its next event instead of limiting its client for ever (NX needs
-    Redis 7.0).
+    worker and host that uses one Redis. count() runs one script (sent by
+    SHA1) over all the keys of a stage, the client's and the login's: one
+    round trip, one command; on a Cluster, where the two live in different
+    slots, one EVAL per key in one pipeline (a round trip per node, the
+    nodes at once). It returns the counts with this event included. The
+    window starts with the event that created the counter and ends
+    `window` seconds later, when Redis drops the key: anvil's fixed window
+    per client (ANVIL_REMOTE_INCR_RATE in Postfix's anvil.c), kept like
+    the connection rate of smtpgate.lookups.screening_cache. Anvil keeps
+    one window for all of a client's events; here each event has its own,
+    which differs only in where a window starts. A counter found without
+    an expiry gets one at its next event, so none limits its client for
+    ever.
 
-    peek() is for a check that must not count (the look before a STARTTLS
+    peek() is for a check that must not count (the look before a TLS
     handshake): the count as it is, 0 for none.
 
     A failure raises EventRateError; the policy then lets the event
@@ -55,18 +55,38 @@ async def _redis_call(timeout: float):
         raise EventRateError(str(exc)) from exc
 
 
+# KEYS: the counters; ARGV: each one's window in ms. Returns the counts, this event included.
+# The window starts with the INCR that creates a counter; a counter found without an expiry
+# (written by hand, say) gets one, so no counter limits its client for ever.
+_COUNT = """
+local counts = {}
+for i, key in ipairs(KEYS) do
+    local n = redis.call('INCR', key)
+    if n == 1 or redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[i]) end
+    counts[i] = n
+end
+return counts
+"""
+
+
 class EventRates:
     def __init__(self, redis, *, timeout: float = 2.0) -> None:
         self._redis = redis
         self._timeout = timeout
+        self._cluster = redis_client.is_cluster(redis)
+        self._count = redis.register_script(_COUNT)
 
     async def count(self, counters: Sequence[tuple[str, float]]) -> list[int]:
-        async with _redis_call(self._timeout), self._redis.pipeline(transaction=False) as pipe:
-            for key, window in counters:
-                pipe.incr(key)
-                pipe.pexpire(key, max(1, int(window * 1000)), nx=True)
-            answers = await pipe.execute()
-        return [int(n) for n in answers[::2]]
+        keys = [key for key, _ in counters]
+        windows = [max(1, int(window * 1000)) for _, window in counters]
+        async with _redis_call(self._timeout):
+            if not self._cluster or len(keys) == 1:
+                return [int(n) for n in await self._count(keys=keys, args=windows)]
+            async with self._redis.pipeline(transaction=False) as pipe:  # a slot per key
+                for key, window in zip(keys, windows, strict=True):
+                    pipe.eval(_COUNT, 1, key, window)
+                answers = await pipe.execute()
+        return [int(answer[0]) for answer in answers]
 
     async def peek(self, key: str) -> int:
         async with _redis_call(self._timeout):
