@@ -97,3 +97,16 @@ async def test_an_exempt_client_is_not_counted_but_its_login_is():
         ("login_message", 5, "user1@gate.test")]
     stranger = ClientState(Client("198.51.100.7", 40000, listener=SUBMISSION))
     assert [c.key for c in p._rate_limits_of(stranger, "message", None)] == ["198.51.100.7"]
+
+
+@pytest.mark.parametrize(("client", "spared"), [
+    pytest.param(Client("127.0.0.5", 40000), True, id="loopback"),
+    pytest.param(Client("127.0.0.5", 40000, proxied=True), False,
+                 id="loopback-named-by-a-proxy-header"),
+    pytest.param(Client("192.0.2.7", 40000, proxied=True), True, id="proxied-listed"),
+])
+def test_event_limit_exceptions_take_mynetworks_caution_about_a_proxied_loopback(client, spared):
+    p = policy()
+    p.config = config.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_MYNETWORKS": "127.0.0.0/8",
+                            "SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS": "$mynetworks 192.0.2.0/24"})
+    assert p._spared(client) is spared
