@@ -130,6 +130,16 @@ def parse_networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+MYNETWORKS = "$mynetworks"
+
+
+def parse_limit_exceptions(value: Any) -> tuple[IPNetwork | str, ...]:
+    """Networks, and `$mynetworks` standing for that setting's, as Postfix writes it."""
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    mine = tuple(MYNETWORKS for item in items if str(item).strip() == MYNETWORKS)
+    return mine[:1] + parse_networks([i for i in items if str(i).strip() != MYNETWORKS])
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -369,6 +379,35 @@ class Config:
         0, int_between(0), "new sessions per client per minute (0: no limit)")
     connection_limit: int = setting(
         10000, int_between(1), "sessions in flight across all processes, then 421 4.3.2")
+    anvil_rate_time_unit: float = setting(
+        60.0, seconds(1, 86400),
+        "anvil_rate_time_unit: the window of the per-client rate limits (connections, "
+        "messages, recipients, new TLS sessions, AUTH commands)")
+    client_message_rate_limit: int = setting(
+        0, int_between(0), "smtpd_client_message_rate_limit: MAIL FROM commands per client "
+                           "per anvil_rate_time_unit, then 450 4.7.1 (0: no limit)")
+    client_recipient_rate_limit: int = setting(
+        0, int_between(0), "smtpd_client_recipient_rate_limit: RCPT TO commands per client "
+                           "per anvil_rate_time_unit, then 450 4.7.1 (0: no limit)")
+    client_new_tls_session_rate_limit: int = setting(
+        0, int_between(0),
+        "smtpd_client_new_tls_session_rate_limit: new (not resumed) TLS sessions per client "
+        "per anvil_rate_time_unit, then 454 4.7.0 at STARTTLS (0: no limit)")
+    client_auth_rate_limit: int = setting(
+        0, int_between(0), "smtpd_client_auth_rate_limit: AUTH commands per client per "
+                           "anvil_rate_time_unit, then 450 4.7.1 (0: no limit)")
+    client_event_limit_exceptions: tuple[IPNetwork | str, ...] = setting(
+        (MYNETWORKS,), parse_limit_exceptions,
+        "smtpd_client_event_limit_exceptions: networks the per-client connection, message, "
+        "recipient, TLS and AUTH limits spare ($mynetworks: those of mynetworks)")
+    login_message_rate_limit: int = setting(
+        0, int_between(0), "messages (MAIL FROM) per SASL login per login_rate_time_unit on "
+                           "submission, all clients and hosts together (0: no limit)")
+    login_recipient_rate_limit: int = setting(
+        0, int_between(0), "recipients (RCPT TO) per SASL login per login_rate_time_unit on "
+                           "submission, all clients and hosts together (0: no limit)")
+    login_rate_time_unit: float = setting(
+        3600.0, seconds(1, 7 * 86400), "the window of the per-login rate limits")
     ipv6_prefix: int = setting(64, int_between(1, 128), "IPv6 clients are counted per this prefix")
 
     # smtpd's restrictions
@@ -490,6 +529,14 @@ class Config:
             return self.submission_next_hop
         hosts = dict.fromkeys(hop.host for hop in self.next_hop)
         return tuple(HostPort(host, SUBMISSION_NEXT_HOP_PORT) for host in hosts)
+
+    @property
+    def event_limit_exceptions(self) -> tuple[IPNetwork, ...]:
+        """client_event_limit_exceptions with $mynetworks written out."""
+        found: list[IPNetwork] = []
+        for item in self.client_event_limit_exceptions:
+            found.extend(self.mynetworks if item == MYNETWORKS else (item,))
+        return tuple(found)
 
     @property
     def tls_paths(self) -> tuple[str, str] | None:

@@ -167,6 +167,15 @@ class StubPolicy:
                 state.protocol_failed += (test,)
         return None
 
+    async def starttls(self, state):
+        return None
+
+    async def tls_started(self, state, resumed):
+        return None
+
+    async def tls_service_refused(self, client):
+        return False
+
     async def auth_allowed(self, state):
         return None
 

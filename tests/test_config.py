@@ -155,10 +155,30 @@ def test_empty_mynetworks_trusts_none():
     assert load_with({"SMTPGATE_MYNETWORKS": ""}).mynetworks == ()
 
 
+@pytest.mark.parametrize(("value", "spared"), [
+    pytest.param(None, "10.0.0.0/8", id="default-is-mynetworks"),
+    pytest.param("", "", id="empty-spares-none"),
+    pytest.param("$mynetworks, 192.0.2.0/24", "10.0.0.0/8 192.0.2.0/24", id="mynetworks-and"),
+    pytest.param("[2001:db8::]/32", "2001:db8::/32", id="only-its-own"),
+])
+def test_event_limit_exceptions_write_out_mynetworks(value, spared):
+    environ = {"SMTPGATE_MYNETWORKS": "10.0.0.0/8"}
+    if value is not None:
+        environ["SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS"] = value
+    config = load_with(environ)
+    assert config.event_limit_exceptions == tuple(map(ipaddress.ip_network, spared.split()))
+
+
 # --- one clear message per bad value ---------------------------------------------------------
 
 
 BAD_ENVIRONMENT = [
+    pytest.param({"SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS": "$mynetworks 10.0.0.300/8"},
+                 "SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS: '10.0.0.300/8' is not an IP network",
+                 id="event-limit-exception-not-a-network"),
+    pytest.param({"SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT": "-1"},
+                 "SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT: -1 is out of range (at least 0)",
+                 id="negative-rate-limit"),
     pytest.param({"SMTPGATE_NEXT_HOP": "x:y"},
                  "SMTPGATE_NEXT_HOP: 'x:y' is not host:port", id="next-hop-not-host-port"),
     pytest.param({"SMTPGATE_NEXT_HOP": "127.0.0.1:70000"},
@@ -419,3 +439,15 @@ def test_check_config_masks_the_redis_password(url):
     assert shown == url.replace(":secret@", ":***@").replace("=secret", "=***")
     assert re.search(rf"^redis += {re.escape(shown)}  ", result.stdout, re.MULTILINE), \
         result.stdout
+
+
+def test_the_readmes_rate_limit_settings_load_as_written():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Rate limits"):text.index("## Moving from")]
+    environ = {m.group(1): m.group(2).strip("'") for m in
+               re.finditer(r"^(SMTPGATE_\w+)=('[^']*'|\S+)", section, re.M)}
+    assert len(environ) == 11
+    config = load_with(environ)
+    assert config.client_message_rate_limit == 100
+    assert config.login_rate_time_unit == 3600.0
+    assert ipaddress.ip_network("192.0.2.0/24") in config.event_limit_exceptions

@@ -58,18 +58,21 @@ def test_the_dashboard_is_grafana_json_with_prometheus_targets():
     titles = [title for title, _ in exprs]
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     for wanted in ("Rejections by check", "Relay latency", "TLS certificate expires in",
-                   "DNSBL zones up", "Next hop (Postfix)", "Redis", "Sessions in flight"):
+                   "DNSBL zones up", "Next hop (Postfix)", "Redis", "Sessions in flight",
+                   "Rate-limited events by limit"):
         assert wanted in titles
 
 
 def traffic(gate) -> None:
-    """One queued message, one recipient refused, one client refused for a DNSBL listing."""
+    """One queued message, one recipient refused, one over the recipient rate limit, one
+    client refused for a DNSBL listing."""
     with Talk("127.0.0.1", gate.mx_port, source=SENDER, timeout=30) as talk:
         assert talk.banner()[0] == 220
         assert talk.cmd("EHLO client.example.test")[0] == 250
         assert talk.cmd("MAIL FROM:<a@example.net>")[0] == 250
         assert talk.cmd("RCPT TO:<nobody@example.com>")[0] == 550
         assert talk.cmd("RCPT TO:<user1@example.com>")[0] == 250
+        assert talk.cmd("RCPT TO:<user2@example.com>")[0] == 450  # the third this minute
         assert talk.cmd("DATA")[0] == 354
         talk.send(b"Subject: dashboard\r\n\r\nfor the dashboard test\r\n.\r\n")
         code, text = talk.reply()
@@ -83,7 +86,8 @@ def traffic(gate) -> None:
 def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, service_root):
     dns.set([(f"{'.'.join(reversed(LISTED.split('.')))}.bl.test", "A", "127.0.0.2")])
     gate = start_gate(listeners=("mx", "metrics"), SMTPGATE_WORKERS="2",
-                      SMTPGATE_DNSBL_SITES="bl.test=127.0.0.2")
+                      SMTPGATE_DNSBL_SITES="bl.test=127.0.0.2",
+                      SMTPGATE_CLIENT_RECIPIENT_RATE_LIMIT="2")
     prometheus = PrometheusServer(service_root / "prometheus",
                                   [f"127.0.0.1:{gate.metrics_port}"], interval=1.0)
     try:
@@ -107,6 +111,8 @@ def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, ser
             pytest.fail("panels without data:\n" + "\n".join(f"  {t}: {e}" for t, e in empty()))
         assert prometheus.query('smtpgate_rejections_total{check="recipient",stage="rcpt"}')
         assert prometheus.query('smtpgate_rejections_total{check="dnsbl",stage="connect"}')
+        assert prometheus.query(
+            'smtpgate_rejections_total{check="recipient_rate_limit",stage="rcpt"}')
         assert prometheus.query('smtpgate_dnsbl_answers_total{zone="bl.test",kind="listed"} > 0')
         assert prometheus.query('smtpgate_messages_relayed_total{result="queued"} == 1')
     finally:

@@ -59,9 +59,11 @@ def test_a_dry_run_counts_nothing_and_caches_nothing(world, redis_server, dns_se
     ip = "127.0.0.88"
     args = ("--ip", ip, "--helo", "client.example.test", "--from", "a@example.net",
             "--rcpt", "user1@example.com")
+    limits = {"SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT": "2",
+              "SMTPGATE_CLIENT_RECIPIENT_RATE_LIMIT": "2"}
     for _ in range(3):
         result = explain(redis_server, dns_server, *args,
-                         SMTPGATE_CLIENT_CONNECTION_RATE_LIMIT="2")
+                         SMTPGATE_CLIENT_CONNECTION_RATE_LIMIT="2", **limits)
         assert result.returncode == 0, result.stdout + result.stderr
     assert redis.keys("smtpgate:*") == [], redis.keys("smtpgate:*")
     # what the live gate counted is read: two connects this minute, the dry run the third
@@ -70,3 +72,16 @@ def test_a_dry_run_counts_nothing_and_caches_nothing(world, redis_server, dns_se
     assert result.returncode == 1, result.stdout
     assert "reply: 421 4.7.0" in result.stdout, result.stdout
     assert redis.get(keys.rate_key(ip)) == "2"
+
+
+def test_a_dry_run_reads_the_message_rate_as_one_more(world, redis_server, dns_server):
+    ip = "127.0.0.89"
+    key = keys.event_rate_key("message", ip)
+    world.set(key, 2, ex=60)  # two messages this minute, counted by a live gate
+    result = explain(redis_server, dns_server, "--ip", ip, "--helo", "client.example.test",
+                     "--from", "a@example.net", "--rcpt", "user1@example.com",
+                     SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT="2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "message_rate_limit" in result.stdout
+    assert "reply: 450 4.7.1 Error: too much mail from 127.0.0.89" in result.stdout
+    assert world.get(key) == "2"

@@ -24,7 +24,7 @@ def test_bounds_per_client_and_per_worker_and_what_leaving_gives_back():
     for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
         limit.leave(ip)
     assert limit.in_progress == 0 and limit.by_client == {}  # nothing kept per address
-    assert limit.refused == {"client": 1, "worker": 1}
+    assert limit.refused == {"client": 1, "worker": 1, "rate": 0}
 
 
 def test_no_bound():

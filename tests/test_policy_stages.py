@@ -19,8 +19,8 @@ from smtpgate.replies import AUTH_REQUIRED
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-ROWS = {"connect (port 25)": "connect", "HELO": "helo", "MAIL": "mail", "RCPT": "rcpt",
-        "DATA": "data"}
+ROWS = {"connect (port 25)": "connect", "HELO": "helo", "STARTTLS": "starttls", "AUTH": "auth",
+        "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
 
 
 def test_the_readme_lists_each_stages_checks_in_the_order_the_policy_runs_them():
@@ -65,3 +65,48 @@ async def test_submission_mail_needs_auth_first():
     state = ClientState(Client("192.0.2.7", 40000, listener=SUBMISSION))
     path = parse_path("<a@gate.test>", False, mail=True)
     assert await policy().mail(state, path, None) is AUTH_REQUIRED
+
+
+class Untouchable:
+    """Any use of it fails the test: the counters a stage must not ask."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"event counters asked ({name}) with every limit at 0")
+
+
+async def test_with_the_rate_limits_off_no_stage_asks_the_counters():
+    p = policy()
+    p.event_rates = Untouchable()  # the defaults: every event limit 0
+    state = ClientState(Client("192.0.2.7", 40000, listener=SUBMISSION))
+    assert await p.starttls(state) is None
+    assert await p.tls_started(state, resumed=False) is None
+    assert await p._count_event(state, "auth") is None
+    assert await p._count_event(state, "message", "user1@gate.test") is None
+    assert await p._count_event(state, "recipient", "user1@gate.test") is None
+
+
+async def test_an_exempt_client_is_not_counted_but_its_login_is():
+    p = policy()
+    p.config = config.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_MYNETWORKS": "192.0.2.0/24",
+                            "SMTPGATE_CLIENT_MESSAGE_RATE_LIMIT": "1",
+                            "SMTPGATE_LOGIN_MESSAGE_RATE_LIMIT": "5"})
+    state = ClientState(Client("192.0.2.7", 40000, listener=SUBMISSION))
+    state.rate_exempt = p._spared(state.client)
+    counted = p._rate_limits_of(state, "message", "User1@Gate.test")
+    assert [(c.event, c.limit, c.key) for c in counted] == [
+        ("login_message", 5, "user1@gate.test")]
+    stranger = ClientState(Client("198.51.100.7", 40000, listener=SUBMISSION))
+    assert [c.key for c in p._rate_limits_of(stranger, "message", None)] == ["198.51.100.7"]
+
+
+@pytest.mark.parametrize(("client", "spared"), [
+    pytest.param(Client("127.0.0.5", 40000), True, id="loopback"),
+    pytest.param(Client("127.0.0.5", 40000, proxied=True), False,
+                 id="loopback-named-by-a-proxy-header"),
+    pytest.param(Client("192.0.2.7", 40000, proxied=True), True, id="proxied-listed"),
+])
+def test_event_limit_exceptions_take_mynetworks_caution_about_a_proxied_loopback(client, spared):
+    p = policy()
+    p.config = config.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_MYNETWORKS": "127.0.0.0/8",
+                            "SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS": "$mynetworks 192.0.2.0/24"})
+    assert p._spared(client) is spared

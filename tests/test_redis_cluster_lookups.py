@@ -1,11 +1,12 @@
-"""The screening cache, the connection counters and the AUTH failure counters on a Cluster.
+"""The screening cache, the connection, AUTH failure and event counters on a Cluster.
 
-The tests of test_screening_cache.py and test_auth_limits.py that talk to Redis, imported
-and run here with their clients pointing at the three-master Redis Cluster
-(services.redis_ha): the per-client sessions and rate keys meet in one script under the
-client's hash tag, the global count and the screening hash go to whichever master holds
-them, releases and renewals go per count hash, and an IP's and a login's failure counters
-(two slots) are read together.
+The tests of test_screening_cache.py, test_auth_limits.py and test_event_rates.py that talk
+to Redis, imported and run here with their clients pointing at the three-master Redis
+Cluster (services.redis_ha): the per-client sessions and rate keys meet in one script under
+the client's hash tag, the global count and the screening hash go to whichever master holds
+them, releases and renewals go per count hash, an IP's and a login's failure counters (two
+slots) are read together, and a client's and a login's event counters (two slots) are
+counted in one pipeline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from test_auth_limits import (  # noqa: F401  (collected here, run on the Cluste
     test_ipv6_clients_are_counted_per_64,
     test_one_login_attacked_from_many_addresses_is_locked,
     test_success_clears_the_login_but_not_the_client,
+)
+from test_event_rates import (  # noqa: F401
+    test_a_counter_that_lost_its_expiry_gets_it_back_at_the_next_event,
+    test_counts_go_up_together_in_one_call_and_each_key_gets_its_window,
+    test_the_window_is_fixed_from_the_first_event_then_starts_again,
 )
 from test_screening_cache import (  # noqa: F401
     test_a_lost_release_heals_at_the_next_write,

@@ -173,3 +173,25 @@ def test_connection_count(benchmark, redis_url, loop, path):
         assert benchmark(lambda: loop.run_until_complete(connect_release())) == 1
     finally:
         loop.run_until_complete(client.aclose())
+
+
+# --- event rate counters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [1, 2], ids=["client", "client-and-login"])
+def test_event_rate_count(benchmark, redis_url, loop, keys):
+    """A RCPT's rate counts with a limit on (the client's, and on submission the login's
+    too): one script, one round trip; against the miss of test_rcpt_facts_cache_miss."""
+    from smtpgate.lookups import redis_client
+    from smtpgate.lookups.event_rates import EventRates
+    from smtpgate.lookups.keys import event_rate_key
+
+    client = redis_client.connect(redis_url, 2.0, decode=False)
+    rates = EventRates(client)
+    counters = [(event_rate_key("recipient", "192.0.2.9"), 3600.0),
+                (event_rate_key("login_recipient", "user@bench.test"), 3600.0)][:keys]
+    try:
+        counts = benchmark(lambda: loop.run_until_complete(rates.count(counters)))
+        assert len(counts) == keys and all(n > 0 for n in counts)
+    finally:
+        loop.run_until_complete(client.aclose())

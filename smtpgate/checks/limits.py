@@ -4,7 +4,7 @@ SYNOPSIS
     client_key(ip, ipv6_prefix=64) -> str
     decide(ip, *, client_count, client_rate, total, count_limit=50,
            rate_limit=0, connection_limit=10000, hostname="",
-           exempt=False) -> Verdict
+           exempt=False, window=60) -> Verdict
 
 DESCRIPTION
     client_key() is what a client is counted under: an IPv4 address as is
@@ -19,11 +19,12 @@ DESCRIPTION
       `421 4.7.0 Error: too many connections from <ip>` (postscreen's words);
     - total > connection_limit: `421 4.3.2 All server ports are busy`;
     - client_rate > rate_limit (smtpd_client_connection_rate_limit, per
-      minute): `421 4.7.0 <hostname> Error: too many connections from <ip>`
+      `window` seconds: anvil_rate_time_unit):
+      `421 4.7.0 <hostname> Error: too many connections from <ip>`
       (smtpd's anvil words).
     A limit of 0 is no limit (the global cap always applies). `exempt`
-    clients (mynetworks, like smtpd_client_event_limit_exceptions) skip the
-    per-client limits. The reason is Postfix's log text (`NOQUEUE: reject:
+    clients (smtpd_client_event_limit_exceptions, by default mynetworks)
+    skip the per-client limits. The reason is Postfix's log text (`NOQUEUE: reject:
     CONNECT from [ip]: too many connections`, `Connection rate limit
     exceeded: 31 from [ip]`). Verdicts are never cached.
 """
@@ -60,6 +61,7 @@ def decide(
     connection_limit: int = 10000,
     hostname: str = "",
     exempt: bool = False,
+    window: float = 60,
 ) -> Verdict:
     if not exempt and count_limit > 0 and client_count > count_limit:
         return Verdict(
@@ -79,9 +81,10 @@ def decide(
         return Verdict(
             CHECK, Outcome.FAIL,
             Reply(421, "4.7.0", f"{prefix}Error: too many connections from {ip}"),
-            f"Connection rate limit exceeded: {client_rate} from [{ip}] (limit {rate_limit}/60s)",
+            f"Connection rate limit exceeded: {client_rate} from [{ip}] "
+            f"(limit {rate_limit}/{window:g}s)",
         )
     return Verdict(
         CHECK, Outcome.PASS,
-        reason=f"[{ip}] {client_count} sessions, {client_rate}/60s, {total} in total",
+        reason=f"[{ip}] {client_count} sessions, {client_rate}/{window:g}s, {total} in total",
     )

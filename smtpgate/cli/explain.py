@@ -55,6 +55,9 @@ STAGES = {
     "pipelining": "protocol", "non_smtp_command": "protocol", "bare_newline": "protocol",
     "auth_limit": "AUTH", "helo": "HELO", "sender": "MAIL", "sender_login": "MAIL",
     "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT",
+    "new_tls_session_rate_limit": "STARTTLS", "auth_rate_limit": "AUTH",
+    "message_rate_limit": "MAIL", "login_message_rate_limit": "MAIL",
+    "recipient_rate_limit": "RCPT", "login_recipient_rate_limit": "RCPT",
 }
 
 

@@ -356,6 +356,18 @@ def rate_key(client: str) -> str:
     return f"{RATE}{{{client}}}"
 
 
+# ---- event rates (smtpgate.lookups.event_rates) ----
+# anvil's other per-client rates and the per-login ones: one counter per event and client
+# (client_key) or login (lower-cased), INCR'd by each event, expiring a window after the
+# event that created it (anvil_rate_time_unit; login_rate_time_unit for logins). The event
+# is one of smtpgate.checks.rate_limits.EVENTS; the client or login is the hash tag.
+EVENT_RATE = OWN_PREFIX + "rate:"
+
+
+def event_rate_key(event: str, whose: str) -> str:
+    return f"{EVENT_RATE}{event}:{{{whose}}}"
+
+
 # ---- failed AUTH counters (auth_limits) ----
 # Value: the number of failed logins; INCR'd by auth_limits.record_failure(), which sets the
 # expiry (10 minutes, restarted by each failure); record_success() deletes the login's key.

@@ -13,7 +13,8 @@ SYNOPSIS
     allowlisted(entries, tests, now) -> bool
     TESTS, NO_TESTS
 
-    ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="")
+    ConnectionCounter(redis, *, lease=120.0, ipv6_prefix=64, timeout=2.0, instance="",
+                      rate_window=60.0)
         await .connect(ip) -> Lease              counts this session in; Lease has the counts
                                                  and the client's screening cache
         await .peek(ip) -> Lease                 the counts connect() would give, nothing
@@ -58,7 +59,8 @@ DESCRIPTION
       clock. A process renews its fields every lease/3 s; if it crashes, its
       sessions fall out of the counts within `lease` seconds.
     - the connection rate per client: a counter that starts with the
-      client's first connect and expires 60 s later, as anvil's does.
+      client's first connect and expires `rate_window` seconds later
+      (anvil_rate_time_unit, 60 s by default), as anvil's does.
     Refused connections are counted too (anvil counts attempts); the session
     is released when it closes, whatever the verdict.
 """
@@ -353,8 +355,10 @@ class ConnectionCounter:
         ipv6_prefix: int = 64,
         timeout: float = 2.0,
         instance: str = "",
+        rate_window: float = RATE_WINDOW,
     ) -> None:
         self._redis = redis_client
+        self.rate_window_ms = max(1, int(rate_window * 1000))  # a reload may change it
         self._cluster = redis_client_module.is_cluster(redis_client)
         self._connect = redis_client.register_script(_CONNECT)
         self._lease_ms = max(1, int(lease * 1000))
@@ -388,7 +392,7 @@ class ConnectionCounter:
                         keys=[keys.count_key(client), keys.rate_key(client), keys.COUNT_ALL,
                               keys.screening_key(ip)],
                         args=[self._instance, self._lease_ms, mine, len(self._live),
-                              RATE_WINDOW * 1000])
+                              self.rate_window_ms])
                     screening = dict(zip(screening[::2], screening[1::2], strict=True))
         except ScreeningStoreError:
             # no lease: the session answers 421 and ends. Its count is not sent again: if the
@@ -420,7 +424,7 @@ class ConnectionCounter:
     async def _connect_cluster(self, ip: str, client: str, mine: int) -> tuple:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.eval(_CLIENT, 2, keys.count_key(client), keys.rate_key(client),
-                      self._instance, self._lease_ms, mine, RATE_WINDOW * 1000)
+                      self._instance, self._lease_ms, mine, self.rate_window_ms)
             pipe.eval(_ALL, 1, keys.COUNT_ALL, self._instance, self._lease_ms, len(self._live))
             pipe.hgetall(keys.screening_key(ip))
             (count, rate), total, screening = await pipe.execute()

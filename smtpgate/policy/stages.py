@@ -9,7 +9,10 @@ SYNOPSIS
     await policy.mail(state, path, login) -> Reply | None
     await policy.rcpt(state, path, login, smtputf8) -> Reply | None   None: accept
     await policy.protocol(state, test, line, pending, after, esmtp) -> Reply | None
-    await policy.auth_allowed(state) -> Reply | None
+    await policy.starttls(state) -> Reply | None                  before the handshake: 454
+    await policy.tls_started(state, resumed) -> Reply | None      after it: 421, then close
+    await policy.tls_service_refused(client) -> bool              465, before its handshake
+    await policy.auth_allowed(state) -> Reply | None              a 421 closes, a 450 not
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
     policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
@@ -45,6 +48,12 @@ DESCRIPTION
     checks; the connection limits apply. They require AUTH before MAIL and
     check the sender against LOGMAP.
 
+    anvil's event rates (smtpgate.checks.rate_limits, counted by
+    smtpgate.lookups.event_rates) come first at STARTTLS, AUTH, MAIL and
+    RCPT, as in Postfix's smtpd: the client's (spared for
+    client_event_limit_exceptions) and, on submission, the login's, in one
+    round trip; with every limit at 0 (the default) nothing is sent.
+
     A lookup that cannot be answered (Redis down, DNS timing out) is a
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
     permit.
@@ -74,6 +83,7 @@ from smtpgate.checks import (
     limits,
     pregreet,
     protocol,
+    rate_limits,
     recipient,
     sender,
     sender_login,
@@ -82,11 +92,12 @@ from smtpgate.checks import dnsbl as dnsbl_check
 from smtpgate.checks.screening_action import hangs_up
 from smtpgate.config import Config
 from smtpgate.dnsbl_sites import parse_sites
-from smtpgate.lookups import redis_client
+from smtpgate.lookups import keys, redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
 from smtpgate.lookups.auth_probe import AuthGuard, AuthProbe
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
+from smtpgate.lookups.event_rates import EventRateError, EventRates
 from smtpgate.lookups.evidence import EvidenceStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
@@ -113,12 +124,16 @@ TEMPFAIL = "tempfail"
 # "screening" is an `enforce` finding of the access list or a screening test, and
 # client_fcrdns, helo and sender are those restrictions' findings reported late
 # (smtpd_delay_reject); on submission only sender_login, sender, destination and recipient
-# apply.
+# apply. "rate_limits" is anvil's count of the stage's event (smtpgate.checks.rate_limits),
+# first as in Postfix's smtpd; it costs nothing while its limits are 0.
 STAGES: dict[str, tuple[str, ...]] = {
     "connect": ("access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
     "helo": ("helo",),
-    "mail": ("sender_login", "sender"),
-    "rcpt": ("screening", "client_fcrdns", "helo", "sender", "destination", "recipient"),
+    "starttls": ("rate_limits",),
+    "auth": ("rate_limits", "auth_limit"),
+    "mail": ("rate_limits", "sender_login", "sender"),
+    "rcpt": ("rate_limits", "screening", "client_fcrdns", "helo", "sender", "destination",
+             "recipient"),
     "data": (),
 }
 
@@ -158,10 +173,12 @@ class Policy:
         self.cache = ScreeningCache(redis_client, timeout=config.redis_timeout,
                                     read_only=dry_run)
         self.counter = ConnectionCounter(redis_client, ipv6_prefix=config.ipv6_prefix,
-                                         timeout=config.redis_timeout)
+                                         timeout=config.redis_timeout,
+                                         rate_window=config.anvil_rate_time_unit)
         self.auth_limits = AuthLimits(
             redis_client, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
+        self.event_rates = EventRates(redis_client, timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
         self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
             redis_client, ttl=config.session_record_ttl,
@@ -172,6 +189,7 @@ class Policy:
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new settings for the next decisions; Redis clients and counters stay."""
         self.config = config
+        self.counter.rate_window_ms = max(1, int(config.anvil_rate_time_unit * 1000))
         self.resolver.close()  # once the lookups in flight end
         self.resolver = Resolver(config.nameservers, config.dns_timeout)
         self.sites = parse_sites(" ".join(config.dnsbl_sites))
@@ -223,6 +241,12 @@ class Policy:
             return ()
         return self.config.mynetworks
 
+    def _spared(self, client: Client) -> bool:
+        """client_event_limit_exceptions, with mynetworks' caution about a proxied loopback."""
+        if client.proxied and ipaddress.ip_address(client.ip).is_loopback:
+            return False
+        return rate_limits.exempt(client.ip, self.config.event_limit_exceptions)
+
     def _trusted_network(self, client: Client) -> bool:
         return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
             .outcome is Outcome.PERMIT
@@ -252,6 +276,7 @@ class Policy:
         """
         client = state.client
         state.trusted = self._trusted_network(client)
+        state.rate_exempt = self._spared(client)
         if client.listener == MX:
             refused = await self._access_list(state)
             if refused is not None:
@@ -304,7 +329,8 @@ class Policy:
             total=state.lease.total, count_limit=self.config.client_connection_count_limit,
             rate_limit=self.config.client_connection_rate_limit,
             connection_limit=self.config.connection_limit,
-            hostname=self.config.hostname, exempt=state.trusted))
+            hostname=self.config.hostname, exempt=state.rate_exempt,
+            window=self.config.anvil_rate_time_unit))
         if verdict.failed:
             return verdict.reply
         if client.listener != MX:
@@ -458,6 +484,96 @@ class Policy:
             return None
         return verdict.reply
 
+    # --- anvil's event rates ---------------------------------------------------------------
+
+    def _rate_limits_of(self, state: ClientState, event: str,
+                        login: str | None = None) -> list[rate_limits.Limit]:
+        """The limits that count this event: the client's unless it is exempt, the login's."""
+        config = self.config
+        found = []
+        limit = getattr(config, rate_limits.CLIENT_SETTINGS[event])
+        if limit > 0 and not state.rate_exempt:
+            found.append(rate_limits.Limit(
+                event, limit, limits.client_key(state.client.ip, config.ipv6_prefix)))
+        if login and event in rate_limits.LOGIN_SETTINGS:
+            login_event, name = rate_limits.LOGIN_SETTINGS[event]
+            limit = getattr(config, name)
+            if limit > 0:
+                found.append(rate_limits.Limit(login_event, limit, login.lower()))
+        return found
+
+    def _window(self, event: str) -> float:
+        if event in (rate_limits.LOGIN_MESSAGE, rate_limits.LOGIN_RECIPIENT):
+            return self.config.login_rate_time_unit
+        return self.config.anvil_rate_time_unit
+
+    async def _count_event(self, state: ClientState, event: str,
+                           login: str | None = None) -> Reply | None:
+        """Count the event for its client and login in one round trip; the reply of the
+        first limit it passes. Redis failing lets the event through, as Postfix's smtpd
+        does when anvil cannot be reached; a dry run reads the counts and writes none."""
+        counted = self._rate_limits_of(state, event, login)
+        if not counted:
+            return None
+        rate_keys = [keys.event_rate_key(c.event, c.key) for c in counted]
+        windows = [self._window(c.event) for c in counted]
+        try:
+            if self.dry_run:
+                rates = [await self.event_rates.peek(key) + 1 for key in rate_keys]
+            else:
+                rates = await self.event_rates.count(list(zip(rate_keys, windows, strict=True)))
+        except EventRateError as exc:
+            log.warning("warning: %s: %s rate not counted: %s", state.label, event, exc)
+            return None
+        for limit, rate, window in zip(counted, rates, windows, strict=True):
+            verdict = self._note(state, rate_limits.decide(
+                limit.event, rate, limit.limit, ip=state.client.ip, name=state.client_name,
+                login=login or "", hostname=self.config.hostname, window=window))
+            if verdict.failed:
+                return verdict.reply
+        return None
+
+    async def _tls_sessions_so_far(self, client: Client, name: str,
+                                   spared: bool) -> Verdict | None:
+        """The look before a handshake: the client's new TLS sessions read, not counted
+        (the handshake that follows is counted by tls_started()); None when not limited."""
+        limit = self.config.client_new_tls_session_rate_limit
+        if limit <= 0 or spared or self.dry_run:
+            return None
+        key = keys.event_rate_key(rate_limits.NEW_TLS,
+                                  limits.client_key(client.ip, self.config.ipv6_prefix))
+        try:
+            rate = await self.event_rates.peek(key)
+        except EventRateError as exc:
+            log.warning("warning: %s[%s]: TLS session rate not read: %s", name, client.ip, exc)
+            return None
+        return rate_limits.starttls_refused(rate, limit, ip=client.ip, name=name,
+                                            window=self.config.anvil_rate_time_unit)
+
+    async def starttls(self, state: ClientState) -> Reply | None:
+        """Before the STARTTLS handshake: 454 once the client has had too many new TLS
+        sessions; the session goes on without TLS."""
+        verdict = await self._tls_sessions_so_far(state.client, state.client_name,
+                                                  state.rate_exempt)
+        if verdict is None:
+            return None
+        self._note(state, verdict)
+        return verdict.reply if verdict.failed else None
+
+    async def tls_service_refused(self, client: Client) -> bool:
+        """Port 465, before its handshake: whether the client has had too many new TLS
+        sessions already, so that no handshake is started (Postfix's wrapper mode closes
+        the connection without a word then)."""
+        verdict = await self._tls_sessions_so_far(client, "unknown", self._spared(client))
+        return verdict is not None and verdict.failed
+
+    async def tls_started(self, state: ClientState, resumed: bool) -> Reply | None:
+        """After a handshake (STARTTLS, or port 465's): a new session is counted, and one
+        too many ends the session with 421; a resumed one is not counted (Postfix's rule)."""
+        if resumed:
+            return None
+        return await self._count_event(state, rate_limits.NEW_TLS)
+
     # --- MAIL ------------------------------------------------------------------------------
 
     async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
@@ -468,6 +584,9 @@ class Policy:
             if reply is not None:
                 return reply
         return None
+
+    async def _mail_rate_limits(self, state: ClientState, request: Request) -> Reply | None:
+        return await self._count_event(state, rate_limits.MESSAGE, request.login)
 
     async def _mail_sender_login(self, state: ClientState, request: Request) -> Reply | None:
         if state.client.listener == MX:
@@ -516,6 +635,9 @@ class Policy:
     def _delayed(state: ClientState) -> bool:
         """Whether the client, HELO and sender findings apply (MX, not mynetworks)."""
         return state.client.listener == MX and not state.trusted
+
+    async def _rcpt_rate_limits(self, state: ClientState, request: Request) -> Reply | None:
+        return await self._count_event(state, rate_limits.RECIPIENT, request.login)
 
     async def _rcpt_screening(self, state: ClientState, request: Request) -> Reply | None:
         return state.enforced if self._delayed(state) else None
@@ -636,6 +758,18 @@ class Policy:
     # --- AUTH ------------------------------------------------------------------------------
 
     async def auth_allowed(self, state: ClientState) -> Reply | None:
+        """At each AUTH command (STAGES["auth"]): a 450 lets the session go on, a 421
+        (too many failures) ends it."""
+        for check in STAGES["auth"]:
+            reply = await _AUTH_STEPS[check](self, state)
+            if reply is not None:
+                return reply
+        return None
+
+    async def _auth_rate_limits(self, state: ClientState) -> Reply | None:
+        return await self._count_event(state, rate_limits.AUTH)
+
+    async def _auth_limit(self, state: ClientState) -> Reply | None:
         verdict = self._note(state, await self.auth_limits.check(state.client.ip, None))
         return verdict.reply if verdict.failed else None
 
@@ -690,9 +824,12 @@ def record_memory(config: Config) -> int:
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
 
 
-_MAIL_STEPS = {"sender_login": Policy._mail_sender_login, "sender": Policy._mail_sender}
+_AUTH_STEPS = {"rate_limits": Policy._auth_rate_limits, "auth_limit": Policy._auth_limit}
+_MAIL_STEPS = {"rate_limits": Policy._mail_rate_limits, "sender_login": Policy._mail_sender_login,
+               "sender": Policy._mail_sender}
 _RCPT_STEPS = {
-    "screening": Policy._rcpt_screening, "client_fcrdns": Policy._rcpt_client,
+    "rate_limits": Policy._rcpt_rate_limits, "screening": Policy._rcpt_screening,
+    "client_fcrdns": Policy._rcpt_client,
     "helo": Policy._rcpt_helo, "sender": Policy._rcpt_sender,
     "destination": Policy._rcpt_destination, "recipient": Policy._rcpt_recipient,
 }

@@ -72,6 +72,7 @@ class ClientState:
     lease: Any = None  # the connection count's lease, released when the session ends
     permitted: bool = False  # PSA permit or mynetworks: skip screening
     trusted: bool = False  # mynetworks: permit at every stage
+    rate_exempt: bool = False  # client_event_limit_exceptions: no per-client limit counts
     enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
     rev_ip: str | None = None
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)

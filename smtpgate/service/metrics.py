@@ -268,7 +268,8 @@ class Metrics:
             "written: session_record_memory was spent.")
         self.handshakes_refused = counter(
             "tls_handshakes_refused_total", "Connections to the submissions port (465) closed "
-            "before TLS: too many handshakes in progress from the client or in the worker.",
+            "before TLS: too many handshakes in progress from the client or in the worker, "
+            "or too many new TLS sessions from the client (limit rate).",
             ("limit",))
         self.spool_refused = counter(
             "spool_budget_refused_total", "Messages refused with 452 4.3.1 after the final dot: "

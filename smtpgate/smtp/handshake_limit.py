@@ -33,7 +33,8 @@ class HandshakeLimit:
         self.per_worker = per_worker
         self.in_progress = 0
         self.by_client: dict[str, int] = {}
-        self.refused = {"client": 0, "worker": 0}
+        # "rate": closed by the new TLS session rate limit (smtp.implicit_tls counts it)
+        self.refused = {"client": 0, "worker": 0, "rate": 0}
 
     def enter(self, ip: str) -> str | None:
         if self.per_worker and self.in_progress >= self.per_worker:

@@ -26,10 +26,13 @@ DESCRIPTION
 
     Handshakes in progress are bounded per client address and per worker
     (smtpgate.smtp.handshake_limit: submissions_client_handshake_limit,
-    submissions_handshake_limit); one over a bound is closed before TLS,
-    with Postfix's `warning: Refusing TLS service request from
-    unknown[ip] for service submissions (too many handshakes from the
-    client|in progress)`.
+    submissions_handshake_limit), and a client over
+    client_new_tls_session_rate_limit gets none (the policy reads its
+    count: smtpgate.policy.stages.Policy.tls_service_refused); such a
+    connection is closed before TLS, with Postfix's `warning: Refusing TLS
+    service request from unknown[ip] for service submissions (too many
+    handshakes from the client|too many handshakes in progress|too many
+    new TLS sessions)`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import ssl
 from collections.abc import Callable
 
 from smtpgate.address import plain_ip
+from smtpgate.policy.state import Client
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.proxy_header import SocketReader, expects_header, read_header
 from smtpgate.smtp.session import SUBMISSIONS, protocol_factory
@@ -51,8 +55,8 @@ from smtpgate.smtp.tls import handshake_error
 log = logging.getLogger("smtpgate.smtpd")
 
 HANDSHAKE_TIMEOUT = 30.0
-_OVER = {"client": "too many handshakes from the client", "worker": "too many handshakes in "
-                                                                    "progress"}
+_OVER = {"client": "too many handshakes from the client",
+         "worker": "too many handshakes in progress", "rate": "too many new TLS sessions"}
 
 
 def implicit_tls_factory(gate: Gate) -> Callable[[], asyncio.Protocol]:
@@ -105,6 +109,11 @@ async def _enter(gate: Gate, sock: socket.socket) -> None:
     client = (proxied.client_ip, proxied.client_port) if proxied else peer[:2]
     ip = plain_ip(client[0])
     over = gate.handshakes.enter(ip)
+    if over is None and await gate.policy.tls_service_refused(
+            Client(ip, client[1], listener=SUBMISSIONS, proxied=proxied is not None)):
+        gate.handshakes.leave(ip)
+        gate.handshakes.refused["rate"] += 1
+        over = "rate"
     if over is not None:
         log.warning("warning: Refusing TLS service request from unknown[%s] for service %s "
                     "(%s)", ip, SUBMISSIONS, _OVER[over])

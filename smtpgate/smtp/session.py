@@ -393,6 +393,9 @@ class Session:
         """Banner, with the pregreet wait and the connect-time checks of the policy."""
         banner = f"220 {self.config.hostname} ESMTP smtpgate"
         outcome = await self.policy.connect(self.state)
+        if outcome is None and self.listener == SUBMISSIONS:  # its handshake came first
+            outcome = await self.policy.tls_started(
+                self.state, tls_resumed(self.wire.extra("ssl_object")))
         if isinstance(outcome, GreetWait):
             received, delay = await self.wire.greet_wait(
                 f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
@@ -515,6 +518,10 @@ class Session:
         return lines
 
     async def _starttls(self, start: StartTls | None = None) -> None:
+        refusal = await self.policy.starttls(self.state)
+        if refusal is not None:  # the session goes on without TLS
+            self.reply(refusal)
+            return
         self.reply(replies.START_TLS)
         try:
             await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
@@ -523,13 +530,20 @@ class Session:
             log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
             raise Closing from None
         self.dialogue.tls_started()
-        log.info("%s", tls_established(self.client_label, self.wire.extra("ssl_object")))
+        ssl_object = self.wire.extra("ssl_object")
+        log.info("%s", tls_established(self.client_label, ssl_object))
+        refusal = await self.policy.tls_started(self.state, tls_resumed(ssl_object))
+        if refusal is not None:
+            self.reply(refusal)
+            raise Closing
 
     async def _auth(self, auth: Authenticate) -> None:
         refusal = await self.policy.auth_allowed(self.state)
         if refusal is not None:
             self.reply(refusal)
-            raise Closing
+            if refusal.code == 421:
+                raise Closing
+            return
         mechanism, initial = auth.mechanism, auth.initial
         if mechanism == "PLAIN":
             plain = await self._auth_read(initial, "")
@@ -741,6 +755,10 @@ _QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
 _DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
           ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
           Quit: Session._quit}
+
+
+def tls_resumed(ssl_object) -> bool:
+    return bool(getattr(ssl_object, "session_reused", False))
 
 
 def tls_established(label: str, ssl_object) -> str:
