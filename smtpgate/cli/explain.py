@@ -51,7 +51,8 @@ from smtpgate.verdict import Reply
 
 # the stage each check belongs to, for the record's headings
 STAGES = {
-    "access_list": "connect", "limits": "connect", "pregreet": "connect", "dnsbl": "connect",
+    "override": "connect", "access_list": "connect", "limits": "connect",
+    "pregreet": "connect", "dnsbl": "connect",
     "pipelining": "protocol", "non_smtp_command": "protocol", "bare_newline": "protocol",
     "auth_limit": "AUTH", "helo": "HELO", "sender": "MAIL", "sender_login": "MAIL",
     "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT",
@@ -106,8 +107,8 @@ async def _explain(args: Any, config: Config) -> int:
             if reply is not None:
                 print(f"  reply: {reply}")
                 refused = True
-                if reply.code == 421 or reply.code == 521:
-                    break
+                if title == "connect" or reply.code == 421 or reply.code == 521:
+                    break  # a reply at connect is the last word: the client is hung up on
             elif title.startswith("RCPT"):
                 print("  reply: (accepted; Postfix has the last word when the message is relayed)")
     finally:

@@ -29,7 +29,10 @@ DESCRIPTION
     kept in state.record (the decision record, bounded by
     smtpgate.policy.state).
 
-    On the MX listener, in postscreen's order at connect: the permanent
+    On the MX listener, in postscreen's order at connect, after the
+    operator's timed overrides (an allow as a PSA permit, a deny answered
+    at once; read with the PSA keys, from memory when the table cache is
+    loaded): the permanent
     access list (mynetworks, PSA; a drop answers before anything is
     counted), the connection limits, the screening cache, then pregreet and
     DNSBL together during the greet wait. `drop` answers at
@@ -72,6 +75,7 @@ from smtpgate.checks import (
     destination,
     helo,
     limits,
+    override,
     pregreet,
     protocol,
     recipient,
@@ -115,7 +119,7 @@ TEMPFAIL = "tempfail"
 # (smtpd_delay_reject); on submission only sender_login, sender, destination and recipient
 # apply.
 STAGES: dict[str, tuple[str, ...]] = {
-    "connect": ("access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
+    "connect": ("override", "access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
     "helo": ("helo",),
     "mail": ("sender_login", "sender"),
     "rcpt": ("screening", "client_fcrdns", "helo", "sender", "destination", "recipient"),
@@ -244,7 +248,8 @@ class Policy:
     # --- connect ---------------------------------------------------------------------------
 
     async def connect(self, state: ClientState) -> Reply | GreetWait | None:
-        """postscreen's order: the permanent access list, then the counts, then screening.
+        """postscreen's order: the overrides and the permanent access list, then the
+        counts, then screening.
 
         A client the access list drops is answered before it is counted: from the table
         cache that costs no Redis round trip, which is what makes a flood of denylisted
@@ -259,8 +264,10 @@ class Policy:
         return await self._count_and_screen(state)
 
     async def _access_list(self, state: ClientState) -> Reply | None:
-        """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
-        only port 25; a network denied there keeps its users' submission on 587 and 465."""
+        """The timed overrides, then postscreen_access_list (mynetworks, PSA): port 25
+        only, as postscreen guarded only port 25; a network denied there keeps its users'
+        submission on 587 and 465. Without an override nothing is noted for it (a dry run
+        notes "no override", for explain)."""
         client = state.client
         ip, port = client.ip, client.port
         try:
@@ -269,10 +276,18 @@ class Policy:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
             return CONNECT_TEMPFAIL
+        state.rev_ip = facts.rev.value if facts.rev is not None else None
+        if facts.override is not None or self.dry_run:
+            verdict = self._note(state, override.decide(ip, facts.override, time.time()))
+            if verdict.outcome is Outcome.PERMIT:  # as a PSA permit: no access list, no tests
+                log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
+                state.permitted = True
+                return None
+            if verdict.failed:  # in place of the banner, before anything is counted
+                return verdict.reply
         psa = facts.psa
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
-        state.rev_ip = facts.rev.value if facts.rev is not None else None
         verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=self._mynetworks(client),
             action=self.config.access_reject_action,

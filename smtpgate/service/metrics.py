@@ -65,6 +65,9 @@ DESCRIPTION
       dnsbl_zone_up{zone}                0 when the zone's last answer was
           an error or a failure in some worker (livemin)
       table_lookups_total, table_round_trips_total
+      overrides_in_force{action}         timed overrides (smtpgate allow / deny)
+          in force, as the table cache holds them (livemax: every worker
+          holds the same ones; none while no worker's cache is loaded)
       redis_up, next_hop_up              livemin; next_hop_up: some hop works
       next_hop_host_up{hop,role}         each next hop, role mx or submission
           (livemin; a hop a reload dropped keeps its last value until the
@@ -84,6 +87,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
@@ -249,6 +253,9 @@ class Metrics:
                                      "Table lookups (the Redis keys a session asked for).")
         self.table_round_trips = counter("table_round_trips_total",
                                          "Redis round trips made by the tables.")
+        self.overrides_in_force = gauge(
+            "overrides_in_force", "Timed overrides in force (smtpgate allow / deny), by "
+            "action.", "livemax", ("action",))
         self.redis_up = gauge("redis_up", "Whether Redis answered the last round trip, "
                               "in every worker.", "livemin")
         self.next_hop_up = gauge("next_hop_up", "Whether some next hop's last connection "
@@ -322,6 +329,9 @@ class Metrics:
         stats = policy.tables.stats
         self._copy(self.table_lookups, "lookups", stats.lookups)
         self._copy(self.table_round_trips, "round_trips", stats.round_trips)
+        overrides = policy.tables.overrides_in_force(time.time())
+        for action, count in (overrides or {}).items():
+            self.overrides_in_force.labels(action).set(count)
         self._copy(self.records_not_written, "records_over_budget", policy.evidence.over_budget)
         self._copy(self.spool_refused, "spool_refused", gate.spool_budget.refused)
         for limit, refused in gate.handshakes.refused.items():
