@@ -10,7 +10,6 @@ import pytest
 from services.waiting import no_hang
 
 from smtpgate.checks import override as override_check
-from smtpgate.cli.main import main
 from smtpgate.lookups import keys
 from smtpgate.lookups.tables import Tables
 from smtpgate.override_record import (
@@ -159,25 +158,6 @@ def test_decide(found, outcome, reply, reason):
 
 
 # --- the CLI and the lookups, against real Redis --------------------------------------------
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """smtpgate's command line, in this process: (status, stdout, stderr)."""
-    monkeypatch.setenv("SMTPGATE_ENV_FILE", "")
-    monkeypatch.setenv("SUDO_USER", "alice")
-
-    def call(url: str, *args: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("REDIS", url)
-        capsys.readouterr()
-        try:
-            status = main(list(args))
-        except SystemExit as exc:  # argparse's own refusals
-            status = exc.code
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
 
 
 BAD_INPUT = [
