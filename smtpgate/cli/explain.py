@@ -55,7 +55,7 @@ STAGES = {
     "pregreet": "connect", "dnsbl": "connect",
     "pipelining": "protocol", "non_smtp_command": "protocol", "bare_newline": "protocol",
     "auth_limit": "AUTH", "helo": "HELO", "sender": "MAIL", "sender_login": "MAIL",
-    "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT",
+    "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT", "greylist": "RCPT",
 }
 
 

@@ -401,3 +401,21 @@ def override_network(redis_key: str) -> str | None:
     """The network an override key names; None for another key."""
     marker = OVERRIDE + ":"
     return redis_key[len(marker):] if redis_key.startswith(marker) else None
+
+
+# ---- greylisting (lookups.greylist_store) ----
+# A triplet first seen: the Unix time in ms of its first try, SET with PX greylist_retry_window
+# (postgrey's window for the retry), deleted when it passes. A network that passed: the time
+# of the pass, SET with PX greylist_pass_ttl. Both keys of one client network meet in one
+# script, so the network is their Redis Cluster hash tag.
+GREYLIST = OWN_PREFIX + "grey:"
+GREYLIST_PASS = OWN_PREFIX + "greypass:"
+
+
+def greylist_key(network: str, tail: str) -> str:
+    """network: the client's /24 or /64; tail: "sender-domain" or "sender-domain/rcpt"."""
+    return f"{GREYLIST}{{{network}}}:{tail}"
+
+
+def greylist_pass_key(network: str) -> str:
+    return f"{GREYLIST_PASS}{{{network}}}"

@@ -64,6 +64,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,7 @@ from smtpgate.checks import (
     access_list,
     client_fcrdns,
     destination,
+    greylist,
     helo,
     limits,
     override,
@@ -92,6 +94,7 @@ from smtpgate.lookups.auth_probe import AuthGuard, AuthProbe
 from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.evidence import EvidenceStore
+from smtpgate.lookups.greylist_store import GreylistError, GreylistStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
     NO_TESTS,
@@ -122,7 +125,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "connect": ("override", "access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
     "helo": ("helo",),
     "mail": ("sender_login", "sender"),
-    "rcpt": ("screening", "client_fcrdns", "helo", "sender", "destination", "recipient"),
+    "rcpt": ("screening", "client_fcrdns", "helo", "sender", "destination", "recipient",
+             "greylist"),
     "data": (),
 }
 
@@ -167,6 +171,8 @@ class Policy:
             redis_client, config.auth_failure_limit, ipv6_prefix=config.ipv6_prefix,
             timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
+        self.greylist = greylist_store(redis_client, config)
+        self.greylist_counts: Counter[str] = Counter()  # store answers, for the metrics
         self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
             redis_client, ttl=config.session_record_ttl,
             size_limit=config.session_record_size_limit, timeout=config.redis_timeout,
@@ -188,6 +194,7 @@ class Policy:
         self.evidence.ttl = config.session_record_ttl
         self.evidence.size_limit = config.session_record_size_limit
         self.evidence.memory = record_memory(config)
+        self.greylist = greylist_store(self.redis, config)
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None, dry_run: bool = False,
@@ -391,6 +398,7 @@ class Policy:
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
             verdict = self._note(state, self._dnsbl_verdict(result))
+            state.dnsbl_score = dnsbl_check.score(self.sites, result).total
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -477,6 +485,7 @@ class Policy:
 
     async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
         state.sender_reject = None
+        state.sender = path.address
         request = Request(path, login)
         for check in STAGES["mail"]:
             reply = await _MAIL_STEPS[check](self, state, request)
@@ -559,6 +568,7 @@ class Policy:
         except TimeoutError:
             return Reply(450, "4.7.25", "Client host rejected: cannot find your hostname, "
                          f"[{state.client.ip}]")
+        state.fcrdns = facts  # also for greylisting's signals, when the task had to be awaited
         if facts.hostname:
             state.client_name = facts.hostname
         rev_by_name = {}
@@ -601,6 +611,63 @@ class Policy:
             listed=facts.vali is not None or facts.vbox is not None, access=recip,
             show_table=self.config.show_user_unknown_table_name))
         return verdict.reply if verdict.failed else None
+
+    async def _rcpt_greylist(self, state: ClientState, request: Request) -> Reply | None:
+        """Last at RCPT, as postgrey sits after reject_unauth_destination: a recipient that
+        does not exist is refused for good, not deferred."""
+        config = self.config
+        if config.greylist == "off":
+            return None
+        ip = state.client.ip
+        why_not = greylist.exempt(
+            config.greylist, listener_mx=state.client.listener == MX,
+            trusted=state.trusted or request.login is not None, permitted=state.permitted,
+            dnswl=(state.dnsbl_score or 0) < 0)
+        if why_not is not None:
+            if state.client.listener == MX:
+                self._note(state, Verdict(greylist.CHECK, Outcome.SKIP,
+                                          reason=f"[{ip}] not greylisted: {why_not}"))
+            return None
+        why: tuple[str, ...] | str = "greylisting every client"
+        if config.greylist == "selective":
+            why = greylist.doubts(ip, _suspicion(state, config.dnsbl_threshold),
+                                  config.greylist_signals, config.greylist_dynamic_pattern)
+            if not why:
+                self._note(state, Verdict(greylist.CHECK, Outcome.PASS,
+                                          reason=f"[{ip}] not doubtful"))
+                return None
+        address = request.path.address
+        network, tail = greylist.triplet(ip, state.sender or "",
+                                         address if config.greylist_recipient else None)
+        seen = await self._greylist_seen(state, network, tail)
+        if seen is None:
+            return RCPT_TEMPFAIL
+        verdict = self._note(state, greylist.decide(
+            ip, address, network, tail, seen, why, config.greylist_delay,
+            config.greylist_retry_window))
+        return verdict.reply if verdict.failed else None
+
+    async def _greylist_seen(self, state: ClientState, network: str,
+                             tail: str) -> greylist.Seen | None:
+        """The store's answer, once per session and key (a pass for the whole session);
+        None when Redis cannot answer."""
+        known = state.greylist_seen
+        if known is None:
+            known = state.greylist_seen = {}
+        if "" in known:
+            return known[""]  # the network passed in this session
+        if tail in known:
+            return known[tail]
+        try:
+            seen = await self.greylist.see(network, tail, write=not self.dry_run)
+        except GreylistError as exc:
+            log.warning("warning: %s: RCPT from %s: %s", RCPT_TEMPFAIL, state.label, exc)
+            return None
+        self.greylist_counts[seen.state] += 1
+        known[tail] = seen
+        if seen.state in ("passed", "retried"):
+            known[""] = greylist.Seen("passed")
+        return seen
 
     async def _protocol_passes(self, state: ClientState) -> None:
         """postscreen counts its deep protocol tests as passed once a client reaches RCPT."""
@@ -700,6 +767,22 @@ class Policy:
             self.counter.release_soon(lease, write)
 
 
+def greylist_store(redis: Any, config: Config) -> GreylistStore:
+    return GreylistStore(redis, delay=config.greylist_delay,
+                         retry_window=config.greylist_retry_window,
+                         pass_ttl=config.greylist_pass_ttl, timeout=config.redis_timeout)
+
+
+def _suspicion(state: ClientState, dnsbl_threshold: int) -> greylist.Suspicion:
+    """What the earlier stages found that greylisting's signals read."""
+    facts = state.fcrdns
+    return greylist.Suspicion(
+        no_fcrdns=facts is None or facts.hostname is None,
+        names=facts.ptr_names if facts is not None else (),
+        dnsbl_score=state.dnsbl_score, dnsbl_threshold=dnsbl_threshold,
+        failed_tests=tuple(t for t in state.screening_failed if t != "dnsbl"))
+
+
 def record_memory(config: Config) -> int:
     """This worker's share of the node's session_record_memory."""
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
@@ -710,4 +793,5 @@ _RCPT_STEPS = {
     "screening": Policy._rcpt_screening, "client_fcrdns": Policy._rcpt_client,
     "helo": Policy._rcpt_helo, "sender": Policy._rcpt_sender,
     "destination": Policy._rcpt_destination, "recipient": Policy._rcpt_recipient,
+    "greylist": Policy._rcpt_greylist,
 }
