@@ -619,10 +619,11 @@ class Policy:
         if config.greylist == "off":
             return None
         ip = state.client.ip
+        score = self._dnsbl_score_now(state)
         why_not = greylist.exempt(
             config.greylist, listener_mx=state.client.listener == MX,
             trusted=state.trusted or request.login is not None, permitted=state.permitted,
-            dnswl=(state.dnsbl_score or 0) < 0)
+            dnswl=(score or 0) < 0)
         if why_not is not None:
             if state.client.listener == MX:
                 self._note(state, Verdict(greylist.CHECK, Outcome.SKIP,
@@ -630,7 +631,7 @@ class Policy:
             return None
         why: tuple[str, ...] | str = "greylisting every client"
         if config.greylist == "selective":
-            why = greylist.doubts(ip, _suspicion(state, config.dnsbl_threshold),
+            why = greylist.doubts(ip, _suspicion(state, score, config.dnsbl_threshold),
                                   config.greylist_signals, config.greylist_dynamic_pattern)
             if not why:
                 self._note(state, Verdict(greylist.CHECK, Outcome.PASS,
@@ -645,7 +646,21 @@ class Policy:
         verdict = self._note(state, greylist.decide(
             ip, address, network, tail, seen, why, config.greylist_delay,
             config.greylist_retry_window))
-        return verdict.reply if verdict.failed else None
+        if not verdict.failed:
+            return None
+        # No cached DNSBL pass for a client greylisted: its retry asks the DNSBL again (the
+        # querier's memory, mostly), so its score, the doubt, is known then too.
+        state.screening_passes.pop("dnsbl", None)
+        return verdict.reply
+
+    def _dnsbl_score_now(self, state: ClientState) -> int | None:
+        """The DNSBL score as known now: screening goes on once no answer can change its
+        outcome, but the zones still pending have usually answered by RCPT (in memory)."""
+        if state.dnsbl_score is None:
+            return None
+        latest = self.querier.snapshot(state.client.ip)
+        return state.dnsbl_score if latest is None else dnsbl_check.score(self.sites,
+                                                                          latest).total
 
     async def _greylist_seen(self, state: ClientState, network: str,
                              tail: str) -> greylist.Seen | None:
@@ -773,13 +788,14 @@ def greylist_store(redis: Any, config: Config) -> GreylistStore:
                          pass_ttl=config.greylist_pass_ttl, timeout=config.redis_timeout)
 
 
-def _suspicion(state: ClientState, dnsbl_threshold: int) -> greylist.Suspicion:
+def _suspicion(state: ClientState, dnsbl_score: int | None,
+               dnsbl_threshold: int) -> greylist.Suspicion:
     """What the earlier stages found that greylisting's signals read."""
     facts = state.fcrdns
     return greylist.Suspicion(
         no_fcrdns=facts is None or facts.hostname is None,
         names=facts.ptr_names if facts is not None else (),
-        dnsbl_score=state.dnsbl_score, dnsbl_threshold=dnsbl_threshold,
+        dnsbl_score=dnsbl_score, dnsbl_threshold=dnsbl_threshold,
         failed_tests=tuple(t for t in state.screening_failed if t != "dnsbl"))
 
 
