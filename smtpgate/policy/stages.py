@@ -486,6 +486,8 @@ class Policy:
     async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
         state.sender_reject = None
         state.sender = path.address
+        if state.greylist_seen is not None and "" not in state.greylist_seen:
+            state.greylist_seen = None  # a new transaction asks again (the delay may be over)
         request = Request(path, login)
         for check in STAGES["mail"]:
             reply = await _MAIL_STEPS[check](self, state, request)
