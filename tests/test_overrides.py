@@ -265,9 +265,17 @@ async def test_an_override_is_found_and_ends_by_itself(cli, target, cached):
 
             await _until(allowed, "the allow seen")
             assert (await found("198.51.100.10")).network == "198.51.100.0/24"
+            assert (await found("::ffff:198.51.100.10")).network == "198.51.100.0/24"
             assert await found("203.0.113.1") is None
+            assert cli(url, "deny", "2001:db8::/32", "--for", "1h", "--reason", "v6")[0] == 0
+
+            async def ipv6_denied() -> bool:
+                return await found("2001:db8:1::25") is not None
+
+            await _until(ipv6_denied, "the IPv6 deny seen")
+            assert await found("2001:db9::25") is None
             if cached:
-                assert tables.overrides_in_force(time.time()) == {"allow": 1, "deny": 1}
+                assert tables.overrides_in_force(time.time()) == {"allow": 1, "deny": 2}
                 assert tables.stats.round_trips == 1  # the start's PING: none per lookup
 
             async def denied_again() -> bool:  # the /24's deny decides once the allow is gone
@@ -279,8 +287,8 @@ async def test_an_override_is_found_and_ends_by_itself(cli, target, cached):
             assert redis.get("smtpgate:override:198.51.100.9") is None  # Redis removed it
             assert time.monotonic() - set_at < 10
             if cached:  # the expiry's invalidation reached the index too
-                await _until(lambda: len(tables.cache.overrides()) == 1, "index")
-                assert tables.overrides_in_force(time.time()) == {"allow": 0, "deny": 1}
+                await _until(lambda: len(tables.cache.overrides()) == 2, "index")
+                assert tables.overrides_in_force(time.time()) == {"allow": 0, "deny": 2}
     finally:
         await tables.close()
 
