@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -241,6 +242,28 @@ def _record_ttl(value: Any) -> float:
     return ttl
 
 
+def words_of(choices: tuple[str, ...]) -> Callable[[Any], tuple[str, ...]]:
+    """Words from a fixed set, space- or comma-separated (a TOML list too); none is allowed."""
+    def parse(value: Any) -> tuple[str, ...]:
+        items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+        words = tuple(dict.fromkeys(str(i).strip().lower() for i in items if str(i).strip()))
+        unknown = [w for w in words if w not in choices]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of {', '.join(choices)}")
+        return words
+
+    return parse
+
+
+def regex(value: Any) -> str:
+    text = str(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 _ACTIONS = ("ignore", "enforce", "drop")
@@ -255,6 +278,15 @@ def setting(default: Any, parse: Callable[[Any], Any], doc: str, env: str | None
 
 
 SECRET_FIELDS = frozenset({"redis"})
+
+# greylisting's vocabulary (smtpgate.checks.greylist implements each signal)
+GREYLIST_MODES = ("off", "selective", "all")
+GREYLIST_SIGNALS = ("no_fcrdns", "dnsbl_low", "dynamic_name", "protocol_failed")
+# what residential and dial-up reverse names are made of (ISPs' own words), searched in the
+# name without its last two labels
+GREYLIST_DYNAMIC_PATTERN = (
+    r"(^|[.-])(dyn|dynamic|dhcp|dial|dialup|dsl|adsl|vdsl|xdsl|ppp|pppoe|pool|cable|"
+    r"broadband|cpe|customer|cust|res|residential|home|user|client)[0-9]*([.-]|$)")
 
 # SMTPGATE_ variables that are not settings of Config: the files settings come from, and
 # switches read elsewhere (the event loop, the test harness, the Postfix image)
@@ -424,6 +456,38 @@ class Config:
         True, parse_bool,
         "show_user_unknown_table_name: name the table in the unknown-user reply (\"User unknown "
         "in virtual mailbox table\"); no: \"User unknown\", as the docker-postfix-redis image")
+
+    # greylisting (postgrey's delays, for doubtful clients only under "selective")
+    greylist: str = setting(
+        "off", one_of(*GREYLIST_MODES),
+        "greylisting at RCPT on port 25: off, selective (only clients showing one of "
+        "greylist_signals) or all (every client not allowlisted)")
+    greylist_delay: float = setting(
+        300.0, seconds(0, 86400),
+        "how long a greylisted client waits before its retry passes (postgrey --delay)")
+    greylist_retry_window: float = setting(
+        172800.0, seconds(60),
+        "how long after the first try a retry still passes; later it starts over "
+        "(postgrey --retry-window, 2 days)")
+    greylist_pass_ttl: float = setting(
+        3024000.0, seconds(60),
+        "how long a client network that passed is not greylisted again, on any node "
+        "(postgrey --max-age, 35 days)")
+    greylist_recipient: bool = setting(
+        False, parse_bool,
+        "key on the recipient too: client /24 or /64, sender domain and recipient (no: "
+        "network and sender domain)")
+    greylist_signals: tuple[str, ...] = setting(
+        GREYLIST_SIGNALS, words_of(GREYLIST_SIGNALS),
+        "what makes a client doubtful under selective: no_fcrdns (no forward-confirmed "
+        "name), dnsbl_low (a DNSBL score above 0 under the threshold), dynamic_name (a "
+        "reverse name like a home line's), protocol_failed (a screening test failed under "
+        "ignore)")
+    greylist_dynamic_pattern: str = setting(
+        GREYLIST_DYNAMIC_PATTERN, regex,
+        "regular expression (Python) for a dynamic-looking reverse name, searched in the "
+        "lower-cased name without its last two labels (a name with three of the client's "
+        "IPv4 numbers looks dynamic too); empty: that part only")
 
     # protocol limits (Postfix's names and defaults)
     message_size_limit: int = setting(

@@ -15,6 +15,8 @@ SYNOPSIS
         redis           redis.Redis on a flushed db 0 (Redis restarted if a test left it down)
         dns             dns_server with no records and no special zones
     Session fixture start_gate(listeners=("mx",), **env) -> services.gate_process.GateProcess
+    Function fixture cli(redis_url, *args) -> (status, stdout, stderr): `smtpgate ARGS` run in
+        this process against that Redis, as SUDO_USER=alice, with no settings file
     Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per run)
     Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
     closed after it, and a test that passed but left one open fails at teardown.
@@ -248,6 +250,27 @@ def start_gate(service_root, postfix_server, redis_server, dns_server, dovecot_s
             failures.append(f"{gate.workdir.name}: {exc}")
     if failures:
         raise AssertionError("\n\n".join(failures))
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """smtpgate's command line, in this process: (exit status, stdout, stderr)."""
+    from smtpgate.cli.main import main
+
+    monkeypatch.setenv("SMTPGATE_ENV_FILE", "")
+    monkeypatch.setenv("SUDO_USER", "alice")
+
+    def call(url: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("REDIS", url)
+        capsys.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse's own refusals
+            status = exc.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return call
 
 
 # --- the shipped image ---------------------------------------------------------------------

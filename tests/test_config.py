@@ -234,6 +234,15 @@ BAD_ENVIRONMENT = [
     pytest.param({"SMTPGATE_DNSBL_SITES": "zen.spamhaus.org=127.0.0.[2..x]"},
                  "SMTPGATE_DNSBL_SITES: 'zen.spamhaus.org=127.0.0.[2..x]': bad filter",
                  id="dnsbl-bad-filter"),
+    pytest.param({"SMTPGATE_GREYLIST": "some"},
+                 "SMTPGATE_GREYLIST: 'some' is not one of off, selective, all",
+                 id="greylist-mode"),
+    pytest.param({"SMTPGATE_GREYLIST_SIGNALS": "no_fcrdns, dnsbl"},
+                 "SMTPGATE_GREYLIST_SIGNALS: 'dnsbl' is not one of no_fcrdns, dnsbl_low, "
+                 "dynamic_name, protocol_failed", id="greylist-signal"),
+    pytest.param({"SMTPGATE_GREYLIST_DYNAMIC_PATTERN": "(dsl"},
+                 "SMTPGATE_GREYLIST_DYNAMIC_PATTERN: '(dsl' is not a regular expression: "
+                 "missing ), unterminated subpattern at position 0", id="greylist-pattern"),
     pytest.param({"SMTPGATE_TLS_OPTIONAL": "maybe"},
                  "SMTPGATE_TLS_OPTIONAL: 'maybe' is not yes or no", id="bad-boolean"),
     pytest.param({"SMTPGATE_DNSBL_REPLY_MAP": "zen"},

@@ -51,10 +51,11 @@ from smtpgate.verdict import Reply
 
 # the stage each check belongs to, for the record's headings
 STAGES = {
-    "access_list": "connect", "limits": "connect", "pregreet": "connect", "dnsbl": "connect",
+    "override": "connect", "access_list": "connect", "limits": "connect",
+    "pregreet": "connect", "dnsbl": "connect",
     "pipelining": "protocol", "non_smtp_command": "protocol", "bare_newline": "protocol",
     "auth_limit": "AUTH", "helo": "HELO", "sender": "MAIL", "sender_login": "MAIL",
-    "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT",
+    "client_fcrdns": "RCPT", "destination": "RCPT", "recipient": "RCPT", "greylist": "RCPT",
     "new_tls_session_rate_limit": "STARTTLS", "auth_rate_limit": "AUTH",
     "message_rate_limit": "MAIL", "login_message_rate_limit": "MAIL",
     "recipient_rate_limit": "RCPT", "login_recipient_rate_limit": "RCPT",
@@ -109,8 +110,8 @@ async def _explain(args: Any, config: Config) -> int:
             if reply is not None:
                 print(f"  reply: {reply}")
                 refused = True
-                if reply.code == 421 or reply.code == 521:
-                    break
+                if title == "connect" or reply.code == 421 or reply.code == 521:
+                    break  # a reply at connect is the last word: the client is hung up on
             elif title.startswith("RCPT"):
                 print("  reply: (accepted; Postfix has the last word when the message is relayed)")
     finally:

@@ -1,4 +1,4 @@
-"""main - the `smtpgate` command: serve, check-config, table, explain.
+"""main - the `smtpgate` command: serve, check-config, table, explain, allow, deny, overrides.
 
 SYNOPSIS
     main(argv: list[str] | None = None) -> int
@@ -28,6 +28,7 @@ import sys
 import time
 
 from smtpgate import __version__, session_id
+from smtpgate.cli import overrides as overrides_cli
 from smtpgate.config import ConfigError, load
 
 
@@ -167,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--helo")
     explain.add_argument("--from", dest="sender")
     explain.add_argument("--rcpt", action="append", default=[])
+    overrides_cli.add_commands(sub, [files])
     return top
 
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         from smtpgate.cli.explain import run as explain
 
         return explain(args, config)
+    if args.command in overrides_cli.COMMANDS:
+        return overrides_cli.run(args, config)
     return 2
 
 

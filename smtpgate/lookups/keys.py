@@ -20,7 +20,8 @@ SYNOPSIS
     normalize_key(prefix, name) -> str                 canonical key name, ValueError why not
     check_value(prefix, value) -> str                  the value to store, ValueError why not
 
-    smtpgate's own keys (the section at the end: "smtpgate:" ...)
+    smtpgate's own keys (the section at the end: "smtpgate:" ...), among them
+    OVERRIDE, override_key(network), override_network(redis_key) -> str | None
 
 DESCRIPTION
     The image's keys are the users' data and are read exactly as stored:
@@ -394,3 +395,39 @@ SESSION_ALIASES = OWN_PREFIX + "aliases:"
 
 def session_alias_key(session_id: str) -> str:
     return f"{SESSION_ALIASES}{int(session_time(session_id) // 60)}"
+
+
+# ---- timed overrides (smtpgate allow / deny; smtpgate.override_record) ----
+# One string per IP or network, named as PSA names them (`smtpgate:override:192.0.2.0/24`):
+# the override as JSON, SET by the CLI with EX its duration, so Redis removes it by itself.
+# The table cache holds them all, indexed like PSA; the fallback MGET reads
+# network_keys(OVERRIDE, ip) with the PSA and REV keys.
+OVERRIDE = OWN_PREFIX + "override"
+
+
+def override_key(network: str) -> str:
+    return key(OVERRIDE, network)
+
+
+def override_network(redis_key: str) -> str | None:
+    """The network an override key names; None for another key."""
+    marker = OVERRIDE + ":"
+    return redis_key[len(marker):] if redis_key.startswith(marker) else None
+
+
+# ---- greylisting (lookups.greylist_store) ----
+# A triplet first seen: the Unix time in ms of its first try, SET with PX greylist_retry_window
+# (postgrey's window for the retry), deleted when it passes. A network that passed: the time
+# of the pass, SET with PX greylist_pass_ttl. Both keys of one client network meet in one
+# script, so the network is their Redis Cluster hash tag.
+GREYLIST = OWN_PREFIX + "grey:"
+GREYLIST_PASS = OWN_PREFIX + "greypass:"
+
+
+def greylist_key(network: str, tail: str) -> str:
+    """network: the client's /24 or /64; tail: "sender-domain" or "sender-domain/rcpt"."""
+    return f"{GREYLIST}{{{network}}}:{tail}"
+
+
+def greylist_pass_key(network: str) -> str:
+    return f"{GREYLIST_PASS}{{{network}}}"

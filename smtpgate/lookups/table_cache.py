@@ -16,6 +16,8 @@ SYNOPSIS
         .load(pairs)                                   replace the scanned tables
         .apply(redis_key, value | None)                one scanned key changed
         .lookup_ip(prefix, ip) / .lookup_name(prefix, name)
+        .lookup_override(ip) -> tuple[str, str] | None   the most specific override key
+        .overrides() -> list[str]                      every override value held
         .generation -> int
         .get(redis_key) -> str | None | MISS
         .put(redis_key, value, generation)             ignored if invalidated since
@@ -32,7 +34,10 @@ DESCRIPTION
     SCAN and indexed: networks per (IP version, prefix length) in dicts keyed
     by the network's integer, so a lookup is one dict probe per prefix length
     in use, longest first. A key that is not an IP or network goes to the
-    name index (REV hostnames, HLO, VDOM).
+    name index (REV hostnames, HLO, VDOM). The timed overrides
+    (keys.OVERRIDE, smtpgate's own) are held the same way, in a network
+    index of their own: with none set, looking one up costs a loop over no
+    prefix lengths, and no round trip.
 
     The point tables can be large (one key per address), so only the keys
     asked for are kept, absent ones included, in an LRU of max_entries.
@@ -74,8 +79,15 @@ log = logging.getLogger("smtpgate.tables")
 SCANNED = (keys.PSA, keys.REV, keys.HLO, keys.VDOM)
 POINT = (keys.VALI, keys.VBOX, keys.RECIP, keys.LOGMAP)
 NETWORK_TABLES = (keys.PSA, keys.REV)
+# what is loaded whole (the scanned tables, the overrides), and what tracking watches
+SCANNED_PREFIXES = (*(f"{p}:" for p in SCANNED), keys.OVERRIDE + ":")
+WATCHED = SCANNED_PREFIXES + tuple(f"{p}:" for p in POINT)
 INVALIDATE_CHANNEL = "__redis__:invalidate"
 MISS = object()
+
+
+def is_scanned(redis_key: str) -> bool:
+    return redis_key.startswith(SCANNED_PREFIXES)
 
 
 class NetworkIndex:
@@ -127,6 +139,10 @@ class NetworkIndex:
                 return redis_key, entries[redis_key]
         return None
 
+    def values(self) -> list[str]:
+        return [v for table in self._nets.values() for entries in table.values()
+                for v in entries.values()]
+
 
 class NameIndex:
     """Non-IP keys of one table, matched case-insensitively."""
@@ -174,6 +190,7 @@ class TableCache:
     def _reset_scanned(self) -> None:
         self._nets = {p: NetworkIndex() for p in NETWORK_TABLES}
         self._names = {p: NameIndex() for p in SCANNED}
+        self._overrides = NetworkIndex()
 
     # --- scanned tables
 
@@ -183,6 +200,13 @@ class TableCache:
             self.apply(redis_key, value)
 
     def apply(self, redis_key: str, value: str | None) -> None:
+        override = keys.override_network(redis_key)
+        if override is not None:
+            self._overrides.discard(redis_key)
+            net = keys.parse_network(override)
+            if net is not None and value is not None:
+                self._overrides.put(redis_key, net, value)
+            return
         split = keys.split_key(redis_key)
         if split is None or split[0] not in SCANNED:
             return
@@ -203,11 +227,18 @@ class TableCache:
     def lookup_name(self, prefix: str, name: str) -> tuple[str, str] | None:
         return self._names[prefix].lookup(name)
 
+    def lookup_override(self, ip: keys.IPAddress) -> tuple[str, str] | None:
+        return self._overrides.lookup(ip)
+
+    def overrides(self) -> list[str]:
+        return self._overrides.values()
+
     def sizes(self) -> dict[str, int]:
         """Keys held per scanned table, and "point": the point tables' keys remembered."""
         sizes = {p: len(self._names[p]) for p in SCANNED}
         for p in NETWORK_TABLES:
             sizes[p] += len(self._nets[p])
+        sizes["overrides"] = len(self._overrides)
         sizes["point"] = len(self._point)
         return sizes
 
@@ -357,8 +388,8 @@ class CacheSync:
         await conn.send_command("CLIENT", "ID")
         client_id = await conn.read_response()
         prefixes: list[str] = []
-        for prefix in SCANNED + POINT:
-            prefixes += ["PREFIX", f"{prefix}:"]
+        for prefix in WATCHED:
+            prefixes += ["PREFIX", prefix]
         # Redirect to this very connection: it is then subscribed to the channel, and if it
         # drops, tracking and subscription go together (no silent half state).
         await conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
@@ -382,11 +413,11 @@ class CacheSync:
     async def _load(self) -> None:
         pairs: list[tuple[str, str]] = []
         for client in self._clients:
-            for prefix in SCANNED:
+            for prefix in SCANNED_PREFIXES:
                 cursor = 0
                 while True:
                     cursor, found = await asyncio.wait_for(
-                        client.scan(cursor, match=f"{prefix}:*", count=1000), self.timeout)
+                        client.scan(cursor, match=f"{prefix}*", count=1000), self.timeout)
                     if found:
                         values = await self._values(client, found)
                         pairs += [(k, v) for k, v in zip(found, values, strict=True)
@@ -428,7 +459,7 @@ class CacheSync:
             await self._load()
             return
         self.cache.invalidate(data)
-        scanned = [k for k in data if (s := keys.split_key(k)) and s[0] in SCANNED]
+        scanned = [k for k in data if is_scanned(k)]
         if scanned:
             values = await self._values(client, scanned)
             for redis_key, value in zip(scanned, values, strict=True):
@@ -437,8 +468,14 @@ class CacheSync:
 
 
 def loaded_text(sizes: dict[str, int]) -> str:
-    """The load's log line: `PSA 2 keys, REV 0 keys, ..., 0 point lookups remembered`."""
+    """The load's log line: `PSA 2 keys, REV 0 keys, ..., 1 override, 0 point lookups
+    remembered`."""
     tables = [f"{table} {count} key{'' if count == 1 else 's'}"
-              for table, count in sizes.items() if table != "point"]
+              for table, count in sizes.items() if table not in ("point", "overrides")]
+    extra = []
+    if "overrides" in sizes:
+        count = sizes["overrides"]
+        extra.append(f"{count} override{'' if count == 1 else 's'}")
     point = sizes.get("point", 0)
-    return ", ".join([*tables, f"{point} point lookup{'' if point == 1 else 's'} remembered"])
+    return ", ".join([*tables, *extra,
+                      f"{point} point lookup{'' if point == 1 else 's'} remembered"])

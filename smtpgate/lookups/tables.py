@@ -5,7 +5,9 @@ SYNOPSIS
     Tables.from_config(config) -> Tables
     await tables.start()    await tables.close()    async with Tables(...) as tables: ...
 
-    await tables.connect_facts(ip) -> ConnectFacts(psa: Hit | None, rev: Hit | None)
+    await tables.connect_facts(ip) -> ConnectFacts(psa: Hit | None, rev: Hit | None,
+                                                   override: Override | None)
+    tables.overrides_in_force(now) -> dict[str, int] | None   per action; None: cache not loaded
     await tables.rev_by_name(hostname) -> Hit | None
     await tables.helo(name) -> Hit | None
     await tables.rcpt_facts(address) -> RcptFacts(address, domain, vdom, vali, vbox, recip)
@@ -15,6 +17,7 @@ SYNOPSIS
     await tables.get(prefix, name) -> str | None         raw value of exactly one key
 
     Hit(table, key, value, action=None, targets=(), error="")    .invalid -> bool
+    (Override: smtpgate.override_record)
     tables.health -> Health(ok, detail, since)     tables.stats -> Stats
     TableError                     Redis down, slow or failing: tempfail the phase
     CONNECT_TEMPFAIL, RCPT_TEMPFAIL, tempfail_reply(phase, subject="") -> Reply
@@ -51,7 +54,10 @@ DESCRIPTION
     after which every lookup goes to Redis and tempfails as above.
 
     connect_facts() raises ValueError for a string that is not an IP
-    address (IPv6 may be bracketed or written IPv6:...).
+    address (IPv6 may be bracketed or written IPv6:...). Its override is
+    the most specific timed override covering the client (keys.OVERRIDE),
+    read in the same MGET or from the cache; one whose value this version
+    cannot read counts as none (logged once).
 
     `url` is what config.parse_redis_url accepts: host, host:port,
     redis://[:password@]host[:port][/db], rediss:// (TLS), unix://[:password@]/path,
@@ -74,6 +80,7 @@ from smtpgate.checks import access_value
 from smtpgate.config import parse_redis_url
 from smtpgate.lookups import keys, redis_client
 from smtpgate.lookups.table_cache import MISS, CacheSync, TableCache
+from smtpgate.override_record import ACTIONS, Override, decode
 from smtpgate.verdict import Reply
 
 log = logging.getLogger("smtpgate.tables")
@@ -111,6 +118,7 @@ class Hit:
 class ConnectFacts:
     psa: Hit | None
     rev: Hit | None
+    override: Override | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,11 +212,27 @@ class Tables:
         if self.cache.ready:
             self.stats.cache_answers += 1
             return ConnectFacts(self._hit_of(self.cache.lookup_ip(keys.PSA, addr)),
-                                self._hit_of(self.cache.lookup_ip(keys.REV, addr)))
+                                self._hit_of(self.cache.lookup_ip(keys.REV, addr)),
+                                self._override(self.cache.lookup_override(addr)))
         psa_keys = keys.network_keys(keys.PSA, addr)
         rev_keys = keys.network_keys(keys.REV, addr)
-        found = await self._mget(psa_keys + rev_keys)
-        return ConnectFacts(self._first(psa_keys, found), self._first(rev_keys, found))
+        override_keys = keys.network_keys(keys.OVERRIDE, addr)
+        found = await self._mget(psa_keys + rev_keys + override_keys)
+        override = next(((k, found[k]) for k in override_keys if found.get(k) is not None), None)
+        return ConnectFacts(self._first(psa_keys, found), self._first(rev_keys, found),
+                            self._override(override))
+
+    def overrides_in_force(self, now: float) -> dict[str, int] | None:
+        """How many overrides of each action are in force, from the cache (None when it is
+        not loaded: the count is not known without a SCAN)."""
+        if not self.cache.ready:
+            return None
+        counts = dict.fromkeys(ACTIONS, 0)
+        for value in self.cache.overrides():
+            override = decode(value)
+            if override is not None and override.in_force(now):
+                counts[override.action] += 1
+        return counts
 
     async def rev_by_name(self, hostname: str) -> Hit | None:
         return await self._by_name(keys.REV, hostname.rstrip("."))
@@ -332,6 +356,17 @@ class Tables:
             if value is not None:
                 return self._hit(k, value)
         return None
+
+    def _override(self, pair: tuple[str, str] | None) -> Override | None:
+        if pair is None:
+            return None
+        override = decode(pair[1])
+        if override is None and pair not in self._warned:
+            if len(self._warned) < 10000:
+                self._warned.add(pair)
+            log.warning("warning: redis key %s has a value this version cannot read; "
+                        "ignoring that override", pair[0])
+        return override
 
     def _hit_of(self, pair: tuple[str, str] | None) -> Hit | None:
         return None if pair is None else self._hit(*pair)

@@ -32,7 +32,10 @@ DESCRIPTION
     kept in state.record (the decision record, bounded by
     smtpgate.policy.state).
 
-    On the MX listener, in postscreen's order at connect: the permanent
+    On the MX listener, in postscreen's order at connect, after the
+    operator's timed overrides (an allow as a PSA permit, a deny answered
+    at once; read with the PSA keys, from memory when the table cache is
+    loaded): the permanent
     access list (mynetworks, PSA; a drop answers before anything is
     counted), the connection limits, the screening cache, then pregreet and
     DNSBL together during the greet wait. `drop` answers at
@@ -70,6 +73,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +83,10 @@ from smtpgate.checks import (
     access_list,
     client_fcrdns,
     destination,
+    greylist,
     helo,
     limits,
+    override,
     pregreet,
     protocol,
     rate_limits,
@@ -99,6 +105,7 @@ from smtpgate.lookups.client_dns import client_hostname, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.event_rates import EventRateError, EventRates
 from smtpgate.lookups.evidence import EvidenceStore
+from smtpgate.lookups.greylist_store import GreylistError, GreylistStore
 from smtpgate.lookups.resolver import Resolver
 from smtpgate.lookups.screening_cache import (
     NO_TESTS,
@@ -127,13 +134,13 @@ TEMPFAIL = "tempfail"
 # apply. "rate_limits" is anvil's count of the stage's event (smtpgate.checks.rate_limits),
 # first as in Postfix's smtpd; it costs nothing while its limits are 0.
 STAGES: dict[str, tuple[str, ...]] = {
-    "connect": ("access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
+    "connect": ("override", "access_list", "limits", "screening_cache", "pregreet", "dnsbl"),
     "helo": ("helo",),
     "starttls": ("rate_limits",),
     "auth": ("rate_limits", "auth_limit"),
     "mail": ("rate_limits", "sender_login", "sender"),
     "rcpt": ("rate_limits", "screening", "client_fcrdns", "helo", "sender", "destination",
-             "recipient"),
+             "recipient", "greylist"),
     "data": (),
 }
 
@@ -180,6 +187,8 @@ class Policy:
             timeout=config.redis_timeout)
         self.event_rates = EventRates(redis_client, timeout=config.redis_timeout)
         self.redis_ok = True  # the connection counters' last round trip, for /healthz
+        self.greylist = greylist_store(redis_client, config)
+        self.greylist_counts: Counter[str] = Counter()  # store answers, for the metrics
         self.evidence = EvidenceStore(  # refused sessions' records, for explain --session
             redis_client, ttl=config.session_record_ttl,
             size_limit=config.session_record_size_limit, timeout=config.redis_timeout,
@@ -202,6 +211,7 @@ class Policy:
         self.evidence.ttl = config.session_record_ttl
         self.evidence.size_limit = config.session_record_size_limit
         self.evidence.memory = record_memory(config)
+        self.greylist = greylist_store(self.redis, config)
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None, dry_run: bool = False,
@@ -268,7 +278,8 @@ class Policy:
     # --- connect ---------------------------------------------------------------------------
 
     async def connect(self, state: ClientState) -> Reply | GreetWait | None:
-        """postscreen's order: the permanent access list, then the counts, then screening.
+        """postscreen's order: the overrides and the permanent access list, then the
+        counts, then screening.
 
         A client the access list drops is answered before it is counted: from the table
         cache that costs no Redis round trip, which is what makes a flood of denylisted
@@ -284,8 +295,10 @@ class Policy:
         return await self._count_and_screen(state)
 
     async def _access_list(self, state: ClientState) -> Reply | None:
-        """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
-        only port 25; a network denied there keeps its users' submission on 587 and 465."""
+        """The timed overrides, then postscreen_access_list (mynetworks, PSA): port 25
+        only, as postscreen guarded only port 25; a network denied there keeps its users'
+        submission on 587 and 465. Without an override nothing is noted for it (a dry run
+        notes "no override", for explain)."""
         client = state.client
         ip, port = client.ip, client.port
         try:
@@ -294,10 +307,18 @@ class Policy:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
             return CONNECT_TEMPFAIL
+        state.rev_ip = facts.rev.value if facts.rev is not None else None
+        if facts.override is not None or self.dry_run:
+            verdict = self._note(state, override.decide(ip, facts.override, time.time()))
+            if verdict.outcome is Outcome.PERMIT:  # as a PSA permit: no access list, no tests
+                log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
+                state.permitted = True
+                return None
+            if verdict.failed:  # in place of the banner, before anything is counted
+                return verdict.reply
         psa = facts.psa
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
-        state.rev_ip = facts.rev.value if facts.rev is not None else None
         verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=self._mynetworks(client),
             action=self.config.access_reject_action,
@@ -402,6 +423,7 @@ class Policy:
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
             verdict = self._note(state, self._dnsbl_verdict(result))
+            state.dnsbl_score = dnsbl_check.score(self.sites, result).total
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -578,6 +600,9 @@ class Policy:
 
     async def mail(self, state: ClientState, path: Path, login: str | None) -> Reply | None:
         state.sender_reject = None
+        state.sender = path.address
+        if state.greylist_seen is not None and "" not in state.greylist_seen:
+            state.greylist_seen = None  # a new transaction asks again (the delay may be over)
         request = Request(path, login)
         for check in STAGES["mail"]:
             reply = await _MAIL_STEPS[check](self, state, request)
@@ -666,6 +691,7 @@ class Policy:
         except TimeoutError:
             return Reply(450, "4.7.25", "Client host rejected: cannot find your hostname, "
                          f"[{state.client.ip}]")
+        state.fcrdns = facts  # also for greylisting's signals, when the task had to be awaited
         if facts.hostname:
             state.client_name = facts.hostname
         rev_by_name = {}
@@ -708,6 +734,78 @@ class Policy:
             listed=facts.vali is not None or facts.vbox is not None, access=recip,
             show_table=self.config.show_user_unknown_table_name))
         return verdict.reply if verdict.failed else None
+
+    async def _rcpt_greylist(self, state: ClientState, request: Request) -> Reply | None:
+        """Last at RCPT, as postgrey sits after reject_unauth_destination: a recipient that
+        does not exist is refused for good, not deferred."""
+        config = self.config
+        if config.greylist == "off":
+            return None
+        ip = state.client.ip
+        score = self._dnsbl_score_now(state)
+        why_not = greylist.exempt(
+            config.greylist, listener_mx=state.client.listener == MX,
+            trusted=state.trusted or request.login is not None, permitted=state.permitted,
+            dnswl=(score or 0) < 0)
+        if why_not is not None:
+            if state.client.listener == MX:
+                self._note(state, Verdict(greylist.CHECK, Outcome.SKIP,
+                                          reason=f"[{ip}] not greylisted: {why_not}"))
+            return None
+        why: tuple[str, ...] | str = "greylisting every client"
+        if config.greylist == "selective":
+            why = greylist.doubts(ip, _suspicion(state, score, config.dnsbl_threshold),
+                                  config.greylist_signals, config.greylist_dynamic_pattern)
+            if not why:
+                self._note(state, Verdict(greylist.CHECK, Outcome.PASS,
+                                          reason=f"[{ip}] not doubtful"))
+                return None
+        address = request.path.address
+        network, tail = greylist.triplet(ip, state.sender or "",
+                                         address if config.greylist_recipient else None)
+        seen = await self._greylist_seen(state, network, tail)
+        if seen is None:
+            return RCPT_TEMPFAIL
+        verdict = self._note(state, greylist.decide(
+            ip, address, network, tail, seen, why, config.greylist_delay,
+            config.greylist_retry_window))
+        if not verdict.failed:
+            return None
+        # No cached DNSBL pass for a client greylisted: its retry asks the DNSBL again (the
+        # querier's memory, mostly), so its score, the doubt, is known then too.
+        state.screening_passes.pop("dnsbl", None)
+        return verdict.reply
+
+    def _dnsbl_score_now(self, state: ClientState) -> int | None:
+        """The DNSBL score as known now: screening goes on once no answer can change its
+        outcome, but the zones still pending have usually answered by RCPT (in memory)."""
+        if state.dnsbl_score is None:
+            return None
+        latest = self.querier.snapshot(state.client.ip)
+        return state.dnsbl_score if latest is None else dnsbl_check.score(self.sites,
+                                                                          latest).total
+
+    async def _greylist_seen(self, state: ClientState, network: str,
+                             tail: str) -> greylist.Seen | None:
+        """The store's answer, once per session and key (a pass for the whole session);
+        None when Redis cannot answer."""
+        known = state.greylist_seen
+        if known is None:
+            known = state.greylist_seen = {}
+        if "" in known:
+            return known[""]  # the network passed in this session
+        if tail in known:
+            return known[tail]
+        try:
+            seen = await self.greylist.see(network, tail, write=not self.dry_run)
+        except GreylistError as exc:
+            log.warning("warning: %s: RCPT from %s: %s", RCPT_TEMPFAIL, state.label, exc)
+            return None
+        self.greylist_counts[seen.state] += 1
+        known[tail] = seen
+        if seen.state in ("passed", "retried"):
+            known[""] = greylist.Seen("passed")
+        return seen
 
     async def _protocol_passes(self, state: ClientState) -> None:
         """postscreen counts its deep protocol tests as passed once a client reaches RCPT."""
@@ -819,6 +917,23 @@ class Policy:
             self.counter.release_soon(lease, write)
 
 
+def greylist_store(redis: Any, config: Config) -> GreylistStore:
+    return GreylistStore(redis, delay=config.greylist_delay,
+                         retry_window=config.greylist_retry_window,
+                         pass_ttl=config.greylist_pass_ttl, timeout=config.redis_timeout)
+
+
+def _suspicion(state: ClientState, dnsbl_score: int | None,
+               dnsbl_threshold: int) -> greylist.Suspicion:
+    """What the earlier stages found that greylisting's signals read."""
+    facts = state.fcrdns
+    return greylist.Suspicion(
+        no_fcrdns=facts is None or facts.hostname is None,
+        names=facts.ptr_names if facts is not None else (),
+        dnsbl_score=dnsbl_score, dnsbl_threshold=dnsbl_threshold,
+        failed_tests=tuple(t for t in state.screening_failed if t != "dnsbl"))
+
+
 def record_memory(config: Config) -> int:
     """This worker's share of the node's session_record_memory."""
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
@@ -832,4 +947,5 @@ _RCPT_STEPS = {
     "client_fcrdns": Policy._rcpt_client,
     "helo": Policy._rcpt_helo, "sender": Policy._rcpt_sender,
     "destination": Policy._rcpt_destination, "recipient": Policy._rcpt_recipient,
+    "greylist": Policy._rcpt_greylist,
 }

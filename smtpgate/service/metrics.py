@@ -65,6 +65,13 @@ DESCRIPTION
       dnsbl_zone_up{zone}                0 when the zone's last answer was
           an error or a failure in some worker (livemin)
       table_lookups_total, table_round_trips_total
+      greylist_total{result}             greylisting's answers at RCPT: new
+          (greylisted, first try), early (retried before the delay, deferred
+          again), retried (retried after the delay: passed), passed (the
+          network had passed before)
+      overrides_in_force{action}         timed overrides (smtpgate allow / deny)
+          in force, as the table cache holds them (livemax: every worker
+          holds the same ones; 0 while no worker's cache is loaded)
       redis_up, next_hop_up              livemin; next_hop_up: some hop works
       next_hop_host_up{hop,role}         each next hop, role mx or submission
           (livemin; a hop a reload dropped keeps its last value until the
@@ -90,11 +97,13 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
 
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL
+from smtpgate.override_record import ACTIONS
 from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.health import up
 from smtpgate.smtp.dane import STATES as DANE_STATES
@@ -106,6 +115,7 @@ ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
 REFRESH_INTERVAL = 1.0
 OUTCOMES = ("refused", "rejected", "quit", "lost", "timeout", "hangup", "shutdown", "error")
 RELAY_RESULTS = ("queued", "rejected", "deferred", "tempfail", "busy")
+GREYLIST_RESULTS = ("new", "early", "retried", "passed")
 # a hand-off takes milliseconds; seconds mean Postfix (or its milter) is struggling
 RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -256,6 +266,17 @@ class Metrics:
                                      "Table lookups (the Redis keys a session asked for).")
         self.table_round_trips = counter("table_round_trips_total",
                                          "Redis round trips made by the tables.")
+        self.greylist = counter(
+            "greylist_total", "Greylisting's answers at RCPT: new (greylisted), early "
+            "(deferred again), retried (passed after the delay), passed (passed before).",
+            ("result",))
+        for result in GREYLIST_RESULTS:  # at 0 from the start, for rate() and the dashboard
+            self.greylist.labels(result)
+        self.overrides_in_force = gauge(
+            "overrides_in_force", "Timed overrides in force (smtpgate allow / deny), by "
+            "action.", "livemax", ("action",))
+        for action in ACTIONS:  # every series from the start: scrapes stay alike meanwhile
+            self.overrides_in_force.labels(action)
         self.redis_up = gauge("redis_up", "Whether Redis answered the last round trip, "
                               "in every worker.", "livemin")
         self.next_hop_up = gauge("next_hop_up", "Whether some next hop's last connection "
@@ -332,6 +353,11 @@ class Metrics:
         stats = policy.tables.stats
         self._copy(self.table_lookups, "lookups", stats.lookups)
         self._copy(self.table_round_trips, "round_trips", stats.round_trips)
+        for result, count in policy.greylist_counts.items():
+            self._copy(self.greylist.labels(result), f"greylist {result}", count)
+        overrides = policy.tables.overrides_in_force(time.time())
+        for action, count in (overrides or {}).items():
+            self.overrides_in_force.labels(action).set(count)
         self._copy(self.records_not_written, "records_over_budget", policy.evidence.over_budget)
         self._copy(self.spool_refused, "spool_refused", gate.spool_budget.refused)
         for limit, refused in gate.handshakes.refused.items():
