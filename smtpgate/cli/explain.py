@@ -173,8 +173,10 @@ async def _recorded(text: str, config: Config) -> int:
     return 0
 
 
-def print_record(record: dict, out: TextIO = sys.stdout) -> None:
+def print_record(record: dict, out: TextIO | None = None) -> None:
     """A stored session record in the dry run's shape (see DESCRIPTION)."""
+    # sys.stdout looked up per call, not bound at import: it may be replaced (tests, redirects)
+    out = out or sys.stdout
     def say(line: str) -> None:
         print(line, file=out)
 
