@@ -1,4 +1,4 @@
-"""main - the `smtpgate` command: serve, check-config, table, explain.
+"""main - the `smtpgate` command: serve, check-config, table, explain, shadow.
 
 SYNOPSIS
     main(argv: list[str] | None = None) -> int
@@ -167,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--helo")
     explain.add_argument("--from", dest="sender")
     explain.add_argument("--rcpt", action="append", default=[])
+    from smtpgate.cli import shadow
+
+    shadow.add_parser(sub, [files])
     return top
 
 
@@ -207,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         from smtpgate.cli.explain import run as explain
 
         return explain(args, config)
+    if args.command == "shadow":
+        from smtpgate.cli.shadow import run as shadow
+
+        return shadow(args, config)
     return 2
 
 

@@ -6,6 +6,7 @@ SYNOPSIS
                                     producer() -> dict, repeat() -> signature | None,
                                     both called when written
         store.written, store.aliases, store.over_budget
+        store.stream = callable() -> list[dict]     entries for keys.SHADOW_LOG, each batch
         await store.load(session_id) -> dict | None
         await store.flush() ; await store.close()
     encode(record, size_limit) -> bytes
@@ -52,6 +53,12 @@ DESCRIPTION
     expired sooner is reported so by explain. The signatures are
     remembered per worker, the MAX_REPEATS most recent, only once their
     record was written.
+
+    stream, when set, gives entries (dicts of text) added with the batch to
+    the stream keys.SHADOW_LOG (XADD, approximate MAXLEN
+    keys.SHADOW_LOG_LENGTH): the shadow rules' disagreements
+    (smtpgate.policy.shadow), written off the reply path as the records
+    are. They are bounded by the stream's length, not the budget below.
 
     The budget. memory (session_record_memory divided among the node's
     workers) bounds what this worker's records may take in Redis: the
@@ -123,6 +130,7 @@ class EvidenceStore:
         self.over_budget = 0  # not written: the budget was spent (a running total)
         self.lost = 0  # not written since the last warning (Redis failing, or too many waiting)
         self._pending: dict[str, tuple[Callable[[], dict], Callable[[], Any] | None]] = {}
+        self.stream: Callable[[], list[dict]] | None = None  # the shadow rules' log entries
         # repeat signature -> (first session's id, when written, when its record expires)
         # (kept REPEAT_WINDOW: a refusal from a client never seen again leaves after that)
         self._recent = ExpiringCache(MAX_REPEATS)
@@ -163,7 +171,8 @@ class EvidenceStore:
     async def flush(self) -> None:
         """Write the sessions noted so far (the timer's job; also at close)."""
         batch, self._pending = self._pending, {}
-        if not batch:
+        entries = self.stream() if self.stream is not None else []
+        if not batch and not entries:
             return
         ttl = max(1, int(self.ttl))
         now, clock = time.time(), time.monotonic()
@@ -199,6 +208,9 @@ class EvidenceStore:
             for key, mapping in buckets.items():  # a batch's aliases: one HSET per minute
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl + 60)
+            for entry in entries:
+                pipe.xadd(keys.SHADOW_LOG, entry, maxlen=keys.SHADOW_LOG_LENGTH,
+                          approximate=True)
             if len(pipe) == 0:
                 self._over(skipped, clock)
                 return

@@ -382,3 +382,19 @@ SESSION_ALIASES = OWN_PREFIX + "aliases:"
 
 def session_alias_key(session_id: str) -> str:
     return f"{SESSION_ALIASES}{int(session_time(session_id) // 60)}"
+
+
+# ---- shadow rules (lookups.shadow_tables, policy.shadow) ----
+# Candidate table keys: the image's key with this in front (smtpgate:shadow:PSA:192.0.2.7),
+# the same value grammar; written by `smtpgate table set --shadow`, never expired, read whole
+# (SCAN) by every worker now and then. They decide only the shadow verdicts.
+SHADOW_TABLES = OWN_PREFIX + "shadow:"
+# What the shadow rules would have done differently: a stream, one entry per disagreement
+# (time, session, client, check, direction, live and shadow verdicts), XADD with an approximate
+# MAXLEN of SHADOW_LOG_LENGTH; read by `smtpgate shadow report`.
+SHADOW_LOG = OWN_PREFIX + "shadowlog"
+SHADOW_LOG_LENGTH = 100000
+
+
+def shadow_key(redis_key: str) -> str:
+    return SHADOW_TABLES + redis_key

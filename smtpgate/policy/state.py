@@ -8,6 +8,7 @@ SYNOPSIS
     state.unrecorded    how many were taken after those ; state.latest  the last one
     state.client_name   the verified host name once FCrDNS passed, else "unknown"
     state.label         "name[ip]", as Postfix writes a client in its log
+    state.disagreements what the shadow rules would have done otherwise (None: nothing)
     GreetWait(seconds, decided)
 
 DESCRIPTION
@@ -74,6 +75,7 @@ class ClientState:
     trusted: bool = False  # mynetworks: permit at every stage
     enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
     rev_ip: str | None = None
+    rev_key: str = ""  # the REV key that gave rev_ip (its name: an address or a network)
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
     fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
@@ -86,6 +88,9 @@ class ClientState:
     # what screening found, written to the cache with the session's release
     screening_passes: dict[str, float] = field(default_factory=dict)
     screening_failed: tuple[str, ...] = ()
+    # shadow rules (smtpgate.policy.shadow), when on: the candidate's run of this session
+    shadow: Any = None  # a smtpgate.policy.decisions.Redecider
+    disagreements: list[dict] | None = None  # where it differed from the live verdicts
 
     def note(self, verdict: Verdict) -> Verdict:
         self.latest = verdict

@@ -20,7 +20,10 @@ DESCRIPTION
     key, zone and answer; reply) the session kept, `unrecorded` the number
     taken past that cap (smtpgate.policy.state); `replies`, the refusals, each with the
     number of verdicts taken before it, so `explain` can print each
-    refusal after the verdicts that led to it. A command's argument is
+    refusal after the verdicts that led to it; `shadow`, when the shadow
+    rules would have decided a check otherwise, those disagreements (check,
+    direction, live and shadow verdicts, the shadow's reason;
+    smtpgate.policy.shadow). A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
 
     refused_alike() is the session's signature once it has ended: the
@@ -94,6 +97,8 @@ def session_record(session: Recorded) -> dict:
         "replies": [
             {"time": r.time, "command": r.command, "reply": r.reply, "verdicts": r.verdicts}
             for r in session.refusals or ()],
+        **({"shadow": state.disagreements} if state is not None and state.disagreements
+           else {}),
     }
 
 
@@ -115,4 +120,6 @@ def refused_alike(session: Recorded) -> tuple | None:
     return (client.ip, client.listener, client.local_ip, client.local_port,
             state.client_name if state is not None else "unknown", session.helo, session.login,
             *session.envelope, session.command_counts(), verdicts,
-            state.unrecorded if state is not None else 0, replies)
+            state.unrecorded if state is not None else 0, replies,
+            tuple(tuple(d.values()) for d in (state.disagreements or ())) if state is not None
+            else ())

@@ -57,7 +57,9 @@ DESCRIPTION
     included (its words kept); the connect,
     disconnect, queue id and NOQUEUE lines carry it too. A session that
     got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
-    policy's EvidenceStore, which writes it to Redis after the reply.
+    policy's EvidenceStore, which writes it to Redis after the reply; so
+    does, when it ends, one where the shadow rules would have decided
+    otherwise (smtpgate.policy.shadow).
 """
 
 from __future__ import annotations
@@ -285,8 +287,9 @@ class Session:
             self.dialogue.refused(event.counted)
             if event.counted:
                 self._keep_refusal(event.text)
-        elif isinstance(event, Ended) and self.refusals is not None:
-            self.ended = time.time()
+        elif isinstance(event, Ended) and (self.refusals is not None or (
+                self.state is not None and self.state.disagreements)):
+            self.ended = time.time()  # a record for explain: refused, or the shadow differed
             self.policy.evidence.keep(self.id, self.evidence, self.repeat)
         self.gate.metrics.notify(event)
 
