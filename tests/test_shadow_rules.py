@@ -113,6 +113,28 @@ def test_a_candidate_setting_would_change_a_reply(gate):
                                      "rejected: User unknown (")
 
 
+def test_the_candidate_agrees_on_every_check_it_does_not_change(gate):
+    """Refusals at each stage that the candidate's two settings do not touch: no shadow line."""
+    sessions = [  # (client, HELO, sender, recipient, the RCPT reply's code)
+        ("127.0.0.86", "localhost", "a@example.net", "user1@example.com", 504),  # HELO
+        ("127.0.0.87", "client.example.test", "a@localhost", "user1@example.com", 504),
+        ("127.0.0.88", "client.example.test", "a@example.net", "x@elsewhere.test", 554),
+        ("127.0.32.1", "client.example.test", "a@example.net", "user1@example.com", 450),
+        ("127.0.0.89", "client.example.test", "a@example.net", "user2@example.com", 250),
+    ]
+    for ip, name, sender, rcpt, wanted in sessions:
+        with Talk("127.0.0.1", gate.mx_port, source=ip) as talk:
+            assert talk.banner()[0] == 220
+            talk.cmd(f"EHLO {name}")
+            assert talk.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+            code, text = talk.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == wanted, (ip, text)
+            talk.cmd("QUIT")
+        gate.wait_for_log(rf"disconnect from \S*\[{re.escape(ip)}\]")
+        shadow = re.findall(rf"shadow: .*\[{re.escape(ip)}\].*", gate.log_text())
+        assert not shadow, shadow
+
+
 def test_the_report_and_the_metric_count_the_disagreements(gate, redis_server):
     shadow_line(gate, "dnsbl", "would accept", LISTED)  # the earlier tests' sessions
     shadow_line(gate, "recipient", "would reply otherwise to", "127.0.0.85")

@@ -129,13 +129,13 @@ def _bare_newline(f: Facts, config: Any) -> Verdict:
 
 def _helo(f: Facts, config: Any) -> Verdict | None:
     dns = f.get("dns")
-    access = f.get("access")
-    if dns is None and access is None and helo.needs_dns(f["name"]):
-        return None  # an HLO key decided live: the name's DNS was never asked
-    return helo.decide(
-        f["name"], access=access,
+    verdict = helo.decide(
+        f["name"], access=f.get("access"),
         dns=HeloDns(dns[0], dns[1], tuple(dns[2]), tuple(dns[3])) if dns else None,
         unknown_code=config.unknown_helo_reject_code)
+    if dns is None and verdict.reason == helo.NO_DNS:
+        return None  # an HLO key decided live: the name's DNS was never asked
+    return verdict
 
 
 def _path(address: str, route: list[str] | tuple[str, ...] = ()) -> Path:
