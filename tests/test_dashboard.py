@@ -58,7 +58,8 @@ def test_the_dashboard_is_grafana_json_with_prometheus_targets():
     titles = [title for title, _ in exprs]
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     for wanted in ("Rejections by check", "Relay latency", "TLS certificate expires in",
-                   "DNSBL zones up", "Next hop (Postfix)", "Redis", "Sessions in flight"):
+                   "DNSBL zones up", "Next hop (Postfix)", "Redis", "Sessions in flight",
+                   "Shadow rules: disagreements"):
         assert wanted in titles
 
 
@@ -80,10 +81,14 @@ def traffic(gate) -> None:
         assert code == 521 and "bl.test" in text, text
 
 
-def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, service_root):
+def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, service_root,
+                                                      tmp_path):
     dns.set([(f"{'.'.join(reversed(LISTED.split('.')))}.bl.test", "A", "127.0.0.2")])
+    candidate = tmp_path / "candidate.toml"  # shadow rules that would let the listed one in
+    candidate.write_text('dnsbl_action = "ignore"\n')
     gate = start_gate(listeners=("mx", "metrics"), SMTPGATE_WORKERS="2",
-                      SMTPGATE_DNSBL_SITES="bl.test=127.0.0.2")
+                      SMTPGATE_DNSBL_SITES="bl.test=127.0.0.2",
+                      SMTPGATE_SHADOW_CONFIG=str(candidate))
     prometheus = PrometheusServer(service_root / "prometheus",
                                   [f"127.0.0.1:{gate.metrics_port}"], interval=1.0)
     try:
@@ -109,6 +114,8 @@ def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, ser
         assert prometheus.query('smtpgate_rejections_total{check="dnsbl",stage="connect"}')
         assert prometheus.query('smtpgate_dnsbl_answers_total{zone="bl.test",kind="listed"} > 0')
         assert prometheus.query('smtpgate_messages_relayed_total{result="queued"} == 1')
+        assert prometheus.query(
+            'smtpgate_shadow_disagreements_total{check="dnsbl",direction="accept"} == 1')
     finally:
         prometheus.stop()  # asserts exit status 0
         gate.stop()
