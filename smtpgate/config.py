@@ -462,6 +462,11 @@ class Config:
         "bytes of Redis memory the session records of one node may take (divided among its "
         "workers, counted as written over session_record_ttl); past it, records are not "
         "written until older ones expire (0: no bound)")
+    replay_records: bool = setting(
+        False, parse_bool,
+        "every session leaves a compact record of the facts each check decided on, for "
+        "`smtpgate replay` (kept session_record_ttl, within session_record_memory: sampled "
+        "when over it)")
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, where it came from) for check-config; secrets masked."""

@@ -1,4 +1,4 @@
-"""main - the `smtpgate` command: serve, check-config, table, explain, shadow.
+"""main - the `smtpgate` command: serve, check-config, table, explain, shadow, replay.
 
 SYNOPSIS
     main(argv: list[str] | None = None) -> int
@@ -167,9 +167,10 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--helo")
     explain.add_argument("--from", dest="sender")
     explain.add_argument("--rcpt", action="append", default=[])
-    from smtpgate.cli import shadow
+    from smtpgate.cli import replay, shadow
 
     shadow.add_parser(sub, [files])
+    replay.add_parser(sub)
     return top
 
 
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         from smtpgate.cli.shadow import run as shadow
 
         return shadow(args, config)
+    if args.command == "replay":
+        from smtpgate.cli.replay import run as replay
+
+        return replay(args, config)
     return 2
 
 

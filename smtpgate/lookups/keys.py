@@ -398,3 +398,10 @@ SHADOW_LOG_LENGTH = 100000
 
 def shadow_key(redis_key: str) -> str:
     return SHADOW_TABLES + redis_key
+
+
+# ---- replay records (lookups.evidence, cli.replay) ----
+# With replay_records on, every session's checks and the facts they decided on: a stream, one
+# entry per session ({"r": the record's JSON}), written with the evidence records' batch and
+# trimmed (XADD MINID ~) to session_record_ttl; read by `smtpgate replay --since`.
+REPLAY_LOG = OWN_PREFIX + "replay"

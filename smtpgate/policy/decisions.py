@@ -5,7 +5,8 @@ SYNOPSIS
     decide(check, facts, config) -> Verdict | None
     Redecider(config, view=None)                     one per session re-decided
         redecider.decide(check, facts) -> Verdict | None
-    disagreement(live, other) -> str | None          "refuse", "accept", "reply" or None
+    disagreement(live, other, reply_text=None) -> str | None
+                                                     "refuse", "accept", "reply" or None
     CHECKS                                           the checks that can be decided again
 
 DESCRIPTION
@@ -220,9 +221,12 @@ class Redecider:
         return verdict
 
 
-def disagreement(live: Verdict, other: Verdict) -> str | None:
+def disagreement(live: Verdict, other: Verdict, reply_text: str | None = None) -> str | None:
+    """reply_text: the live reply as written (a record's), in place of live.reply."""
     if live.failed != other.failed:
         return "refuse" if other.failed else "accept"
-    if live.failed and live.reply != other.reply:
-        return "reply"
+    if live.failed:
+        before = reply_text if reply_text is not None else str(live.reply)
+        if before != str(other.reply):
+            return "reply"
     return None

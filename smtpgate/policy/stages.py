@@ -50,11 +50,12 @@ DESCRIPTION
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
     permit.
 
-    Shadow rules (Config.shadow): each check's verdict, with the facts it
-    was decided on as plain values (smtpgate.policy.decisions), is handed
-    to policy.shadow, which decides it again under the candidate rules and
-    changes nothing here. With them off nothing of that is built: one test
-    of `self.shadow` per check.
+    Shadow rules (Config.shadow) and replay records (replay_records): each
+    check's verdict, with the facts it was decided on as plain values
+    (smtpgate.policy.decisions), is kept in the session's state for its
+    replay record and handed to policy.shadow, which decides it again
+    under the candidate rules and changes nothing here. With both off
+    nothing of that is built: one test of `self.watching` per check.
 
     A dry_run policy (`smtpgate explain --ip`) decides with the same
     facts and writes nothing: the connection counts are read, not
@@ -176,6 +177,8 @@ class Policy:
             size_limit=config.session_record_size_limit, timeout=config.redis_timeout,
             memory=record_memory(config))
         self.shadow: Shadow | None = None  # made by start_shadow(), when configured
+        # whether checks hand on their facts: to the shadow rules, or to the replay record
+        self.watching = config.replay_records and not dry_run
         self._refresher: asyncio.Task | None = None
         self._shadow_task: asyncio.Task | None = None
 
@@ -194,6 +197,7 @@ class Policy:
         self.evidence.ttl = config.session_record_ttl
         self.evidence.size_limit = config.session_record_size_limit
         self.evidence.memory = record_memory(config)
+        self.watching = self.shadow is not None or (config.replay_records and not self.dry_run)
         if self.shadow is not None or config.shadow is not None:
             # held, so the task is not collected before it ran
             self._shadow_task = asyncio.get_running_loop().create_task(self.start_shadow())
@@ -201,8 +205,10 @@ class Policy:
     async def start_shadow(self) -> None:
         """The shadow rules of self.config (None: off), begun or ended; a reload's too."""
         old, candidate = self.shadow, None if self.dry_run else self.config.shadow
+        self.watching = self.config.replay_records and not self.dry_run
         if old is not None and candidate is not None:
             old.config = candidate  # the candidate keys' copy goes on
+            self.watching = True
             return
         if old is not None:
             self.shadow = None
@@ -214,6 +220,8 @@ class Policy:
             self.shadow = shadow
             self.evidence.stream = shadow.take_log
             log.info("shadow rules: on; %d candidate keys", len(shadow.refresher.tables))
+        self.watching = self.shadow is not None or (self.config.replay_records
+                                                     and not self.dry_run)
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None, dry_run: bool = False,
@@ -259,6 +267,13 @@ class Policy:
     def _trusted_network(self, client: Client) -> bool:
         return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
             .outcome is Outcome.PERMIT
+
+    def _decided(self, state: ClientState, verdict: Verdict, facts: dict) -> None:
+        """A check's verdict and its facts, for the replay record and the shadow rules."""
+        if self.config.replay_records and not self.dry_run:
+            state.keep_facts(verdict, facts)
+        if self.shadow is not None:
+            self.shadow.weigh(state, verdict, facts)
 
     @staticmethod
     def _note(state: ClientState, verdict: Verdict) -> Verdict:
@@ -312,8 +327,8 @@ class Policy:
         verdict = self._note(state, access_list.decide(
             ip, psa.value if psa else None, mynetworks=mynetworks,
             action=self.config.access_reject_action, psa_key=psa_key))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "ip": ip, "mynet": mynetworks is self.config.mynetworks,
                 "psa": [psa_key, psa.value] if psa else None})
         if verdict.outcome is Outcome.PERMIT:
@@ -344,8 +359,8 @@ class Policy:
             rate_limit=self.config.client_connection_rate_limit,
             connection_limit=self.config.connection_limit,
             hostname=self.config.hostname, exempt=state.trusted))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "ip": ip, "count": state.lease.client_count, "rate": state.lease.client_rate,
                 "total": state.lease.total, "exempt": state.trusted})
         if verdict.failed:
@@ -416,14 +431,14 @@ class Policy:
         if state.greet_tested:
             verdict = self._note(state, pregreet.decide(
                 received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
-            if self.shadow is not None:
-                self.shadow.weigh(state, verdict, {"ip": ip, "port": port, "delay": delay,
+            if self.watching:
+                self._decided(state, verdict, {"ip": ip, "port": port, "delay": delay,
                                                    "received": received.decode("latin-1")})
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
             verdict = self._note(state, self._dnsbl_verdict(result))
-            if self.shadow is not None:
-                self.shadow.weigh(state, verdict, dnsbl_facts(result))
+            if self.watching:
+                self._decided(state, verdict, dnsbl_facts(result))
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -499,11 +514,11 @@ class Policy:
             dns = await helo_facts(self.resolver, name.rstrip("."))
         verdict = self._note(state, helo.decide(
             name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
-        if self.shadow is not None:
+        if self.watching:
             facts = {"name": name, "access": access}
             if dns is not None:  # left out when not asked: the shadow cannot decide without
                 facts["dns"] = [dns.status, dns.ttl, list(dns.addresses), list(dns.mx)]
-            self.shadow.weigh(state, verdict, facts)
+            self._decided(state, verdict, facts)
         if not verdict.failed:
             return None
         if self.config.smtpd_delay_reject:
@@ -535,8 +550,8 @@ class Policy:
             return None
         utf8 = "SMTPUTF8" in request.path.params
         verdict = self._note(state, sender.decide(request.path, smtputf8=utf8))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {"sender": request.path.address, "utf8": utf8})
+        if self.watching:
+            self._decided(state, verdict, {"sender": request.path.address, "utf8": utf8})
         if verdict.failed and not self.config.smtpd_delay_reject:
             return verdict.reply
         state.sender_reject = verdict.reply if verdict.failed else None
@@ -553,8 +568,8 @@ class Policy:
             owners = sender_login.TEMPFAIL
         verdict = self._note(state, sender_login.decide(
             path.address, login, owners, enabled=self.config.sender_login_check))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "sender": path.address, "login": login, "hit": hit.key if hit else None,
                 "owners": sorted(owners) if isinstance(owners, frozenset) else owners})
         return verdict
@@ -619,8 +634,8 @@ class Policy:
             facts, rev_ip=state.rev_ip, rev_by_name=rev_by_name,
             unknown_code=self.config.unknown_client_reject_code))
         state.client_verdict = verdict
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, fcrdns_facts(state, facts, rev_by_name))
+        if self.watching:
+            self._decided(state, verdict, fcrdns_facts(state, facts, rev_by_name))
         return verdict.reply if verdict.failed else None
 
     async def _rcpt_destination(self, state: ClientState, request: Request) -> Reply | None:
@@ -640,8 +655,8 @@ class Policy:
             path, local=facts.vdom is not None or destination.is_postmaster(path),
             trusted=trusted, smtputf8=request.smtputf8,
             allow_trusted_routing=self.config.allow_trusted_routing))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "rcpt": path.address, "route": list(path.route), "looked": facts.address,
                 "vdom": facts.vdom.key if facts.vdom else None, "trusted": trusted,
                 "utf8": request.smtputf8})
@@ -654,8 +669,8 @@ class Policy:
             request.path.address, local=facts.vdom is not None,
             listed=facts.vali is not None or facts.vbox is not None, access=recip,
             show_table=self.config.show_user_unknown_table_name))
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "rcpt": request.path.address, "looked": facts.address,
                 "vdom": facts.vdom.key if facts.vdom else None,
                 "vali": facts.vali.key if facts.vali else None,
@@ -700,8 +715,8 @@ class Policy:
         if not verdict.failed and not verdict.ignored:
             return None  # a pass is one under any action: nothing for the shadow to weigh
         self._note(state, verdict)
-        if self.shadow is not None:
-            self.shadow.weigh(state, verdict, {
+        if self.watching:
+            self._decided(state, verdict, {
                 "ip": ip, "port": port, "after": after, "esmtp": esmtp,
                 "line": line.decode("latin-1") if test == "bare_newline" else text,
                 "pending": pending.decode("latin-1")})

@@ -4,6 +4,7 @@ SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
     session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
+    replay_record(session) -> dict              what `smtpgate replay` decides again
 
 DESCRIPTION
     A session keeps nothing of this until it refuses something: then it
@@ -26,6 +27,13 @@ DESCRIPTION
     smtpgate.policy.shadow). A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
 
+    replay_record() (replay_records on; every session, refused or not):
+    the format version `v` (smtpgate.policy.decisions.FACTS_VERSION), the
+    session id, when it started, listener, client ip and verified name,
+    HELO, sender and the recipients accepted, and `checks`: each check
+    decided, as [check, facts, outcome, reply], the facts those of
+    smtpgate.policy.decisions; `left_out`, the checks past the state's cap.
+
     refused_alike() is the session's signature once it has ended: the
     client IP first, then everything else the record shows but the
     session's id, port and times: listener and local address, the
@@ -45,6 +53,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from smtpgate import session_id
+from smtpgate.policy.decisions import FACTS_VERSION
 
 
 class Refusal(NamedTuple):
@@ -99,6 +108,17 @@ def session_record(session: Recorded) -> dict:
             for r in session.refusals or ()],
         **({"shadow": state.disagreements} if state is not None and state.disagreements
            else {}),
+    }
+
+
+def replay_record(session: Recorded) -> dict:
+    client, state = session.client, session.state
+    return {
+        "v": FACTS_VERSION, "session": session.id, "time": session_id.time_of(session.id),
+        "listener": client.listener, "client": client.ip, "name": state.client_name,
+        "helo": session.helo, "sender": session.envelope[0],
+        "recipients": list(session.envelope[1]), "checks": state.facts or [],
+        **({"left_out": state.facts_left_out} if state.facts_left_out else {}),
     }
 
 
