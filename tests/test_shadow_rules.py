@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -155,6 +156,36 @@ def test_the_report_and_the_metric_count_the_disagreements(gate, redis_server):
 
     assert float(wait_until(counted, 10, "the shadow metric").group(1)) >= 1
     assert smtpgate(redis_server, "shadow", "report", "--since", "1s").returncode == 0
+
+
+def test_sighup_reads_the_candidate_file_again(gate, candidate_file):
+    """The candidate no longer ignores listings: a listed client is refused by both rules."""
+    candidate_file.write_text("show_user_unknown_table_name = false\n")
+    reloaded = gate.log_text().count("reloaded configuration")
+    gate.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: gate.log_text().count("reloaded configuration") >= reloaded
+               + len(gate.workers()), 10, "every worker's reload")
+
+    def agreed():
+        with Talk("127.0.0.1", gate.mx_port, source=LISTED) as talk:
+            code, text = talk.reply()
+        assert code == 521, text
+        sid = SESSION_TAG.search(text).group(1)
+        gate.wait_for_log(rf"disconnect from \S*\[{re.escape(LISTED)}\] .*session={sid}")
+        return f"session={sid}" not in "".join(
+            line for line in gate.log_text().splitlines() if "shadow:" in line)
+
+    for _ in range(4):  # the workers take turns: each must have the new candidate
+        assert wait_until(agreed, 10, "a listed session without a shadow line")
+    # and the shadow rules are still on, with the candidate's other setting
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.94") as talk:
+        assert talk.banner()[0] == 220
+        talk.cmd("EHLO client.example.test")
+        talk.cmd("MAIL FROM:<a@example.net>")
+        assert talk.cmd("RCPT TO:<nobody@example.com>")[0] == 550
+        talk.cmd("QUIT")
+    shadow_line(gate, "recipient", "would reply otherwise to", "127.0.0.94")
+    candidate_file.write_text(CANDIDATE)  # as the module began, for any test after this one
 
 
 def test_bad_shadow_input_gets_a_clear_message(redis_server, tmp_path):
