@@ -167,9 +167,30 @@ def test_bad_options_are_refused_clearly(redis_server, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_replay_reads_the_stream_in_pages(recorded, redis_server):
+    """More records than one XRANGE page (500): each is decided once."""
+    client = redis_server.client()
+    added = []
+    try:
+        before = smtpgate(redis_server, "replay")
+        sessions = int(re.search(r"replayed (\d+) sessions", before.stdout).group(1))
+        (_, fields), = client.xrange(keys.REPLAY_LOG, count=1)
+        with client.pipeline(transaction=False) as pipe:
+            for _ in range(1100):
+                pipe.xadd(keys.REPLAY_LOG, fields)
+            added = pipe.execute()
+        result = smtpgate(redis_server, "replay")
+    finally:
+        if added:
+            client.xdel(keys.REPLAY_LOG, *added)
+        client.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"replayed {sessions + 1100} sessions" in result.stdout, result.stdout
+
+
 def test_replay_records_are_sampled_once_the_memory_budget_is_spent(redis_server):
     """A worker's budget of 8 KB: the first records fit, then one in 2, 4, ... is written,
-    each saying so, and replay reports the sampling."""
+    each saying so, and replay reports the sampling. (Last: it empties the stream.)"""
     async def scenario() -> list:
         client = redis_client.connect(redis_server.url, 2.0, decode=False)
         store = EvidenceStore(client, memory=8192)

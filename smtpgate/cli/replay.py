@@ -4,7 +4,8 @@ SYNOPSIS
     add_parser(subparsers)
     run(args, config) -> int      `smtpgate replay [--since DURATION] [--config CANDIDATE.toml]
                                                    [--shadow]`
-    replay(entries, config, view=None) -> Replay      pure: (entry id, fields) in, counts out
+    replay(entries, config, view=None, into=None) -> Replay
+                                  pure: (entry id, fields) in, counts out (added to `into`)
     Replay.lines(examples=5) -> list[str] ; Replay.changed
 
 DESCRIPTION
@@ -110,12 +111,12 @@ class Replay:
         return out
 
 
-def replay(entries: Any, config: Any, view: Any = None) -> Replay:
+def replay(entries: Any, config: Any, view: Any = None, into: Replay | None = None) -> Replay:
     from smtpgate.policy.decisions import FACTS_VERSION, Redecider, disagreement
     from smtpgate.verdict import Outcome, Reply, Verdict
 
     recorded_reply = Reply(0, "", "as recorded")  # a stand-in: the record's text is compared
-    result = Replay()
+    result = into if into is not None else Replay()
     for entry_id, fields in entries:
         try:
             record = json.loads(fields["r"])
@@ -189,19 +190,20 @@ async def _replay(config: Any, rules: Any, named: str, since: float | None,
     from smtpgate.lookups.shadow_tables import load
 
     client = redis_client.connect(config.redis, config.redis_timeout)
-    entries: list[tuple[str, dict]] = []
+    result = Replay()  # the records are decided as they are read: a day of them is large
     view = None
     try:
-        async with asyncio.timeout(config.redis_timeout * 30):
-            if shadow:
+        if shadow:
+            async with asyncio.timeout(config.redis_timeout * 30):
                 view = await load(client)
-            low = f"{int((time.time() - since) * 1000)}-0" if since is not None else "-"
-            while True:
+        low = f"{int((time.time() - since) * 1000)}-0" if since is not None else "-"
+        while True:
+            async with asyncio.timeout(config.redis_timeout * 5):
                 batch = await client.xrange(keys.REPLAY_LOG, min=low, max="+", count=READ)
-                entries += batch
-                if len(batch) < READ:
-                    break
-                low = "(" + batch[-1][0]
+            replay(batch, rules, view, result)
+            if len(batch) < READ:
+                break
+            low = "(" + batch[-1][0]
     except (*redis_client.ERRORS, TimeoutError) as exc:
         print(f"smtpgate replay: Redis at {mask_secret(config.redis)} failed: "
               f"{exc or 'timed out'}", file=sys.stderr)
@@ -210,7 +212,6 @@ async def _replay(config: Any, rules: Any, named: str, since: float | None,
         await client.aclose()
     keys_said = f" and {len(view)} candidate keys" if view is not None else ""
     print(f"smtpgate replay: under {named}{keys_said}")
-    result = replay(entries, rules, view)
     for line in result.lines():
         print(line)
     return 1 if result.changed else 0
