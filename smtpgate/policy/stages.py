@@ -14,6 +14,7 @@ SYNOPSIS
     policy.close_session(state) ; await policy.close()
     policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
     policy.shadow       the shadow rules (smtpgate.policy.shadow), None when off
+    await policy.start_shadow()      begin, change or end them as Config.shadow says
     STAGES              each stage's checks, in the order they run (README's table says the same)
 
 DESCRIPTION
