@@ -3,6 +3,7 @@
 SYNOPSIS
     .venv/bin/python -m benchmarks.first_contact [--sessions 300] [--concurrency 20]
         [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--json FILE]
+        [--shadow CANDIDATE.toml] [--replay-records]
         [--profile FILE [--profile-phase first|returning|listed]]
 
 DESCRIPTION
@@ -28,7 +29,12 @@ DESCRIPTION
     smtpgate found in DIR (a checkout, e.g. /work/main) as a second target,
     so a change is measured against its baseline in one run on one busy
     machine; the spread between rounds of one target is the noise to read
-    the difference against. --profile FILE records the worker with py-spy
+    the difference against. --shadow FILE turns on the shadow rules
+    (SMTPGATE_SHADOW_CONFIG=FILE) in the main target only: with --baseline
+    naming this same checkout, the two differ by the shadow rules alone.
+    --replay-records does the same with replay_records (every session's
+    replay record), and prints the records' mean size in Redis's stream.
+    --profile FILE records the worker with py-spy
     during the first round's "first" phase of the main target (raw collapsed
     stacks; --profile-phase picks another phase; `python -m
     benchmarks.first_contact --summarize FILE` prints the top frames).
@@ -125,7 +131,8 @@ def _resolves(port: int, name: str) -> bool:
 
 
 def start_gate(stack: Stack, name: str, source: Path, dns_port: int,
-               greet_wait: float) -> Smtpgate:
+               greet_wait: float, shadow: Path | None = None,
+               replay_records: bool = False) -> Smtpgate:
     from benchmarks.stack import free_port
 
     port = free_port()
@@ -139,6 +146,10 @@ def start_gate(stack: Stack, name: str, source: Path, dns_port: int,
         "SMTPGATE_WORKERS": "1",
         "SMTPGATE_UVLOOP": "yes",
     })
+    if shadow is not None:
+        env["SMTPGATE_SHADOW_CONFIG"] = str(shadow)
+    if replay_records:
+        env["SMTPGATE_REPLAY_RECORDS"] = "yes"
     proc = spawn(name, [sys.executable, "-m", "smtpgate", "serve"], stack.workdir, env)
     stack.procs.append(proc)
     wait_for(name, lambda: b"ready" in proc.log.read_bytes(), 30, proc.log)
@@ -331,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-phase", choices=("first", "returning", "listed"),
                         default="first")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shadow", type=Path, help="candidate settings for the main target's "
+                                                    "shadow rules")
+    parser.add_argument("--replay-records", action="store_true",
+                        help="replay_records on in the main target")
     parser.add_argument("--summarize", type=Path, help="print a py-spy raw profile's top frames")
     args = parser.parse_args(argv)
     if args.summarize:
@@ -353,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(with_smtpgate=False, with_aiosmtpd=False)  # its postscreen: unused
     with Stack(settings) as stack:
         dns_port = start_dnsmasq(stack, args.ttl)
-        gates = {name: start_gate(stack, f"gate-{name}", source, dns_port, args.greet_wait)
+        gates = {name: start_gate(stack, f"gate-{name}", source, dns_port, args.greet_wait,
+                                  args.shadow.resolve() if args.shadow and name == "smtpgate"
+                                  else None, args.replay_records and name == "smtpgate")
                  for name, source in targets.items()}
         warm = addresses("127.20", 254 * 250, 20)  # never used by a phase
         for gate in gates.values():
@@ -373,15 +390,36 @@ def main(argv: list[str] | None = None) -> int:
                         row[phase] = measure(stack, gate, phase_ips, args.concurrency, listed)
                 results[name].append(row)
                 print(name, json.dumps(row), flush=True)
+        if args.replay_records:
+            print("replay records:", replay_record_sizes(stack.redis_port), flush=True)
     report = {"settings": vars(args) | {"baseline": str(args.baseline or ""),
                                         "profile": str(args.profile or ""),
-                                        "json": str(args.json or ""), "summarize": ""},
+                                        "json": str(args.json or ""), "summarize": "",
+                                        "shadow": str(args.shadow or "")},
               "cpus": os.cpu_count(), "load_before": os.getloadavg(), "results": results}
     print()
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def replay_record_sizes(redis_port: int) -> str:
+    """How many replay records the stream holds, their mean JSON size, and Redis's
+    MEMORY USAGE of the whole stream per record."""
+    import redis
+
+    client = redis.Redis(port=redis_port)
+    try:
+        entries = client.xrange("smtpgate:replay", "-", "+")
+        usage = client.memory_usage("smtpgate:replay", samples=0) or 0
+    finally:
+        client.close()
+    if not entries:
+        return "none"
+    mean = sum(len(fields[b"r"]) for _, fields in entries) / len(entries)
+    return (f"{len(entries)} records, {mean:.0f} bytes of JSON each, "
+            f"{usage / len(entries):.0f} bytes of Redis memory each (MEMORY USAGE)")
 
 
 def table(results: dict[str, list[dict]]) -> str:

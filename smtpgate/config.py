@@ -2,6 +2,8 @@
 
 SYNOPSIS
     load(environ=os.environ, origins=None) -> Config   origins: variable -> the file it came from
+    candidate(live: Config, path) -> Config            live settings, the file's in their place
+    config.shadow -> Config | None                     the candidate of SMTPGATE_SHADOW_CONFIG
     Config.describe() -> list[tuple[str, str, str]]     (key, value shown, source)
     ConfigError(setting, message)
 
@@ -21,12 +23,20 @@ DESCRIPTION
     A next hop named without a port is the shipped Postfix service:
     next_hop port 10025, submission_next_hop port 10587.
 
+    SMTPGATE_SHADOW_CONFIG names a TOML file of candidate settings for the
+    shadow rules (smtpgate.policy.shadow), with the same keys as the live
+    file: the candidate is the live configuration with the file's settings
+    in their place (an empty file: the live settings, for trying candidate
+    table keys alone). It is read and checked with the live one, so a bad
+    candidate setting is a ConfigError too, named with its file.
+
     Settings named after Postfix keep Postfix's meaning and default
     (greet_wait ~ postscreen_greet_wait, message_size_limit, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -569,6 +579,11 @@ class Config:
         "bytes of Redis memory the session records of one node may take (divided among its "
         "workers, counted as written over session_record_ttl); past it, records are not "
         "written until older ones expire (0: no bound)")
+    replay_records: bool = setting(
+        False, parse_bool,
+        "every session leaves a compact record of the facts each check decided on, for "
+        "`smtpgate replay` (kept session_record_ttl, within session_record_memory: sampled "
+        "when over it)")
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(setting, value as shown, where it came from) for check-config; secrets masked."""
@@ -580,6 +595,10 @@ class Config:
                 shown = mask_secret(shown)
             rows.append((f.name, shown, self._sources.get(f.name, "default")))
         return rows
+
+    @property
+    def shadow(self) -> Config | None:
+        return getattr(self, "_shadow_config", None)
 
     @property
     def _sources(self) -> dict[str, str]:
@@ -664,7 +683,23 @@ def load(environ: Mapping[str, str] | None = None,
     _check_hop_timeouts({name: values.get(name, spec.default) for name, spec in specs.items()})
     config = Config(**values)
     object.__setattr__(config, "_source_map", sources)
+    shadow_path = environ.get("SMTPGATE_SHADOW_CONFIG", "").strip()
+    if shadow_path:
+        object.__setattr__(config, "_shadow_config", candidate(config, shadow_path))
     return config
+
+
+def candidate(live: Config, path: str) -> Config:
+    """The shadow rules' configuration: live, with the settings of the TOML file at path."""
+    specs = {f.name: f for f in fields(Config)}
+    values: dict[str, Any] = {}
+    for key, raw in _read_toml(path, "SMTPGATE_SHADOW_CONFIG").items():
+        if key not in specs:
+            raise ConfigError(f"{path}: {key}", "unknown setting" + _close_match(key, specs))
+        values[key] = _parse(specs[key], raw, f"{path}: {key}")
+    shadow = dataclasses.replace(live, **values)
+    _check_hop_timeouts({name: getattr(shadow, name) for name in specs})
+    return shadow
 
 
 def _check_unknown_variables(environ: Mapping[str, str], known: set[str]) -> None:
@@ -687,14 +722,14 @@ def _parse(spec: Any, raw: Any, label: str) -> Any:
         raise ConfigError(label, str(exc)) from None
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def _read_toml(path: str, variable: str = "SMTPGATE_CONFIG") -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise ConfigError("SMTPGATE_CONFIG", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("SMTPGATE_CONFIG", f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError(variable, f"{path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and key != "dnsbl_reply_map":

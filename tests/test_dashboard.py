@@ -59,7 +59,7 @@ def test_the_dashboard_is_grafana_json_with_prometheus_targets():
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
     for wanted in ("Rejections by check", "Relay latency", "TLS certificate expires in",
                    "DNSBL zones up", "Next hop (Postfix)", "Redis", "Sessions in flight",
-                   "Rate-limited events by limit"):
+                   "Rate-limited events by limit", "Shadow rules: disagreements"):
         assert wanted in titles
 
 
@@ -83,11 +83,15 @@ def traffic(gate) -> None:
         assert code == 521 and "bl.test" in text, text
 
 
-def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, service_root):
+def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, service_root,
+                                                      tmp_path):
     dns.set([(f"{'.'.join(reversed(LISTED.split('.')))}.bl.test", "A", "127.0.0.2")])
+    candidate = tmp_path / "candidate.toml"  # shadow rules that would let the listed one in
+    candidate.write_text('dnsbl_action = "ignore"\n')
     gate = start_gate(listeners=("mx", "metrics"), SMTPGATE_WORKERS="2",
                       SMTPGATE_DNSBL_SITES="bl.test=127.0.0.2",
-                      SMTPGATE_CLIENT_RECIPIENT_RATE_LIMIT="2")
+                      SMTPGATE_CLIENT_RECIPIENT_RATE_LIMIT="2",
+                      SMTPGATE_SHADOW_CONFIG=str(candidate))
     prometheus = PrometheusServer(service_root / "prometheus",
                                   [f"127.0.0.1:{gate.metrics_port}"], interval=1.0)
     try:
@@ -115,6 +119,8 @@ def test_every_panel_has_data_from_a_real_prometheus(start_gate, world, dns, ser
             'smtpgate_rejections_total{check="recipient_rate_limit",stage="rcpt"}')
         assert prometheus.query('smtpgate_dnsbl_answers_total{zone="bl.test",kind="listed"} > 0')
         assert prometheus.query('smtpgate_messages_relayed_total{result="queued"} == 1')
+        assert prometheus.query(
+            'smtpgate_shadow_disagreements_total{check="dnsbl",direction="accept"} == 1')
     finally:
         prometheus.stop()  # asserts exit status 0
         gate.stop()

@@ -49,6 +49,7 @@ from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "helo"
 CLASS = "Helo command"
+NO_DNS = "no DNS facts"  # the reason of a pass for want of the name's DNS answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ def decide(helo: str | None, *, access: str | None = None, dns: HeloDns | None =
         return _reject(504, "5.5.2", helo, "need fully-qualified hostname",
                        "reject_non_fqdn_helo_hostname")
     if dns is None:
-        return Verdict(CHECK, Outcome.PASS, reason="no DNS facts")
+        return Verdict(CHECK, Outcome.PASS, reason=NO_DNS)
     if dns.status == "ok":
         return Verdict(CHECK, Outcome.PASS, reason=f"{name} resolves", ttl=float(dns.ttl))
     if dns.status == "tempfail":

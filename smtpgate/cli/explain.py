@@ -30,6 +30,9 @@ DESCRIPTION
     refused as an earlier one was (the same in all that the record shows
     but its id, port and times, minutes apart) has only an alias naming
     that one: explain says so and prints the earlier record.
+    A session the shadow rules (SMTPGATE_SHADOW_CONFIG) would have decided
+    otherwise has a record too, refused or not, and its last section says
+    what they would have done at which check.
     A session refused while the node's records were over
     session_record_memory has none ("not recorded").
 """
@@ -60,6 +63,9 @@ STAGES = {
     "message_rate_limit": "MAIL", "login_message_rate_limit": "MAIL",
     "recipient_rate_limit": "RCPT", "login_recipient_rate_limit": "RCPT",
 }
+
+SHADOW_SAID = {"refuse": "would refuse", "accept": "would accept",
+               "reply": "would reply otherwise"}
 
 
 def run(args: Any, config: Config) -> int:
@@ -225,6 +231,14 @@ def print_record(record: dict, out: TextIO | None = None) -> None:
             title = stage
         say(f"  {verdict['check']:<16} {verdict['outcome']:<7} {verdict['reason']}")
     replies_until(float("inf"))
+    shadow = record.get("shadow") or []
+    if shadow:
+        say("shadow rules (what the candidate rules would have done otherwise)")
+    for entry in shadow:
+        said = SHADOW_SAID.get(entry.get("direction"), entry.get("direction"))
+        say(f"  {entry.get('check', '?'):<16} {said}: live {entry.get('live')}; "
+            f"shadow {entry.get('shadow')}" + (f" ({entry['reason']})" if entry.get("reason")
+                                                else ""))
 
 
 def _when(stamp: float | None, clock: bool = False) -> str:

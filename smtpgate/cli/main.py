@@ -1,4 +1,5 @@
-"""main - the `smtpgate` command: serve, check-config, table, explain, allow, deny, overrides.
+"""main - the `smtpgate` command: serve, check-config, table, explain, allow, deny, overrides,
+shadow, replay.
 
 SYNOPSIS
     main(argv: list[str] | None = None) -> int
@@ -169,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="sender")
     explain.add_argument("--rcpt", action="append", default=[])
     overrides_cli.add_commands(sub, [files])
+    from smtpgate.cli import replay, shadow
+
+    shadow.add_parser(sub, [files])
+    replay.add_parser(sub)
     return top
 
 
@@ -211,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         return explain(args, config)
     if args.command in overrides_cli.COMMANDS:
         return overrides_cli.run(args, config)
+    if args.command == "shadow":
+        from smtpgate.cli.shadow import run as shadow
+
+        return shadow(args, config)
+    if args.command == "replay":
+        from smtpgate.cli.replay import run as replay
+
+        return replay(args, config)
     return 2
 
 

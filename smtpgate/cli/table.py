@@ -28,6 +28,12 @@ DESCRIPTION
     and so is a value smtpgate would not honour (keys.check_value: unknown
     access action, an alias target that is not an address).
 
+    --shadow (anywhere among the words) does the same with the candidate
+    keys of the shadow rules (keys.shadow_key: smtpgate:shadow:PSA:...),
+    which decide only what the shadow rules would have done
+    (smtpgate.policy.shadow) and never a reply; get --shadow prints the
+    candidate key itself, without the live keys' fall-backs.
+
     Results go to stdout; refusals and errors to stderr as one sentence.
     Exit status: 0 done, 1 refused, not found or Redis unreachable, 2 usage.
 """
@@ -44,6 +50,7 @@ USAGE = """usage: smtpgate table get PREFIX KEY
        smtpgate table set PREFIX KEY VALUE...
        smtpgate table del PREFIX KEY
        smtpgate table list [PREFIX [PATTERN]]
+       --shadow with any of them: the shadow rules' candidate keys
 PREFIX: """ + " ".join(keys.PREFIXES)
 
 _ARITY = {"get": (2, 2), "set": (3, None), "del": (2, 2), "list": (0, 2)}
@@ -60,6 +67,8 @@ def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
     words = list(args)
     if words and words[0] == "table":
         words = words[1:]
+    shadow = "--shadow" in words
+    words = [w for w in words if w != "--shadow"]
     if not words or words[0] in ("-h", "--help", "help"):
         print(USAGE, file=err if not words else out)
         return 2 if not words else 0
@@ -82,7 +91,7 @@ def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
         print(f"smtpgate table: Redis at {mask_secret(config.redis)} failed: {exc}", file=err)
         return 1
     try:
-        return _COMMANDS[command](client, prefix, rest[1:], out, err)
+        return _COMMANDS[command](_Keys(shadow), client, prefix, rest[1:], out, err)
     except _Refused as exc:
         print(f"smtpgate table {command}: {exc}", file=err)
         return 1
@@ -93,16 +102,31 @@ def run(args: list[str], config: Any, *, stdout: TextIO | None = None,
         client.close()
 
 
-def _key(prefix: str, name: str) -> str:
-    try:
-        return keys.key(prefix, keys.normalize_key(prefix, name))
-    except ValueError as exc:
-        raise _Refused(str(exc)) from None
+class _Keys:
+    """The Redis keys of the live tables, or of the shadow rules' candidates."""
+
+    def __init__(self, shadow: bool) -> None:
+        self.front = keys.SHADOW_TABLES if shadow else ""
+
+    def key(self, prefix: str, name: str) -> str:
+        return self.front + keys.key(prefix, name)
+
+    def canonical(self, prefix: str, name: str) -> str:
+        try:
+            return self.key(prefix, keys.normalize_key(prefix, name))
+        except ValueError as exc:
+            raise _Refused(str(exc)) from None
+
+    def shown(self, redis_key: str) -> str:
+        return redis_key[len(self.front):]
 
 
-def _get(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
-    redis_key = _key(prefix, rest[0])
-    tried = [redis_key, *(k for k in keys.lookup_keys(prefix, rest[0]) if k != redis_key)]
+def _get(names: _Keys, client: Any, prefix: str, rest: list[str], out: TextIO,
+         err: TextIO) -> int:
+    redis_key = names.canonical(prefix, rest[0])
+    tried = [redis_key]
+    if not names.front:
+        tried += [k for k in keys.lookup_keys(prefix, rest[0]) if k != redis_key]
     values = redis_client.mget_sync(client, tried)
     found = next(((k, v) for k, v in zip(tried, values, strict=True) if v is not None), None)
     if found is None:
@@ -115,39 +139,43 @@ def _get(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) ->
     return 0
 
 
-def _set(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
-    redis_key = _key(prefix, rest[0])
+def _set(names: _Keys, client: Any, prefix: str, rest: list[str], out: TextIO,
+         err: TextIO) -> int:
+    redis_key = names.canonical(prefix, rest[0])
     try:
         value = keys.check_value(prefix, " ".join(rest[1:]))
     except ValueError as exc:
         raise _Refused(str(exc)) from None
     client.set(redis_key, value)
-    if redis_key != keys.key(prefix, rest[0]):
+    if redis_key != names.key(prefix, rest[0]):
         print(f"note: stored as {redis_key} (the form smtpgate looks up)", file=err)
     print(f"{redis_key} {value}", file=out)
     return 0
 
 
-def _del(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
-    redis_key = _key(prefix, rest[0])
+def _del(names: _Keys, client: Any, prefix: str, rest: list[str], out: TextIO,
+         err: TextIO) -> int:
+    redis_key = names.canonical(prefix, rest[0])
     # A key stored before validation may differ from the canonical form: delete as written too.
-    removed = client.delete(*dict.fromkeys([redis_key, keys.key(prefix, rest[0])]))
+    removed = client.delete(*dict.fromkeys([redis_key, names.key(prefix, rest[0])]))
     if not removed:
         raise _Refused(f"no key {redis_key}")
     print(f"deleted {redis_key}", file=out)
     return 0
 
 
-def _list(client: Any, prefix: str, rest: list[str], out: TextIO, err: TextIO) -> int:
-    patterns = [f"{prefix}:{rest[0] if rest else '*'}"] if prefix else \
-        [f"{p}:*" for p in keys.PREFIXES]
+def _list(names: _Keys, client: Any, prefix: str, rest: list[str], out: TextIO,
+          err: TextIO) -> int:
+    patterns = [names.key(prefix, rest[0] if rest else "*")] if prefix else \
+        [names.key(p, "*") for p in keys.PREFIXES]
     rows = []
     for pattern in patterns:
         found = list(client.scan_iter(match=pattern, count=500))  # a Cluster: every primary
         for start in range(0, len(found), 500):
             batch = found[start:start + 500]
             values = redis_client.mget_sync(client, batch)
-            rows += [(k, v) for k, v in zip(batch, values, strict=True) if v is not None]
+            rows += [(names.shown(k), v) for k, v in zip(batch, values, strict=True)
+                     if v is not None]
     for redis_key, value in sorted(rows, key=_table_order):
         print(f"{redis_key.partition(':')[2] if prefix else redis_key} {value}", file=out)
     print(f"{len(rows)} key{'s' if len(rows) != 1 else ''} under {' '.join(patterns)}", file=err)

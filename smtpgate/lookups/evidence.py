@@ -6,6 +6,9 @@ SYNOPSIS
                                     producer() -> dict, repeat() -> signature | None,
                                     both called when written
         store.written, store.aliases, store.over_budget
+        store.stream = callable() -> list[dict]     entries for keys.SHADOW_LOG, each batch
+        store.keep_replay(session_id, producer)     a session's replay record, soon
+        store.replay_every, store.replay_sampled_out
         await store.load(session_id) -> dict | None
         await store.flush() ; await store.close()
     encode(record, size_limit) -> bytes
@@ -52,6 +55,26 @@ DESCRIPTION
     expired sooner is reported so by explain. The signatures are
     remembered per worker, the MAX_REPEATS most recent, only once their
     record was written.
+
+    stream, when set, gives entries (dicts of text) added with the batch to
+    the stream keys.SHADOW_LOG (XADD, approximate MAXLEN
+    keys.SHADOW_LOG_LENGTH): the shadow rules' disagreements
+    (smtpgate.policy.shadow), written off the reply path as the records
+    are. They are bounded by the stream's length, not the budget below.
+
+    keep_replay() notes a session's replay record (replay_records: the
+    facts each check decided on, smtpgate.smtp.evidence.replay_record),
+    written with the next batch as an entry {"r": JSON} of the stream
+    keys.REPLAY_LOG, which XADD trims (MINID, approximate) to the records'
+    ttl. Replay records count against the budget below, as records do,
+    and are sampled before it is spent, so that a busy day is recorded
+    thinly throughout rather than fully until noon: every session's while
+    half the budget is free, one in 2 while a quarter is, one in 4 while
+    an eighth is, and so on to one in MAX_SAMPLE, then none until older
+    hours expire (replay_every: the current one in N). Each record says
+    the sampling it was written under ("sample": N), so `smtpgate replay`
+    says so; replay_sampled_out counts the records left out, and a
+    warning says when the sampling grows.
 
     The budget. memory (session_record_memory divided among the node's
     workers) bounds what this worker's records may take in Redis: the
@@ -108,6 +131,8 @@ KEY_COST = 200  # Redis bytes of a key beyond its value (key, entry, expiry): se
 ALIAS_COST = 100  # Redis bytes of a hash field beyond its name and value: see DESCRIPTION
 BUCKET = 3600.0  # the budget counts bytes written per hour
 WARN_EVERY = 60.0
+REPLAY_COST = 80  # Redis bytes of a stream entry beyond its JSON (id, field name, listpack)
+MAX_SAMPLE = 1024  # at the most, one in this many sessions' replay records is written
 
 
 class EvidenceStore:
@@ -123,6 +148,11 @@ class EvidenceStore:
         self.over_budget = 0  # not written: the budget was spent (a running total)
         self.lost = 0  # not written since the last warning (Redis failing, or too many waiting)
         self._pending: dict[str, tuple[Callable[[], dict], Callable[[], Any] | None]] = {}
+        self.stream: Callable[[], list[dict]] | None = None  # the shadow rules' log entries
+        self._replays: dict[str, Callable[[], dict]] = {}
+        self.replay_every = 1  # one in this many sessions' replay records is written
+        self.replay_sampled_out = 0
+        self._replay_count = 0
         # repeat signature -> (first session's id, when written, when its record expires)
         # (kept REPEAT_WINDOW: a refusal from a client never seen again leaves after that)
         self._recent = ExpiringCache(MAX_REPEATS)
@@ -152,6 +182,18 @@ class EvidenceStore:
             self._timer = asyncio.get_running_loop().call_later(
                 BATCH, self._start, context=contextvars.Context())
 
+    def keep_replay(self, session_id: str, producer: Callable[[], dict]) -> None:
+        """Write this session's replay record with the next batch."""
+        if self._closed or self.ttl <= 0:
+            return
+        if len(self._replays) >= MAX_PENDING:
+            self.lost += 1
+            return
+        self._replays[session_id] = producer
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                BATCH, self._start, context=contextvars.Context())
+
     def _start(self) -> None:
         self._timer = None
         if self._writing is not None and not self._writing.done():
@@ -163,7 +205,9 @@ class EvidenceStore:
     async def flush(self) -> None:
         """Write the sessions noted so far (the timer's job; also at close)."""
         batch, self._pending = self._pending, {}
-        if not batch:
+        replays, self._replays = self._replays, {}
+        entries = self.stream() if self.stream is not None else []
+        if not batch and not entries and not replays:
             return
         ttl = max(1, int(self.ttl))
         now, clock = time.time(), time.monotonic()
@@ -199,6 +243,10 @@ class EvidenceStore:
             for key, mapping in buckets.items():  # a batch's aliases: one HSET per minute
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl + 60)
+            for entry in entries:
+                pipe.xadd(keys.SHADOW_LOG, entry, maxlen=keys.SHADOW_LOG_LENGTH,
+                          approximate=True)
+            spent += self._add_replays(pipe, replays, now, ttl, spent)
             if len(pipe) == 0:
                 self._over(skipped, clock)
                 return
@@ -224,6 +272,42 @@ class EvidenceStore:
             log.warning("warning: session records: written again; %d lost meanwhile",
                         self.lost)
             self._failing, self.lost = False, 0
+
+    def _add_replays(self, pipe: Any, replays: dict[str, Callable[[], dict]], now: float,
+                     ttl: int, spent: int) -> int:
+        """The batch's replay records, sampled (see DESCRIPTION): the bytes they take."""
+        added = 0
+        oldest = f"{int((now - ttl) * 1000)}-0"
+        for producer in replays.values():
+            self._replay_count += 1
+            every = self._replay_sample(self._spent_total + spent + added)
+            if every > self.replay_every:
+                log.warning("warning: replay records: %s", f"at most 1/{every} of "
+                            f"session_record_memory left; one session in {every} recorded"
+                            if every else "session_record_memory spent; none recorded")
+            self.replay_every = every or MAX_SAMPLE * 2
+            if not every or self._replay_count % every:
+                self.replay_sampled_out += 1
+                continue
+            record = producer()
+            record["sample"] = self.replay_every
+            data = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+            pipe.xadd(keys.REPLAY_LOG, {"r": data}, minid=oldest, approximate=True)
+            added += len(data.encode()) + REPLAY_COST
+        return added
+
+    def _replay_sample(self, used: float) -> int:
+        """One in how many sessions' replay records to write now: 1 while half the budget
+        is free, 2 while a quarter is, 4 while an eighth is...; 0 (none) past MAX_SAMPLE."""
+        if not self.memory:
+            return 1
+        free = self.memory - used
+        if free <= self.memory / MAX_SAMPLE:
+            return 0
+        every = 1
+        while free <= self.memory / (every * 2):
+            every *= 2
+        return every
 
     def _spend(self, now: float, spent: int) -> None:
         """Count bytes written in this hour's bucket; forget buckets whose records expired."""

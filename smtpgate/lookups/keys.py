@@ -431,3 +431,26 @@ def greylist_key(network: str, tail: str) -> str:
 
 def greylist_pass_key(network: str) -> str:
     return f"{GREYLIST_PASS}{{{network}}}"
+
+
+# ---- shadow rules (lookups.shadow_tables, policy.shadow) ----
+# Candidate table keys: the image's key with this in front (smtpgate:shadow:PSA:192.0.2.7),
+# the same value grammar; written by `smtpgate table set --shadow`, never expired, read whole
+# (SCAN) by every worker now and then. They decide only the shadow verdicts.
+SHADOW_TABLES = OWN_PREFIX + "shadow:"
+# What the shadow rules would have done differently: a stream, one entry per disagreement
+# (time, session, client, check, direction, live and shadow verdicts), XADD with an approximate
+# MAXLEN of SHADOW_LOG_LENGTH; read by `smtpgate shadow report`.
+SHADOW_LOG = OWN_PREFIX + "shadowlog"
+SHADOW_LOG_LENGTH = 100000
+
+
+def shadow_key(redis_key: str) -> str:
+    return SHADOW_TABLES + redis_key
+
+
+# ---- replay records (lookups.evidence, cli.replay) ----
+# With replay_records on, every session's checks and the facts they decided on: a stream, one
+# entry per session ({"r": the record's JSON}), written with the evidence records' batch and
+# trimmed (XADD MINID ~) to session_record_ttl; read by `smtpgate replay --since`.
+REPLAY_LOG = OWN_PREFIX + "replay"

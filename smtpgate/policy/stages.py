@@ -16,6 +16,8 @@ SYNOPSIS
     await policy.authenticate(state, mechanism, plain, login, secured) -> AuthOutcome
     policy.close_session(state) ; await policy.close()
     policy.evidence     refused sessions' records (smtpgate.lookups.evidence), kept by the engine
+    policy.shadow       the shadow rules (smtpgate.policy.shadow), None when off
+    await policy.start_shadow()      begin, change or end them as Config.shadow says
     STAGES              each stage's checks, in the order they run (README's table says the same)
 
 DESCRIPTION
@@ -60,6 +62,13 @@ DESCRIPTION
     A lookup that cannot be answered (Redis down, DNS timing out) is a
     temporary failure: 421 4.3.0 at connect, 451 4.3.0 at RCPT; never a
     permit.
+
+    Shadow rules (Config.shadow) and replay records (replay_records): each
+    check's verdict, with the facts it was decided on as plain values
+    (smtpgate.policy.decisions), is kept in the session's state for its
+    replay record and handed to policy.shadow, which decides it again
+    under the candidate rules and changes nothing here. With both off
+    nothing of that is built: one test of `self.watching` per check.
 
     A dry_run policy (`smtpgate explain --ip`) decides with the same
     facts and writes nothing: the connection counts are read, not
@@ -116,6 +125,7 @@ from smtpgate.lookups.screening_cache import (
     passed,
 )
 from smtpgate.lookups.tables import CONNECT_TEMPFAIL, RCPT_TEMPFAIL, TableError, Tables
+from smtpgate.policy.shadow import Shadow
 from smtpgate.policy.state import MX, Client, ClientState, GreetWait
 from smtpgate.verdict import Outcome, Reply, Verdict
 
@@ -193,7 +203,11 @@ class Policy:
             redis_client, ttl=config.session_record_ttl,
             size_limit=config.session_record_size_limit, timeout=config.redis_timeout,
             memory=record_memory(config))
+        self.shadow: Shadow | None = None  # made by start_shadow(), when configured
+        # whether checks hand on their facts: to the shadow rules, or to the replay record
+        self.watching = config.replay_records and not dry_run
         self._refresher: asyncio.Task | None = None
+        self._shadow_task: asyncio.Task | None = None
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: new settings for the next decisions; Redis clients and counters stay."""
@@ -212,6 +226,31 @@ class Policy:
         self.evidence.size_limit = config.session_record_size_limit
         self.evidence.memory = record_memory(config)
         self.greylist = greylist_store(self.redis, config)
+        self.watching = self.shadow is not None or (config.replay_records and not self.dry_run)
+        if self.shadow is not None or config.shadow is not None:
+            # held, so the task is not collected before it ran
+            self._shadow_task = asyncio.get_running_loop().create_task(self.start_shadow())
+
+    async def start_shadow(self) -> None:
+        """The shadow rules of self.config (None: off), begun or ended; a reload's too."""
+        old, candidate = self.shadow, None if self.dry_run else self.config.shadow
+        self.watching = self.config.replay_records and not self.dry_run
+        if old is not None and candidate is not None:
+            old.config = candidate  # the candidate keys' copy goes on
+            self.watching = True
+            return
+        if old is not None:
+            self.shadow = None
+            self.evidence.stream = None
+            await old.stop()
+        if candidate is not None:
+            shadow = Shadow(candidate, self.redis)
+            await shadow.start()
+            self.shadow = shadow
+            self.evidence.stream = shadow.take_log
+            log.info("shadow rules: on; %d candidate keys", len(shadow.refresher.tables))
+        self.watching = self.shadow is not None or (self.config.replay_records
+                                                     and not self.dry_run)
 
     @classmethod
     async def create(cls, config: Config, auth: Any = None, dry_run: bool = False,
@@ -227,11 +266,14 @@ class Policy:
         policy = cls(config, tables, resolver, client, auth, dry_run, auth_probe)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
+        await policy.start_shadow()
         return policy
 
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self.shadow is not None:
+            await self.shadow.stop()
         await self.counter.flush()
         await self.evidence.close()
         await self.tables.close()
@@ -260,6 +302,13 @@ class Policy:
     def _trusted_network(self, client: Client) -> bool:
         return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
             .outcome is Outcome.PERMIT
+
+    def _decided(self, state: ClientState, verdict: Verdict, facts: dict) -> None:
+        """A check's verdict and its facts, for the replay record and the shadow rules."""
+        if self.config.replay_records and not self.dry_run:
+            state.keep_facts(verdict, facts)
+        if self.shadow is not None:
+            self.shadow.weigh(state, verdict, facts)
 
     @staticmethod
     def _note(state: ClientState, verdict: Verdict) -> Verdict:
@@ -307,7 +356,8 @@ class Policy:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
             return CONNECT_TEMPFAIL
-        state.rev_ip = facts.rev.value if facts.rev is not None else None
+        if facts.rev is not None:
+            state.rev_ip, state.rev_key = facts.rev.value, facts.rev.key.partition(":")[2]
         if facts.override is not None or self.dry_run:
             verdict = self._note(state, override.decide(ip, facts.override, time.time()))
             if verdict.outcome is Outcome.PERMIT:  # as a PSA permit: no access list, no tests
@@ -319,10 +369,15 @@ class Policy:
         psa = facts.psa
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
+        psa_key = psa.key.partition(":")[2] if psa else ""  # the name, not the Redis key
+        mynetworks = self._mynetworks(client)
         verdict = self._note(state, access_list.decide(
-            ip, psa.value if psa else None, mynetworks=self._mynetworks(client),
-            action=self.config.access_reject_action,
-            psa_key=psa.key.partition(":")[2] if psa else ""))  # the name, not the Redis key
+            ip, psa.value if psa else None, mynetworks=mynetworks,
+            action=self.config.access_reject_action, psa_key=psa_key))
+        if self.watching:
+            self._decided(state, verdict, {
+                "ip": ip, "mynet": mynetworks is self.config.mynetworks,
+                "psa": [psa_key, psa.value] if psa else None})
         if verdict.outcome is Outcome.PERMIT:
             state.permitted = True
         elif verdict.failed:
@@ -352,6 +407,10 @@ class Policy:
             connection_limit=self.config.connection_limit,
             hostname=self.config.hostname, exempt=state.rate_exempt,
             window=self.config.anvil_rate_time_unit))
+        if self.watching:
+            self._decided(state, verdict, {
+                "ip": ip, "count": state.lease.client_count, "rate": state.lease.client_rate,
+                "total": state.lease.total, "exempt": state.rate_exempt})
         if verdict.failed:
             return verdict.reply
         if client.listener != MX:
@@ -420,10 +479,15 @@ class Policy:
         if state.greet_tested:
             verdict = self._note(state, pregreet.decide(
                 received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
+            if self.watching:
+                self._decided(state, verdict, {"ip": ip, "port": port, "delay": delay,
+                                                   "received": received.decode("latin-1")})
             outcome = self._apply(state, verdict, passes, failed) or outcome
         if result is not None:
             verdict = self._note(state, self._dnsbl_verdict(result))
             state.dnsbl_score = dnsbl_check.score(self.sites, result).total
+            if self.watching:
+                self._decided(state, verdict, dnsbl_facts(result))
             if verdict.outcome is Outcome.PERMIT:
                 passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
                 state.permitted = True
@@ -499,6 +563,11 @@ class Policy:
             dns = await helo_facts(self.resolver, name.rstrip("."))
         verdict = self._note(state, helo.decide(
             name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
+        if self.watching:
+            facts = {"name": name, "access": access}
+            if dns is not None:  # left out when not asked: the shadow cannot decide without
+                facts["dns"] = [dns.status, dns.ttl, list(dns.addresses), list(dns.mx)]
+            self._decided(state, verdict, facts)
         if not verdict.failed:
             return None
         if self.config.smtpd_delay_reject:
@@ -624,8 +693,10 @@ class Policy:
     async def _mail_sender(self, state: ClientState, request: Request) -> Reply | None:
         if request.path.null:
             return None
-        verdict = self._note(state, sender.decide(request.path,
-                                                  smtputf8="SMTPUTF8" in request.path.params))
+        utf8 = "SMTPUTF8" in request.path.params
+        verdict = self._note(state, sender.decide(request.path, smtputf8=utf8))
+        if self.watching:
+            self._decided(state, verdict, {"sender": request.path.address, "utf8": utf8})
         if verdict.failed and not self.config.smtpd_delay_reject:
             return verdict.reply
         state.sender_reject = verdict.reply if verdict.failed else None
@@ -633,14 +704,20 @@ class Policy:
 
     async def _sender_login(self, state: ClientState, path: Path, login: str) -> Verdict:
         owners: object
+        hit = None
         try:
             hit = await self.tables.logmap(path.address)
             owners = (sender_login.TEMPFAIL if hit is not None and hit.invalid
                       else frozenset(hit.targets) if hit else None)
         except TableError:
             owners = sender_login.TEMPFAIL
-        return self._note(state, sender_login.decide(
+        verdict = self._note(state, sender_login.decide(
             path.address, login, owners, enabled=self.config.sender_login_check))
+        if self.watching:
+            self._decided(state, verdict, {
+                "sender": path.address, "login": login, "hit": hit.key if hit else None,
+                "owners": sorted(owners) if isinstance(owners, frozenset) else owners})
+        return verdict
 
     # --- RCPT ------------------------------------------------------------------------------
 
@@ -706,6 +783,8 @@ class Policy:
             facts, rev_ip=state.rev_ip, rev_by_name=rev_by_name,
             unknown_code=self.config.unknown_client_reject_code))
         state.client_verdict = verdict
+        if self.watching:
+            self._decided(state, verdict, fcrdns_facts(state, facts, rev_by_name))
         return verdict.reply if verdict.failed else None
 
     async def _rcpt_destination(self, state: ClientState, request: Request) -> Reply | None:
@@ -720,10 +799,16 @@ class Policy:
         if facts.invalid:
             return RCPT_TEMPFAIL
         request.facts = facts  # the recipient check's too: one round trip for both
+        trusted = state.trusted or request.login is not None
         verdict = self._note(state, destination.decide(
             path, local=facts.vdom is not None or destination.is_postmaster(path),
-            trusted=state.trusted or request.login is not None, smtputf8=request.smtputf8,
+            trusted=trusted, smtputf8=request.smtputf8,
             allow_trusted_routing=self.config.allow_trusted_routing))
+        if self.watching:
+            self._decided(state, verdict, {
+                "rcpt": path.address, "route": list(path.route), "looked": facts.address,
+                "vdom": facts.vdom.key if facts.vdom else None, "trusted": trusted,
+                "utf8": request.smtputf8})
         return verdict.reply if verdict.failed else None
 
     async def _rcpt_recipient(self, state: ClientState, request: Request) -> Reply | None:
@@ -733,6 +818,13 @@ class Policy:
             request.path.address, local=facts.vdom is not None,
             listed=facts.vali is not None or facts.vbox is not None, access=recip,
             show_table=self.config.show_user_unknown_table_name))
+        if self.watching:
+            self._decided(state, verdict, {
+                "rcpt": request.path.address, "looked": facts.address,
+                "vdom": facts.vdom.key if facts.vdom else None,
+                "vali": facts.vali.key if facts.vali else None,
+                "vbox": facts.vbox.key if facts.vbox else None,
+                "recip": [facts.recip.key, recip] if facts.recip is not None else None})
         return verdict.reply if verdict.failed else None
 
     async def _rcpt_greylist(self, state: ClientState, request: Request) -> Reply | None:
@@ -842,8 +934,13 @@ class Policy:
             verdict = protocol.bare_newline(
                 line, ip, port, after=after, action=self.config.bare_newline_action)
         if not verdict.failed and not verdict.ignored:
-            return None
+            return None  # a pass is one under any action: nothing for the shadow to weigh
         self._note(state, verdict)
+        if self.watching:
+            self._decided(state, verdict, {
+                "ip": ip, "port": port, "after": after, "esmtp": esmtp,
+                "line": line.decode("latin-1") if test == "bare_newline" else text,
+                "pending": pending.decode("latin-1")})
         if test not in state.protocol_failed:
             state.protocol_failed += (test,)
             state.screening_failed += (test,)
@@ -932,6 +1029,21 @@ def _suspicion(state: ClientState, dnsbl_score: int | None,
         names=facts.ptr_names if facts is not None else (),
         dnsbl_score=dnsbl_score, dnsbl_threshold=dnsbl_threshold,
         failed_tests=tuple(t for t in state.screening_failed if t != "dnsbl"))
+
+
+def dnsbl_facts(result) -> dict:
+    """A DNSBL result as decisions.dnsbl_result() reads it back."""
+    return {"ip": result.ip, "ttl": result.ttl,
+            "zones": [[z.zone, z.status, list(z.answers), z.ttl] for z in result.zones]}
+
+
+def fcrdns_facts(state: ClientState, facts, rev_by_name: dict) -> dict:
+    """The FCrDNS facts and REV answers as decisions.fcrdns_facts() reads them back."""
+    return {"ip": facts.ip, "status": facts.status, "ptr": list(facts.ptr_names),
+            "forward": [[f.name, f.status, list(f.addresses)] for f in facts.forward],
+            "ttl": facts.ttl, "rev_names": list(client_fcrdns.rev_names(facts)),
+            "rev_ip": [state.rev_key, state.rev_ip] if state.rev_ip is not None else None,
+            "rev_by_name": rev_by_name}
 
 
 def record_memory(config: Config) -> int:

@@ -8,6 +8,8 @@ SYNOPSIS
     state.unrecorded    how many were taken after those ; state.latest  the last one
     state.client_name   the verified host name once FCrDNS passed, else "unknown"
     state.label         "name[ip]", as Postfix writes a client in its log
+    state.disagreements what the shadow rules would have done otherwise (None: nothing)
+    state.keep_facts(verdict, facts)   state.facts: the replay record's checks
     GreetWait(seconds, decided)
 
 DESCRIPTION
@@ -62,6 +64,7 @@ class GreetWait:
 @dataclass(slots=True)
 class ClientState:
     RECORD_LIMIT: ClassVar[int] = 100
+    FACTS_LIMIT: ClassVar[int] = 32  # a session's checks decided, for its replay record
 
     client: Client
     record: list[Verdict] = field(default_factory=list)
@@ -75,6 +78,7 @@ class ClientState:
     rate_exempt: bool = False  # client_event_limit_exceptions: no per-client limit counts
     enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
     rev_ip: str | None = None
+    rev_key: str = ""  # the REV key that gave rev_ip (its name: an address or a network)
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
     fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
@@ -91,6 +95,12 @@ class ClientState:
     # what screening found, written to the cache with the session's release
     screening_passes: dict[str, float] = field(default_factory=dict)
     screening_failed: tuple[str, ...] = ()
+    # shadow rules (smtpgate.policy.shadow), when on: the candidate's run of this session
+    shadow: Any = None  # a smtpgate.policy.decisions.Redecider
+    disagreements: list[dict] | None = None  # where it differed from the live verdicts
+    # replay_records: [check, facts, outcome, reply] per check decided, the first FACTS_LIMIT
+    facts: list[list] | None = None
+    facts_left_out: int = 0
 
     def note(self, verdict: Verdict) -> Verdict:
         self.latest = verdict
@@ -99,6 +109,16 @@ class ClientState:
         else:
             self.unrecorded += 1
         return verdict
+
+    def keep_facts(self, verdict: Verdict, facts: dict) -> None:
+        """A check's verdict with the facts it was decided on, for the replay record."""
+        if self.facts is None:
+            self.facts = []
+        if len(self.facts) < self.FACTS_LIMIT:
+            self.facts.append([verdict.check, facts, str(verdict.outcome),
+                               str(verdict.reply) if verdict.reply is not None else None])
+        else:
+            self.facts_left_out += 1
 
     def name_found(self, task: asyncio.Task) -> None:
         """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as

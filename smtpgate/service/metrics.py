@@ -72,6 +72,9 @@ DESCRIPTION
       overrides_in_force{action}         timed overrides (smtpgate allow / deny)
           in force, as the table cache holds them (livemax: every worker
           holds the same ones; 0 while no worker's cache is loaded)
+      shadow_disagreements_total{check,direction}   the shadow rules'
+          disagreements (smtpgate.policy.shadow): direction refuse, accept
+          or reply; no series while shadow rules are off
       redis_up, next_hop_up              livemin; next_hop_up: some hop works
       next_hop_host_up{hop,role}         each next hop, role mx or submission
           (livemin; a hop a reload dropped keeps its last value until the
@@ -295,6 +298,11 @@ class Metrics:
         self.spool_refused = counter(
             "spool_budget_refused_total", "Messages refused with 452 4.3.1 after the final dot: "
             "they outgrew what was left of the worker's spool_budget.")
+        self.shadow_disagreements = counter(
+            "shadow_disagreements_total", "Checks the shadow rules (SMTPGATE_SHADOW_CONFIG) "
+            "would have decided otherwise, by check and direction: refuse (the candidate "
+            "would refuse), accept (it would accept), reply (refuse with another reply).",
+            ("check", "direction"))
         self._gauge = gauge
         self.tls_expiry: Any = None  # made when a certificate is first seen: no 0 before
         self._session_outcomes: dict[tuple[str, str], Any] = {}  # made at the first refresh
@@ -362,6 +370,11 @@ class Metrics:
         self._copy(self.spool_refused, "spool_refused", gate.spool_budget.refused)
         for limit, refused in gate.handshakes.refused.items():
             self._copy(self.handshakes_refused.labels(limit), ("handshakes", limit), refused)
+        shadow = policy.shadow
+        if shadow is not None:
+            for (check, direction), count in shadow.counts.items():
+                self._copy(self.shadow_disagreements.labels(check, direction),
+                           f"shadow {check} {direction}", count)
         querier = policy.querier
         if querier is not self._querier:  # a reload made a new one, counting from 0
             self._querier = querier

@@ -218,7 +218,9 @@ def reload(gate: Gate) -> bool:
     for name in RESTART_ONLY:
         if getattr(config, name) != getattr(running, name):
             log.warning("warning: reload: %s changed; that takes a restart", name)
+    shadow = config.shadow
     config = dataclasses.replace(config, **{n: getattr(running, n) for n in RESTART_ONLY})
+    object.__setattr__(config, "_shadow_config", shadow)  # replace() leaves it behind
     try:
         tls = load_tls(config)
     except TlsError as exc:

@@ -4,6 +4,7 @@ SYNOPSIS
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
     session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
+    replay_record(session) -> dict              what `smtpgate replay` decides again
 
 DESCRIPTION
     A session keeps nothing of this until it refuses something: then it
@@ -20,8 +21,18 @@ DESCRIPTION
     key, zone and answer; reply) the session kept, `unrecorded` the number
     taken past that cap (smtpgate.policy.state); `replies`, the refusals, each with the
     number of verdicts taken before it, so `explain` can print each
-    refusal after the verdicts that led to it. A command's argument is
+    refusal after the verdicts that led to it; `shadow`, when the shadow
+    rules would have decided a check otherwise, those disagreements (check,
+    direction, live and shadow verdicts, the shadow's reason;
+    smtpgate.policy.shadow). A command's argument is
     shown for HELO, EHLO, MAIL and RCPT only: never AUTH's.
+
+    replay_record() (replay_records on; every session, refused or not):
+    the format version `v` (smtpgate.policy.decisions.FACTS_VERSION), the
+    session id, when it started, listener, client ip and verified name,
+    HELO, sender and the recipients accepted, and `checks`: each check
+    decided, as [check, facts, outcome, reply], the facts those of
+    smtpgate.policy.decisions; `left_out`, the checks past the state's cap.
 
     refused_alike() is the session's signature once it has ended: the
     client IP first, then everything else the record shows but the
@@ -42,6 +53,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from smtpgate import session_id
+from smtpgate.policy.decisions import FACTS_VERSION
 
 
 class Refusal(NamedTuple):
@@ -94,6 +106,19 @@ def session_record(session: Recorded) -> dict:
         "replies": [
             {"time": r.time, "command": r.command, "reply": r.reply, "verdicts": r.verdicts}
             for r in session.refusals or ()],
+        **({"shadow": state.disagreements} if state is not None and state.disagreements
+           else {}),
+    }
+
+
+def replay_record(session: Recorded) -> dict:
+    client, state = session.client, session.state
+    return {
+        "v": FACTS_VERSION, "session": session.id, "time": session_id.time_of(session.id),
+        "listener": client.listener, "client": client.ip, "name": state.client_name,
+        "helo": session.helo, "sender": session.envelope[0],
+        "recipients": list(session.envelope[1]), "checks": state.facts or [],
+        **({"left_out": state.facts_left_out} if state.facts_left_out else {}),
     }
 
 
@@ -115,4 +140,6 @@ def refused_alike(session: Recorded) -> tuple | None:
     return (client.ip, client.listener, client.local_ip, client.local_port,
             state.client_name if state is not None else "unknown", session.helo, session.login,
             *session.envelope, session.command_counts(), verdicts,
-            state.unrecorded if state is not None else 0, replies)
+            state.unrecorded if state is not None else 0, replies,
+            tuple(tuple(d.values()) for d in (state.disagreements or ())) if state is not None
+            else ())

@@ -57,7 +57,10 @@ DESCRIPTION
     included (its words kept); the connect,
     disconnect, queue id and NOQUEUE lines carry it too. A session that
     got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
-    policy's EvidenceStore, which writes it to Redis after the reply.
+    policy's EvidenceStore, which writes it to Redis after the reply; so
+    does, when it ends, one where the shadow rules would have decided
+    otherwise (smtpgate.policy.shadow); and with replay_records on, every
+    session leaves its replay record (smtpgate.smtp.evidence.replay_record).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ from smtpgate.smtp.dialogue import (
     Transaction,
 )
 from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
-from smtpgate.smtp.evidence import Refusal, refused_alike, session_record
+from smtpgate.smtp.evidence import Refusal, refused_alike, replay_record, session_record
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.params import mail_params_reply
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
@@ -285,9 +288,13 @@ class Session:
             self.dialogue.refused(event.counted)
             if event.counted:
                 self._keep_refusal(event.text)
-        elif isinstance(event, Ended) and self.refusals is not None:
-            self.ended = time.time()
-            self.policy.evidence.keep(self.id, self.evidence, self.repeat)
+        elif isinstance(event, Ended):
+            state = self.state
+            if self.refusals is not None or (state is not None and state.disagreements):
+                self.ended = time.time()  # a record for explain: refused, or the shadow differed
+                self.policy.evidence.keep(self.id, self.evidence, self.repeat)
+            if state is not None and state.facts:
+                self.policy.evidence.keep_replay(self.id, self.replay_record)
         self.gate.metrics.notify(event)
 
     def _keep_refusal(self, text: str) -> None:
@@ -309,6 +316,9 @@ class Session:
 
     def repeat(self) -> tuple | None:
         return refused_alike(self)
+
+    def replay_record(self) -> dict:
+        return replay_record(self)
 
     def shut_down(self) -> None:
         """The drain's last word: 421, then the connection closes.
