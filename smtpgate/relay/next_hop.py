@@ -2,11 +2,11 @@
 
 SYNOPSIS
     await NextHop.greeted(hop, timeouts, ehlo_name) -> NextHop    banner read, EHLO said
-    await next_hop.deliver(identity, envelope, chunks, size) -> HopReply
+    await next_hop.deliver(identity, envelope, chunks, size, end=None) -> HopReply
     Envelope(mail_line, rcpt_lines)
     HopReply(code, raw) ; reply.ok
     next_hop.abort() ; next_hop.close_quietly() ; next_hop.peer_closed()
-    RelayError
+    RelayError ; HandOffOverdue (a RelayError: the hand-off's deadline `end` passed)
 
 DESCRIPTION
     The session calls deliver() only once it holds the whole message, so a
@@ -68,6 +68,10 @@ class RelayError(Exception):
     """Postfix could not take the message now."""
 
 
+class HandOffOverdue(RelayError):
+    """The whole hand-off's deadline passed (next_hop_total_timeout), whatever step it was."""
+
+
 class HopReply(NamedTuple):
     code: int
     raw: bytes  # every line with its CRLF, ready to pass on
@@ -102,6 +106,7 @@ class _HopWire(asyncio.Protocol):
         self.deadline = 0.0
         self.step = ""
         self.limit = 0.0
+        self.overdue = False  # the deadline is the hand-off's end, not the step's own limit
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
@@ -162,12 +167,18 @@ class _HopWire(asyncio.Protocol):
                 len(self.replies) >= self.wanted or self.lost):
             self.waiter.set_result(None)
 
-    def next_reply(self, limit: float, step: str) -> asyncio.Future:
+    def next_reply(self, limit: float, step: str, end: float | None = None) -> asyncio.Future:
         """A future done when one more reply is in (or the connection is lost), failed with
-        RelayError once `limit` seconds pass. The timer armed for an earlier wait stays
-        when it fires no later than this one's deadline; it re-arms itself if early."""
+        RelayError once `limit` seconds pass (HandOffOverdue at `end`, the loop time the
+        whole hand-off must be over by, when that comes first). The timer armed for an
+        earlier wait stays when it fires no later than this one's deadline; it re-arms
+        itself if early."""
         loop = self.loop
-        self.deadline = deadline = loop.time() + limit
+        deadline = loop.time() + limit
+        self.overdue = end is not None and end < deadline
+        if self.overdue:
+            deadline = end
+        self.deadline = deadline
         self.step, self.limit = step, limit
         timer = self._timer
         if timer is not None and timer.when() > deadline:
@@ -187,8 +198,11 @@ class _HopWire(asyncio.Protocol):
         if self.loop.time() < self.deadline:
             self._timer = self.loop.call_at(self.deadline, self._on_timer)
             return
-        waiter.set_exception(RelayError(
-            f"next hop: timed out waiting for {self.step} ({self.limit:g} s)"))
+        if self.overdue:
+            waiter.set_exception(HandOffOverdue(f"next hop: no time left for {self.step}"))
+        else:
+            waiter.set_exception(RelayError(
+                f"next hop: timed out waiting for {self.step} ({self.limit:g} s)"))
 
 
 class NextHop:
@@ -201,6 +215,7 @@ class NextHop:
         self.greeted_at = 0.0
         self.use_chunking = True  # BDAT where Postfix offers CHUNKING; False forces DATA
         self.quit_sent = False
+        self.end: float | None = None  # loop time the hand-off must be over by
 
     @classmethod
     async def greeted(cls, hop: HostPort, timeout: float | HopTimeouts, ehlo_name: str,
@@ -214,8 +229,8 @@ class NextHop:
         loop = asyncio.get_running_loop()
         timeouts = HopTimeouts.of(timeout)
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(_HopWire, hop.host, hop.port), timeouts.connect)
+            async with asyncio.timeout(timeouts.connect):  # no task of its own, as wait_for's
+                _, wire = await loop.create_connection(_HopWire, hop.host, hop.port)
         except (OSError, TimeoutError) as exc:
             reason = (f"timed out after {timeouts.connect:g} s" if isinstance(exc, TimeoutError)
                       else exc)
@@ -241,8 +256,10 @@ class NextHop:
     # --- the transaction -------------------------------------------------------------------
 
     async def deliver(self, identity: ClientIdentity, envelope: Envelope,
-                      chunks: Iterable[bytes], size: int) -> HopReply:
-        """The whole hand-off; Postfix's reply to the message, or RelayError."""
+                      chunks: Iterable[bytes], size: int, end: float | None = None) -> HopReply:
+        """The whole hand-off; Postfix's reply to the message, or RelayError (HandOffOverdue
+        once the loop's time passes `end`)."""
+        self.end = end
         try:
             (reply,) = await self._send([xclient_command(identity, self.offered)], "XCLIENT")
             self._expect(reply, 220, "XCLIENT")
@@ -330,10 +347,14 @@ class NextHop:
 
     async def _drained(self) -> None:
         # the spool may hold megabytes: let the kernel take them before reading more
+        limit = self._timeouts.reply
+        left = None if self.end is None else self.end - self._wire.loop.time()
         try:
-            await self._wire.flow.drained(self._timeouts.reply)
+            await self._wire.flow.drained(limit if left is None else max(min(limit, left), 0))
         except TimeoutError:
-            raise RelayError(f"next hop: timed out after {self._timeouts.reply:g} s "
+            if left is not None and left < limit:
+                raise HandOffOverdue("next hop: no time left taking the message") from None
+            raise RelayError(f"next hop: timed out after {limit:g} s "
                              "taking the message") from None
         if self._wire.lost:
             raise RelayError(self._wire.lost)
@@ -368,7 +389,7 @@ class NextHop:
         limit = self._timeouts.reply if timeout is None else timeout
         while len(wire.replies) < count and not wire.lost:
             try:
-                await wire.next_reply(limit, step)
+                await wire.next_reply(limit, step, self.end)
             finally:
                 wire.waiter = None
         if len(wire.replies) < count:
