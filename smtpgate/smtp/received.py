@@ -60,4 +60,6 @@ _last_date: list = [None, ""]
 
 def _clean(text: str) -> str:
     # the header must stay one header: no control characters from the client
+    if text.isascii() and text.isprintable():  # a hostname, an address: nothing to replace
+        return text
     return "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in text)
