@@ -291,7 +291,10 @@ class NextHop:
         head = envelope.mail_line + envelope.rcpt_lines[0]
         if chunking:
             await self._stream(head + b"BDAT %d LAST\r\n" % size, chunks, b"", wait=False)
-            mail, rcpt = await self._replies(2, "the reply to MAIL and RCPT")
+            # Postfix holds replies while pipelined input waits (it flushes when it must read):
+            # MAIL's and RCPT's may come only with BDAT's, after its milters saw the message
+            mail, rcpt = await self._replies(2, "the replies to MAIL, RCPT and the message",
+                                             self._timeouts.data_done)
         else:
             self._write(head + b"DATA\r\n")
             mail, rcpt = await self._replies(2, "the reply to MAIL and RCPT")
