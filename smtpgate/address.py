@@ -73,6 +73,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ def valid_address_literal(domain: str) -> bool:
     return _valid_ip(inner, 4)
 
 
+@functools.lru_cache(maxsize=4096)  # a session checks its HELO and client names several times
 def is_valid_hostname(name: str) -> bool:
     if not name or len(name) > MAX_DOMAIN or not name.isascii():
         return False

@@ -93,3 +93,62 @@ async def test_the_end_of_a_big_message_goes_out_only_with_quit(postfix_server):
         await hop.deliver(IDENTITY, ENVELOPE, chunks(), len(first) + len(last))
     postfix_server.wait_for_log(r"lost connection after BDAT|disconnect from", since=since)
     assert mark not in postfix_server.log_text()[since:]
+
+
+class CountedWrites:
+    """The connection's transport, with its writes counted: one write is one round trip."""
+
+    def __init__(self, transport) -> None:
+        self.transport, self.writes = transport, 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.transport.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
+
+
+async def counted_hand_off(postfix_server, envelope: Envelope, message: bytes,
+                           chunking: bool) -> tuple[object, int]:
+    hop = await NextHop.greeted(HostPort("127.0.0.1", postfix_server.port), 10, "mx.example.test")
+    hop.use_chunking = chunking
+    counted = hop._wire.transport = CountedWrites(hop._wire.transport)
+    try:
+        reply = await hop.deliver(IDENTITY, envelope, [message], len(message))
+    finally:
+        hop.close_quietly()
+    return reply, counted.writes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("chunking", "writes"), [(True, 3), (False, 4)])
+async def test_one_recipient_goes_with_the_message_in_conforming_pipelining(postfix_server,
+                                                                          chunking, writes):
+    # XCLIENT; EHLO; MAIL, RCPT and BDAT with the message and QUIT (DATA: its 354 first)
+    mark = f"pipelined-{uuid.uuid4().hex}"
+    message = f"Message-ID: <{mark}@example.net>\r\nSubject: one\r\n\r\nbody\r\n".encode()
+    since = postfix_server.log_mark()
+    reply, written = await counted_hand_off(postfix_server, ENVELOPE, message, chunking)
+    assert reply.code == 250 and b"queued as" in reply.raw, reply
+    assert written == writes
+    postfix_server.wait_for_log(rf"message-id=<{mark}@example\.net>", since=since)
+    postfix_server.wait_for_log(r"disconnect from host77\.clients", since=since)
+    assert "improper command pipelining" not in postfix_server.log_text()[since:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunking", [True, False])
+async def test_one_recipient_postfix_refuses_is_the_answer_and_nothing_is_queued(
+        postfix_server, chunking):
+    mark = f"refused-{uuid.uuid4().hex}"
+    message = f"Message-ID: <{mark}@example.net>\r\nSubject: ghost\r\n\r\nbody\r\n".encode()
+    envelope = Envelope(ENVELOPE.mail_line, (b"RCPT TO:<ghost@example.com>\r\n",))
+    since = postfix_server.log_mark()
+    reply, _ = await counted_hand_off(postfix_server, envelope, message, chunking)
+    # the RCPT's refusal in Postfix's words, not BDAT's or DATA's "no valid recipients"
+    assert reply.code == 550 and b"<ghost@example.com>" in reply.raw, reply
+    postfix_server.wait_for_log(r"disconnect from host77\.clients", since=since)
+    log = postfix_server.log_text()[since:]
+    assert "NOQUEUE: reject: RCPT" in log and mark not in log
+    assert "improper command pipelining" not in log

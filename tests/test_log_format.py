@@ -1,9 +1,10 @@
 """The Postfix-style log line: its stamp made once a second, its prefix once per logger."""
 
 import logging
+import os
 import time
 
-from smtpgate.cli.main import PostfixStyleFormatter
+from smtpgate.cli.main import JsonFormatter, LeanRecord, PostfixStyleFormatter
 
 
 def record(name: str, created: float, message: str, *args) -> logging.LogRecord:
@@ -28,3 +29,17 @@ def test_lines_as_postfix_writes_them_across_seconds_and_loggers():
                      f"{stamp(t + 1)} smtpgate/policy[4242]: PASS NEW [192.0.2.1]:25",
                      f"{stamp(t + 1)} smtpgate/smtpgate[4242]: ready"]
     assert stamp(t) != stamp(t + 1)
+
+
+def test_a_lean_record_formats_as_the_standard_one():
+    """setup_logging's record factory leaves out what no formatter here reads; what they
+    read must come out the same, the arguments by name included."""
+    lean = LeanRecord("smtpgate.smtpd", logging.INFO, "", 0, "to %(who)s", ({"who": "x"},),
+                      None)
+    full = logging.LogRecord("smtpgate.smtpd", logging.INFO, "", 0, "to %(who)s",
+                             ({"who": "x"},), None)
+    lean.created = full.created
+    assert lean.process == full.process == os.getpid()
+    for formatter in (PostfixStyleFormatter(), JsonFormatter()):
+        assert formatter.format(lean) == formatter.format(full)
+    assert (lean.levelname, lean.getMessage()) == ("INFO", "to x")

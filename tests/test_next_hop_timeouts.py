@@ -171,3 +171,38 @@ async def test_each_reply_of_a_pipelined_batch_has_the_limit():
         hops = Hops((address,), timeouts, "mx.example.test", 0, 10.0)
         reply = await hops.deliver(IDENTITY, envelope, lambda: [b"x\r\n"], 3, "client")
     assert reply.text.startswith("250 2.0.0 Ok: queued as X")
+
+
+class ChunkingHop(StallingHop):
+    """Offers CHUNKING and, as Postfix does while pipelined input is waiting, holds its replies
+    to MAIL and RCPT until it has read the message and taken `end_delay` over it (a milter)."""
+
+    async def _talk(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stub.example.test ESMTP\r\n")
+        held = b""
+        while line := await reader.readline():
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"XCLIENT":
+                writer.write(b"220 stub.example.test ESMTP\r\n")
+            elif verb == b"EHLO":
+                writer.write(EHLO.replace(b"250-PIPELINING", b"250-PIPELINING\r\n250-CHUNKING"))
+            elif verb in (b"MAIL", b"RCPT"):
+                held += b"250 2.0.0 Ok\r\n"
+            elif verb == b"BDAT":
+                await reader.readexactly(int(line.split()[1]))
+                await asyncio.sleep(self.end_delay)
+                writer.write(held + b"250 2.0.0 Ok: queued as X\r\n")
+                held = b""
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                return
+
+
+async def test_replies_held_back_until_the_message_was_taken_may_take_as_long_as_it():
+    # MAIL, RCPT and BDAT go in one write: Postfix may answer all three only once its milter
+    # has seen the message, so MAIL's and RCPT's replies get the message's limit
+    timeouts = HopTimeouts(connect=5.0, reply=1.0, data_done=10.0, total=30.0)
+    async with ChunkingHop(end_delay=2.0) as address:
+        outcome, took = await hand_off(address, timeouts)
+    assert outcome.startswith("250 2.0.0 Ok: queued as X"), outcome
+    assert took >= 2.0

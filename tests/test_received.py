@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import email.utils
 
 import pytest
 
@@ -40,3 +41,16 @@ def test_ipv6_client_and_hostile_helo_stay_one_header():
                           esmtp=True, tls=None, login=False, recipients=(), when=WHEN)
     assert got.startswith(b"Received: from evil??X-Injected: yes (unknown [IPv6:2001:db8::1])")
     assert got.count(b"\r\n") == 2 and b"\r\nX-Injected" not in got
+
+
+def test_the_date_made_once_a_second_is_the_date_of_each_message():
+    plus2 = datetime.timezone(datetime.timedelta(hours=2))
+    times = [WHEN, WHEN.astimezone(plus2), WHEN.replace(microsecond=999_999),
+             WHEN + datetime.timedelta(seconds=1),
+             WHEN.replace(tzinfo=plus2), WHEN.replace(tzinfo=plus2, microsecond=5), WHEN]
+    for when in times:
+        header = received_header("h.example", "n.example", "192.0.2.1", "mx.example.com",
+                                 esmtp=True, tls=None, login=False, recipients=(),
+                                 when=when)
+        date = email.utils.format_datetime(when.replace(microsecond=0))
+        assert header.endswith(f"; {date}\r\n".encode()), (when, header)

@@ -39,7 +39,7 @@ DESCRIPTION
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpgate.address import IPAddress, client_address, is_valid_hostname
 from smtpgate.checks import access_verdict
@@ -63,9 +63,18 @@ class FcrdnsFacts:
     ptr_names: tuple[str, ...] = ()
     forward: tuple[Forward, ...] = ()
     ttl: int = 0
+    # the answer of hostname, found once: a session asks for it at every step that names
+    # the client (its label, RCPT's checks, XCLIENT NAME)
+    _hostname: str | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hostname", self._confirmed())
 
     @property
     def hostname(self) -> str | None:
+        return self._hostname
+
+    def _confirmed(self) -> str | None:
         client = _ip(self.ip)
         if client is None:
             return None

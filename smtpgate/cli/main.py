@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections.abc
 import datetime
 import json
 import logging
@@ -128,6 +129,40 @@ class BatchedHandler(logging.StreamHandler):
                 pass  # stderr gone: nothing left to tell
 
 
+class LeanRecord(logging.LogRecord):
+    """A LogRecord made without what setup_logging() turned off (threads, the process's
+    name) and without taking the path of a source file apart that is never known here
+    (logging._srcfile is None): half the cost of a record, and a session logs several."""
+
+    def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
+                 sinfo=None, **kwargs) -> None:
+        created = time.time()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], collections.abc.Mapping) and args[0]:
+            args = args[0]  # logging's own rule: a lone mapping is the arguments by name
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = pathname
+        self.filename = pathname
+        self.module = "Unknown module"
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - logging._startTime) * 1000
+        self.thread = self.threadName = self.processName = None
+        self.process = _pid[0]
+
+
+_pid = [os.getpid()]  # a worker forked from the supervisor learns its own below
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 def setup_logging(level: str = "INFO", log_format: str = "postfix") -> None:
     # What no formatter here reads, the logging module need not find out for every line:
     # the caller's file and line (a walk up the stack), the thread, the multiprocessing
@@ -135,6 +170,7 @@ def setup_logging(level: str = "INFO", log_format: str = "postfix") -> None:
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.setLogRecordFactory(LeanRecord)
     handler = BatchedHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else PostfixStyleFormatter())
     root = logging.getLogger()

@@ -160,6 +160,10 @@ class Tables:
         self.stats = Stats()
         self.cache = TableCache(cache_entries)
         self._warned: set[tuple[str, str]] = set()
+        # what a key and value mean, and which keys an address is looked up under: the same
+        # few answers for every message to the same recipients (pure, so kept while small)
+        self._hits: dict[tuple[str, str], Hit] = {}
+        self._rcpt_keys: dict[str, tuple] = {}
         # one quick retry: a pooled connection may be stale
         self._redis = redis_client.connect(self.url, timeout, max_connections=max_connections)
         self._sync = CacheSync(self.cache, self.url, timeout, self._cache_state) if cache else None
@@ -241,12 +245,11 @@ class Tables:
         return await self._by_name(keys.HLO, name)
 
     async def rcpt_facts(self, address: str) -> RcptFacts:
-        _, domain = keys.split_address(address)
         self.stats.lookups += 1
-        vali = keys.address_keys(keys.VALI, address)
-        vbox = keys.address_keys(keys.VBOX, address)
-        recip = keys.recip_keys(address)
-        vdom_key = keys.key(keys.VDOM, domain)
+        found_keys = self._rcpt_keys.get(address)
+        if found_keys is None:
+            found_keys = _bounded(self._rcpt_keys)[address] = _rcpt_keys(address)
+        domain, vali, vbox, recip, vdom_key = found_keys
         if self.cache.ready and domain:
             vdom = self._hit_of(self.cache.lookup_name(keys.VDOM, domain))
             found = await self._point(vali + vbox + recip)
@@ -372,13 +375,30 @@ class Tables:
         return None if pair is None else self._hit(*pair)
 
     def _hit(self, redis_key: str, value: str) -> Hit:
-        hit = interpret(redis_key, value)
+        hit = self._hits.get((redis_key, value))
+        if hit is None:
+            hit = _bounded(self._hits)[redis_key, value] = interpret(redis_key, value)
         if hit.invalid and (redis_key, value) not in self._warned:
             if len(self._warned) < 10000:
                 self._warned.add((redis_key, value))
             log.warning("warning: redis key %s has value %r: %s; treating it as a temporary "
                         "lookup error", redis_key, value, hit.error)
         return hit
+
+
+def _rcpt_keys(address: str) -> tuple:
+    """The domain, and the VALI, VBOX, RECIP and VDOM keys of an address, in lookup order."""
+    _, domain = keys.split_address(address)
+    return (domain, keys.address_keys(keys.VALI, address), keys.address_keys(keys.VBOX, address),
+            keys.recip_keys(address), keys.key(keys.VDOM, domain))
+
+
+def _bounded(memo: dict) -> dict:
+    """The memo, emptied first once it holds 4096 answers: a flood of made-up recipients
+    must not make it grow."""
+    if len(memo) >= 4096:
+        memo.clear()
+    return memo
 
 
 def interpret(redis_key: str, value: str) -> Hit:

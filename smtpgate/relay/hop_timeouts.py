@@ -21,7 +21,9 @@ DESCRIPTION
     data_done  next_hop_data_done_timeout, 330 s: the reply to the end of
                the message, above Postfix's milter_content_timeout (300 s),
                so a milter that takes its full time is answered by Postfix,
-               not cut off by smtpgate
+               not cut off by smtpgate; also each reply to a MAIL and RCPT
+               sent in one write with `BDAT n LAST` and the message, which
+               Postfix may hold until it has taken the message
     total      next_hop_total_timeout, 540 s: the whole hand-off, from the
                end of the client's message to Postfix's reply, under the
                10 minutes a client waits for its reply to the final dot

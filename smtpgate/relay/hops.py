@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from smtpgate.config import HostPort
 from smtpgate.relay.hop_choice import HopChoice
 from smtpgate.relay.hop_timeouts import HopTimeouts
-from smtpgate.relay.next_hop import Envelope, HopReply, NextHop, RelayError
+from smtpgate.relay.next_hop import Envelope, HandOffOverdue, HopReply, NextHop, RelayError
 from smtpgate.relay.pool import HopPool
 from smtpgate.relay.xclient import ClientIdentity
 
@@ -76,25 +76,34 @@ class Hops:
                       chunks: Callable[[], Iterable[bytes]], size: int,
                       client_label: str) -> HopReply:
         """Postfix's answer to the message, from the first hop that gives one; RelayError
-        (naming the hop) when none could take it, or not within the total time limit."""
+        (naming the hop) when none could take it, or not within the total time limit.
+
+        The total is a deadline each wait of the hand-off keeps to (NextHop's replies, and a
+        connect when no pooled connection is idle), not a timer of its own per message.
+        """
         total = self.timeouts.total
+        end = asyncio.get_running_loop().time() + total
         try:
-            async with asyncio.timeout(total):
-                return await self._deliver(identity, envelope, chunks, size, client_label)
-        except TimeoutError:
+            return await self._deliver(identity, envelope, chunks, size, client_label, end)
+        except (TimeoutError, HandOffOverdue):
             raise RelayError(f"{self.label}: the hand-off took over {total:g} s "
                              "(next_hop_total_timeout)") from None
 
     async def _deliver(self, identity: ClientIdentity, envelope: Envelope,
                        chunks: Callable[[], Iterable[bytes]], size: int,
-                       client_label: str) -> HopReply:
+                       client_label: str, end: float) -> HopReply:
         order = self.choice.order(time.monotonic())
         last = len(order) - 1
         for position, index in enumerate(order):
             pool, hop = self.pools[index], None
             try:
-                hop = await (pool.take() if pool is not None else self._greeted(index))
-                return await hop.deliver(identity, envelope, chunks(), size)
+                hop = pool.take_idle() if pool is not None else None
+                if hop is None:
+                    async with asyncio.timeout_at(end):
+                        hop = await (pool.take() if pool is not None else self._greeted(index))
+                return await hop.deliver(identity, envelope, chunks(), size, end)
+            except HandOffOverdue:
+                raise
             except RelayError as exc:
                 address = self.addresses[index]
                 if hop is not None:  # a failed connect or greeting is already recorded

@@ -2,11 +2,11 @@
 
 SYNOPSIS
     await NextHop.greeted(hop, timeouts, ehlo_name) -> NextHop    banner read, EHLO said
-    await next_hop.deliver(identity, envelope, chunks, size) -> HopReply
+    await next_hop.deliver(identity, envelope, chunks, size, end=None) -> HopReply
     Envelope(mail_line, rcpt_lines)
     HopReply(code, raw) ; reply.ok
     next_hop.abort() ; next_hop.close_quietly() ; next_hop.peer_closed()
-    RelayError
+    RelayError ; HandOffOverdue (a RelayError: the hand-off's deadline `end` passed)
 
 DESCRIPTION
     The session calls deliver() only once it holds the whole message, so a
@@ -16,15 +16,25 @@ DESCRIPTION
     connection in Postfix 3.x) and is closed with QUIT after the message.
 
     Round trips, each one write: XCLIENT; EHLO as the client's HELO name;
-    MAIL with every RCPT (pipelined, RFC 2920); then `BDAT n LAST` with
-    the message when Postfix offers CHUNKING, else DATA and, after 354, the
-    dot-stuffed message and the final dot. Only RFC-conforming pipelining
-    is used, so a Postfix with smtpd_forbid_unauth_pipelining keeps
-    working. The message is sent only when Postfix accepted the sender and
-    every recipient: a recipient refused here, though smtpgate had accepted
-    it, makes the whole message fail with Postfix's refusal (its code and
-    text), so the client never hears 250 for a message that lost a
-    recipient; the transaction is reset and nothing is queued.
+    then, for a message to one recipient (the usual case), MAIL, RCPT and
+    `BDAT n LAST` with the message and QUIT together when Postfix offers
+    PIPELINING and CHUNKING (three round trips in all), or MAIL, RCPT and
+    DATA together and, after 354, the dot-stuffed message, the final dot
+    and QUIT. XCLIENT and EHLO each end a group (Postfix starts the
+    session over after XCLIENT and checks that nothing came before its
+    220; EHLO is a command after which RFC 2920 lets nothing follow), so
+    only RFC-conforming pipelining is used and a Postfix with
+    smtpd_forbid_unauth_pipelining keeps working. With one recipient a
+    refusal cannot lose part of the message: a refused MAIL or RCPT leaves
+    no valid recipient, Postfix refuses BDAT or DATA (skipping BDAT's
+    payload, which RFC 3030 lets a client send pipelined) and queues
+    nothing, and the client hears the first refusal. With several, MAIL
+    and every RCPT go first, and the message is sent only when Postfix
+    accepted the sender and every recipient: a recipient refused here,
+    though smtpgate had accepted it, makes the whole message fail with
+    Postfix's refusal (its code and text), so the client never hears 250
+    for a message that lost a recipient; the transaction is reset and
+    nothing is queued.
 
     Postfix's answer to the message (an rspamd milter reject included) is
     returned whole, to be passed to the client unchanged. Any failure to
@@ -34,7 +44,9 @@ DESCRIPTION
 
     Each step has its own time limit (smtpgate.relay.hop_timeouts: the
     connect, each reply, the reply to the end of the message); the
-    RelayError of one missed names the step.
+    RelayError of one missed names the step. The limits are deadlines
+    followed by one timer per connection, re-armed only when it fires
+    early, so a reply costs no timer of its own.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from smtpgate.config import HostPort
 from smtpgate.flow_control import WriteFlow
@@ -56,8 +68,11 @@ class RelayError(Exception):
     """Postfix could not take the message now."""
 
 
-@dataclass(frozen=True, slots=True)
-class HopReply:
+class HandOffOverdue(RelayError):
+    """The whole hand-off's deadline passed (next_hop_total_timeout), whatever step it was."""
+
+
+class HopReply(NamedTuple):
     code: int
     raw: bytes  # every line with its CRLF, ready to pass on
 
@@ -70,23 +85,29 @@ class HopReply:
         return self.raw.decode("utf-8", "replace").strip()
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     mail_line: bytes  # "MAIL FROM:<...> params\r\n" as the client's parameters allow
     rcpt_lines: tuple[bytes, ...]
 
 
 class _HopWire(asyncio.Protocol):
-    """Bytes from Postfix, cut into replies; one waiter at a time."""
+    """Bytes from Postfix, cut into replies; one waiter at a time, one deadline."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
         self.buf = bytearray()
         self.replies: list[HopReply] = []
         self.lost: str | None = None
         self.waiter: asyncio.Future | None = None
         self.wanted = 0
         self.flow = WriteFlow()  # paused while the kernel buffer is full
+        # the wait under way: until when, and what its RelayError says if it is missed
+        self.deadline = 0.0
+        self.step = ""
+        self.limit = 0.0
+        self.overdue = False  # the deadline is the hand-off's end, not the step's own limit
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -106,6 +127,9 @@ class _HopWire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.lost or f"next hop: {exc or 'connection closed'}"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         self.resume_writing()
 
@@ -124,8 +148,8 @@ class _HopWire(asyncio.Protocol):
                 break
             line_start = start
             start = end + 1
-            if end - line_start >= 3 and buf[line_start + 3:line_start + 4] == b"-":
-                continue  # a continuation line: the reply ends with its last line
+            if end - line_start >= 3 and buf[line_start + 3] == 45:  # "-": a continuation line
+                continue  # the reply ends with its last line
             raw = bytes(buf[:start])
             del buf[:start]
             start = 0
@@ -143,6 +167,43 @@ class _HopWire(asyncio.Protocol):
                 len(self.replies) >= self.wanted or self.lost):
             self.waiter.set_result(None)
 
+    def next_reply(self, limit: float, step: str, end: float | None = None) -> asyncio.Future:
+        """A future done when one more reply is in (or the connection is lost), failed with
+        RelayError once `limit` seconds pass (HandOffOverdue at `end`, the loop time the
+        whole hand-off must be over by, when that comes first). The timer armed for an
+        earlier wait stays when it fires no later than this one's deadline; it re-arms
+        itself if early."""
+        loop = self.loop
+        deadline = loop.time() + limit
+        self.overdue = end is not None and end < deadline
+        if self.overdue:
+            deadline = end
+        self.deadline = deadline
+        self.step, self.limit = step, limit
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self.wanted = len(self.replies) + 1
+        waiter = self.waiter = loop.create_future()
+        return waiter
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait arms it again
+        if self.loop.time() < self.deadline:
+            self._timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        if self.overdue:
+            waiter.set_exception(HandOffOverdue(f"next hop: no time left for {self.step}"))
+        else:
+            waiter.set_exception(RelayError(
+                f"next hop: timed out waiting for {self.step} ({self.limit:g} s)"))
+
 
 class NextHop:
     def __init__(self, wire: _HopWire, timeouts: HopTimeouts) -> None:
@@ -154,6 +215,7 @@ class NextHop:
         self.greeted_at = 0.0
         self.use_chunking = True  # BDAT where Postfix offers CHUNKING; False forces DATA
         self.quit_sent = False
+        self.end: float | None = None  # loop time the hand-off must be over by
 
     @classmethod
     async def greeted(cls, hop: HostPort, timeout: float | HopTimeouts, ehlo_name: str,
@@ -167,8 +229,8 @@ class NextHop:
         loop = asyncio.get_running_loop()
         timeouts = HopTimeouts.of(timeout)
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(_HopWire, hop.host, hop.port), timeouts.connect)
+            async with asyncio.timeout(timeouts.connect):  # no task of its own, as wait_for's
+                _, wire = await loop.create_connection(_HopWire, hop.host, hop.port)
         except (OSError, TimeoutError) as exc:
             reason = (f"timed out after {timeouts.connect:g} s" if isinstance(exc, TimeoutError)
                       else exc)
@@ -194,14 +256,19 @@ class NextHop:
     # --- the transaction -------------------------------------------------------------------
 
     async def deliver(self, identity: ClientIdentity, envelope: Envelope,
-                      chunks: Iterable[bytes], size: int) -> HopReply:
-        """The whole hand-off; Postfix's reply to the message, or RelayError."""
+                      chunks: Iterable[bytes], size: int, end: float | None = None) -> HopReply:
+        """The whole hand-off; Postfix's reply to the message, or RelayError (HandOffOverdue
+        once the loop's time passes `end`)."""
+        self.end = end
         try:
             (reply,) = await self._send([xclient_command(identity, self.offered)], "XCLIENT")
             self._expect(reply, 220, "XCLIENT")
-            self.features = await self._ehlo(identity.helo or "unknown")
+            features = self.features = await self._ehlo(identity.helo or "unknown")
+            chunking = self.use_chunking and "CHUNKING" in features
+            if "PIPELINING" in features and len(envelope.rcpt_lines) == 1:
+                return await self._pipelined(envelope, chunks, size, chunking)
             commands = [envelope.mail_line, *envelope.rcpt_lines]
-            if "PIPELINING" in self.features:
+            if "PIPELINING" in features:
                 answers = await self._send(commands, "MAIL and RCPT")
             else:
                 answers = [(await self._send([line], "MAIL and RCPT"))[0] for line in commands]
@@ -209,12 +276,40 @@ class NextHop:
             if refused is not None:
                 await self._send([b"RSET\r\n"], "RSET")
                 return refused
-            if self.use_chunking and "CHUNKING" in self.features:
+            if chunking:
                 return await self._bdat(chunks, size)
             return await self._data(chunks)
         except BaseException:
             self.abort()
             raise
+
+    async def _pipelined(self, envelope: Envelope, chunks: Iterable[bytes], size: int,
+                         chunking: bool) -> HopReply:
+        """One recipient: MAIL, RCPT and the message's command in one write (BDAT with the
+        message and QUIT; DATA alone, the message after its 354). The first refusal is the
+        answer: with no valid recipient Postfix refuses the message and queues nothing."""
+        head = envelope.mail_line + envelope.rcpt_lines[0]
+        if chunking:
+            await self._stream(head + b"BDAT %d LAST\r\n" % size, chunks, b"", wait=False)
+            # Postfix holds replies while pipelined input waits (it flushes when it must read):
+            # MAIL's and RCPT's may come only with BDAT's, after its milters saw the message
+            mail, rcpt = await self._replies(2, "the replies to MAIL, RCPT and the message",
+                                             self._timeouts.data_done)
+        else:
+            self._write(head + b"DATA\r\n")
+            mail, rcpt = await self._replies(2, "the reply to MAIL and RCPT")
+            (data,) = await self._replies(1, "the reply to DATA")
+            if mail.ok and rcpt.ok and data.code == 354:
+                await self._stream(b"", dot_stuffed(chunks), b".\r\n", wait=False)
+            elif data.code == 354:  # a refusal with DATA taken: the message must not start
+                self.abort()
+        refused = mail if not mail.ok else rcpt if not rcpt.ok else None
+        if refused is not None:
+            return refused
+        if not chunking and data.code != 354:
+            return data
+        (reply,) = await self._replies(1, "the end of the message", self._timeouts.data_done)
+        return reply
 
     async def _bdat(self, chunks: Iterable[bytes], size: int) -> HopReply:
         return await self._stream(b"BDAT %d LAST\r\n" % size, chunks, b"")
@@ -225,8 +320,10 @@ class NextHop:
             return reply
         return await self._stream(b"", dot_stuffed(chunks), b".\r\n")
 
-    async def _stream(self, head: bytes, chunks: Iterable[bytes], tail: bytes) -> HopReply:
-        """The message in as few writes as its size allows, with QUIT pipelined behind it.
+    async def _stream(self, head: bytes, chunks: Iterable[bytes], tail: bytes,
+                      wait: bool = True) -> HopReply | None:
+        """The message in as few writes as its size allows, with QUIT pipelined behind it;
+        the reply to the end of the message, unless not `wait`.
 
         QUIT may end a pipelined group (RFC 2920), so a small message costs one write.
         The last chunk always goes in the final write, with the end of data and QUIT: with
@@ -246,15 +343,21 @@ class NextHop:
         pending.append(tail + b"QUIT\r\n")
         transport.write(b"".join(pending))
         self.quit_sent = True
+        if not wait:
+            return None
         (reply,) = await self._replies(1, "the end of the message", self._timeouts.data_done)
         return reply
 
     async def _drained(self) -> None:
         # the spool may hold megabytes: let the kernel take them before reading more
+        limit = self._timeouts.reply
+        left = None if self.end is None else self.end - self._wire.loop.time()
         try:
-            await self._wire.flow.drained(self._timeouts.reply)
+            await self._wire.flow.drained(limit if left is None else max(min(limit, left), 0))
         except TimeoutError:
-            raise RelayError(f"next hop: timed out after {self._timeouts.reply:g} s "
+            if left is not None and left < limit:
+                raise HandOffOverdue("next hop: no time left taking the message") from None
+            raise RelayError(f"next hop: timed out after {limit:g} s "
                              "taking the message") from None
         if self._wire.lost:
             raise RelayError(self._wire.lost)
@@ -265,22 +368,20 @@ class NextHop:
         (reply,) = await self._send([b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"],
                                     "EHLO")
         self._expect(reply, 250, "EHLO")
-        features = {}
-        for line in reply.raw.split(b"\r\n")[1:]:
-            keyword, _, params = line[4:].decode("ascii", "replace").partition(" ")
-            if keyword:
-                features[keyword.upper()] = params
-        return features
+        return ehlo_features(reply.raw)
 
     @staticmethod
     def _expect(reply: HopReply, code: int, what: str) -> None:
         if reply.code != code:
             raise RelayError(f"{what}: {reply.text}")
 
-    async def _send(self, lines: list[bytes], step: str) -> list[HopReply]:
+    def _write(self, data: bytes) -> None:
         if self.closed:
             raise RelayError("connection to the next hop is closed")
-        self._wire.transport.write(b"".join(lines) if len(lines) > 1 else lines[0])
+        self._wire.transport.write(data)
+
+    async def _send(self, lines: list[bytes], step: str) -> list[HopReply]:
+        self._write(b"".join(lines) if len(lines) > 1 else lines[0])
         return await self._replies(len(lines), f"the reply to {step}")
 
     async def _replies(self, count: int, step: str, timeout: float | None = None
@@ -288,17 +389,12 @@ class NextHop:
         """count replies; each within the limit (a pipelined batch of many RCPTs, each
         checked by Postfix's milters, gets the limit per reply, not for all of them)."""
         wire = self._wire
-        loop = asyncio.get_running_loop()
         limit = self._timeouts.reply if timeout is None else timeout
         while len(wire.replies) < count and not wire.lost:
-            wire.wanted = len(wire.replies) + 1
-            waiter = wire.waiter = loop.create_future()
-            timer = loop.call_later(limit, _time_out, waiter, f"{step} ({limit:g} s)")
             try:
-                await waiter
+                await wire.next_reply(limit, step, self.end)
             finally:
                 wire.waiter = None
-                timer.cancel()
         if len(wire.replies) < count:
             raise RelayError(wire.lost or "next hop: no reply")
         got = wire.replies[:count]
@@ -329,11 +425,6 @@ class NextHop:
             self._wire.transport.abort()
 
 
-def _time_out(waiter: asyncio.Future, what: str) -> None:
-    if not waiter.done():
-        waiter.set_exception(RelayError(f"next hop: timed out waiting for {what}"))
-
-
 def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:
     """The message as DATA needs it: a "." that starts a line doubled; chunks may cut lines."""
     at_line_start, after_cr = True, False
@@ -348,6 +439,25 @@ def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:
         at_line_start = chunk.endswith(b"\r\n") or (after_cr and chunk == b"\n")
         after_cr = chunk.endswith(b"\r")
         yield chunk
+
+
+def ehlo_features(raw: bytes) -> dict[str, str]:
+    """The keywords of an EHLO reply (upper case) and their parameters. Postfix answers
+    every hand-off's EHLO alike, so a reply seen before is parsed once."""
+    features = _FEATURES.get(raw)
+    if features is None:
+        features = {}
+        for line in raw.split(b"\r\n")[1:]:
+            keyword, _, params = line[4:].decode("ascii", "replace").partition(" ")
+            if keyword:
+                features[keyword.upper()] = params
+        if len(_FEATURES) >= 64:  # a next hop whose replies vary: keep the cache small
+            _FEATURES.clear()
+        _FEATURES[raw] = features
+    return features
+
+
+_FEATURES: dict[bytes, dict[str, str]] = {}
 
 
 def _xclient_attributes(features: dict[str, str]) -> frozenset[str]:

@@ -142,29 +142,30 @@ class TransactionLimit:
         self.limit, self.wait = limit, wait
         self.in_flight = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._slot = _Slot(self)
 
-    @contextlib.asynccontextmanager
-    async def slot(self):
-        if self.in_flight >= self.limit or self._waiters:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, self.wait)  # a slot handed over, still counted
-            except (TimeoutError, asyncio.CancelledError) as exc:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # handed over just as the wait ended: pass it on
-                if isinstance(exc, TimeoutError):
-                    raise RelayBusy from None
-                raise
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        else:
+    def slot(self) -> _Slot:
+        """`async with limit.slot():` one transaction; a free slot is taken without a
+        future, a generator or a timer (every message takes one)."""
+        return self._slot
+
+    async def _acquire(self) -> None:
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            yield
+            await asyncio.wait_for(waiter, self.wait)  # a slot handed over, still counted
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed over just as the wait ended: pass it on
+            if isinstance(exc, TimeoutError):
+                raise RelayBusy from None
+            raise
         finally:
-            self._release()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     def _release(self) -> None:
         while self._waiters:
@@ -173,3 +174,19 @@ class TransactionLimit:
                 waiter.set_result(None)
                 return
         self.in_flight -= 1
+
+
+class _Slot:
+    """The context manager of TransactionLimit.slot(); it holds no state of its own, so one
+    serves every transaction of the limit."""
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, limit: TransactionLimit) -> None:
+        self._limit = limit
+
+    async def __aenter__(self) -> None:
+        await self._limit._acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._limit._release()

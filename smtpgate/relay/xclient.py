@@ -17,9 +17,11 @@ DESCRIPTION
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 XCLIENT_MAX = 510  # RFC 5321 command line limit (512) less CRLF
+_AS_IS = re.compile(r"[!-*,-<>-~]*")  # printable ASCII (33-126) but "+" (43) and "=" (61)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,8 @@ class ClientIdentity:
 
 def xtext(value: str) -> str:
     """RFC 3461 xtext: printable ASCII except '+' and '=' as is, the rest as +XX."""
+    if _AS_IS.fullmatch(value):  # a hostname, an address, a port: every hand-off's case
+        return value
     out = []
     for byte in value.encode("utf-8"):
         if 33 <= byte <= 126 and byte not in (43, 61):
@@ -46,6 +50,8 @@ def xtext(value: str) -> str:
 
 
 def xclient_address(addr: str) -> str:
+    if ":" not in addr:  # IPv4 (or not an address): written as it came
+        return addr
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:

@@ -41,12 +41,25 @@ def received_header(helo: str, client_name: str, client_ip: str, hostname: str, 
     by = f"\tby {hostname} (smtpgate) with {protocol}"
     if len(recipients) == 1:
         lines.append(by)
-        lines.append(f"\tfor <{_clean(recipients[0])}>; {email.utils.format_datetime(when)}")
+        lines.append(f"\tfor <{_clean(recipients[0])}>; {date(when)}")
     else:
-        lines.append(f"{by}; {email.utils.format_datetime(when)}")
+        lines.append(f"{by}; {date(when)}")
     return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
+
+
+def date(when: datetime.datetime) -> str:
+    """RFC 5322's date, made once per second: every message of that second has the same."""
+    key = (int(when.timestamp()), when.tzinfo)
+    if _last_date[0] != key:
+        _last_date[:] = [key, email.utils.format_datetime(when.replace(microsecond=0))]
+    return _last_date[1]
+
+
+_last_date: list = [None, ""]
 
 
 def _clean(text: str) -> str:
     # the header must stay one header: no control characters from the client
+    if text.isascii() and text.isprintable():  # a hostname, an address: nothing to replace
+        return text
     return "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in text)
