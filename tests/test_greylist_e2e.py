@@ -35,8 +35,10 @@ def gate(start_gate, redis_server, dns_server):
 
 @pytest.fixture
 def listed(world, dns):
-    dns.set([(f"{'.'.join(reversed(DOUBTFUL.split('.')))}.bl.test", "A", "127.0.0.2")])
-    return world
+    name = f"{'.'.join(reversed(DOUBTFUL.split('.')))}.bl.test"
+    dns.set([(name, "A", "127.0.0.2")])
+    yield world
+    dns.remove(name)  # the DNS server is the session's: later modules must not see the listing
 
 
 def rcpt(port: int, source: str, rcpts=("user1@example.com",)) -> list[str]:

@@ -35,6 +35,7 @@ def candidate_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gate(start_gate, redis_server, dns_server, candidate_file):
+    dns_server.clear()  # the session's DNS server: what earlier modules listed goes
     dns_server.set([("5.31.0.127.bl.test", "A", "127.0.0.2")])
     yield from gate_in_world(start_gate, redis_server, dns_server,
                              listeners=("mx", "metrics"), SMTPGATE_DNSBL_SITES="bl.test",
