@@ -10,6 +10,7 @@ SYNOPSIS
         queued)
     dialogue.refused(counted=True)                  a 4xx/5xx was given for the last command
     dialogue.stage ; dialogue.tx ; dialogue.too_many_errors ; dialogue.command_counts()
+    dialogue.ehlo_reply(hostname, size_limit, tail) -> str     the 250 lines EHLO gets now
     Limits(recipients, overshoot, junk, hard_errors, offered)
     Stage.START | GREETED | MAIL | RCPT
     Transaction(sender, smtputf8, mail_line) ; tx.rcpt_lines ; tx.recipients ; tx.overshoot
@@ -315,6 +316,19 @@ class Dialogue:
 
     def _vrfy(self, arg: str) -> Action:
         return Answer(replies.VRFY_DISABLED)
+
+    def ehlo_reply(self, hostname: str, size_limit: int, tail: tuple[str, ...]) -> str:
+        """EHLO's answer at this point: STARTTLS until TLS is on, AUTH once it is (not on
+        port 25), `tail` the keywords the next hop carries."""
+        lines = [hostname, "PIPELINING"]
+        if size_limit:
+            lines.append(f"SIZE {size_limit}")
+        if not self.tls and self.offers_tls:
+            lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH PLAIN LOGIN")
+        lines += tail
+        return "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
 
     # --- what the driver reports back ----------------------------------------------------------
 
