@@ -149,6 +149,32 @@ async def test_junk_commands_count_as_errors_past_the_junk_limit():
     assert codes == [250] * 121 + [421]
 
 
+async def test_a_queued_message_forgives_the_errors_before_it():
+    """As Postfix's smtpd does once a message is received (smtpd.c, data_cmd: error_count
+    and junk_cmds back to 0): 15 errors, a message, 15 more errors stay under
+    smtpd_hard_error_limit (20); the session goes on."""
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\n" + b"BOGUS\r\n" * 15)
+        assert await talk.codes(16) == [250] + [502] * 15
+        await talk.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+        assert await talk.codes(3) == [250, 250, 354]
+        await talk.send(MESSAGE)
+        assert await talk.codes(1) == [250]
+        await talk.send(b"BOGUS\r\n" * 15 + b"QUIT\r\n")
+        assert await talk.codes(16) == [502] * 15 + [221]
+
+
+async def test_a_refused_message_forgives_nothing():
+    hop = StubHop(b"554 5.7.1 Spam message rejected\r\n")
+    async with memory_session(hop=hop) as talk:
+        await talk.send(b"EHLO x\r\n" + b"BOGUS\r\n" * 15)
+        await talk.replies(16)
+        await talk.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+        await talk.replies(3)
+        await talk.send(MESSAGE + b"BOGUS\r\n" * 15)
+        assert await talk.codes(6) == [554] + [502] * 4 + [421]  # the 20th error: 421
+
+
 async def test_mail_and_rset_pipelined_forever_are_cut_off():
     async with memory_session() as talk:
         await talk.send(b"EHLO x\r\n")

@@ -41,9 +41,11 @@ DESCRIPTION
       smtpd_hard_error_limit the driver says 421 and closes;
     - HELO, EHLO, RSET, NOOP and VRFY are junk commands: past
       smtpd_junk_command_limit each one is also an error, so pipelining
-      MAIL and RSET, or NOOPs, forever ends with 421; the junk count starts
-      again once a message was queued (Postfix's smtpd.c command table and
-      its junk_cmds count);
+      MAIL and RSET, or NOOPs, forever ends with 421 (Postfix's smtpd.c
+      command table and its junk_cmds count);
+    - both counts start again once a message was queued, as smtpd's
+      data_cmd() sets error_count and junk_cmds to 0 when the message was
+      taken (Postfix 3.7.22's smtpd.c);
     - past smtpd_recipient_limit a recipient gets 452 4.5.3, an error only
       once smtpd_recipient_overshoot_limit more were refused in the
       transaction, so a client with too many recipients still gets the
@@ -356,8 +358,8 @@ class Dialogue:
 
     def message_done(self, queued: bool) -> None:
         self._end_transaction()
-        if queued:
-            self.junk = 0
+        if queued:  # Postfix's smtpd forgives a client's errors once it took a message
+            self.errors = self.junk = 0
 
     def _end_transaction(self) -> None:
         self.tx = None
