@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from smtpgate import config as config_module
 from smtpgate import replies
+from smtpgate.policy.stages import Policy
 from smtpgate.policy.state import MX, SUBMISSION, Client, ClientState
 from smtpgate.service import server
 from smtpgate.service.metrics import Metrics
@@ -89,17 +90,20 @@ async def test_a_pipelined_batch_is_answered_in_one_write():
         assert len(talk.transport.writes) == before + 1
 
 
-async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
-    class Tls:
-        def context(self, listener):
-            return None
+class NoTls:
+    """A TLS provider for a session whose handshake the test replaces (or never starts)."""
 
+    def context(self, listener):
+        return None
+
+
+async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
     async def handshake(self, context, timeout):
         self.buf.clear()  # what the real start_tls does with text sent in clear
         await self.flush()
 
     monkeypatch.setattr(wire_module.Wire, "start_tls", handshake)
-    async with memory_session(tls=Tls()) as talk:
+    async with memory_session(tls=NoTls()) as talk:
         await talk.send(b"EHLO x\r\n")
         assert b"STARTTLS" in await talk.reply()
         await talk.send(b"MAIL FROM:<a@b.test>\r\n")
@@ -121,19 +125,90 @@ async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypat
                  id="no-auth-in-clear"),
 ])
 async def test_submission_wants_starttls_first(commands, last):
-    async with memory_session(listener=SUBMISSION) as talk:
+    async with memory_session(listener=SUBMISSION, tls=NoTls(), auth=True) as talk:
         for command in commands:
             await talk.send(command + b"\r\n")
         got = await talk.replies(len(commands))
     assert got[-1].startswith(last), got
-    assert b"AUTH" not in got[0]  # not offered before TLS
+    assert b"STARTTLS" in got[0] and b"AUTH" not in got[0]  # AUTH not offered before TLS
 
 
 async def test_auth_is_not_a_command_on_port_25():
-    async with memory_session() as talk:
+    async with memory_session(tls=NoTls(), auth=True) as talk:
         await talk.send(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
         got = await talk.replies(2)
+    assert b"AUTH" not in got[0]
     assert got[1].startswith(b"503 5.5.1 Error: authentication not enabled"), got
+
+
+async def test_expn_is_not_a_command_and_vrfy_is_disabled_as_in_postfix():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\nEXPN staff\r\nVRFY user1\r\n")
+        got = await talk.replies(3)
+        sid = talk.session.id.encode()
+    assert got[1:] == [b"502 5.5.2 Error: command not recognized; session=" + sid + b"\r\n",
+                       b"502 5.5.1 VRFY command is disabled; session=" + sid + b"\r\n"]
+
+
+async def test_the_disconnect_line_counts_commands_as_postfix_does(caplog):
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<nobody@gate.test>: Recipient address rejected")
+    with caplog.at_level(logging.INFO, logger="smtpgate.smtpd"):
+        async with memory_session(policy=policy) as talk:
+            sid = talk.session.id
+            await talk.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<nobody@gate.test>\r\n"
+                            b"DATA\r\nBOGUS\r\nQUIT\r\n")
+            assert await talk.codes(6) == [250, 250, 550, 503, 502, 221]
+            await talk.closed()
+    assert caplog.records[-1].getMessage() == (
+        "disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 "
+        f"unknown=0/1 commands=3/6 session={sid}")
+
+
+async def test_a_client_leaving_without_quit_is_a_lost_connection(caplog):
+    with caplog.at_level(logging.INFO, logger="smtpgate.smtpd"):
+        async with memory_session() as talk:
+            sid = talk.session.id
+            await talk.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\n")
+            await talk.replies(2)
+            talk.wire.connection_lost(None)  # the client closed
+            await talk.closed()
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "lost connection after MAIL from unknown[192.0.2.7]",
+        f"disconnect from unknown[192.0.2.7] ehlo=1 mail=1 commands=2 session={sid}"]
+    assert talk.metrics.ended == ["lost"]
+
+
+class RealProtocolTests(StubPolicy):
+    """The stub, with the real policy's deep protocol tests: their checks, actions (the
+    configured defaults: bare newline `ignore`) and log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(protocol_tests=True)
+        self.real = Policy.__new__(Policy)  # protocol() reads the configuration only
+        self.real.config = config_module.load({"HOSTNAME": "mx.gate.test"})
+
+    async def protocol(self, state, test, line, pending, after, esmtp):
+        return await self.real.protocol(state, test, line, pending, after, esmtp)
+
+
+@pytest.mark.parametrize(("ehlo", "body", "after"), [
+    pytest.param(b"EHLO client.test\n", b"clean body\r\n", "EHLO", id="in-a-command"),
+    pytest.param(b"EHLO client.test\r\n", b"bare\nline\r\n", "DATA", id="in-the-body"),
+])
+async def test_a_bare_newline_is_postscreens_finding_and_the_mail_goes_on(caplog, ehlo, body,
+                                                                           after):
+    with caplog.at_level(logging.INFO, logger="smtpgate"):
+        async with memory_session(policy=RealProtocolTests()) as talk:
+            await talk.send(ehlo)
+            assert await talk.codes(1) == [250]
+            await talk.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+            assert await talk.codes(3) == [250, 250, 354]
+            await talk.send(b"Subject: x\r\n\r\n" + body + b".\r\n")
+            assert await talk.codes(1) == [250]  # action ignore: logged, and the mail goes on
+    found = [r.getMessage() for r in caplog.records if "BARE NEWLINE" in r.getMessage()]
+    assert len(found) == 1 and f"BARE NEWLINE from [192.0.2.7]:40000 after {after}" in found[0]
+    assert len(talk.hop.messages) == 1
 
 
 # --- bounds ------------------------------------------------------------------------------------
