@@ -49,22 +49,27 @@ DESCRIPTION
     once WRITE_HIGH bytes are queued, with the wire's back-pressure (the
     client's next commands are not read until it reads its replies); each
     deep protocol test reported once per session, with at most
-    PENDING_SHOWN bytes of what was pipelined; the policy's record capped
-    (smtpgate.policy.state).
+    PENDING_SHOWN bytes of what was pipelined (smtpgate.smtp.protocol_tests);
+    the policy's record capped (smtpgate.policy.state).
 
     Every session has an id (smtpgate.session_id). Each 4xx/5xx reply
     ends with `; session=ID`, Postfix's refusal of a relayed message
-    included (its words kept); the connect,
-    disconnect, queue id and NOQUEUE lines carry it too. A session that
-    got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
-    policy's EvidenceStore, which writes it to Redis after the reply.
+    included (its words kept); the connect, disconnect, queue id and
+    NOQUEUE lines carry it too (smtpgate.smtp.session_log). A session
+    that got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence)
+    with the policy's EvidenceStore, which writes it to Redis after the
+    reply.
+
+    The driver's parts: the dialogue's rules (smtpgate.smtp.dialogue),
+    the protocol tests (smtpgate.smtp.protocol_tests), SASL's responses
+    (smtpgate.smtp.sasl), the hand-off (smtpgate.smtp.hand_off), and the
+    subscribers of its events (smtpgate.smtp.events): the dialogue's
+    error count, the evidence, the log lines, the worker's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime
 from collections.abc import Callable
@@ -75,11 +80,9 @@ from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientSta
 from smtpgate.relay.next_hop import Envelope, HopReply
 from smtpgate.relay.passed_on import passed_on
 from smtpgate.smtp.body import BodyReader
-from smtpgate.smtp.dialogue import VERBS as KNOWN_VERBS
 from smtpgate.smtp.dialogue import (
     Answer,
     Authenticate,
-    Command,
     Dialogue,
     Hello,
     Limits,
@@ -90,13 +93,15 @@ from smtpgate.smtp.dialogue import (
     StartTls,
     Transaction,
 )
-from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
+from smtpgate.smtp.events import Ended, Event, Refused, Relayed
 from smtpgate.smtp.evidence import SessionEvidence
 from smtpgate.smtp.gate import Gate
 from smtpgate.smtp.hand_off import RELAY_BUSY, hand_off, identity_of, tls_facts
 from smtpgate.smtp.params import mail_params_reply
+from smtpgate.smtp.protocol_tests import ProtocolTests
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
+from smtpgate.smtp.sasl import MECHANISMS, as_plain, decode_response, login_of
 from smtpgate.smtp.session_log import SessionLog, tls_established
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.tls import handshake_error
@@ -104,10 +109,6 @@ from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
 __all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory", "tls_established"]
-
-NON_SMTP_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
-PENDING_SHOWN = 100  # bytes of a pipelined batch a protocol test sees (and the log shows)
-
 
 class Closing(Exception):
     """The session ends after the queued replies are written."""
@@ -149,7 +150,6 @@ _LIMITS: dict[str, tuple] = {}
 
 class Session:
     __slots__ = (
-        "bare_newline",
         "client",
         "committed",
         "config",
@@ -190,8 +190,7 @@ class Session:
         self.subscribers = (self._count, self.evidence.notify, self.log.notify,
                             gate.metrics.notify)
         self.queued = 0  # messages Postfix took
-        self.bare_newline = False
-        self.protocol_tests = False
+        self.protocol_tests: ProtocolTests | None = None  # postscreen's, where the policy wants
         self.committed = False  # the final dot came; the hand-off is not over
         self.shutting_down = False
 
@@ -322,6 +321,8 @@ class Session:
             self.log.failed()
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
+            if self.state is not None:  # the client stops counting before the last line
+                self.policy.close_session(self.state)
             # counted before the client hears the end; the disconnect line is the log's
             self.publish(Ended(self.listener, ended, self.last_command, wire.eof,
                                self.gate.draining,
@@ -329,8 +330,6 @@ class Session:
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
-            if self.state is not None:
-                self.policy.close_session(self.state)
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
@@ -363,7 +362,9 @@ class Session:
         if outcome is not None:  # refused at connect: the reply is the last word
             self.reply(outcome, noqueue="CONNECT")
             return False
-        self.protocol_tests = self.policy.wants_protocol_tests(self.state)
+        if self.policy.wants_protocol_tests(self.state):
+            self.protocol_tests = ProtocolTests(self.policy, self.state, self.publish,
+                                                self.listener)
         self.reply(banner)
         return True
 
@@ -395,7 +396,9 @@ class Session:
         if isinstance(command, Answer):
             self._answer(command)
             return
-        await self._protocol_tests_of(command)
+        if self.protocol_tests is not None:
+            self._hang_up(await self.protocol_tests.of_command(
+                command, self.wire.buf, self.last_command, self.dialogue.esmtp))
         action = self.dialogue.step(command)
         if type(action) is Answer:
             self._answer(action)
@@ -406,44 +409,18 @@ class Session:
         self.reply(replies.BYE)
         raise Closing
 
-    # --- postscreen's deep protocol tests ------------------------------------------------------
-
-    async def _protocol_tests_of(self, command: Command) -> None:
-        if not self.protocol_tests:
-            return
-        if command.verb in KNOWN_VERBS:
-            if self.wire.buf:
-                pending = bytes(memoryview(self.wire.buf)[:PENDING_SHOWN])
-                await self._protocol_test("pipelining", command.line, pending)
-            return
-        verb, line = command.verb, command.line
-        looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
-        if verb in NON_SMTP_COMMANDS or looks_like_header:
-            await self._protocol_test("non_smtp_command", line, b"")
+    # --- postscreen's deep protocol tests (smtpgate.smtp.protocol_tests) -----------------------
 
     async def _bare_newline(self, line: bytes) -> None:
-        """postscreen's bare newline test, on the first line (command or body) that has one.
+        tests = self.protocol_tests
+        if tests is not None:
+            self._hang_up(await tests.of_bare_newline(line, self.last_command,
+                                                      self.dialogue.esmtp))
 
-        The line itself goes to the test: it is the test's evidence, and a line without its
-        bare LF would pass it.
-        """
-        if self.bare_newline:
-            return
-        self.bare_newline = True
-        if self.protocol_tests:
-            await self._protocol_test("bare_newline", line, b"")
-
-    async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
-        """One test, reported once per session: the first finding decides (postscreen's)."""
-        state = self.state
-        if test in state.protocol_failed:
-            return
-        hang_up = await self.policy.protocol(state, test, line, pending, self.last_command,
-                                             self.dialogue.esmtp)
-        if test in state.protocol_failed:
-            self.publish(ProtocolTestFailed(test, self.listener))
-        if hang_up is not None:
-            self.reply(hang_up, noqueue=self.last_command or "CONNECT")
+    def _hang_up(self, reply: Reply | None) -> None:
+        """A protocol test's action was drop: its reply is the last word."""
+        if reply is not None:
+            self.reply(reply, noqueue=self.last_command or "CONNECT")
             raise Closing
 
     # --- the commands that need the policy, TLS, SASL or the relay -----------------------------
@@ -477,23 +454,19 @@ class Session:
             self.reply(refusal)
             raise Closing
         mechanism, initial = auth.mechanism, auth.initial
-        if mechanism == "PLAIN":
-            plain = await self._auth_read(initial, "")
-            if plain is None:
-                return
-        elif mechanism == "LOGIN":
-            user = await self._auth_read(initial, "VXNlcm5hbWU6")
-            if user is None:
-                return
-            password = await self._auth_read("", "UGFzc3dvcmQ6")
-            if password is None:
-                return
-            plain = b"\0" + user + b"\0" + password
-        else:
+        challenges = MECHANISMS.get(mechanism)
+        if challenges is None:
             self.reply(replies.AUTH_MECHANISM)
             return
-        login = plain.split(b"\0")[1].decode("utf-8", "replace") if plain.count(b"\0") == 2 else ""
-        outcome = await self.policy.authenticate(self.state, mechanism, plain, login,
+        responses = []
+        for challenge in challenges:
+            response = await self._auth_read(initial, challenge)
+            if response is None:
+                return
+            responses.append(response)
+            initial = ""  # answers the first challenge only
+        plain = as_plain(mechanism, responses)
+        outcome = await self.policy.authenticate(self.state, mechanism, plain, login_of(plain),
                                                  self.dialogue.tls)
         self.reply(outcome.reply)
         if outcome.user is not None:
@@ -502,7 +475,8 @@ class Session:
             raise Closing
 
     async def _auth_read(self, initial: str, challenge: str) -> bytes | None:
-        """One SASL response: the initial one if given, else a 334 challenge and a line."""
+        """One SASL response: the initial one if given, else a 334 challenge and a line;
+        None when it was refused (answered)."""
         if initial:
             text = initial
         else:
@@ -514,16 +488,11 @@ class Session:
                 self._answer(self.dialogue.too_long())
                 return None
             text = line.decode("ascii", "replace").strip()
-        if text == "*":
-            self.reply(replies.AUTH_CANCELLED)
+        response = decode_response(text)
+        if isinstance(response, Reply):
+            self.reply(response)
             return None
-        if text == "=":
-            return b""
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            self.reply(replies.AUTH_BAD_BASE64)
-            return None
+        return response
 
     async def _mail(self, mail: Mail) -> None:
         refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
