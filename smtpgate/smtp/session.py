@@ -15,8 +15,8 @@ DESCRIPTION
     the reply, hands the facts to the policy (smtpgate.policy.stages) and
     sends the reply it gets, and hands each complete message to Postfix
     (smtpgate.relay). What follows from a reply (the error count, the
-    evidence record, the metrics) is done by the subscribers of the
-    session's events (smtpgate.smtp.events).
+    evidence record, the log line, the metrics) is done by the
+    subscribers of the session's events (smtpgate.smtp.events).
 
     Before-queue guarantees:
     - The whole message is received (smtpgate.smtp.body into a Spool)
