@@ -355,6 +355,11 @@ class Config:
         "cleared at start; empty: a fresh temporary folder, removed at exit")
     drain_grace: float = setting(
         30.0, seconds(0, 3600), "on SIGTERM, how long sessions in flight may finish before 421")
+    stop_grace: float = setting(
+        45.0, seconds(1, 3600),
+        "how long the service manager waits after SIGTERM before it kills smtpgate (systemd's "
+        "TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds, compose's "
+        "stop_grace_period): a hand-off under way at the end of drain_grace may finish within it")
     workers: int = setting(0, int_between(0, 256), "worker processes; 0 means one per CPU")
     proxy_protocol: str = setting(
         "off", one_of("off", "v1", "v2", "auto"), "PROXY protocol on the listeners")
@@ -681,6 +686,8 @@ def load(environ: Mapping[str, str] | None = None,
         values["domain"] = values["hostname"]
     _check_tls_pair(values)
     _check_hop_timeouts({name: values.get(name, spec.default) for name, spec in specs.items()})
+    _check_stop_grace({name: values.get(name, specs[name].default)
+                       for name in ("drain_grace", "stop_grace")})
     config = Config(**values)
     object.__setattr__(config, "_source_map", sources)
     shadow_path = environ.get("SMTPGATE_SHADOW_CONFIG", "").strip()
@@ -746,6 +753,13 @@ def _check_hop_timeouts(values: dict[str, Any]) -> None:
         if values[name] >= total:
             raise ConfigError(env_name("next_hop_total_timeout", None),
                               f"must be more than {env_name(name, None)}")
+
+
+def _check_stop_grace(values: dict[str, Any]) -> None:
+    # the drain's grace, and closing after it, must end before the service manager kills
+    if values["drain_grace"] >= values["stop_grace"]:
+        raise ConfigError(env_name("stop_grace", None),
+                          f"must be more than {env_name('drain_grace', None)}")
 
 
 def _check_tls_pair(values: dict[str, Any]) -> None:

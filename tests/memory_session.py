@@ -2,7 +2,7 @@
 
 SYNOPSIS
     async with memory_session(environ={}, listener=MX, policy=None, hop=None, high=65536,
-                              tls=None) as talk:
+                              tls=None, auth=False) as talk:
         await talk.send(b"EHLO x\\r\\n") ; await talk.replies(n) -> list[bytes]
         talk.transport        FakeTransport: out, writes, reading, closed, stalled
         talk.policy, talk.hop, talk.session, talk.gate
@@ -14,7 +14,9 @@ DESCRIPTION
     not read), holds what was written and calls pause_writing() past
     `high` bytes until client_reads(); what the client sends while reading
     is paused is held, as the kernel would, until it resumes. The policy and the next hop are
-    stubs that answer at once and count what they were asked, so a test of
+    stubs that answer at once and count what they were asked (`auth`: an
+    authenticator is configured, so submission offers AUTH once TLS is on;
+    it is never called), so a test of
     the dialogue's sequencing and bounds runs in milliseconds. The real
     policy and Postfix are the end-to-end tests' (test_engine_e2e and
     friends).
@@ -279,11 +281,12 @@ class Talk:
 @contextlib.asynccontextmanager
 async def memory_session(environ: dict | None = None, listener: str = MX,
                          policy: StubPolicy | None = None, hop: StubHop | None = None,
-                         high: int = 65536, tls=None):
+                         high: int = 65536, tls=None, auth: bool = False):
     config = config_module.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_GREET_WAIT": "0",
                                  **(environ or {})})
     gate = Gate(config, tls, policy or StubPolicy(), TransactionLimit(10, 1.0),
-                hop or StubHop(), metrics=StubMetrics())
+                hop or StubHop(), auth=object() if auth else None,  # AUTH offered, never used
+                metrics=StubMetrics())
     wire = protocol_factory(gate, listener)()
     transport = FakeTransport(wire, high=high)
     wire.connection_made(transport)

@@ -14,11 +14,17 @@ import pytest
 import test_fuzz_session as fuzz
 from hypothesis import given, settings
 from memory_session import StubHop, StubPolicy, memory_session
+from prometheus_client import CollectorRegistry, Counter
 
+from smtpgate import config as config_module
 from smtpgate import replies
+from smtpgate.policy.stages import Policy
 from smtpgate.policy.state import MX, SUBMISSION, Client, ClientState
+from smtpgate.service import server
+from smtpgate.service.metrics import Metrics
 from smtpgate.smtp import wire as wire_module
 from smtpgate.smtp.dialogue import Answer, Dialogue, Hello, Mail, Rcpt, ReceiveBody, Stage
+from smtpgate.smtp.events import ProtocolTestFailed
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
@@ -84,17 +90,20 @@ async def test_a_pipelined_batch_is_answered_in_one_write():
         assert len(talk.transport.writes) == before + 1
 
 
-async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
-    class Tls:
-        def context(self, listener):
-            return None
+class NoTls:
+    """A TLS provider for a session whose handshake the test replaces (or never starts)."""
 
+    def context(self, listener):
+        return None
+
+
+async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypatch):
     async def handshake(self, context, timeout):
         self.buf.clear()  # what the real start_tls does with text sent in clear
         await self.flush()
 
     monkeypatch.setattr(wire_module.Wire, "start_tls", handshake)
-    async with memory_session(tls=Tls()) as talk:
+    async with memory_session(tls=NoTls()) as talk:
         await talk.send(b"EHLO x\r\n")
         assert b"STARTTLS" in await talk.reply()
         await talk.send(b"MAIL FROM:<a@b.test>\r\n")
@@ -116,19 +125,90 @@ async def test_starttls_starts_the_dialogue_and_the_transaction_afresh(monkeypat
                  id="no-auth-in-clear"),
 ])
 async def test_submission_wants_starttls_first(commands, last):
-    async with memory_session(listener=SUBMISSION) as talk:
+    async with memory_session(listener=SUBMISSION, tls=NoTls(), auth=True) as talk:
         for command in commands:
             await talk.send(command + b"\r\n")
         got = await talk.replies(len(commands))
     assert got[-1].startswith(last), got
-    assert b"AUTH" not in got[0]  # not offered before TLS
+    assert b"STARTTLS" in got[0] and b"AUTH" not in got[0]  # AUTH not offered before TLS
 
 
 async def test_auth_is_not_a_command_on_port_25():
-    async with memory_session() as talk:
+    async with memory_session(tls=NoTls(), auth=True) as talk:
         await talk.send(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
         got = await talk.replies(2)
+    assert b"AUTH" not in got[0]
     assert got[1].startswith(b"503 5.5.1 Error: authentication not enabled"), got
+
+
+async def test_expn_is_not_a_command_and_vrfy_is_disabled_as_in_postfix():
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\nEXPN staff\r\nVRFY user1\r\n")
+        got = await talk.replies(3)
+        sid = talk.session.id.encode()
+    assert got[1:] == [b"502 5.5.2 Error: command not recognized; session=" + sid + b"\r\n",
+                       b"502 5.5.1 VRFY command is disabled; session=" + sid + b"\r\n"]
+
+
+async def test_the_disconnect_line_counts_commands_as_postfix_does(caplog):
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<nobody@gate.test>: Recipient address rejected")
+    with caplog.at_level(logging.INFO, logger="smtpgate.smtpd"):
+        async with memory_session(policy=policy) as talk:
+            sid = talk.session.id
+            await talk.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<nobody@gate.test>\r\n"
+                            b"DATA\r\nBOGUS\r\nQUIT\r\n")
+            assert await talk.codes(6) == [250, 250, 550, 503, 502, 221]
+            await talk.closed()
+    assert caplog.records[-1].getMessage() == (
+        "disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 "
+        f"unknown=0/1 commands=3/6 session={sid}")
+
+
+async def test_a_client_leaving_without_quit_is_a_lost_connection(caplog):
+    with caplog.at_level(logging.INFO, logger="smtpgate.smtpd"):
+        async with memory_session() as talk:
+            sid = talk.session.id
+            await talk.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\n")
+            await talk.replies(2)
+            talk.wire.connection_lost(None)  # the client closed
+            await talk.closed()
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "lost connection after MAIL from unknown[192.0.2.7]",
+        f"disconnect from unknown[192.0.2.7] ehlo=1 mail=1 commands=2 session={sid}"]
+    assert talk.metrics.ended == ["lost"]
+
+
+class RealProtocolTests(StubPolicy):
+    """The stub, with the real policy's deep protocol tests: their checks, actions (the
+    configured defaults: bare newline `ignore`) and log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(protocol_tests=True)
+        self.real = Policy.__new__(Policy)  # protocol() reads the configuration only
+        self.real.config = config_module.load({"HOSTNAME": "mx.gate.test"})
+
+    async def protocol(self, state, test, line, pending, after, esmtp):
+        return await self.real.protocol(state, test, line, pending, after, esmtp)
+
+
+@pytest.mark.parametrize(("ehlo", "body", "after"), [
+    pytest.param(b"EHLO client.test\n", b"clean body\r\n", "EHLO", id="in-a-command"),
+    pytest.param(b"EHLO client.test\r\n", b"bare\nline\r\n", "DATA", id="in-the-body"),
+])
+async def test_a_bare_newline_is_postscreens_finding_and_the_mail_goes_on(caplog, ehlo, body,
+                                                                           after):
+    with caplog.at_level(logging.INFO, logger="smtpgate"):
+        async with memory_session(policy=RealProtocolTests()) as talk:
+            await talk.send(ehlo)
+            assert await talk.codes(1) == [250]
+            await talk.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+            assert await talk.codes(3) == [250, 250, 354]
+            await talk.send(b"Subject: x\r\n\r\n" + body + b".\r\n")
+            assert await talk.codes(1) == [250]  # action ignore: logged, and the mail goes on
+    found = [r.getMessage() for r in caplog.records if "BARE NEWLINE" in r.getMessage()]
+    assert len(found) == 1 and f"BARE NEWLINE from [192.0.2.7]:40000 after {after}" in found[0]
+    assert len(talk.hop.messages) == 1
 
 
 # --- bounds ------------------------------------------------------------------------------------
@@ -142,6 +222,32 @@ async def test_junk_commands_count_as_errors_past_the_junk_limit():
         codes = await talk.codes(130)
         await talk.closed()
     assert codes == [250] * 121 + [421]
+
+
+async def test_a_queued_message_forgives_the_errors_before_it():
+    """As Postfix's smtpd does once a message is received (smtpd.c, data_cmd: error_count
+    and junk_cmds back to 0): 15 errors, a message, 15 more errors stay under
+    smtpd_hard_error_limit (20); the session goes on."""
+    async with memory_session() as talk:
+        await talk.send(b"EHLO x\r\n" + b"BOGUS\r\n" * 15)
+        assert await talk.codes(16) == [250] + [502] * 15
+        await talk.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+        assert await talk.codes(3) == [250, 250, 354]
+        await talk.send(MESSAGE)
+        assert await talk.codes(1) == [250]
+        await talk.send(b"BOGUS\r\n" * 15 + b"QUIT\r\n")
+        assert await talk.codes(16) == [502] * 15 + [221]
+
+
+async def test_a_refused_message_forgives_nothing():
+    hop = StubHop(b"554 5.7.1 Spam message rejected\r\n")
+    async with memory_session(hop=hop) as talk:
+        await talk.send(b"EHLO x\r\n" + b"BOGUS\r\n" * 15)
+        await talk.replies(16)
+        await talk.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<u@gate.test>\r\nDATA\r\n")
+        await talk.replies(3)
+        await talk.send(MESSAGE + b"BOGUS\r\n" * 15)
+        assert await talk.codes(6) == [554] + [502] * 4 + [421]  # the 20th error: 421
 
 
 async def test_mail_and_rset_pipelined_forever_are_cut_off():
@@ -185,7 +291,7 @@ async def test_replies_are_flushed_with_back_pressure(monkeypatch):
     assert talk.transport.out.count(b"250 2.0.0 Ok") == 121
 
 
-async def test_a_protocol_test_is_reported_once_per_session():
+async def test_a_protocol_test_is_reported_once_per_session_and_counted_by_its_event():
     policy = StubPolicy(protocol_tests=True)
     async with memory_session(policy=policy) as talk:
         await talk.send(b"EHLO x\r\n")
@@ -195,6 +301,45 @@ async def test_a_protocol_test_is_reported_once_per_session():
     pipelining = [pending for test, pending in policy.protocol_calls if test == "pipelining"]
     assert len(pipelining) == 1
     assert len(pipelining[0]) <= 100  # what the log shows, not the whole buffer
+    failed = [e for e in talk.metrics.events if isinstance(e, ProtocolTestFailed)]
+    assert failed == [ProtocolTestFailed("pipelining", MX)]
+    metrics = Metrics.__new__(Metrics)  # its counter alone: no multiprocess folder needed
+    registry = CollectorRegistry()
+    metrics.protocol_tests_failed = Counter("t_failed", "", ("test",), registry=registry)
+    metrics._protocol_tests = {}
+    for event in failed:
+        metrics.notify(event)
+    assert registry.get_sample_value("t_failed_total", {"test": "pipelining"}) == 1
+
+
+async def test_the_log_lines_follow_the_events(caplog):
+    """connect, the NOQUEUE line of a refusal, the queue id of a message Postfix took and
+    disconnect: each once, in that order, with the session id."""
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<u1@gate.test>: Recipient address rejected")
+    with caplog.at_level(logging.INFO, logger="smtpgate.smtpd"):
+        async with memory_session(policy=policy) as talk:
+            sid = talk.session.id
+            await talk.send(b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\n")
+            await talk.replies(2)
+            policy.rcpt_reply = None
+            await talk.send(b"RCPT TO:<u0@gate.test>\r\n")
+            await talk.reply()
+            policy.rcpt_reply = Reply(550, "5.1.1", "<u1@gate.test>: Recipient address rejected")
+            await talk.send(b"RCPT TO:<u1@gate.test>\r\nDATA\r\n")
+            assert await talk.codes(2) == [550, 354]
+            await talk.send(MESSAGE + b"QUIT\r\n")
+            assert await talk.codes(2) == [250, 221]
+            await talk.closed()
+    lines = [r.getMessage() for r in caplog.records if r.name == "smtpgate.smtpd"]
+    assert [line.split(" ", 1)[0] for line in lines] == ["connect", "NOQUEUE:", "4XyZ1:",
+                                                         "disconnect"], lines
+    assert lines[1] == ("NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 "
+                        f"<u1@gate.test>: Recipient address rejected; session={sid}; "
+                        "from=<a@sender.test> to=<u1@gate.test> proto=ESMTP helo=<client.test>")
+    assert lines[2] == (f"4XyZ1: client=unknown[192.0.2.7], from=<a@sender.test>, nrcpt=1, "
+                        f"size={len(MESSAGE) - 3}, session={sid}")
+    assert lines[3].endswith(f"rcpt=1/2 data=1 quit=1 commands=5/6 session={sid}")
 
 
 async def test_recipients_past_the_limit_get_452_without_counting_as_errors():
@@ -270,6 +415,57 @@ async def test_the_final_dot_commits_the_message_before_the_drain_cuts():
         assert (await talk.reply()).startswith(b"421 4.3.2")
         await talk.closed()
     assert len(talk.hop.messages) == 1
+
+
+def test_the_drain_waits_for_a_hand_off_up_to_the_final_reply_within_the_stop_grace():
+    """Postfix may be queueing the message: the drain waits up to the next hop's final-reply
+    limit, as far as the service manager's stop grace allows (a fixed 10 s cut before)."""
+    roomy = config_module.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_STOP_GRACE": "400"})
+    assert server.hand_off_wait(roomy, 30.0) == roomy.next_hop_data_done_timeout == 330.0
+    default = config_module.load({"HOSTNAME": "mx.gate.test"})
+    assert server.hand_off_wait(default, 30.0) == 45.0 - 30.0 - server.STOP_MARGIN
+    assert server.hand_off_wait(default, 50.0) == 0.0
+    with pytest.raises(config_module.ConfigError, match="SMTPGATE_STOP_GRACE"):
+        config_module.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_DRAIN_GRACE": "60"})
+
+
+async def held_in_hand_off(talk, hop: StubHop) -> None:
+    """A message's final dot sent, its hand-off started and held; then SIGTERM."""
+    await transaction(talk)
+    await talk.send(b"DATA\r\n")
+    await talk.reply()
+    await talk.send(MESSAGE)
+    await hop.started.wait()
+    talk.gate.draining = True
+
+
+async def test_a_draining_gate_lets_a_hand_off_finish_and_answers_with_postfix():
+    hop = StubHop()
+    hop.release = asyncio.Event()
+    async with memory_session({"SMTPGATE_DRAIN_GRACE": "0", "SMTPGATE_STOP_GRACE": "4"},
+                              hop=hop) as talk:
+        await held_in_hand_off(talk, hop)
+        drain = asyncio.create_task(server._drain(talk.gate))
+        await asyncio.sleep(0.2)  # the 421s are out; this session is left to finish
+        assert not drain.done()
+        hop.release.set()
+        await asyncio.wait_for(drain, 2.0)
+        assert await talk.codes(2) == [250, 421]
+    assert len(hop.messages) == 1
+
+
+async def test_the_drain_ends_within_the_stop_grace_whatever_the_next_hop_does(caplog):
+    hop = StubHop()
+    hop.release = asyncio.Event()  # never set: Postfix does not answer
+    async with memory_session({"SMTPGATE_DRAIN_GRACE": "0", "SMTPGATE_STOP_GRACE": "3"},
+                              hop=hop) as talk:
+        await held_in_hand_off(talk, hop)
+        with caplog.at_level(logging.WARNING, logger="smtpgate"):
+            # 3 s of stop grace, less the margin for closing: 1 s for the hand-off
+            await asyncio.wait_for(server._drain(talk.gate), 2.5)
+        assert talk.gate.sessions  # cut by the stop, not waited for
+        assert "1 hand-offs cut at the end of stop_grace" in caplog.text
+        hop.release.set()
 
 
 async def test_an_idle_session_hears_421_at_the_drain():

@@ -13,6 +13,7 @@ import pytest
 
 from smtpgate import config
 from smtpgate.address import parse_path
+from smtpgate.policy import stages
 from smtpgate.policy.stages import STAGES, Policy
 from smtpgate.policy.state import SUBMISSION, Client, ClientState
 from smtpgate.replies import AUTH_REQUIRED
@@ -38,9 +39,9 @@ SENDER = Reply(504, "5.5.2", "Sender address rejected: need fully-qualified addr
 ENFORCED = Reply(550, "5.5.1", "Protocol error")
 
 
-def policy() -> Policy:
+def policy(**environ) -> Policy:
     p = Policy.__new__(Policy)  # no Redis, no resolver: the findings below are all it reads
-    p.config = config.load({"HOSTNAME": "mx.gate.test"})
+    p.config = config.load({"HOSTNAME": "mx.gate.test", **environ})
     return p
 
 
@@ -110,3 +111,47 @@ def test_event_limit_exceptions_take_mynetworks_caution_about_a_proxied_loopback
     p.config = config.load({"HOSTNAME": "mx.gate.test", "SMTPGATE_MYNETWORKS": "127.0.0.0/8",
                             "SMTPGATE_CLIENT_EVENT_LIMIT_EXCEPTIONS": "$mynetworks 192.0.2.0/24"})
     assert p._spared(client) is spared
+
+
+def test_each_stage_runs_the_checks_of_its_row_and_no_other():
+    """The table is what runs: a check added to STAGES without its step, or a step the table
+    does not name, fails here before it could be skipped or run out of order."""
+    assert STAGES["connect"] == stages._BEFORE_GREET_WAIT + stages._AFTER_GREET_WAIT
+    assert (*stages._CONNECT_STEPS, *stages._SCREENING_STEPS) == STAGES["connect"]
+    assert tuple(stages._HELO_STEPS) == STAGES["helo"]
+    assert tuple(stages._MAIL_STEPS) == STAGES["mail"]
+    assert tuple(stages._RCPT_STEPS) == STAGES["rcpt"]
+
+
+async def test_connect_stops_at_the_first_check_that_answers(monkeypatch):
+    """The connect row in its order: a drop by the access list is answered before the
+    connection is counted (nothing after it runs)."""
+    ran = []
+
+    def step(name, answer):
+        async def run(self, state):
+            ran.append(name)
+            return answer
+        return run
+
+    drop = Reply(554, "5.7.1", "Service unavailable; client [192.0.2.7] blocked")
+    monkeypatch.setitem(stages._CONNECT_STEPS, "access_list", step("access_list", drop))
+    monkeypatch.setitem(stages._CONNECT_STEPS, "limits", step("limits", None))
+    p = policy()
+    p._mynetworks = lambda client: ()
+    state = ClientState(Client("192.0.2.7", 40000))
+    assert await p.connect(state) is drop
+    assert ran == ["access_list"]
+
+
+async def test_screening_decides_pregreet_before_dnsbl():
+    """After the greet wait: pregreet's verdict first, then the DNSBL's (none here: not
+    queried), each kept in the session's record in the table's order."""
+    p = policy(SMTPGATE_GREET_ACTION="drop")
+    state = ClientState(Client("192.0.2.7", 40000))
+    state.greet_tested = True
+    p.sites = ()
+    reply = await p.screened(state, b"EHLO early\r\n", 0.5)
+    assert reply is not None and reply.code == 521
+    assert [v.check for v in state.record] == ["pregreet"]
+    assert "pregreet" in state.screening_failed

@@ -73,23 +73,6 @@ def test_good_login_over_starttls_is_delivered_as_authenticated(gate, logins, do
     postfix_server.wait_for_log(r"sasl_username=user1@example\.com", since=since)
 
 
-def test_auth_before_tls_is_refused(gate, logins):
-    with Talk("127.0.0.1", gate.submission_port, source="127.0.0.1") as talk:
-        talk.banner()
-        _, text = talk.cmd("EHLO laptop")
-        assert "STARTTLS" in text and "AUTH" not in text
-        assert untag(talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))) == (
-            530, "530 5.7.0 Must issue a STARTTLS command first")
-        assert talk.cmd("MAIL FROM:<user1@example.com>")[0] == 530
-
-
-def test_mx_listener_offers_no_auth(gate, logins):
-    with Talk("127.0.0.1", gate.mx_port, source="127.0.0.80") as talk:
-        talk.banner()
-        assert "AUTH" not in talk.cmd("EHLO client.example.test")[1]
-        assert talk.cmd("AUTH PLAIN " + plain("user1@example.com", "secret1"))[0] == 503
-
-
 def test_mail_without_auth_is_refused_on_submission(gate, logins):
     with tls_talk(gate, "127.0.0.1") as talk:
         assert "AUTH PLAIN LOGIN" in talk.cmd("EHLO laptop")[1]

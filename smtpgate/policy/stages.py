@@ -83,7 +83,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate import replies
@@ -136,8 +136,9 @@ REDIS_CONNECTIONS = 2000  # per worker, at most: each call holds one for well un
 TEMPFAIL = "tempfail"
 
 # The checks of each stage, in the order they run; README's stage table is tested against it.
-# HELO, MAIL and RCPT run theirs from here (_MAIL_STEPS, _RCPT_STEPS, one method per check);
-# connect runs in this order in connect() and screened(), around the greet wait. At RCPT,
+# Every stage runs its checks from here, one method per check (_CONNECT_STEPS and
+# _SCREENING_STEPS, _HELO_STEPS, _MAIL_STEPS, _RCPT_STEPS); at connect the screening tests
+# (pregreet, dnsbl) are decided after the greet wait, in screened(), the others before it. At RCPT,
 # "screening" is an `enforce` finding of the access list or a screening test, and
 # client_fcrdns, helo and sender are those restrictions' findings reported late
 # (smtpd_delay_reject); on submission only sender_login, sender, destination and recipient
@@ -163,6 +164,18 @@ class Request:
     login: str | None
     smtputf8: bool = False
     facts: Any = None  # RCPT: the tables' answer for the recipient
+
+
+@dataclass(slots=True)
+class Screening:
+    """What the greet wait brought, and what the screening tests found of it."""
+
+    received: bytes  # what the client said before the banner
+    delay: float
+    result: Any  # the DNSBL score (smtpgate.lookups.dnsbl), None when not queried
+    passes: dict[str, float] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    outcome: Reply | None = None  # the reply to hang up with
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,8 +340,10 @@ class Policy:
     # --- connect ---------------------------------------------------------------------------
 
     async def connect(self, state: ClientState) -> Reply | GreetWait | None:
-        """postscreen's order: the overrides and the permanent access list, then the
-        counts, then screening.
+        """postscreen's order (STAGES["connect"]): the operator's timed overrides and the
+        permanent access list, then the counts, then the screening cache; the screening tests
+        themselves are decided after the greet wait, by screened(), or at once when no wait
+        is due.
 
         A client the access list drops is answered before it is counted: from the table
         cache that costs no Redis round trip, which is what makes a flood of denylisted
@@ -337,21 +352,24 @@ class Policy:
         client = state.client
         state.trusted = self._trusted_network(client)
         state.rate_exempt = self._spared(client)
-        if client.listener == MX:
-            refused = await self._access_list(state)
-            if refused is not None:
-                return refused
-        return await self._count_and_screen(state)
+        for check in _BEFORE_GREET_WAIT:
+            outcome = await _CONNECT_STEPS[check](self, state)
+            if outcome is not _GO_ON:
+                return outcome
+        return await self.screened(state, b"", 0.0)
 
-    async def _access_list(self, state: ClientState) -> Reply | None:
-        """The timed overrides, then postscreen_access_list (mynetworks, PSA): port 25
-        only, as postscreen guarded only port 25; a network denied there keeps its users'
-        submission on 587 and 465. Without an override nothing is noted for it (a dry run
+    async def _connect_override(self, state: ClientState) -> Any:
+        """The operator's timed overrides (smtpgate allow / deny), port 25 only, with the
+        access list's table facts in the same lookup. An allow is a PSA permit (no access
+        list, no screening; the counts still apply); a deny answers in place of the banner,
+        before anything is counted. Without an override nothing is noted for it (a dry run
         notes "no override", for explain)."""
         client = state.client
-        ip, port = client.ip, client.port
+        if client.listener != MX:
+            return _GO_ON
+        ip = client.ip
         try:
-            facts = await self.tables.connect_facts(ip)
+            facts = state.table_facts = await self.tables.connect_facts(ip)
         except TableError as exc:
             self.redis_ok = False
             log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
@@ -360,12 +378,21 @@ class Policy:
             state.rev_ip, state.rev_key = facts.rev.value, facts.rev.key.partition(":")[2]
         if facts.override is not None or self.dry_run:
             verdict = self._note(state, override.decide(ip, facts.override, time.time()))
-            if verdict.outcome is Outcome.PERMIT:  # as a PSA permit: no access list, no tests
+            if verdict.outcome is Outcome.PERMIT:
                 log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
                 state.permitted = True
-                return None
-            if verdict.failed:  # in place of the banner, before anything is counted
+            elif verdict.failed:
                 return verdict.reply
+        return _GO_ON
+
+    async def _connect_access_list(self, state: ClientState) -> Any:
+        """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
+        only port 25; a network denied there keeps its users' submission on 587 and 465."""
+        client = state.client
+        facts = state.table_facts  # looked up by the override step, which runs first
+        if client.listener != MX or state.permitted or facts is None:
+            return _GO_ON
+        ip, port = client.ip, client.port
         psa = facts.psa
         if psa is not None and psa.invalid:
             return CONNECT_TEMPFAIL
@@ -385,11 +412,12 @@ class Policy:
                 log.info("DENYLISTED [%s]:%s", ip, port)
                 return verdict.reply
             state.enforced = verdict.reply
-        return None
+        return _GO_ON
 
-    async def _count_and_screen(self, state: ClientState) -> Reply | GreetWait | None:
-        """The connection limits (every listener, as anvil counts for every smtpd), then
-        postscreen's tests (port 25)."""
+    async def _connect_limits(self, state: ClientState) -> Any:
+        """The connection limits: every listener, as anvil counts for every smtpd. What
+        follows is postscreen's, on port 25 only, and not for a client the access list let
+        through."""
         client = state.client
         ip = client.ip
         try:
@@ -418,7 +446,7 @@ class Policy:
         if state.permitted:
             self._look_up_name(state)
             return None
-        return await self._start_screening(state)
+        return _GO_ON
 
     def _look_up_name(self, state: ClientState) -> None:
         """FCrDNS in the background, for RCPT and XCLIENT NAME: once screening has let the
@@ -429,8 +457,9 @@ class Policy:
                 client_hostname(self.resolver, state.client.ip))
             state.fcrdns_task.add_done_callback(state.name_found)
 
-    async def _start_screening(self, state: ClientState) -> Reply | GreetWait | None:
-        """postscreen's tests before the banner: cached passes, else a greet wait or DNSBL."""
+    async def _connect_screening_cache(self, state: ClientState) -> Any:
+        """postscreen's cache: all tests passed before, or a greet wait (with the DNSBL
+        queries under way), or the tests decided at once."""
         ip, port = state.client.ip, state.client.port
         entries = state.cached_passes  # read with the connection count, in one round trip
         now = time.time()
@@ -444,7 +473,7 @@ class Policy:
         if dnsbl_wanted:
             state.settle = asyncio.ensure_future(self.querier.settle(ip))
         if not state.greet_tested:
-            return await self.screened(state, b"", 0.0)
+            return _GO_ON
         decided = None
         if state.settle is not None:
             decided = asyncio.get_running_loop().create_future()
@@ -459,8 +488,8 @@ class Policy:
 
     async def screened(self, state: ClientState, received: bytes,
                        delay: float) -> Reply | None:
-        """The verdicts of the greet wait (what the client said too early) and the DNSBL."""
-        config = self.config
+        """The screening tests of STAGES["connect"], in its order: what the client said too
+        early (pregreet) and the DNSBL score, after the greet wait."""
         ip, port = state.client.ip, state.client.port
         settle, state.settle = state.settle, None
         try:
@@ -473,28 +502,12 @@ class Policy:
         finally:
             if settle is not None and not settle.done():
                 settle.cancel()
-        passes: dict[str, float] = {}
-        failed: list[str] = []
-        outcome: Reply | None = None
-        if state.greet_tested:
-            verdict = self._note(state, pregreet.decide(
-                received, delay, ip, port, action=config.greet_action, ttl=config.greet_ttl))
-            if self.watching:
-                self._decided(state, verdict, {"ip": ip, "port": port, "delay": delay,
-                                                   "received": received.decode("latin-1")})
-            outcome = self._apply(state, verdict, passes, failed) or outcome
-        if result is not None:
-            verdict = self._note(state, self._dnsbl_verdict(result))
-            state.dnsbl_score = dnsbl_check.score(self.sites, result).total
-            if self.watching:
-                self._decided(state, verdict, dnsbl_facts(result))
-            if verdict.outcome is Outcome.PERMIT:
-                passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
-                state.permitted = True
-            else:
-                outcome = self._apply(state, verdict, passes, failed) or outcome
+        screening = Screening(received, delay, result)
+        for check in _AFTER_GREET_WAIT:
+            _SCREENING_STEPS[check](self, state, screening)
+        passes, failed, outcome = screening.passes, screening.failed, screening.outcome
         if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
-            passes = {NO_TESTS: config.greet_ttl}  # nothing to test: PASS OLD next time
+            passes = {NO_TESTS: self.config.greet_ttl}  # nothing to test: PASS OLD next time
         state.screening_failed += tuple(failed)  # written when the session ends
         if not failed:
             state.screening_passes.update(passes)
@@ -504,6 +517,33 @@ class Policy:
             self._look_up_name(state)
         return outcome
 
+    def _screen_pregreet(self, state: ClientState, screening: Screening) -> None:
+        if state.greet_tested:
+            config = self.config
+            ip, port = state.client.ip, state.client.port
+            verdict = self._note(state, pregreet.decide(
+                screening.received, screening.delay, ip, port,
+                action=config.greet_action, ttl=config.greet_ttl))
+            if self.watching:
+                self._decided(state, verdict, {
+                    "ip": ip, "port": port, "delay": screening.delay,
+                    "received": screening.received.decode("latin-1")})
+            screening.outcome = self._apply(state, verdict, screening) or screening.outcome
+
+    def _screen_dnsbl(self, state: ClientState, screening: Screening) -> None:
+        result = screening.result
+        if result is None:
+            return
+        verdict = self._note(state, self._dnsbl_verdict(result))
+        state.dnsbl_score = dnsbl_check.score(self.sites, result).total
+        if self.watching:
+            self._decided(state, verdict, dnsbl_facts(result))
+        if verdict.outcome is Outcome.PERMIT:
+            screening.passes = dict.fromkeys(SCREENING_TESTS, verdict.ttl or 60.0)
+            state.permitted = True
+        else:
+            screening.outcome = self._apply(state, verdict, screening) or screening.outcome
+
     def _enabled(self, test: str) -> bool:
         if test == "dnsbl":
             return bool(self.sites)
@@ -511,18 +551,18 @@ class Policy:
             return self.config.greet_wait > 0
         return True
 
-    def _apply(self, state: ClientState, verdict: Verdict, passes: dict[str, float],
-               failed: list[str]) -> Reply | None:
+    @staticmethod
+    def _apply(state: ClientState, verdict: Verdict, screening: Screening) -> Reply | None:
         """A screening verdict under its action: a reply to hang up with, or None."""
         if verdict.outcome is Outcome.PASS:
             if verdict.ttl:
-                passes[verdict.check] = verdict.ttl
+                screening.passes[verdict.check] = verdict.ttl
             elif verdict.ignored:
-                failed.append(verdict.check)
+                screening.failed.append(verdict.check)
             return None
         if not verdict.failed:
             return None
-        failed.append(verdict.check)
+        screening.failed.append(verdict.check)
         if hangs_up(verdict):
             return verdict.reply
         state.enforced = state.enforced or verdict.reply
@@ -551,6 +591,13 @@ class Policy:
 
     async def helo(self, state: ClientState, name: str) -> Reply | None:
         state.helo_reject = None
+        for check in STAGES["helo"]:
+            reply = await _HELO_STEPS[check](self, state, name)
+            if reply is not None:
+                return reply
+        return None
+
+    async def _helo_name(self, state: ClientState, name: str) -> Reply | None:
         if state.client.listener != MX or state.trusted:
             return None
         try:
@@ -1051,6 +1098,14 @@ def record_memory(config: Config) -> int:
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
 
 
+_GO_ON: Any = object()  # a connect step's "no answer yet: the next check"
+_CONNECT_STEPS = {"override": Policy._connect_override,
+                  "access_list": Policy._connect_access_list, "limits": Policy._connect_limits,
+                  "screening_cache": Policy._connect_screening_cache}
+_SCREENING_STEPS = {"pregreet": Policy._screen_pregreet, "dnsbl": Policy._screen_dnsbl}
+_BEFORE_GREET_WAIT = tuple(c for c in STAGES["connect"] if c not in SCREENING_TESTS)
+_AFTER_GREET_WAIT = tuple(c for c in STAGES["connect"] if c in SCREENING_TESTS)
+_HELO_STEPS = {"helo": Policy._helo_name}
 _AUTH_STEPS = {"rate_limits": Policy._auth_rate_limits, "auth_limit": Policy._auth_limit}
 _MAIL_STEPS = {"rate_limits": Policy._mail_rate_limits, "sender_login": Policy._mail_sender_login,
                "sender": Policy._mail_sender}

@@ -77,6 +77,7 @@ class ClientState:
     trusted: bool = False  # mynetworks: permit at every stage
     rate_exempt: bool = False  # client_event_limit_exceptions: no per-client limit counts
     enforced: Reply | None = None  # an `enforce` finding: the answer to every RCPT
+    table_facts: Any = None  # the connect stage's table answers (overrides, PSA, REV)
     rev_ip: str | None = None
     rev_key: str = ""  # the REV key that gave rev_ip (its name: an address or a network)
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)

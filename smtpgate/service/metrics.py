@@ -5,8 +5,10 @@ SYNOPSIS
     worker_gone(pid, path)                                    the master, when a worker dies
     Metrics(path)                                             one per worker (build_gate)
     metrics.notify(event)          a session's event (smtpgate.smtp.events): Refused,
-                                   Relayed and Ended are counted
+                                   Relayed, Ended and ProtocolTestFailed are
+                                   counted
     metrics.session_ended(listener, outcome) ; metrics.rejected(check, stage)
+    metrics.protocol_test_failed(test)
     metrics.relayed(result_or_code, seconds=None)
     metrics.refresh(gate, check=False) ; await metrics.run(gate)   the figures kept elsewhere
     metrics.exposition(gate) -> bytes                         /metrics, every worker's sum
@@ -53,6 +55,8 @@ DESCRIPTION
       rejections_total{check,stage}      policy refusals sent, by the check
           that decided (Verdict.check; "tempfail" when a lookup failed)
           and the command they answered ("connect" before any)
+      protocol_tests_failed_total{test}  pipelining, non_smtp_command,
+          bare_newline: once per test and session, whatever the action
       messages_relayed_total{result}     queued, rejected and deferred
           (Postfix's 5xx and 4xx answer), tempfail (Postfix unreachable or
           broken: 451 4.3.0), busy (no free slot: 451 4.3.2)
@@ -110,7 +114,7 @@ from smtpgate.override_record import ACTIONS
 from smtpgate.replies import AUTH_FAILED
 from smtpgate.service.health import up
 from smtpgate.smtp.dane import STATES as DANE_STATES
-from smtpgate.smtp.events import Ended, Event, Refused, Relayed
+from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
 
 log = logging.getLogger("smtpgate.metrics")
 
@@ -253,6 +257,10 @@ class Metrics:
         self.rejections = counter(
             "rejections_total", "Policy refusals sent, by the deciding check and the stage.",
             ("check", "stage"))
+        self.protocol_tests_failed = counter(
+            "protocol_tests_failed_total", "Deep protocol tests a client failed (once per "
+            "test and session), by test.", ("test",))
+        self._protocol_tests: dict[str, Any] = {}
         self.relayed_total = counter("messages_relayed_total",
                                      "Messages handed to Postfix, by result.", ("result",))
         self.relay_seconds = Histogram(
@@ -328,12 +336,20 @@ class Metrics:
         elif isinstance(event, Ended):
             self.session_ended(event.listener, session_outcome(
                 event.how, event.last_command, event.eof, event.draining, event.rejected))
+        elif isinstance(event, ProtocolTestFailed):
+            self.protocol_test_failed(event.test)
 
     def session_ended(self, listener: str, outcome: str) -> None:
         key = (listener, outcome)
         counter = self._session_outcomes.get(key)
         if counter is None:
             counter = self._session_outcomes[key] = self.sessions.labels(*key)
+        counter.inc()
+
+    def protocol_test_failed(self, test: str) -> None:
+        counter = self._protocol_tests.get(test)
+        if counter is None:
+            counter = self._protocol_tests[test] = self.protocol_tests_failed.labels(test)
         counter.inc()
 
     def rejected(self, check: str | None, stage: str) -> None:

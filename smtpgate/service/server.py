@@ -7,6 +7,7 @@ SYNOPSIS
     serve(config) -> int                        run until SIGTERM; the `serve` command
                                                 (first smtpgate.service.preflight)
     reload(gate) -> bool                        SIGHUP
+    hand_off_wait(config, elapsed) -> float     the drain's wait for hand-offs under way
 
 DESCRIPTION
     One process per worker (SMTPGATE_WORKERS, default one per CPU); every
@@ -19,10 +20,12 @@ DESCRIPTION
     SIGTERM: stop accepting, let sessions in flight finish for up to
     drain_grace seconds (a DATA command that comes meanwhile gets 421),
     then tell the rest 421 and close; a session whose message's final dot
-    has come finishes its hand-off first (HAND_OFF_WAIT more seconds at
-    most, which the stop timeouts in deploy/ and conf/ leave room for). SIGHUP: read
-    the configuration (SMTPGATE_CONFIG) and the certificate again; new
-    sessions get them, running ones keep theirs (see reload()).
+    has come finishes its hand-off first: up to next_hop_data_done_timeout
+    more, within stop_grace (the service manager's stop timeout, which
+    deploy/, conf/ and compose.yaml give as the default) less STOP_MARGIN
+    (hand_off_wait). SIGHUP: read the configuration (SMTPGATE_CONFIG) and
+    the certificate again; new sessions get them, running ones keep theirs
+    (see reload()).
 
     Before the workers start, the master looks at the certificate and the
     next hops once (smtpgate.service.preflight): a next hop that refuses
@@ -183,7 +186,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     for server in servers:
         server.close()
     log.info("stopping: %d sessions in flight", len(gate.sessions))
-    await _drain(gate, config.drain_grace)
+    await _drain(gate)
     refresher.cancel()
     watcher.cancel()
     gate.metrics.refresh(gate)  # the last second's figures, kept in the sums after exit
@@ -252,11 +255,22 @@ def reload(gate: Gate) -> bool:
     return True
 
 
-HAND_OFF_WAIT = 10.0  # after the grace: the 421s written, the hand-offs under way finished
+STOP_MARGIN = 2.0  # of stop_grace, kept for what follows the drain: closing Redis, the hops
 
 
-async def _drain(gate: Gate, grace: float) -> None:
-    """Let sessions finish for `grace` seconds, then tell the rest 421 and hang up."""
+def hand_off_wait(config: Config, elapsed: float) -> float:
+    """How long the drain waits, once the 421s are written, for the hand-offs under way: up
+    to the next hop's final-reply limit (Postfix may be queueing the message), within what
+    the stop grace leaves after `elapsed` seconds of draining."""
+    left = config.stop_grace - elapsed - STOP_MARGIN
+    return max(0.0, min(config.next_hop_data_done_timeout, left))
+
+
+async def _drain(gate: Gate) -> None:
+    """Let sessions finish for drain_grace seconds, then tell the rest 421 and hang up;
+    the sessions whose final dot has come finish their hand-off first (hand_off_wait)."""
+    loop = asyncio.get_running_loop()
+    started, grace = loop.time(), gate.config.drain_grace
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grace):
             while gate.sessions:
@@ -267,9 +281,12 @@ async def _drain(gate: Gate, grace: float) -> None:
     for session in list(gate.sessions):
         session.shut_down()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(HAND_OFF_WAIT):
+        async with asyncio.timeout(hand_off_wait(gate.config, loop.time() - started)):
             while gate.sessions:
                 await asyncio.sleep(0.05)
+    if gate.sessions:
+        log.warning("warning: stopping: %d hand-offs cut at the end of stop_grace",
+                    len(gate.sessions))
 
 
 def serve(config: Config) -> int:

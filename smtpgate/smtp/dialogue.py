@@ -10,6 +10,7 @@ SYNOPSIS
         queued)
     dialogue.refused(counted=True)                  a 4xx/5xx was given for the last command
     dialogue.stage ; dialogue.tx ; dialogue.too_many_errors ; dialogue.command_counts()
+    dialogue.ehlo_reply(hostname, size_limit, tail) -> str     the 250 lines EHLO gets now
     Limits(recipients, overshoot, junk, hard_errors, offered)
     Stage.START | GREETED | MAIL | RCPT
     Transaction(sender, smtputf8, mail_line) ; tx.rcpt_lines ; tx.recipients ; tx.overshoot
@@ -40,9 +41,11 @@ DESCRIPTION
       smtpd_hard_error_limit the driver says 421 and closes;
     - HELO, EHLO, RSET, NOOP and VRFY are junk commands: past
       smtpd_junk_command_limit each one is also an error, so pipelining
-      MAIL and RSET, or NOOPs, forever ends with 421; the junk count starts
-      again once a message was queued (Postfix's smtpd.c command table and
-      its junk_cmds count);
+      MAIL and RSET, or NOOPs, forever ends with 421 (Postfix's smtpd.c
+      command table and its junk_cmds count);
+    - both counts start again once a message was queued, as smtpd's
+      data_cmd() sets error_count and junk_cmds to 0 when the message was
+      taken (Postfix 3.7.22's smtpd.c);
     - past smtpd_recipient_limit a recipient gets 452 4.5.3, an error only
       once smtpd_recipient_overshoot_limit more were refused in the
       transaction, so a client with too many recipients still gets the
@@ -316,6 +319,19 @@ class Dialogue:
     def _vrfy(self, arg: str) -> Action:
         return Answer(replies.VRFY_DISABLED)
 
+    def ehlo_reply(self, hostname: str, size_limit: int, tail: tuple[str, ...]) -> str:
+        """EHLO's answer at this point: STARTTLS until TLS is on, AUTH once it is (not on
+        port 25), `tail` the keywords the next hop carries."""
+        lines = [hostname, "PIPELINING"]
+        if size_limit:
+            lines.append(f"SIZE {size_limit}")
+        if not self.tls and self.offers_tls:
+            lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH PLAIN LOGIN")
+        lines += tail
+        return "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+
     # --- what the driver reports back ----------------------------------------------------------
 
     def hello_refused(self) -> None:
@@ -342,8 +358,8 @@ class Dialogue:
 
     def message_done(self, queued: bool) -> None:
         self._end_transaction()
-        if queued:
-            self.junk = 0
+        if queued:  # Postfix's smtpd forgives a client's errors once it took a message
+            self.errors = self.junk = 0
 
     def _end_transaction(self) -> None:
         self.tx = None

@@ -1,17 +1,24 @@
 """evidence - what a refused session leaves for `smtpgate explain --session`.
 
 SYNOPSIS
+    SessionEvidence(session, store)             one session's evidence, a Recorded
+    evidence.notify(event)                      a subscriber of the session's events
+    evidence.envelope -> (sender, recipients)   what a refusal's record names
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
     session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
     refused_alike(session) -> tuple | None      what makes a later session a repeat of it
     replay_record(session) -> dict              what `smtpgate replay` decides again
 
 DESCRIPTION
-    A session keeps nothing of this until it refuses something: then it
-    keeps a Refusal per 4xx/5xx reply (its own, and Postfix's answers that
-    it passed through) and asks the policy's EvidenceStore to write the
-    record, again at each refusal and once more when the session ends.
-    The record is built only when the store writes it.
+    A session keeps nothing of this until it refuses something: then its
+    SessionEvidence, told the session's events (smtpgate.smtp.events),
+    keeps a Refusal per 4xx/5xx reply that counts as an error (its own,
+    and Postfix's answers that it passed through) and asks the policy's
+    EvidenceStore to write the record, again at each refusal and once
+    more when the session ends (Ended). The record is built only when the
+    store writes it, after the reply; it names the transaction under way,
+    or, once that ended (a refusal after the dot, an RSET after a refused
+    RCPT), the one the latest refusal was given in.
 
     The record: the session id; the client (ip, port, verified name),
     the listener and local address; when it started (from the id) and
@@ -50,10 +57,12 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple, Protocol
 
 from smtpgate import session_id
 from smtpgate.policy.decisions import FACTS_VERSION
+from smtpgate.smtp.events import Ended, Event, Refused
 
 
 class Refusal(NamedTuple):
@@ -79,6 +88,86 @@ class Recorded(Protocol):
     @property
     def envelope(self) -> tuple[str | None, tuple[str, ...]]: ...
     def command_counts(self) -> str: ...
+
+
+class SessionEvidence:
+    """A Recorded: the session's own facts read through `session` (the driver,
+    smtpgate.smtp.session.Session), the refusals kept here."""
+
+    __slots__ = ("ended", "refusals", "refused_tx", "session", "store")
+
+    def __init__(self, session: Any, store: Any) -> None:
+        self.session = session
+        self.store = store  # the policy's EvidenceStore (smtpgate.lookups.evidence)
+        self.refusals: list[Refusal] | None = None
+        self.refused_tx: Any = None  # the transaction (smtpgate.smtp.dialogue) at the latest
+        self.ended: float | None = None
+
+    def notify(self, event: Event) -> None:
+        kind = type(event)
+        if kind is Refused:
+            if event.counted:
+                self._keep(event.text)
+        elif kind is Ended:
+            state = self.session.state
+            if self.refusals is not None or (state is not None and state.disagreements):
+                self.ended = time.time()  # a record for explain: refused, or the shadow differed
+                self.store.keep(self.session.id, self.record, self.repeat)
+            if state is not None and state.facts:
+                self.store.keep_replay(self.session.id, self.replay_record)
+
+    def _keep(self, text: str) -> None:
+        dialogue, state = self.session.dialogue, self.session.state
+        verb = dialogue.last_command or "CONNECT"
+        refusal = Refusal(time.time(), f"{verb} {dialogue.last_arg}" if dialogue.last_arg
+                          else verb, text, len(state.record) if state is not None else 0)
+        self.refused_tx = dialogue.tx
+        if self.refusals is None:
+            self.refusals = [refusal]
+        else:
+            self.refusals.append(refusal)
+        self.store.keep(self.session.id, self.record, self.repeat)
+
+    def record(self) -> dict:
+        return session_record(self)
+
+    def repeat(self) -> tuple | None:
+        return refused_alike(self)
+
+    def replay_record(self) -> dict:
+        return replay_record(self)
+
+    # --- what the record reads of the session --------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def client(self) -> Any:
+        return self.session.client
+
+    @property
+    def state(self) -> Any:
+        return self.session.state
+
+    @property
+    def helo(self) -> str | None:
+        return self.session.dialogue.helo
+
+    @property
+    def login(self) -> str | None:
+        return self.session.dialogue.login
+
+    @property
+    def envelope(self) -> tuple[str | None, tuple[str, ...]]:
+        tx = self.session.dialogue.tx
+        if (tx is None or tx.sender is None) and self.refused_tx is not None:
+            tx = self.refused_tx
+        return (tx.sender, tx.recipients) if tx is not None else (None, ())
+
+    def command_counts(self) -> str:
+        return self.session.dialogue.command_counts()
 
 
 def session_record(session: Recorded) -> dict:

@@ -15,8 +15,8 @@ DESCRIPTION
     the reply, hands the facts to the policy (smtpgate.policy.stages) and
     sends the reply it gets, and hands each complete message to Postfix
     (smtpgate.relay). What follows from a reply (the error count, the
-    evidence record, the metrics) is done by the subscribers of the
-    session's events (smtpgate.smtp.events).
+    evidence record, the log line, the metrics) is done by the
+    subscribers of the session's events (smtpgate.smtp.events).
 
     Before-queue guarantees:
     - The whole message is received (smtpgate.smtp.body into a Spool)
@@ -49,46 +49,42 @@ DESCRIPTION
     once WRITE_HIGH bytes are queued, with the wire's back-pressure (the
     client's next commands are not read until it reads its replies); each
     deep protocol test reported once per session, with at most
-    PENDING_SHOWN bytes of what was pipelined; the policy's record capped
-    (smtpgate.policy.state).
+    PENDING_SHOWN bytes of what was pipelined (smtpgate.smtp.protocol_tests);
+    the policy's record capped (smtpgate.policy.state).
 
     Every session has an id (smtpgate.session_id). Each 4xx/5xx reply
     ends with `; session=ID`, Postfix's refusal of a relayed message
-    included (its words kept); the connect,
-    disconnect, queue id and NOQUEUE lines carry it too. A session that
-    got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence) with the
-    policy's EvidenceStore, which writes it to Redis after the reply; so
-    does, when it ends, one where the shadow rules would have decided
-    otherwise (smtpgate.policy.shadow); and with replay_records on, every
-    session leaves its replay record (smtpgate.smtp.evidence.replay_record).
+    included (its words kept); the connect, disconnect, queue id and
+    NOQUEUE lines carry it too (smtpgate.smtp.session_log). A session
+    that got any 4xx/5xx leaves its evidence (smtpgate.smtp.evidence)
+    with the policy's EvidenceStore, which writes it to Redis after the
+    reply; so does, when it ends, one where the shadow rules would have
+    decided otherwise (smtpgate.policy.shadow); and with replay_records on,
+    every session leaves its replay record (smtpgate.smtp.evidence).
+
+    The driver's parts: the dialogue's rules (smtpgate.smtp.dialogue),
+    the protocol tests (smtpgate.smtp.protocol_tests), SASL's responses
+    (smtpgate.smtp.sasl), the hand-off (smtpgate.smtp.hand_off), and the
+    subscribers of its events (smtpgate.smtp.events): the dialogue's
+    error count, the evidence, the log lines, the worker's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime
-import itertools
-import logging
-import re
-import time
 from collections.abc import Callable
 
 from smtpgate import replies, session_id
 from smtpgate.address import plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
-from smtpgate.relay.next_hop import Envelope, HopReply, RelayError
+from smtpgate.relay.next_hop import Envelope, HopReply
 from smtpgate.relay.passed_on import passed_on
-from smtpgate.relay.pool import RelayBusy
-from smtpgate.relay.xclient import ClientIdentity
 from smtpgate.smtp.body import BodyReader
-from smtpgate.smtp.dialogue import VERBS as KNOWN_VERBS
 from smtpgate.smtp.dialogue import (
     Answer,
     Authenticate,
-    Command,
     Dialogue,
     Hello,
     Limits,
@@ -99,26 +95,22 @@ from smtpgate.smtp.dialogue import (
     StartTls,
     Transaction,
 )
-from smtpgate.smtp.events import Ended, Event, ProtocolTestFailed, Refused, Relayed
-from smtpgate.smtp.evidence import Refusal, refused_alike, replay_record, session_record
+from smtpgate.smtp.events import Ended, Event, Refused, Relayed
+from smtpgate.smtp.evidence import SessionEvidence
 from smtpgate.smtp.gate import Gate
+from smtpgate.smtp.hand_off import RELAY_BUSY, hand_off, identity_of, tls_facts
 from smtpgate.smtp.params import mail_params_reply
+from smtpgate.smtp.protocol_tests import ProtocolTests
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
+from smtpgate.smtp.sasl import MECHANISMS, as_plain, decode_response, login_of
+from smtpgate.smtp.session_log import SessionLog, tls_established
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
-log = logging.getLogger("smtpgate.smtpd")
-
-__all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
-
-NON_SMTP_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD", "USER", "PASS"})
-RELAY_BUSY = Reply(451, "4.3.2", "Error: too many messages in flight to the mail system; "
-                                 "try again later")
-PENDING_SHOWN = 100  # bytes of a pipelined batch a protocol test sees (and the log shows)
-
+__all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory", "tls_established"]
 
 class Closing(Exception):
     """The session ends after the queued replies are written."""
@@ -160,22 +152,21 @@ _LIMITS: dict[str, tuple] = {}
 
 class Session:
     __slots__ = (
-        "bare_newline",
         "client",
         "committed",
         "config",
         "dialogue",
-        "ended",
+        "evidence",
         "gate",
         "id",
         "listener",
+        "log",
         "policy",
         "protocol_tests",
         "queued",
-        "refusals",
-        "refused_tx",
         "shutting_down",
         "state",
+        "subscribers",
         "wire",
     )
 
@@ -194,16 +185,18 @@ class Session:
                                  offers_tls=gate.tls is not None,
                                  offers_auth=gate.auth is not None,
                                  tls=listener == SUBMISSIONS)
-        self.refusals: list[Refusal] | None = None  # the 4xx/5xx replies given, as evidence
+        self.evidence = SessionEvidence(self, self.policy.evidence)
+        self.log = SessionLog(self)
+        # what follows from a reply, each its own job: the error count, the evidence record,
+        # the log lines, the worker's metrics
+        self.subscribers = (self._count, self.evidence.notify, self.log.notify,
+                            gate.metrics.notify)
         self.queued = 0  # messages Postfix took
-        self.ended: float | None = None
-        self.bare_newline = False
-        self.protocol_tests = False
+        self.protocol_tests: ProtocolTests | None = None  # postscreen's, where the policy wants
         self.committed = False  # the final dot came; the hand-off is not over
-        self.refused_tx: Transaction | None = None  # the envelope at the latest refusal
         self.shutting_down = False
 
-    # --- what the evidence record and the log read ---------------------------------------------
+    # --- what the log reads ----------------------------------------------------------------------
 
     @property
     def helo(self) -> str | None:
@@ -226,16 +219,6 @@ class Session:
         return self.tx.recipients if self.tx is not None else ()
 
     @property
-    def envelope(self) -> tuple[str | None, tuple[str, ...]]:
-        """The sender and recipients a refusal's record names: the transaction under way,
-        or, once it ended (a refusal after the dot, an RSET after a refused RCPT), the one
-        the latest refusal was given in; the record is written after the reply."""
-        tx = self.tx
-        if (tx is None or tx.sender is None) and self.refused_tx is not None:
-            tx = self.refused_tx
-        return (tx.sender, tx.recipients) if tx is not None else (None, ())
-
-    @property
     def last_command(self) -> str:
         return self.dialogue.last_command
 
@@ -254,13 +237,17 @@ class Session:
 
     # --- output and events ---------------------------------------------------------------------
 
-    def reply(self, reply: Reply | str, counted: bool = True) -> None:
-        refused = isinstance(reply, Reply) and reply.code >= 400
-        text = self.tagged(reply) if refused else str(reply)
-        self.wire.reply(text.encode("utf-8", "replace") + b"\r\n")
-        if refused:
+    def reply(self, reply: Reply | str, counted: bool = True, noqueue: str | None = None,
+              sender: str | None = None, recipient: str | None = None) -> None:
+        """Write a reply; a refusal is published (Refused), with the stage of its NOQUEUE
+        line if it gets one."""
+        if isinstance(reply, Reply) and reply.code >= 400:
+            text = self.tagged(reply)
+            self.wire.reply(text.encode("utf-8", "replace") + b"\r\n")
             self.publish(Refused(self.listener, self.dialogue.last_command, reply, text,
-                                 self.state, counted))
+                                 self.state, counted, noqueue, sender, recipient))
+        else:
+            self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
 
     def reply_raw(self, answer: HopReply) -> None:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
@@ -283,42 +270,14 @@ class Session:
         return f"; session={self.id}"
 
     def publish(self, event: Event) -> None:
-        """The session's subscribers: the dialogue's counts, the evidence, the metrics."""
-        if isinstance(event, Refused):
+        for notify in self.subscribers:
+            notify(event)
+
+    def _count(self, event: Event) -> None:
+        """The dialogue's subscription: a refusal is an error (most are) and failed in the
+        disconnect line's counts."""
+        if type(event) is Refused:
             self.dialogue.refused(event.counted)
-            if event.counted:
-                self._keep_refusal(event.text)
-        elif isinstance(event, Ended):
-            state = self.state
-            if self.refusals is not None or (state is not None and state.disagreements):
-                self.ended = time.time()  # a record for explain: refused, or the shadow differed
-                self.policy.evidence.keep(self.id, self.evidence, self.repeat)
-            if state is not None and state.facts:
-                self.policy.evidence.keep_replay(self.id, self.replay_record)
-        self.gate.metrics.notify(event)
-
-    def _keep_refusal(self, text: str) -> None:
-        """Keep the refusal as evidence and have the record written (after the reply)."""
-        dialogue = self.dialogue
-        verb = dialogue.last_command or "CONNECT"
-        refusal = Refusal(time.time(), f"{verb} {dialogue.last_arg}" if dialogue.last_arg
-                          else verb, text, len(self.state.record) if self.state is not None
-                          else 0)
-        self.refused_tx = dialogue.tx
-        if self.refusals is None:
-            self.refusals = [refusal]
-        else:
-            self.refusals.append(refusal)
-        self.policy.evidence.keep(self.id, self.evidence, self.repeat)
-
-    def evidence(self) -> dict:
-        return session_record(self)
-
-    def repeat(self) -> tuple | None:
-        return refused_alike(self)
-
-    def replay_record(self) -> dict:
-        return replay_record(self)
 
     def shut_down(self) -> None:
         """The drain's last word: 421, then the connection closes.
@@ -344,10 +303,9 @@ class Session:
             if not await self._proxy_header():
                 return
             self.state = self.policy.open(self.client)
-            log.info("connect from %s to [%s]:%s session=%s", self.client_label,
-                     self.client.local_ip, self.client.local_port, self.id)
+            self.log.connected()
             if self.listener == SUBMISSIONS:  # the handshake came first (smtp.implicit_tls)
-                log.info("%s", tls_established(self.client_label, wire.extra("ssl_object")))
+                self.log.tls(wire.extra("ssl_object"))
             if await self._greet():
                 await self._commands()
             else:
@@ -357,26 +315,23 @@ class Session:
         except WireTimeout:
             ended = "timeout"
             self.reply(replies.timeout(self.config.hostname))
-            log.info("timeout after %s from %s", self.last_command or "CONNECT",
-                     self.client_label)
+            self.log.timed_out(self.last_command)
         except (ConnectionError, OSError):
             pass
         except Exception:
             ended = "error"
-            log.exception("error: session with %s failed", self.client_label)
+            self.log.failed()
             self.reply(replies.SERVICE_TEMPFAIL)
         finally:
-            # counted before the client hears the end
+            if self.state is not None:  # the client stops counting before the last line
+                self.policy.close_session(self.state)
+            # counted before the client hears the end; the disconnect line is the log's
             self.publish(Ended(self.listener, ended, self.last_command, wire.eof,
                                self.gate.draining,
-                               self.refusals is not None and not self.queued))
+                               self.evidence.refusals is not None and not self.queued))
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
-            if self.state is not None:
-                self.policy.close_session(self.state)
-                log.info("disconnect from %s %s session=%s", self.client_label,
-                         self.command_counts(), self.id)
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
@@ -387,8 +342,7 @@ class Session:
             return True
         found = await read_header(self.wire, config.proxy_protocol)
         if isinstance(found, str):
-            log.warning("warning: PROXY from [%s]:%s: %s", self.client.ip, self.client.port,
-                        found)
+            self.log.bad_proxy_header(found)
             return False
         if found is not None:
             self.take_addresses(found)
@@ -411,11 +365,11 @@ class Session:
                 f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
             outcome = await self.policy.screened(self.state, received, delay)
         if outcome is not None:  # refused at connect: the reply is the last word
-            log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", self.client_label,
-                     self.tagged(outcome))
-            self.reply(outcome)
+            self.reply(outcome, noqueue="CONNECT")
             return False
-        self.protocol_tests = self.policy.wants_protocol_tests(self.state)
+        if self.policy.wants_protocol_tests(self.state):
+            self.protocol_tests = ProtocolTests(self.policy, self.state, self.publish,
+                                                self.listener)
         self.reply(banner)
         return True
 
@@ -424,9 +378,8 @@ class Session:
         timeout, limit = self.config.smtpd_timeout, self.config.line_length_limit
         while True:
             line = await wire.line(timeout, limit)
-            if line is None:  # Postfix's words for a client that left without QUIT
-                log.info("lost connection after %s from %s", self.last_command or "CONNECT",
-                         self.client_label)
+            if line is None:
+                self.log.lost(self.last_command)
                 return
             if line is TOO_LONG:
                 self._answer(dialogue.too_long())
@@ -437,8 +390,7 @@ class Session:
                 await self._bare_newline(line)  # "after" the command that carried it
             if dialogue.too_many_errors:
                 self.reply(replies.too_many_errors(self.config.hostname))
-                log.info("too many errors after %s from %s", self.last_command or "CONNECT",
-                         self.client_label)
+                self.log.too_many_errors(self.last_command)
                 return
 
     def _answer(self, answer: Answer) -> None:
@@ -449,7 +401,9 @@ class Session:
         if isinstance(command, Answer):
             self._answer(command)
             return
-        await self._protocol_tests_of(command)
+        if self.protocol_tests is not None:
+            self._hang_up(await self.protocol_tests.of_command(
+                command, self.wire.buf, self.last_command, self.dialogue.esmtp))
         action = self.dialogue.step(command)
         if type(action) is Answer:
             self._answer(action)
@@ -460,45 +414,18 @@ class Session:
         self.reply(replies.BYE)
         raise Closing
 
-    # --- postscreen's deep protocol tests ------------------------------------------------------
-
-    async def _protocol_tests_of(self, command: Command) -> None:
-        if not self.protocol_tests:
-            return
-        if command.verb in KNOWN_VERBS:
-            if self.wire.buf:
-                pending = bytes(memoryview(self.wire.buf)[:PENDING_SHOWN])
-                await self._protocol_test("pipelining", command.line, pending)
-            return
-        verb, line = command.verb, command.line
-        looks_like_header = verb.endswith(":") or b":" in line.split(b" ", 1)[0]
-        if verb in NON_SMTP_COMMANDS or looks_like_header:
-            await self._protocol_test("non_smtp_command", line, b"")
+    # --- postscreen's deep protocol tests (smtpgate.smtp.protocol_tests) -----------------------
 
     async def _bare_newline(self, line: bytes) -> None:
-        """postscreen's bare newline test, on the first line (command or body) that has one.
+        tests = self.protocol_tests
+        if tests is not None:
+            self._hang_up(await tests.of_bare_newline(line, self.last_command,
+                                                      self.dialogue.esmtp))
 
-        The line itself goes to the test: it is the test's evidence, and a line without its
-        bare LF would pass it.
-        """
-        if self.bare_newline:
-            return
-        self.bare_newline = True
-        if self.protocol_tests:
-            await self._protocol_test("bare_newline", line, b"")
-
-    async def _protocol_test(self, test: str, line: bytes, pending: bytes) -> None:
-        """One test, reported once per session: the first finding decides (postscreen's)."""
-        state = self.state
-        if test in state.protocol_failed:
-            return
-        hang_up = await self.policy.protocol(state, test, line, pending, self.last_command,
-                                             self.dialogue.esmtp)
-        if test in state.protocol_failed:
-            self.publish(ProtocolTestFailed(test, self.listener))
-        if hang_up is not None:
-            self._log_reject(self.last_command or "CONNECT", hang_up)
-            self.reply(hang_up)
+    def _hang_up(self, reply: Reply | None) -> None:
+        """A protocol test's action was drop: its reply is the last word."""
+        if reply is not None:
+            self.reply(reply, noqueue=self.last_command or "CONNECT")
             raise Closing
 
     # --- the commands that need the policy, TLS, SASL or the relay -----------------------------
@@ -506,26 +433,14 @@ class Session:
     async def _hello(self, hello: Hello) -> None:
         verdict = await self.policy.helo(self.state, hello.name)
         if verdict is not None:
-            self._log_reject("EHLO" if hello.esmtp else "HELO", verdict)
-            self.reply(verdict)
+            self.reply(verdict, noqueue=self.last_command)
             self.dialogue.hello_refused()
             return
         if not hello.esmtp:
             self.reply(f"250 {self.config.hostname}")
             return
-        lines = self._ehlo_lines()
-        self.reply("\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}")
-
-    def _ehlo_lines(self) -> list[str]:
-        lines = [self.config.hostname, "PIPELINING"]
-        if self.config.message_size_limit:
-            lines.append(f"SIZE {self.config.message_size_limit}")
-        if not self.dialogue.tls and self.dialogue.offers_tls:
-            lines.append("STARTTLS")
-        if self.dialogue.auth_offered:
-            lines.append("AUTH PLAIN LOGIN")
-        lines += self.gate.ehlo_tail[self.listener]  # what the next hop carries
-        return lines
+        self.reply(self.dialogue.ehlo_reply(self.config.hostname, self.config.message_size_limit,
+                                            self.gate.ehlo_tail[self.listener]))
 
     async def _starttls(self, start: StartTls | None = None) -> None:
         refusal = await self.policy.starttls(self.state)
@@ -537,11 +452,11 @@ class Session:
             await self.wire.start_tls(self.gate.tls.context(self.listener),  # bounds: ciphers
                                       self.config.smtpd_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
-            log.info("SSL_accept error from %s: %s", self.client_label, handshake_error(exc))
+            self.log.tls_failed(handshake_error(exc))
             raise Closing from None
         self.dialogue.tls_started()
         ssl_object = self.wire.extra("ssl_object")
-        log.info("%s", tls_established(self.client_label, ssl_object))
+        self.log.tls(ssl_object)
         refusal = await self.policy.tls_started(self.state, tls_resumed(ssl_object))
         if refusal is not None:
             self.reply(refusal)
@@ -555,23 +470,19 @@ class Session:
                 raise Closing
             return
         mechanism, initial = auth.mechanism, auth.initial
-        if mechanism == "PLAIN":
-            plain = await self._auth_read(initial, "")
-            if plain is None:
-                return
-        elif mechanism == "LOGIN":
-            user = await self._auth_read(initial, "VXNlcm5hbWU6")
-            if user is None:
-                return
-            password = await self._auth_read("", "UGFzc3dvcmQ6")
-            if password is None:
-                return
-            plain = b"\0" + user + b"\0" + password
-        else:
+        challenges = MECHANISMS.get(mechanism)
+        if challenges is None:
             self.reply(replies.AUTH_MECHANISM)
             return
-        login = plain.split(b"\0")[1].decode("utf-8", "replace") if plain.count(b"\0") == 2 else ""
-        outcome = await self.policy.authenticate(self.state, mechanism, plain, login,
+        responses = []
+        for challenge in challenges:
+            response = await self._auth_read(initial, challenge)
+            if response is None:
+                return
+            responses.append(response)
+            initial = ""  # answers the first challenge only
+        plain = as_plain(mechanism, responses)
+        outcome = await self.policy.authenticate(self.state, mechanism, plain, login_of(plain),
                                                  self.dialogue.tls)
         self.reply(outcome.reply)
         if outcome.user is not None:
@@ -580,7 +491,8 @@ class Session:
             raise Closing
 
     async def _auth_read(self, initial: str, challenge: str) -> bytes | None:
-        """One SASL response: the initial one if given, else a 334 challenge and a line."""
+        """One SASL response: the initial one if given, else a 334 challenge and a line;
+        None when it was refused (answered)."""
         if initial:
             text = initial
         else:
@@ -592,16 +504,11 @@ class Session:
                 self._answer(self.dialogue.too_long())
                 return None
             text = line.decode("ascii", "replace").strip()
-        if text == "*":
-            self.reply(replies.AUTH_CANCELLED)
+        response = decode_response(text)
+        if isinstance(response, Reply):
+            self.reply(response)
             return None
-        if text == "=":
-            return b""
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            self.reply(replies.AUTH_BAD_BASE64)
-            return None
+        return response
 
     async def _mail(self, mail: Mail) -> None:
         refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
@@ -610,8 +517,7 @@ class Session:
         if refusal is None:
             refusal = await self.policy.mail(self.state, mail.path, self.login)
         if refusal is not None:
-            self._log_reject("MAIL", refusal, sender=mail.path.address)
-            self.reply(refusal)
+            self.reply(refusal, noqueue="MAIL", sender=mail.path.address)
             return
         self.dialogue.mail_accepted(mail.path, mail.line)
         self.reply(replies.MAIL_OK)
@@ -619,11 +525,12 @@ class Session:
     async def _rcpt(self, rcpt: Rcpt) -> None:
         verdict = await self.policy.rcpt(self.state, rcpt.path, self.login, self.tx.smtputf8)
         if verdict is not None:
-            self.reply(verdict)
-            self._log_reject("RCPT", verdict, rcpt.path.address)
+            self.reply(verdict, noqueue="RCPT", recipient=rcpt.path.address)
             return
         self.dialogue.rcpt_accepted(rcpt.path, rcpt.line)
         self.reply(replies.RCPT_OK)
+
+    # --- the message ---------------------------------------------------------------------------
 
     async def _data(self, receive: ReceiveBody | None = None) -> None:
         if self.gate.draining:  # a message begun now might not end within the grace
@@ -640,17 +547,13 @@ class Session:
             try:
                 body = await self._receive(spool, len(header))
             except OSError as exc:  # the spool's file: a full disk, say
-                log.warning("warning: %s: spool: %s", self.client_label, exc)
+                self.log.spool_failed(exc)
                 self.reply(replies.RELAY_UNAVAILABLE)
                 raise Closing from None  # the rest of the message is still on its way
             if body.too_big:
-                log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> proto=%s helo=<%s>",
-                         self.client_label, self.tagged(replies.MESSAGE_TOO_BIG), self.sender,
-                         self.proto, self.helo or "")
-                self.reply(replies.MESSAGE_TOO_BIG)
+                self.reply(replies.MESSAGE_TOO_BIG, noqueue="DATA")
             elif spool.full:  # bounds: the message outgrew the worker's spool budget
-                log.warning("warning: %s: spool budget of %d bytes spent; 452 4.3.1",
-                            self.client_label, self.gate.spool_budget.limit)
+                self.log.spool_spent(self.gate.spool_budget.limit)
                 self.reply(replies.INSUFFICIENT_STORAGE)
             else:
                 if body.bare_newline:
@@ -677,105 +580,48 @@ class Session:
             return done
 
         if not await self.wire.feed_until(feed, self.config.smtpd_timeout):
-            log.info("lost connection after DATA (%d bytes) from %s", body.size,
-                     self.client_label)
+            self.log.lost_in_data(body.size)
             raise Closing
         return body
 
     async def _relay(self, spool: Spool, header: bytes, size: int) -> bool:
         """Hand the message to Postfix; its answer is the client's answer. True: queued."""
-        gate, tx = self.gate, self.tx
-        identity = ClientIdentity(
-            addr=self.client.ip, port=self.client.port, name=self._xclient_name(),
-            helo=self.helo or "", proto=self.proto, login=self.login,
-            destaddr=self.client.local_ip, destport=self.client.local_port)
-        envelope = Envelope(tx.mail_line, tx.rcpt_lines)
-        hops = gate.hops
-        if self.login is not None and gate.submission_hops is not None:
-            hops = gate.submission_hops
-        started = time.monotonic()
-        try:
-            async with gate.relay_limit.slot():
-                answer = await hops.deliver(
-                    identity, envelope, lambda: itertools.chain((header,), spool.chunks()),
-                    len(header) + size, self.client_label)
-        except RelayBusy:
-            log.warning("warning: next hop %s: %d messages in flight; 451 4.3.2 to %s",
-                        hops.label, gate.relay_limit.limit, self.client_label)
+        tx = self.tx
+        identity = identity_of(self.client, self.state.client_name, self.helo, self.proto,
+                               self.login)
+        answer, seconds = await hand_off(self.gate, identity,
+                                         Envelope(tx.mail_line, tx.rcpt_lines), header, spool,
+                                         size, self.client_label)
+        if answer == "busy":
             self.publish(Relayed("busy"))
             self.reply(RELAY_BUSY)
             return False
-        except (RelayError, OSError) as exc:  # OSError: reading the spool back
-            log.warning("warning: next hop %s", exc if isinstance(exc, RelayError)
-                        else f"{hops.label}: {exc}")
+        if answer == "tempfail":
             self.publish(Relayed("tempfail"))
             self.reply(replies.RELAY_UNAVAILABLE)
             return False
-        self.publish(Relayed(answer.code, time.monotonic() - started))
+        self.publish(Relayed(answer.code, seconds, answer, size))
         if answer.code == 250:
             self.queued += 1
         self.reply_raw(answer)
-        self._log_relayed(answer, size)
         if answer.code == 421:  # Postfix is closing: so does the session, as Postfix's would
             raise Closing
         return answer.code == 250
 
-    def _log_relayed(self, answer: HopReply, size: int) -> None:
-        """One line per message, keyed by Postfix's queue id, so its log lines can be found."""
-        text = answer.text
-        queued = _QUEUE_ID.search(text) if answer.code == 250 else None
-        if queued:
-            log.info("%s: client=%s, from=<%s>, nrcpt=%d, size=%d, session=%s",
-                     queued.group(1), self.client_label, self.sender or "",
-                     len(self.recipients), size, self.id)
-        else:  # Postfix's words, as the client got them; the id after them
-            log.info("NOQUEUE: reject: DATA from %s: %s; from=<%s> nrcpt=%d proto=%s helo=<%s> "
-                     "session=%s", self.client_label, text.replace("\r\n", " "),
-                     self.sender or "", len(self.recipients), self.proto, self.helo or "",
-                     self.id)
-
     def _received(self) -> bytes:
-        ssl_object = self.wire.extra("ssl_object")
-        tls = None
-        if ssl_object is not None:
-            cipher, _, bits = ssl_object.cipher() or ("unknown", "", 0)
-            tls = (ssl_object.version() or "TLS", cipher, bits)
         return received_header(
             self.helo or "", self.state.client_name, self.client.ip, self.config.hostname,
-            esmtp=self.dialogue.esmtp, tls=tls, login=self.login is not None,
-            recipients=self.recipients, when=datetime.datetime.now(datetime.UTC))
-
-    def _xclient_name(self) -> str:
-        name = self.state.client_name
-        return name if name != "unknown" else "[UNAVAILABLE]"
-
-    def _log_reject(self, stage: str, reply: Reply, recipient: str | None = None,
-                    sender: str | None = None) -> None:
-        """Postfix's NOQUEUE line; at MAIL the sender refused is named, as Postfix does,
-        although the transaction never took it."""
-        to = f" to=<{recipient}>" if recipient is not None else ""
-        sender = self.sender if sender is None else sender
-        log.info("NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
-                 stage, self.client_label, self.tagged(reply), sender or "", to,
-                 self.proto, self.helo or "")
+            esmtp=self.dialogue.esmtp, tls=tls_facts(self.wire.extra("ssl_object")),
+            login=self.login is not None, recipients=self.recipients,
+            when=datetime.datetime.now(datetime.UTC))
 
 
-_QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
 # what the session does for each of the dialogue's actions but an Answer
 _DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
           ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
           Quit: Session._quit}
 
 
+
 def tls_resumed(ssl_object) -> bool:
     return bool(getattr(ssl_object, "session_reused", False))
-
-
-def tls_established(label: str, ssl_object) -> str:
-    """Postfix's line: `Anonymous TLS connection established from name[ip]: TLSv1.3 with
-    cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`."""
-    if ssl_object is None:
-        return f"TLS connection established from {label}"
-    name, _, bits = ssl_object.cipher() or ("unknown", "", 0)
-    return (f"Anonymous TLS connection established from {label}: {ssl_object.version()} "
-            f"with cipher {name} ({bits}/{bits} bits)")
