@@ -187,6 +187,7 @@ class RealProtocolTests(StubPolicy):
         super().__init__(protocol_tests=True)
         self.real = Policy.__new__(Policy)  # protocol() reads the configuration only
         self.real.config = config_module.load({"HOSTNAME": "mx.gate.test"})
+        self.real.watching = False  # no shadow rules, no replay records
 
     async def protocol(self, state, test, line, pending, after, esmtp):
         return await self.real.protocol(state, test, line, pending, after, esmtp)

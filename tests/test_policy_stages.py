@@ -42,6 +42,7 @@ ENFORCED = Reply(550, "5.5.1", "Protocol error")
 def policy(**environ) -> Policy:
     p = Policy.__new__(Policy)  # no Redis, no resolver: the findings below are all it reads
     p.config = config.load({"HOSTNAME": "mx.gate.test", **environ})
+    p.watching = False  # no shadow rules, no replay records
     return p
 
 
@@ -125,7 +126,7 @@ def test_each_stage_runs_the_checks_of_its_row_and_no_other():
 
 async def test_connect_stops_at_the_first_check_that_answers(monkeypatch):
     """The connect row in its order: a drop by the access list is answered before the
-    connection is counted (nothing after it runs)."""
+    connection is counted (nothing after it runs; the overrides before it had no answer)."""
     ran = []
 
     def step(name, answer):
@@ -135,13 +136,14 @@ async def test_connect_stops_at_the_first_check_that_answers(monkeypatch):
         return run
 
     drop = Reply(554, "5.7.1", "Service unavailable; client [192.0.2.7] blocked")
+    monkeypatch.setitem(stages._CONNECT_STEPS, "override", step("override", stages._GO_ON))
     monkeypatch.setitem(stages._CONNECT_STEPS, "access_list", step("access_list", drop))
     monkeypatch.setitem(stages._CONNECT_STEPS, "limits", step("limits", None))
     p = policy()
     p._mynetworks = lambda client: ()
     state = ClientState(Client("192.0.2.7", 40000))
     assert await p.connect(state) is drop
-    assert ran == ["access_list"]
+    assert ran == ["override", "access_list"]
 
 
 async def test_screening_decides_pregreet_before_dnsbl():
