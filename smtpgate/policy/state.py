@@ -77,6 +77,7 @@ class ClientState:
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
     fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
+    dnsbl_seen: tuple | None = None  # (result, verdict): the last DNSBL result judged
     greet_tested: bool = False
     helo_reject: Reply | None = None
     sender_reject: Reply | None = None
