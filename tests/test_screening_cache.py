@@ -318,3 +318,18 @@ async def test_a_stalled_redis_is_named_as_such(redis, redis_server):
         assert str(raised.value) == "connection count for 192.0.2.41: no answer from Redis in 0.2s"
     finally:
         await client.aclose()
+
+
+async def test_a_failure_with_no_pass_to_remove_is_not_written(redis, aredis):
+    """A refused first contact (no entry read at connect) costs no write; a client that
+    held a pass loses it, as before."""
+    cache = ScreeningCache(aredis)
+    assert cache.session_write("192.0.2.70", {}, ("dnsbl",), held={}) is None
+    expired = {"pregreet": time.time() - 1, "dnsbl": 0.0}
+    assert cache.session_write("192.0.2.70", {}, ("dnsbl",), held=expired) is None
+    await cache.record_passes("192.0.2.71", {"pregreet": 600, "dnsbl": 60})
+    held = await cache.get("192.0.2.71")
+    await cache._run(cache.session_write("192.0.2.71", {}, ("dnsbl",), held=held), "test")
+    entries = await cache.get("192.0.2.71")
+    assert entries == {"dnsbl": 0.0}
+    assert not allowlisted(entries, ("pregreet", "dnsbl"), time.time())

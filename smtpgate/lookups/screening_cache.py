@@ -8,7 +8,8 @@ SYNOPSIS
         await .record_pass(ip, test, ttl) -> None
         await .record_passes(ip, {test: ttl, ...}) -> None
         await .record_fail(ip, test) -> None
-        .session_write(ip, passes, failed) -> (key, args) | None   for release_soon()
+        .session_write(ip, passes, failed, held=None) -> (key, args) | None
+                                                     for release_soon()
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
     TESTS, NO_TESTS
@@ -51,7 +52,12 @@ DESCRIPTION
     release_soon()), not as they happen: another session of the same client
     in the meantime is judged by what the cache held before (screened again,
     or let through on earlier passes), as it would have been a moment
-    earlier. A read_only cache (explain's dry run) reads and never
+    earlier. Given `held`, the entry the session read at connect, a session
+    whose entry held no unexpired pass writes no failure: there is no pass
+    to remove, and a client without passes is screened again anyway (most
+    refused first contacts: a DNSBL-listed client costs no write then,
+    which is also what postscreen does, caching only clients that passed).
+    A read_only cache (explain's dry run) reads and never
     writes: its session_write() is None.
 
     The counters implement the connect-time limits for smtpgate.checks.limits
@@ -179,12 +185,13 @@ class ScreeningCache:
     async def record_fail(self, ip: str, test: str) -> None:
         await self._run(self.session_write(ip, {}, (test,)), f"screening cache failure for {ip}")
 
-    def session_write(self, ip: str, passes: Mapping[str, float],
-                      failed: Iterable[str]) -> tuple[str, list] | None:
+    def session_write(self, ip: str, passes: Mapping[str, float], failed: Iterable[str],
+                      held: Mapping[str, float] | None = None) -> tuple[str, list] | None:
         """What a session learnt, as (key, ARGV) of the record script; None if nothing.
 
         Failures win: a session that failed any test records only its failures, which
-        remove the client's passes, so a pass of the same session cannot outlive them.
+        remove the client's passes, so a pass of the same session cannot outlive them;
+        with `held` (the entry read at connect) holding no pass, there is nothing to remove.
         """
         failed = tuple(failed)
         for test in (*failed, *passes):
@@ -192,6 +199,8 @@ class ScreeningCache:
         if self._read_only:
             return None
         now = self._clock()
+        if failed and held is not None and not any(v > now for v in held.values()):
+            return None
         if failed:
             args = [x for test in failed for x in (test, "0", 0)]
         else:  # a ttl of 0 would read as a failure: nothing to cache

@@ -687,7 +687,8 @@ class Policy:
         if lease is not None:  # its count and what screening found: one round trip
             try:
                 write = self.cache.session_write(
-                    state.client.ip, state.screening_passes, state.screening_failed)
+                    state.client.ip, state.screening_passes, state.screening_failed,
+                    held=lease.screening)
             except ValueError:  # a test name it does not know: a bug, but the count must go
                 log.exception("screening results of %s not written", state.client.ip)
                 write = None
