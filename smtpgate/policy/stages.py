@@ -344,7 +344,7 @@ class Policy:
         if state.settle is not None:
             decided = asyncio.get_running_loop().create_future()
             state.settle.add_done_callback(functools.partial(self._settled, state, decided))
-        return GreetWait(self._greet_wait_now(state), decided)
+        return GreetWait(self._greet_wait_now(state), decided, state.settle)
 
     def _settled(self, state: ClientState, decided: asyncio.Future,
                  settle: asyncio.Future) -> None:

@@ -8,7 +8,7 @@ SYNOPSIS
     state.unrecorded    how many were taken after those ; state.latest  the last one
     state.client_name   the verified host name once FCrDNS passed, else "unknown"
     state.label         "name[ip]", as Postfix writes a client in its log
-    GreetWait(seconds, decided)
+    GreetWait(seconds, decided, hold)
 
 DESCRIPTION
     The engine creates a Client when a connection starts and asks
@@ -28,8 +28,10 @@ DESCRIPTION
     engine sends the "220-" teaser, then waits `seconds` for the client to
     speak too early, or until `decided` (when given) is done, which means
     the DNSBL score already decided and waiting longer changes nothing.
-    It then hands what it received, and how long after the teaser, to
-    Policy.screened().
+    It may hold the teaser back until `hold` (when given: the DNSBL's
+    outcome known) is done, so that a client dropped at once hears only
+    its refusal. It then hands what it received, and how long after the
+    teaser, to Policy.screened().
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Client:
 class GreetWait:
     seconds: float
     decided: asyncio.Future | None = None
+    hold: asyncio.Future | None = None
 
 
 @dataclass(slots=True)

@@ -395,7 +395,8 @@ class Session:
         outcome = await self.policy.connect(self.state)
         if isinstance(outcome, GreetWait):
             received, delay = await self.wire.greet_wait(
-                f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
+                f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided,
+                outcome.hold)
             outcome = await self.policy.screened(self.state, received, delay)
         if outcome is not None:  # refused at connect: the reply is the last word
             log.info("NOQUEUE: reject: CONNECT from %s: %s; proto=SMTP", self.client_label,
