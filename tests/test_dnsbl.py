@@ -204,3 +204,14 @@ async def test_a_query_in_flight_runs_no_task_and_a_cancelled_wait_cancels_nothi
         "zen.test": "ok", "bl.test": "nxdomain", "wl.test": "nxdomain"}
     assert resolver.stats["queries"] == 3
     assert querier.settling("192.0.2.21").result() is full  # from the cache, done at once
+
+
+async def test_no_answer_yet_is_no_score(dns, resolver):
+    """Asked at once (a front end without a greet wait), the score is None, not a pass of
+    nothing: a listed client must not earn a cached DNSBL pass that way."""
+    dns.set([("22.2.0.192.zen.test", "A", "127.0.0.2")])
+    querier = DnsblQuerier(resolver, SITES[:3], timeout=2, threshold=3)
+    settling = querier.settling("192.0.2.22")
+    assert querier.snapshot("192.0.2.22") is None
+    await settling
+    assert decide(querier.snapshot("192.0.2.22")).outcome is Outcome.FAIL

@@ -119,7 +119,7 @@ async def test_an_answer_without_a_verdict_sends_the_teaser_and_the_wait_goes_on
 
 async def test_a_dnsbl_that_does_not_answer_holds_the_teaser_a_moment_only(monkeypatch):
     monkeypatch.setattr(wire_module, "TEASER_HOLD", 0.1)
-    early, delay, took, heard = await _greet_with_hold(lambda hold, decided: None,
+    early, _, took, heard = await _greet_with_hold(lambda hold, decided: None,
                                                        seconds=0.5)
     assert (early, heard) == (b"", b"220-x\r\nEND\r\n")
     assert took >= 0.5

@@ -44,9 +44,12 @@ DESCRIPTION
       answers. Its result may hold zones with status "pending"; the full
       query goes on and fills the cache. Cancelling it cancels nothing
       else. settle() awaits it.
-    - snapshot() is what is known now (pending zones "pending"; None when
-      nothing was started): at the end of the greet wait postscreen takes
-      the score as it stands rather than waiting for a slow zone.
+    - snapshot() is what is known now (pending zones "pending"; None while
+      no zone has answered, or nothing was started): at the end of the
+      greet wait postscreen takes the score as it stands rather than
+      waiting for a slow zone. A score of no answer at all is no score:
+      a caller asking at once (the aiosmtpd front end, which has no greet
+      wait) gets no verdict, not a pass.
 
     health() counts, per zone, the answers seen: ok, listed (at least one A
     record), nxdomain, nodata, tempfail, timeout, error (an error answer
@@ -170,7 +173,9 @@ class DnsblQuerier:
         if cached is not None:
             return cached
         lookup = self._inflight.get(key)
-        return self._snapshot_of(lookup) if lookup is not None else None
+        if lookup is None or not lookup.answers:
+            return None
+        return self._snapshot_of(lookup)
 
     def _snapshot_of(self, lookup: _Lookup) -> DnsblResult:
         answers, pending = lookup.answers, self._pending
