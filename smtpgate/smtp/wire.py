@@ -254,7 +254,9 @@ class Wire(asyncio.Protocol):
         wait that `decided` ended before the teaser went out returns (b"", 0.0) unsent."""
         loop = self._loop
         end = loop.time() + seconds
-        held = hold is not None and not hold.done() and not self.buf and not self.eof
+        # held even when `hold` is done already (a result from the DNSBL cache): the verdict
+        # it brings is taken in this turn of the loop, the teaser waits for it
+        held = hold is not None and not self.buf and not self.eof
         if not held:
             self.transport.write(teaser)
         started = loop.time()
