@@ -161,6 +161,9 @@ async def measure(stack, args, target: str, plan, *, case: str, concurrency: int
           f"errors {row['errors']}", flush=True)
     if errors:
         print(f"    outcomes: {row['outcomes']}", flush=True)
+    if run.exhausted:
+        print("    the plan ran out of addresses before the window ended: figures not usable",
+              flush=True)
     await asyncio.sleep(1.0)  # let the servers close what the clients aborted
     return row
 

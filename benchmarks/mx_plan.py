@@ -2,7 +2,7 @@
 
 SYNOPSIS
     KINDS, EXPECTED[kind] -> outcome
-    AddressPool(net16, part, parts)        .take() -> str | None
+    AddressPool(net16s, part, parts)       .take() -> str | None
     TargetPools(world, part, parts)        the pools of one target: .new, .listed, .denied
     FirstContacts(world, pools)            plan: every client new, every message accepted
     Returning(world, addresses)            plan: the given addresses again, in turn
@@ -25,7 +25,10 @@ DESCRIPTION
     Every address is handed out once per run (AddressPool), so no server
     has seen it; each target gets its own slice of each /16 (part of
     parts), so one target's screening cache or DNS cache never helps
-    another's. A client's HELO name is its own forward-confirmed name
+    another's. A pool may span several /16s, taken one after the other:
+    the DNSBL-listed clients do, since smtpgate refuses them faster than
+    half a /16 lasts (a plan that runs out stops starting sessions, and
+    the case's row says so). A client's HELO name is its own forward-confirmed name
     (World.pool_name) and its sender is at that name.
 
     In a Mix, a "returning" client is one whose first contact in the same
@@ -48,22 +51,25 @@ DEFAULT_SHARES = "dnsbl=60,access=10,unknown=10,new=10,returning=10"
 
 
 class AddressPool:
-    """The addresses of one slice of a /16 (net16 like "127.20"), each handed out once."""
+    """The addresses of one slice of one or more /16s (net16s like "127.20" or ("127.21",
+    "127.23")), each handed out once, the /16s one after the other."""
 
-    def __init__(self, net16: str, part: int = 0, parts: int = 1) -> None:
+    def __init__(self, net16s: str | tuple[str, ...], part: int = 0, parts: int = 1) -> None:
         if not 0 <= part < parts <= 256:
             raise ValueError(f"part {part} of {parts}")
-        self.net16 = net16
+        self.nets = (net16s,) if isinstance(net16s, str) else tuple(net16s)
         self.thirds = range(part * 256 // parts, (part + 1) * 256 // parts)
-        self.size = len(self.thirds) * 254
+        self.per_net = len(self.thirds) * 254
+        self.size = self.per_net * len(self.nets)
         self.taken = 0
 
     def take(self) -> str | None:
         if self.taken >= self.size:
             return None
-        third, fourth = divmod(self.taken, 254)
+        net, rest = divmod(self.taken, self.per_net)
+        third, fourth = divmod(rest, 254)
         self.taken += 1
-        return f"{self.net16}.{self.thirds[third]}.{fourth + 1}"
+        return f"{self.nets[net]}.{self.thirds[third]}.{fourth + 1}"
 
 
 class TargetPools:
@@ -71,7 +77,7 @@ class TargetPools:
 
     def __init__(self, world, part: int = 0, parts: int = 1) -> None:
         self.new = AddressPool(world.pool_net, part, parts)
-        self.listed = AddressPool(world.pool_listed_net, part, parts)
+        self.listed = AddressPool(world.pool_listed_nets(), part, parts)
         self.denied = AddressPool(world.pool_denied_net, part, parts)
 
 

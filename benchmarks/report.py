@@ -409,7 +409,7 @@ def mx_markdown(results: dict) -> list[str]:
     meta = results.get("meta", {})
     rows = [r for case in MX_CASES for r in results.get(case, [])]
     lines = ["", "### Case 8: MX traffic: every session a client of its own", "",
-             f"Each session binds its own 127.20-22.x.y address with a forward-confirmed name "
+             f"Each session binds its own 127.20-25.x.y address with a forward-confirmed name "
              f"(dnsmasq synth-domain), DNS TTL {meta.get('dns_ttl', '?')} s, greet wait "
              f"{meta.get('greet_wait', '?')} s; greet, EHLO, MAIL, RCPT, DATA "
              f"({meta.get('size', '?')} bytes), QUIT. Figures are of the sessions that ended in "
@@ -449,6 +449,11 @@ def mx_markdown(results: dict) -> list[str]:
             f"| {_f(r.get('redis_commands_per_session'), 1)} "
             f"| {_f(r.get('server_cpu_share'), 2)} "
             f"| {_f(r.get('client_cpu_ms_per_session'), 2)} | {_f(r.get('errors'))} |")
+    for r in rows:
+        if r.get("addresses_exhausted"):
+            lines.append(f"\n**{r['case']} at {r['target']}: the plan ran out of addresses "
+                         "before the window ended**: sessions stopped starting, so its "
+                         "sessions/s and CPU per session are not figures to use.")
     for r in results.get("mix", []):
         measured = ", ".join(f"{k} {v * 100:.0f}%" for k, v in r.get("shares", {}).items())
         lines.append(f"\nMix at {r['target']}: shares of the sessions in the window: "

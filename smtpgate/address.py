@@ -374,17 +374,26 @@ def client_address(ip: str | IPAddress) -> IPAddress:
     case, so XCLIENT's "IPV6:" too). ValueError for anything but an address.
     """
     if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        address = ip
-    else:
-        text = str(ip).strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            raise ValueError(f"not an IP address: {ip!r}") from None
+        return _unmapped(ip)
+    return _parsed(str(ip))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(ip: str) -> IPAddress:
+    """client_address() of a text: one session asks it of its client's address several
+    times (access list, limits, DNSBL, keys), so the parse is done once."""
+    text = ip.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return _unmapped(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

@@ -40,6 +40,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -62,9 +63,8 @@ class DnsblSite:
     fields: tuple[Field, ...] | None = field(default=None, compare=False, repr=False)
 
     def matches(self, address: str) -> bool:
-        try:
-            octets = ipaddress.IPv4Address(address.strip()).packed
-        except ValueError:
+        octets = _octets(address)
+        if octets is None:
             return False
         if self.fields is None:
             return True
@@ -198,9 +198,20 @@ def _outer_brackets(pattern: str) -> bool | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def is_error_answer(address: str) -> bool:
     try:
         ip = ipaddress.IPv4Address(address.strip())
     except ValueError:
         return True
     return ip not in _LOOPBACK or ip in _ERROR_NET
+
+
+@functools.lru_cache(maxsize=1024)
+def _octets(address: str) -> bytes | None:
+    """A DNSBL answer's four octets (None: not an IPv4 address). Lists answer with a few
+    values (127.0.0.2 ...), asked of again and again: each is parsed once."""
+    try:
+        return ipaddress.IPv4Address(address.strip()).packed
+    except ValueError:
+        return None

@@ -184,3 +184,34 @@ async def test_settle_waits_while_an_allowlist_could_still_rescue(dns, resolver)
     assert "pending" not in {z.status for z in result.zones}
     assert dnsbl_check.decide(result, sites, threshold=3).outcome is Outcome.PASS
     assert querier.snapshot("192.0.2.99") is None
+
+
+async def test_a_query_in_flight_runs_no_task_and_a_cancelled_wait_cancels_nothing(dns,
+                                                                                   resolver):
+    """Callbacks, not tasks: a burst of first contacts costs no task per client or zone;
+    a client that hangs up (its settling() future cancelled) leaves the query to others."""
+    dns.set([("21.2.0.192.zen.test", "A", "127.0.0.2")])
+    querier = DnsblQuerier(resolver, SITES[:3], timeout=2, threshold=3)
+    tasks = len(asyncio.all_tasks())
+    impatient, patient = querier.settling("192.0.2.21"), querier.settling("192.0.2.21")
+    assert len(asyncio.all_tasks()) == tasks
+    impatient.cancel()
+    async with no_hang():
+        result = await patient
+    assert decide(result).outcome is Outcome.FAIL
+    full = await querier.query("192.0.2.21")
+    assert {z.zone: z.status for z in full.zones} == {
+        "zen.test": "ok", "bl.test": "nxdomain", "wl.test": "nxdomain"}
+    assert resolver.stats["queries"] == 3
+    assert querier.settling("192.0.2.21").result() is full  # from the cache, done at once
+
+
+async def test_no_answer_yet_is_no_score(dns, resolver):
+    """Asked at once (a front end without a greet wait), the score is None, not a pass of
+    nothing: a listed client must not earn a cached DNSBL pass that way."""
+    dns.set([("22.2.0.192.zen.test", "A", "127.0.0.2")])
+    querier = DnsblQuerier(resolver, SITES[:3], timeout=2, threshold=3)
+    settling = querier.settling("192.0.2.22")
+    assert querier.snapshot("192.0.2.22") is None
+    await settling
+    assert decide(querier.snapshot("192.0.2.22")).outcome is Outcome.FAIL

@@ -38,6 +38,24 @@ def test_pool_hands_out_each_address_once_then_none():
     assert pool.take() is None
 
 
+def test_pool_over_several_nets_takes_them_one_after_the_other():
+    pool = AddressPool(("127.21", "127.23"), part=1, parts=128)  # 508 addresses of each /16
+    got = [pool.take() for _ in range(pool.size)]
+    assert len(set(got)) == pool.size == 1016
+    assert got[0] == "127.21.2.1" and got[507] == "127.21.3.254"
+    assert got[508] == "127.23.2.1" and got[-1] == "127.23.3.254"
+    assert pool.take() is None
+
+
+def test_listed_clients_outlast_what_the_listed_cases_take():
+    """Half of one /16 (32,512) ran out in the full run: the mix took 13,624 listed
+    addresses and the listed case 18,888 before its window had begun."""
+    pools = TargetPools(World(), 0, 2)
+    assert pools.listed.size >= 4 * 32512
+    assert {pools.listed.take()[:6] for _ in range(pools.listed.size)} == {
+        "127.21", "127.23", "127.24", "127.25"}
+
+
 def test_targets_never_share_an_address():
     a, b = TargetPools(World(), 0, 2), TargetPools(World(), 1, 2)
     first = {a.new.take() for _ in range(300)} | {a.listed.take() for _ in range(300)}

@@ -262,6 +262,30 @@ async def test_what_a_process_keeps_per_client_ends_with_the_sessions(redis, are
     assert 0 < redis.pttl(keys.rate_key(ips[-1])) <= 60000
 
 
+async def test_connects_of_one_turn_of_the_loop_share_one_round_trip(redis, aredis):
+    """Sessions accepted together connect together: one pipeline for all of them, each
+    session its own counts; a failure reaches each in its own words."""
+    counter = ConnectionCounter(aredis, timeout=0.5)
+    await counter.connect("192.0.2.60")  # connected, the script known
+    reads = redis.info("stats")["total_reads_processed"]
+    leases = await asyncio.gather(*(counter.connect(f"192.0.2.{n}") for n in range(61, 81)))
+    # the batch, and this INFO's own read (one each: 20 EVALSHA were 20 reads before)
+    assert redis.info("stats")["total_reads_processed"] - reads == 2
+    assert sorted(lease.total for lease in leases) == list(range(2, 22))
+    assert {lease.client_count for lease in leases} == {1}
+    assert [lease.ip for lease in leases] == [f"192.0.2.{n}" for n in range(61, 81)]
+    redis.script_flush()  # as after a restart: loaded again, the batch sent again
+    again = await asyncio.gather(*(counter.connect(f"192.0.2.{n}") for n in range(81, 84)))
+    assert [lease.total for lease in again] == [22, 23, 24]
+    redis.set(keys.COUNT_ALL, "not a hash")  # every script of the batch fails: each says so
+    results = await asyncio.gather(*(counter.connect(f"192.0.2.{n}") for n in (90, 91)),
+                                   return_exceptions=True)
+    assert [type(r) for r in results] == [ScreeningStoreError] * 2
+    assert str(results[0]).startswith("connection count for 192.0.2.90: ")
+    assert str(results[1]).startswith("connection count for 192.0.2.91: ")
+    assert counter.live == 24  # the failed two are not counted
+
+
 async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_server):
     """More sessions at once than redis-py's default pool holds (100): none is refused
     with 421 for "Too many connections"."""
@@ -294,3 +318,18 @@ async def test_a_stalled_redis_is_named_as_such(redis, redis_server):
         assert str(raised.value) == "connection count for 192.0.2.41: no answer from Redis in 0.2s"
     finally:
         await client.aclose()
+
+
+async def test_a_failure_with_no_pass_to_remove_is_not_written(redis, aredis):
+    """A refused first contact (no entry read at connect) costs no write; a client that
+    held a pass loses it, as before."""
+    cache = ScreeningCache(aredis)
+    assert cache.session_write("192.0.2.70", {}, ("dnsbl",), held={}) is None
+    expired = {"pregreet": time.time() - 1, "dnsbl": 0.0}
+    assert cache.session_write("192.0.2.70", {}, ("dnsbl",), held=expired) is None
+    await cache.record_passes("192.0.2.71", {"pregreet": 600, "dnsbl": 60})
+    held = await cache.get("192.0.2.71")
+    await cache._run(cache.session_write("192.0.2.71", {}, ("dnsbl",), held=held), "test")
+    entries = await cache.get("192.0.2.71")
+    assert entries == {"dnsbl": 0.0}
+    assert not allowlisted(entries, ("pregreet", "dnsbl"), time.time())

@@ -6,6 +6,7 @@ SYNOPSIS
                  allowlist_threshold=0, cache_size=10000, clock=time.monotonic)
         await .query(ip) -> DnsblResult
         .start(ip) -> asyncio.Future[DnsblResult]
+        .settling(ip) -> asyncio.Future[DnsblResult]
         await .settle(ip) -> DnsblResult
         .snapshot(ip) -> DnsblResult | None
         .health() -> dict[str, dict[str, int]]
@@ -33,24 +34,32 @@ DESCRIPTION
     that hung up, does not cancel the query for the others.
 
     The early-decision hooks, for the session's greet wait:
-    - start() returns the running (or finished) query as a future;
-    - settle() (starting the query if needed) returns as soon as the outcome
-      is fixed whatever the zones still running answer
-      (smtpgate.checks.dnsbl.settled with `threshold` and
-      `allowlist_threshold`): a listed client can be dropped, an allowlisted
-      one can skip the rest of the wait, before a slow zone answers. Its
-      result may hold zones with status "pending"; the full query goes on
-      and fills the cache. The session awaits settle() alongside the greet
-      wait (asyncio.wait(..., FIRST_COMPLETED)).
-    - snapshot() is what is known now (pending zones "pending"; None when
-      nothing was started): at the end of the greet wait postscreen takes
-      the score as it stands rather than waiting for a slow zone.
+    - start() returns the running (or finished) query as a future, shared
+      by every caller while it runs;
+    - settling() (starting the query if needed) returns a future of the
+      caller's own, done as soon as the outcome is fixed whatever the zones
+      still running answer (smtpgate.checks.dnsbl.settled with `threshold`
+      and `allowlist_threshold`): a listed client can be dropped, an
+      allowlisted one can skip the rest of the wait, before a slow zone
+      answers. Its result may hold zones with status "pending"; the full
+      query goes on and fills the cache. Cancelling it cancels nothing
+      else. settle() awaits it.
+    - snapshot() is what is known now (pending zones "pending"; None while
+      no zone has answered, or nothing was started): at the end of the
+      greet wait postscreen takes the score as it stands rather than
+      waiting for a slow zone. A score of no answer at all is no score:
+      a caller asking at once (the aiosmtpd front end, which has no greet
+      wait) gets no verdict, not a pass.
 
     health() counts, per zone, the answers seen: ok, listed (at least one A
     record), nxdomain, nodata, tempfail, timeout, error (an error answer
     such as 127.255.255.254, or one outside 127/8: smtpgate.dnsbl_sites.
     is_error_answer). `unhealthy` is the set of zones whose latest answer
     was an error answer or a failure, for /metrics and the log.
+
+    A query in flight is driven by callbacks (each zone's answer, one timer
+    for the time limit): no task per client, none per zone, and the
+    client's address parsed once.
 
     A client text that is not an IP address raises ValueError.
 """
@@ -73,12 +82,27 @@ HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "err
 
 
 def query_name(ip: str, zone: str) -> str:
-    address = client_address(ip)
+    return f"{_reversed(client_address(ip))}.{zone}"
+
+
+def _reversed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     if isinstance(address, ipaddress.IPv4Address):
-        reversed_ip = ".".join(reversed(str(address).split(".")))
-    else:
-        reversed_ip = ".".join(reversed(address.exploded.replace(":", "")))
-    return f"{reversed_ip}.{zone}"
+        return ".".join(reversed(str(address).split(".")))
+    return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+class _Lookup:
+    """One client's query in flight: the zones' answers so far and who waits for what."""
+
+    __slots__ = ("answers", "asked", "future", "ip", "settlers", "timer")
+
+    def __init__(self, ip: str, future: asyncio.Future) -> None:
+        self.ip = ip
+        self.future = future  # the full result, shared by start()'s callers
+        self.answers: dict[str, ZoneResult] = {}
+        self.asked: dict[str, asyncio.Future] = {}  # zone -> the resolver's future
+        self.settlers: list[asyncio.Future] = []  # settling()'s futures, one per caller
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class DnsblQuerier:
@@ -97,13 +121,12 @@ class DnsblQuerier:
         self._sites = tuple(sites)
         self._thresholds = {"threshold": threshold, "allowlist_threshold": allowlist_threshold}
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
+        self._pending = {zone: ZoneResult(zone, "pending") for zone in self.zones}
         self._timeout = timeout
         self._clock = clock
         # a score leaves when its TTL ends: most clients are never seen again
         self._cache = ExpiringCache(cache_size, clock)
-        self._inflight: dict[str, asyncio.Future[DnsblResult]] = {}
-        self._partial: dict[str, dict[str, ZoneResult]] = {}  # answers so far, per IP in flight
-        self._changed: dict[str, asyncio.Future[None]] = {}  # done at each zone's answer
+        self._inflight: dict[str, _Lookup] = {}
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
 
@@ -122,79 +145,108 @@ class DnsblQuerier:
         key = _normal(ip)
         cached = self._cache.get(key)
         if cached is not None:
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(cached)
-            return future
-        future = self._inflight.get(key)
-        if future is None:
-            self._partial[key] = {}
-            self._changed[key] = asyncio.get_running_loop().create_future()
-            future = asyncio.ensure_future(self._query_all(key))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _f, k=key: self._forget(k))
-        return future
+            return _done(cached)
+        lookup = self._inflight.get(key) or self._begin(key)
+        return lookup.future
+
+    def settling(self, ip: str) -> asyncio.Future[DnsblResult]:
+        key = _normal(ip)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return _done(cached)
+        lookup = self._inflight.get(key) or self._begin(key)
+        if lookup.future.done():  # every zone answered from the resolver's cache at once
+            return _done(lookup.future.result())
+        partial = self._snapshot_of(lookup)
+        if settled(self._sites, partial, **self._thresholds):
+            return _done(partial)
+        waiter = asyncio.get_running_loop().create_future()
+        lookup.settlers.append(waiter)
+        return waiter
 
     async def settle(self, ip: str) -> DnsblResult:
-        future = self.start(ip)
-        key = _normal(ip)
-        while not future.done():
-            partial = self.snapshot(key)
-            if partial is not None and settled(self._sites, partial, **self._thresholds):
-                return partial
-            # woken by the next zone's answer (or the end): a future each, no task
-            await asyncio.wait({future, self._changed[key]}, return_when=asyncio.FIRST_COMPLETED)
-        return future.result()
+        return await self.settling(ip)
 
     def snapshot(self, ip: str) -> DnsblResult | None:
         key = _normal(ip)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        partial = self._partial.get(key)
-        if partial is None:
+        lookup = self._inflight.get(key)
+        if lookup is None or not lookup.answers:
             return None
-        zones = tuple(partial.get(zone) or ZoneResult(zone, "pending") for zone in self.zones)
-        return DnsblResult(key, zones, cache_ttl(zones))
+        return self._snapshot_of(lookup)
 
-    def _forget(self, key: str) -> None:
-        self._inflight.pop(key, None)
-        self._partial.pop(key, None)
-        self._changed.pop(key, None)
+    def _snapshot_of(self, lookup: _Lookup) -> DnsblResult:
+        answers, pending = lookup.answers, self._pending
+        zones = tuple(answers.get(zone) or pending[zone] for zone in self.zones)
+        return DnsblResult(lookup.ip, zones, cache_ttl(zones))
 
-    async def _query_all(self, ip: str) -> DnsblResult:
-        # one future per zone from the resolver and one time limit for all: no task per zone
-        asked = {zone: self._resolver.start(query_name(ip, zone), "A") for zone in self.zones}
-        for zone, future in asked.items():
-            future.add_done_callback(functools.partial(self._answered, ip, zone))
-        _, late = await asyncio.wait(asked.values(), timeout=self._timeout)
-        for future in late:
-            future.cancel()  # ours alone: the resolver's query goes on for its other askers
-        for zone, future in asked.items():
-            if future in late:
-                self._note(ip, ZoneResult(zone, "timeout"))
+    def _begin(self, ip: str) -> _Lookup:
+        """Ask every zone at once, one time limit for all (postscreen_dnsbl_timeout)."""
+        loop = asyncio.get_running_loop()
+        lookup = self._inflight[ip] = _Lookup(ip, loop.create_future())
+        reversed_ip = _reversed(client_address(ip))
+        for zone in self.zones:
+            future = lookup.asked[zone] = self._resolver.start(f"{reversed_ip}.{zone}", "A")
+            future.add_done_callback(functools.partial(self._answered, lookup, zone))
+        if self.zones:
+            lookup.timer = loop.call_later(self._timeout, self._expire, lookup)
+        else:
+            self._finish(lookup)
+        return lookup
+
+    def _answered(self, lookup: _Lookup, zone: str, future: asyncio.Future) -> None:
+        if future.cancelled() or zone in lookup.answers:
+            return  # cancelled by _expire, which noted the timeout
+        answer = future.result()
+        self._note(lookup, ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl)))
+        if len(lookup.answers) == len(self.zones):
+            self._finish(lookup)
+        elif lookup.settlers:
+            partial = self._snapshot_of(lookup)
+            if settled(self._sites, partial, **self._thresholds):
+                self._wake(lookup, partial)
+
+    def _expire(self, lookup: _Lookup) -> None:
+        """The time limit: what has not answered is "timeout" (an answer that came in this
+        same turn of the loop, its callback not yet run, still counts)."""
+        lookup.timer = None
+        for zone, future in lookup.asked.items():
+            if zone in lookup.answers:
+                continue
+            if future.done() and not future.cancelled():
+                self._answered(lookup, zone, future)
             else:
-                self._answered(ip, zone, future)  # if its callback has not run yet
-        zones = [self._partial[ip][zone] for zone in self.zones]
-        result = DnsblResult(ip, tuple(zones), cache_ttl(zones))
-        self._store(ip, result)
-        return result
+                future.cancel()  # ours alone: the resolver's query goes on for other askers
+                self._note(lookup, ZoneResult(zone, "timeout"))
+        self._finish(lookup)
 
-    def _answered(self, ip: str, zone: str, future: asyncio.Future) -> None:
-        if not future.cancelled():
-            answer = future.result()
-            self._note(ip, ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl)))
-
-    def _note(self, ip: str, result: ZoneResult) -> None:
-        """A zone's result, once: counted in its health, seen by settle() and snapshot()."""
-        partial = self._partial.get(ip)
-        if partial is None or result.zone in partial:
-            return
-        partial[result.zone] = result
+    def _note(self, lookup: _Lookup, result: ZoneResult) -> None:
+        """A zone's result, once: counted in its health, seen by settling() and snapshot()."""
+        lookup.answers[result.zone] = result
         self._count(result)
-        changed = self._changed.get(ip)
-        if changed is not None:  # wake settle(), and give the next answer a future of its own
-            changed.set_result(None)
-            self._changed[ip] = changed.get_loop().create_future()
+
+    def _finish(self, lookup: _Lookup) -> None:
+        if self._inflight.get(lookup.ip) is not lookup:
+            return  # finished already
+        del self._inflight[lookup.ip]
+        if lookup.timer is not None:
+            lookup.timer.cancel()
+            lookup.timer = None
+        zones = tuple(lookup.answers[zone] for zone in self.zones)
+        result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
+        self._store(lookup.ip, result)
+        if not lookup.future.done():
+            lookup.future.set_result(result)
+        self._wake(lookup, result)
+
+    @staticmethod
+    def _wake(lookup: _Lookup, result: DnsblResult) -> None:
+        for waiter in lookup.settlers:
+            if not waiter.done():
+                waiter.set_result(result)
+        lookup.settlers.clear()
 
     def _count(self, result: ZoneResult) -> None:
         counter = self._health[result.zone]
@@ -211,6 +263,12 @@ class DnsblQuerier:
 
     def _store(self, ip: str, result: DnsblResult) -> None:
         self._cache.put(ip, result, result.ttl)
+
+
+def _done(result: DnsblResult) -> asyncio.Future[DnsblResult]:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 def _normal(ip: str) -> str:

@@ -8,7 +8,8 @@ SYNOPSIS
         await .record_pass(ip, test, ttl) -> None
         await .record_passes(ip, {test: ttl, ...}) -> None
         await .record_fail(ip, test) -> None
-        .session_write(ip, passes, failed) -> (key, args) | None   for release_soon()
+        .session_write(ip, passes, failed, held=None) -> (key, args) | None
+                                                     for release_soon()
     passed(entries, test, now) -> bool
     allowlisted(entries, tests, now) -> bool
     TESTS, NO_TESTS
@@ -32,6 +33,10 @@ DESCRIPTION
     round trips: connect() (the counts and the screening cache, one script)
     and its end (release_soon(): the count and what screening found, one
     pipeline shared with the sessions that ended in the same RELEASE_BATCH).
+    The connect() calls made in one turn of the event loop (a burst of
+    connections accepted together) share one pipeline too, sent at the
+    loop's next turn: no wait is added, and under load, when the accept
+    queue holds many clients, one write and one read serve them all.
     Redis errors, timeouts and lost connections raise ScreeningStoreError and
     nothing else.
 
@@ -48,7 +53,12 @@ DESCRIPTION
     release_soon()), not as they happen: another session of the same client
     in the meantime is judged by what the cache held before (screened again,
     or let through on earlier passes), as it would have been a moment
-    earlier. A read_only cache (explain's dry run) reads and never
+    earlier. Given `held`, the entry the session read at connect, a session
+    whose entry held no unexpired pass writes no failure: there is no pass
+    to remove, and a client without passes is screened again anyway (most
+    refused first contacts: a DNSBL-listed client costs no write then,
+    which is also what postscreen does, caching only clients that passed).
+    A read_only cache (explain's dry run) reads and never
     writes: its session_write() is None.
 
     The counters implement the connect-time limits for smtpgate.checks.limits
@@ -104,10 +114,14 @@ async def _redis_call(what: str, timeout: float):
     try:
         async with asyncio.timeout(timeout):
             yield
-    except TimeoutError as exc:  # first: TimeoutError is an OSError, one of ERRORS
-        raise ScreeningStoreError(f"{what}: no answer from Redis in {timeout:g}s") from exc
-    except redis_client_module.ERRORS as exc:
-        raise ScreeningStoreError(f"{what}: {exc}") from exc
+    except (TimeoutError, *redis_client_module.ERRORS) as exc:
+        raise ScreeningStoreError(f"{what}: {_failure(exc, timeout)}") from exc
+
+
+def _failure(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):  # first: TimeoutError is an OSError, one of ERRORS
+        return f"no answer from Redis in {timeout:g}s"
+    return str(exc)
 
 
 def _text(value: str | bytes) -> str:
@@ -173,12 +187,13 @@ class ScreeningCache:
     async def record_fail(self, ip: str, test: str) -> None:
         await self._run(self.session_write(ip, {}, (test,)), f"screening cache failure for {ip}")
 
-    def session_write(self, ip: str, passes: Mapping[str, float],
-                      failed: Iterable[str]) -> tuple[str, list] | None:
+    def session_write(self, ip: str, passes: Mapping[str, float], failed: Iterable[str],
+                      held: Mapping[str, float] | None = None) -> tuple[str, list] | None:
         """What a session learnt, as (key, ARGV) of the record script; None if nothing.
 
         Failures win: a session that failed any test records only its failures, which
-        remove the client's passes, so a pass of the same session cannot outlive them.
+        remove the client's passes, so a pass of the same session cannot outlive them;
+        with `held` (the entry read at connect) holding no pass, there is nothing to remove.
         """
         failed = tuple(failed)
         for test in (*failed, *passes):
@@ -186,6 +201,8 @@ class ScreeningCache:
         if self._read_only:
             return None
         now = self._clock()
+        if failed and held is not None and not any(v > now for v in held.values()):
+            return None
         if failed:
             args = [x for test in failed for x in (test, "0", 0)]
         else:  # a ttl of 0 would read as a failure: nothing to cache
@@ -331,7 +348,8 @@ for i = 1, #KEYS do own(KEYS[i], tonumber(ARGV[i + 2])) end
 return #KEYS
 """
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_OWN, _RECORD)}
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest()
+        for script in (_CONNECT, _OWN, _RECORD)}
 _OWN_BATCH = 500  # count hashes per _OWN call at a renewal
 
 
@@ -360,7 +378,6 @@ class ConnectionCounter:
         self._redis = redis_client
         self.rate_window_ms = max(1, int(rate_window * 1000))  # a reload may change it
         self._cluster = redis_client_module.is_cluster(redis_client)
-        self._connect = redis_client.register_script(_CONNECT)
         self._lease_ms = max(1, int(lease * 1000))
         self._lease = lease
         self._ipv6_prefix = ipv6_prefix
@@ -373,6 +390,8 @@ class ConnectionCounter:
         self._writes: list[tuple[str, list]] = []  # screening hash -> _RECORD ARGV, to send
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task] = set()
+        # connect() calls of this turn of the loop: (ip, future, keys, ARGV)
+        self._connects: list[tuple[str, asyncio.Future, list, list]] = []
 
     @property
     def live(self) -> int:
@@ -384,16 +403,15 @@ class ConnectionCounter:
         self._live[session_id] = client  # counted at once: a concurrent release sees it
         mine = self._clients[client] = self._clients.get(client, 0) + 1
         try:
-            async with _redis_call(f"connection count for {ip}", self._timeout):
-                if self._cluster:
+            if self._cluster:
+                async with _redis_call(f"connection count for {ip}", self._timeout):
                     count, rate, total, screening = await self._connect_cluster(ip, client, mine)
-                else:
-                    count, rate, total, screening = await self._connect(
-                        keys=[keys.count_key(client), keys.rate_key(client), keys.COUNT_ALL,
-                              keys.screening_key(ip)],
-                        args=[self._instance, self._lease_ms, mine, len(self._live),
-                              self.rate_window_ms])
-                    screening = dict(zip(screening[::2], screening[1::2], strict=True))
+            else:
+                count, rate, total, screening = await self._connect_soon(
+                    ip, [keys.count_key(client), keys.rate_key(client), keys.COUNT_ALL,
+                         keys.screening_key(ip)],
+                    [self._instance, self._lease_ms, mine, len(self._live), self.rate_window_ms])
+                screening = dict(zip(screening[::2], screening[1::2], strict=True))
         except ScreeningStoreError:
             # no lease: the session answers 421 and ends. Its count is not sent again: if the
             # script ran after all, the field is one high until this process next writes it
@@ -402,6 +420,52 @@ class ConnectionCounter:
             raise
         return Lease(ip, client, session_id, int(count), int(rate), int(total),
                      _entries(screening))
+
+    def _connect_soon(self, ip: str, script_keys: list, args: list) -> asyncio.Future:
+        """The _CONNECT script's answer for one session, sent with the other sessions that
+        connect in this turn of the loop (one pipeline, at the next turn)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._connects.append((ip, future, script_keys, args))
+        if len(self._connects) == 1:
+            # a context of its own: the batch belongs to no session (nor its log lines)
+            loop.call_soon(self._start_connects, context=contextvars.Context())
+        return future
+
+    def _start_connects(self) -> None:
+        batch, self._connects = self._connects, []
+        task = asyncio.get_running_loop().create_task(self._send_connects(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send_connects(self, batch: list[tuple[str, asyncio.Future, list, list]]) -> None:
+        """One pipeline of _CONNECT calls by SHA1 (loaded again, and the pipeline repeated
+        once, if the server lost it: a script that was not found did not run). Each
+        session hears its own answer, or the failure in its own words."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                for attempt in (1, 2):
+                    try:
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for _, _, script_keys, args in batch:
+                                pipe.evalsha(_SHA[_CONNECT], len(script_keys), *script_keys,
+                                             *args)
+                            answers = await pipe.execute()
+                        break
+                    except NoScriptError:
+                        if attempt == 2:
+                            raise
+                        await self._redis.script_load(_CONNECT)
+        except (TimeoutError, *redis_client_module.ERRORS) as exc:
+            reason = _failure(exc, self._timeout)
+            for ip, future, _, _ in batch:
+                if not future.done():
+                    future.set_exception(
+                        ScreeningStoreError(f"connection count for {ip}: {reason}"))
+            return
+        for (_, future, _, _), answer in zip(batch, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
     async def peek(self, ip: str) -> Lease:
         """connect()'s counts, this session included, with nothing counted: a dry run must

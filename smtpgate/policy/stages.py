@@ -78,6 +78,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -471,19 +472,21 @@ class Policy:
         dnsbl_wanted = bool(self.sites) and not passed(entries, "dnsbl", now)
         state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
         if dnsbl_wanted:
-            state.settle = asyncio.ensure_future(self.querier.settle(ip))
+            state.settle = self.querier.settling(ip)  # a future: no task per client
         if not state.greet_tested:
             return _GO_ON
         decided = None
         if state.settle is not None:
             decided = asyncio.get_running_loop().create_future()
-            state.settle.add_done_callback(lambda settle: self._settled(settle, decided))
-        return GreetWait(self._greet_wait_now(state), decided)
+            state.settle.add_done_callback(functools.partial(self._settled, state, decided))
+        return GreetWait(self._greet_wait_now(state), decided, state.settle)
 
-    def _settled(self, settle: asyncio.Future, decided: asyncio.Future) -> None:
+    def _settled(self, state: ClientState, decided: asyncio.Future,
+                 settle: asyncio.Future) -> None:
         if decided.done() or settle.cancelled() or settle.exception() is not None:
             return
-        if self._dnsbl_decides_now(settle.result()):
+        verdict = self._dnsbl_verdict_of(state, settle.result())
+        if verdict.outcome is Outcome.PERMIT or hangs_up(verdict):
             decided.set_result(True)
 
     async def screened(self, state: ClientState, received: bytes,
@@ -534,7 +537,7 @@ class Policy:
         result = screening.result
         if result is None:
             return
-        verdict = self._note(state, self._dnsbl_verdict(result))
+        verdict = self._note(state, self._dnsbl_verdict_of(state, result))
         state.dnsbl_score = dnsbl_check.score(self.sites, result).total
         if self.watching:
             self._decided(state, verdict, dnsbl_facts(result))
@@ -576,9 +579,15 @@ class Policy:
             return min(self.config.greet_wait, self.config.greet_wait_under_stress)
         return self.config.greet_wait
 
-    def _dnsbl_decides_now(self, result) -> bool:
+    def _dnsbl_verdict_of(self, state: ClientState, result) -> Verdict:
+        """The verdict on this result, taken once: the greet wait's early end and the
+        screening that follows it judge the same result."""
+        seen = state.dnsbl_seen
+        if seen is not None and seen[0] is result:
+            return seen[1]
         verdict = self._dnsbl_verdict(result)
-        return verdict.outcome is Outcome.PERMIT or hangs_up(verdict)
+        state.dnsbl_seen = (result, verdict)
+        return verdict
 
     def _dnsbl_verdict(self, result) -> Verdict:
         config = self.config
@@ -1054,7 +1063,8 @@ class Policy:
         if lease is not None:  # its count and what screening found: one round trip
             try:
                 write = self.cache.session_write(
-                    state.client.ip, state.screening_passes, state.screening_failed)
+                    state.client.ip, state.screening_passes, state.screening_failed,
+                    held=lease.screening)
             except ValueError:  # a test name it does not know: a bug, but the count must go
                 log.exception("screening results of %s not written", state.client.ip)
                 write = None

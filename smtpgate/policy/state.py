@@ -10,7 +10,7 @@ SYNOPSIS
     state.label         "name[ip]", as Postfix writes a client in its log
     state.disagreements what the shadow rules would have done otherwise (None: nothing)
     state.keep_facts(verdict, facts)   state.facts: the replay record's checks
-    GreetWait(seconds, decided)
+    GreetWait(seconds, decided, hold)
 
 DESCRIPTION
     The engine creates a Client when a connection starts and asks
@@ -30,8 +30,10 @@ DESCRIPTION
     engine sends the "220-" teaser, then waits `seconds` for the client to
     speak too early, or until `decided` (when given) is done, which means
     the DNSBL score already decided and waiting longer changes nothing.
-    It then hands what it received, and how long after the teaser, to
-    Policy.screened().
+    It may hold the teaser back until `hold` (when given: the DNSBL's
+    outcome known) is done, so that a client dropped at once hears only
+    its refusal. It then hands what it received, and how long after the
+    teaser, to Policy.screened().
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Client:
 class GreetWait:
     seconds: float
     decided: asyncio.Future | None = None
+    hold: asyncio.Future | None = None
 
 
 @dataclass(slots=True)
@@ -83,6 +86,7 @@ class ClientState:
     fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
     fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
+    dnsbl_seen: tuple | None = None  # (result, verdict): the last DNSBL result judged
     greet_tested: bool = False
     helo_reject: Reply | None = None
     sender_reject: Reply | None = None

@@ -362,7 +362,8 @@ class Session:
                 self.state, tls_resumed(self.wire.extra("ssl_object")))
         if isinstance(outcome, GreetWait):
             received, delay = await self.wire.greet_wait(
-                f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided)
+                f"220-{banner[4:]}\r\n".encode(), outcome.seconds, outcome.decided,
+                outcome.hold)
             outcome = await self.policy.screened(self.state, received, delay)
         if outcome is not None:  # refused at connect: the reply is the last word
             self.reply(outcome, noqueue="CONNECT")

@@ -6,7 +6,7 @@ SYNOPSIS
     await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
     wire.buf                                  what the client sent and nobody consumed yet
     wire.reply(line: bytes) ; await wire.flush()
-    await wire.greet_wait(teaser, seconds, decided) -> (bytes, float)
+    await wire.greet_wait(teaser, seconds, decided, hold=None) -> (bytes, float)
     await wire.start_tls(context, timeout)
     wire.close() ; wire.abort()
 
@@ -30,6 +30,13 @@ DESCRIPTION
     bounded by the same deadline; meanwhile no command is read, and
     reading pauses as below.
 
+    The greet wait may hold its "220-" teaser back until `hold` is done
+    (the DNSBL's outcome known), at most TEASER_HOLD seconds: a client the
+    DNSBL drops meanwhile hears only its refusal, one write instead of two.
+    The wait is counted from the connect all the same, and a client that
+    talks before the teaser fails the pregreet test as one that talks
+    after it does.
+
     Reading pauses when `buf` holds more than BUFFER_HIGH bytes and
     resumes when the session waits again, so a client cannot make the
     gate hold more than a few hundred KB of unread input.
@@ -47,6 +54,7 @@ WRITE_HIGH = 65536  # replies queued past this are written before the next comma
 TOO_LONG = b"<too long>"  # a marker, compared by identity
 CLOSE_GRACE = 10.0
 HEADER_TIMEOUT = 5.0  # postscreen_upstream_proxy_timeout, for the PROXY header's reads
+TEASER_HOLD = 0.25  # at most this long the greet wait's teaser waits for the DNSBL's answer
 
 
 class WireTimeout(Exception):
@@ -238,26 +246,55 @@ class Wire(asyncio.Protocol):
             if not await self.more(timeout):
                 return
 
-    async def greet_wait(self, teaser: bytes, seconds: float,
-                         decided: asyncio.Future | None) -> tuple[bytes, float]:
-        """postscreen's wait after the teaser: what the client sent too early, and when."""
-        self.transport.write(teaser)
-        started = self._loop.time()
+    async def greet_wait(self, teaser: bytes, seconds: float, decided: asyncio.Future | None,
+                         hold: asyncio.Future | None = None) -> tuple[bytes, float]:
+        """postscreen's wait after the teaser: what the client sent too early, and when.
+
+        `decided` done ends the wait; `hold` holds the teaser back (see DESCRIPTION). A
+        wait that `decided` ended before the teaser went out returns (b"", 0.0) unsent."""
+        loop = self._loop
+        end = loop.time() + seconds
+        # held even when `hold` is done already (a result from the DNSBL cache): the verdict
+        # it brings is taken in this turn of the loop, the teaser waits for it
+        held = hold is not None and not self.buf and not self.eof
+        if not held:
+            self.transport.write(teaser)
+        started = loop.time()
         if self.buf or self.eof:
             return bytes(self.buf), 0.0
         self._disarm()  # the PROXY header's 5 s deadline must not cut this wait short
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(seconds, self._wake)
         if decided is not None:
-            decided.add_done_callback(lambda _: self._wake())
+            decided.add_done_callback(self._woken)
+        if held:
+            hold.add_done_callback(self._woken)
+        timer = loop.call_later(min(TEASER_HOLD, seconds) if held else seconds, self._wake)
         try:
-            await waiter
+            while True:
+                waiter = self._waiter = loop.create_future()
+                await waiter
+                if not held or (decided is not None and decided.done()):
+                    break
+                held = False  # the DNSBL answered without a verdict, or the hold is over
+                self.transport.write(teaser)
+                started = loop.time()
+                if self.buf or self.eof:
+                    return bytes(self.buf), 0.0  # it talked before the teaser
+                timer.cancel()
+                timer = loop.call_at(end, self._wake)
         finally:
             self._waiter = None
             timer.cancel()
+            for future in (decided, hold):  # no wake-up of a later wait
+                if future is not None:
+                    future.remove_done_callback(self._woken)
+        if held:
+            return b"", 0.0  # decided before the teaser: the verdict is the first word
         if self.buf:
-            return bytes(self.buf), self._loop.time() - started
+            return bytes(self.buf), loop.time() - started
         return b"", 0.0
+
+    def _woken(self, _future: asyncio.Future) -> None:
+        self._wake()
 
     # --- writing ---------------------------------------------------------------------------
 
