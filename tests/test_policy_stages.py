@@ -120,6 +120,7 @@ def test_each_stage_runs_the_checks_of_its_row_and_no_other():
     assert STAGES["connect"] == stages._BEFORE_GREET_WAIT + stages._AFTER_GREET_WAIT
     assert (*stages._CONNECT_STEPS, *stages._SCREENING_STEPS) == STAGES["connect"]
     assert tuple(stages._HELO_STEPS) == STAGES["helo"]
+    assert tuple(stages._AUTH_STEPS) == STAGES["auth"]
     assert tuple(stages._MAIL_STEPS) == STAGES["mail"]
     assert tuple(stages._RCPT_STEPS) == STAGES["rcpt"]
 
@@ -157,3 +158,27 @@ async def test_screening_decides_pregreet_before_dnsbl():
     assert reply is not None and reply.code == 521
     assert [v.check for v in state.record] == ["pregreet"]
     assert "pregreet" in state.screening_failed
+
+
+async def test_a_dnsbl_still_pending_after_the_greet_wait_is_read_again_at_rcpt():
+    """A zone that answers after the greet wait: screening went on without it, but the
+    session asked, so greylisting reads the score as it stands at RCPT (not "not asked")."""
+    import asyncio
+
+    class Querier:
+        pending = None
+
+        def settling(self, ip):
+            self.pending = asyncio.get_running_loop().create_future()
+            return self.pending
+
+        def snapshot(self, ip):
+            return None  # no zone has answered yet
+
+    p = policy(SMTPGATE_GREET_WAIT="6")
+    p.sites, p.querier = ("bl.test",), Querier()
+    state = ClientState(Client("192.0.2.7", 40000))
+    wait = await p._connect_screening_cache(state)
+    assert wait.seconds == 6 and p.querier.pending is not None
+    assert p._dnsbl_score_now(state) == 0  # asked, nothing listed so far; None = not asked
+    p.querier.pending.cancel()

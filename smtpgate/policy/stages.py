@@ -369,14 +369,9 @@ class Policy:
         if client.listener != MX:
             return _GO_ON
         ip = client.ip
-        try:
-            facts = state.table_facts = await self.tables.connect_facts(ip)
-        except TableError as exc:
-            self.redis_ok = False
-            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
+        facts = await self._table_facts(state)
+        if facts is None:
             return CONNECT_TEMPFAIL
-        if facts.rev is not None:
-            state.rev_ip, state.rev_key = facts.rev.value, facts.rev.key.partition(":")[2]
         if facts.override is not None or self.dry_run:
             verdict = self._note(state, override.decide(ip, facts.override, time.time()))
             if verdict.outcome is Outcome.PERMIT:
@@ -386,13 +381,28 @@ class Policy:
                 return verdict.reply
         return _GO_ON
 
+    async def _table_facts(self, state: ClientState) -> Any:
+        """The connect stage's table answers (overrides, PSA, REV) in one lookup, kept in
+        the state; None when the tables cannot answer (logged: the client hears 421)."""
+        try:
+            facts = state.table_facts = await self.tables.connect_facts(state.client.ip)
+        except TableError as exc:
+            self.redis_ok = False
+            log.warning("warning: %s: connect from %s: %s", CONNECT_TEMPFAIL, state.label, exc)
+            return None
+        if facts.rev is not None:
+            state.rev_ip, state.rev_key = facts.rev.value, facts.rev.key.partition(":")[2]
+        return facts
+
     async def _connect_access_list(self, state: ClientState) -> Any:
         """postscreen_access_list (mynetworks, PSA): port 25 only, as postscreen guarded
         only port 25; a network denied there keeps its users' submission on 587 and 465."""
         client = state.client
-        facts = state.table_facts  # looked up by the override step, which runs first
-        if client.listener != MX or state.permitted or facts is None:
+        if client.listener != MX or state.permitted:
             return _GO_ON
+        facts = state.table_facts or await self._table_facts(state)  # the override step's
+        if facts is None:
+            return CONNECT_TEMPFAIL
         ip, port = client.ip, client.port
         psa = facts.psa
         if psa is not None and psa.invalid:
@@ -473,6 +483,7 @@ class Policy:
         state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
         if dnsbl_wanted:
             state.settle = self.querier.settling(ip)  # a future: no task per client
+            state.dnsbl_score = 0  # asked: greylisting reads the zones' answers at RCPT
         if not state.greet_tested:
             return _GO_ON
         decided = None
