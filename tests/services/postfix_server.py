@@ -11,6 +11,7 @@ SYNOPSIS
         .stop() -> None             postfix -c DIR stop; waits for the master to exit
         .reload() -> None
         .postconf(**settings) -> None   edit main.cf (postconf -c DIR -e) and reload
+        .changed(**settings)            context manager: postconf(), then the old values back
         .set_map(name, mapping) -> None write a texthash map and reload
         .log_text() -> str
         .log_mark() -> int
@@ -252,6 +253,21 @@ class PostfixServer:
         run(["postconf", "-c", str(self.config_dir), "-e", *edits], timeout=10)
         if self._started:
             self.reload()
+
+    @contextlib.contextmanager
+    def changed(self, **settings: str):
+        """postconf(**settings) for a with block; afterwards main.cf says for these keys what
+        it said before (a key it did not set is removed), so later tests find it as it was."""
+        before = {key: value for key, value in read_main_cf(self.config_dir / "main.cf").items()
+                  if key in settings}
+        self.postconf(**settings)
+        try:
+            yield
+        finally:
+            absent = [key for key in settings if key not in before]
+            if absent:
+                run(["postconf", "-c", str(self.config_dir), "-X", *absent], timeout=10)
+            self.postconf(**before)
 
     def set_map(self, name: str, mapping: dict) -> None:
         self._write_map(name, mapping)
