@@ -267,7 +267,10 @@ class PostfixServer:
             absent = [key for key in settings if key not in before]
             if absent:
                 run(["postconf", "-c", str(self.config_dir), "-X", *absent], timeout=10)
-            self.postconf(**before)
+            if before:
+                self.postconf(**before)
+            elif self._started:
+                self.reload()
 
     def set_map(self, name: str, mapping: dict) -> None:
         self._write_map(name, mapping)
