@@ -16,6 +16,8 @@ SYNOPSIS
     Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per run)
     Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
     closed after it, and a test that passed but left one open fails at teardown.
+    Every module, automatically: if it changed postfix_server's main.cf settings and did
+    not put them back, they are put back and its last test fails at teardown.
 
 DESCRIPTION
     Every service runs on free loopback ports inside one tempfile.mkdtemp()
@@ -160,6 +162,9 @@ def rspamd_server(service_root, dns_server):
     server.stop()
 
 
+_postfix: list[tuple[PostfixServer, dict[str, str]]] = []  # the session's, as it started
+
+
 @pytest.fixture(scope="session")
 def postfix_server(service_root, dovecot_server, rspamd_server):
     server = _serve(
@@ -170,8 +175,25 @@ def postfix_server(service_root, dovecot_server, rspamd_server):
             sasl_port=dovecot_server.auth_port,
         )
     )
+    _postfix.append((server, server.settings()))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postfix_left_as_found():
+    """A module that changes the session's Postfix settings must put them back: `make test`
+    spreads the modules over workers in no fixed order, so any module may come next."""
+    yield
+    for server, started in _postfix:
+        now = server.settings()
+        changed = sorted(key for key in started.keys() | now.keys()
+                         if started.get(key) != now.get(key))
+        if changed:
+            server.postconf(**{key: started[key] for key in changed if key in started})
+            pytest.fail("the module left the session's Postfix changed: "
+                        + ", ".join(f"{key} = {now.get(key)!r} (was {started.get(key)!r})"
+                                    for key in changed), pytrace=False)
 
 
 # --- smtpgate itself, in front of the harness's Postfix ---------------------------------------

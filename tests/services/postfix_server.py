@@ -12,6 +12,7 @@ SYNOPSIS
         .reload() -> None
         .postconf(**settings) -> None   edit main.cf (postconf -c DIR -e) and reload
         .changed(**settings)            context manager: postconf(), then the old values back
+        .settings() -> dict[str, str]   every main.cf parameter's value in effect
         .set_map(name, mapping) -> None write a texthash map and reload
         .log_text() -> str
         .log_mark() -> int
@@ -253,6 +254,14 @@ class PostfixServer:
         run(["postconf", "-c", str(self.config_dir), "-e", *edits], timeout=10)
         if self._started:
             self.reload()
+
+    def settings(self) -> dict[str, str]:
+        """Every main.cf parameter's value in effect (postconf without -n: defaults too)."""
+        shown = run(["postconf", "-c", str(self.config_dir)], timeout=10).stdout
+        settings = dict(line.split(" = ", 1) if " = " in line else (line.rstrip(" ="), "")
+                        for line in shown.splitlines())
+        settings.pop("process_id", None)  # postconf's own
+        return settings
 
     @contextlib.contextmanager
     def changed(self, **settings: str):
