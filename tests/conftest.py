@@ -13,7 +13,8 @@ SYNOPSIS
         redis           redis.Redis on a flushed db 0 (Redis restarted if a test left it down)
         dns             dns_server with no records and no special zones
     Session fixture start_gate(listeners=("mx",), **env) -> services.gate_process.GateProcess
-    Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per run)
+    Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per worker;
+        builds take turns, so the second one is podman's cache)
     Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
     closed after it, and a test that passed but left one open fails at teardown.
     Every module, automatically: if it changed postfix_server's main.cf settings and did
@@ -33,6 +34,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +53,7 @@ from services.rspamd_server import RspamdServer
 from services.world import populate
 
 _root: Path | None = None
+BUILD_LOCK = Path("/run/lock/smtpgate-image-build.lock")
 
 
 def _service_root() -> Path:
@@ -272,6 +275,10 @@ def smtpgate_image() -> str:
     require_standins()
     tag = f"localhost/smtpgate-test/smtpgate:{os.getpid()}"
     procs.on_exit(lambda: remove_image(tag))
-    build_image(Path(__file__).resolve().parent.parent, tag)
+    # One build at a time on the machine: the next (another worker's) is then all cache hits.
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_image(Path(__file__).resolve().parent.parent, tag)
     yield tag
     remove_image(tag)
