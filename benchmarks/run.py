@@ -589,9 +589,13 @@ def case_micro(args, out_dir: Path) -> dict:
             f"--rootdir={HERE.parent}"]
     argv += (["--benchmark-min-rounds=3", "--benchmark-max-time=0.01", "--benchmark-warmup=off"]
              if args.smoke else ["--benchmark-max-time=0.3"])
+    # Run from a worker of a parallel test run (the benchmark smoke test under pytest-xdist),
+    # the child would take itself for one too, and pytest-benchmark then measures nothing.
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("PYTEST_XDIST_")}
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                              cwd=HERE.parent)
+                              cwd=HERE.parent, env=env)
     except subprocess.TimeoutExpired:
         return {"error": "pytest-benchmark did not finish in 120 s"}
     result: dict = {"returncode": done.returncode}

@@ -265,9 +265,19 @@ fi
 
 extras=test
 [ "$bench" = yes ] && extras=test,bench
+# The images and the venv need nothing of each other and both wait mostly on downloads:
+# on a new machine, made side by side, they take the time of the longer one.
+images=
+if [ "$only_run" = no ]; then
+    containers_setup &
+    images=$!
+fi
 echo "setup: pip install -e '.[$extras]' into .venv"
-.venv/bin/pip install -q -e ".[$extras]"
-
-[ "$only_run" = yes ] || containers_setup
+pip_status=0
+.venv/bin/pip install -q -e ".[$extras]" || pip_status=$?
+if [ -n "$images" ]; then
+    wait "$images" || exit 1  # containers_setup said what failed
+fi
+[ "$pip_status" -eq 0 ] || { echo "setup: pip install failed" >&2; exit "$pip_status"; }
 
 echo "setup: done; run the tests with .venv/bin/pytest"

@@ -17,9 +17,12 @@ SYNOPSIS
     Session fixture start_gate(listeners=("mx",), **env) -> services.gate_process.GateProcess
     Function fixture cli(redis_url, *args) -> (status, stdout, stderr): `smtpgate ARGS` run in
         this process against that Redis, as SUDO_USER=alice, with no settings file
-    Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per run)
+    Session fixture smtpgate_image -> str: the repository's Dockerfile built (once per worker;
+        builds take turns, so the second one is podman's cache)
     Every test, automatically: SMTP clients (services.smtp_talk.Talk) it left open are
     closed after it, and a test that passed but left one open fails at teardown.
+    Every module, automatically: if it changed postfix_server's main.cf settings and did
+    not put them back, they are put back and its last test fails at teardown.
 
 DESCRIPTION
     Every service runs on free loopback ports inside one tempfile.mkdtemp()
@@ -35,6 +38,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -54,6 +58,7 @@ from services.signed_zone import SignedZoneServer
 from services.world import populate
 
 _root: Path | None = None
+BUILD_LOCK = Path("/run/lock/smtpgate-image-build.lock")
 
 
 def _service_root() -> Path:
@@ -172,6 +177,9 @@ def rspamd_server(service_root, dns_server):
     server.stop()
 
 
+_postfix: list[tuple[PostfixServer, dict[str, str]]] = []  # the session's, as it started
+
+
 @pytest.fixture(scope="session")
 def postfix_server(service_root, dovecot_server, rspamd_server):
     server = _serve(
@@ -182,8 +190,25 @@ def postfix_server(service_root, dovecot_server, rspamd_server):
             sasl_port=dovecot_server.auth_port,
         )
     )
+    _postfix.append((server, server.settings()))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postfix_left_as_found():
+    """A module that changes the session's Postfix settings must put them back: `make test`
+    spreads the modules over workers in no fixed order, so any module may come next."""
+    yield
+    for server, started in _postfix:
+        now = server.settings()
+        changed = sorted(key for key in started.keys() | now.keys()
+                         if started.get(key) != now.get(key))
+        if changed:
+            server.postconf(**{key: started[key] for key in changed if key in started})
+            pytest.fail("the module left the session's Postfix changed: "
+                        + ", ".join(f"{key} = {now.get(key)!r} (was {started.get(key)!r})"
+                                    for key in changed), pytrace=False)
 
 
 # --- smtpgate itself, in front of the harness's Postfix ---------------------------------------
@@ -283,6 +308,10 @@ def smtpgate_image() -> str:
     require_standins()
     tag = f"localhost/smtpgate-test/smtpgate:{os.getpid()}"
     procs.on_exit(lambda: remove_image(tag))
-    build_image(Path(__file__).resolve().parent.parent, tag)
+    # One build at a time on the machine: the next (another worker's) is then all cache hits.
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_image(Path(__file__).resolve().parent.parent, tag)
     yield tag
     remove_image(tag)

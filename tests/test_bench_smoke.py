@@ -49,8 +49,13 @@ def bench(tmp_path_factory):
     # the timeout only says "it did not hang"; how long the run takes is not asserted
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, json.loads((out / "bench.json").read_text())
+    written = out / "bench.json"
+    data = json.loads(written.read_text()) if written.exists() else {}
+    # the report's tail hides why: the errors bench.json keeps say it
+    assert done.returncode == 0, (f"errors: {data.get('errors')}, "
+                                  f"micro: {data.get('micro', {}).get('error')}\n"
+                                  + done.stdout[-3000:] + done.stderr[-3000:])
+    return out, data
 
 
 def positive(value) -> bool:

@@ -24,22 +24,15 @@ def socketmap_gate(start_gate, postfix_server, **env: str):
     """smtpgate, and Postfix reading the same Redis keys through smtpgate's socketmap."""
     process = start_gate(listeners=("mx", "socketmap"), **env)
     port = process.socketmap_port
-    maps = postfix_server.config_dir
     shipped = (Path(__file__).parent.parent / "conf/postfix/socketmap.cf").read_text()
     settings = dict(line.split(" = ", 1) for line in shipped.splitlines()
                     if " = " in line and not line.startswith("#"))
-    postfix_server.postconf(**{k: v.replace(":10027:", f":{port}:") for k, v in settings.items()})
     try:
-        yield process
+        with postfix_server.changed(**{k: v.replace(":10027:", f":{port}:")
+                                       for k, v in settings.items()}):
+            yield process
     finally:
-        try:
-            postfix_server.postconf(
-                recipient_delimiter="", virtual_mailbox_domains="example.com",
-                virtual_alias_maps=f"texthash:{maps}/virtual_alias_maps",
-                virtual_mailbox_maps=f"texthash:{maps}/virtual_mailbox_maps",
-                smtpd_recipient_restrictions="")
-        finally:
-            process.stop()
+        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ SYNOPSIS
         .stop() -> None             postfix -c DIR stop; waits for the master to exit
         .reload() -> None
         .postconf(**settings) -> None   edit main.cf (postconf -c DIR -e) and reload
+        .changed(**settings)            context manager: postconf(), then the old values back
+        .settings() -> dict[str, str]   every main.cf parameter's value in effect
         .set_map(name, mapping) -> None write a texthash map and reload
         .log_text() -> str
         .log_mark() -> int
@@ -252,6 +254,32 @@ class PostfixServer:
         run(["postconf", "-c", str(self.config_dir), "-e", *edits], timeout=10)
         if self._started:
             self.reload()
+
+    def settings(self) -> dict[str, str]:
+        """Every main.cf parameter's value in effect (postconf without -n: defaults too)."""
+        shown = run(["postconf", "-c", str(self.config_dir)], timeout=10).stdout
+        settings = dict(line.split(" = ", 1) if " = " in line else (line.rstrip(" ="), "")
+                        for line in shown.splitlines())
+        settings.pop("process_id", None)  # postconf's own
+        return settings
+
+    @contextlib.contextmanager
+    def changed(self, **settings: str):
+        """postconf(**settings) for a with block; afterwards main.cf says for these keys what
+        it said before (a key it did not set is removed), so later tests find it as it was."""
+        before = {key: value for key, value in read_main_cf(self.config_dir / "main.cf").items()
+                  if key in settings}
+        self.postconf(**settings)
+        try:
+            yield
+        finally:
+            absent = [key for key in settings if key not in before]
+            if absent:
+                run(["postconf", "-c", str(self.config_dir), "-X", *absent], timeout=10)
+            if before:
+                self.postconf(**before)
+            elif self._started:
+                self.reload()
 
     def set_map(self, name: str, mapping: dict) -> None:
         self._write_map(name, mapping)

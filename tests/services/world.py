@@ -14,6 +14,8 @@ DESCRIPTION
 
 from __future__ import annotations
 
+from .dns_server import reverse_name
+
 GOOD_CLIENTS = [f"127.0.0.{n}" for n in range(70, 100)]
 
 KEYS = {
@@ -33,10 +35,8 @@ def populate(redis_client, dns_server) -> None:
     records = [("client.example.test", "A", "127.0.0.77")]
     for ip in GOOD_CLIENTS:
         name = f"host{ip.rsplit('.', 1)[1]}.clients.example.test"
-        records.append((name, "A", ip))
-    dns_server.set(records)
-    for ip in GOOD_CLIENTS:
-        dns_server.add_ptr(ip, f"host{ip.rsplit('.', 1)[1]}.clients.example.test")
+        records += [(name, "A", ip), (reverse_name(ip), "PTR", name)]
+    dns_server.set(records)  # one call: each change is a reload of the DNS server
 
 
 def gate_in_world(start_gate, redis_server, dns_server, **options):
