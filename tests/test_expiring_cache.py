@@ -94,4 +94,4 @@ async def test_dnsbl_scores_of_new_addresses_leave_with_their_ttl():
         clock.now += 100
         peak = max(peak, len(querier._cache))
     assert peak <= 4 * batch  # three batches' TTL, not 10,000
-    assert not querier._inflight and not querier._partial and not querier._changed
+    assert not querier._inflight  # every lookup ended: nothing held per address

@@ -375,7 +375,7 @@ def test_check_config_live_all_good(configure, redis_server, certificate):
                           SMTPGATE_TLS_CERT=str(cert), SMTPGATE_TLS_KEY=str(key))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = findings(result)
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert re.fullmatch(rf"ok: TLS certificate {re.escape(str(cert))} \(key "
                         rf"{re.escape(str(key))}\): mx\.example\.test; valid until .* "
                         r"\(\d+ days left\)", lines[0]), lines
@@ -383,6 +383,7 @@ def test_check_config_live_all_good(configure, redis_server, certificate):
     assert lines[2].startswith(f"ok: next hop {hop}: XCLIENT authorized for 127.0.0.1 (")
     assert "IPv6 client addresses accepted" in lines[2]
     assert "offers 8BITMIME CHUNKING DSN PIPELINING SMTPUTF8" in lines[2]
+    assert lines[3] == "ok: no TLSA record at _25._tcp.mx.example.test: DANE is not in use"
 
 
 def test_check_config_live_failures(configure, tmp_path):
