@@ -86,9 +86,15 @@ class BootedRoot:
 
         self.pid = wait_until(init_pid, timeout, "the booted system's init")
         # "degraded" is running too: a unit of the stock system may fail in a container
-        wait_until(lambda: self.run("systemctl", "is-system-running", check=False)
-                   .stdout.strip() in ("running", "degraded"), timeout,
-                   f"systemd in {self.root} to finish booting")
+        try:
+            wait_until(lambda: self.run("systemctl", "is-system-running", check=False)
+                       .stdout.strip() in ("running", "degraded"), timeout,
+                       f"systemd in {self.root} to finish booting")
+        except TimeoutError as exc:  # what it still waits for says why
+            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
+            raise TimeoutError(f"{exc}: still {state!r}; jobs:\n{jobs}\n"
+                               f"console:\n{log_tail(self.console)}") from None
 
     def run(self, *argv: str, check: bool = True, timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
