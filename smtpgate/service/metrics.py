@@ -90,7 +90,7 @@ DESCRIPTION
       tls_dane_state{state}              1 for the state of the certificate
           against the TLSA records (smtpgate.smtp.dane: unknown, no_records,
           match, held, mismatch), 0 for the others (livemax: 1 when some
-          worker is in it); made at the first DANE check. held: a renewed
+          worker is in it); all at 0 until the first DANE check. held: a renewed
           certificate matching no TLSA record is held back; mismatch: the
           certificate served matches none, DANE senders cannot deliver.
 """
@@ -420,7 +420,7 @@ class Metrics:
             for hop in group:
                 self.next_hop_host_up.labels(str(hop.address), role).set(int(hop.ok is not False))
         self._refresh_certificate(gate.tls)
-        self._refresh_dane(gate.tls)
+        self._refresh_dane(gate.tls, gate.config.dane_check)
 
     def _copy(self, counter: Any, key: Any, value: int) -> None:
         """Add what a running total grew by since the last copy."""
@@ -442,17 +442,21 @@ class Metrics:
         self.tls_expiry.set(info.not_after.timestamp())
         self._certificate = info
 
-    def _refresh_dane(self, tls: Any) -> None:
+    def _refresh_dane(self, tls: Any, checking: bool) -> None:
         """The last DANE decision (smtpgate.service.dane_watch), one series per state."""
         choice = None if tls is None else tls.dane
-        if choice is None or choice is self._dane:
-            return
-        if self.dane_state is None:
+        if self.dane_state is None and tls is not None and (checking or choice is not None):
+            # every series from the worker's first refresh, at 0 until a decision: a family
+            # that appeared later in one worker's file than another's would reorder scrapes
             self.dane_state = self._gauge(
                 "tls_dane_state", "The certificate against the TLSA records of "
                 "_25._tcp.HOSTNAME: 1 for the current state (held: a renewed certificate "
                 "matching no record is held back; mismatch: DANE senders cannot deliver).",
                 "livemax", ("state",))
+            for state in DANE_STATES:
+                self.dane_state.labels(state)
+        if choice is None or choice is self._dane:
+            return
         for state in DANE_STATES:
             self.dane_state.labels(state).set(int(state == choice.state))
         self._dane = choice
