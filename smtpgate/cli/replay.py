@@ -197,13 +197,9 @@ async def _replay(config: Any, rules: Any, named: str, since: float | None,
             async with asyncio.timeout(config.redis_timeout * 30):
                 view = await load(client)
         low = f"{int((time.time() - since) * 1000)}-0" if since is not None else "-"
-        while True:
-            async with asyncio.timeout(config.redis_timeout * 5):
-                batch = await client.xrange(keys.REPLAY_LOG, min=low, max="+", count=READ)
+        async for batch in redis_client.stream_pages(client, keys.REPLAY_LOG, low, READ,
+                                                     config.redis_timeout * 5):
             replay(batch, rules, view, result)
-            if len(batch) < READ:
-                break
-            low = "(" + batch[-1][0]
     except (*redis_client.ERRORS, TimeoutError) as exc:
         print(f"smtpgate replay: Redis at {mask_secret(config.redis)} failed: "
               f"{exc or 'timed out'}", file=sys.stderr)

@@ -70,14 +70,10 @@ async def _report(config: Any, since: float) -> int:
     start = datetime.datetime.now().timestamp() - since
     entries: list[dict] = []
     try:
-        low = f"{int(start * 1000)}-0"
-        while True:
-            async with asyncio.timeout(config.redis_timeout * 5):
-                batch = await client.xrange(keys.SHADOW_LOG, min=low, max="+", count=READ)
+        async for batch in redis_client.stream_pages(client, keys.SHADOW_LOG,
+                                                     f"{int(start * 1000)}-0", READ,
+                                                     config.redis_timeout * 5):
             entries += [_text(fields) for _, fields in batch]
-            if len(batch) < READ:
-                break
-            low = "(" + _text_of(batch[-1][0])
     except (*redis_client.ERRORS, TimeoutError) as exc:
         print(f"smtpgate shadow report: Redis at {mask_secret(config.redis)} failed: "
               f"{exc or 'timed out'}", file=sys.stderr)

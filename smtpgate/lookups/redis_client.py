@@ -12,6 +12,8 @@ SYNOPSIS
     ERRORS                    the exceptions a failed call raises (with TimeoutError)
     await mget(client, keys) -> list          MGET; split per hash slot on a Cluster
     mget_sync(client, keys) -> list
+    async for page in stream_pages(client, key, low, count, timeout): ...
+        a stream's entries from id `low` to its end, `count` per XRANGE
 
 DESCRIPTION
     REDIS (smtpgate.redis_url) names one server, a Sentinel set or a
@@ -51,7 +53,9 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -170,3 +174,17 @@ def mget_sync(client: Any, keys: list[str]) -> list[Any]:
     if isinstance(client, redis.cluster.RedisCluster):
         return client.mget_nonatomic(keys)
     return client.mget(keys)
+
+
+async def stream_pages(client: Any, key: str, low: str, count: int,
+                       timeout: float) -> AsyncIterator[list]:
+    """XRANGE from `low` ("-", or "MS-0" for a time) to the end, `count` entries a round
+    trip (each within `timeout`), page by page: a long stream is never read in one reply."""
+    while True:
+        async with asyncio.timeout(timeout):
+            page = await client.xrange(key, min=low, max="+", count=count)
+        yield page
+        if len(page) < count:
+            return
+        last = page[-1][0]
+        low = "(" + (last.decode() if isinstance(last, bytes) else last)
