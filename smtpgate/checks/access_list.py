@@ -3,6 +3,7 @@
 SYNOPSIS
     decide(ip, psa_value, *, mynetworks=(), denied=(), action="drop",
            psa_key="") -> Verdict
+    network_of(ip, networks) -> network | None    the first that holds the client
     DROP_REPLY, ENFORCE_REPLY
 
 DESCRIPTION
@@ -65,6 +66,12 @@ def decide(
         return act(CHECK, action, f"DENYLISTED [{ip}] ({source} reject)", DROP_REPLY, ENFORCE_REPLY)
     shown = f"{source} {value}" if value else "no match"
     return Verdict(CHECK, Outcome.PASS, reason=f"[{ip}] {shown}")
+
+
+def network_of(ip: str, networks: Iterable[Network]) -> Network | None:
+    """The first of `networks` that holds the client (an IPv4-mapped address as its IPv4
+    address); None for none, and for an `ip` that is not an address."""
+    return _find(_address(ip), networks)
 
 
 def _address(ip: str) -> IPAddress | None:

@@ -51,7 +51,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from smtpgate.address import client_address
+from smtpgate.checks import access_list
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 MESSAGE = "message"
@@ -98,11 +98,7 @@ def check_name(event: str) -> str:
 
 
 def exempt(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        address = client_address(ip)
-    except ValueError:
-        return False
-    return any(address in net for net in networks)
+    return access_list.network_of(ip, networks) is not None
 
 
 def _reply(event: str, ip: str, namaddr: str, login: str, hostname: str) -> Reply:

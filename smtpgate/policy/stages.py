@@ -303,15 +303,12 @@ class Policy:
         """mynetworks, except for a loopback address from a PROXY header: no balancer
         forwards such a client, and a peer in proxy_trusted that is not really the balancer
         must not claim to be this host and relay through it."""
-        if client.proxied and ipaddress.ip_address(client.ip).is_loopback:
-            return ()
-        return self.config.mynetworks
+        return () if _proxied_loopback(client) else self.config.mynetworks
 
     def _spared(self, client: Client) -> bool:
         """client_event_limit_exceptions, with mynetworks' caution about a proxied loopback."""
-        if client.proxied and ipaddress.ip_address(client.ip).is_loopback:
-            return False
-        return rate_limits.exempt(client.ip, self.config.event_limit_exceptions)
+        return not _proxied_loopback(client) and rate_limits.exempt(
+            client.ip, self.config.event_limit_exceptions)
 
     def _trusted_network(self, client: Client) -> bool:
         return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
@@ -1117,6 +1114,12 @@ def fcrdns_facts(state: ClientState, facts, rev_by_name: dict) -> dict:
 def record_memory(config: Config) -> int:
     """This worker's share of the node's session_record_memory."""
     return config.session_record_memory // (config.workers or os.cpu_count() or 1)
+
+
+
+def _proxied_loopback(client: Client) -> bool:
+    """A loopback address named by a PROXY header: no balancer forwards such a client."""
+    return client.proxied and ipaddress.ip_address(client.ip).is_loopback
 
 
 _GO_ON: Any = object()  # a connect step's "no answer yet: the next check"
