@@ -480,7 +480,7 @@ class Policy:
         state.greet_tested = self.config.greet_wait > 0 and not passed(entries, "pregreet", now)
         if dnsbl_wanted:
             state.settle = self.querier.settling(ip)  # a future: no task per client
-            state.dnsbl_score = 0  # asked: greylisting reads the zones' answers at RCPT
+            state.dnsbl_asked = True  # greylisting reads the zones' answers at RCPT
         if not state.greet_tested:
             return _GO_ON
         decided = None
@@ -546,7 +546,6 @@ class Policy:
         if result is None:
             return
         verdict = self._note(state, self._dnsbl_verdict_of(state, result))
-        state.dnsbl_score = dnsbl_check.score(self.sites, result).total
         if self.watching:
             self._decided(state, verdict, dnsbl_facts(result))
         if verdict.outcome is Outcome.PERMIT:
@@ -935,11 +934,12 @@ class Policy:
     def _dnsbl_score_now(self, state: ClientState) -> int | None:
         """The DNSBL score as known now: screening goes on once no answer can change its
         outcome, but the zones still pending have usually answered by RCPT (in memory)."""
-        if state.dnsbl_score is None:
+        if not state.dnsbl_asked:
             return None
         latest = self.querier.snapshot(state.client.ip)
-        return state.dnsbl_score if latest is None else dnsbl_check.score(self.sites,
-                                                                          latest).total
+        if latest is None and state.dnsbl_seen is not None:
+            latest = state.dnsbl_seen[0]  # the result screening judged
+        return 0 if latest is None else dnsbl_check.score(self.sites, latest).total
 
     async def _greylist_seen(self, state: ClientState, network: str,
                              tail: str) -> greylist.Seen | None:

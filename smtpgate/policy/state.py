@@ -93,7 +93,7 @@ class ClientState:
     protocol_failed: tuple[str, ...] = ()  # a tuple, not a set: most sessions fail none
     client_verdict: Verdict | None = None  # FCrDNS and REV, decided at the first RCPT
     sender: str | None = None  # MAIL FROM's address ("" for the null sender)
-    dnsbl_score: int | None = None  # when the DNSBL was asked in this session
+    dnsbl_asked: bool = False  # the DNSBL was asked in this session (greylisting's doubt)
     # greylisting's answers by key tail ("" once the network passed), asked once a session
     greylist_seen: dict[str, Any] | None = None
     recorded_rcpt_pass: bool = False
