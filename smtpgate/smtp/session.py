@@ -104,13 +104,13 @@ from smtpgate.smtp.protocol_tests import ProtocolTests
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
 from smtpgate.smtp.received import received_header
 from smtpgate.smtp.sasl import MECHANISMS, as_plain, decode_response, login_of
-from smtpgate.smtp.session_log import SessionLog, tls_established
+from smtpgate.smtp.session_log import SessionLog
 from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
-__all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory", "tls_established"]
+__all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
 
 class Closing(Exception):
     """The session ends after the queued replies are written."""
