@@ -2,7 +2,8 @@
 
 SYNOPSIS
     .venv/bin/python -m benchmarks.first_contact [--sessions 300] [--concurrency 20]
-        [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--json FILE]
+        [--greet-wait 1] [--ttl 300] [--rounds 2] [--baseline DIR] [--image [TAG]]
+        [--json FILE]
         [--shadow CANDIDATE.toml] [--replay-records]
         [--profile FILE [--profile-phase first|returning|listed]]
 
@@ -29,7 +30,15 @@ DESCRIPTION
     smtpgate found in DIR (a checkout, e.g. /work/main) as a second target,
     so a change is measured against its baseline in one run on one busy
     machine; the spread between rounds of one target is the noise to read
-    the difference against. --shadow FILE turns on the shadow rules
+    the difference against. --image TAG adds, the same way, smtpgate from
+    the shipped image (podman, --network=host, the same settings by its
+    environment; benchmarks.container), on the image's Python; --image
+    alone builds the Dockerfile first and removes it afterwards. Its CPU is
+    that of every process in the container (from /proc, as for the host's
+    targets); what conmon and the podman client spend besides is printed
+    apart (runtime_cpu_ms, below the table). Every target's Python is asked
+    of the interpreter in its process and printed above the table.
+    --shadow FILE turns on the shadow rules
     (SMTPGATE_SHADOW_CONFIG=FILE) in the main target only: with --baseline
     naming this same checkout, the two differ by the shadow rules alone.
     --replay-records does the same with replay_records (every session's
@@ -41,6 +50,9 @@ DESCRIPTION
 
     It uses benchmarks.stack for Redis, Postfix (the XCLIENT next hop) and
     the certificate, and runs a dnsmasq of its own for the synthesized names.
+    No target listens for socketmap queries (none are made here, and two
+    targets, or one in a container under another uid, could not share the
+    default port).
     Each phase is measured after the previous one has settled in Redis (the
     release batch and the evidence batch written), so its figures are its
     own.
@@ -61,12 +73,14 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.container import ImageGate, build_image, host_python, start_image_gate
 from benchmarks.procstat import cpu_seconds
 from benchmarks.stack import (
     Settings,
     Smtpgate,
     Stack,
     StackError,
+    free_port,
     redis_command,
     spawn,
     wait_for,
@@ -130,15 +144,13 @@ def _resolves(port: int, name: str) -> bool:
     return bool(answer.answer)
 
 
-def start_gate(stack: Stack, name: str, source: Path, dns_port: int,
-               greet_wait: float, shadow: Path | None = None,
-               replay_records: bool = False) -> Smtpgate:
-    from benchmarks.stack import free_port
-
-    port = free_port()
-    env = stack.smtpgate_env(port)
+def gate_env(stack: Stack, source: Path, dns_port: int, greet_wait: float,
+             shadow: Path | None = None, replay_records: bool = False) -> dict[str, str]:
+    """A target's settings, on a free port (PYTHONPATH: where a host target's code is)."""
+    env = stack.smtpgate_env(free_port())
     env.update({
         "PYTHONPATH": str(source),
+        "SMTPGATE_SOCKETMAP_LISTEN": "",
         "SMTPGATE_NAMESERVERS": f"127.0.0.1:{dns_port}",
         "SMTPGATE_DNSBL_SITES": " ".join(f"{zone}*2" for zone in DNSBL),
         "SMTPGATE_DNSBL_THRESHOLD": "3",
@@ -150,6 +162,11 @@ def start_gate(stack: Stack, name: str, source: Path, dns_port: int,
         env["SMTPGATE_SHADOW_CONFIG"] = str(shadow)
     if replay_records:
         env["SMTPGATE_REPLAY_RECORDS"] = "yes"
+    return env
+
+
+def start_gate(stack: Stack, name: str, env: dict[str, str]) -> Smtpgate:
+    port = int(env["SMTPGATE_MX_LISTEN"].rpartition(":")[2])
     proc = spawn(name, [sys.executable, "-m", "smtpgate", "serve"], stack.workdir, env)
     stack.procs.append(proc)
     wait_for(name, lambda: b"ready" in proc.log.read_bytes(), 30, proc.log)
@@ -256,17 +273,22 @@ def settle(redis_port: int, deadline: float = 10.0) -> int:
 def measure(stack: Stack, gate: Smtpgate, ips: list[str], concurrency: int,
             listed: bool) -> dict:
     pids = gate.pids()
+    # a container's conmon and podman client: not the front, but what the container adds
+    runtime = gate.runtime_pids() if isinstance(gate, ImageGate) else []
     redis_before = redis_figures(stack.redis_port)
     cpu_before = cpu_seconds(gate.pid, pids)
+    runtime_before = cpu_seconds(None, runtime)
     result = asyncio.run(load(gate.port, ips, concurrency, listed))
     polls = settle(stack.redis_port)
     cpu = cpu_seconds(gate.pid, gate.pids()) - cpu_before
+    runtime_cpu = cpu_seconds(None, runtime) - runtime_before
     redis_after = redis_figures(stack.redis_port)
     n = len(ips)
     # ours between the two reads figures: the commandstats INFO before, the polls, the cpu
     # INFO after, and the stats INFO after, which counts itself
     own_reads = 1 + polls + 2
-    return {
+    extra = {"runtime_cpu_ms": round(runtime_cpu * 1000 / n, 3)} if runtime else {}
+    return extra | {
         "sessions": n,
         "errors": result["errors"],
         "sessions_per_s": round(n / result["seconds"], 1),
@@ -330,7 +352,7 @@ def summarize(path: Path, top: int = 40) -> str:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks.first_contact")
     parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
@@ -338,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path)
+    parser.add_argument("--image", nargs="?", const="", metavar="TAG",
+                        help="smtpgate from this image as a target too (podman); "
+                             "without TAG, the Dockerfile is built")
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--profile-phase", choices=("first", "returning", "listed"),
                         default="first")
@@ -348,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="replay_records on in the main target")
     parser.add_argument("--summarize", type=Path, help="print a py-spy raw profile's top frames")
     args = parser.parse_args(argv)
+    for name in ("sessions", "concurrency", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.image is not None and args.image.startswith("-"):
+        parser.error(f"--image: not an image name: {args.image}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
         return 0
@@ -355,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"smtpgate": root}
     if args.baseline:
         targets["baseline"] = args.baseline.resolve()
-    results: dict[str, list[dict]] = {name: [] for name in targets}
     next_address = {"127.20": 0, "127.21": 0}
 
     def fresh(net: str) -> list[str]:
@@ -366,12 +400,25 @@ def main(argv: list[str] | None = None) -> int:
         return addresses(net, start, args.sessions)
 
     settings = Settings(with_smtpgate=False, with_aiosmtpd=False)  # its postscreen: unused
-    with Stack(settings) as stack:
+    with contextlib.ExitStack() as cleanup:
+        image = None if args.image is None else args.image or build_image(cleanup)
+        stack = cleanup.enter_context(Stack(settings))
         dns_port = start_dnsmasq(stack, args.ttl)
-        gates = {name: start_gate(stack, f"gate-{name}", source, dns_port, args.greet_wait,
-                                  args.shadow.resolve() if args.shadow and name == "smtpgate"
-                                  else None, args.replay_records and name == "smtpgate")
+        gates = {name: start_gate(stack, f"gate-{name}", gate_env(
+                     stack, source, dns_port, args.greet_wait,
+                     args.shadow.resolve() if args.shadow and name == "smtpgate" else None,
+                     args.replay_records and name == "smtpgate"))
                  for name, source in targets.items()}
+        pythons = {name: f"{host_python(gate.pid)} (host, {targets[name]})"
+                   for name, gate in gates.items()}
+        if image is not None:
+            gates["image"] = start_image_gate(
+                stack, image, gate_env(stack, root, dns_port, args.greet_wait), "gate-image",
+                cleanup)
+            pythons["image"] = gates["image"].python
+        for name, python in pythons.items():
+            print(f"{name}: {python}", flush=True)
+        results: dict[str, list[dict]] = {name: [] for name in gates}
         warm = addresses("127.20", 254 * 250, 20)  # never used by a phase
         for gate in gates.values():
             measure(stack, gate, warm, args.concurrency, listed=False)
@@ -393,10 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.replay_records:
             print("replay records:", replay_record_sizes(stack.redis_port), flush=True)
     report = {"settings": vars(args) | {"baseline": str(args.baseline or ""),
+                                        "image": image or "",
                                         "profile": str(args.profile or ""),
                                         "json": str(args.json or ""), "summarize": "",
                                         "shadow": str(args.shadow or "")},
-              "cpus": os.cpu_count(), "load_before": os.getloadavg(), "results": results}
+              "cpus": os.cpu_count(), "load_before": os.getloadavg(), "pythons": pythons,
+              "results": results}
     print()
     print(table(results))
     if args.json:
@@ -435,6 +484,11 @@ def table(results: dict[str, list[dict]]) -> str:
                 f"{cells[-1]['redis_commands']} | {cells[-1]['redis_round_trips']} | "
                 f"{' / '.join(str(c['sessions_per_s']) for c in cells)} | "
                 f"{sum(sum(c['errors'].values()) for c in cells)} |")
+    for name, rows in results.items():
+        if rows and "runtime_cpu_ms" in rows[0]["first"]:
+            each = "; ".join(f"{phase} {' / '.join(str(r[phase]['runtime_cpu_ms']) for r in rows)}"
+                             for phase in ("first", "returning", "listed"))
+            lines += ["", f"{name}: conmon and the podman client besides, CPU ms/session: {each}"]
     return "\n".join(lines)
 
 

@@ -32,24 +32,13 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 from benchmarks import load, procstat
-from benchmarks.stack import Settings, Stack, spawn, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = "import platform, sys; print(platform.python_implementation(), sys.version.split()[0])"
-
-
-def podman(*args: str, timeout: float = 600) -> str:
-    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        sys.exit(f"podman {' '.join(args)}: exit status {result.returncode}\n{result.stderr}")
-    return result.stdout
+from benchmarks.container import build_image, host_python, start_image_gate
+from benchmarks.stack import Settings, Stack, StackError, free_port
 
 
 class Front:
@@ -65,39 +54,15 @@ class Front:
 
 def host_front(stack: Stack) -> Front:
     gate = stack.smtpgate
-    exe = Path(f"/proc/{gate.pid}/exe").readlink()
-    python = subprocess.run([str(exe), "-c", PROBE], capture_output=True, text=True,
-                            timeout=30).stdout.strip()
-    return Front("host", gate.port, lambda: (gate.pid, gate.pids()), python)
+    return Front("host", gate.port, lambda: (gate.pid, gate.pids()), host_python(gate.pid))
 
 
 def start_image_front(stack: Stack, image: str, cleanup: contextlib.ExitStack) -> Front:
-    from benchmarks.stack import free_port, smtp_banner_any
-
     port = free_port()
     # the host's smtpgate has the socketmap's default port; nothing here asks that service
     env = {**stack.smtpgate_env(port), "SMTPGATE_SOCKETMAP_LISTEN": ""}
-    name = f"smtpgate-bench-{uuid.uuid4().hex[:8]}"
-    cert_dir = stack.cert[0].parent
-    keys = [key for key in env if key.startswith("SMTPGATE_")
-            or key in ("REDIS", "HOSTNAME", "DOMAIN")]
-    argv = ["podman", "run", "--rm", "--name", name, "--network=host",
-            "--volume", f"{cert_dir}:{cert_dir}:ro",
-            *(arg for key in keys for arg in ("--env", f"{key}={env[key]}")), image]
-    proc = spawn("smtpgate-image", argv, stack.workdir)
-    cleanup.callback(proc.stop, 30)
-
-    def ready() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError("the image's smtpgate exited:\n"
-                               + proc.log.read_text(errors="replace")[-3000:])
-        return b"ready" in proc.log.read_bytes() and smtp_banner_any(port)
-
-    wait_for("smtpgate from the image", ready, 60, proc.log)
-    host_pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).strip())
-    python = podman("exec", name, "python", "-c", PROBE).strip()
-    return Front("image", port, lambda: (host_pid, [host_pid, *procstat.descendants(host_pid)]),
-                 f"{python} (image {image})")
+    gate = start_image_gate(stack, image, env, "smtpgate-image", cleanup)
+    return Front("image", port, lambda: (gate.pid, gate.pids()), gate.python)
 
 
 async def one_round(stack: Stack, front: Front, args) -> None:
@@ -157,14 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with contextlib.ExitStack() as cleanup:
-        image = args.image
-        if not image:
-            image = f"localhost/smtpgate-bench:{uuid.uuid4().hex[:8]}"
-            print(f"building {image} from {ROOT / 'Dockerfile'}", flush=True)
-            podman("build", "--quiet", "--pull=never", "--format", "docker", "-t", image,
-                   str(ROOT))
-            cleanup.callback(subprocess.run, ["podman", "rmi", "--force", image],
-                             capture_output=True)
+        image = args.image or build_image(cleanup)
         # greet wait 1 s, postscreen's least; the warm-up passes it, and the screening cache
         # (in Redis, shared by the two fronts) lets the measured sessions skip it
         stack = cleanup.enter_context(Stack(Settings(workers=args.workers, greet_wait=1,
@@ -185,4 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StackError as exc:
+        print(f"benchmarks.image_python: {exc}", file=sys.stderr)
+        sys.exit(1)
