@@ -11,16 +11,18 @@ SYNOPSIS
 
 DESCRIPTION
     The session owns the connection (smtpgate.smtp.wire): the banner and
-    postscreen's greet wait, the command lines, pipelining detection,
-    STARTTLS and AUTH's challenges. What a command means at this point of
-    the dialogue is smtpgate.smtp.dialogue's to say (a state machine
-    without I/O); the session does what it answers: writes the reply,
-    hands the facts to the policy (smtpgate.policy.stages) and sends the
-    reply it gets, and gives a DATA command to the message intake
-    (smtpgate.smtp.intake), which receives the message, hands it to
-    Postfix and answers with Postfix's reply. What follows from a reply
-    (the error count, the evidence record, the log line, the metrics) is
-    done by the subscribers of the session's events (smtpgate.smtp.events).
+    postscreen's greet wait, the command lines, pipelining detection and
+    STARTTLS. What a command means at this point of the dialogue is
+    smtpgate.smtp.dialogue's to say (a state machine without I/O); the
+    session does what it answers: writes the reply, hands the facts to the
+    policy (smtpgate.policy.stages) and sends the reply it gets, gives an
+    AUTH command to its exchange (smtpgate.smtp.auth_exchange: the
+    challenges, the responses, the policy's outcome) and a DATA command to
+    the message intake (smtpgate.smtp.intake), which receives the message,
+    hands it to Postfix and answers with Postfix's reply. What follows
+    from a reply (the error count, the evidence record, the log line, the
+    metrics) is done by the subscribers of the session's events
+    (smtpgate.smtp.events).
 
     Before-queue guarantees, the message's own in smtpgate.smtp.intake
     (received whole before Postfix is used, Postfix's reply passed on, 250
@@ -55,11 +57,12 @@ DESCRIPTION
     every session leaves its replay record (smtpgate.smtp.evidence).
 
     The driver's parts: the dialogue's rules (smtpgate.smtp.dialogue),
-    the protocol tests (smtpgate.smtp.protocol_tests), SASL's responses
-    (smtpgate.smtp.sasl), the message intake (smtpgate.smtp.intake; the
-    session is its Receiving), and the subscribers of its events
-    (smtpgate.smtp.events): the dialogue's error count, the evidence, the
-    log lines, the worker's metrics. A part ends the session by raising
+    the protocol tests (smtpgate.smtp.protocol_tests), AUTH's exchange
+    (smtpgate.smtp.auth_exchange; the session is its Authenticating), the
+    message intake (smtpgate.smtp.intake; the session is its Receiving),
+    and the subscribers of its events (smtpgate.smtp.events): the
+    dialogue's error count, the evidence, the log lines, the worker's
+    metrics. A part ends the session by raising
     smtpgate.smtp.closing.Closing.
 """
 
@@ -74,6 +77,7 @@ from smtpgate.address import plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
 from smtpgate.relay.next_hop import HopReply
 from smtpgate.relay.passed_on import passed_on
+from smtpgate.smtp.auth_exchange import authenticate
 from smtpgate.smtp.closing import Closing
 from smtpgate.smtp.dialogue import (
     Answer,
@@ -95,7 +99,6 @@ from smtpgate.smtp.intake import Intake
 from smtpgate.smtp.params import mail_params_reply
 from smtpgate.smtp.protocol_tests import ProtocolTests
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
-from smtpgate.smtp.sasl import MECHANISMS, as_plain, decode_response, login_of
 from smtpgate.smtp.session_log import SessionLog
 from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
@@ -413,7 +416,7 @@ class Session:
             self.reply(reply, noqueue=self.last_command or "CONNECT")
             raise Closing
 
-    # --- the commands that need the policy, TLS, SASL or the relay -----------------------------
+    # --- the commands that need the policy or TLS (AUTH: smtpgate.smtp.auth_exchange) ---------
 
     async def _hello(self, hello: Hello) -> None:
         verdict = await self.policy.helo(self.state, hello.name)
@@ -447,54 +450,6 @@ class Session:
             self.reply(refusal)
             raise Closing
 
-    async def _auth(self, auth: Authenticate) -> None:
-        refusal = await self.policy.auth_allowed(self.state)
-        if refusal is not None:
-            self.reply(refusal)
-            if refusal.code == 421:
-                raise Closing
-            return
-        mechanism, initial = auth.mechanism, auth.initial
-        challenges = MECHANISMS.get(mechanism)
-        if challenges is None:
-            self.reply(replies.AUTH_MECHANISM)
-            return
-        responses = []
-        for challenge in challenges:
-            response = await self._auth_read(initial, challenge)
-            if response is None:
-                return
-            responses.append(response)
-            initial = ""  # answers the first challenge only
-        plain = as_plain(mechanism, responses)
-        outcome = await self.policy.authenticate(self.state, mechanism, plain, login_of(plain),
-                                                 self.dialogue.tls)
-        self.reply(outcome.reply)
-        if outcome.user is not None:
-            self.dialogue.authenticated(outcome.user)
-        elif outcome.reply.code == 421:
-            raise Closing
-
-    async def _auth_read(self, initial: str, challenge: str) -> bytes | None:
-        """One SASL response: the initial one if given, else a 334 challenge and a line;
-        None when it was refused (answered)."""
-        if initial:
-            text = initial
-        else:
-            self.reply(f"334 {challenge}")
-            line = await self.wire.line(self.config.smtpd_timeout, self.config.line_length_limit)
-            if line is None:
-                raise Closing
-            if line is TOO_LONG:
-                self._answer(self.dialogue.too_long())
-                return None
-            text = line.decode("ascii", "replace").strip()
-        response = decode_response(text)
-        if isinstance(response, Reply):
-            self.reply(response)
-            return None
-        return response
-
     async def _mail(self, mail: Mail) -> None:
         refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
                                     self.dialogue.limits.offered,
@@ -525,9 +480,10 @@ class Session:
             self.intake = None
 
 
-# what the session does for each of the dialogue's actions but an Answer
+# what the session does for each of the dialogue's actions but an Answer; AUTH's exchange is
+# smtpgate.smtp.auth_exchange's, with the session as its Authenticating
 _DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
-          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
+          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: authenticate,
           Quit: Session._quit}
 
 
