@@ -106,6 +106,7 @@ from smtpgate.verdict import Reply
 
 __all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
 
+
 def protocol_factory(gate: Gate, listener: str,
                      proxied: ProxiedAddresses | None = None) -> Callable[[], Wire]:
     """One Wire per connection; its session runs as one task. `proxied`: the client's addresses
