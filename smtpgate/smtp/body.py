@@ -24,7 +24,8 @@ DESCRIPTION
     - A line starting with "." loses that first "." (RFC 5321 4.5.2).
     - `size` counts the message as stored; past `limit` (0: none) the
       reader sets `too_big` and stores nothing more, but keeps reading to
-      the end of data so the session can answer 552 in step.
+      the end of data so the intake (smtpgate.smtp.intake) can answer 552
+      in step.
 
     Speed: each chunk of complete lines is searched once for an LF that is
     bare or followed by a dot; most chunks of real mail have neither and

@@ -12,8 +12,8 @@ DESCRIPTION
     strict base64 (501 5.5.2 otherwise). PLAIN takes one response (the
     initial one, or one asked for with an empty 334); LOGIN two, asked
     for as `Username:` and `Password:`, and is handed on as the PLAIN
-    string it amounts to. Reading the lines is the session's
-    (smtpgate.smtp.session); nothing here does I/O.
+    string it amounts to. Reading the lines is AUTH's exchange's
+    (smtpgate.smtp.auth_exchange); nothing here does I/O.
 """
 
 from __future__ import annotations

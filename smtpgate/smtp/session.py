@@ -5,44 +5,38 @@ SYNOPSIS
                                                     for loop.create_server()
     Session(gate, wire, listener) ; await session.run()
     session.shut_down()                                       the drain's last word
+    session.reply(reply, counted=True, noqueue=None, sender=None, recipient=None)
+    session.reply_raw(answer) ; session.publish(event)        for the parts it drives
+    await session.bare_newline(line)                          postscreen's test, asked
 
 DESCRIPTION
-    The session owns all I/O of one connection (smtpgate.smtp.wire): the
-    banner and postscreen's greet wait, the command lines, pipelining
-    detection, STARTTLS, AUTH's challenges and DATA. What a command means
-    at this point of the dialogue is smtpgate.smtp.dialogue's to say (a
-    state machine without I/O); the session does what it answers: writes
-    the reply, hands the facts to the policy (smtpgate.policy.stages) and
-    sends the reply it gets, and hands each complete message to Postfix
-    (smtpgate.relay). What follows from a reply (the error count, the
-    evidence record, the log line, the metrics) is done by the
-    subscribers of the session's events (smtpgate.smtp.events).
+    The session owns the connection (smtpgate.smtp.wire): the banner and
+    postscreen's greet wait, the command lines, pipelining detection and
+    STARTTLS. What a command means at this point of the dialogue is
+    smtpgate.smtp.dialogue's to say (a state machine without I/O); the
+    session does what it answers: writes the reply, hands the facts to the
+    policy (smtpgate.policy.stages) and sends the reply it gets, gives an
+    AUTH command to its exchange (smtpgate.smtp.auth_exchange: the
+    challenges, the responses, the policy's outcome) and a DATA command to
+    the message intake (smtpgate.smtp.intake), which receives the message,
+    hands it to Postfix and answers with Postfix's reply. What follows
+    from a reply (the error count, the evidence record, the log line, the
+    metrics) is done by the subscribers of the session's events
+    (smtpgate.smtp.events).
 
-    Before-queue guarantees:
-    - The whole message is received (smtpgate.smtp.body into a Spool)
-      before a Postfix connection is used, so a slow client never holds a
-      Postfix process. The final reply is Postfix's reply to the message,
-      in its words (an rspamd reject included; a refusal gets the session
-      id at its end): 250 only when Postfix queued it. A 421 from Postfix
-      ends the session, as it would have ended Postfix's.
-    - Any failure to reach or finish with Postfix gives 451 4.3.0; no free
-      next-hop slot within next_hop_busy_wait gives 451 4.3.2; the client
-      never sees 250 for a message Postfix did not queue, and never waits
-      without an answer.
+    Before-queue guarantees, the message's own in smtpgate.smtp.intake
+    (received whole before Postfix is used, Postfix's reply passed on, 250
+    only for a queued message, end of data CRLF.CRLF only, the size limit,
+    the spool budget, the final dot committing the message against the
+    drain):
     - Recipients are accepted or refused by the policy at RCPT (unknown
       users included). One that Postfix refuses at relay time makes the
       whole message fail with Postfix's words; nothing is queued.
     - A MAIL or RCPT parameter Postfix would refuse is refused at MAIL or
       RCPT with Postfix's reply (smtpgate.smtp.params).
-    - End of data is CRLF.CRLF only; a bare LF never ends the message and
-      no second message can be smuggled (smtpgate.smtp.body).
-    - A message over message_size_limit, counting the Received header
-      smtpgate adds (Postfix counts it against the same limit), is read to
-      its end and refused with 552 5.3.4; a client that vanishes mid-DATA
-      leaves nothing at Postfix.
-    - The final dot commits the message: from then on the drain lets the
-      hand-off finish and the client hears Postfix's answer before the
-      421. A DATA command that comes while the gate drains gets 421.
+    - The drain's 421 cuts an idle session, or one still receiving a
+      message, at once; one whose message's final dot came hears Postfix's
+      answer first (Intake.hold_drain).
 
     Bounds on what one client can make the session hold or do: the
     dialogue's error, junk-command and recipient counts; replies flushed
@@ -63,25 +57,28 @@ DESCRIPTION
     every session leaves its replay record (smtpgate.smtp.evidence).
 
     The driver's parts: the dialogue's rules (smtpgate.smtp.dialogue),
-    the protocol tests (smtpgate.smtp.protocol_tests), SASL's responses
-    (smtpgate.smtp.sasl), the hand-off (smtpgate.smtp.hand_off), and the
-    subscribers of its events (smtpgate.smtp.events): the dialogue's
-    error count, the evidence, the log lines, the worker's metrics.
+    the protocol tests (smtpgate.smtp.protocol_tests), AUTH's exchange
+    (smtpgate.smtp.auth_exchange; the session is its Authenticating), the
+    message intake (smtpgate.smtp.intake; the session is its Receiving),
+    and the subscribers of its events (smtpgate.smtp.events): the
+    dialogue's error count, the evidence, the log lines, the worker's
+    metrics. A part ends the session by raising
+    smtpgate.smtp.closing.Closing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 from collections.abc import Callable
 
 from smtpgate import replies, session_id
 from smtpgate.address import plain_ip
 from smtpgate.policy.state import MX, SUBMISSION, SUBMISSIONS, Client, ClientState, GreetWait
-from smtpgate.relay.next_hop import Envelope, HopReply
+from smtpgate.relay.next_hop import HopReply
 from smtpgate.relay.passed_on import passed_on
-from smtpgate.smtp.body import BodyReader
+from smtpgate.smtp.auth_exchange import authenticate
+from smtpgate.smtp.closing import Closing
 from smtpgate.smtp.dialogue import (
     Answer,
     Authenticate,
@@ -95,25 +92,19 @@ from smtpgate.smtp.dialogue import (
     StartTls,
     Transaction,
 )
-from smtpgate.smtp.events import Ended, Event, Refused, Relayed
+from smtpgate.smtp.events import Ended, Event, Refused
 from smtpgate.smtp.evidence import SessionEvidence
 from smtpgate.smtp.gate import Gate
-from smtpgate.smtp.hand_off import RELAY_BUSY, hand_off, identity_of, tls_facts
+from smtpgate.smtp.intake import Intake
 from smtpgate.smtp.params import mail_params_reply
 from smtpgate.smtp.protocol_tests import ProtocolTests
 from smtpgate.smtp.proxy_header import ProxiedAddresses, expects_header, read_header
-from smtpgate.smtp.received import received_header
-from smtpgate.smtp.sasl import MECHANISMS, as_plain, decode_response, login_of
 from smtpgate.smtp.session_log import SessionLog
-from smtpgate.smtp.spool import Spool
 from smtpgate.smtp.tls import handshake_error
 from smtpgate.smtp.wire import TOO_LONG, Wire, WireTimeout
 from smtpgate.verdict import Reply
 
 __all__ = ["MX", "SUBMISSION", "SUBMISSIONS", "Session", "protocol_factory"]
-
-class Closing(Exception):
-    """The session ends after the queued replies are written."""
 
 
 def protocol_factory(gate: Gate, listener: str,
@@ -153,18 +144,17 @@ _LIMITS: dict[str, tuple] = {}
 class Session:
     __slots__ = (
         "client",
-        "committed",
         "config",
         "dialogue",
         "evidence",
         "gate",
         "id",
+        "intake",
         "listener",
         "log",
         "policy",
         "protocol_tests",
         "queued",
-        "shutting_down",
         "state",
         "subscribers",
         "wire",
@@ -193,8 +183,7 @@ class Session:
                             gate.metrics.notify)
         self.queued = 0  # messages Postfix took
         self.protocol_tests: ProtocolTests | None = None  # postscreen's, where the policy wants
-        self.committed = False  # the final dot came; the hand-off is not over
-        self.shutting_down = False
+        self.intake: Intake | None = None  # the message between DATA and its answer
 
     # --- what the log reads ----------------------------------------------------------------------
 
@@ -287,8 +276,7 @@ class Session:
         let finish first: the client hears Postfix's answer, then the 421, and sends nothing
         twice.
         """
-        if self.committed:
-            self.shutting_down = True
+        if self.intake is not None and self.intake.hold_drain():
             return
         self.wire.write_now(str(replies.shutting_down(self.config.hostname)).encode() + b"\r\n")
         self.wire.close()
@@ -388,7 +376,7 @@ class Session:
                 await self._command(line[:-2])
             else:
                 await self._command(line[:-1])
-                await self._bare_newline(line)  # "after" the command that carried it
+                await self.bare_newline(line)  # "after" the command that carried it
             if dialogue.too_many_errors:
                 self.reply(replies.too_many_errors(self.config.hostname))
                 self.log.too_many_errors(self.last_command)
@@ -417,7 +405,7 @@ class Session:
 
     # --- postscreen's deep protocol tests (smtpgate.smtp.protocol_tests) -----------------------
 
-    async def _bare_newline(self, line: bytes) -> None:
+    async def bare_newline(self, line: bytes) -> None:
         tests = self.protocol_tests
         if tests is not None:
             self._hang_up(await tests.of_bare_newline(line, self.last_command,
@@ -429,7 +417,7 @@ class Session:
             self.reply(reply, noqueue=self.last_command or "CONNECT")
             raise Closing
 
-    # --- the commands that need the policy, TLS, SASL or the relay -----------------------------
+    # --- the commands that need the policy or TLS (AUTH: smtpgate.smtp.auth_exchange) ---------
 
     async def _hello(self, hello: Hello) -> None:
         verdict = await self.policy.helo(self.state, hello.name)
@@ -463,54 +451,6 @@ class Session:
             self.reply(refusal)
             raise Closing
 
-    async def _auth(self, auth: Authenticate) -> None:
-        refusal = await self.policy.auth_allowed(self.state)
-        if refusal is not None:
-            self.reply(refusal)
-            if refusal.code == 421:
-                raise Closing
-            return
-        mechanism, initial = auth.mechanism, auth.initial
-        challenges = MECHANISMS.get(mechanism)
-        if challenges is None:
-            self.reply(replies.AUTH_MECHANISM)
-            return
-        responses = []
-        for challenge in challenges:
-            response = await self._auth_read(initial, challenge)
-            if response is None:
-                return
-            responses.append(response)
-            initial = ""  # answers the first challenge only
-        plain = as_plain(mechanism, responses)
-        outcome = await self.policy.authenticate(self.state, mechanism, plain, login_of(plain),
-                                                 self.dialogue.tls)
-        self.reply(outcome.reply)
-        if outcome.user is not None:
-            self.dialogue.authenticated(outcome.user)
-        elif outcome.reply.code == 421:
-            raise Closing
-
-    async def _auth_read(self, initial: str, challenge: str) -> bytes | None:
-        """One SASL response: the initial one if given, else a 334 challenge and a line;
-        None when it was refused (answered)."""
-        if initial:
-            text = initial
-        else:
-            self.reply(f"334 {challenge}")
-            line = await self.wire.line(self.config.smtpd_timeout, self.config.line_length_limit)
-            if line is None:
-                raise Closing
-            if line is TOO_LONG:
-                self._answer(self.dialogue.too_long())
-                return None
-            text = line.decode("ascii", "replace").strip()
-        response = decode_response(text)
-        if isinstance(response, Reply):
-            self.reply(response)
-            return None
-        return response
-
     async def _mail(self, mail: Mail) -> None:
         refusal = mail_params_reply(mail.path.words, self.config.message_size_limit,
                                     self.dialogue.limits.offered,
@@ -531,95 +471,20 @@ class Session:
         self.dialogue.rcpt_accepted(rcpt.path, rcpt.line)
         self.reply(replies.RCPT_OK)
 
-    # --- the message ---------------------------------------------------------------------------
+    # --- the message (smtpgate.smtp.intake) ----------------------------------------------------
 
     async def _data(self, receive: ReceiveBody | None = None) -> None:
-        if self.gate.draining:  # a message begun now might not end within the grace
-            self.reply(replies.shutting_down(self.config.hostname))
-            raise Closing
-        if self.gate.spool_budget.spent:  # bounds: the worker's spool budget
-            self.reply(replies.INSUFFICIENT_STORAGE)
-            return
-        self.reply(replies.START_DATA)
-        header = self._received()
-        spool = Spool(self.config.spool_memory_limit, self.gate.spool_budget)  # bounds
-        queued = False
+        self.intake = Intake(self)  # what the drain asks while the message comes
         try:
-            try:
-                body = await self._receive(spool, len(header))
-            except OSError as exc:  # the spool's file: a full disk, say
-                self.log.spool_failed(exc)
-                self.reply(replies.RELAY_UNAVAILABLE)
-                raise Closing from None  # the rest of the message is still on its way
-            if body.too_big:
-                self.reply(replies.MESSAGE_TOO_BIG, noqueue="DATA")
-            elif spool.full:  # bounds: the message outgrew the worker's spool budget
-                self.log.spool_spent(self.gate.spool_budget.limit)
-                self.reply(replies.INSUFFICIENT_STORAGE)
-            else:
-                if body.bare_newline:
-                    await self._bare_newline(b"\n")  # the body's evidence: a line ended by LF
-                queued = await self._relay(spool, header, body.size)
+            await self.intake.run()
         finally:
-            spool.close()
-            self.committed = False
-            self.dialogue.message_done(queued)
-        if self.shutting_down:
-            self.reply(replies.shutting_down(self.config.hostname))
-            raise Closing
-
-    async def _receive(self, spool: Spool, header_size: int) -> BodyReader:
-        """The whole message into the spool, reading until CRLF.CRLF; the Received header
-        counts toward the size limit, as it does at Postfix."""
-        limit = self.config.message_size_limit
-        body = BodyReader(spool, max(limit - header_size, 1) if limit else 0)
-
-        def feed(buf: bytearray) -> bool:
-            done = body.feed(buf)
-            if done:  # in data_received: before the drain can see the session again
-                self.committed = True
-            return done
-
-        if not await self.wire.feed_until(feed, self.config.smtpd_timeout):
-            self.log.lost_in_data(body.size)
-            raise Closing
-        return body
-
-    async def _relay(self, spool: Spool, header: bytes, size: int) -> bool:
-        """Hand the message to Postfix; its answer is the client's answer. True: queued."""
-        tx = self.tx
-        identity = identity_of(self.client, self.state.client_name, self.helo, self.proto,
-                               self.login)
-        answer, seconds = await hand_off(self.gate, identity,
-                                         Envelope(tx.mail_line, tx.rcpt_lines), header, spool,
-                                         size, self.client_label)
-        if answer == "busy":
-            self.publish(Relayed("busy"))
-            self.reply(RELAY_BUSY)
-            return False
-        if answer == "tempfail":
-            self.publish(Relayed("tempfail"))
-            self.reply(replies.RELAY_UNAVAILABLE)
-            return False
-        self.publish(Relayed(answer.code, seconds, answer, size))
-        if answer.code == 250:
-            self.queued += 1
-        self.reply_raw(answer)
-        if answer.code == 421:  # Postfix is closing: so does the session, as Postfix's would
-            raise Closing
-        return answer.code == 250
-
-    def _received(self) -> bytes:
-        return received_header(
-            self.helo or "", self.state.client_name, self.client.ip, self.config.hostname,
-            esmtp=self.dialogue.esmtp, tls=tls_facts(self.wire.extra("ssl_object")),
-            login=self.login is not None, recipients=self.recipients,
-            when=datetime.datetime.now(datetime.UTC))
+            self.intake = None
 
 
-# what the session does for each of the dialogue's actions but an Answer
+# what the session does for each of the dialogue's actions but an Answer; AUTH's exchange is
+# smtpgate.smtp.auth_exchange's, with the session as its Authenticating
 _DRIVE = {Hello: Session._hello, Mail: Session._mail, Rcpt: Session._rcpt,
-          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: Session._auth,
+          ReceiveBody: Session._data, StartTls: Session._starttls, Authenticate: authenticate,
           Quit: Session._quit}
 
 

@@ -17,8 +17,9 @@ DESCRIPTION
     NOQUEUE line of one it refused (a Relayed event with Postfix's
     answer), and `disconnect from` with the command counts (Ended). The
     lines that follow no reply (connect, TLS, lost connection, timeout,
-    too many errors, the warnings) are written when the session calls the
-    method of that name.
+    too many errors, the warnings) are written when the session, or the
+    part it drives (smtpgate.smtp.intake's IntakeLog), calls the method of
+    that name.
 
     What the lines show of the session (client label, HELO name, the
     transaction's sender and recipients, the command counts) is read from

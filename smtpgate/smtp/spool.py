@@ -13,13 +13,13 @@ DESCRIPTION
     message moves to an unnamed temporary file (tempfile.TemporaryFile:
     gone from the file system at once, gone from the disk when closed), so
     a 25 MB message costs memory_limit bytes of RAM, not 25 MB. The size
-    limit is the session's to enforce: it stops writing once the message
-    is too big.
+    limit is the message intake's to enforce (smtpgate.smtp.intake): it
+    stops writing once the message is too big.
 
     Each byte stored is taken from the worker's SpoolBudget
     (smtpgate.smtp.spool_budget) and given back by close(). A write the
     budget has no room for sets `full` and stores nothing from then on: the
-    session reads the message to its end and answers 452 4.3.1.
+    intake reads the message to its end and answers 452 4.3.1.
 """
 
 from __future__ import annotations
