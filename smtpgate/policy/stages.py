@@ -275,8 +275,8 @@ class Policy:
         # one quick retry on a broken connection: a pooled one may be stale after a Redis restart;
         # room for a burst of sessions (redis-py's own default refuses the 101st call at once,
         # which a session answers with 421), without a blocking pool's cost on every call
-        client = redis_client.connect(config.redis, config.redis_timeout, decode=False,
-                                      max_connections=REDIS_CONNECTIONS, wait=False)
+        client = redis_client.connect_hot(config.redis, config.redis_timeout, decode=False,
+                                          max_connections=REDIS_CONNECTIONS, wait=False)
         policy = cls(config, tables, resolver, client, auth, dry_run, auth_probe)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
