@@ -52,6 +52,7 @@ from typing import Any
 
 import hiredis
 from redis._parsers.base import BaseParser
+from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
@@ -59,7 +60,7 @@ from redis.exceptions import (
     InvalidResponse,
     NoScriptError,
     ReadOnlyError,
-    ResponseError,
+    RedisError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import format_error_message
@@ -171,7 +172,7 @@ class _Connection(asyncio.Protocol):
 
 def _raise_first(replies: list, commands: list[tuple] | None = None) -> None:
     for number, reply in enumerate(replies, 1):
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, Exception):  # an error reply, parsed by redis-py's parser
             if commands is not None:  # as redis-py's pipeline words it
                 cmd = " ".join(_text(a) for a in commands[number - 1])
                 if len(cmd) > 100:
@@ -230,16 +231,20 @@ class PipelinedRedis:
             async with asyncio.timeout(self.timeout):
                 if target.kind == "sentinel":
                     host, port = await self._sentinels().discover_master(target.service)
-                    db = target.db
-                else:
-                    host, port, db, path = _address(target.url)
-                where = path if target.kind == "single" and path else f"{host}:{port}"
+                    path, db = "", target.db
+                    username, password = target.username, target.password
+                else:  # the URL as redis-py reads it (credentials, ?db=, a socket's path)
+                    options = parse_url(target.url)
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                    path, db = options.get("path", ""), int(options.get("db") or 0)
+                    username, password = options.get("username"), options.get("password")
+                where = path or f"{host}:{port}"
 
                 def protocol() -> _Connection:
                     return _Connection(loop, self.timeout, where, self._encoding)
 
                 try:
-                    if target.kind == "single" and path:
+                    if path:
                         _, conn = await loop.create_unix_connection(protocol, path)
                     else:
                         _, conn = await loop.create_connection(protocol, host, int(port))
@@ -247,9 +252,9 @@ class PipelinedRedis:
                     raise RedisConnectionError(format_error_message(where, exc)) from exc
                 hello: list[bytes] = []
                 commands = 0
-                if target.password is not None:
-                    pack(("AUTH", target.password) if target.username is None
-                         else ("AUTH", target.username, target.password), hello)
+                if password is not None:
+                    pack(("AUTH", password) if username is None
+                         else ("AUTH", username, password), hello)
                     commands += 1
                 if db:
                     pack(("SELECT", db), hello)
@@ -258,7 +263,7 @@ class PipelinedRedis:
                     replies = await conn.send(b"".join(hello), commands)
                     try:
                         _raise_first(replies)
-                    except ResponseError:
+                    except RedisError:  # a wrong password, an unknown database
                         conn.abort(RedisConnectionError(CLOSED))
                         raise
                 return conn
@@ -303,7 +308,7 @@ class PipelinedRedis:
         out: list[bytes] = []
         pack(args, out)
         reply = (await self.run(b"".join(out), 1))[0]
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, Exception):
             raise reply
         return reply
 
@@ -419,7 +424,7 @@ class Pipeline:
         replies = await self._client.run(b"".join(out), len(commands))
         if raise_on_error:
             _raise_first(replies, commands)
-        return [reply if convert is None or isinstance(reply, ResponseError) else convert(reply)
+        return [reply if convert is None or isinstance(reply, Exception) else convert(reply)
                 for reply, convert in zip(replies, post, strict=True)]
 
     def get(self, name: Any) -> Pipeline:
@@ -466,11 +471,3 @@ class Pipeline:
             args += (k, v)
         return self.execute_command(*args)
 
-
-def _address(url: str) -> tuple[str, int, int, str]:
-    """(host, port, db, unix socket path) of a one-server URL, as redis-py reads it."""
-    from redis.asyncio.connection import parse_url
-    options = parse_url(url)
-    db = int(options.get("db") or 0)
-    return options.get("host", "localhost"), int(options.get("port", 6379)), db, \
-        options.get("path", "")
