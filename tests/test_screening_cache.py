@@ -29,9 +29,9 @@ async def aredis(request, redis, redis_server):
     await client.aclose()
 
 
-def _async_client(server, kind="redis-py", decode=True):
+def _async_client(server, kind="redis-py", decode=True, timeout=2.0):
     if kind == "pipelined":
-        return redis_client.connect_hot(server.url, 2.0, decode=decode)
+        return redis_client.connect_hot(server.url, timeout, decode=decode)
     return redis.asyncio.Redis(host=server.host, port=server.port, decode_responses=decode)
 
 
@@ -311,7 +311,7 @@ async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_se
 @pytest.mark.parametrize("kind", CLIENTS)
 async def test_a_stalled_redis_is_named_as_such(redis, redis_server, kind):
     """A Redis that accepts but does not answer: the error says so, not an empty reason."""
-    client = _async_client(redis_server, kind)
+    client = _async_client(redis_server, kind, timeout=0.2)  # the client's timeout too
     counter = ConnectionCounter(client, timeout=0.2)
     try:
         await counter.release(await counter.connect("192.0.2.40"))  # connected and warm

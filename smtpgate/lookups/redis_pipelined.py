@@ -8,6 +8,8 @@ SYNOPSIS
         .pipeline(transaction=False) -> Pipeline  get set hset expire incr xadd
                                                   eval evalsha hgetall, await .execute()
         await .execute_command(*args)
+        .submit(data, count) -> Future of replies   packed commands, from a callback
+        pack(args, out), raise_first(replies, commands)
         anything else: the redis-py client fallback() makes (SCAN, XRANGE, ...)
         await .aclose()
 
@@ -26,8 +28,9 @@ DESCRIPTION
     The promises of redis_client hold here too:
     - timeout bounds the connect (sentinel discovery, AUTH, SELECT
       included) and every reply: the oldest unanswered call is watched by
-      one timer, and when its reply is overdue the connection is closed and
-      every call on it fails with redis.exceptions.TimeoutError;
+      one timer, and when its reply is overdue (by a little more than
+      timeout: the callers' own timeouts speak first) the connection is
+      closed and every call on it fails with redis.exceptions.TimeoutError;
     - a lost connection fails the calls on it with ConnectionError, each
       sent again once on a fresh connection (retries, as redis-py's Retry);
       the next call connects again, so a Redis restart costs the calls in
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -99,7 +103,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, where: str,
                  encoding: str | None) -> None:
         self.loop = loop
-        self.timeout = timeout
+        # a little after the callers' own timeouts (the same redis_timeout, started a moment
+        # earlier), so that theirs are what they report; this one closes the connection
+        self.grace = timeout * 1.05 + 0.01
         self.where = where
         self.reader = hiredis.Reader(protocolError=InvalidResponse,
                                      replyError=BaseParser.parse_error, encoding=encoding)
@@ -116,7 +122,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             raise RedisConnectionError(CLOSED)
         future = self.loop.create_future()
-        deadline = self.loop.time() + self.timeout
+        deadline = self.loop.time() + self.grace
         self.pending.append([future, count, [], deadline])
         self.transport.write(data)
         if self._timer is None:
@@ -170,7 +176,18 @@ class _Connection(asyncio.Protocol):
                 entry[0].set_exception(exc)
 
 
-def _raise_first(replies: list, commands: list[tuple] | None = None) -> None:
+def _chain(result: asyncio.Future, task: asyncio.Task) -> None:
+    if result.done():
+        return
+    if task.cancelled():
+        result.cancel()
+    elif task.exception() is not None:
+        result.set_exception(task.exception())
+    else:
+        result.set_result(task.result())
+
+
+def raise_first(replies: list, commands: list[tuple] | None = None) -> None:
     for number, reply in enumerate(replies, 1):
         if isinstance(reply, Exception):  # an error reply, parsed by redis-py's parser
             if commands is not None:  # as redis-py's pipeline words it
@@ -262,7 +279,7 @@ class PipelinedRedis:
                 if commands:
                     replies = await conn.send(b"".join(hello), commands)
                     try:
-                        _raise_first(replies)
+                        raise_first(replies)
                     except RedisError:  # a wrong password, an unknown database
                         conn.abort(RedisConnectionError(CLOSED))
                         raise
@@ -279,10 +296,9 @@ class PipelinedRedis:
             self._sentinel = Sentinel(list(self.target.nodes), sentinel_kwargs=kwargs)
         return self._sentinel
 
-    async def run(self, data: bytes, count: int) -> list:
+    async def run(self, data: bytes, count: int, attempt: int = 0) -> list:
         """`count` packed commands sent at once; their replies (error replies as exceptions,
         not raised). A connection lost under them: sent again, `retries` times."""
-        attempt = 0
         while True:
             conn = self._conn
             if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
@@ -297,6 +313,41 @@ class PipelinedRedis:
             if self.target.kind == "sentinel":
                 self._demoted(conn, replies)
             return replies
+
+    def submit(self, data: bytes, count: int) -> asyncio.Future:
+        """run() as a future: on an open connection no task and no coroutine, for a caller
+        that batches commands from a callback (a task only to connect, or to send again)."""
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None or conn.closed or conn.loop is not loop:
+            return loop.create_task(self.run(data, count))
+        try:
+            sent = conn.send(data, count)
+        except RedisConnectionError:
+            return loop.create_task(self.run(data, count))
+        result = loop.create_future()
+        sent.add_done_callback(functools.partial(self._settle, result, conn, data, count))
+        return result
+
+    def _settle(self, result: asyncio.Future, conn: _Connection, data: bytes, count: int,
+                sent: asyncio.Future) -> None:
+        if result.done():  # cancelled by its caller
+            return
+        exc = sent.exception()
+        if exc is None:
+            replies = sent.result()
+            try:
+                if self.target.kind == "sentinel":
+                    self._demoted(conn, replies)
+            except RedisConnectionError as demoted:
+                result.set_exception(demoted)
+            else:
+                result.set_result(replies)
+        elif isinstance(exc, RedisConnectionError) and self.retries:
+            again = conn.loop.create_task(self.run(data, count, attempt=1))
+            again.add_done_callback(functools.partial(_chain, result))
+        else:
+            result.set_exception(exc)
 
     def _demoted(self, conn: _Connection, replies: list) -> None:
         for reply in replies:
@@ -423,7 +474,7 @@ class Pipeline:
             return []
         replies = await self._client.run(b"".join(out), len(commands))
         if raise_on_error:
-            _raise_first(replies, commands)
+            raise_first(replies, commands)
         return [reply if convert is None or isinstance(reply, Exception) else convert(reply)
                 for reply, convert in zip(replies, post, strict=True)]
 
