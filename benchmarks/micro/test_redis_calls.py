@@ -17,6 +17,8 @@ DESCRIPTION
                    (callers take turns on it: it cannot interleave)
       pipelined    smtpgate.lookups.redis_pipelined: one connection, every
                    caller's commands written at once, replies parsed by hiredis
+      none         no Redis: the benchmark's own cost (the loop, gather, tasks),
+                   to subtract from the others
 
     The counter case runs ConnectionCounter.connect() and release() (the
     _CONNECT and _OWN scripts) with redis-py's client and the pipelined one.
@@ -33,6 +35,11 @@ from smtpgate import redis_url as redis_url_mod
 
 SCRIPT = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+
+class _Nothing:
+    async def evalsha(self, sha, numkeys, key, arg):
+        return [key.encode(), str(arg).encode(), 1]
 
 
 class _Turns:
@@ -52,6 +59,8 @@ def _client(kind: str, url: str):
     import redis.asyncio as aioredis
 
     from smtpgate.lookups import redis_client
+    if kind == "none":
+        return _Nothing()
     if kind == "redis-py":
         return redis_client.connect(url, 2.0, decode=False)
     if kind == "connection":
@@ -61,6 +70,8 @@ def _client(kind: str, url: str):
 
 
 async def _close(client) -> None:
+    if isinstance(client, _Nothing):
+        return
     if isinstance(client, _Turns):
         await client.conn.disconnect()
     else:
@@ -68,7 +79,7 @@ async def _close(client) -> None:
 
 
 @pytest.mark.parametrize("calls", [1, 5])
-@pytest.mark.parametrize("kind", ["redis-py", "connection", "pipelined"])
+@pytest.mark.parametrize("kind", ["redis-py", "connection", "pipelined", "none"])
 def test_script_call(benchmark, redis_url, loop, kind, calls):
     client = _client(kind, redis_url)
     loop.run_until_complete(_load(redis_url))

@@ -298,21 +298,21 @@ class PipelinedRedis:
 
     async def run(self, data: bytes, count: int, attempt: int = 0) -> list:
         """`count` packed commands sent at once; their replies (error replies as exceptions,
-        not raised). A connection lost under them: sent again, `retries` times."""
+        not raised). A connection lost under them (or a demoted master's): sent again,
+        `retries` times, as redis-py's Retry does."""
         while True:
             conn = self._conn
             if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
                 conn = await self._connection()
             try:
                 replies = await conn.send(data, count)
+                if self.target.kind == "sentinel":
+                    self._demoted(conn, replies)
+                return replies
             except RedisConnectionError:
                 if attempt >= self.retries:
                     raise
                 attempt += 1
-                continue
-            if self.target.kind == "sentinel":
-                self._demoted(conn, replies)
-            return replies
 
     def submit(self, data: bytes, count: int) -> asyncio.Future:
         """run() as a future: on an open connection no task and no coroutine, for a caller
@@ -340,10 +340,11 @@ class PipelinedRedis:
                 if self.target.kind == "sentinel":
                     self._demoted(conn, replies)
             except RedisConnectionError as demoted:
-                result.set_exception(demoted)
+                exc = demoted
             else:
                 result.set_result(replies)
-        elif isinstance(exc, RedisConnectionError) and self.retries:
+                return
+        if isinstance(exc, RedisConnectionError) and self.retries:
             again = conn.loop.create_task(self.run(data, count, attempt=1))
             again.add_done_callback(functools.partial(_chain, result))
         else:
@@ -399,7 +400,8 @@ class PipelinedRedis:
         return await self.execute_command("DEL", *names)
 
     async def ping(self) -> bool:
-        return _ok(await self.execute_command("PING")) or True
+        await self.execute_command("PING")
+        return True
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
