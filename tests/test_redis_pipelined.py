@@ -161,3 +161,34 @@ def test_cluster_and_tls_stay_on_redis_py():
                       RedisCluster)
     assert not isinstance(redis_client.connect_hot("rediss://127.0.0.1:6379/0", 1.0),
                           PipelinedRedis)
+
+
+async def test_the_calls_of_one_turn_are_one_write(redis, client):
+    """Twenty callers resumed in one turn of the loop: Redis reads their commands at once."""
+    redis.set("k", "v")
+    assert await client.get("k") == "v"  # connected
+    reads = redis.info("stats")["total_reads_processed"]
+    answers = await asyncio.gather(*(client.get("k") for _ in range(20)))
+    assert answers == ["v"] * 20
+    assert redis.info("stats")["total_reads_processed"] - reads == 2  # theirs, and this INFO
+
+
+async def test_the_connection_counter_carries_on_after_a_restart(redis, redis_server):
+    """A burst's connects go out from a callback on the open connection; one the restart
+    closed sends them on a new one, with the script loaded again."""
+    from smtpgate.lookups.screening_cache import ConnectionCounter
+
+    client = redis_client.connect_hot(redis_server.url, 2.0, decode=False)
+    counter = ConnectionCounter(client)
+    try:
+        first = await counter.connect("192.0.2.1")
+        assert (first.client_count, first.total) == (1, 1)
+        redis_server.stop()
+        redis_server.start()  # empty: no counts, no scripts
+        async with no_hang():
+            again = await asyncio.gather(*(counter.connect(f"192.0.2.{n}") for n in (2, 3)))
+        assert sorted(lease.total for lease in again) == [2, 3]  # this process's count, sent
+        assert {lease.client_rate for lease in again} == {1}
+    finally:
+        await counter.flush()
+        await client.aclose()

@@ -33,14 +33,17 @@ DESCRIPTION
     new connection. When the master changes, the sentinels kill the old
     connections (or a write meets READONLY on the demoted master), redis-py
     drops the pool's connections and the next command connects to the new
-    master; meanwhile commands fail, which callers answer with a temporary
-    error. The password in the URL is the master's (and its replicas');
-    `sentinel_password` is the sentinels' own.
+    master (connect_hot()'s connection likewise); meanwhile commands fail,
+    which callers answer with a temporary error. The password in the URL
+    is the master's (and its replicas'); `sentinel_password` is the
+    sentinels' own.
 
     A Cluster client learns the slot map from the nodes named in the URL
     and follows MOVED and ASK redirections itself.
 
-    max_connections bounds one server's (or a Sentinel master's) pool: with
+    max_connections bounds one server's (or a Sentinel master's) pool (for
+    connect_hot(), the pool of the redis-py client behind it: the hot path's
+    calls share one connection and wait for no pool): with
     wait, a call beyond it waits up to timeout for a free connection (a
     blocking pool, which costs some 20-40 us of CPU per call in its
     condition variable); without, it fails at once. redis-py's own default

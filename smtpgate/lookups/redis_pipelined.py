@@ -2,7 +2,7 @@
 
 SYNOPSIS
     PipelinedRedis(target, timeout, *, decode=True, retries=1, fallback=factory)
-        await .get(k) / .mget(keys) / .hgetall(k) / .delete(*k) / .ping()
+        await .get(k) / .mget(keys) / .hget(k, f) / .hgetall(k) / .delete(*k) / .ping()
         await .evalsha(sha, n, *keys_and_args) / .eval(...) / .script_load(src)
         .register_script(src) -> Script          await script(keys=[...], args=[...])
         .pipeline(transaction=False) -> Pipeline  get set hset expire incr xadd
@@ -406,6 +406,9 @@ class PipelinedRedis:
     async def mget(self, keys: Any, *more: Any) -> list:
         names = [keys] if isinstance(keys, str | bytes) else list(keys)
         return await self.execute_command("MGET", *names, *more)
+
+    async def hget(self, name: Any, key: Any) -> Any:
+        return await self.execute_command("HGET", name, key)
 
     async def hgetall(self, name: Any) -> dict:
         return _pairs(await self.execute_command("HGETALL", name))
