@@ -17,8 +17,9 @@ DESCRIPTION
     redis-py spends most of a call's CPU on its machinery (a connection
     checked out of a pool, the retry wrapper, a Pipeline object and a
     command object per command, option handling), not on the socket. Here
-    every caller's commands go, packed as RESP, down one connection as soon
-    as they are issued; replies are parsed by hiredis in the order sent and
+    every caller's commands go, packed as RESP, down one connection, those
+    of one turn of the loop in one write (a send on loopback is the dearest
+    part of a call); replies are parsed by hiredis in the order sent and
     handed to the callers' futures (one future per pipeline or command),
     so concurrent sessions share the connection without waiting for each
     other's round trips. Redis answers commands in the order it reads them,
@@ -37,7 +38,8 @@ DESCRIPTION
       flight at most;
     - a Sentinel set's master is asked of the sentinels at each connect; a
       READONLY reply (the master was demoted) closes the connection and
-      reads as ConnectionError, as redis-py's sentinel client does;
+      reads as ConnectionError (sent again once, to the new master), as
+      with redis-py's sentinel client;
     - error replies raise redis-py's own exceptions (NoScriptError,
       ResponseError, ...), parsed by redis-py's parser; a pipeline raises
       the first, annotated as redis-py annotates it, after reading all;
@@ -239,7 +241,6 @@ class PipelinedRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
         self._sentinel: Sentinel | None = None
-        self._scripts: dict[str, Script] = {}
 
     # --- the connection ---------------------------------------------------------------------
 
