@@ -70,7 +70,6 @@ from redis.exceptions import (
     RedisError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.utils import format_error_message
 
 from smtpgate import redis_url
 
@@ -215,6 +214,16 @@ def raise_first(replies: list, commands: list[tuple] | None = None) -> None:
             raise reply
 
 
+def _connect_error(where: str, exc: OSError) -> str:
+    """redis-py's words for a failed connect (redis.utils.format_error_message, not in every
+    redis-py this project allows)."""
+    if not exc.args:
+        return f"Error connecting to {where}."
+    if len(exc.args) == 1:
+        return f"Error {exc.args[0]} connecting to {where}."
+    return f"Error {exc.args[0]} connecting to {where}. {exc.args[1]}."
+
+
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -281,7 +290,7 @@ class PipelinedRedis:
                     else:
                         _, conn = await loop.create_connection(protocol, host, int(port))
                 except OSError as exc:
-                    raise RedisConnectionError(format_error_message(where, exc)) from exc
+                    raise RedisConnectionError(_connect_error(where, exc)) from exc
                 hello: list[bytes] = []
                 commands = 0
                 if password is not None:
