@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio
 from services.waiting import no_hang
 
-from smtpgate.lookups import keys
+from smtpgate.lookups import keys, redis_client
 from smtpgate.lookups.screening_cache import (
     ConnectionCounter,
     ScreeningCache,
@@ -18,16 +18,21 @@ from smtpgate.lookups.screening_cache import (
     passed,
 )
 
+# redis-py's client (what tests and a Cluster use), and the hot path's pipelined one
+CLIENTS = ["redis-py", "pipelined"]
 
-@pytest.fixture
-async def aredis(redis, redis_server):
-    client = _async_client(redis_server)
+
+@pytest.fixture(params=CLIENTS)
+async def aredis(request, redis, redis_server):
+    client = _async_client(redis_server, request.param)
     yield client
     await client.aclose()
 
 
-def _async_client(server):
-    return redis.asyncio.Redis(host=server.host, port=server.port, decode_responses=True)
+def _async_client(server, kind="redis-py", decode=True, timeout=2.0):
+    if kind == "pipelined":
+        return redis_client.connect_hot(server.url, timeout, decode=decode)
+    return redis.asyncio.Redis(host=server.host, port=server.port, decode_responses=decode)
 
 
 async def test_pass_is_read_back_with_its_expiry(redis, aredis):
@@ -204,14 +209,13 @@ async def test_redis_down_raises_one_error_type(redis, redis_server, aredis):
     assert (await counter.connect("192.0.2.52")).total == 1  # back, and empty
 
 
-async def test_a_batch_of_session_ends_is_one_round_trip(redis, redis_server):
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_batch_of_session_ends_is_one_round_trip(redis, redis_server, kind):
     """Five sessions' releases and their screening results: one pipeline, scripts by SHA1,
     and the scripts loaded again when the server lost them (SCRIPT FLUSH, a restart)."""
-    import redis.asyncio as aioredis
-
     from smtpgate.lookups.screening_cache import RELEASE_BATCH
 
-    client = aioredis.Redis.from_url(redis_server.url)
+    client = _async_client(redis_server, kind, decode=False)
     counter = ConnectionCounter(client)
     cache = ScreeningCache(client)
     try:
@@ -304,9 +308,10 @@ async def test_a_burst_of_connects_waits_for_a_pooled_connection(redis, redis_se
         await policy.close()
 
 
-async def test_a_stalled_redis_is_named_as_such(redis, redis_server):
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_stalled_redis_is_named_as_such(redis, redis_server, kind):
     """A Redis that accepts but does not answer: the error says so, not an empty reason."""
-    client = _async_client(redis_server)
+    client = _async_client(redis_server, kind, timeout=0.2)  # the client's timeout too
     counter = ConnectionCounter(client, timeout=0.2)
     try:
         await counter.release(await counter.connect("192.0.2.40"))  # connected and warm

@@ -5,6 +5,9 @@ SYNOPSIS
             wait=True) -> client
         redis.asyncio.Redis (one server, or a Sentinel set's master) or
         redis.asyncio.cluster.RedisCluster
+    connect_hot(url, timeout, *, decode=True, max_connections=None, wait=True) -> client
+        the hot path's: one pipelined connection (redis_pipelined.PipelinedRedis) for one
+        server or a Sentinel set's master, what connect() gives for the rest
     connect_sync(url, timeout) -> redis.Redis | redis.cluster.RedisCluster      (the CLI)
     await watch_targets(url, timeout) -> list[redis.asyncio.Redis]
         one plain RESP2 client per server whose keys a tracking connection must watch
@@ -30,18 +33,30 @@ DESCRIPTION
     new connection. When the master changes, the sentinels kill the old
     connections (or a write meets READONLY on the demoted master), redis-py
     drops the pool's connections and the next command connects to the new
-    master; meanwhile commands fail, which callers answer with a temporary
-    error. The password in the URL is the master's (and its replicas');
-    `sentinel_password` is the sentinels' own.
+    master (connect_hot()'s connection likewise); meanwhile commands fail,
+    which callers answer with a temporary error. The password in the URL
+    is the master's (and its replicas'); `sentinel_password` is the
+    sentinels' own.
 
     A Cluster client learns the slot map from the nodes named in the URL
     and follows MOVED and ASK redirections itself.
 
-    max_connections bounds one server's (or a Sentinel master's) pool: with
+    max_connections bounds one server's (or a Sentinel master's) pool (for
+    connect_hot(), the pool of the redis-py client behind it: the hot path's
+    calls share one connection and wait for no pool): with
     wait, a call beyond it waits up to timeout for a free connection (a
     blocking pool, which costs some 20-40 us of CPU per call in its
     condition variable); without, it fails at once. redis-py's own default
     fails the 101st call at once.
+
+    connect_hot() is for the calls every session makes (the connection
+    counts, the screening cache, the evidence, the table lookups): redis-py
+    spends some 85 us of CPU on one call, most of it in its pool, retry and
+    pipeline machinery; redis_pipelined sends every caller's commands down
+    one connection and reads the replies with hiredis, with the same
+    timeouts, errors, reconnects and Sentinel failover. The commands it does
+    not serve go to a redis-py client made with connect()'s arguments. TLS
+    (rediss://) and a URL with query options stay on redis-py altogether.
 
     timeout bounds every connect and every reply. retries is how often a
     command is sent again on a broken connection (a pooled connection may
@@ -71,6 +86,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry as SyncRetry
 
 from smtpgate import redis_url
+from smtpgate.lookups.redis_pipelined import PipelinedRedis
 
 # What a failed Redis call raises, whichever the client (a Cluster's "no node reachable" is
 # not a RedisError).
@@ -114,6 +130,16 @@ def connect(url: str, timeout: float, *, decode: bool = True, retries: int = 1,
     if protocol is not None:  # whatever the URL's own protocol= says
         client.connection_pool.connection_kwargs["protocol"] = protocol
     return client
+
+
+def connect_hot(url: str, timeout: float, *, decode: bool = True,
+                max_connections: int | None = None, wait: bool = True) -> Any:
+    target = redis_url.parse(url)
+    if target.kind == "cluster" or target.url.startswith("rediss:") or \
+            (target.kind == "single" and "?" in target.url and not target.url.startswith("unix:")):
+        return connect(url, timeout, decode=decode, max_connections=max_connections, wait=wait)
+    return PipelinedRedis(target, timeout, decode=decode, fallback=lambda: connect(
+        url, timeout, decode=decode, max_connections=max_connections, wait=wait))
 
 
 def _sentinel(target: redis_url.RedisTarget, timeout: float) -> Sentinel:

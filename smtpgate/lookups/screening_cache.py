@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
 import itertools
 import logging
@@ -94,6 +95,7 @@ from redis.exceptions import NoScriptError
 from smtpgate.checks.limits import client_key
 from smtpgate.lookups import keys
 from smtpgate.lookups import redis_client as redis_client_module
+from smtpgate.lookups.redis_pipelined import PipelinedRedis, pack, raise_first
 
 log = logging.getLogger("smtpgate.screening")
 
@@ -434,9 +436,61 @@ class ConnectionCounter:
 
     def _start_connects(self) -> None:
         batch, self._connects = self._connects, []
+        if isinstance(self._redis, PipelinedRedis):
+            self._submit_connects(batch)
+            return
+        self._connects_task(batch)
+
+    def _connects_task(self, batch: list[tuple[str, asyncio.Future, list, list]]) -> None:
         task = asyncio.get_running_loop().create_task(self._send_connects(batch))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+
+    def _submit_connects(self, batch: list[tuple[str, asyncio.Future, list, list]]) -> None:
+        """_send_connects() on the pipelined client, from this callback: written at once,
+        answered by a callback (no task or coroutine for the connect of every session); a
+        lost script, or connection, takes _send_connects() after all."""
+        out: list[bytes] = []
+        for _, _, script_keys, args in batch:
+            pack(("EVALSHA", _SHA[_CONNECT], len(script_keys), *script_keys, *args), out)
+        sent = self._redis.submit(b"".join(out), len(batch))
+        timer = asyncio.get_running_loop().call_later(
+            self._timeout, self._connects_overdue, batch, sent)
+        sent.add_done_callback(functools.partial(self._connects_answered, batch, timer))
+
+    def _connects_overdue(self, batch: list, sent: asyncio.Future) -> None:
+        sent.cancel()
+        self._connects_failed(batch, TimeoutError())
+
+    def _connects_failed(self, batch: list, exc: BaseException) -> None:
+        reason = _failure(exc, self._timeout)
+        for ip, future, _, _ in batch:
+            if not future.done():
+                future.set_exception(ScreeningStoreError(f"connection count for {ip}: {reason}"))
+
+    def _connects_answered(self, batch: list, timer: asyncio.TimerHandle,
+                           sent: asyncio.Future) -> None:
+        timer.cancel()
+        if sent.cancelled():  # overdue: the batch has failed already
+            return
+        exc = sent.exception()
+        if exc is not None:
+            self._connects_failed(batch, exc)
+            return
+        answers = sent.result()
+        if any(isinstance(answer, Exception) for answer in answers):
+            if any(isinstance(answer, NoScriptError) for answer in answers):
+                self._connects_task(batch)  # nothing ran: loaded, and sent again
+                return
+            try:
+                raise_first(answers, [("EVALSHA", _SHA[_CONNECT], len(k), *k, *a)
+                                      for _, _, k, a in batch])
+            except Exception as error:  # the first error reply, as a pipeline raises it
+                self._connects_failed(batch, error)
+            return
+        for (_, future, _, _), answer in zip(batch, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
     async def _send_connects(self, batch: list[tuple[str, asyncio.Future, list, list]]) -> None:
         """One pipeline of _CONNECT calls by SHA1 (loaded again, and the pipeline repeated

@@ -164,8 +164,9 @@ class Tables:
         # few answers for every message to the same recipients (pure, so kept while small)
         self._hits: dict[tuple[str, str], Hit] = {}
         self._rcpt_keys: dict[str, tuple] = {}
-        # one quick retry: a pooled connection may be stale
-        self._redis = redis_client.connect(self.url, timeout, max_connections=max_connections)
+        # the hot path's client: one pipelined connection, sent again once if it broke
+        self._redis = redis_client.connect_hot(self.url, timeout,
+                                               max_connections=max_connections)
         self._sync = CacheSync(self.cache, self.url, timeout, self._cache_state) if cache else None
 
     @classmethod

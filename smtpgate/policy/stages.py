@@ -272,11 +272,12 @@ class Policy:
         tables = Tables.from_config(config)
         await tables.start()
         resolver = Resolver(config.nameservers, config.dns_timeout)
-        # one quick retry on a broken connection: a pooled one may be stale after a Redis restart;
-        # room for a burst of sessions (redis-py's own default refuses the 101st call at once,
-        # which a session answers with 421), without a blocking pool's cost on every call
-        client = redis_client.connect(config.redis, config.redis_timeout, decode=False,
-                                      max_connections=REDIS_CONNECTIONS, wait=False)
+        # the sessions' calls share one pipelined connection (redis_client.connect_hot); the
+        # pool bounds the redis-py client behind it (SCAN, XRANGE, a Cluster's calls): room for
+        # a burst (redis-py's default refuses the 101st call at once: a 421), without a
+        # blocking pool's cost on every call
+        client = redis_client.connect_hot(config.redis, config.redis_timeout, decode=False,
+                                          max_connections=REDIS_CONNECTIONS, wait=False)
         policy = cls(config, tables, resolver, client, auth, dry_run, auth_probe)
         policy._refresher = asyncio.get_running_loop().create_task(
             policy.counter.run_refresher())
