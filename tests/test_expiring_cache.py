@@ -71,7 +71,7 @@ def test_a_stream_of_new_addresses_leaves_it_bounded_by_what_is_alive():
         cache.put(ip, DnsAnswer("ok", ("c.example",), 300), 300)
         peak = max(peak, len(cache))
     assert peak <= 451
-    assert len(cache._heap) <= 2 * cache.size + 64
+    assert cache._filed <= 2 * cache.size + 64
     clock.now += 301
     cache.put("last", 0, 1)
     assert len(cache) == 1

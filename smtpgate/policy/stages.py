@@ -520,8 +520,11 @@ class Policy:
         if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
             passes = {NO_TESTS: self.config.greet_ttl}  # nothing to test: PASS OLD next time
         state.screening_failed += tuple(failed)  # written when the session ends
-        if not failed:
-            state.screening_passes.update(passes)
+        if not failed and passes:
+            if state.screening_passes:
+                state.screening_passes.update(passes)
+            else:
+                state.screening_passes = passes  # the screening's own: no copy kept
         if outcome is None and not failed:
             log.info("PASS NEW [%s]:%s", ip, port)
         if outcome is None:
@@ -928,7 +931,8 @@ class Policy:
             return None
         # No cached DNSBL pass for a client greylisted: its retry asks the DNSBL again (the
         # querier's memory, mostly), so its score, the doubt, is known then too.
-        state.screening_passes.pop("dnsbl", None)
+        if state.screening_passes:
+            state.screening_passes.pop("dnsbl", None)
         return verdict.reply
 
     def _dnsbl_score_now(self, state: ClientState) -> int | None:
@@ -972,7 +976,8 @@ class Policy:
         fresh = time.time() + self.config.greet_ttl / 2
         if all(state.cached_passes.get(t, 0.0) > fresh for t in protocol.TESTS):
             return
-        state.screening_passes.update(dict.fromkeys(protocol.TESTS, self.config.greet_ttl))
+        state.screening_passes = {**(state.screening_passes or {}),
+                                  **dict.fromkeys(protocol.TESTS, self.config.greet_ttl)}
 
     # --- protocol tests --------------------------------------------------------------------
 
@@ -1071,7 +1076,7 @@ class Policy:
         if lease is not None:  # its count and what screening found: one round trip
             try:
                 write = self.cache.session_write(
-                    state.client.ip, state.screening_passes, state.screening_failed,
+                    state.client.ip, state.screening_passes or {}, state.screening_failed,
                     held=lease.screening)
             except ValueError:  # a test name it does not know: a bug, but the count must go
                 log.exception("screening results of %s not written", state.client.ip)
