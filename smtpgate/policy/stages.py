@@ -627,8 +627,8 @@ class Policy:
         dns = None
         if helo.needs_dns(name) and access is None:
             dns = await helo_facts(self.resolver, name.rstrip("."))
-        verdict = self._note(state, helo.decide(
-            name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
+        verdict = self._note(state, _same_as_before(state, helo.decide(
+            name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code)))
         if self.watching:
             facts = {"name": name, "access": access}
             if dns is not None:  # left out when not asked: the shadow cannot decide without
@@ -1114,6 +1114,16 @@ def fcrdns_facts(state: ClientState, facts, rev_by_name: dict) -> dict:
             "ttl": facts.ttl, "rev_names": list(client_fcrdns.rev_names(facts)),
             "rev_ip": [state.rev_key, state.rev_ip] if state.rev_ip is not None else None,
             "rev_by_name": rev_by_name}
+
+
+def _same_as_before(state: ClientState, verdict: Verdict) -> Verdict:
+    """The session's earlier verdict of this check when it is equal: EHLO said again after
+    STARTTLS (as every client does) is judged alike, and the record keeps one object twice,
+    not a copy of its reason for every idle session."""
+    for earlier in reversed(state.record):
+        if earlier.check == verdict.check:
+            return earlier if earlier == verdict else verdict
+    return verdict
 
 
 def record_memory(config: Config) -> int:
