@@ -273,11 +273,18 @@ def answer_from(status: int, records: list, soa_ttl: int | None, qtype: int, nam
         negative = _NEGATIVE.get(status)
         if negative is None:
             return _TEMPFAIL
-        return DnsAnswer(negative, (), clamp(negative_ttl if soa_ttl is None else soa_ttl))
+        return _no_records(negative, clamp(negative_ttl if soa_ttl is None else soa_ttl))
     found, ttl = _chain(records, name, qtype)
     if not found:  # only a CNAME chain that ends elsewhere
-        return DnsAnswer("nodata", (), clamp(negative_ttl))
+        return _no_records("nodata", clamp(negative_ttl))
     return DnsAnswer("ok", tuple(_FORMATS[qtype](data) for data in found), clamp(ttl))
+
+
+@functools.lru_cache(maxsize=256)
+def _no_records(status: str, ttl: int) -> DnsAnswer:
+    """One DnsAnswer per (status, ttl) without records, shared: most DNSBL answers are
+    NXDOMAIN with the zone's negative TTL, and the cache keeps one per client and zone."""
+    return DnsAnswer(status, (), ttl)
 
 
 def _chain(records: list, name: str, qtype: int) -> tuple[list, int]:

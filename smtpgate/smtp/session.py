@@ -384,7 +384,16 @@ class Session:
         wire, dialogue = self.wire, self.dialogue
         timeout, limit = self.config.smtpd_timeout, self.config.line_length_limit
         while True:
-            line = await wire.line(timeout, limit)
+            # an idle client is waited for here, not in a coroutine of the wire's (a frame
+            # fewer per idle session); line() reads an over-long line's rest and the end
+            line = wire.take_line(limit)
+            while line is None and wire.may_wait(limit):
+                await wire.flush()
+                if not await wire.more(timeout):
+                    break
+                line = wire.take_line(limit)
+            if line is None:
+                line = await wire.line(timeout, limit)
             if line is None:
                 self.log.lost(self.last_command)
                 return

@@ -3,6 +3,7 @@
 SYNOPSIS
     Wire(on_connect)                          the protocol factory's product
     await wire.line(timeout, limit) -> bytes | None | TOO_LONG
+    wire.take_line(limit) -> bytes | None ; wire.may_wait(limit) -> bool   the loop's own wait
     await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
     wire.buf                                  what the client sent and nobody consumed yet
     wire.reply(line: bytes) ; await wire.flush()
@@ -202,6 +203,26 @@ class Wire(asyncio.Protocol):
         if self._sink_error is not None:
             raise self._sink_error
         return True
+
+    def take_line(self, limit: int) -> bytes | None:
+        """line() without a wait: the next whole line (TOO_LONG past `limit`) when buf holds
+        one; None when it does not, or when replies must be flushed first (line() does)."""
+        if self._queued >= WRITE_HIGH:
+            return None
+        buf = self.buf
+        end = buf.find(b"\n")
+        if end < 0:
+            return None
+        del_end = end + 1
+        line = TOO_LONG if end >= limit else bytes(buf[:del_end])
+        del buf[:del_end]
+        return line
+
+    def may_wait(self, limit: int) -> bool:
+        """Whether a caller may wait for a line itself (flush(), more(), take_line(): no
+        coroutine of the wire's held while the client is idle): not with an over-long line
+        to skip or a batch of replies to write (line() does those)."""
+        return len(self.buf) <= limit and self._queued < WRITE_HIGH
 
     async def line(self, timeout: float, limit: int) -> bytes | None:
         """The next line with its LF; None at end of stream; TOO_LONG past `limit` bytes.
