@@ -39,9 +39,11 @@ DESCRIPTION
     baseline minutes apart on the same busy machine.
 
     What it found (2 shared cores, other work running; 1,000 sessions after
-    200): 31-33 KB per session, RSS and Pss alike, whichever the way
-    (one address 30.8, with EHLO after TLS 31.4, distinct addresses 33.2,
-    both 32.8). A bare uvloop TLS server measured the same way holds 23.9
+    200; benchmarks/README.md's "Idle STARTTLS sessions" has the table):
+    29.5-31.4 KB per session, RSS and Pss alike, whichever the way (one
+    address 29.5, with EHLO after TLS 30.1, distinct addresses 31.4, both
+    31.4; 31.2-34.4 before the idle session was made smaller, measured in
+    the same run). A bare uvloop TLS server measured the same way holds 23.9
     KB per connection (1.3 KB without TLS): uvloop's SSL transport and
     OpenSSL's connection (the SSL object, its memory BIOs, which keep the
     size of the handshake's largest flight; CPython already sets

@@ -33,11 +33,11 @@ DESCRIPTION
     least 60 s (MIN_TTL, the resolver's `floor`), a failed zone's 60 s; a
     client asked about again while every zone's answer is still there gets
     its result built from them, without a query. (This querier kept a
-    cache of results of its own, a second copy of every answer, until
-    the whole result's ttl: each zone is now asked again when its own
-    answer expires, not all of them at the smallest TTL; a zone that timed
-    out for the DNSBL but answered the resolver later counts from the next
-    session on, rather than after 60 s.) Sessions of one client that ask
+    cache of results of its own, a second copy of every answer, for the
+    result's ttl. DNS traffic is the same: the resolver's cache already
+    held each zone's answer for its own TTL. What changed: a zone that
+    timed out for the DNSBL but answered the resolver later counts from
+    the next session on, rather than after 60 s.) Sessions of one client that ask
     while a query is running share it (one future per IP); a waiter that
     is cancelled, e.g. a client that hung up, does not cancel the query
     for the others.
