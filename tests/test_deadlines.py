@@ -38,7 +38,7 @@ async def _until(condition, limit: float = 5.0) -> None:
 
 async def test_a_deadline_fires_when_it_has_come_and_not_before():
     loop = asyncio.get_running_loop()
-    wheel = deadlines_module.Deadlines(loop)
+    wheel = deadlines_module.Deadlines()
     waiter = Waiter(loop.time() + 0.3)
     wheel.watch(waiter)
     await _until(lambda: waiter.expired_at is not None)
@@ -48,7 +48,7 @@ async def test_a_deadline_fires_when_it_has_come_and_not_before():
 
 async def test_a_deadline_moved_later_is_filed_again_and_one_moved_earlier_at_once():
     loop = asyncio.get_running_loop()
-    wheel = deadlines_module.Deadlines(loop)
+    wheel = deadlines_module.Deadlines()
     later = Waiter(loop.time() + 0.2)
     wheel.watch(later)
     later.deadline = loop.time() + 0.2 + 3 * TICK  # a command came: re-armed, not refiled yet
@@ -65,7 +65,7 @@ async def test_a_deadline_moved_later_is_filed_again_and_one_moved_earlier_at_on
 
 async def test_a_waiter_that_waits_no_more_or_is_forgotten_leaves_the_wheel():
     loop = asyncio.get_running_loop()
-    wheel = deadlines_module.Deadlines(loop)
+    wheel = deadlines_module.Deadlines()
     busy, closed = Waiter(loop.time() + 0.1), Waiter(loop.time() + 0.1)
     wheel.watch(busy)
     wheel.watch(closed)

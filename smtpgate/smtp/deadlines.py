@@ -46,15 +46,16 @@ _WHEELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def deadlines_of(loop: asyncio.AbstractEventLoop) -> Deadlines:
     wheel = _WHEELS.get(loop)
     if wheel is None:
-        wheel = _WHEELS[loop] = Deadlines(loop)
+        wheel = _WHEELS[loop] = Deadlines()
     return wheel
 
 
 class Deadlines:
-    __slots__ = ("__weakref__", "_buckets", "_due", "_loop", "_ticks", "_timer")
+    # no reference to its loop (the running one is asked): the loop's entry in _WHEELS, weak,
+    # must not be kept alive by its own value
+    __slots__ = ("_buckets", "_due", "_ticks", "_timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._buckets: dict[int, set] = {}
         self._ticks: list[int] = []  # the buckets' ticks, a heap
         self._timer: asyncio.TimerHandle | None = None
@@ -94,11 +95,11 @@ class Deadlines:
         if self._timer is not None:
             self._timer.cancel()
         self._due = tick
-        self._timer = self._loop.call_at(tick * TICK, self._sweep)
+        self._timer = asyncio.get_running_loop().call_at(tick * TICK, self._sweep)
 
     def _sweep(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = asyncio.get_running_loop().time()
         ticks, buckets = self._ticks, self._buckets
         while ticks and ticks[0] * TICK <= now:
             bucket = buckets.pop(heapq.heappop(ticks))
