@@ -40,10 +40,10 @@ DESCRIPTION
 
     What it found (2 shared cores, other work running; 1,000 sessions after
     200; benchmarks/README.md's "Idle STARTTLS sessions" has the table):
-    29.5-31.4 KB per session, RSS and Pss alike, whichever the way (one
-    address 29.5, with EHLO after TLS 30.1, distinct addresses 31.4, both
-    31.4; 31.2-34.4 before the idle session was made smaller, measured in
-    the same run). A bare uvloop TLS server measured the same way holds 23.9
+    29.5-31.5 KB per session, RSS and Pss alike, whichever the way (one
+    address 29.5, with EHLO after TLS 30.0, distinct addresses 31.4, both
+    31.5; 31.3-34.4 before the idle session was made smaller, measured in
+    the same runs). A bare uvloop TLS server measured the same way holds 23.9
     KB per connection (1.3 KB without TLS): uvloop's SSL transport and
     OpenSSL's connection (the SSL object, its memory BIOs, which keep the
     size of the handshake's largest flight; CPython already sets
