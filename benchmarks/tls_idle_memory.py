@@ -3,6 +3,7 @@
 SYNOPSIS
     python -m benchmarks.tls_idle_memory [--sessions 1000] [--warm 200] [--json FILE]
                                          [--smtpgate-env NAME=VALUE ...]
+                                         [--baseline DIR] [--rounds 1]
 
 DESCRIPTION
     Starts the benchmark stack (benchmarks.stack: Redis, dnsmasq, Postfix,
@@ -32,10 +33,17 @@ DESCRIPTION
 
     Output: one line per way, and with --json the figures as a list.
 
+    --baseline DIR runs another checkout's smtpgate (its PYTHONPATH) the
+    same way in the same run, the two taking turns per way in an order
+    drawn at random, `--rounds` times: a change measured against its
+    baseline minutes apart on the same busy machine.
+
     What it found (2 shared cores, other work running; 1,000 sessions after
-    200): 31-33 KB per session, RSS and Pss alike, whichever the way
-    (one address 30.8, with EHLO after TLS 31.4, distinct addresses 33.2,
-    both 32.8). A bare uvloop TLS server measured the same way holds 23.9
+    200; benchmarks/README.md's "Idle STARTTLS sessions" has the table):
+    29.5-31.5 KB per session, RSS and Pss alike, whichever the way (one
+    address 29.5, with EHLO after TLS 30.0, distinct addresses 31.4, both
+    31.5; 31.3-34.4 before the idle session was made smaller, measured in
+    the same runs). A bare uvloop TLS server measured the same way holds 23.9
     KB per connection (1.3 KB without TLS): uvloop's SSL transport and
     OpenSSL's connection (the SSL object, its memory BIOs, which keep the
     size of the handshake's largest flight; CPython already sets
@@ -54,8 +62,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import ssl
 import sys
+from pathlib import Path
 
 from benchmarks import procstat
 from benchmarks.load import HOST, _expect
@@ -104,15 +114,27 @@ def worker_pid(stack: Stack) -> int:
 
 
 async def measure(stack: Stack, sessions: int, warm: int, ways=WAYS,
-                  parallel: int = 40) -> list[dict]:
+                  parallel: int = 40, targets: dict | None = None, rounds: int = 1) -> list[dict]:
     """Per way, on a fresh worker: `warm` sessions opened and held first (one-off costs:
     OpenSSL's code pages, the allocator's first arenas, caches), then `sessions` more; the
-    cost of a session is what those add, divided by their number."""
+    cost of a session is what those add, divided by their number. `targets`: name ->
+    the PYTHONPATH of the smtpgate to run (None: this checkout's), taking turns per way."""
     tls = ssl.create_default_context(cafile=str(stack.ca_pem))
+    targets = targets or {"smtpgate": None}
+    original = stack.smtpgate_env
+    runs = []
+    for round_number in range(rounds):
+        for way in ways:
+            order = list(targets.items())
+            random.shuffle(order)  # neither target always runs on a cooler machine
+            runs += [(round_number, way, target, path) for target, path in order]
     rows = []
-    for name, distinct, ehlo_again in ways:
+    for round_number, (name, distinct, ehlo_again), target, path in runs:
         stack.smtpgate.proc.stop()
+        stack.smtpgate_env = (original if path is None else
+                              lambda *a, p=str(path): {**original(*a), "PYTHONPATH": p})
         stack.start_smtpgate()
+        stack.smtpgate_env = original
         pid = worker_pid(stack)
         fresh = procstat.memory_kb([pid])
         sources = addresses(warm + sessions, distinct)
@@ -132,12 +154,13 @@ async def measure(stack: Stack, sessions: int, warm: int, ways=WAYS,
             for writer in held:
                 writer.transport.abort()
         count = len(writers)
-        row = {"way": name, "sessions": count, "errors": errors + more_errors,
+        row = {"target": target, "round": round_number, "way": name, "sessions": count,
+               "errors": errors + more_errors,
                "rss_bytes_per_session": (after.rss - before.rss) * 1024 / max(1, count),
                "pss_bytes_per_session": (after.pss - before.pss) * 1024 / max(1, count),
                "rss_kb_fresh": fresh.rss, "rss_kb_warm": before.rss, "rss_kb_held": after.rss}
         rows.append(row)
-        print(f"{name:36} {count} sessions ({row['errors']} errors) "
+        print(f"{target:9} {name:36} {count} sessions ({row['errors']} errors) "
               f"RSS {row['rss_bytes_per_session'] / 1024:5.1f} KB/session "
               f"Pss {row['pss_bytes_per_session'] / 1024:5.1f} KB/session "
               f"(worker RSS {fresh.rss} KB fresh, {before.rss} warm, {after.rss} held)",
@@ -155,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=40, help="sessions opened at once")
     parser.add_argument("--smtpgate-env", action="append", default=[],
                         help="NAME=VALUE for smtpgate's environment (to compare a setting)")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout's smtpgate, measured in turn with this one")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     settings = Settings(workers=1, greet_wait=1.0, with_aiosmtpd=False)  # postscreen's (min 1)
     stack = Stack(settings)
@@ -166,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     stack.smtpgate_env = lambda *a: {**original(*a), **extra}
     with stack:
         ways = [way for way in WAYS if args.only in way[0]]
-        rows = asyncio.run(measure(stack, args.sessions, args.warm, ways, args.parallel))
+        targets = {"smtpgate": None}
+        if args.baseline:
+            targets["baseline"] = args.baseline.resolve()
+        rows = asyncio.run(measure(stack, args.sessions, args.warm, ways, args.parallel,
+                                   targets, args.rounds))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

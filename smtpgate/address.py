@@ -400,8 +400,10 @@ def _unmapped(address: IPAddress) -> IPAddress:
 
 
 def plain_ip(ip: str) -> str:
-    """client_address() as text; what is not an address is returned as it is."""
+    """client_address() as text; what is not an address is returned as it is (and one
+    already in that form is the same string: a session keeps it, not a copy)."""
     try:
-        return str(client_address(ip))
+        text = str(client_address(ip))
     except ValueError:
         return ip
+    return ip if text == ip else text

@@ -46,7 +46,8 @@ def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     except ValueError:
         return ip.strip()
     if isinstance(address, ipaddress.IPv4Address) or ipv6_prefix >= 128:
-        return str(address)
+        text = str(address)
+        return ip if text == ip else text  # the session's own string, not a copy to keep
     return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 
 

@@ -40,6 +40,7 @@ MAX_NAMES = 10
 async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
     address = client_address(ip)
     client = str(address)
+    client = ip if client == ip else client  # the session's own string, not a copy to keep
     ptr = await resolver.ptr(client)
     if ptr.status != "ok":
         return FcrdnsFacts(client, ptr.status, ttl=ptr.ttl)

@@ -2,8 +2,7 @@
 
 SYNOPSIS
     query_name(ip, zone) -> str
-    DnsblQuerier(resolver, sites, timeout=10.0, *, threshold=1,
-                 allowlist_threshold=0, cache_size=10000, clock=time.monotonic)
+    DnsblQuerier(resolver, sites, timeout=10.0, *, threshold=1, allowlist_threshold=0)
         await .query(ip) -> DnsblResult
         .start(ip) -> asyncio.Future[DnsblResult]
         .settling(ip) -> asyncio.Future[DnsblResult]
@@ -17,7 +16,7 @@ DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
     at once, through the shared resolver (smtpgate.lookups.resolver: `await
-    resolver.start(name, "A") -> Future[DnsAnswer]`). Query names are the reversed
+    resolver.start(name, "A", floor) -> Future[DnsAnswer]`). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and
     postscreen use); an IPv4-mapped IPv6 client is queried as IPv4. Zones
@@ -27,11 +26,21 @@ DESCRIPTION
     does not answer in time is "timeout", one that answers SERVFAIL or the
     like "tempfail"; both count as no listing, show in the result, and are
     counted in the zone's health. The result (smtpgate.checks.dnsbl
-    DnsblResult, judged by smtpgate.checks.dnsbl.decide) is cached in this
-    process for its ttl, the answer TTL clamped to [60 s, 1 h] (60 s when a
-    zone failed). Sessions of one client that ask while a query is running
-    share it (one future per IP); a waiter that is cancelled, e.g. a client
-    that hung up, does not cancel the query for the others.
+    DnsblResult, judged by smtpgate.checks.dnsbl.decide) has a ttl, the
+    answer TTL clamped to [60 s, 1 h] (60 s when a zone failed), which is
+    how long a pass may be kept (the screening cache's). The answers are
+    kept once, in the resolver's cache: each zone's for its own TTL, at
+    least 60 s (MIN_TTL, the resolver's `floor`), a failed zone's 60 s; a
+    client asked about again while every zone's answer is still there gets
+    its result built from them, without a query. (This querier kept a
+    cache of results of its own, a second copy of every answer, for the
+    result's ttl. DNS traffic is the same: the resolver's cache already
+    held each zone's answer for its own TTL. What changed: a zone that
+    timed out for the DNSBL but answered the resolver later counts from
+    the next session on, rather than after 60 s.) Sessions of one client that ask
+    while a query is running share it (one future per IP); a waiter that
+    is cancelled, e.g. a client that hung up, does not cancel the query
+    for the others.
 
     The early-decision hooks, for the session's greet wait:
     - start() returns the running (or finished) query as a future, shared
@@ -69,14 +78,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import time
 from collections import Counter
 from collections.abc import Sequence
 
 from smtpgate.address import client_address
-from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
+from smtpgate.checks.dnsbl import MIN_TTL, DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
-from smtpgate.lookups.expiring_cache import ExpiringCache
 
 HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "error")
 
@@ -114,8 +121,6 @@ class DnsblQuerier:
         *,
         threshold: int = 1,
         allowlist_threshold: int = 0,
-        cache_size: int = 10000,
-        clock=time.monotonic,
     ) -> None:
         self._resolver = resolver
         self._sites = tuple(sites)
@@ -123,9 +128,6 @@ class DnsblQuerier:
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
         self._pending = {zone: ZoneResult(zone, "pending") for zone in self.zones}
         self._timeout = timeout
-        self._clock = clock
-        # a score leaves when its TTL ends: most clients are never seen again
-        self._cache = ExpiringCache(cache_size, clock)
         self._inflight: dict[str, _Lookup] = {}
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
@@ -143,7 +145,7 @@ class DnsblQuerier:
 
     def start(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
-        cached = self._cache.get(key)
+        cached = self._known(key)
         if cached is not None:
             return _done(cached)
         lookup = self._inflight.get(key) or self._begin(key)
@@ -151,7 +153,7 @@ class DnsblQuerier:
 
     def settling(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
-        cached = self._cache.get(key)
+        cached = self._known(key)
         if cached is not None:
             return _done(cached)
         lookup = self._inflight.get(key) or self._begin(key)
@@ -169,13 +171,26 @@ class DnsblQuerier:
 
     def snapshot(self, ip: str) -> DnsblResult | None:
         key = _normal(ip)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
         lookup = self._inflight.get(key)
-        if lookup is None or not lookup.answers:
+        if lookup is None:
+            return self._known(key)
+        if not lookup.answers:
             return None
         return self._snapshot_of(lookup)
+
+    def _known(self, ip: str) -> DnsblResult | None:
+        """The result as the resolver's cache has it, when it has every zone's answer (no
+        query in flight for the client: one would have asked)."""
+        if ip in self._inflight:
+            return None
+        cached, reversed_ip, zones = self._resolver.cached, _reversed(client_address(ip)), []
+        for zone in self.zones:
+            answer = cached(f"{reversed_ip}.{zone}", "A")
+            if answer is None:
+                return None
+            zones.append(ZoneResult(zone, answer.status, answer.values, int(answer.ttl)))
+        zones = tuple(zones)
+        return DnsblResult(ip, zones, cache_ttl(zones))
 
     def _snapshot_of(self, lookup: _Lookup) -> DnsblResult:
         answers, pending = lookup.answers, self._pending
@@ -188,7 +203,8 @@ class DnsblQuerier:
         lookup = self._inflight[ip] = _Lookup(ip, loop.create_future())
         reversed_ip = _reversed(client_address(ip))
         for zone in self.zones:
-            future = lookup.asked[zone] = self._resolver.start(f"{reversed_ip}.{zone}", "A")
+            future = lookup.asked[zone] = self._resolver.start(f"{reversed_ip}.{zone}", "A",
+                                                               MIN_TTL)
             future.add_done_callback(functools.partial(self._answered, lookup, zone))
         if self.zones:
             lookup.timer = loop.call_later(self._timeout, self._expire, lookup)
@@ -236,7 +252,6 @@ class DnsblQuerier:
             lookup.timer = None
         zones = tuple(lookup.answers[zone] for zone in self.zones)
         result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
-        self._store(lookup.ip, result)
         if not lookup.future.done():
             lookup.future.set_result(result)
         self._wake(lookup, result)
@@ -260,9 +275,6 @@ class DnsblQuerier:
             self._unhealthy.add(result.zone)
         else:
             self._unhealthy.discard(result.zone)
-
-    def _store(self, ip: str, result: DnsblResult) -> None:
-        self._cache.put(ip, result, result.ttl)
 
 
 def _done(result: DnsblResult) -> asyncio.Future[DnsblResult]:

@@ -5,7 +5,7 @@ SYNOPSIS
     Resolver(nameservers: tuple[HostPort, ...], timeout: float, cache_size: int = 10000,
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
-        start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
+        start(name: str, rdtype: str, floor: int = 0) -> asyncio.Future[DnsAnswer]
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -50,7 +50,11 @@ DESCRIPTION
 
     start() is lookup() as a future of the caller's own, already done on a
     cache hit: a caller asking several questions gathers the futures
-    without a task each.
+    without a task each. With a `floor` (the DNSBL's: its results are kept
+    at least 60 s, smtpgate.lookups.dnsbl, which has no cache of its own)
+    the answer is cached for at least that long, a tempfail included, so a
+    broken zone is asked again after `floor` seconds, not by every session;
+    the answer's own ttl is the zone's as ever.
 
     ptr(ip) looks up ptr_name(ip): the in-addr.arpa / ip6.arpa name of ip
     (an IPv4-mapped IPv6 address as its IPv4 address); a value that is not
@@ -102,12 +106,13 @@ _NEGATIVE = {ares_errno.ARES_ENOTFOUND: "nxdomain", ares_errno.ARES_ENODATA: "no
 class _Query:
     """One query on the wire and the callers waiting for it."""
 
-    __slots__ = ("guard", "key", "waiters")
+    __slots__ = ("floor", "guard", "key", "waiters")
 
     def __init__(self, key: tuple[str, int], waiter: asyncio.Future) -> None:
         self.key = key
         self.waiters = [waiter]
         self.guard: asyncio.TimerHandle | None = None
+        self.floor = 0  # the longest time an asker wants the answer cached for, at least
 
 
 class Resolver:
@@ -162,18 +167,18 @@ class Resolver:
             return hit
         return await self._ask(key)
 
-    def start(self, name: str, rdtype: str) -> asyncio.Future[DnsAnswer]:
+    def start(self, name: str, rdtype: str, floor: int = 0) -> asyncio.Future[DnsAnswer]:
         """lookup() as a future of the caller's own (done at once on a cache hit): several
-        can be gathered without a task each."""
+        can be gathered without a task each. `floor`: cached at least this long."""
         key = (name.lower().rstrip("."), _qtype(rdtype))
         hit = self._cached(key)
         if hit is None:
-            return self._ask(key)
+            return self._ask(key, floor)
         done = asyncio.get_running_loop().create_future()
         done.set_result(hit)
         return done
 
-    def _ask(self, key: tuple[str, int]) -> asyncio.Future[DnsAnswer]:
+    def _ask(self, key: tuple[str, int], floor: int = 0) -> asyncio.Future[DnsAnswer]:
         # each caller waits on a future of its own: cancelling it leaves the query to the others
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -181,8 +186,10 @@ class Resolver:
         if query is not None:
             self.stats["shared"] += 1
             query.waiters.append(waiter)
+            query.floor = max(query.floor, floor)
         else:
             query = self._inflight[key] = _Query(key, waiter)
+            query.floor = floor
             self._start(loop, query)
         return waiter
 
@@ -220,8 +227,8 @@ class Resolver:
             query.guard.cancel()
         if answer.status == "tempfail":
             self.stats["tempfail"] += 1
-        else:
-            self._store(query.key, answer)
+        if answer.status != "tempfail" or query.floor:
+            self._store(query.key, answer, query.floor)
         for waiter in query.waiters:
             if not waiter.done():
                 waiter.set_result(answer)
@@ -246,10 +253,11 @@ class Resolver:
         self._channel = None
         self._loop = None
 
-    def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
-        if answer.ttl <= 0 or self.cache_size == 0:
+    def _store(self, key: tuple[str, int], answer: DnsAnswer, floor: int = 0) -> None:
+        ttl = max(answer.ttl, floor)
+        if ttl <= 0 or self.cache_size == 0:
             return
-        self._cache.put(key, answer, answer.ttl)
+        self._cache.put(key, answer, ttl)
 
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, int(ttl)))
@@ -265,11 +273,18 @@ def answer_from(status: int, records: list, soa_ttl: int | None, qtype: int, nam
         negative = _NEGATIVE.get(status)
         if negative is None:
             return _TEMPFAIL
-        return DnsAnswer(negative, (), clamp(negative_ttl if soa_ttl is None else soa_ttl))
+        return _no_records(negative, clamp(negative_ttl if soa_ttl is None else soa_ttl))
     found, ttl = _chain(records, name, qtype)
     if not found:  # only a CNAME chain that ends elsewhere
-        return DnsAnswer("nodata", (), clamp(negative_ttl))
+        return _no_records("nodata", clamp(negative_ttl))
     return DnsAnswer("ok", tuple(_FORMATS[qtype](data) for data in found), clamp(ttl))
+
+
+@functools.lru_cache(maxsize=256)
+def _no_records(status: str, ttl: int) -> DnsAnswer:
+    """One DnsAnswer per (status, ttl) without records, shared: most DNSBL answers are
+    NXDOMAIN with the zone's negative TTL, and the cache keeps one per client and zone."""
+    return DnsAnswer(status, (), ttl)
 
 
 def _chain(records: list, name: str, qtype: int) -> tuple[list, int]:

@@ -521,8 +521,11 @@ class Policy:
         if not passes and not failed and not any(map(self._enabled, SCREENING_TESTS)):
             passes = {NO_TESTS: self.config.greet_ttl}  # nothing to test: PASS OLD next time
         state.screening_failed += tuple(failed)  # written when the session ends
-        if not failed:
-            state.screening_passes.update(passes)
+        if not failed and passes:
+            if state.screening_passes:
+                state.screening_passes.update(passes)
+            else:
+                state.screening_passes = passes  # the screening's own: no copy kept
         if outcome is None and not failed:
             log.info("PASS NEW [%s]:%s", ip, port)
         if outcome is None:
@@ -625,8 +628,8 @@ class Policy:
         dns = None
         if helo.needs_dns(name) and access is None:
             dns = await helo_facts(self.resolver, name.rstrip("."))
-        verdict = self._note(state, helo.decide(
-            name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code))
+        verdict = self._note(state, _same_as_before(state, helo.decide(
+            name, access=access, dns=dns, unknown_code=self.config.unknown_helo_reject_code)))
         if self.watching:
             facts = {"name": name, "access": access}
             if dns is not None:  # left out when not asked: the shadow cannot decide without
@@ -929,7 +932,8 @@ class Policy:
             return None
         # No cached DNSBL pass for a client greylisted: its retry asks the DNSBL again (the
         # querier's memory, mostly), so its score, the doubt, is known then too.
-        state.screening_passes.pop("dnsbl", None)
+        if state.screening_passes:
+            state.screening_passes.pop("dnsbl", None)
         return verdict.reply
 
     def _dnsbl_score_now(self, state: ClientState) -> int | None:
@@ -973,7 +977,8 @@ class Policy:
         fresh = time.time() + self.config.greet_ttl / 2
         if all(state.cached_passes.get(t, 0.0) > fresh for t in protocol.TESTS):
             return
-        state.screening_passes.update(dict.fromkeys(protocol.TESTS, self.config.greet_ttl))
+        state.screening_passes = {**(state.screening_passes or {}),
+                                  **dict.fromkeys(protocol.TESTS, self.config.greet_ttl)}
 
     # --- protocol tests --------------------------------------------------------------------
 
@@ -1072,7 +1077,7 @@ class Policy:
         if lease is not None:  # its count and what screening found: one round trip
             try:
                 write = self.cache.session_write(
-                    state.client.ip, state.screening_passes, state.screening_failed,
+                    state.client.ip, state.screening_passes or {}, state.screening_failed,
                     held=lease.screening)
             except ValueError:  # a test name it does not know: a bug, but the count must go
                 log.exception("screening results of %s not written", state.client.ip)
@@ -1110,6 +1115,16 @@ def fcrdns_facts(state: ClientState, facts, rev_by_name: dict) -> dict:
             "ttl": facts.ttl, "rev_names": list(client_fcrdns.rev_names(facts)),
             "rev_ip": [state.rev_key, state.rev_ip] if state.rev_ip is not None else None,
             "rev_by_name": rev_by_name}
+
+
+def _same_as_before(state: ClientState, verdict: Verdict) -> Verdict:
+    """The session's earlier verdict of this check when it is equal: EHLO said again after
+    STARTTLS (as every client does) is judged alike, and the record keeps one object twice,
+    not a copy of its reason for every idle session."""
+    for earlier in reversed(state.record):
+        if earlier.check == verdict.check:
+            return earlier if earlier == verdict else verdict
+    return verdict
 
 
 def record_memory(config: Config) -> int:

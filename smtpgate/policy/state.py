@@ -97,8 +97,9 @@ class ClientState:
     # greylisting's answers by key tail ("" once the network passed), asked once a session
     greylist_seen: dict[str, Any] | None = None
     recorded_rcpt_pass: bool = False
-    # what screening found, written to the cache with the session's release
-    screening_passes: dict[str, float] = field(default_factory=dict)
+    # what screening found, written to the cache with the session's release (None: nothing
+    # passed; made when something does, as an idle session's dicts are)
+    screening_passes: dict[str, float] | None = None
     screening_failed: tuple[str, ...] = ()
     # shadow rules (smtpgate.policy.shadow), when on: the candidate's run of this session
     shadow: Any = None  # a smtpgate.policy.decisions.Redecider

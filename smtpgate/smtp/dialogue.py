@@ -68,6 +68,7 @@ _BLANK = re.compile(rb"[ \t\n\v\f\r]")
 
 VERBS = frozenset({"HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
                    "QUIT", "VRFY"})
+_KNOWN = {verb: verb for verb in VERBS}
 BEFORE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "QUIT", "RSET"})
 JUNK = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})
 SHOWN_ARGUMENTS = frozenset({"HELO", "EHLO", "MAIL", "RCPT"})  # never AUTH's
@@ -193,6 +194,7 @@ class Dialogue:
                                                              line[blank.end():])
         try:
             verb = verb_bytes.decode("ascii").upper()
+            verb = _KNOWN.get(verb, verb)  # the counts keep it: one string a verb, not a session
         except UnicodeDecodeError:
             verb = None
         if not line or verb is None:

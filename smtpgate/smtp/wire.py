@@ -3,6 +3,7 @@
 SYNOPSIS
     Wire(on_connect)                          the protocol factory's product
     await wire.line(timeout, limit) -> bytes | None | TOO_LONG
+    wire.take_line(limit) -> bytes | None ; wire.may_wait(limit) -> bool   the loop's own wait
     await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
     wire.buf                                  what the client sent and nobody consumed yet
     wire.reply(line: bytes) ; await wire.flush()
@@ -17,9 +18,10 @@ DESCRIPTION
     its deadline.
 
     One deadline per connection: each wait sets `deadline` (re-arming is
-    an attribute write), and a single timer handle follows it, rescheduled
-    only when it fires early. A connection costs one timer per idle
-    period, not one per command.
+    an attribute write), filed with the worker's deadline wheel
+    (smtpgate.smtp.deadlines: one loop timer for every connection, a
+    deadline fires at most its TICK late), and filed again only when it
+    comes round early. A connection costs no timer of its own.
 
     Replies are queued with reply() and written by flush() in one write;
     the session flushes when the client has nothing more pipelined, so a
@@ -48,6 +50,7 @@ import asyncio
 from collections.abc import Callable
 
 from smtpgate.flow_control import WriteFlow
+from smtpgate.smtp.deadlines import deadlines_of
 
 BUFFER_HIGH = 262144
 WRITE_HIGH = 65536  # replies queued past this are written before the next command is read
@@ -63,6 +66,8 @@ class WireTimeout(Exception):
 
 class Wire(asyncio.Protocol):
     __slots__ = (
+        "_deadlines",
+        "_filed",
         "_flow",
         "_loop",
         "_on_connect",
@@ -72,8 +77,6 @@ class Wire(asyncio.Protocol):
         "_sink",
         "_sink_error",
         "_sink_timeout",
-        "_timed_out",
-        "_timer",
         "_waiter",
         "buf",
         "closed",
@@ -90,8 +93,8 @@ class Wire(asyncio.Protocol):
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self.deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timed_out = False
+        self._deadlines = deadlines_of(self._loop)
+        self._filed: int | None = None  # the deadline wheel's tick it is filed at
         self._waiter: asyncio.Future | None = None
         self._flow = WriteFlow()
         self._paused = False
@@ -133,9 +136,7 @@ class Wire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.forget(self)
         self._wake()
         self._flow.resume()
 
@@ -149,48 +150,40 @@ class Wire(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(True)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._waiter is None or self._waiter.done():
-            return  # not waiting for the client now: the next wait arms it again
-        if self._loop.time() < self.deadline:
-            self._timer = self._loop.call_at(self.deadline, self._on_timer)
-            return
-        self._timed_out = True
-        self._waiter.set_result(None)
+    def _waiting(self) -> bool:
+        return self._waiter is not None and not self._waiter.done()
+
+    def _expired(self) -> None:
+        """The deadline wheel's word: the deadline has come (a wait ends with WireTimeout)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_exception(WireTimeout())
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timed_out = False
+        self._deadlines.forget(self)
 
-    async def more(self, timeout: float) -> bool:
-        """Wait until the client sends more; False when the stream has ended."""
+    def more(self, timeout: float) -> asyncio.Future[bool]:
+        """Wait until the client sends more: True, or False when the stream has ended;
+        WireTimeout at the deadline. A future, not a coroutine: a session waiting for its
+        client holds no frame for it."""
+        waiter = self._loop.create_future()
         if self.eof:
-            return False
-        self._timed_out = False
+            waiter.set_result(False)
+            return waiter
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
         self.deadline = self._loop.time() + timeout
-        if self._timer is not None and self._timer.when() > self.deadline:
-            self._timer.cancel()  # a shorter wait than the armed one (the PROXY header's)
-            self._timer = None
-        if self._timer is None:
-            self._timer = self._loop.call_at(self.deadline, self._on_timer)
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self._timed_out:
-            self._timed_out = False
-            raise WireTimeout
-        return True
+        self._deadlines.watch(self)  # filed again if earlier than before (the PROXY header's)
+        self._waiter = waiter
+        return waiter
 
     async def feed_until(self, sink: Callable[[bytearray], bool], timeout: float) -> bool:
         """Hand every byte to `sink` as it arrives until it returns True (it consumes what it
@@ -210,6 +203,26 @@ class Wire(asyncio.Protocol):
         if self._sink_error is not None:
             raise self._sink_error
         return True
+
+    def take_line(self, limit: int) -> bytes | None:
+        """line() without a wait: the next whole line (TOO_LONG past `limit`) when buf holds
+        one; None when it does not, or when replies must be flushed first (line() does)."""
+        if self._queued >= WRITE_HIGH:
+            return None
+        buf = self.buf
+        end = buf.find(b"\n")
+        if end < 0:
+            return None
+        del_end = end + 1
+        line = TOO_LONG if end >= limit else bytes(buf[:del_end])
+        del buf[:del_end]
+        return line
+
+    def may_wait(self, limit: int) -> bool:
+        """Whether a caller may wait for a line itself (flush(), more(), take_line(): no
+        coroutine of the wire's held while the client is idle): not with an over-long line
+        to skip or a batch of replies to write (line() does those)."""
+        return len(self.buf) <= limit and self._queued < WRITE_HIGH
 
     async def line(self, timeout: float, limit: int) -> bytes | None:
         """The next line with its LF; None at end of stream; TOO_LONG past `limit` bytes.
