@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 
-from smtpgate.service.heap import GEN0, settle_heap
+from smtpgate.service.heap import GEN0, before_fork, settle_heap
 
 
 @pytest.fixture
@@ -41,3 +41,10 @@ def test_cycles_made_after_settling_are_still_collected(restored_gc):
     del node
     gc.collect()
     assert ref() is None
+
+
+def test_before_fork_freezes_the_supervisors_heap(restored_gc):
+    gc.unfreeze()
+    held = [[n] for n in range(100)]
+    before_fork()
+    assert gc.get_freeze_count() >= len(held)

@@ -60,7 +60,7 @@ from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
 from smtpgate.service.dane_watch import DaneWatch
 from smtpgate.service.health import start_health
-from smtpgate.service.heap import settle_heap
+from smtpgate.service.heap import before_fork, settle_heap
 from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.preflight import (
     PreflightError,
@@ -325,6 +325,7 @@ def _supervise(config: Config, workers: int, metrics_path: str,
     started: dict[int, float] = {}
 
     def spawn() -> None:
+        before_fork()  # the worker's collections leave the pages it shares with us alone
         pid = os.fork()
         if pid == 0:
             code = 1
