@@ -60,6 +60,7 @@ from smtpgate.relay.pool import TransactionLimit
 from smtpgate.relay.probe import HopProbe
 from smtpgate.service.dane_watch import DaneWatch
 from smtpgate.service.health import start_health
+from smtpgate.service.heap import before_fork, settle_heap
 from smtpgate.service.metrics import Metrics, metrics_directory, worker_gone
 from smtpgate.service.preflight import (
     PreflightError,
@@ -179,6 +180,7 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     watcher = loop.create_task(dane.run())
     if probes is not None:
         start_learning(gate, probes)
+    settle_heap()  # what the worker holds from now on stays out of the collector's walks
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     stop_learning(gate)
@@ -323,6 +325,7 @@ def _supervise(config: Config, workers: int, metrics_path: str,
     started: dict[int, float] = {}
 
     def spawn() -> None:
+        before_fork()  # the worker's collections leave the pages it shares with us alone
         pid = os.fork()
         if pid == 0:
             code = 1
