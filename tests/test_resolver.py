@@ -457,6 +457,24 @@ async def test_helo_facts(dns, records, name, status):
     assert facts.status == status
 
 
+@pytest.mark.parametrize("records,name,queries", [
+    ([("one.test", "A", "192.0.2.1"), ("one.test", "MX", "10 mail.one.test.")], "one.test", 1),
+    ([], "gone.test", 1),
+    ([("six.test", "AAAA", "2001:db8::1")], "six.test", 2),
+    ([("mxonly.test", "MX", "10 mail.mxonly.test.")], "mxonly.test", 3),
+], ids=["a stops", "nxdomain stops", "aaaa second", "mx last"])
+async def test_helo_facts_ask_in_postfix_order_until_found(dns, records, name, queries):
+    # reject_unknown_helo_hostname asks A, AAAA, MX in turn and stops at the first with
+    # records or at NXDOMAIN: a HELO name with an address costs one query, not three.
+    if records:
+        dns.set(records)
+    resolver = make(dns)
+    facts = await helo_facts(resolver, name)
+    assert resolver.stats["queries"] == queries
+    assert facts.status == ("notfound" if not records else "ok")
+    assert (facts.mx != ()) == (name == "mxonly.test")
+
+
 async def test_helo_unknown_and_known_through_decide(dns):
     dns.set([("known.test", "A", "192.0.2.1")])
     resolver = make(dns)

@@ -2,6 +2,7 @@
 
 SYNOPSIS
     MAX_NAMES = 10
+    HELO_TYPES = ("A", "AAAA", "MX")
     async client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts
     async helo_facts(resolver: Resolver, name: str) -> HeloDns
 
@@ -18,11 +19,15 @@ DESCRIPTION
     TTL seen (0 when something failed). ip must be an IP address
     (ValueError otherwise).
 
-    helo_facts() looks up A, AAAA and MX of name in parallel: "ok" when any
-    has records (a null MX counts, as Postfix lets MTA names have one),
-    else "tempfail" when any lookup failed temporarily, else "notfound".
-    A trailing dot is ignored. Both run in about one DNS round trip after
-    the PTR, each bounded by the resolver's timeout.
+    helo_facts() looks up A, then AAAA, then MX of name, one after the
+    other and only until one has records, as Postfix's
+    reject_unknown_helo_hostname does (dns_lookup_l with
+    DNS_REQ_FLAG_STOP_OK, which also stops at NXDOMAIN): a HELO name with
+    an address costs one query, not three. "ok" when a type has records (a
+    null MX counts, as Postfix lets MTA names have one; the facts keep
+    that type's values only), else "tempfail" when a lookup failed
+    temporarily, else "notfound". A trailing dot is ignored. Each lookup
+    is bounded by the resolver's timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from smtpgate.checks.helo import HeloDns
 from smtpgate.lookups.resolver import DnsAnswer, Resolver
 
 MAX_NAMES = 10
+HELO_TYPES = ("A", "AAAA", "MX")  # Postfix's order
 
 
 async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
@@ -56,13 +62,18 @@ async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
 
 async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
     name = name[:-1] if name.endswith(".") and not name.endswith("..") else name
-    a, aaaa, mx = await lookups(resolver, [(name, "A"), (name, "AAAA"), (name, "MX")])
-    found = [x for x in (a, aaaa, mx) if x.status == "ok"]
-    if found:
-        return HeloDns("ok", min(x.ttl for x in found), a.values + aaaa.values, _values(mx))
-    if any(x.status == "tempfail" for x in (a, aaaa, mx)):
+    answers = []
+    for rdtype in HELO_TYPES:
+        answer = resolver.cached(name, rdtype) or await resolver.start(name, rdtype)
+        if answer.status == "ok":
+            mx = answer.values if rdtype == "MX" else ()
+            return HeloDns("ok", answer.ttl, () if rdtype == "MX" else answer.values, mx)
+        if answer.status == "nxdomain":  # no other type can exist: stop, as Postfix does
+            return HeloDns("notfound", answer.ttl)
+        answers.append(answer)
+    if any(x.status == "tempfail" for x in answers):
         return HeloDns("tempfail")
-    return HeloDns("notfound", min(a.ttl, aaaa.ttl, mx.ttl))
+    return HeloDns("notfound", min(x.ttl for x in answers))
 
 
 async def lookups(resolver: Resolver, questions: list[tuple[str, str]]) -> list[DnsAnswer]:
