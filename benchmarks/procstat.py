@@ -5,7 +5,8 @@ SYNOPSIS
     cpu_seconds(root, pids) -> float
     memory_kb(pids) -> Memory(pss, rss, hwm)
     PeakSampler(pids_fn, interval=0.25)      async with: .peak_pss_kb, .peak_rss_kb
-    established(port) -> int                 server-side TCP connections on 127.0.0.1:port
+    established(port, remotes=None) -> int   server-side TCP connections on 127.0.0.1:port
+                                             (only those from the IPv4 addresses in remotes)
     smtpd_processes(master) -> (total, busy) Postfix smtpd children of master; busy: with a
                                              client (an ESTABLISHED TCP socket among its fds)
 
@@ -39,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -159,15 +162,19 @@ class PeakSampler:
         self.sample()
 
 
-def established(port: int) -> int:
+def established(port: int, remotes: Iterable[str] | None = None) -> int:
     local = f":{port:04X}"
+    # /proc/net/tcp writes an IPv4 address as its bytes in host (little-endian) order
+    wanted = None if remotes is None else {
+        socket.inet_aton(ip)[::-1].hex().upper() for ip in remotes}
     count = 0
     try:
         with open("/proc/net/tcp") as fh:
             next(fh, None)
             for line in fh:
                 fields = line.split(None, 4)
-                if len(fields) > 3 and fields[1].endswith(local) and fields[3] == "01":
+                if len(fields) > 3 and fields[1].endswith(local) and fields[3] == "01" and (
+                        wanted is None or fields[2].split(":")[0] in wanted):
                     count += 1
     except OSError:
         return -1

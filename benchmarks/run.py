@@ -386,13 +386,14 @@ async def case_idle(stack: Stack, args) -> list[dict]:
         pids = meter.front()[1] if target in PY_FRONTS else stack.postfix.pids()
         pss_before = procstat.memory_kb(pids).pss
         port = port_of(stack, target)
-        hold = await load.hold_idle(port, sources=w.idle_ips(args.idle), count=args.idle,
+        sources = w.idle_ips(args.idle)
+        hold = await load.hold_idle(port, sources=sources, count=args.idle,
                                     budget=60)
         try:
             await asyncio.sleep(0.5)  # the server has accepted what the kernel queued
             pids = meter.front()[1] if target in PY_FRONTS else stack.postfix.pids()
             pss_held = procstat.memory_kb(pids).pss
-            server_held = procstat.established(port)
+            server_held = procstat.established(port, sources)  # not other cases' stragglers
             probe_during = await load.run_sessions(
                 port, sessions=5, concurrency=1, body=body, world=w, timeout=10, budget=15)
             await asyncio.sleep(args.greet_wait + 1)
