@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -179,6 +180,9 @@ async def run_worker(config: Config, probes: dict[Any, HopProbe] | None = None,
     watcher = loop.create_task(dane.run())
     if probes is not None:
         start_learning(gate, probes)
+    # what start-up built (modules, configuration, tables) lives as long as the worker: out
+    # of the collector's sight, a full collection walks only what sessions and caches made
+    gc.freeze()
     print("smtpgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     stop_learning(gate)

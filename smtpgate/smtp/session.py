@@ -332,6 +332,17 @@ class Session:
             with contextlib.suppress(ConnectionError, OSError, WireTimeout):
                 await wire.flush()
             wire.close()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The session is over: the links back to it from its subscribers go, so that its
+        objects are freed by their reference counts (at once, or when the evidence batch has
+        written its record), not left to the cycle collector, which at a few hundred
+        refused clients a second walked little else."""
+        self.subscribers = ()
+        self.protocol_tests = None
+        self.log.session = None  # nothing is logged for it now
+        self.evidence = None  # its record (if any) still reads the session, until written
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""
