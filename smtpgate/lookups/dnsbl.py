@@ -16,8 +16,8 @@ SYNOPSIS
 DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
-    at once, through the shared resolver (smtpgate.lookups.resolver: `await
-    resolver.start(name, "A") -> Future[DnsAnswer]`). Query names are the reversed
+    at once, through the shared resolver (smtpgate.lookups.resolver:
+    `resolver.ask(name, "A", callback) -> DnsAnswer | None`). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and
     postscreen use); an IPv4-mapped IPv6 client is queried as IPv4. Zones
@@ -57,9 +57,12 @@ DESCRIPTION
     is_error_answer). `unhealthy` is the set of zones whose latest answer
     was an error answer or a failure, for /metrics and the log.
 
-    A query in flight is driven by callbacks (each zone's answer, one timer
-    for the time limit): no task per client, none per zone, and the
-    client's address parsed once.
+    A query in flight is driven by callbacks (each zone's answer comes
+    straight from the resolver, without a future): no task per client, none
+    per zone, and the client's address parsed once. The time limit is the
+    same for every client, so the lookups' deadlines come in the order they
+    were begun: one timer, armed for the oldest lookup still running, ends
+    them all in turn.
 
     A client text that is not an IP address raises ValueError.
 """
@@ -70,13 +73,14 @@ import asyncio
 import functools
 import ipaddress
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from smtpgate.address import client_address
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
 from smtpgate.lookups.expiring_cache import ExpiringCache
+from smtpgate.lookups.resolver import DnsAnswer
 
 HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "error")
 
@@ -94,15 +98,15 @@ def _reversed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 class _Lookup:
     """One client's query in flight: the zones' answers so far and who waits for what."""
 
-    __slots__ = ("answers", "asked", "future", "ip", "settlers", "timer")
+    __slots__ = ("answers", "deadline", "done", "future", "ip", "settlers")
 
-    def __init__(self, ip: str, future: asyncio.Future) -> None:
+    def __init__(self, ip: str, future: asyncio.Future, deadline: float) -> None:
         self.ip = ip
         self.future = future  # the full result, shared by start()'s callers
         self.answers: dict[str, ZoneResult] = {}
-        self.asked: dict[str, asyncio.Future] = {}  # zone -> the resolver's future
         self.settlers: list[asyncio.Future] = []  # settling()'s futures, one per caller
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline
+        self.done = False
 
 
 class DnsblQuerier:
@@ -127,6 +131,8 @@ class DnsblQuerier:
         # a score leaves when its TTL ends: most clients are never seen again
         self._cache = ExpiringCache(cache_size, clock)
         self._inflight: dict[str, _Lookup] = {}
+        self._deadlines: deque[_Lookup] = deque()  # in the order begun
+        self._timer: asyncio.TimerHandle | None = None  # for the oldest lookup running
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
 
@@ -185,21 +191,29 @@ class DnsblQuerier:
     def _begin(self, ip: str) -> _Lookup:
         """Ask every zone at once, one time limit for all (postscreen_dnsbl_timeout)."""
         loop = asyncio.get_running_loop()
-        lookup = self._inflight[ip] = _Lookup(ip, loop.create_future())
+        lookup = self._inflight[ip] = _Lookup(ip, loop.create_future(),
+                                              loop.time() + self._timeout)
         reversed_ip = _reversed(client_address(ip))
+        ask = self._resolver.ask
         for zone in self.zones:
-            future = lookup.asked[zone] = self._resolver.start(f"{reversed_ip}.{zone}", "A")
-            future.add_done_callback(functools.partial(self._answered, lookup, zone))
-        if self.zones:
-            lookup.timer = loop.call_later(self._timeout, self._expire, lookup)
-        else:
+            answer = ask(f"{reversed_ip}.{zone}", "A", functools.partial(
+                self._answered, lookup, zone))
+            if answer is not None:  # from the resolver's cache
+                self._answered(lookup, zone, answer)
+        if not self.zones:
             self._finish(lookup)
+        if not lookup.done:
+            deadlines = self._deadlines
+            while deadlines and deadlines[0].done:  # finished: nothing left to time
+                deadlines.popleft()
+            deadlines.append(lookup)
+            if self._timer is None:
+                self._timer = loop.call_at(lookup.deadline, self._expire)
         return lookup
 
-    def _answered(self, lookup: _Lookup, zone: str, future: asyncio.Future) -> None:
-        if future.cancelled() or zone in lookup.answers:
-            return  # cancelled by _expire, which noted the timeout
-        answer = future.result()
+    def _answered(self, lookup: _Lookup, zone: str, answer: DnsAnswer) -> None:
+        if lookup.done or zone in lookup.answers:
+            return  # past the time limit, which noted the timeout
         self._note(lookup, ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl)))
         if len(lookup.answers) == len(self.zones):
             self._finish(lookup)
@@ -208,19 +222,25 @@ class DnsblQuerier:
             if settled(self._sites, partial, **self._thresholds):
                 self._wake(lookup, partial)
 
-    def _expire(self, lookup: _Lookup) -> None:
-        """The time limit: what has not answered is "timeout" (an answer that came in this
-        same turn of the loop, its callback not yet run, still counts)."""
-        lookup.timer = None
-        for zone, future in lookup.asked.items():
-            if zone in lookup.answers:
-                continue
-            if future.done() and not future.cancelled():
-                self._answered(lookup, zone, future)
-            else:
-                future.cancel()  # ours alone: the resolver's query goes on for other askers
-                self._note(lookup, ZoneResult(zone, "timeout"))
-        self._finish(lookup)
+    def _expire(self) -> None:
+        """The time limit: the zones of lookups past their deadline that have not answered
+        are "timeout" (the resolver's query goes on, its answer cached for others); then the
+        timer is armed again for the oldest lookup still running."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            lookup = deadlines[0]
+            if not lookup.done:
+                if lookup.deadline > now:
+                    self._timer = loop.call_at(lookup.deadline, self._expire)
+                    return
+                for zone in self.zones:
+                    if zone not in lookup.answers:
+                        self._note(lookup, ZoneResult(zone, "timeout"))
+                self._finish(lookup)
+            deadlines.popleft()
 
     def _note(self, lookup: _Lookup, result: ZoneResult) -> None:
         """A zone's result, once: counted in its health, seen by settling() and snapshot()."""
@@ -228,12 +248,11 @@ class DnsblQuerier:
         self._count(result)
 
     def _finish(self, lookup: _Lookup) -> None:
-        if self._inflight.get(lookup.ip) is not lookup:
-            return  # finished already
-        del self._inflight[lookup.ip]
-        if lookup.timer is not None:
-            lookup.timer.cancel()
-            lookup.timer = None
+        if lookup.done:
+            return
+        lookup.done = True
+        if self._inflight.get(lookup.ip) is lookup:
+            del self._inflight[lookup.ip]
         zones = tuple(lookup.answers[zone] for zone in self.zones)
         result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
         self._store(lookup.ip, result)

@@ -6,6 +6,7 @@ SYNOPSIS
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
         start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
+        ask(name: str, rdtype: str, callback) -> DnsAnswer | None
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -52,6 +53,18 @@ DESCRIPTION
     cache hit: a caller asking several questions gathers the futures
     without a task each.
 
+    ask() is lookup() without a future: a cache hit is returned at once
+    (callback not called), else None, and callback(answer) is called once,
+    in the loop, when the answer is there, or with "tempfail" when timeout
+    is up (the DNSBL engine asks every zone this way: one callback each,
+    no future, no hop through the loop). A callback that raises is logged
+    and does not keep the other callers of the query from their answers.
+
+    Each query in flight is bounded by one timer for all of them: the
+    timeout is the same for every query, so the queries' deadlines come in
+    the order the queries were sent, and one timer, armed for the oldest
+    still unanswered, ends them in turn.
+
     ptr(ip) looks up ptr_name(ip): the in-addr.arpa / ip6.arpa name of ip
     (an IPv4-mapped IPv6 address as its IPv4 address); a value that is not
     an IP address raises ValueError.
@@ -67,6 +80,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ipaddress
 import logging
@@ -100,14 +114,17 @@ _NEGATIVE = {ares_errno.ARES_ENOTFOUND: "nxdomain", ares_errno.ARES_ENODATA: "no
 
 
 class _Query:
-    """One query on the wire and the callers waiting for it."""
+    """One query on the wire and the callers waiting for it: futures (start(), lookup())
+    and callbacks (ask())."""
 
-    __slots__ = ("guard", "key", "waiters")
+    __slots__ = ("callbacks", "deadline", "done", "key", "waiters")
 
-    def __init__(self, key: tuple[str, int], waiter: asyncio.Future) -> None:
+    def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
-        self.waiters = [waiter]
-        self.guard: asyncio.TimerHandle | None = None
+        self.waiters: list[asyncio.Future] = []
+        self.callbacks: list[Callable[[DnsAnswer], None]] = []
+        self.deadline = 0.0
+        self.done = False
 
 
 class Resolver:
@@ -128,6 +145,8 @@ class Resolver:
         # answers leave when their TTL ends: first contacts' names are rarely asked again
         self._cache: ExpiringCache = ExpiringCache(self.cache_size)
         self._inflight: dict[tuple[str, int], _Query] = {}
+        self._deadlines: collections.deque[_Query] = collections.deque()  # in sending order
+        self._guard: asyncio.TimerHandle | None = None  # for the oldest query unanswered
         self._channel: DnsChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -173,6 +192,24 @@ class Resolver:
         done.set_result(hit)
         return done
 
+    def ask(self, name: str, rdtype: str, callback: Callable[[DnsAnswer], None]
+            ) -> DnsAnswer | None:
+        """The cached answer, or None and callback(answer) once it comes (see DESCRIPTION)."""
+        key = (name.lower().rstrip("."), _qtype(rdtype))
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        loop = asyncio.get_running_loop()
+        query = self._inflight.get(key)
+        if query is not None:
+            self.stats["shared"] += 1
+            query.callbacks.append(callback)
+        else:
+            query = self._inflight[key] = _Query(key)
+            query.callbacks.append(callback)
+            self._start(loop, query)
+        return None
+
     def _ask(self, key: tuple[str, int]) -> asyncio.Future[DnsAnswer]:
         # each caller waits on a future of its own: cancelling it leaves the query to the others
         loop = asyncio.get_running_loop()
@@ -182,7 +219,8 @@ class Resolver:
             self.stats["shared"] += 1
             query.waiters.append(waiter)
         else:
-            query = self._inflight[key] = _Query(key, waiter)
+            query = self._inflight[key] = _Query(key)
+            query.waiters.append(waiter)
             self._start(loop, query)
         return waiter
 
@@ -196,8 +234,30 @@ class Resolver:
         if channel is None:
             self._finish(query, _TEMPFAIL)
             return
-        query.guard = loop.call_later(self.timeout, self._finish, query, _TEMPFAIL)
+        query.deadline = loop.time() + self.timeout
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].done:  # answered: nothing left to guard
+            deadlines.popleft()
+        deadlines.append(query)
+        if self._guard is None:
+            self._guard = loop.call_at(query.deadline, self._expire)
         channel.query(name or ".", qtype, functools.partial(self._answered, query))
+
+    def _expire(self) -> None:
+        """The guard: queries past their deadline are "tempfail"; then armed again for the
+        oldest query still unanswered (those answered are let go on the way)."""
+        self._guard = None
+        deadlines = self._deadlines
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            query = deadlines[0]
+            if not query.done:
+                if query.deadline > now:
+                    self._guard = loop.call_at(query.deadline, self._expire)
+                    return
+                self._finish(query, _TEMPFAIL)
+            deadlines.popleft()
 
     def _answered(self, query: _Query, status: int, records: list,
                   negative_ttl: int | None) -> None:
@@ -214,17 +274,25 @@ class Resolver:
         self._finish(query, answer)
 
     def _finish(self, query: _Query, answer: DnsAnswer) -> None:
+        if query.done:
+            return
+        query.done = True
         if self._inflight.get(query.key) is query:
             del self._inflight[query.key]
-        if query.guard is not None:
-            query.guard.cancel()
         if answer.status == "tempfail":
             self.stats["tempfail"] += 1
         else:
             self._store(query.key, answer)
-        for waiter in query.waiters:
+        waiters, callbacks = query.waiters, query.callbacks
+        query.waiters = query.callbacks = []  # let go of them: the guard may keep the query
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(answer)
+        for callback in callbacks:
+            try:
+                callback(answer)
+            except Exception:  # the caller's bug: the other callers still get their answer
+                log.exception("DNS answer for %s/%s not taken", *query.key)
         if self._closing and not self._inflight:
             self._drop_channel()
 
@@ -245,6 +313,10 @@ class Resolver:
             self._channel.close()
         self._channel = None
         self._loop = None
+        if self._guard is not None:  # nothing in flight is left to guard
+            self._guard.cancel()
+            self._guard = None
+        self._deadlines.clear()
 
     def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
         if answer.ttl <= 0 or self.cache_size == 0:
