@@ -98,11 +98,13 @@ def _reversed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 class _Lookup:
     """One client's query in flight: the zones' answers so far and who waits for what."""
 
-    __slots__ = ("answers", "deadline", "done", "future", "ip", "settlers")
+    __slots__ = ("answers", "deadline", "done", "future", "ip", "loop", "result", "settlers")
 
-    def __init__(self, ip: str, future: asyncio.Future, deadline: float) -> None:
+    def __init__(self, ip: str, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.ip = ip
-        self.future = future  # the full result, shared by start()'s callers
+        self.loop = loop
+        self.future: asyncio.Future | None = None  # the full result, made for start()'s callers
+        self.result: DnsblResult | None = None  # that result, once every zone is in
         self.answers: dict[str, ZoneResult] = {}
         self.settlers: list[asyncio.Future] = []  # settling()'s futures, one per caller
         self.deadline = deadline
@@ -126,6 +128,10 @@ class DnsblQuerier:
         self._thresholds = {"threshold": threshold, "allowlist_threshold": allowlist_threshold}
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
         self._pending = {zone: ZoneResult(zone, "pending") for zone in self.zones}
+        # whether a lookup is settled before any zone answers: a property of the sites and
+        # thresholds alone (false but for a threshold no listing can miss)
+        self._settled_unanswered = settled(
+            self._sites, DnsblResult("", tuple(self._pending.values())), **self._thresholds)
         self._timeout = timeout
         self._clock = clock
         # a score leaves when its TTL ends: most clients are never seen again
@@ -149,24 +155,33 @@ class DnsblQuerier:
 
     def start(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
+        loop = asyncio.get_running_loop()
         cached = self._cache.get(key)
         if cached is not None:
-            return _done(cached)
-        lookup = self._inflight.get(key) or self._begin(key)
+            return _done(cached, loop)
+        lookup = self._inflight.get(key) or self._begin(key, loop)
+        if lookup.result is not None:  # every zone answered from the resolver's cache
+            return _done(lookup.result, loop)
+        if lookup.future is None:
+            lookup.future = loop.create_future()
         return lookup.future
 
     def settling(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
+        loop = asyncio.get_running_loop()
         cached = self._cache.get(key)
         if cached is not None:
-            return _done(cached)
-        lookup = self._inflight.get(key) or self._begin(key)
-        if lookup.future.done():  # every zone answered from the resolver's cache at once
-            return _done(lookup.future.result())
-        partial = self._snapshot_of(lookup)
-        if settled(self._sites, partial, **self._thresholds):
-            return _done(partial)
-        waiter = asyncio.get_running_loop().create_future()
+            return _done(cached, loop)
+        lookup = self._inflight.get(key) or self._begin(key, loop)
+        if lookup.result is not None:  # every zone answered from the resolver's cache
+            return _done(lookup.result, loop)
+        if lookup.answers:
+            partial = self._snapshot_of(lookup)
+            if settled(self._sites, partial, **self._thresholds):
+                return _done(partial, loop)
+        elif self._settled_unanswered:
+            return _done(self._snapshot_of(lookup), loop)
+        waiter = loop.create_future()
         lookup.settlers.append(waiter)
         return waiter
 
@@ -188,16 +203,14 @@ class DnsblQuerier:
         zones = tuple(answers.get(zone) or pending[zone] for zone in self.zones)
         return DnsblResult(lookup.ip, zones, cache_ttl(zones))
 
-    def _begin(self, ip: str) -> _Lookup:
+    def _begin(self, ip: str, loop: asyncio.AbstractEventLoop) -> _Lookup:
         """Ask every zone at once, one time limit for all (postscreen_dnsbl_timeout)."""
-        loop = asyncio.get_running_loop()
-        lookup = self._inflight[ip] = _Lookup(ip, loop.create_future(),
-                                              loop.time() + self._timeout)
+        lookup = self._inflight[ip] = _Lookup(ip, loop, loop.time() + self._timeout)
         reversed_ip = _reversed(client_address(ip))
         ask = self._resolver.ask
         for zone in self.zones:
             answer = ask(f"{reversed_ip}.{zone}", "A", functools.partial(
-                self._answered, lookup, zone))
+                self._answered, lookup, zone), loop)
             if answer is not None:  # from the resolver's cache
                 self._answered(lookup, zone, answer)
         if not self.zones:
@@ -227,7 +240,7 @@ class DnsblQuerier:
         are "timeout" (the resolver's query goes on, its answer cached for others); then the
         timer is armed again for the oldest lookup still running."""
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._deadlines[0].loop if self._deadlines else asyncio.get_running_loop()
         now = loop.time()
         deadlines = self._deadlines
         while deadlines:
@@ -254,9 +267,9 @@ class DnsblQuerier:
         if self._inflight.get(lookup.ip) is lookup:
             del self._inflight[lookup.ip]
         zones = tuple(lookup.answers[zone] for zone in self.zones)
-        result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
+        result = lookup.result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
         self._store(lookup.ip, result)
-        if not lookup.future.done():
+        if lookup.future is not None and not lookup.future.done():
             lookup.future.set_result(result)
         self._wake(lookup, result)
 
@@ -284,8 +297,8 @@ class DnsblQuerier:
         self._cache.put(ip, result, result.ttl)
 
 
-def _done(result: DnsblResult) -> asyncio.Future[DnsblResult]:
-    future = asyncio.get_running_loop().create_future()
+def _done(result: DnsblResult, loop: asyncio.AbstractEventLoop) -> asyncio.Future[DnsblResult]:
+    future = loop.create_future()
     future.set_result(result)
     return future
 

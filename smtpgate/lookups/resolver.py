@@ -6,7 +6,7 @@ SYNOPSIS
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
         start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
-        ask(name: str, rdtype: str, callback) -> DnsAnswer | None
+        ask(name: str, rdtype: str, callback, loop=None) -> DnsAnswer | None
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -192,14 +192,16 @@ class Resolver:
         done.set_result(hit)
         return done
 
-    def ask(self, name: str, rdtype: str, callback: Callable[[DnsAnswer], None]
-            ) -> DnsAnswer | None:
-        """The cached answer, or None and callback(answer) once it comes (see DESCRIPTION)."""
+    def ask(self, name: str, rdtype: str, callback: Callable[[DnsAnswer], None],
+            loop: asyncio.AbstractEventLoop | None = None) -> DnsAnswer | None:
+        """The cached answer, or None and callback(answer) once it comes (see DESCRIPTION).
+        `loop`: the running loop, when the caller has it at hand (asking Python 3.11 for it
+        costs a getpid() each time)."""
         key = (name.lower().rstrip("."), _qtype(rdtype))
         hit = self._cached(key)
         if hit is not None:
             return hit
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         query = self._inflight.get(key)
         if query is not None:
             self.stats["shared"] += 1

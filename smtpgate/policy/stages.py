@@ -492,7 +492,7 @@ class Policy:
             return _GO_ON
         decided = None
         if state.settle is not None:
-            decided = asyncio.get_running_loop().create_future()
+            decided = state.settle.get_loop().create_future()  # no getpid(): Python 3.11
             state.settle.add_done_callback(functools.partial(self._settled, state, decided))
         return GreetWait(self._greet_wait_now(state), decided, state.settle)
 

@@ -130,7 +130,7 @@ def protocol_factory(gate: Gate, listener: str,
         gate.sessions.add(session)
         task.add_done_callback(lambda _: gate.sessions.discard(session))
 
-    return lambda: Wire(start)
+    return lambda: Wire(start, loop)
 
 
 def limits_of(gate: Gate, listener: str) -> Limits:
