@@ -135,6 +135,21 @@ async def test_sessions_from_one_ip_share_one_query_and_the_cache(dns, resolver)
     assert resolver.stats["queries"] == 3
 
 
+async def test_the_score_is_cached_not_the_zones_answers(dns, resolver):
+    """A zone's answer for one client is asked for by no one else: the client's score is
+    kept here, and the resolver's cache stays for the names asked again (PTR, A, MX)."""
+    dns.set([("18.2.0.192.zen.test", "A", "127.0.0.2")])
+    querier = DnsblQuerier(resolver, SITES[:3], timeout=2)
+    first = await querier.query("192.0.2.18")
+    assert resolver.cached("18.2.0.192.zen.test", "A") is None
+    assert resolver.cached("18.2.0.192.bl.test", "A") is None  # nor a negative answer
+    assert await querier.query("192.0.2.18") is first
+    assert resolver.stats["queries"] == 3
+    # a lookup of its own, sharing nothing, is cached as ever
+    assert (await resolver.lookup("18.2.0.192.zen.test", "A")).values == ("127.0.0.2",)
+    assert resolver.cached("18.2.0.192.zen.test", "A") is not None
+
+
 async def test_a_cancelled_session_does_not_cancel_the_shared_query(dns, resolver):
     dns.set([("17.2.0.192.zen.test", "A", "127.0.0.2")])
     dns.set_timeout_zone("slow.test")

@@ -17,7 +17,8 @@ DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
     at once, through the shared resolver (smtpgate.lookups.resolver:
-    `resolver.ask(name, "A", callback) -> DnsAnswer | None`). Query names are the reversed
+    `resolver.ask(name, "A", callback, keep=False)`: the result per client is
+    cached here, the zones' answers not in the resolver). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and
     postscreen use); an IPv4-mapped IPv6 client is queried as IPv4. Zones
@@ -209,10 +210,9 @@ class DnsblQuerier:
         reversed_ip = _reversed(client_address(ip))
         ask = self._resolver.ask
         for zone in self.zones:
-            answer = ask(f"{reversed_ip}.{zone}", "A", functools.partial(
-                self._answered, lookup, zone), loop)
-            if answer is not None:  # from the resolver's cache
-                self._answered(lookup, zone, answer)
+            # not kept by the resolver: the client's score is, here
+            ask(f"{reversed_ip}.{zone}", "A", functools.partial(self._answered, lookup, zone),
+                loop, keep=False)
         if not self.zones:
             self._finish(lookup)
         if not lookup.done:

@@ -6,7 +6,7 @@ SYNOPSIS
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
         start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
-        ask(name: str, rdtype: str, callback, loop=None) -> DnsAnswer | None
+        ask(name: str, rdtype: str, callback, loop=None, keep=True) -> DnsAnswer | None
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -59,6 +59,11 @@ DESCRIPTION
     is up (the DNSBL engine asks every zone this way: one callback each,
     no future, no hop through the loop). A callback that raises is logged
     and does not keep the other callers of the query from their answers.
+    keep=False: the caller keeps what it makes of the answer itself, so the
+    answer is neither looked up in nor written to the cache (unless a
+    caller sharing the query wants it kept): the DNSBL engine caches each
+    client's score, and a zone's answer for one client is asked for by no
+    one else, so it would only push answers worth keeping out of the cache.
 
     Each query in flight is bounded by one timer for all of them: the
     timeout is the same for every query, so the queries' deadlines come in
@@ -117,10 +122,11 @@ class _Query:
     """One query on the wire and the callers waiting for it: futures (start(), lookup())
     and callbacks (ask())."""
 
-    __slots__ = ("callbacks", "deadline", "done", "key", "waiters")
+    __slots__ = ("callbacks", "deadline", "done", "keep", "key", "waiters")
 
-    def __init__(self, key: tuple[str, int]) -> None:
+    def __init__(self, key: tuple[str, int], keep: bool = True) -> None:
         self.key = key
+        self.keep = keep  # the answer goes into the cache
         self.waiters: list[asyncio.Future] = []
         self.callbacks: list[Callable[[DnsAnswer], None]] = []
         self.deadline = 0.0
@@ -193,21 +199,24 @@ class Resolver:
         return done
 
     def ask(self, name: str, rdtype: str, callback: Callable[[DnsAnswer], None],
-            loop: asyncio.AbstractEventLoop | None = None) -> DnsAnswer | None:
+            loop: asyncio.AbstractEventLoop | None = None, keep: bool = True
+            ) -> DnsAnswer | None:
         """The cached answer, or None and callback(answer) once it comes (see DESCRIPTION).
         `loop`: the running loop, when the caller has it at hand (asking Python 3.11 for it
         costs a getpid() each time)."""
         key = (name.lower().rstrip("."), _qtype(rdtype))
-        hit = self._cached(key)
-        if hit is not None:
-            return hit
+        if keep:
+            hit = self._cached(key)
+            if hit is not None:
+                return hit
         loop = loop or asyncio.get_running_loop()
         query = self._inflight.get(key)
         if query is not None:
             self.stats["shared"] += 1
+            query.keep = query.keep or keep
             query.callbacks.append(callback)
         else:
-            query = self._inflight[key] = _Query(key)
+            query = self._inflight[key] = _Query(key, keep)
             query.callbacks.append(callback)
             self._start(loop, query)
         return None
@@ -283,7 +292,7 @@ class Resolver:
             del self._inflight[query.key]
         if answer.status == "tempfail":
             self.stats["tempfail"] += 1
-        else:
+        elif query.keep:
             self._store(query.key, answer)
         waiters, callbacks = query.waiters, query.callbacks
         query.waiters = query.callbacks = []  # let go of them: the guard may keep the query
