@@ -331,6 +331,28 @@ async def test_one_guard_ends_each_query_at_its_own_deadline(silent_server):
     assert resolver.stats["tempfail"] == 2 and resolver._guard is None
 
 
+async def test_a_query_timing_out_after_close_lets_go_of_the_channel(silent_server):
+    """The guard ends the last query in flight after close(): the channel goes with it, and
+    nothing fails in the loop."""
+    port = silent_server.getsockname()[1]
+    resolver = kept(Resolver((HostPort("127.0.0.1", port),), 0.4))
+    loop = asyncio.get_running_loop()
+    failures: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    got: list[DnsAnswer] = []
+    try:
+        resolver.ask("late.quiet.test", "A", got.append)
+        resolver.close()
+        async with no_hang():
+            while not got:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert got == [DnsAnswer("tempfail", (), 0)]
+    assert failures == [] and resolver._channel is None
+
+
 async def test_lookup_in_flight_survives_close(dns):
     dns.set([("closing.test", "A", "192.0.2.7")])
     resolver = make(dns)

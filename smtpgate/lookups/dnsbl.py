@@ -245,15 +245,15 @@ class DnsblQuerier:
         deadlines = self._deadlines
         while deadlines:
             lookup = deadlines[0]
+            if not lookup.done and lookup.deadline > now:
+                self._timer = loop.call_at(lookup.deadline, self._expire)
+                return
+            deadlines.popleft()
             if not lookup.done:
-                if lookup.deadline > now:
-                    self._timer = loop.call_at(lookup.deadline, self._expire)
-                    return
                 for zone in self.zones:
                     if zone not in lookup.answers:
                         self._note(lookup, ZoneResult(zone, "timeout"))
                 self._finish(lookup)
-            deadlines.popleft()
 
     def _note(self, lookup: _Lookup, result: ZoneResult) -> None:
         """A zone's result, once: counted in its health, seen by settling() and snapshot()."""

@@ -263,12 +263,12 @@ class Resolver:
         now = loop.time()
         while deadlines:
             query = deadlines[0]
+            if not query.done and query.deadline > now:
+                self._guard = loop.call_at(query.deadline, self._expire)
+                return
+            deadlines.popleft()  # before _finish: the last one may let go of the channel
             if not query.done:
-                if query.deadline > now:
-                    self._guard = loop.call_at(query.deadline, self._expire)
-                    return
                 self._finish(query, _TEMPFAIL)
-            deadlines.popleft()
 
     def _answered(self, query: _Query, status: int, records: list,
                   negative_ttl: int | None) -> None:
