@@ -8,6 +8,7 @@ the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import pytest
@@ -25,6 +26,7 @@ from smtpgate.service.metrics import Metrics
 from smtpgate.smtp import wire as wire_module
 from smtpgate.smtp.dialogue import Answer, Dialogue, Hello, Mail, Rcpt, ReceiveBody, Stage
 from smtpgate.smtp.events import ProtocolTestFailed
+from smtpgate.smtp.session import Session
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
@@ -487,6 +489,30 @@ async def test_a_refusal_ends_with_the_session_id_and_is_kept_as_evidence():
     assert f"Recipient address rejected; session={sid}\r\n".encode() in talk.transport.out
     assert policy.evidence.kept and set(policy.evidence.kept) == {sid}
     assert talk.metrics.rejections == 1
+
+
+async def test_a_finished_session_is_freed_without_the_cycle_collector():
+    """Once over, a session is held by nothing of its own (its subscribers, log and evidence
+    link back to it): it goes with its last outside reference, here the evidence record
+    waiting for its batch, not at the cycle collector's next full pass, which at a few
+    hundred refused clients a second walked little else."""
+    policy = StubPolicy()
+    policy.rcpt_reply = Reply(550, "5.1.1", "<u0@gate.test>: Recipient address rejected")
+    def sessions() -> int:  # those alive: with the collector off, freed ones are gone
+        return sum(1 for o in gc.get_objects() if type(o) is Session)
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with memory_session(policy=policy) as talk:
+            await transaction(talk)
+            await talk.send(b"QUIT\r\n")
+        del talk
+        assert sessions() == 1  # its record is still to be written
+        policy.evidence.producers.clear()  # written
+        assert sessions() == 0
+    finally:
+        gc.enable()
 
 
 async def test_a_sender_refused_at_mail_is_named_in_the_noqueue_line(caplog):

@@ -312,3 +312,28 @@ def test_a_repeat_is_the_same_in_all_that_explain_shows():
                   _Ended(session_id.new(), 40004, sender="b@example.net"),
                   _Ended(session_id.new(), 40005, listener="submission")):
         assert refused_alike(other) != first
+
+
+def test_the_rows_made_for_the_signature_serve_the_record_until_a_verdict_comes():
+    """The store asks for the signature and then the record in one go: the verdicts are read
+    once for both, and again once the session has taken another verdict."""
+    from types import SimpleNamespace
+
+    from smtpgate.smtp.dialogue import Dialogue
+    from smtpgate.smtp.evidence import SessionEvidence
+    from smtpgate.verdict import Outcome, Verdict
+
+    ended = _Ended(session_id.new(), 40001)
+    session = SimpleNamespace(id=ended.id, client=ended.client, state=ended.state,
+                              dialogue=Dialogue("mx"))
+    evidence = SessionEvidence(session, store=None)
+    evidence.refusals, evidence.ended = ended.refusals, ended.ended
+    rows = evidence.rows()
+    assert evidence.rows() is rows  # made once
+    assert [v["check"] for v in evidence.record()["verdicts"]] == [
+        "limits", "pipelining", "recipient"]
+    assert evidence.repeat()[10] == tuple(  # the port out of the reasons, as ever
+        (c, o, "" if c == "limits" else r.replace(":40001", ""), p) for c, o, r, p in rows)
+    ended.state.note(Verdict("greylist", Outcome.PASS, reason="seen before"))
+    assert evidence.rows() is not rows
+    assert [v["check"] for v in evidence.record()["verdicts"]][-1] == "greylist"

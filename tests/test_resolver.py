@@ -290,6 +290,69 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_query(dns):
     assert resolver.stats["queries"] == 1
 
 
+async def test_ask_calls_back_once_and_answers_a_cache_hit_at_once(dns):
+    """The DNSBL engine's way in: no future, the answer handed to a callback in the loop; a
+    cached answer comes back at once, the callback not called."""
+    dns.set([("asked.test", "A", "192.0.2.8")])
+    resolver = make(dns)
+    got: list[DnsAnswer] = []
+    came = asyncio.Event()
+
+    def answered(answer: DnsAnswer) -> None:
+        got.append(answer)
+        came.set()
+
+    assert resolver.ask("asked.test", "A", answered) is None
+    assert resolver.ask("Asked.test.", "A", answered) is None  # the same query, shared
+    async with no_hang():
+        await came.wait()
+    await asyncio.sleep(0.05)
+    assert [a.values for a in got] == [("192.0.2.8",)] * 2
+    assert resolver.ask("asked.test", "A", answered).values == ("192.0.2.8",)
+    assert len(got) == 2 and resolver.stats["queries"] == 1
+
+
+async def test_one_guard_ends_each_query_at_its_own_deadline(silent_server):
+    """One timer for every query in flight: each still ends at its own limit, the later
+    one after the earlier, and an answered one is no longer guarded."""
+    port = silent_server.getsockname()[1]
+    resolver = kept(Resolver((HostPort("127.0.0.1", port),), 0.6))
+    loop = asyncio.get_running_loop()
+    ended: dict[str, float] = {}
+    started = loop.time()
+    resolver.ask("one.quiet.test", "A", lambda a: ended.setdefault("one", loop.time()))
+    await asyncio.sleep(0.3)
+    resolver.ask("two.quiet.test", "A", lambda a: ended.setdefault("two", loop.time()))
+    async with no_hang():
+        while len(ended) < 2:
+            await asyncio.sleep(0.02)
+    assert 0.5 < ended["one"] - started < 0.9
+    assert 0.8 < ended["two"] - started < 1.2
+    assert resolver.stats["tempfail"] == 2 and resolver._guard is None
+
+
+async def test_a_query_timing_out_after_close_lets_go_of_the_channel(silent_server):
+    """The guard ends the last query in flight after close(): the channel goes with it, and
+    nothing fails in the loop."""
+    port = silent_server.getsockname()[1]
+    resolver = kept(Resolver((HostPort("127.0.0.1", port),), 0.4))
+    loop = asyncio.get_running_loop()
+    failures: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    got: list[DnsAnswer] = []
+    try:
+        resolver.ask("late.quiet.test", "A", got.append)
+        resolver.close()
+        async with no_hang():
+            while not got:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert got == [DnsAnswer("tempfail", (), 0)]
+    assert failures == [] and resolver._channel is None
+
+
 async def test_lookup_in_flight_survives_close(dns):
     dns.set([("closing.test", "A", "192.0.2.7")])
     resolver = make(dns)

@@ -172,6 +172,27 @@ def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
     assert dns.queries("PTR") > ptr_queries
 
 
+def test_dnsbl_drop_logs_three_lines_as_postscreen_does(gate, screened, dns):
+    """connect, the refusal (the reply fail2ban reads, naming the zone) and disconnect, each
+    with the session id; the rank and the answers are in the evidence record, not a fourth
+    line (postscreen: CONNECT, DNSBL rank, DISCONNECT)."""
+    dns.set([("6.5.0.127.bl.test", "A", "127.0.0.2")])
+    with Talk("127.0.0.1", gate.mx_port, source="127.0.5.6") as talk:
+        refusal = talk.file.readline().decode().rstrip("\r\n")
+        assert talk.closed()
+    session = refusal.rpartition("session=")[2]
+    assert refusal == ("521 5.7.1 Service unavailable; client [127.0.5.6] blocked using "
+                       f"bl.test; session={session}")
+    gate.wait_for_log(r"disconnect from unknown\[127\.0\.5\.6\]")
+    lines = [line.partition(": ")[2] for line in gate.log_text().splitlines()
+             if "127.0.5.6" in line]
+    assert lines == [
+        f"connect from unknown[127.0.5.6] to [127.0.0.1]:{gate.mx_port} session={session}",
+        "NOQUEUE: reject: CONNECT from unknown[127.0.5.6]: 521 5.7.1 Service unavailable; "
+        f"client [127.0.5.6] blocked using bl.test; session={session}; proto=SMTP",
+        f"disconnect from unknown[127.0.5.6] commands=0 session={session}"], lines
+
+
 def test_dnsbl_allowlisted_client_skips_the_wait(gate, screened, dns):
     dns.set([("6.4.0.127.wl.test", "A", "127.0.0.2")])
     with Talk("127.0.0.1", gate.mx_port, source="127.0.4.6") as talk:

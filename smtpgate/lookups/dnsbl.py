@@ -2,7 +2,8 @@
 
 SYNOPSIS
     query_name(ip, zone) -> str
-    DnsblQuerier(resolver, sites, timeout=10.0, *, threshold=1, allowlist_threshold=0)
+    DnsblQuerier(resolver, sites, timeout=10.0, *, threshold=1,
+                 allowlist_threshold=0, cache_size=10000, clock=time.monotonic)
         await .query(ip) -> DnsblResult
         .start(ip) -> asyncio.Future[DnsblResult]
         .settling(ip) -> asyncio.Future[DnsblResult]
@@ -15,8 +16,9 @@ SYNOPSIS
 DESCRIPTION
     query() asks every zone named in `sites` (smtpgate.dnsbl_sites, each
     zone once however many sites name it) for the client's A records, all
-    at once, through the shared resolver (smtpgate.lookups.resolver: `await
-    resolver.start(name, "A", floor) -> Future[DnsAnswer]`). Query names are the reversed
+    at once, through the shared resolver (smtpgate.lookups.resolver:
+    `resolver.ask(name, "A", callback, keep=False)`: the result per client is
+    cached here, the zones' answers not in the resolver). Query names are the reversed
     IPv4 octets (`2.0.0.127.zen.example`) or, for IPv6, the 32 reversed
     nibbles (`1.0.0.0....8.b.d.0.1.0.0.2.zen.example`, as Spamhaus and
     postscreen use); an IPv4-mapped IPv6 client is queried as IPv4. Zones
@@ -26,21 +28,11 @@ DESCRIPTION
     does not answer in time is "timeout", one that answers SERVFAIL or the
     like "tempfail"; both count as no listing, show in the result, and are
     counted in the zone's health. The result (smtpgate.checks.dnsbl
-    DnsblResult, judged by smtpgate.checks.dnsbl.decide) has a ttl, the
-    answer TTL clamped to [60 s, 1 h] (60 s when a zone failed), which is
-    how long a pass may be kept (the screening cache's). The answers are
-    kept once, in the resolver's cache: each zone's for its own TTL, at
-    least 60 s (MIN_TTL, the resolver's `floor`), a failed zone's 60 s; a
-    client asked about again while every zone's answer is still there gets
-    its result built from them, without a query. (This querier kept a
-    cache of results of its own, a second copy of every answer, for the
-    result's ttl. DNS traffic is the same: the resolver's cache already
-    held each zone's answer for its own TTL. What changed: a zone that
-    timed out for the DNSBL but answered the resolver later counts from
-    the next session on, rather than after 60 s.) Sessions of one client that ask
-    while a query is running share it (one future per IP); a waiter that
-    is cancelled, e.g. a client that hung up, does not cancel the query
-    for the others.
+    DnsblResult, judged by smtpgate.checks.dnsbl.decide) is cached in this
+    process for its ttl, the answer TTL clamped to [60 s, 1 h] (60 s when a
+    zone failed). Sessions of one client that ask while a query is running
+    share it (one future per IP); a waiter that is cancelled, e.g. a client
+    that hung up, does not cancel the query for the others.
 
     The early-decision hooks, for the session's greet wait:
     - start() returns the running (or finished) query as a future, shared
@@ -66,9 +58,12 @@ DESCRIPTION
     is_error_answer). `unhealthy` is the set of zones whose latest answer
     was an error answer or a failure, for /metrics and the log.
 
-    A query in flight is driven by callbacks (each zone's answer, one timer
-    for the time limit): no task per client, none per zone, and the
-    client's address parsed once.
+    A query in flight is driven by callbacks (each zone's answer comes
+    straight from the resolver, without a future): no task per client, none
+    per zone, and the client's address parsed once. The time limit is the
+    same for every client, so the lookups' deadlines come in the order they
+    were begun: one timer, armed for the oldest lookup still running, ends
+    them all in turn.
 
     A client text that is not an IP address raises ValueError.
 """
@@ -78,12 +73,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from smtpgate.address import client_address
-from smtpgate.checks.dnsbl import MIN_TTL, DnsblResult, ZoneResult, cache_ttl, settled
+from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
+from smtpgate.lookups.expiring_cache import ExpiringCache
+from smtpgate.lookups.resolver import DnsAnswer
 
 HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "error")
 
@@ -101,15 +99,17 @@ def _reversed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 class _Lookup:
     """One client's query in flight: the zones' answers so far and who waits for what."""
 
-    __slots__ = ("answers", "asked", "future", "ip", "settlers", "timer")
+    __slots__ = ("answers", "deadline", "done", "future", "ip", "loop", "result", "settlers")
 
-    def __init__(self, ip: str, future: asyncio.Future) -> None:
+    def __init__(self, ip: str, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.ip = ip
-        self.future = future  # the full result, shared by start()'s callers
+        self.loop = loop
+        self.future: asyncio.Future | None = None  # the full result, made for start()'s callers
+        self.result: DnsblResult | None = None  # that result, once every zone is in
         self.answers: dict[str, ZoneResult] = {}
-        self.asked: dict[str, asyncio.Future] = {}  # zone -> the resolver's future
         self.settlers: list[asyncio.Future] = []  # settling()'s futures, one per caller
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline
+        self.done = False
 
 
 class DnsblQuerier:
@@ -121,14 +121,25 @@ class DnsblQuerier:
         *,
         threshold: int = 1,
         allowlist_threshold: int = 0,
+        cache_size: int = 10000,
+        clock=time.monotonic,
     ) -> None:
         self._resolver = resolver
         self._sites = tuple(sites)
         self._thresholds = {"threshold": threshold, "allowlist_threshold": allowlist_threshold}
         self.zones = tuple(dict.fromkeys(site.zone for site in sites))
         self._pending = {zone: ZoneResult(zone, "pending") for zone in self.zones}
+        # whether a lookup is settled before any zone answers: a property of the sites and
+        # thresholds alone (false but for a threshold no listing can miss)
+        self._settled_unanswered = settled(
+            self._sites, DnsblResult("", tuple(self._pending.values())), **self._thresholds)
         self._timeout = timeout
+        self._clock = clock
+        # a score leaves when its TTL ends: most clients are never seen again
+        self._cache = ExpiringCache(cache_size, clock)
         self._inflight: dict[str, _Lookup] = {}
+        self._deadlines: deque[_Lookup] = deque()  # in the order begun
+        self._timer: asyncio.TimerHandle | None = None  # for the oldest lookup running
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
 
@@ -145,24 +156,33 @@ class DnsblQuerier:
 
     def start(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
-        cached = self._known(key)
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(key)
         if cached is not None:
-            return _done(cached)
-        lookup = self._inflight.get(key) or self._begin(key)
+            return _done(cached, loop)
+        lookup = self._inflight.get(key) or self._begin(key, loop)
+        if lookup.result is not None:  # every zone answered from the resolver's cache
+            return _done(lookup.result, loop)
+        if lookup.future is None:
+            lookup.future = loop.create_future()
         return lookup.future
 
     def settling(self, ip: str) -> asyncio.Future[DnsblResult]:
         key = _normal(ip)
-        cached = self._known(key)
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(key)
         if cached is not None:
-            return _done(cached)
-        lookup = self._inflight.get(key) or self._begin(key)
-        if lookup.future.done():  # every zone answered from the resolver's cache at once
-            return _done(lookup.future.result())
-        partial = self._snapshot_of(lookup)
-        if settled(self._sites, partial, **self._thresholds):
-            return _done(partial)
-        waiter = asyncio.get_running_loop().create_future()
+            return _done(cached, loop)
+        lookup = self._inflight.get(key) or self._begin(key, loop)
+        if lookup.result is not None:  # every zone answered from the resolver's cache
+            return _done(lookup.result, loop)
+        if lookup.answers:
+            partial = self._snapshot_of(lookup)
+            if settled(self._sites, partial, **self._thresholds):
+                return _done(partial, loop)
+        elif self._settled_unanswered:
+            return _done(self._snapshot_of(lookup), loop)
+        waiter = loop.create_future()
         lookup.settlers.append(waiter)
         return waiter
 
@@ -171,51 +191,42 @@ class DnsblQuerier:
 
     def snapshot(self, ip: str) -> DnsblResult | None:
         key = _normal(ip)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         lookup = self._inflight.get(key)
-        if lookup is None:
-            return self._known(key)
-        if not lookup.answers:
+        if lookup is None or not lookup.answers:
             return None
         return self._snapshot_of(lookup)
-
-    def _known(self, ip: str) -> DnsblResult | None:
-        """The result as the resolver's cache has it, when it has every zone's answer (no
-        query in flight for the client: one would have asked)."""
-        if ip in self._inflight:
-            return None
-        cached, reversed_ip, zones = self._resolver.cached, _reversed(client_address(ip)), []
-        for zone in self.zones:
-            answer = cached(f"{reversed_ip}.{zone}", "A")
-            if answer is None:
-                return None
-            zones.append(ZoneResult(zone, answer.status, answer.values, int(answer.ttl)))
-        zones = tuple(zones)
-        return DnsblResult(ip, zones, cache_ttl(zones))
 
     def _snapshot_of(self, lookup: _Lookup) -> DnsblResult:
         answers, pending = lookup.answers, self._pending
         zones = tuple(answers.get(zone) or pending[zone] for zone in self.zones)
         return DnsblResult(lookup.ip, zones, cache_ttl(zones))
 
-    def _begin(self, ip: str) -> _Lookup:
+    def _begin(self, ip: str, loop: asyncio.AbstractEventLoop) -> _Lookup:
         """Ask every zone at once, one time limit for all (postscreen_dnsbl_timeout)."""
-        loop = asyncio.get_running_loop()
-        lookup = self._inflight[ip] = _Lookup(ip, loop.create_future())
+        lookup = self._inflight[ip] = _Lookup(ip, loop, loop.time() + self._timeout)
         reversed_ip = _reversed(client_address(ip))
+        ask = self._resolver.ask
         for zone in self.zones:
-            future = lookup.asked[zone] = self._resolver.start(f"{reversed_ip}.{zone}", "A",
-                                                               MIN_TTL)
-            future.add_done_callback(functools.partial(self._answered, lookup, zone))
-        if self.zones:
-            lookup.timer = loop.call_later(self._timeout, self._expire, lookup)
-        else:
+            # not kept by the resolver: the client's score is, here
+            ask(f"{reversed_ip}.{zone}", "A", functools.partial(self._answered, lookup, zone),
+                loop, keep=False)
+        if not self.zones:
             self._finish(lookup)
+        if not lookup.done:
+            deadlines = self._deadlines
+            while deadlines and deadlines[0].done:  # finished: nothing left to time
+                deadlines.popleft()
+            deadlines.append(lookup)
+            if self._timer is None:
+                self._timer = loop.call_at(lookup.deadline, self._expire)
         return lookup
 
-    def _answered(self, lookup: _Lookup, zone: str, future: asyncio.Future) -> None:
-        if future.cancelled() or zone in lookup.answers:
-            return  # cancelled by _expire, which noted the timeout
-        answer = future.result()
+    def _answered(self, lookup: _Lookup, zone: str, answer: DnsAnswer) -> None:
+        if lookup.done or zone in lookup.answers:
+            return  # past the time limit, which noted the timeout
         self._note(lookup, ZoneResult(zone, answer.status, tuple(answer.values), int(answer.ttl)))
         if len(lookup.answers) == len(self.zones):
             self._finish(lookup)
@@ -224,19 +235,25 @@ class DnsblQuerier:
             if settled(self._sites, partial, **self._thresholds):
                 self._wake(lookup, partial)
 
-    def _expire(self, lookup: _Lookup) -> None:
-        """The time limit: what has not answered is "timeout" (an answer that came in this
-        same turn of the loop, its callback not yet run, still counts)."""
-        lookup.timer = None
-        for zone, future in lookup.asked.items():
-            if zone in lookup.answers:
-                continue
-            if future.done() and not future.cancelled():
-                self._answered(lookup, zone, future)
-            else:
-                future.cancel()  # ours alone: the resolver's query goes on for other askers
-                self._note(lookup, ZoneResult(zone, "timeout"))
-        self._finish(lookup)
+    def _expire(self) -> None:
+        """The time limit: the zones of lookups past their deadline that have not answered
+        are "timeout" (the resolver's query goes on, its answer cached for others); then the
+        timer is armed again for the oldest lookup still running."""
+        self._timer = None
+        loop = self._deadlines[0].loop if self._deadlines else asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            lookup = deadlines[0]
+            if not lookup.done and lookup.deadline > now:
+                self._timer = loop.call_at(lookup.deadline, self._expire)
+                return
+            deadlines.popleft()
+            if not lookup.done:
+                for zone in self.zones:
+                    if zone not in lookup.answers:
+                        self._note(lookup, ZoneResult(zone, "timeout"))
+                self._finish(lookup)
 
     def _note(self, lookup: _Lookup, result: ZoneResult) -> None:
         """A zone's result, once: counted in its health, seen by settling() and snapshot()."""
@@ -244,15 +261,15 @@ class DnsblQuerier:
         self._count(result)
 
     def _finish(self, lookup: _Lookup) -> None:
-        if self._inflight.get(lookup.ip) is not lookup:
-            return  # finished already
-        del self._inflight[lookup.ip]
-        if lookup.timer is not None:
-            lookup.timer.cancel()
-            lookup.timer = None
+        if lookup.done:
+            return
+        lookup.done = True
+        if self._inflight.get(lookup.ip) is lookup:
+            del self._inflight[lookup.ip]
         zones = tuple(lookup.answers[zone] for zone in self.zones)
-        result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
-        if not lookup.future.done():
+        result = lookup.result = DnsblResult(lookup.ip, zones, cache_ttl(zones))
+        self._store(lookup.ip, result)
+        if lookup.future is not None and not lookup.future.done():
             lookup.future.set_result(result)
         self._wake(lookup, result)
 
@@ -276,9 +293,12 @@ class DnsblQuerier:
         else:
             self._unhealthy.discard(result.zone)
 
+    def _store(self, ip: str, result: DnsblResult) -> None:
+        self._cache.put(ip, result, result.ttl)
 
-def _done(result: DnsblResult) -> asyncio.Future[DnsblResult]:
-    future = asyncio.get_running_loop().create_future()
+
+def _done(result: DnsblResult, loop: asyncio.AbstractEventLoop) -> asyncio.Future[DnsblResult]:
+    future = loop.create_future()
     future.set_result(result)
     return future
 

@@ -5,7 +5,8 @@ SYNOPSIS
     Resolver(nameservers: tuple[HostPort, ...], timeout: float, cache_size: int = 10000,
              *, min_ttl: int = 0, max_ttl: int = 3600, negative_ttl: int = 60)
         async lookup(name: str, rdtype: str) -> DnsAnswer
-        start(name: str, rdtype: str, floor: int = 0) -> asyncio.Future[DnsAnswer]
+        start(name: str, rdtype: str) -> asyncio.Future[DnsAnswer]
+        ask(name: str, rdtype: str, callback, loop=None, keep=True) -> DnsAnswer | None
         async ptr(ip: str) -> DnsAnswer
         cached(name: str, rdtype: str) -> DnsAnswer | None     no await: the cache only
         clear() -> None
@@ -50,11 +51,24 @@ DESCRIPTION
 
     start() is lookup() as a future of the caller's own, already done on a
     cache hit: a caller asking several questions gathers the futures
-    without a task each. With a `floor` (the DNSBL's: its results are kept
-    at least 60 s, smtpgate.lookups.dnsbl, which has no cache of its own)
-    the answer is cached for at least that long, a tempfail included, so a
-    broken zone is asked again after `floor` seconds, not by every session;
-    the answer's own ttl is the zone's as ever.
+    without a task each.
+
+    ask() is lookup() without a future: a cache hit is returned at once
+    (callback not called), else None, and callback(answer) is called once,
+    in the loop, when the answer is there, or with "tempfail" when timeout
+    is up (the DNSBL engine asks every zone this way: one callback each,
+    no future, no hop through the loop). A callback that raises is logged
+    and does not keep the other callers of the query from their answers.
+    keep=False: the caller keeps what it makes of the answer itself, so the
+    answer is neither looked up in nor written to the cache (unless a
+    caller sharing the query wants it kept): the DNSBL engine caches each
+    client's score, and a zone's answer for one client is asked for by no
+    one else, so it would only push answers worth keeping out of the cache.
+
+    Each query in flight is bounded by one timer for all of them: the
+    timeout is the same for every query, so the queries' deadlines come in
+    the order the queries were sent, and one timer, armed for the oldest
+    still unanswered, ends them in turn.
 
     ptr(ip) looks up ptr_name(ip): the in-addr.arpa / ip6.arpa name of ip
     (an IPv4-mapped IPv6 address as its IPv4 address); a value that is not
@@ -71,6 +85,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ipaddress
 import logging
@@ -104,15 +119,18 @@ _NEGATIVE = {ares_errno.ARES_ENOTFOUND: "nxdomain", ares_errno.ARES_ENODATA: "no
 
 
 class _Query:
-    """One query on the wire and the callers waiting for it."""
+    """One query on the wire and the callers waiting for it: futures (start(), lookup())
+    and callbacks (ask())."""
 
-    __slots__ = ("floor", "guard", "key", "waiters")
+    __slots__ = ("callbacks", "deadline", "done", "keep", "key", "waiters")
 
-    def __init__(self, key: tuple[str, int], waiter: asyncio.Future) -> None:
+    def __init__(self, key: tuple[str, int], keep: bool = True) -> None:
         self.key = key
-        self.waiters = [waiter]
-        self.guard: asyncio.TimerHandle | None = None
-        self.floor = 0  # the longest time an asker wants the answer cached for, at least
+        self.keep = keep  # the answer goes into the cache
+        self.waiters: list[asyncio.Future] = []
+        self.callbacks: list[Callable[[DnsAnswer], None]] = []
+        self.deadline = 0.0
+        self.done = False
 
 
 class Resolver:
@@ -133,6 +151,8 @@ class Resolver:
         # answers leave when their TTL ends: first contacts' names are rarely asked again
         self._cache: ExpiringCache = ExpiringCache(self.cache_size)
         self._inflight: dict[tuple[str, int], _Query] = {}
+        self._deadlines: collections.deque[_Query] = collections.deque()  # in sending order
+        self._guard: asyncio.TimerHandle | None = None  # for the oldest query unanswered
         self._channel: DnsChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -167,18 +187,41 @@ class Resolver:
             return hit
         return await self._ask(key)
 
-    def start(self, name: str, rdtype: str, floor: int = 0) -> asyncio.Future[DnsAnswer]:
+    def start(self, name: str, rdtype: str) -> asyncio.Future[DnsAnswer]:
         """lookup() as a future of the caller's own (done at once on a cache hit): several
-        can be gathered without a task each. `floor`: cached at least this long."""
+        can be gathered without a task each."""
         key = (name.lower().rstrip("."), _qtype(rdtype))
         hit = self._cached(key)
         if hit is None:
-            return self._ask(key, floor)
+            return self._ask(key)
         done = asyncio.get_running_loop().create_future()
         done.set_result(hit)
         return done
 
-    def _ask(self, key: tuple[str, int], floor: int = 0) -> asyncio.Future[DnsAnswer]:
+    def ask(self, name: str, rdtype: str, callback: Callable[[DnsAnswer], None],
+            loop: asyncio.AbstractEventLoop | None = None, keep: bool = True
+            ) -> DnsAnswer | None:
+        """The cached answer, or None and callback(answer) once it comes (see DESCRIPTION).
+        `loop`: the running loop, when the caller has it at hand (asking Python 3.11 for it
+        costs a getpid() each time)."""
+        key = (name.lower().rstrip("."), _qtype(rdtype))
+        if keep:
+            hit = self._cached(key)
+            if hit is not None:
+                return hit
+        loop = loop or asyncio.get_running_loop()
+        query = self._inflight.get(key)
+        if query is not None:
+            self.stats["shared"] += 1
+            query.keep = query.keep or keep
+            query.callbacks.append(callback)
+        else:
+            query = self._inflight[key] = _Query(key, keep)
+            query.callbacks.append(callback)
+            self._start(loop, query)
+        return None
+
+    def _ask(self, key: tuple[str, int]) -> asyncio.Future[DnsAnswer]:
         # each caller waits on a future of its own: cancelling it leaves the query to the others
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -186,10 +229,9 @@ class Resolver:
         if query is not None:
             self.stats["shared"] += 1
             query.waiters.append(waiter)
-            query.floor = max(query.floor, floor)
         else:
-            query = self._inflight[key] = _Query(key, waiter)
-            query.floor = floor
+            query = self._inflight[key] = _Query(key)
+            query.waiters.append(waiter)
             self._start(loop, query)
         return waiter
 
@@ -203,8 +245,30 @@ class Resolver:
         if channel is None:
             self._finish(query, _TEMPFAIL)
             return
-        query.guard = loop.call_later(self.timeout, self._finish, query, _TEMPFAIL)
+        query.deadline = loop.time() + self.timeout
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].done:  # answered: nothing left to guard
+            deadlines.popleft()
+        deadlines.append(query)
+        if self._guard is None:
+            self._guard = loop.call_at(query.deadline, self._expire)
         channel.query(name or ".", qtype, functools.partial(self._answered, query))
+
+    def _expire(self) -> None:
+        """The guard: queries past their deadline are "tempfail"; then armed again for the
+        oldest query still unanswered (those answered are let go on the way)."""
+        self._guard = None
+        deadlines = self._deadlines
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            query = deadlines[0]
+            if not query.done and query.deadline > now:
+                self._guard = loop.call_at(query.deadline, self._expire)
+                return
+            deadlines.popleft()  # before _finish: the last one may let go of the channel
+            if not query.done:
+                self._finish(query, _TEMPFAIL)
 
     def _answered(self, query: _Query, status: int, records: list,
                   negative_ttl: int | None) -> None:
@@ -221,17 +285,25 @@ class Resolver:
         self._finish(query, answer)
 
     def _finish(self, query: _Query, answer: DnsAnswer) -> None:
+        if query.done:
+            return
+        query.done = True
         if self._inflight.get(query.key) is query:
             del self._inflight[query.key]
-        if query.guard is not None:
-            query.guard.cancel()
         if answer.status == "tempfail":
             self.stats["tempfail"] += 1
-        if answer.status != "tempfail" or query.floor:
-            self._store(query.key, answer, query.floor)
-        for waiter in query.waiters:
+        elif query.keep:
+            self._store(query.key, answer)
+        waiters, callbacks = query.waiters, query.callbacks
+        query.waiters = query.callbacks = []  # let go of them: the guard may keep the query
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(answer)
+        for callback in callbacks:
+            try:
+                callback(answer)
+            except Exception:  # the caller's bug: the other callers still get their answer
+                log.exception("DNS answer for %s/%s not taken", *query.key)
         if self._closing and not self._inflight:
             self._drop_channel()
 
@@ -252,12 +324,15 @@ class Resolver:
             self._channel.close()
         self._channel = None
         self._loop = None
+        if self._guard is not None:  # nothing in flight is left to guard
+            self._guard.cancel()
+            self._guard = None
+        self._deadlines.clear()
 
-    def _store(self, key: tuple[str, int], answer: DnsAnswer, floor: int = 0) -> None:
-        ttl = max(answer.ttl, floor)
-        if ttl <= 0 or self.cache_size == 0:
+    def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
+        if answer.ttl <= 0 or self.cache_size == 0:
             return
-        self._cache.put(key, answer, ttl)
+        self._cache.put(key, answer, answer.ttl)
 
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, int(ttl)))
@@ -282,8 +357,8 @@ def answer_from(status: int, records: list, soa_ttl: int | None, qtype: int, nam
 
 @functools.lru_cache(maxsize=256)
 def _no_records(status: str, ttl: int) -> DnsAnswer:
-    """One DnsAnswer per (status, ttl) without records, shared: most DNSBL answers are
-    NXDOMAIN with the zone's negative TTL, and the cache keeps one per client and zone."""
+    """One DnsAnswer per (status, ttl) without records, shared: most answers a first
+    contact gets are NXDOMAIN or NODATA with a zone's negative TTL."""
     return DnsAnswer(status, (), ttl)
 
 

@@ -323,14 +323,21 @@ class Policy:
             self.shadow.weigh(state, verdict, facts)
 
     @staticmethod
-    def _note(state: ClientState, verdict: Verdict) -> Verdict:
+    def _note(state: ClientState, verdict: Verdict, told: bool = False) -> Verdict:
         """Keep the verdict in the session's record; log what a postmaster needs to see.
 
         Passes go to the debug log: at a few hundred sessions a second, one line per check
-        per session would cost more than the checks themselves.
+        per session would cost more than the checks themselves. So does a failure `told`
+        otherwise: a DNSBL drop, whose reply (the zone named) is the engine's `NOQUEUE:
+        reject: CONNECT` line and whose reason (rank, sites and answers) is the session's
+        evidence record, as postscreen writes three lines for it (CONNECT, DNSBL rank,
+        DISCONNECT) and smtpgate three (connect from, NOQUEUE, disconnect from).
         """
         state.note(verdict)
-        if verdict.outcome is Outcome.FAIL or verdict.ignored:
+        if told:
+            if log.isEnabledFor(10):
+                log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.logged)
+        elif verdict.outcome is Outcome.FAIL or verdict.ignored:
             log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.logged)
         elif verdict.reason and verdict.outcome is not Outcome.SKIP and log.isEnabledFor(10):
             log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
@@ -486,7 +493,7 @@ class Policy:
             return _GO_ON
         decided = None
         if state.settle is not None:
-            decided = asyncio.get_running_loop().create_future()
+            decided = state.settle.get_loop().create_future()  # no getpid(): Python 3.11
             state.settle.add_done_callback(functools.partial(self._settled, state, decided))
         return GreetWait(self._greet_wait_now(state), decided, state.settle)
 
@@ -549,7 +556,8 @@ class Policy:
         result = screening.result
         if result is None:
             return
-        verdict = self._note(state, self._dnsbl_verdict_of(state, result))
+        verdict = self._dnsbl_verdict_of(state, result)
+        self._note(state, verdict, told=hangs_up(verdict))
         if self.watching:
             self._decided(state, verdict, dnsbl_facts(result))
         if verdict.outcome is Outcome.PERMIT:

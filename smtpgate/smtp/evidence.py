@@ -5,8 +5,11 @@ SYNOPSIS
     evidence.notify(event)                      a subscriber of the session's events
     evidence.envelope -> (sender, recipients)   what a refusal's record names
     Refusal(time, command, reply, verdicts)     one 4xx/5xx reply the client got
-    session_record(session: Recorded) -> dict   the record smtpgate.lookups.evidence stores
-    refused_alike(session) -> tuple | None      what makes a later session a repeat of it
+    session_record(session: Recorded, rows=None) -> dict
+                                                the record smtpgate.lookups.evidence stores
+    refused_alike(session, rows=None) -> tuple | None
+                                                what makes a later session a repeat of it
+    verdict_rows(state) -> list[tuple]          each verdict's (check, outcome, reason, reply)
     replay_record(session) -> dict              what `smtpgate replay` decides again
 
 DESCRIPTION
@@ -40,6 +43,11 @@ DESCRIPTION
     HELO, sender and the recipients accepted, and `checks`: each check
     decided, as [check, facts, outcome, reply], the facts those of
     smtpgate.policy.decisions; `left_out`, the checks past the state's cap.
+
+    Both read the verdicts as verdict_rows() gives them; SessionEvidence
+    makes the rows once for both (the store asks for the signature, then,
+    for a first refusal, the record, in one go), unless a verdict came
+    between the two.
 
     refused_alike() is the session's signature once it has ended: the
     client IP first, then everything else the record shows but the
@@ -94,7 +102,7 @@ class SessionEvidence:
     """A Recorded: the session's own facts read through `session` (the driver,
     smtpgate.smtp.session.Session), the refusals kept here."""
 
-    __slots__ = ("ended", "refusals", "refused_tx", "session", "store")
+    __slots__ = ("_rows", "ended", "refusals", "refused_tx", "session", "store")
 
     def __init__(self, session: Any, store: Any) -> None:
         self.session = session
@@ -102,6 +110,7 @@ class SessionEvidence:
         self.refusals: list[Refusal] | None = None
         self.refused_tx: Any = None  # the transaction (smtpgate.smtp.dialogue) at the latest
         self.ended: float | None = None
+        self._rows: tuple[int, list[tuple]] | None = None  # (verdicts taken, their rows)
 
     def notify(self, event: Event) -> None:
         kind = type(event)
@@ -129,10 +138,20 @@ class SessionEvidence:
         self.store.keep(self.session.id, self.record, self.repeat)
 
     def record(self) -> dict:
-        return session_record(self)
+        return session_record(self, self.rows())
 
     def repeat(self) -> tuple | None:
-        return refused_alike(self)
+        return refused_alike(self, self.rows())
+
+    def rows(self) -> list[tuple]:
+        """verdict_rows() of the session's state, made again only when a verdict came."""
+        state = self.session.state
+        if state is None:
+            return []
+        taken = len(state.record) + state.unrecorded
+        if self._rows is None or self._rows[0] != taken:
+            self._rows = (taken, verdict_rows(state))
+        return self._rows[1]
 
     def replay_record(self) -> dict:
         return replay_record(self)
@@ -170,9 +189,17 @@ class SessionEvidence:
         return self.session.dialogue.command_counts()
 
 
-def session_record(session: Recorded) -> dict:
+def verdict_rows(state: Any) -> list[tuple]:
+    """Each verdict of the record as (check, outcome, reason as logged, reply or None)."""
+    return [(v.check, str(v.outcome), v.logged, str(v.reply) if v.reply is not None else None)
+            for v in state.record]
+
+
+def session_record(session: Recorded, rows: list[tuple] | None = None) -> dict:
     client, state = session.client, session.state
-    verdicts = state.record if state is not None else []
+    if rows is None:
+        rows = verdict_rows(state) if state is not None else []
+    sender, recipients = session.envelope
     return {
         "session": session.id,
         "listener": client.listener,
@@ -184,14 +211,12 @@ def session_record(session: Recorded) -> dict:
         "ended": session.ended,
         "helo": session.helo,
         "login": session.login,
-        "sender": session.envelope[0],
-        "recipients": list(session.envelope[1]),
+        "sender": sender,
+        "recipients": list(recipients),
         "commands": session.command_counts(),
         **({"unrecorded": state.unrecorded} if state is not None and state.unrecorded else {}),
-        "verdicts": [
-            {"check": v.check, "outcome": str(v.outcome), "reason": v.logged,
-             "reply": str(v.reply) if v.reply is not None else None}
-            for v in verdicts],
+        "verdicts": [{"check": check, "outcome": outcome, "reason": reason, "reply": reply}
+                     for check, outcome, reason, reply in rows],
         "replies": [
             {"time": r.time, "command": r.command, "reply": r.reply, "verdicts": r.verdicts}
             for r in session.refusals or ()],
@@ -211,20 +236,22 @@ def replay_record(session: Recorded) -> dict:
     }
 
 
-def refused_alike(session: Recorded) -> tuple | None:
+def refused_alike(session: Recorded, rows: list[tuple] | None = None) -> tuple | None:
     if session.ended is None or not session.refusals:
         return None  # still running: more may come
     client, state = session.client, session.state
+    if rows is None:
+        rows = verdict_rows(state) if state is not None else []
     # the client's port, the session's id and times, and the connection counts of the moment
     # (a passed limits check) are what two sessions never share; everything else explain
     # prints must be the same, or the alias would show another session
     with_port, without = f"[{client.ip}]:{client.port}", f"[{client.ip}]"
     tag = f"; session={session.id}"
     verdicts = tuple(
-        (v.check, str(v.outcome),
-         "" if v.check == "limits" and v.reply is None else v.logged.replace(with_port, without),
-         str(v.reply) if v.reply is not None else None)
-        for v in (state.record if state is not None else ()))
+        (check, outcome,
+         "" if check == "limits" and reply is None else reason.replace(with_port, without),
+         reply)
+        for check, outcome, reason, reply in rows)
     replies = tuple((r.command, r.reply.replace(tag, ""), r.verdicts) for r in session.refusals)
     return (client.ip, client.listener, client.local_ip, client.local_port,
             state.client_name if state is not None else "unknown", session.helo, session.login,

@@ -122,7 +122,7 @@ def protocol_factory(gate: Gate, listener: str,
         loop.create_task(session.run())  # noqa: RUF006
         gate.sessions.add(session)
 
-    return lambda: Wire(start)
+    return lambda: Wire(start, loop)
 
 
 def limits_of(gate: Gate, listener: str) -> Limits:
@@ -326,6 +326,16 @@ class Session:
                 # here, not in a done callback of the task: that was a closure, a context
                 # copy and a callback entry per idle session (the drain waits for this)
                 self.gate.sessions.discard(self)
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """The session is over: the links back to it from its log, evidence and protocol
+        tests go, so that its objects are freed by their reference counts (at once, or when
+        the evidence batch has written its record), not left to the cycle collector, which
+        at a few hundred refused clients a second walked little else."""
+        self.protocol_tests = None
+        self.log.session = None  # nothing is logged for it now
+        self.evidence = None  # its record (if any) still reads the session, until written
 
     async def _proxy_header(self) -> bool:
         """Take the client's addresses from a trusted load balancer's PROXY header."""

@@ -1,7 +1,7 @@
 """wire - one client connection as an asyncio.Protocol: a byte buffer, one deadline, batched writes.
 
 SYNOPSIS
-    Wire(on_connect)                          the protocol factory's product
+    Wire(on_connect, loop=None)               the protocol factory's product
     await wire.line(timeout, limit) -> bytes | None | TOO_LONG
     wire.take_line(limit) -> bytes | None ; wire.may_wait(limit) -> bool   the loop's own wait
     await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
@@ -85,9 +85,10 @@ class Wire(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, on_connect: Callable[[Wire], object]) -> None:
+    def __init__(self, on_connect: Callable[[Wire], object],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._on_connect = on_connect
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()  # the factory's: one getpid() less
         self.buf = bytearray()
         self.eof = False
         self.closed = False
