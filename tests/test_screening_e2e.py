@@ -172,10 +172,10 @@ def test_dnsbl_listed_client_is_dropped_early(gate, screened, dns):
     assert dns.queries("PTR") > ptr_queries
 
 
-def test_dnsbl_drop_logs_three_lines_as_postscreen_does(gate, screened, dns):
-    """connect, the refusal (the reply fail2ban reads, naming the zone) and disconnect, each
-    with the session id; the rank and the answers are in the evidence record, not a fourth
-    line (postscreen: CONNECT, DNSBL rank, DISCONNECT)."""
+def test_dnsbl_drop_logs_the_rank_and_the_refusal(gate, screened, dns):
+    """connect, the rank and the sites that listed the client (postscreen's "DNSBL rank N"
+    line), the refusal (the reply fail2ban reads, naming the zone) and disconnect: four
+    lines, nothing more."""
     dns.set([("6.5.0.127.bl.test", "A", "127.0.0.2")])
     with Talk("127.0.0.1", gate.mx_port, source="127.0.5.6") as talk:
         refusal = talk.file.readline().decode().rstrip("\r\n")
@@ -186,11 +186,14 @@ def test_dnsbl_drop_logs_three_lines_as_postscreen_does(gate, screened, dns):
     gate.wait_for_log(r"disconnect from unknown\[127\.0\.5\.6\]")
     lines = [line.partition(": ")[2] for line in gate.log_text().splitlines()
              if "127.0.5.6" in line]
-    assert lines == [
-        f"connect from unknown[127.0.5.6] to [127.0.0.1]:{gate.mx_port} session={session}",
+    assert len(lines) == 4, lines
+    assert lines[0] == (f"connect from unknown[127.0.5.6] to [127.0.0.1]:{gate.mx_port} "
+                        f"session={session}")
+    assert lines[1].startswith("dnsbl fail: ") and "rank" in lines[1] and "bl.test" in lines[1]
+    assert lines[2] == (
         "NOQUEUE: reject: CONNECT from unknown[127.0.5.6]: 521 5.7.1 Service unavailable; "
-        f"client [127.0.5.6] blocked using bl.test; session={session}; proto=SMTP",
-        f"disconnect from unknown[127.0.5.6] commands=0 session={session}"], lines
+        f"client [127.0.5.6] blocked using bl.test; session={session}; proto=SMTP")
+    assert lines[3] == f"disconnect from unknown[127.0.5.6] commands=0 session={session}"
 
 
 def test_dnsbl_allowlisted_client_skips_the_wait(gate, screened, dns):

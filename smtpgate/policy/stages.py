@@ -323,21 +323,17 @@ class Policy:
             self.shadow.weigh(state, verdict, facts)
 
     @staticmethod
-    def _note(state: ClientState, verdict: Verdict, told: bool = False) -> Verdict:
+    def _note(state: ClientState, verdict: Verdict) -> Verdict:
         """Keep the verdict in the session's record; log what a postmaster needs to see.
 
         Passes go to the debug log: at a few hundred sessions a second, one line per check
-        per session would cost more than the checks themselves. So does a failure `told`
-        otherwise: a DNSBL drop, whose reply (the zone named) is the engine's `NOQUEUE:
-        reject: CONNECT` line and whose reason (rank, sites and answers) is the session's
-        evidence record, as postscreen writes three lines for it (CONNECT, DNSBL rank,
-        DISCONNECT) and smtpgate three (connect from, NOQUEUE, disconnect from).
+        per session would cost more than the checks themselves. A failure stays at info, a
+        DNSBL drop's included: its rank and the sites that listed the client are what
+        postscreen logs too ("DNSBL rank N for [ip]:port"), and the NOQUEUE line names only
+        the top zone (or the reply map's text).
         """
         state.note(verdict)
-        if told:
-            if log.isEnabledFor(10):
-                log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.logged)
-        elif verdict.outcome is Outcome.FAIL or verdict.ignored:
+        if verdict.outcome is Outcome.FAIL or verdict.ignored:
             log.info("%s %s: %s", verdict.check, verdict.outcome, verdict.logged)
         elif verdict.reason and verdict.outcome is not Outcome.SKIP and log.isEnabledFor(10):
             log.debug("%s %s: %s", verdict.check, verdict.outcome, verdict.reason)
@@ -556,8 +552,7 @@ class Policy:
         result = screening.result
         if result is None:
             return
-        verdict = self._dnsbl_verdict_of(state, result)
-        self._note(state, verdict, told=hangs_up(verdict))
+        verdict = self._note(state, self._dnsbl_verdict_of(state, result))
         if self.watching:
             self._decided(state, verdict, dnsbl_facts(result))
         if verdict.outcome is Outcome.PERMIT:
