@@ -81,6 +81,17 @@ async def test_an_error_reply_is_raised_and_the_order_kept(redis, client):
     assert await client.get("str") == "x"  # the next caller reads its own reply
 
 
+async def test_a_reply_that_is_not_utf8_fails_its_caller_alone(redis, client):
+    redis.set("latin", "caf\xe9".encode("latin-1"))
+    redis.set("fine", "ok")
+    bad, good = await asyncio.gather(client.get("latin"), client.get("fine"),
+                                     return_exceptions=True)
+    assert isinstance(bad, rexc.InvalidResponse) and "UTF-8" in str(bad)
+    assert good == "ok"
+    connection = client._conn
+    assert await client.hgetall("fine2") == {} and client._conn is connection  # not dropped
+
+
 async def test_a_lost_script_is_loaded_again(redis, client):
     script = client.register_script("return redis.call('INCR', KEYS[1]) + tonumber(ARGV[1])")
     assert await script(keys=["n"], args=[10]) == 11

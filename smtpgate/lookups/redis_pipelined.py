@@ -148,7 +148,7 @@ class _Connection(asyncio.Protocol):
         reader, pending = self.reader, self.pending
         reader.feed(data)
         try:
-            while (reply := reader.gets()) is not False:
+            while (reply := _next_reply(reader, self.where)) is not False:
                 entry = pending[0]
                 replies = entry[2]
                 replies.append(reply)
@@ -189,6 +189,16 @@ class _Connection(asyncio.Protocol):
         for entry in pending:
             if not entry[0].done():
                 entry[0].set_exception(exc)
+
+
+def _next_reply(reader: hiredis.Reader, where: str) -> Any:
+    """The next whole reply, False when none is complete. A bulk string that is not UTF-8
+    (a table value written in Latin-1, say) is that reply's error alone: hiredis has
+    consumed the whole reply when it raises, so the order holds and the connection stays."""
+    try:
+        return reader.gets()
+    except UnicodeDecodeError as exc:
+        return InvalidResponse(f"A reply from {where} is not valid UTF-8: {exc}")
 
 
 def _chain(result: asyncio.Future, task: asyncio.Task) -> None:
