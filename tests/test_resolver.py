@@ -290,6 +290,23 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_query(dns):
     assert resolver.stats["queries"] == 1
 
 
+async def test_a_query_asked_without_keeping_is_kept_when_a_cached_lookup_shares_it(dns):
+    dns.set([("shared.test", "A", "192.0.2.9")])
+    resolver = make(dns)
+    got: list[DnsAnswer] = []
+    assert resolver.ask("shared.test", "A", got.append, keep=False) is None
+    assert resolver.cached("shared.test", "A") is None
+    async with no_hang():
+        answer = await resolver.lookup("shared.test", "A")  # joins the query in flight
+    assert answer.values == ("192.0.2.9",) and resolver.stats["queries"] == 1
+    assert resolver.cached("shared.test", "A") == answer  # the lookup wanted it kept
+    resolver.ask("alone.test", "A", got.append, keep=False)
+    async with no_hang():
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+    assert resolver.cached("alone.test", "A") is None  # nobody wanted that one kept
+
+
 async def test_ask_calls_back_once_and_answers_a_cache_hit_at_once(dns):
     """The DNSBL engine's way in: no future, the answer handed to a callback in the loop; a
     cached answer comes back at once, the callback not called."""

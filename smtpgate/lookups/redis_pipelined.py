@@ -366,6 +366,8 @@ class PipelinedRedis:
     def _settle(self, result: asyncio.Future, conn: _Connection, data: bytes, count: int,
                 sent: asyncio.Future) -> None:
         if result.done():  # cancelled by its caller
+            if not sent.cancelled():
+                sent.exception()  # retrieved: an outage is the caller's timeout, not a warning
             return
         exc = sent.exception()
         if exc is None:
@@ -381,6 +383,9 @@ class PipelinedRedis:
         if isinstance(exc, RedisConnectionError) and self.retries:
             again = conn.loop.create_task(self.run(data, count, attempt=1))
             again.add_done_callback(functools.partial(_chain, result))
+            # a caller that stops waiting (its timeout: the sessions were told 421) takes
+            # the resend with it, as redis-py's retry under asyncio.timeout is cancelled
+            result.add_done_callback(lambda r: r.cancelled() and again.cancel())
         else:
             result.set_exception(exc)
 

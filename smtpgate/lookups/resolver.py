@@ -228,6 +228,7 @@ class Resolver:
         query = self._inflight.get(key)
         if query is not None:
             self.stats["shared"] += 1
+            query.keep = True  # this caller asked through the cache: the answer goes in it
             query.waiters.append(waiter)
         else:
             query = self._inflight[key] = _Query(key)
