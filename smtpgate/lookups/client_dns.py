@@ -2,7 +2,6 @@
 
 SYNOPSIS
     MAX_NAMES = 10
-    HELO_TYPES = ("A", "AAAA", "MX")
     async client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts
     async helo_facts(resolver: Resolver, name: str) -> HeloDns
 
@@ -19,15 +18,17 @@ DESCRIPTION
     TTL seen (0 when something failed). ip must be an IP address
     (ValueError otherwise).
 
-    helo_facts() looks up A, then AAAA, then MX of name, one after the
-    other and only until one has records, as Postfix's
-    reject_unknown_helo_hostname does (dns_lookup_l with
-    DNS_REQ_FLAG_STOP_OK, which also stops at NXDOMAIN): a HELO name with
-    an address costs one query, not three. "ok" when a type has records (a
-    null MX counts, as Postfix lets MTA names have one; the facts keep
-    that type's values only), else "tempfail" when a lookup failed
-    temporarily, else "notfound". A trailing dot is ignored. Each lookup
-    is bounded by the resolver's timeout.
+    helo_facts() looks up A first and stops there when it has records, as
+    Postfix's reject_unknown_helo_hostname stops at the first type found
+    (dns_lookup_l with DNS_REQ_FLAG_STOP_OK, types A, AAAA, MX in that
+    order), or when the name does not exist (NXDOMAIN: no other type can,
+    RFC 8020; Postfix would still ask the others); a HELO name with an
+    address costs one query, not three. Otherwise AAAA and MX are asked
+    together, so a slow zone costs at most two timeouts. "ok" when a type
+    has records (a null MX counts, as Postfix lets MTA names have one; the
+    facts keep the first such type's values, in Postfix's order), else
+    "tempfail" when a lookup failed temporarily, else "notfound". A
+    trailing dot is ignored.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from smtpgate.checks.helo import HeloDns
 from smtpgate.lookups.resolver import DnsAnswer, Resolver
 
 MAX_NAMES = 10
-HELO_TYPES = ("A", "AAAA", "MX")  # Postfix's order
 
 
 async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
@@ -62,18 +62,19 @@ async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
 
 async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
     name = name[:-1] if name.endswith(".") and not name.endswith("..") else name
-    answers = []
-    for rdtype in HELO_TYPES:
-        answer = resolver.cached(name, rdtype) or await resolver.start(name, rdtype)
-        if answer.status == "ok":
-            mx = answer.values if rdtype == "MX" else ()
-            return HeloDns("ok", answer.ttl, () if rdtype == "MX" else answer.values, mx)
-        if answer.status == "nxdomain":  # no other type can exist: stop, as Postfix does
-            return HeloDns("notfound", answer.ttl)
-        answers.append(answer)
-    if any(x.status == "tempfail" for x in answers):
+    a = resolver.cached(name, "A") or await resolver.start(name, "A")
+    if a.status == "ok":
+        return HeloDns("ok", a.ttl, a.values)
+    if a.status == "nxdomain":  # the name does not exist: no other type can (RFC 8020)
+        return HeloDns("notfound", a.ttl)
+    aaaa, mx = await lookups(resolver, [(name, "AAAA"), (name, "MX")])
+    if aaaa.status == "ok":
+        return HeloDns("ok", aaaa.ttl, aaaa.values)
+    if mx.status == "ok":
+        return HeloDns("ok", mx.ttl, (), mx.values)
+    if any(x.status == "tempfail" for x in (a, aaaa, mx)):
         return HeloDns("tempfail")
-    return HeloDns("notfound", min(x.ttl for x in answers))
+    return HeloDns("notfound", min(a.ttl, aaaa.ttl, mx.ttl))
 
 
 async def lookups(resolver: Resolver, questions: list[tuple[str, str]]) -> list[DnsAnswer]:

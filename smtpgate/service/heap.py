@@ -44,6 +44,7 @@ GEN1, GEN2 = 10, 10  # CPython's own
 
 
 def before_fork() -> None:
+    gc.collect()  # the supervisor's garbage is not frozen into every worker
     gc.freeze()
 
 
