@@ -126,9 +126,19 @@ def start_dnsmasq(stack: Stack, ttl: int):
 
 
 def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free for UDP and TCP both: dnsmasq listens on both (a UDP port that some
+    other test's TCP listener held made dnsmasq fail to start, "Address already in use")."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise SystemExit("no port free for both UDP and TCP on 127.0.0.1")
 
 
 def _resolves(port: int, name: str) -> bool:

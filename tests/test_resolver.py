@@ -16,7 +16,12 @@ from services.waiting import no_hang
 
 from smtpgate.checks import client_fcrdns, helo
 from smtpgate.config import HostPort
-from smtpgate.lookups.client_dns import MAX_NAMES, client_hostname, helo_facts
+from smtpgate.lookups.client_dns import (
+    MAX_NAMES,
+    client_hostname,
+    client_hostname_soon,
+    helo_facts,
+)
 from smtpgate.lookups.dns_channel import QTYPES
 from smtpgate.lookups.resolver import DnsAnswer, Resolver, answer_from
 from smtpgate.verdict import Outcome
@@ -517,6 +522,38 @@ async def test_client_forward_tempfail_is_4xx(dns):
 async def test_client_hostname_rejects_bad_ip(dns):
     with pytest.raises(ValueError):
         await client_hostname(make(dns), "not-an-ip")
+
+
+async def test_client_hostname_soon_is_done_at_once_from_the_cache(dns):
+    dns.add_ptr("192.0.2.58", "cached.test", ttl=200)
+    dns.set([("cached.test", "A", "192.0.2.58", 100)])
+    resolver = make(dns)
+    first = await client_hostname(resolver, "192.0.2.58")
+    again = client_hostname_soon(resolver, "192.0.2.58", asyncio.get_running_loop())
+    assert again.done()  # the PTR and A from the cache: no query, no turn of the loop
+    assert again.result() == first
+    assert first.hostname == "cached.test" and 0 < first.ttl <= 100
+
+
+async def test_client_hostname_soon_with_no_name_to_look_up(dns):
+    dns.add_ptr("192.0.2.59", "192.0.2.59", ttl=200)  # numeric: not a host name
+    facts = await client_hostname_soon(make(dns), "192.0.2.59", asyncio.get_running_loop())
+    assert facts.status == "ok"
+    assert facts.ptr_names == ("192.0.2.59",)
+    assert facts.forward == ()
+    assert 0 < facts.ttl <= 200
+
+
+async def test_client_hostname_soon_cancelled_leaves_the_queries_to_finish(dns, caplog):
+    dns.add_ptr("192.0.2.60", "gone.test")
+    dns.set([("gone.test", "A", "192.0.2.60")])
+    resolver = make(dns)
+    soon = client_hostname_soon(resolver, "192.0.2.60", asyncio.get_running_loop())
+    soon.cancel()
+    ptr = await resolver.ptr("192.0.2.60")  # shares the PTR query the cancelled one sent
+    assert ptr.values == ("gone.test",)
+    assert resolver.stats["errors"] == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
 
 
 # --- HELO facts ------------------------------------------------------------------------------

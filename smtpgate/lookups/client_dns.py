@@ -3,6 +3,7 @@
 SYNOPSIS
     MAX_NAMES = 10
     async client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts
+    client_hostname_soon(resolver, ip, loop) -> asyncio.Future[FcrdnsFacts]
     async helo_facts(resolver: Resolver, name: str) -> HeloDns
 
 DESCRIPTION
@@ -17,6 +18,14 @@ DESCRIPTION
     facts (for the log) but not looked up. The facts' ttl is the smallest
     TTL seen (0 when something failed). ip must be an IP address
     (ValueError otherwise).
+
+    client_hostname_soon() is the same as a future of the caller's, done
+    by the resolver's answers themselves (Resolver.ask callbacks): no task,
+    no coroutine frames and no hop through the loop per answer. Every
+    accepted first contact has its name looked up this way, in the
+    background; cancelling the future leaves the queries to finish
+    unheard. A bug in reading the answers ends the future with its
+    exception, as the task it replaces did.
 
     helo_facts() looks up A first and stops there when it has records, as
     Postfix's reject_unknown_helo_hostname stops at the first type found
@@ -34,30 +43,109 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from smtpgate.address import client_address, is_valid_hostname
 from smtpgate.checks.client_fcrdns import FcrdnsFacts, Forward
 from smtpgate.checks.helo import HeloDns
-from smtpgate.lookups.resolver import DnsAnswer, Resolver
+from smtpgate.lookups.resolver import DnsAnswer, Resolver, ptr_name
 
 MAX_NAMES = 10
 
 
 async def client_hostname(resolver: Resolver, ip: str) -> FcrdnsFacts:
+    return await client_hostname_soon(resolver, ip, asyncio.get_running_loop())
+
+
+def client_hostname_soon(resolver: Resolver, ip: str,
+                         loop: asyncio.AbstractEventLoop) -> asyncio.Future[FcrdnsFacts]:
     address = client_address(ip)
     client = str(address)
     client = ip if client == ip else client  # the session's own string, not a copy to keep
-    ptr = await resolver.ptr(client)
-    if ptr.status != "ok":
-        return FcrdnsFacts(client, ptr.status, ttl=ptr.ttl)
-    names = tuple(dict.fromkeys(ptr.values))[:MAX_NAMES]
-    lookable = [n for n in names if is_valid_hostname(n)]
-    rdtype = "A" if address.version == 4 else "AAAA"
-    answers = await lookups(resolver, [(n, rdtype) for n in lookable])
-    forward = tuple(Forward(n, a.status, a.values) for n, a in zip(lookable, answers, strict=True))
-    ttls = [ptr.ttl, *(a.ttl for a in answers)]
-    failed = any(a.status == "tempfail" for a in answers)
-    return FcrdnsFacts(client, "ok", names, forward, 0 if failed else min(ttls))
+    done: asyncio.Future[FcrdnsFacts] = loop.create_future()
+    _Fcrdns(resolver, loop, done, client, "A" if address.version == 4 else "AAAA").start()
+    return done
+
+
+class _Fcrdns:
+    """One client's PTR, then the forward lookups of its names, by resolver callbacks."""
+
+    __slots__ = (
+        "answers",
+        "client",
+        "done",
+        "lookable",
+        "loop",
+        "names",
+        "ptr",
+        "rdtype",
+        "resolver",
+        "waiting",
+    )
+
+    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop,
+                 done: asyncio.Future, client: str, rdtype: str) -> None:
+        self.resolver, self.loop, self.done = resolver, loop, done
+        self.client, self.rdtype = client, rdtype
+        self.ptr: DnsAnswer | None = None
+        self.names: tuple[str, ...] = ()
+        self.lookable: list[str] = []
+        self.answers: list[DnsAnswer | None] = []
+        self.waiting = 0
+
+    def start(self) -> None:
+        try:
+            answer = self.resolver.ask(ptr_name(self.client), "PTR", self._ptr, self.loop)
+            if answer is not None:
+                self._ptr(answer)
+        except Exception as exc:  # a bug: the caller hears it, as from the task before
+            self._fail(exc)
+
+    def _ptr(self, ptr: DnsAnswer) -> None:
+        if self.done.done():
+            return  # the session let go of it
+        try:
+            self.ptr = ptr
+            if ptr.status != "ok":
+                self.done.set_result(FcrdnsFacts(self.client, ptr.status, ttl=ptr.ttl))
+                return
+            self.names = tuple(dict.fromkeys(ptr.values))[:MAX_NAMES]
+            lookable = self.lookable = [n for n in self.names if is_valid_hostname(n)]
+            self.answers = [None] * len(lookable)
+            self.waiting = len(lookable)
+            if not lookable:
+                self._finish()
+                return
+            for i, name in enumerate(lookable):
+                answer = self.resolver.ask(name, self.rdtype,
+                                           functools.partial(self._forward, i), self.loop)
+                if answer is not None:
+                    self._forward(i, answer)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _forward(self, i: int, answer: DnsAnswer) -> None:
+        if self.done.done():
+            return
+        self.answers[i] = answer
+        self.waiting -= 1
+        if not self.waiting:
+            try:
+                self._finish()
+            except Exception as exc:
+                self._fail(exc)
+
+    def _finish(self) -> None:
+        answers, ptr = self.answers, self.ptr
+        forward = tuple(Forward(n, a.status, a.values)
+                        for n, a in zip(self.lookable, answers, strict=True))
+        failed = any(a.status == "tempfail" for a in answers)
+        ttl = 0 if failed else min([ptr.ttl, *(a.ttl for a in answers)])
+        self.done.set_result(FcrdnsFacts(self.client, "ok", self.names, forward, ttl))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
 
 
 async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
@@ -88,6 +176,3 @@ async def lookups(resolver: Resolver, questions: list[tuple[str, str]]) -> list[
             answers[i] = answer
     return answers
 
-
-def _values(answer: DnsAnswer) -> tuple[str, ...]:
-    return answer.values if answer.status == "ok" else ()

@@ -111,7 +111,7 @@ from smtpgate.dnsbl_sites import parse_sites
 from smtpgate.lookups import keys, redis_client
 from smtpgate.lookups.auth_limits import AuthLimits, failure_delay
 from smtpgate.lookups.auth_probe import AuthGuard, AuthProbe
-from smtpgate.lookups.client_dns import client_hostname, helo_facts
+from smtpgate.lookups.client_dns import client_hostname_soon, helo_facts
 from smtpgate.lookups.dnsbl import DnsblQuerier
 from smtpgate.lookups.event_rates import EventRateError, EventRates
 from smtpgate.lookups.evidence import EvidenceStore
@@ -465,8 +465,9 @@ class Policy:
         client through, as smtpd looks up a client postscreen handed over. A client refused
         at connect (most first contacts: DNSBL) costs no PTR and A queries."""
         if not state.trusted and state.fcrdns_task is None and state.fcrdns is None:
-            state.fcrdns_task = asyncio.get_running_loop().create_task(
-                client_hostname(self.resolver, state.client.ip))
+            # a future the resolver's callbacks complete: no task and no coroutine per client
+            state.fcrdns_task = client_hostname_soon(
+                self.resolver, state.client.ip, asyncio.get_running_loop())
             state.fcrdns_task.add_done_callback(state.name_found)
 
     async def _connect_screening_cache(self, state: ClientState) -> Any:

@@ -83,7 +83,7 @@ class ClientState:
     table_facts: Any = None  # the connect stage's table answers (overrides, PSA, REV)
     rev_ip: str | None = None
     rev_key: str = ""  # the REV key that gave rev_ip (its name: an address or a network)
-    fcrdns_task: asyncio.Task | None = None  # while FCrDNS runs (or if it failed)
+    fcrdns_task: asyncio.Future | None = None  # while FCrDNS runs (or if it failed)
     fcrdns: Any = None  # its facts once it succeeded; the task is let go then
     settle: asyncio.Future | None = None  # the DNSBL score being gathered
     dnsbl_seen: tuple | None = None  # (result, verdict): the last DNSBL result judged
@@ -126,7 +126,7 @@ class ClientState:
         else:
             self.facts_left_out += 1
 
-    def name_found(self, task: asyncio.Task) -> None:
+    def name_found(self, task: asyncio.Future) -> None:
         """The verified host name for the log and XCLIENT as soon as FCrDNS has it, as
         Postfix's smtpd knows it from the connect on."""
         if task.cancelled() or task.exception() is not None:
