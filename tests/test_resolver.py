@@ -350,7 +350,7 @@ async def test_one_guard_ends_each_query_at_its_own_deadline(silent_server):
             await asyncio.sleep(0.02)
     assert 0.5 < ended["one"] - started < 0.9
     assert 0.8 < ended["two"] - started < 1.2
-    assert resolver.stats["tempfail"] == 2 and resolver._guard is None
+    assert resolver.stats["tempfail"] == 2 and resolver._deadlines._timer is None
 
 
 async def test_a_query_timing_out_after_close_lets_go_of_the_channel(silent_server):

@@ -74,13 +74,14 @@ import asyncio
 import functools
 import ipaddress
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 
 from smtpgate.address import client_address
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
 from smtpgate.lookups.expiring_cache import ExpiringCache
+from smtpgate.lookups.ordered_deadlines import OrderedDeadlines
 from smtpgate.lookups.resolver import DnsAnswer
 
 HEALTH_KEYS = ("ok", "listed", "nxdomain", "nodata", "tempfail", "timeout", "error")
@@ -138,8 +139,7 @@ class DnsblQuerier:
         # a score leaves when its TTL ends: most clients are never seen again
         self._cache = ExpiringCache(cache_size, clock)
         self._inflight: dict[str, _Lookup] = {}
-        self._deadlines: deque[_Lookup] = deque()  # in the order begun
-        self._timer: asyncio.TimerHandle | None = None  # for the oldest lookup running
+        self._deadlines = OrderedDeadlines(self._expired)  # lookups in the order begun
         self._health = {zone: Counter() for zone in self.zones}
         self._unhealthy: set[str] = set()
 
@@ -216,12 +216,7 @@ class DnsblQuerier:
         if not self.zones:
             self._finish(lookup)
         if not lookup.done:
-            deadlines = self._deadlines
-            while deadlines and deadlines[0].done:  # finished: nothing left to time
-                deadlines.popleft()
-            deadlines.append(lookup)
-            if self._timer is None:
-                self._timer = loop.call_at(lookup.deadline, self._expire)
+            self._deadlines.add(lookup, loop)
         return lookup
 
     def _answered(self, lookup: _Lookup, zone: str, answer: DnsAnswer) -> None:
@@ -235,25 +230,13 @@ class DnsblQuerier:
             if settled(self._sites, partial, **self._thresholds):
                 self._wake(lookup, partial)
 
-    def _expire(self) -> None:
-        """The time limit: the zones of lookups past their deadline that have not answered
-        are "timeout" (the resolver's query goes on, its answer cached for others); then the
-        timer is armed again for the oldest lookup still running."""
-        self._timer = None
-        loop = self._deadlines[0].loop if self._deadlines else asyncio.get_running_loop()
-        now = loop.time()
-        deadlines = self._deadlines
-        while deadlines:
-            lookup = deadlines[0]
-            if not lookup.done and lookup.deadline > now:
-                self._timer = loop.call_at(lookup.deadline, self._expire)
-                return
-            deadlines.popleft()
-            if not lookup.done:
-                for zone in self.zones:
-                    if zone not in lookup.answers:
-                        self._note(lookup, ZoneResult(zone, "timeout"))
-                self._finish(lookup)
+    def _expired(self, lookup: _Lookup) -> None:
+        """The time limit: the zones that have not answered are "timeout" (the resolver's
+        query goes on, its answer cached for others)."""
+        for zone in self.zones:
+            if zone not in lookup.answers:
+                self._note(lookup, ZoneResult(zone, "timeout"))
+        self._finish(lookup)
 
     def _note(self, lookup: _Lookup, result: ZoneResult) -> None:
         """A zone's result, once: counted in its health, seen by settling() and snapshot()."""

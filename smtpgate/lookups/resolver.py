@@ -85,7 +85,6 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import ipaddress
 import logging
@@ -98,6 +97,7 @@ from smtpgate.address import client_address
 from smtpgate.config import HostPort
 from smtpgate.lookups.dns_channel import QTYPES, ChannelError, DnsChannel
 from smtpgate.lookups.expiring_cache import ExpiringCache
+from smtpgate.lookups.ordered_deadlines import OrderedDeadlines
 
 __all__ = ["DnsAnswer", "Resolver", "answer_from", "ptr_name"]
 
@@ -151,8 +151,8 @@ class Resolver:
         # answers leave when their TTL ends: first contacts' names are rarely asked again
         self._cache: ExpiringCache = ExpiringCache(self.cache_size)
         self._inflight: dict[tuple[str, int], _Query] = {}
-        self._deadlines: collections.deque[_Query] = collections.deque()  # in sending order
-        self._guard: asyncio.TimerHandle | None = None  # for the oldest query unanswered
+        # queries in sending order, "tempfail" at their deadline
+        self._deadlines = OrderedDeadlines(lambda query: self._finish(query, _TEMPFAIL))
         self._channel: DnsChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -247,29 +247,8 @@ class Resolver:
             self._finish(query, _TEMPFAIL)
             return
         query.deadline = loop.time() + self.timeout
-        deadlines = self._deadlines
-        while deadlines and deadlines[0].done:  # answered: nothing left to guard
-            deadlines.popleft()
-        deadlines.append(query)
-        if self._guard is None:
-            self._guard = loop.call_at(query.deadline, self._expire)
+        self._deadlines.add(query, loop)
         channel.query(name or ".", qtype, functools.partial(self._answered, query))
-
-    def _expire(self) -> None:
-        """The guard: queries past their deadline are "tempfail"; then armed again for the
-        oldest query still unanswered (those answered are let go on the way)."""
-        self._guard = None
-        deadlines = self._deadlines
-        loop = self._loop or asyncio.get_running_loop()
-        now = loop.time()
-        while deadlines:
-            query = deadlines[0]
-            if not query.done and query.deadline > now:
-                self._guard = loop.call_at(query.deadline, self._expire)
-                return
-            deadlines.popleft()  # before _finish: the last one may let go of the channel
-            if not query.done:
-                self._finish(query, _TEMPFAIL)
 
     def _answered(self, query: _Query, status: int, records: list,
                   negative_ttl: int | None) -> None:
@@ -325,10 +304,7 @@ class Resolver:
             self._channel.close()
         self._channel = None
         self._loop = None
-        if self._guard is not None:  # nothing in flight is left to guard
-            self._guard.cancel()
-            self._guard = None
-        self._deadlines.clear()
+        self._deadlines.clear()  # nothing in flight is left to guard
 
     def _store(self, key: tuple[str, int], answer: DnsAnswer) -> None:
         if answer.ttl <= 0 or self.cache_size == 0:
