@@ -150,7 +150,7 @@ class _Fcrdns:
 
 async def helo_facts(resolver: Resolver, name: str) -> HeloDns:
     name = name[:-1] if name.endswith(".") and not name.endswith("..") else name
-    a = resolver.cached(name, "A") or await resolver.start(name, "A")
+    a = await resolver.lookup(name, "A")  # a cache hit makes no future
     if a.status == "ok":
         return HeloDns("ok", a.ttl, a.values)
     if a.status == "nxdomain":  # the name does not exist: no other type can (RFC 8020)

@@ -210,14 +210,9 @@ class Resolver:
             if hit is not None:
                 return hit
         loop = loop or asyncio.get_running_loop()
-        query = self._inflight.get(key)
-        if query is not None:
-            self.stats["shared"] += 1
-            query.keep = query.keep or keep
-            query.callbacks.append(callback)
-        else:
-            query = self._inflight[key] = _Query(key, keep)
-            query.callbacks.append(callback)
+        query, new = self._join(key, keep)
+        query.callbacks.append(callback)
+        if new:
             self._start(loop, query)
         return None
 
@@ -225,16 +220,22 @@ class Resolver:
         # each caller waits on a future of its own: cancelling it leaves the query to the others
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        query = self._inflight.get(key)
-        if query is not None:
-            self.stats["shared"] += 1
-            query.keep = True  # this caller asked through the cache: the answer goes in it
-            query.waiters.append(waiter)
-        else:
-            query = self._inflight[key] = _Query(key)
-            query.waiters.append(waiter)
+        query, new = self._join(key, keep=True)  # asked through the cache: the answer goes in
+        query.waiters.append(waiter)
+        if new:
             self._start(loop, query)
         return waiter
+
+    def _join(self, key: tuple[str, int], keep: bool) -> tuple[_Query, bool]:
+        """The query in flight for key, shared, or a new one (True) for the caller to start
+        once it waits on it (a query may end at once: an impossible name, no channel)."""
+        query = self._inflight.get(key)
+        if query is None:
+            query = self._inflight[key] = _Query(key, keep)
+            return query, True
+        self.stats["shared"] += 1
+        query.keep = query.keep or keep
+        return query, False
 
     def _start(self, loop: asyncio.AbstractEventLoop, query: _Query) -> None:
         name, qtype = query.key
