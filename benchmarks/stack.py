@@ -630,6 +630,7 @@ postscreen_cache_map = btree:$data_directory/postscreen_cache
             " -o smtpd_recipient_restrictions= -o smtpd_data_restrictions="
             " -o smtpd_relay_restrictions=reject_unauth_destination"
             " -o smtpd_authorized_xclient_hosts=127.0.0.1 -o smtpd_tls_security_level=none"
+            " -o smtpd_peername_lookup=no"
         )
         # The MX traffic cases' postscreen: the same settings, but room for as many clients
         # in the greet wait as the cases keep in flight (the pre-queue limit is otherwise

@@ -57,6 +57,23 @@ def test_next_hop_service_accepts_xclient_from_smtpgate(postfix_server):
         assert code == 554  # reject_unauth_destination judges the real client
 
 
+@pytest.mark.slow
+def test_next_hop_service_does_not_look_up_smtpgates_name(postfix_server):
+    """smtpd_peername_lookup=no: the hand-off's own peer is logged as unknown (no PTR and A
+    lookup of smtpgate's address per hand-off), and XCLIENT still names the client."""
+    since = postfix_server.log_mark()
+    with smtplib.SMTP("127.0.0.1", postfix_server.port, timeout=20) as smtp:
+        smtp.ehlo("mx.example.test")
+        code, _ = smtp.docmd("XCLIENT", "ADDR=127.0.0.78 NAME=named.example.test HELO=x.example")
+        assert code == 220
+        smtp.ehlo("x.example")
+    postfix_server.wait_for_log(
+        r"postfix/smtpgate/smtpd\[\d+\]: connect from unknown\[127\.0\.0\.1\]", since=since)
+    postfix_server.wait_for_log(
+        r"postfix/smtpgate/smtpd\[\d+\]: disconnect from named\.example\.test\[127\.0\.0\.78\]",
+        since=since)
+
+
 # --- the complete files: conf/postfix/main.cf and master.cf ----------------------------------
 
 
