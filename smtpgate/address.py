@@ -399,11 +399,19 @@ def _unmapped(address: IPAddress) -> IPAddress:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
+def client_text(ip: str) -> str:
+    """str(client_address(ip)) of a text, made once: a session asks it of its client's
+    address several times (its own, the limits' key, the DNSBL's), and ipaddress writes an
+    address out in Python. ValueError for anything but an address."""
+    text = str(client_address(ip))
+    return ip if text == ip else text  # the caller's own string, not a copy to keep
+
+
 def plain_ip(ip: str) -> str:
     """client_address() as text; what is not an address is returned as it is (and one
     already in that form is the same string: a session keeps it, not a copy)."""
     try:
-        text = str(client_address(ip))
-    except ValueError:
+        return client_text(ip)
+    except (ValueError, TypeError):  # TypeError: unhashable, not an address either
         return ip
-    return ip if text == ip else text

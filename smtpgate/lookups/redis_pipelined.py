@@ -80,7 +80,12 @@ def pack(args: Iterable[Any], out: list[bytes]) -> None:
     """One command as RESP, appended to `out` (values encoded as redis-py encodes them)."""
     parts = []
     for value in args:
-        if isinstance(value, bytes):
+        kind = type(value)  # the exact types first: a session's commands are only these
+        if kind is str:
+            data = value.encode()
+        elif kind is int or kind is bytes:
+            data = b"%d" % value if kind is int else value
+        elif isinstance(value, bytes):
             data = value
         elif isinstance(value, str):
             data = value.encode()
