@@ -95,7 +95,9 @@ class Score:
 
 
 def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
-    by_zone = {z.zone: z for z in result.zones}
+    # plain loops, no generators: a listed first contact is scored twice (settled, decide)
+    zones = result.zones
+    by_zone = {z.zone: z for z in zones}
     total = 0
     best: DnsblSite | None = None
     matched = []
@@ -103,20 +105,27 @@ def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
         zone = by_zone.get(site.zone)
         if zone is None or zone.status != "ok":
             continue
-        answer = next(
-            (a for a in zone.answers if not is_error_answer(a) and site.matches(a)), None
-        )
-        if answer is None:
+        for answer in zone.answers:  # the first that is no error answer and matches
+            if not is_error_answer(answer) and site.matches(answer):
+                break
+        else:
             continue
         total += site.weight
         matched.append((site, answer))
         if best is None or site.weight > best.weight:
             best = site
-    unhealthy = tuple(
-        z.zone for z in result.zones if z.status == "ok" and any(map(is_error_answer, z.answers))
-    )
-    failed = tuple(z.zone for z in result.zones if z.failed)
-    return Score(total, best.zone if best else None, tuple(matched), unhealthy, failed)
+    unhealthy = []
+    failed = []
+    for z in zones:
+        if z.status == "ok":
+            for answer in z.answers:
+                if is_error_answer(answer):
+                    unhealthy.append(z.zone)
+                    break
+        elif z.status in FAILED_STATUSES:
+            failed.append(z.zone)
+    return Score(total, best.zone if best else None, tuple(matched), tuple(unhealthy),
+                 tuple(failed))
 
 
 def cache_ttl(zones: Sequence[ZoneResult]) -> float:
