@@ -363,6 +363,7 @@ def _valid_ip(text: str, version: int) -> bool:
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 def client_address(ip: str | IPAddress) -> IPAddress:
@@ -373,7 +374,9 @@ def client_address(ip: str | IPAddress) -> IPAddress:
     are accepted: blanks around it, an address literal's brackets and its "IPv6:" tag (any
     case, so XCLIENT's "IPV6:" too). ValueError for anything but an address.
     """
-    if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if type(ip) is str:  # the usual case, asked several times per session: the cached parse
+        return _parsed(ip)
+    if isinstance(ip, _ADDRESS_TYPES):
         return _unmapped(ip)
     return _parsed(str(ip))
 
@@ -405,7 +408,7 @@ def client_text(ip: str) -> str:
     address several times (its own, the limits' key, the DNSBL's), and ipaddress writes an
     address out in Python. ValueError for anything but an address."""
     text = str(client_address(ip))
-    return ip if text == ip else text  # the caller's own string, not a copy to keep
+    return ip if text == ip else text  # the first caller's string: no copy per session
 
 
 def plain_ip(ip: str) -> str:
