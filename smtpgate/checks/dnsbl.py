@@ -94,22 +94,27 @@ class Score:
     failed: tuple[str, ...]
 
 
-def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
-    # plain loops, no generators: a listed first contact is scored twice (settled, decide)
-    zones = result.zones
+def _matches(sites: Sequence[DnsblSite], zones: Sequence[ZoneResult]):
+    """Each site that lists the client, with the first answer that is no error answer and
+    matches its filter, in the order of `sites`."""
     by_zone = {z.zone: z for z in zones}
-    total = 0
-    best: DnsblSite | None = None
-    matched = []
     for site in sites:
         zone = by_zone.get(site.zone)
         if zone is None or zone.status != "ok":
             continue
-        for answer in zone.answers:  # the first that is no error answer and matches
+        for answer in zone.answers:
             if not is_error_answer(answer) and site.matches(answer):
+                yield site, answer
                 break
-        else:
-            continue
+
+
+def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
+    # plain loops: a listed first contact is scored twice (settled, decide)
+    zones = result.zones
+    total = 0
+    best: DnsblSite | None = None
+    matched = []
+    for site, answer in _matches(sites, zones):
         total += site.weight
         matched.append((site, answer))
         if best is None or site.weight > best.weight:
@@ -147,7 +152,7 @@ def settled(
     pending = {z.zone for z in result.zones if z.status == "pending"}
     if not pending:
         return True
-    known = score(sites, result).total
+    known = sum(site.weight for site, _ in _matches(sites, result.zones))  # score()'s total
     weights = [site.weight for site in sites if site.zone in pending]
     highest = known + sum(w for w in weights if w > 0)
     lowest = known + sum(w for w in weights if w < 0)
