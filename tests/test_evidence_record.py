@@ -85,6 +85,12 @@ def test_an_ids_time_is_read_the_same_by_its_two_ways():
     for made in [session_id.new() for _ in range(200)] + ["000000000000", "ZZZZZZZZZZZZ",
                                                           "1R452JA0W1MB", "0", ""]:
         assert session_id.time_of(made) == by_hand(made), made
+    for made in (session_id.new() for _ in range(200)):  # an id is its 60 bits, 5 a character
+        number = 0
+        for char in made:
+            number = number << 5 | session_id.ALPHABET.index(char)
+        assert "".join(session_id.ALPHABET[number >> shift & 31]
+                       for shift in range(55, -1, -5)) == made
     for bad in ("1r452ja0w1mb", "1R452JA0W1MU", "1R45-JA0W1MB", "1R452JA0W1M\u0661"):
         try:
             session_id.time_of(bad)
