@@ -363,6 +363,7 @@ def _valid_ip(text: str, version: int) -> bool:
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 def client_address(ip: str | IPAddress) -> IPAddress:
@@ -373,7 +374,9 @@ def client_address(ip: str | IPAddress) -> IPAddress:
     are accepted: blanks around it, an address literal's brackets and its "IPv6:" tag (any
     case, so XCLIENT's "IPV6:" too). ValueError for anything but an address.
     """
-    if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if type(ip) is str:  # the usual case, asked several times per session: the cached parse
+        return _parsed(ip)
+    if isinstance(ip, _ADDRESS_TYPES):
         return _unmapped(ip)
     return _parsed(str(ip))
 
@@ -399,11 +402,19 @@ def _unmapped(address: IPAddress) -> IPAddress:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
+def client_text(ip: str) -> str:
+    """str(client_address(ip)) of a text, made once: a session asks it of its client's
+    address several times (its own, the limits' key, the DNSBL's), and ipaddress writes an
+    address out in Python. ValueError for anything but an address."""
+    text = str(client_address(ip))
+    return ip if text == ip else text  # the first caller's string: no copy per session
+
+
 def plain_ip(ip: str) -> str:
     """client_address() as text; what is not an address is returned as it is (and one
     already in that form is the same string: a session keeps it, not a copy)."""
     try:
-        text = str(client_address(ip))
-    except ValueError:
+        return client_text(ip)
+    except (ValueError, TypeError):  # TypeError: unhashable, not an address either
         return ip
-    return ip if text == ip else text

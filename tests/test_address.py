@@ -8,11 +8,13 @@ from hypothesis import strategies as st
 
 from smtpgate.address import (
     AddressError,
+    client_text,
     is_fqdn,
     is_valid_hostname,
     parse_mail_arg,
     parse_path,
     parse_rcpt_arg,
+    plain_ip,
     split,
     valid_address_literal,
 )
@@ -256,3 +258,21 @@ def test_fuzz_only_address_error(text, mail, utf8):
     assert mail or not path.null
     if not utf8:
         assert path.address.isascii()
+
+
+@pytest.mark.parametrize(("given", "text"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:DB8::1", "2001:db8::1"),
+    (" [IPv6:2001:db8::1] ", "2001:db8::1"),
+])
+def test_a_client_address_as_text(given, text):
+    """client_text and plain_ip: the address as the session keeps it, and (plain_ip)
+    anything else as it came."""
+    assert client_text(given) == text
+    assert plain_ip(given) == text
+    assert client_text(text) == text
+    assert plain_ip("not an address") == "not an address"
+    assert plain_ip("") == ""
+    with pytest.raises(ValueError):
+        client_text("192.0.2.300")

@@ -638,3 +638,5 @@ def test_the_disconnect_counts_follow_postfix():
             dialogue.refused(action.counted)
     assert dialogue.command_counts() == \
         "ehlo=1 mail=1 rcpt=1 data=1 noop=1 unknown=0/1 commands=5/6"
+    # a client refused at connect gave none: Postfix's "commands=0"
+    assert Dialogue(MX).command_counts() == "commands=0"

@@ -62,6 +62,43 @@ def test_a_small_record_is_kept_whole():
     assert json.loads(data) == record()
 
 
+def test_a_record_is_stored_as_json_dumps_writes_it():
+    """The bytes in Redis are json.dumps' compact form, non-ASCII text as UTF-8 (not \\u
+    escapes), whatever encoder makes them."""
+    made = record(reason="fünf \u2028 \"quoted\"")
+    made["helo"] = "héllo.example"
+    made["shadow"] = [{"check": "dnsbl", "direction": "refuse"}]
+    assert encode(made, 8192) == json.dumps(
+        made, separators=(",", ":"), ensure_ascii=False).encode()
+    assert "héllo".encode() in encode(made, 8192)
+
+
+def test_an_ids_time_is_read_the_same_by_its_two_ways():
+    """time_of reads an id's base32 digits with int(..., 32); what is not an id still
+    fails as before (ValueError), and an id's time is what its characters say."""
+    def by_hand(text: str) -> float:
+        number = 0
+        for char in text:
+            number = number << 5 | session_id.ALPHABET.index(char)
+        return ((number >> 20) + session_id.EPOCH_MS) / 1000
+
+    for made in [session_id.new() for _ in range(200)] + ["000000000000", "ZZZZZZZZZZZZ",
+                                                          "1R452JA0W1MB", "0", ""]:
+        assert session_id.time_of(made) == by_hand(made), made
+    for made in (session_id.new() for _ in range(200)):  # an id is its 60 bits, 5 a character
+        number = 0
+        for char in made:
+            number = number << 5 | session_id.ALPHABET.index(char)
+        assert "".join(session_id.ALPHABET[number >> shift & 31]
+                       for shift in range(55, -1, -5)) == made
+    for bad in ("1r452ja0w1mb", "1R452JA0W1MU", "1R45-JA0W1MB", "1R452JA0W1M\u0661"):
+        try:
+            session_id.time_of(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} read as an id")
+
+
 def test_a_long_session_keeps_its_first_and_last_entries():
     decoded = json.loads(encode(record(verdicts=1000, replies=200), 1 << 20))
     assert len(decoded["verdicts"]) == MAX_ENTRIES

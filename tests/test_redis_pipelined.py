@@ -10,7 +10,7 @@ from redis import exceptions as rexc
 from services.waiting import no_hang
 
 from smtpgate.lookups import redis_client
-from smtpgate.lookups.redis_pipelined import PipelinedRedis
+from smtpgate.lookups.redis_pipelined import PipelinedRedis, pack
 
 # busy for ARGV[1] ms inside Redis (no DEBUG SLEEP: the debug command is off by default)
 _BUSY = """
@@ -203,3 +203,29 @@ async def test_the_connection_counter_carries_on_after_a_restart(redis, redis_se
     finally:
         await counter.flush()
         await client.aclose()
+
+
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", "a" * 40, 4, "smtpgate:count:192.0.2.7", 30000, -1, 2**70),
+    ("SET", "smtpgate:session:X", b'{"a":"\xc3\xa9"}\x00\xff', "EX", 3600),
+    ("HSET", "k", "f\u00e9", 1.5, "g", 0.1, "h", 1e20),
+])
+def test_a_command_is_packed_as_redis_py_packs_it(args):
+    """The RESP bytes of a command are redis-py's own, whoever makes them (hiredis in C),
+    for a tuple or any other iterable of arguments."""
+    from redis.connection import Encoder, PythonRespSerializer
+
+    expected = b"".join(PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+                        .pack(*args))
+    out: list[bytes] = []
+    pack(args, out)
+    assert b"".join(out) == expected
+    out = []
+    pack(iter(args), out)
+    assert b"".join(out) == expected
+
+
+@pytest.mark.parametrize("value", [True, None, bytearray(b"x"), object()])
+def test_a_value_redis_py_refuses_is_refused_in_its_words(value):
+    with pytest.raises(rexc.DataError, match="Invalid input of type"):
+        pack(("SET", "k", value), [])

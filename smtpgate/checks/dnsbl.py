@@ -94,29 +94,43 @@ class Score:
     failed: tuple[str, ...]
 
 
-def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
-    by_zone = {z.zone: z for z in result.zones}
-    total = 0
-    best: DnsblSite | None = None
-    matched = []
+def _matches(sites: Sequence[DnsblSite], zones: Sequence[ZoneResult]):
+    """Each site that lists the client, with the first answer that is no error answer and
+    matches its filter, in the order of `sites`."""
+    by_zone = {z.zone: z for z in zones}
     for site in sites:
         zone = by_zone.get(site.zone)
         if zone is None or zone.status != "ok":
             continue
-        answer = next(
-            (a for a in zone.answers if not is_error_answer(a) and site.matches(a)), None
-        )
-        if answer is None:
-            continue
+        for answer in zone.answers:
+            if not is_error_answer(answer) and site.matches(answer):
+                yield site, answer
+                break
+
+
+def score(sites: Sequence[DnsblSite], result: DnsblResult) -> Score:
+    # plain loops: a listed first contact is scored twice (settled, decide)
+    zones = result.zones
+    total = 0
+    best: DnsblSite | None = None
+    matched = []
+    for site, answer in _matches(sites, zones):
         total += site.weight
         matched.append((site, answer))
         if best is None or site.weight > best.weight:
             best = site
-    unhealthy = tuple(
-        z.zone for z in result.zones if z.status == "ok" and any(map(is_error_answer, z.answers))
-    )
-    failed = tuple(z.zone for z in result.zones if z.failed)
-    return Score(total, best.zone if best else None, tuple(matched), unhealthy, failed)
+    unhealthy = []
+    failed = []
+    for z in zones:
+        if z.status == "ok":
+            for answer in z.answers:
+                if is_error_answer(answer):
+                    unhealthy.append(z.zone)
+                    break
+        elif z.status in FAILED_STATUSES:
+            failed.append(z.zone)
+    return Score(total, best.zone if best else None, tuple(matched), tuple(unhealthy),
+                 tuple(failed))
 
 
 def cache_ttl(zones: Sequence[ZoneResult]) -> float:
@@ -138,7 +152,7 @@ def settled(
     pending = {z.zone for z in result.zones if z.status == "pending"}
     if not pending:
         return True
-    known = score(sites, result).total
+    known = sum(site.weight for site, _ in _matches(sites, result.zones))  # score()'s total
     weights = [site.weight for site in sites if site.zone in pending]
     highest = known + sum(w for w in weights if w > 0)
     lowest = known + sum(w for w in weights if w < 0)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from smtpgate.address import client_address
+from smtpgate.address import client_address, client_text
 from smtpgate.verdict import Outcome, Reply, Verdict
 
 CHECK = "limits"
@@ -46,8 +46,7 @@ def client_key(ip: str, ipv6_prefix: int = 64) -> str:
     except ValueError:
         return ip.strip()
     if isinstance(address, ipaddress.IPv4Address) or ipv6_prefix >= 128:
-        text = str(address)
-        return ip if text == ip else text  # the session's own string, not a copy to keep
+        return client_text(ip)  # the session's own string when it is in that form
     return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 
 

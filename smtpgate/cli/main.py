@@ -137,28 +137,21 @@ class LeanRecord(logging.LogRecord):
     def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
                  sinfo=None, **kwargs) -> None:
         created = time.time()
-        self.name = name
-        self.msg = msg
         if args and len(args) == 1 and isinstance(args[0], collections.abc.Mapping) and args[0]:
             args = args[0]  # logging's own rule: a lone mapping is the arguments by name
-        self.args = args
-        self.levelname = logging.getLevelName(level)
-        self.levelno = level
-        self.pathname = pathname
-        self.filename = pathname
-        self.module = "Unknown module"
-        self.exc_info = exc_info
-        self.exc_text = None
-        self.stack_info = sinfo
-        self.lineno = lineno
-        self.funcName = func
-        self.created = created
-        self.msecs = int((created - int(created)) * 1000) + 0.0
-        self.relativeCreated = (created - logging._startTime) * 1000
-        self.thread = self.threadName = self.processName = None
-        self.process = _pid[0]
+        # the attributes in one update (a record's own, in its __dict__, as logging's are:
+        # a %(...)s format reads them there), the constant ones from one dict
+        self.__dict__.update(_RECORD_CONSTANTS, name=name, msg=msg, args=args,
+                             levelname=logging.getLevelName(level), levelno=level,
+                             pathname=pathname, filename=pathname, exc_info=exc_info,
+                             stack_info=sinfo, lineno=lineno, funcName=func, created=created,
+                             msecs=int((created - int(created)) * 1000) + 0.0,
+                             relativeCreated=(created - logging._startTime) * 1000,
+                             process=_pid[0])
 
 
+_RECORD_CONSTANTS = {"module": "Unknown module", "exc_text": None, "thread": None,
+                     "threadName": None, "processName": None}
 _pid = [os.getpid()]  # a worker forked from the supervisor learns its own below
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 

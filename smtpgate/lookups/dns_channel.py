@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import threading
 from collections.abc import Callable
 
@@ -155,7 +156,7 @@ class DnsChannel:
         if self._closed or threading.get_ident() != self._thread:
             return  # pycares' destroying thread closing the sockets: the loop let go of them
         if readable and fd not in self._readers:
-            self._loop.add_reader(fd, self._channel.process_read_fd, fd)
+            self._loop.add_reader(fd, self._readable, fd)
             self._readers.add(fd)
         elif not readable and fd in self._readers:
             self._loop.remove_reader(fd)
@@ -166,6 +167,12 @@ class DnsChannel:
         elif not writable and fd in self._writers:
             self._loop.remove_writer(fd)
             self._writers.discard(fd)
+
+    def _readable(self, fd: int) -> None:
+        """pycares' process_read_fd() without its lock and context manager (a generator per
+        answer read): the loop stops watching the sockets before close() hands the channel
+        to pycares, so nothing else uses it meanwhile (query() calls c-ares likewise)."""
+        _lib.ares_process_fd(self._channel._channel[0], fd, _SOCKET_BAD)
 
     def _arm(self) -> None:
         delay = self._channel.timeout(_MAX_TIMER)
@@ -210,6 +217,10 @@ class _Channel(pycares.Channel):
         pycares._shutdown_manager.start()
 
 
+_A, _A_ADDR = _lib.ARES_REC_TYPE_A, _lib.ARES_RR_A_ADDR
+_SOCKET_BAD = pycares.ARES_SOCKET_BAD
+
+
 # c-ares calls one C function for every answer; the token in its argument says whose.
 _waiting: dict[int, tuple[DnsChannel, Callable]] = {}
 _tokens = itertools.count(1)
@@ -242,10 +253,16 @@ def _records(dnsrec) -> list[tuple[str, int, int, object]]:
     for i in range(_lib.ares_dns_record_rr_cnt(dnsrec, _lib.ARES_SECTION_ANSWER)):
         rr = _lib.ares_dns_record_rr_get_const(dnsrec, _lib.ARES_SECTION_ANSWER, i)
         rtype = _lib.ares_dns_rr_get_type(rr)
-        try:
-            data = pycares.extract_record_data(rr, rtype)
-        except ValueError:
-            continue  # a type pycares does not read (RRSIG, DNAME...): not asked for
+        if rtype == _A:
+            # most answers (every DNSBL listing): read here, without the scratch buffer and
+            # the C call pycares' own reading makes for the text form
+            data = pycares.ARecordData(socket.inet_ntoa(
+                _ffi.buffer(_lib.ares_dns_rr_get_addr(rr, _A_ADDR), 4)))
+        else:
+            try:
+                data = pycares.extract_record_data(rr, rtype)
+            except ValueError:
+                continue  # a type pycares does not read (RRSIG, DNAME...): not asked for
         name = _ffi.string(_lib.ares_dns_rr_get_name(rr)).decode("ascii", "replace")
         records.append((name.lower().rstrip("."), rtype, _lib.ares_dns_rr_get_ttl(rr), data))
     return records

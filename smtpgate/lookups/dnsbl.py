@@ -77,7 +77,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from smtpgate.address import client_address
+from smtpgate.address import client_address, client_text
 from smtpgate.checks.dnsbl import DnsblResult, ZoneResult, cache_ttl, settled
 from smtpgate.dnsbl_sites import DnsblSite, is_error_answer
 from smtpgate.lookups.expiring_cache import ExpiringCache
@@ -287,4 +287,4 @@ def _done(result: DnsblResult, loop: asyncio.AbstractEventLoop) -> asyncio.Futur
 
 
 def _normal(ip: str) -> str:
-    return str(client_address(ip))
+    return client_text(ip)

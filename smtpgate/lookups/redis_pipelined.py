@@ -74,13 +74,32 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from smtpgate import redis_url
 
 CLOSED = "Connection closed by server."
+_pack_command = hiredis.pack_command
 
 
 def pack(args: Iterable[Any], out: list[bytes]) -> None:
-    """One command as RESP, appended to `out` (values encoded as redis-py encodes them)."""
+    """One command as RESP, appended to `out` (values encoded as redis-py encodes them).
+
+    hiredis packs it in C (str as UTF-8, int as its digits, float as its repr, bytes as
+    they are: what redis-py writes), a tenth of a first contact's Python when done here;
+    what it refuses (bool, None, other types) is refused below in redis-py's words."""
+    if type(args) is not tuple:
+        args = tuple(args)
+    try:
+        out.append(_pack_command(args))
+    except TypeError:
+        _pack(args, out)
+
+
+def _pack(args: Iterable[Any], out: list[bytes]) -> None:
     parts = []
     for value in args:
-        if isinstance(value, bytes):
+        kind = type(value)  # the exact types first: a session's commands are only these
+        if kind is str:
+            data = value.encode()
+        elif kind is int or kind is bytes:
+            data = b"%d" % value if kind is int else value
+        elif isinstance(value, bytes):
             data = value
         elif isinstance(value, str):
             data = value.encode()

@@ -312,8 +312,8 @@ class Policy:
             client.ip, self.config.event_limit_exceptions)
 
     def _trusted_network(self, client: Client) -> bool:
-        return access_list.decide(client.ip, None, mynetworks=self._mynetworks(client)) \
-            .outcome is Outcome.PERMIT
+        # access_list.decide()'s PERMIT for mynetworks, without the verdict it would make
+        return access_list.network_of(client.ip, self._mynetworks(client)) is not None
 
     def _decided(self, state: ClientState, verdict: Verdict, facts: dict) -> None:
         """A check's verdict and its facts, for the replay record and the shadow rules."""

@@ -392,6 +392,8 @@ class Dialogue:
 
     def command_counts(self) -> str:
         """Postfix's disconnect summary: `ehlo=1 mail=1 rcpt=0/1 data=0/1 quit=1 commands=3/5`."""
+        if not self.counts:  # refused at connect, most sessions of a busy MX: asked thrice
+            return "commands=0"
         words, ok, total = [], 0, 0
         for verb in sorted(self.counts, key=_COUNT_ORDER.get):
             given, failed = self.counts[verb], (self.failed or {}).get(verb, 0)
