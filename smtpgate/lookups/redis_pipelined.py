@@ -80,7 +80,14 @@ def pack(args: Iterable[Any], out: list[bytes]) -> None:
     """One command as RESP, appended to `out` (values encoded as redis-py encodes them)."""
     parts = []
     for value in args:
-        if isinstance(value, bytes):
+        kind = type(value)  # the exact types every caller passes, before the general checks
+        if kind is str:
+            data = value.encode()
+        elif kind is bytes:
+            data = value
+        elif kind is int:
+            data = b"%d" % value
+        elif isinstance(value, bytes):
             data = value
         elif isinstance(value, str):
             data = value.encode()

@@ -32,7 +32,7 @@ import collections
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from smtpgate.config import HostPort
 from smtpgate.relay.hop_timeouts import HopTimeouts
@@ -178,15 +178,34 @@ class TransactionLimit:
 
 class _Slot:
     """The context manager of TransactionLimit.slot(); it holds no state of its own, so one
-    serves every transaction of the limit."""
+    serves every transaction of the limit. Entering takes a free slot at once and leaving
+    gives it back at once, each answering with an awaitable that is already done (no
+    coroutine made for either); only a wait for a slot is a coroutine."""
 
     __slots__ = ("_limit",)
 
     def __init__(self, limit: TransactionLimit) -> None:
         self._limit = limit
 
-    async def __aenter__(self) -> None:
-        await self._limit._acquire()
+    def __aenter__(self) -> Awaitable[None]:
+        limit = self._limit
+        if limit.in_flight < limit.limit and not limit._waiters:
+            limit.in_flight += 1
+            return _DONE
+        return limit._acquire()
 
-    async def __aexit__(self, *exc: object) -> None:
+    def __aexit__(self, *exc: object) -> Awaitable[None]:
         self._limit._release()
+        return _DONE
+
+
+class _Done:
+    """An awaitable that is done: awaiting it gives None without suspending."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE = _Done()

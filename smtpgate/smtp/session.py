@@ -141,6 +141,12 @@ def limits_of(gate: Gate, listener: str) -> Limits:
 
 _LIMITS: dict[str, tuple] = {}
 
+# the fixed replies of an accepted session as written, by the identity of their Reply (module
+# constants that live as long as the process, so no other object can share their id)
+_WRITTEN = {id(reply): str(reply).encode("utf-8", "replace") + b"\r\n"
+            for reply in (replies.OK, replies.MAIL_OK, replies.RCPT_OK, replies.START_DATA,
+                          replies.BYE)}
+
 
 class Session:
     __slots__ = (
@@ -232,7 +238,9 @@ class Session:
             self.publish(Refused(self.listener, self.dialogue.last_command, reply, text,
                                  self.state, counted, noqueue, sender, recipient))
         else:
-            self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
+            line = _WRITTEN.get(id(reply))  # the replies every message gets, made once
+            self.wire.reply(line if line is not None
+                            else str(reply).encode("utf-8", "replace") + b"\r\n")
 
     def reply_raw(self, answer: HopReply) -> None:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
