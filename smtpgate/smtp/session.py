@@ -394,7 +394,8 @@ class Session:
             # fewer per idle session); line() reads an over-long line's rest and the end
             line = wire.take_line(limit)
             while line is None and wire.may_wait(limit):
-                await wire.flush()
+                if wire.send():  # the client reads nothing: wait for it (no coroutine else)
+                    await wire.drain()
                 if not await wire.more(timeout):
                     break
                 line = wire.take_line(limit)
@@ -423,8 +424,9 @@ class Session:
         if isinstance(command, Answer):
             self._answer(command)
             return
-        if self.protocol_tests is not None:
-            self._hang_up(await self.protocol_tests.of_command(
+        tests = self.protocol_tests
+        if tests is not None and tests.concerns(command, self.wire.buf):
+            self._hang_up(await tests.of_command(
                 command, self.wire.buf, self.last_command, self.dialogue.esmtp))
         action = self.dialogue.step(command)
         if type(action) is Answer:
