@@ -91,7 +91,9 @@ class Hops:
                 hop = pool.take_idle() if pool is not None else None
                 if hop is None:
                     async with asyncio.timeout_at(end):
-                        hop = await (pool.take() if pool is not None else self._greeted(index))
+                        # none idle just now: a fresh one (not take(), which would look again)
+                        hop = await (pool.connect() if pool is not None
+                                     else self._greeted(index))
                 return await hop.deliver(identity, envelope, chunks(), size, end)
             except (TimeoutError, HandOffOverdue):
                 raise RelayError(f"{self.label}: the hand-off took over {total:g} s "
