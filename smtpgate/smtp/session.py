@@ -328,7 +328,8 @@ class Session:
                                    self.gate.draining,
                                    self.evidence.refusals is not None and not self.queued))
                 with contextlib.suppress(ConnectionError, OSError, WireTimeout):
-                    await wire.flush()
+                    if wire.send():
+                        await wire.drain()
                 wire.close()
             finally:
                 # here, not in a done callback of the task: that was a closure, a context

@@ -192,7 +192,8 @@ class Wire(asyncio.Protocol):
         takes from buf); False when the stream ends first. The deadline is re-armed by each
         chunk, so a client that keeps sending never times out.
         """
-        await self.flush()
+        if self.send():
+            await self.drain()
         if sink(self.buf):
             return True
         self._sink, self._sink_timeout, self._sink_error = sink, timeout, None
