@@ -187,6 +187,20 @@ async def test_a_slot_handed_over_to_a_cancelled_waiter_is_passed_on():
         assert limit.in_flight == 1
 
 
+async def test_a_free_slot_is_taken_and_given_back_also_when_the_block_fails():
+    limit = TransactionLimit(2, wait=0.2)
+    async with limit.slot():
+        assert limit.in_flight == 1
+        async with limit.slot():
+            assert limit.in_flight == 2
+        assert limit.in_flight == 1
+    assert limit.in_flight == 0
+    with pytest.raises(KeyError):  # the block's exception passes through, its slot returned
+        async with limit.slot():
+            raise KeyError("x")
+    assert limit.in_flight == 0
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
 def test_the_message_carries_how_it_arrived(gate, dovecot_server, tls):
     mark = token()

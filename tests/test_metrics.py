@@ -222,3 +222,19 @@ def test_an_unusable_metrics_dir_stops_serve_with_a_clear_message(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().endswith(
         f"smtpgate: fatal: metrics_dir {blocker / 'metrics'}: Not a directory"), done.stderr
+
+
+def test_the_cached_pid_is_the_processs_own_after_a_fork():
+    from prometheus_client import values
+
+    from smtpgate.service import metrics
+
+    cls = metrics.value_class(values)
+    assert cls._smtpgate_pid and cls._multiprocess
+    assert metrics._own_pid() == os.getpid()
+    child = os.fork()
+    if child == 0:  # the child: its own pid, as os.getpid() would say, or exit 1
+        os._exit(0 if metrics._own_pid() == os.getpid() != os.getppid() else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert metrics._own_pid() == os.getpid()

@@ -52,6 +52,18 @@ def test_xclient_only_offered_attributes_and_under_512_bytes():
         b"XCLIENT ADDR=192.0.2.1 NAME=x.example HELO=h.example\r\n")
 
 
+def test_xclient_encodes_each_value_that_needs_it_among_plain_ones():
+    identity = ClientIdentity(addr="192.0.2.1", port=25, name="mx.example", helo="two words",
+                              proto="ESMTP", login="a+b=c")
+    line = xclient_command(identity, ALL)
+    assert line == (b"XCLIENT ADDR=192.0.2.1 PORT=25 NAME=mx.example PROTO=ESMTP "
+                    b"LOGIN=a+2Bb+3Dc HELO=two+20words\r\n")
+    utf8 = ClientIdentity(addr="192.0.2.1", port=25, name="mx.example", helo="hé.example",
+                          proto="ESMTP")
+    assert xclient_command(utf8, ALL) == (b"XCLIENT ADDR=192.0.2.1 PORT=25 NAME=mx.example "
+                                          b"PROTO=ESMTP HELO=h+C3+A9.example\r\n")
+
+
 def serve(env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "smtpgate", "serve"],
                           env={**os.environ, "SMTPGATE_MX_LISTEN": f"127.0.0.1:{free_port()}",

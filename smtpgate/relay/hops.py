@@ -83,27 +83,21 @@ class Hops:
         """
         total = self.timeouts.total
         end = asyncio.get_running_loop().time() + total
-        try:
-            return await self._deliver(identity, envelope, chunks, size, client_label, end)
-        except (TimeoutError, HandOffOverdue):
-            raise RelayError(f"{self.label}: the hand-off took over {total:g} s "
-                             "(next_hop_total_timeout)") from None
-
-    async def _deliver(self, identity: ClientIdentity, envelope: Envelope,
-                       chunks: Callable[[], Iterable[bytes]], size: int,
-                       client_label: str, end: float) -> HopReply:
         order = self.choice.order(time.monotonic())
         last = len(order) - 1
-        for position, index in enumerate(order):
+        for position, index in enumerate(order):  # in this coroutine: no other per message
             pool, hop = self.pools[index], None
             try:
                 hop = pool.take_idle() if pool is not None else None
                 if hop is None:
                     async with asyncio.timeout_at(end):
-                        hop = await (pool.take() if pool is not None else self._greeted(index))
+                        # none idle just now: a fresh one (not take(), which would look again)
+                        hop = await (pool.connect() if pool is not None
+                                     else self._greeted(index))
                 return await hop.deliver(identity, envelope, chunks(), size, end)
-            except HandOffOverdue:
-                raise
+            except (TimeoutError, HandOffOverdue):
+                raise RelayError(f"{self.label}: the hand-off took over {total:g} s "
+                                 "(next_hop_total_timeout)") from None
             except RelayError as exc:
                 address = self.addresses[index]
                 if hop is not None:  # a failed connect or greeting is already recorded

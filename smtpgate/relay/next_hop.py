@@ -261,9 +261,15 @@ class NextHop:
         once the loop's time passes `end`)."""
         self.end = end
         try:
-            (reply,) = await self._send([xclient_command(identity, self.offered)], "XCLIENT")
+            # each command written and its reply awaited here, not through _send() and _ehlo():
+            # two coroutines fewer per message
+            self._write(xclient_command(identity, self.offered))
+            (reply,) = await self._replies(1, "the reply to XCLIENT")
             self._expect(reply, 220, "XCLIENT")
-            features = self.features = await self._ehlo(identity.helo or "unknown")
+            self._write(_ehlo_command(identity.helo or "unknown"))
+            (reply,) = await self._replies(1, "the reply to EHLO")
+            self._expect(reply, 250, "EHLO")
+            features = self.features = ehlo_features(reply.raw)
             chunking = self.use_chunking and "CHUNKING" in features
             if "PIPELINING" in features and len(envelope.rcpt_lines) == 1:
                 return await self._pipelined(envelope, chunks, size, chunking)
@@ -365,8 +371,7 @@ class NextHop:
     # --- the wire --------------------------------------------------------------------------
 
     async def _ehlo(self, name: str) -> dict[str, str]:
-        (reply,) = await self._send([b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"],
-                                    "EHLO")
+        (reply,) = await self._send([_ehlo_command(name)], "EHLO")
         self._expect(reply, 250, "EHLO")
         return ehlo_features(reply.raw)
 
@@ -439,6 +444,10 @@ def dot_stuffed(chunks: Iterable[bytes]) -> Iterable[bytes]:
         at_line_start = chunk.endswith(b"\r\n") or (after_cr and chunk == b"\n")
         after_cr = chunk.endswith(b"\r")
         yield chunk
+
+
+def _ehlo_command(name: str) -> bytes:
+    return b"EHLO " + name.encode("utf-8", "replace") + b"\r\n"
 
 
 def ehlo_features(raw: bytes) -> dict[str, str]:

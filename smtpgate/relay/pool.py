@@ -3,6 +3,7 @@
 SYNOPSIS
     HopPool(hop, timeout, ehlo_name, size=4, max_age=60.0, on_outcome=None)
     await pool.take() -> NextHop            a greeted connection (a fresh one if none idle)
+    await pool.connect() -> NextHop         a fresh one
     pool.check() -> (ok: bool | None, detail: str)    for /healthz; starts a reconnect
     pool.forget(reason) ; pool.close()
     TransactionLimit(limit, wait)
@@ -32,7 +33,7 @@ import collections
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from smtpgate.config import HostPort
 from smtpgate.relay.hop_timeouts import HopTimeouts
@@ -60,18 +61,22 @@ class HopPool:
 
     async def take(self) -> NextHop:
         found = self.take_idle()
-        return found if found is not None else await self._greeted()
+        return found if found is not None else await self.connect()
 
-    async def _greeted(self) -> NextHop:
+    async def connect(self) -> NextHop:
+        """A fresh connection, greeted (what take() does when none is idle)."""
         try:
             hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
         except RelayError as exc:
             self.forget(str(exc))
             raise
+        self._connected(hop)
+        return hop
+
+    def _connected(self, hop: NextHop) -> None:
         self.offered, self.ok, self.detail = hop.offered, True, ""
         if self.on_outcome is not None:
             self.on_outcome(True, "")
-        return hop
 
     def forget(self, reason: str) -> None:
         """A hand-off failed: learn Postfix's XCLIENT attributes again (its settings may have
@@ -117,16 +122,19 @@ class HopPool:
             task.add_done_callback(self._tasks.discard)
 
     async def _open_one(self) -> None:
+        # connect()'s work in this coroutine itself: the task awaits one coroutine fewer
         try:
-            hop = await self._greeted()
-            if self.closed:
-                hop.close_quietly()
-            else:
-                self._idle.append(hop)
-        except RelayError:
-            pass  # Postfix is down: the session that needs it will say 451
+            hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
+        except RelayError as exc:
+            self.forget(str(exc))  # Postfix is down: the session that needs it will say 451
+            return
         finally:
             self._filling -= 1
+        self._connected(hop)
+        if self.closed:
+            hop.close_quietly()
+        else:
+            self._idle.append(hop)
 
     def close(self) -> None:
         self.closed = True
@@ -178,15 +186,34 @@ class TransactionLimit:
 
 class _Slot:
     """The context manager of TransactionLimit.slot(); it holds no state of its own, so one
-    serves every transaction of the limit."""
+    serves every transaction of the limit. Entering takes a free slot at once and leaving
+    gives it back at once, each answering with an awaitable that is already done (no
+    coroutine made for either); only a wait for a slot is a coroutine."""
 
     __slots__ = ("_limit",)
 
     def __init__(self, limit: TransactionLimit) -> None:
         self._limit = limit
 
-    async def __aenter__(self) -> None:
-        await self._limit._acquire()
+    def __aenter__(self) -> Awaitable[None]:
+        limit = self._limit
+        if limit.in_flight < limit.limit and not limit._waiters:
+            limit.in_flight += 1
+            return _DONE
+        return limit._acquire()
 
-    async def __aexit__(self, *exc: object) -> None:
+    def __aexit__(self, *exc: object) -> Awaitable[None]:
         self._limit._release()
+        return _DONE
+
+
+class _Done:
+    """An awaitable that is done: awaiting it gives None without suspending."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE = _Done()

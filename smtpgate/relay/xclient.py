@@ -71,11 +71,13 @@ def xclient_command(identity: ClientIdentity, offered: frozenset[str]) -> bytes:
         ("DESTADDR", xclient_address(identity.destaddr) if identity.destaddr else None),
         ("DESTPORT", str(identity.destport) if identity.destport else None),
     ]
+    # one look at all the values together: a hostname, an address, a port need no xtext
+    plain = _AS_IS.fullmatch("".join(value for _, value in wanted if value is not None))
     line = "XCLIENT"
     for name, value in wanted:
         if value is None or name not in offered:
             continue
-        part = f" {name}={xtext(value)}"
+        part = f" {name}={value if plain else xtext(value)}"
         if len(line) + len(part) > XCLIENT_MAX:
             continue  # a long HELO must not push out what Postfix's checks need
         line += part

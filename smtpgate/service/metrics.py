@@ -153,6 +153,10 @@ def metrics_directory(configured: str, tls: bool = False) -> Iterator[str]:
     before = os.environ.get(ENVIRONMENT)
     os.environ[ENVIRONMENT] = path
     import prometheus_client.multiprocess  # noqa: F401 - now, in multiprocess mode
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_smtpgate_pid", False):
+        values.ValueClass = value_class(values)  # before any metric: none is made here
 
     if tls:
         import cryptography.x509  # noqa: F401 - smtp.certificate's, shared by the workers
@@ -172,6 +176,24 @@ def worker_gone(pid: int, path: str) -> None:
     from prometheus_client.multiprocess import mark_process_dead
 
     mark_process_dead(pid, path)
+
+
+def value_class(values: Any) -> Any:
+    """prometheus_client's multiprocess value, told the pid by a cached figure: its own
+    os.getpid() is a system call on every increment (glibc caches no pid), four a message.
+    The figure is the process's own after a fork (os.register_at_fork), so a worker still
+    finds it changed and opens files of its own, as with os.getpid()."""
+    cls = values.MultiProcessValue(process_identifier=_own_pid)
+    cls._smtpgate_pid = True
+    return cls
+
+
+def _own_pid() -> int:
+    return _pid[0]
+
+
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 # --- pure decisions ---------------------------------------------------------------------------
@@ -240,7 +262,7 @@ class Metrics:
         if not getattr(values.ValueClass, "_multiprocess", False):
             # imported before the variable was set (in a test process, say): switch now,
             # before the first metric is made
-            values.ValueClass = values.MultiProcessValue()
+            values.ValueClass = value_class(values)
         self.path = path
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=path)

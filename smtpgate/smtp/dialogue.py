@@ -323,16 +323,26 @@ class Dialogue:
 
     def ehlo_reply(self, hostname: str, size_limit: int, tail: tuple[str, ...]) -> str:
         """EHLO's answer at this point: STARTTLS until TLS is on, AUTH once it is (not on
-        port 25), `tail` the keywords the next hop carries."""
+        port 25), `tail` the keywords the next hop carries. Made once per set of those
+        (every session of a listener gets the same few)."""
+        starttls, auth = not self.tls and self.offers_tls, self.auth_offered
+        key = (hostname, size_limit, starttls, auth, tail)
+        reply = _EHLO_REPLIES.get(key)
+        if reply is not None:
+            return reply
         lines = [hostname, "PIPELINING"]
         if size_limit:
             lines.append(f"SIZE {size_limit}")
-        if not self.tls and self.offers_tls:
+        if starttls:
             lines.append("STARTTLS")
-        if self.auth_offered:
+        if auth:
             lines.append("AUTH PLAIN LOGIN")
         lines += tail
-        return "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+        reply = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+        if len(_EHLO_REPLIES) >= 64:  # reloads that changed the name or the size: start over
+            _EHLO_REPLIES.clear()
+        _EHLO_REPLIES[key] = reply
+        return reply
 
     # --- what the driver reports back ----------------------------------------------------------
 
@@ -403,6 +413,8 @@ class Dialogue:
         words.append(f"commands={ok}/{total}" if ok != total else f"commands={total}")
         return " ".join(words)
 
+
+_EHLO_REPLIES: dict[tuple, str] = {}
 
 _RULES = {
     "HELO": Dialogue._helo, "EHLO": Dialogue._ehlo, "STARTTLS": Dialogue._starttls,

@@ -2,6 +2,7 @@
 
 SYNOPSIS
     ProtocolTests(policy, state, publish, listener)
+    tests.concerns(command, pending) -> bool      False: of_command() would find nothing
     await tests.of_command(command, pending, after, esmtp) -> Reply | None
     await tests.of_bare_newline(line, after, esmtp) -> Reply | None
     NON_SMTP_COMMANDS ; PENDING_SHOWN
@@ -44,6 +45,12 @@ class ProtocolTests:
         self.publish = publish
         self.listener = listener
         self.bare_newline_seen = False
+
+    @staticmethod
+    def concerns(command: Command, pending: bytes | bytearray) -> bool:
+        """Whether of_command() can find anything in this command: a known verb with nothing
+        pipelined behind it (almost every command) cannot, and costs no coroutine."""
+        return bool(pending) or command.verb not in VERBS
 
     async def of_command(self, command: Command, pending: bytes | bytearray, after: str,
                          esmtp: bool) -> Reply | None:

@@ -141,6 +141,12 @@ def limits_of(gate: Gate, listener: str) -> Limits:
 
 _LIMITS: dict[str, tuple] = {}
 
+# the fixed replies of an accepted session as written, by the identity of their Reply (module
+# constants that live as long as the process, so no other object can share their id)
+_WRITTEN = {id(reply): str(reply).encode("utf-8", "replace") + b"\r\n"
+            for reply in (replies.OK, replies.MAIL_OK, replies.RCPT_OK, replies.START_DATA,
+                          replies.BYE)}
+
 
 class Session:
     __slots__ = (
@@ -232,7 +238,9 @@ class Session:
             self.publish(Refused(self.listener, self.dialogue.last_command, reply, text,
                                  self.state, counted, noqueue, sender, recipient))
         else:
-            self.wire.reply(str(reply).encode("utf-8", "replace") + b"\r\n")
+            line = _WRITTEN.get(id(reply))  # the replies every message gets, made once
+            self.wire.reply(line if line is not None
+                            else str(reply).encode("utf-8", "replace") + b"\r\n")
 
     def reply_raw(self, answer: HopReply) -> None:
         """Postfix's answer to the message, in Postfix's words; a refusal (an rspamd reject,
@@ -320,7 +328,8 @@ class Session:
                                    self.gate.draining,
                                    self.evidence.refusals is not None and not self.queued))
                 with contextlib.suppress(ConnectionError, OSError, WireTimeout):
-                    await wire.flush()
+                    if wire.send():
+                        await wire.drain()
                 wire.close()
             finally:
                 # here, not in a done callback of the task: that was a closure, a context
@@ -386,7 +395,8 @@ class Session:
             # fewer per idle session); line() reads an over-long line's rest and the end
             line = wire.take_line(limit)
             while line is None and wire.may_wait(limit):
-                await wire.flush()
+                if wire.send():  # the client reads nothing: wait for it (no coroutine else)
+                    await wire.drain()
                 if not await wire.more(timeout):
                     break
                 line = wire.take_line(limit)
@@ -415,8 +425,9 @@ class Session:
         if isinstance(command, Answer):
             self._answer(command)
             return
-        if self.protocol_tests is not None:
-            self._hang_up(await self.protocol_tests.of_command(
+        tests = self.protocol_tests
+        if tests is not None and tests.concerns(command, self.wire.buf):
+            self._hang_up(await tests.of_command(
                 command, self.wire.buf, self.last_command, self.dialogue.esmtp))
         action = self.dialogue.step(command)
         if type(action) is Answer:

@@ -7,6 +7,7 @@ SYNOPSIS
     await wire.more(timeout) -> bool          wait for more bytes; False at end of stream
     wire.buf                                  what the client sent and nobody consumed yet
     wire.reply(line: bytes) ; await wire.flush()
+    wire.send() -> bool ; await wire.drain()     flush() in two: the write, then the wait if any
     await wire.greet_wait(teaser, seconds, decided, hold=None) -> (bytes, float)
     await wire.start_tls(context, timeout)
     wire.close() ; wire.abort()
@@ -191,7 +192,8 @@ class Wire(asyncio.Protocol):
         takes from buf); False when the stream ends first. The deadline is re-armed by each
         chunk, so a client that keeps sending never times out.
         """
-        await self.flush()
+        if self.send():
+            await self.drain()
         if sink(self.buf):
             return True
         self._sink, self._sink_timeout, self._sink_error = sink, timeout, None
@@ -317,18 +319,25 @@ class Wire(asyncio.Protocol):
         self._queued += len(line)
 
     async def flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
+        if self.send():
+            await self.drain()
+
+    def send(self) -> bool:
+        """flush() without its wait: the queued replies written; True when the client must
+        read them before the caller goes on (await drain() then). The session's loop calls
+        this per command, which costs no coroutine when there is nothing to wait for."""
+        out = self._out
+        if not out:
+            return False
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
         self._queued = 0
         if self.closed:
-            return
+            return False
         self.transport.write(data)
-        if self._flow.paused:
-            await self._wait_drain()
+        return self._flow.paused
 
-    async def _wait_drain(self) -> None:
+    async def drain(self) -> None:
         """The client reads nothing: wait for it (reading no more of its commands meanwhile),
         at most until the deadline of the last wait for it."""
         try:
