@@ -212,6 +212,20 @@ def test_the_default_metrics_dir_is_a_fresh_one_removed_at_exit():
     assert not os.path.exists(path)
 
 
+def test_the_metrics_dir_leaves_the_process_as_it_found_it(monkeypatch):
+    """Only the workers forked inside keep the multiprocess values: afterwards a metric made
+    in this process needs no folder (it failed with a TypeError once the class stayed)."""
+    from prometheus_client import Counter, values
+
+    monkeypatch.setattr(values, "ValueClass", values.MutexValue)  # as a process starts
+    before = values.ValueClass
+    with metrics_directory("") as path:
+        assert getattr(values.ValueClass, "_smtpgate_pid", False)
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == path
+    assert values.ValueClass is before
+    Counter("smtpgate_test_after_the_folder", "made after the folder is gone", registry=None).inc()
+
+
 def test_an_unusable_metrics_dir_stops_serve_with_a_clear_message(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -1,5 +1,6 @@
-"""The RESP encoding of a command (smtpgate.lookups.redis_pipelined.pack): values as redis-py
-encodes them, the exact types on their fast path and their subclasses alike."""
+"""The RESP encoding of a command (smtpgate.lookups.redis_pipelined.pack): str, bytes, int and
+float as redis-py encodes them, their subclasses as their values; what smtpgate never sends
+refused with redis-py's DataError."""
 
 from __future__ import annotations
 
@@ -38,6 +39,6 @@ def test_subclasses_are_encoded_as_their_base():
 
 @pytest.mark.parametrize("value", [True, None, [1], bytearray(b"x")],
                          ids=["bool", "none", "list", "bytearray"])
-def test_what_redis_py_refuses_is_refused(value):
+def test_what_smtpgate_never_sends_is_refused(value):
     with pytest.raises(DataError):
         packed("SET", "k", value)

@@ -226,6 +226,6 @@ def test_a_command_is_packed_as_redis_py_packs_it(args):
 
 
 @pytest.mark.parametrize("value", [True, None, bytearray(b"x"), object()])
-def test_a_value_redis_py_refuses_is_refused_in_its_words(value):
+def test_a_value_smtpgate_never_sends_is_refused_in_redis_pys_words(value):
     with pytest.raises(rexc.DataError, match="Invalid input of type"):
         pack(("SET", "k", value), [])

@@ -78,11 +78,13 @@ _pack_command = hiredis.pack_command
 
 
 def pack(args: Iterable[Any], out: list[bytes]) -> None:
-    """One command as RESP, appended to `out` (values encoded as redis-py encodes them).
+    """One command as RESP, appended to `out`: str as UTF-8, int as its digits, float as
+    its repr, bytes as they are (what redis-py writes for these; an int or str subclass,
+    an enum member say, as its value, where redis-py would write its repr).
 
-    hiredis packs it in C (str as UTF-8, int as its digits, float as its repr, bytes as
-    they are: what redis-py writes), a tenth of a first contact's Python when done here;
-    what it refuses (bool, None, other types) is refused below in redis-py's words."""
+    hiredis packs it in C, a tenth of a first contact's Python when done here; what it
+    refuses (bool, None, bytearray, other types) is refused below, with redis-py's
+    DataError and wording."""
     if type(args) is not tuple:
         args = tuple(args)
     try:

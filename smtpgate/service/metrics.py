@@ -155,6 +155,7 @@ def metrics_directory(configured: str, tls: bool = False) -> Iterator[str]:
     import prometheus_client.multiprocess  # noqa: F401 - now, in multiprocess mode
     from prometheus_client import values
 
+    value_class_before = values.ValueClass
     if not getattr(values.ValueClass, "_smtpgate_pid", False):
         values.ValueClass = value_class(values)  # before any metric: none is made here
 
@@ -163,6 +164,9 @@ def metrics_directory(configured: str, tls: bool = False) -> Iterator[str]:
     try:
         yield path
     finally:
+        # the workers forked inside keep the multiprocess values; this process goes back
+        # to what it had, so a metric made here later needs no folder
+        values.ValueClass = value_class_before
         if before is None:
             os.environ.pop(ENVIRONMENT, None)
         else:
@@ -259,7 +263,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        if not getattr(values.ValueClass, "_multiprocess", False):
+        if not getattr(values.ValueClass, "_smtpgate_pid", False):
             # imported before the variable was set (in a test process, say): switch now,
             # before the first metric is made
             values.ValueClass = value_class(values)
