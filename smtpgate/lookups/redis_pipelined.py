@@ -96,12 +96,7 @@ def pack(args: Iterable[Any], out: list[bytes]) -> None:
 def _pack(args: Iterable[Any], out: list[bytes]) -> None:
     parts = []
     for value in args:
-        kind = type(value)  # the exact types first: a session's commands are only these
-        if kind is str:
-            data = value.encode()
-        elif kind is int or kind is bytes:
-            data = b"%d" % value if kind is int else value
-        elif isinstance(value, bytes):
+        if isinstance(value, bytes):
             data = value
         elif isinstance(value, str):
             data = value.encode()

@@ -70,13 +70,10 @@ class HopPool:
         except RelayError as exc:
             self.forget(str(exc))
             raise
-        self._connected(hop)
-        return hop
-
-    def _connected(self, hop: NextHop) -> None:
         self.offered, self.ok, self.detail = hop.offered, True, ""
         if self.on_outcome is not None:
             self.on_outcome(True, "")
+        return hop
 
     def forget(self, reason: str) -> None:
         """A hand-off failed: learn Postfix's XCLIENT attributes again (its settings may have
@@ -122,15 +119,12 @@ class HopPool:
             task.add_done_callback(self._tasks.discard)
 
     async def _open_one(self) -> None:
-        # connect()'s work in this coroutine itself: the task awaits one coroutine fewer
         try:
-            hop = await NextHop.greeted(self.hop, self.timeout, self.ehlo_name, self.offered)
-        except RelayError as exc:
-            self.forget(str(exc))  # Postfix is down: the session that needs it will say 451
-            return
+            hop = await self.connect()
+        except RelayError:
+            return  # Postfix is down: the session that needs it will say 451
         finally:
             self._filling -= 1
-        self._connected(hop)
         if self.closed:
             hop.close_quietly()
         else:
