@@ -2,7 +2,7 @@
 
 SYNOPSIS
     .venv/bin/python -m benchmarks.instructions [--sessions 400] [--concurrency 40]
-        [--baseline DIR]
+        [--baseline DIR] [--keep DIR]
 
 DESCRIPTION
     CPU time per session (benchmarks.first_contact) moves by 10-20% from
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=40)
     parser.add_argument("--baseline", type=Path)
+    parser.add_argument("--keep", type=Path,
+                        help="copy callgrind's dumps here, for callgrind_annotate")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "cc"):
         if not shutil.which(tool):
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = run_target(stack, source, dns_port, wrapper, folder / name, ips, warm,
                                     args.concurrency)
             print(name, rows[name], flush=True)
+        if args.keep:  # the dumps go with the temporary folder
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in folder.glob("*.*.*"):
+                shutil.copy(dump, args.keep / dump.name)
     print()
     print("| target | phase | Ir/session | net of idle | errors |")
     print("|---|---|---|---|---|")
