@@ -48,7 +48,7 @@ from benchmarks.stack import Settings, Smtpgate, Stack, spawn, wait_for
 ON, OFF = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4
 PHASES = (("first", "127.20", False), ("returning", "127.20", False),
           ("listed", "127.21", True))
-PROFILING_WRAPPER = """import cProfile, runpy, signal, sys
+PROFILING_WRAPPER = """import cProfile, os, runpy, signal, sys
 profile = cProfile.Profile()
 dumps = [0]
 def on(*_):
@@ -56,7 +56,9 @@ def on(*_):
 def off(*_):
     profile.disable()
     dumps[0] += 1
-    profile.dump_stats(f"{out}.{{dumps[0]}}")
+    path = f"{out}.{{dumps[0]}}"
+    profile.dump_stats(path + ".part")  # whole before it has its name: the harness waits on it
+    os.replace(path + ".part", path)
     profile.clear()
 signal.signal({on}, on)
 signal.signal({off}, off)
@@ -74,14 +76,20 @@ def start_worker(stack: Stack, dns_port: int, command: list[str]) -> Smtpgate:
     return Smtpgate(proc, port, env)
 
 
-def run_phases(stack: Stack, gate: Smtpgate, sessions: int, concurrency: int,
+def run_phases(stack: Stack, gate: Smtpgate, sessions: int, concurrency: int, tool: int,
                around) -> dict[str, int]:
-    """Each phase with `around(phase)` (a context manager) around its load; errors each."""
-    measure(stack, gate, addresses("127.20", 254 * 250, 20), concurrency, listed=False)  # warm
+    """Each phase with `around(phase)` (a context manager) around its load; errors each.
+
+    Each tool (numbered from 0) has addresses of its own: the screening cache in the one
+    Redis remembers those of the tool before, which would make its "first" clients returning
+    ones and its listed clients refused from the cache."""
+    first = tool * sessions
+    warm = addresses("127.20", 254 * 250 + tool * 20, 20)  # past the phases' addresses
+    measure(stack, gate, warm, concurrency, listed=False)
     errors = {}
     for phase, net, listed in PHASES:
         with around(phase):
-            result = measure(stack, gate, addresses(net, 0, sessions), concurrency, listed)
+            result = measure(stack, gate, addresses(net, first, sessions), concurrency, listed)
         errors[phase] = sum(result["errors"].values())
     return errors
 
@@ -108,16 +116,24 @@ def by_strace(stack: Stack, dns_port: int, folder: Path, sessions: int,
     def traced(phase: str):
         out = folder / f"strace.{phase}"
         tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(gate.pid)],
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=subprocess.PIPE)
         time.sleep(1)  # attached before the first connection (strace says so only on a tty)
+        if tracer.poll() is not None:
+            raise RuntimeError(f"strace could not attach: {tracer.stderr.read().decode()}")
         try:
             yield
         finally:
             tracer.send_signal(signal.SIGINT)
-            if tracer.wait(timeout=30) not in (0, -signal.SIGINT):
-                raise RuntimeError(f"strace exited with {tracer.returncode}")
+            try:
+                tracer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                tracer.kill()  # never left attached to the worker
+                tracer.wait()
+            tracer.stderr.close()
+        if tracer.returncode not in (0, -signal.SIGINT):
+            raise RuntimeError(f"strace exited with {tracer.returncode}")
 
-    errors = run_phases(stack, gate, sessions, concurrency, traced)
+    errors = run_phases(stack, gate, sessions, concurrency, 0, traced)
     gate.proc.stop(grace=10)
     return {phase: strace_counts(folder / f"strace.{phase}") for phase, _, _ in PHASES}, errors
 
@@ -140,7 +156,7 @@ def by_cprofile(stack: Stack, dns_port: int, folder: Path, sessions: int,
             dumps.append(Path(f"{out}.{len(dumps) + 1}"))
             wait_for("profile dump", dumps[-1].exists, 30, gate.proc.log)
 
-    errors = run_phases(stack, gate, sessions, concurrency, profiled)
+    errors = run_phases(stack, gate, sessions, concurrency, 1, profiled)
     gate.proc.stop(grace=10)
     return {phase: pstats.Stats(str(dump)).stats
             for (phase, _, _), dump in zip(PHASES, dumps, strict=True)}, errors
