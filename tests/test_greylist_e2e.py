@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from services.evidence import explained
 from services.smtp_talk import Talk, untag
 from services.world import gate_in_world
 
@@ -77,8 +78,7 @@ def test_a_doubtful_client_is_greylisted_then_passes_and_is_remembered_by_anothe
 
     # the evidence says why
     monkeypatch.setenv("SMTPGATE_MYNETWORKS", "")
-    status, out, err = cli(redis_server.url, "explain", "--session", session)
-    assert status == 0, err
+    out = explained(cli, redis_server.url, session)
     assert re.search(r"(?m)^  greylist +fail +greylisted \[127\.0\.0\.85\] 127\.0\.0\.0/24 "
                      r"example\.net \(dnsbl_low: DNSBL score 1 under the threshold 2\); first "
                      r"seen now, a retry after 2 s", out), out

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from services.evidence import explained
 from services.smtp_talk import Talk, untag
 from services.waiting import wait_until
 from services.world import gate_in_world
@@ -115,8 +116,7 @@ def test_a_deny_answers_at_connect_and_explain_names_it(gate, world, cli, redis_
                       rf"Call us at \+1 555 0100; session={session}")
     assert greeting(gate, "127.0.0.96").startswith("220 ")  # its neighbour is not denied
 
-    status, out, err = cli(redis_server.url, "explain", "--session", session)
-    assert status == 0, err
+    out = explained(cli, redis_server.url, session)
     assert re.search(r"(?m)^connect\n  override +fail +DENYLISTED \[127\.0\.0\.95\] "
                      r"\(override deny 127\.0\.0\.95 by alice", out), out
     assert "reply: 550 5.7.1 Call us at +1 555 0100; session=" in out
