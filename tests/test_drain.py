@@ -23,6 +23,8 @@ def refused(port: int, timeout: float = 10.0) -> bool:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            pass  # caught by a listener as it closed (each worker closes its own): ask again
         time.sleep(0.05)
     return False
 
