@@ -175,11 +175,15 @@ def gate_env(stack: Stack, source: Path, dns_port: int, greet_wait: float,
     return env
 
 
-def start_gate(stack: Stack, name: str, env: dict[str, str]) -> Smtpgate:
+def start_gate(stack: Stack, name: str, env: dict[str, str], command: list[str] | None = None,
+               ready_within: float = 30) -> Smtpgate:
+    """`smtpgate serve`, or `command` that runs it (under a profiler, say: give it longer to
+    be ready), until it says it is ready."""
     port = int(env["SMTPGATE_MX_LISTEN"].rpartition(":")[2])
-    proc = spawn(name, [sys.executable, "-m", "smtpgate", "serve"], stack.workdir, env)
+    proc = spawn(name, command or [sys.executable, "-m", "smtpgate", "serve"], stack.workdir,
+                 env)
     stack.procs.append(proc)
-    wait_for(name, lambda: b"ready" in proc.log.read_bytes(), 30, proc.log)
+    wait_for(name, lambda: b"ready" in proc.log.read_bytes(), ready_within, proc.log)
     return Smtpgate(proc, port, env)
 
 

@@ -41,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.first_contact import addresses, gate_env, measure, start_dnsmasq
-from benchmarks.stack import Settings, Smtpgate, Stack, spawn, wait_for
+from benchmarks.first_contact import addresses, gate_env, measure, start_dnsmasq, start_gate
+from benchmarks.stack import Settings, Stack
 
 ON, OFF = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4
 HELPER_C = """#include <valgrind/callgrind.h>
@@ -75,14 +75,9 @@ def totals(path: Path) -> int:
 
 def run_target(stack: Stack, source: Path, dns_port: int, wrapper: Path, out: Path,
                ips: list[str], warm: list[str], concurrency: int) -> dict[str, float]:
-    env = gate_env(stack, source, dns_port, 1.0)
-    port = int(env["SMTPGATE_MX_LISTEN"].rpartition(":")[2])
-    proc = spawn(f"gate-cg-{out.name}", [
+    gate = start_gate(stack, f"gate-cg-{out.name}", gate_env(stack, source, dns_port, 1.0), [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={out}.%p", sys.executable, str(wrapper)], stack.workdir, env)
-    stack.procs.append(proc)
-    wait_for(out.name, lambda: b"ready" in proc.log.read_bytes(), 300, proc.log)
-    gate = Smtpgate(proc, port, env)
+        f"--callgrind-out-file={out}.%p", sys.executable, str(wrapper)], ready_within=300)
     measure(stack, gate, warm, concurrency, listed=False)
     spans = {}
     os.kill(gate.pid, ON)
@@ -99,7 +94,7 @@ def run_target(stack: Stack, source: Path, dns_port: int, wrapper: Path, out: Pa
         os.kill(gate.pid, OFF)
         spans[phase] = time.monotonic() - started
         time.sleep(2)
-    proc.stop(grace=10)
+    gate.proc.stop(grace=10)
     dumps = sorted(out.parent.glob(f"{out.name}.*.*"), key=lambda p: int(p.suffix[1:]))
     counts = dict(zip(("idle", "first", "returning"), map(totals, dumps), strict=False))
     idle_rate = counts.get("idle", 0) / spans["idle"]

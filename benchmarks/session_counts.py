@@ -42,8 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.first_contact import addresses, gate_env, measure, start_dnsmasq
-from benchmarks.stack import Settings, Smtpgate, Stack, spawn, wait_for
+from benchmarks.first_contact import addresses, gate_env, measure, start_dnsmasq, start_gate
+from benchmarks.stack import Settings, Smtpgate, Stack, wait_for
 
 ON, OFF = signal.SIGRTMIN + 3, signal.SIGRTMIN + 4
 PHASES = (("first", "127.20", False), ("returning", "127.20", False),
@@ -67,13 +67,9 @@ runpy.run_module("smtpgate", run_name="__main__", alter_sys=True)
 """
 
 
-def start_worker(stack: Stack, dns_port: int, command: list[str]) -> Smtpgate:
+def start_worker(stack: Stack, dns_port: int, command: list[str] | None = None) -> Smtpgate:
     env = gate_env(stack, Path(__file__).resolve().parent.parent, dns_port, 1.0)
-    port = int(env["SMTPGATE_MX_LISTEN"].rpartition(":")[2])
-    proc = spawn("gate-counts", command, stack.workdir, env)
-    stack.procs.append(proc)
-    wait_for("smtpgate", lambda: b"ready" in proc.log.read_bytes(), 120, proc.log)
-    return Smtpgate(proc, port, env)
+    return start_gate(stack, "gate-counts", env, command, ready_within=120)
 
 
 def run_phases(stack: Stack, gate: Smtpgate, sessions: int, concurrency: int, tool: int,
@@ -110,7 +106,7 @@ def strace_counts(path: Path) -> dict[str, int]:
 
 def by_strace(stack: Stack, dns_port: int, folder: Path, sessions: int,
               concurrency: int) -> tuple[dict, dict]:
-    gate = start_worker(stack, dns_port, [sys.executable, "-m", "smtpgate", "serve"])
+    gate = start_worker(stack, dns_port)
 
     @contextlib.contextmanager
     def traced(phase: str):
